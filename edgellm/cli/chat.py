@@ -1,0 +1,244 @@
+"""``edgellm chat`` (interactive) and ``edgellm run`` (one answer): both stream runtime Chunks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from edgellm.cli.common import add_model_options, read_template, settings_from_args
+from edgellm.errors import EdgeLLMError, UsageError
+
+HELP = """commands:
+  /system TEXT   set the system prompt (and start over)
+  /reset         forget the conversation
+  /save FILE     save the conversation as JSON
+  /help          this help
+  /bye           leave (or Ctrl-D)
+Ctrl-C stops the current answer."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="chat with a model in the terminal")
+    p.add_argument("model", nargs="?", metavar="MODEL", help="store name or .gguf path (default: the bundled SmolLM2)")
+    p.add_argument("--system", metavar="TEXT", help="system prompt")
+    add_model_options(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("run", help="answer one prompt and exit")
+    p.add_argument("model", metavar="MODEL", help="store name or .gguf path")
+    p.add_argument("prompt", nargs="*", metavar="PROMPT", help="the prompt (read from stdin when piped)")
+    p.add_argument("--system", metavar="TEXT", help="system prompt")
+    p.add_argument("--raw", action="store_true", help="continue the prompt as plain text, without the chat template")
+    p.add_argument("--json", action="store_true", help="print the answer with token counts and timings as JSON")
+    p.add_argument("--verbose", "-v", action="store_true", help="print timings after the answer")
+    add_model_options(p)
+    p.set_defaults(func=cmd_run)
+
+
+def _load(args: argparse.Namespace):
+    from edgellm.models import resolve
+    from edgellm.runtime.engine import load_model
+
+    settings = settings_from_args(args)
+    template = read_template(args)
+    model = resolve(args.model, settings)
+    return model.name, load_model(model.path, settings.load, template, model.header), settings
+
+
+@contextmanager
+def _ctrl_c_cancels() -> Iterator[Callable[[], bool]]:
+    """While an answer streams, Ctrl-C asks it to stop instead of killing the program."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    pressed = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: pressed.set())
+    try:
+        yield pressed.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stats_line(timings) -> str:
+    speed = timings.tokens_per_second
+    parts = [f"{timings.generated_tokens} tokens"]
+    if speed:
+        parts.append(f"{speed:.1f} tok/s")
+    prompt_speed = timings.prompt_per_second
+    evaluated = timings.prompt_tokens - timings.cached_tokens
+    prompt = f"prompt {evaluated} tok"
+    if timings.cached_tokens:
+        prompt += f" (+{timings.cached_tokens} cached)"
+    if prompt_speed:
+        prompt += f" at {prompt_speed:.0f} tok/s"
+    parts.append(prompt)
+    return " · ".join(parts)
+
+
+def _stream_to(out, chunks) -> tuple[str, object]:
+    """Print chunks as they come; return the full text and the final chunk."""
+    pieces = []
+    last = None
+    for chunk in chunks:
+        if chunk.text:
+            out.write(chunk.text)
+            out.flush()
+            pieces.append(chunk.text)
+        last = chunk
+    return "".join(pieces), last
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from edgellm.runtime.templates import Message
+
+    prompt = " ".join(args.prompt)
+    if not sys.stdin.isatty():
+        piped = sys.stdin.read()
+        prompt = f"{prompt}\n\n{piped}" if prompt and piped.strip() else prompt or piped
+    if not prompt.strip():
+        raise UsageError("no prompt given", hint='pass it as an argument or pipe it: echo "hi" | edgellm run MODEL')
+    name, model, settings = _load(args)
+    with model, _ctrl_c_cancels() as cancelled:
+        if args.raw:
+            chunks = model.complete(prompt, settings.sampling, cancelled)
+        else:
+            messages = ([Message("system", args.system)] if args.system else []) + [Message("user", prompt)]
+            chunks = model.chat(messages, settings.sampling, cancelled)
+        if args.json:
+            pieces, last = [], None
+            for chunk in chunks:
+                pieces.append(chunk.text)
+                last = chunk
+            result = {
+                "model": name,
+                "response": "".join(pieces),
+                "finish_reason": last.finish_reason,
+                "prompt_tokens": last.timings.prompt_tokens,
+                "completion_tokens": last.timings.generated_tokens,
+                "timings": last.timings.as_dict(),
+            }
+            print(json.dumps(result, ensure_ascii=False, indent=2))
+            return 0
+        text, last = _stream_to(sys.stdout, chunks)
+        if not text.endswith("\n"):
+            sys.stdout.write("\n")
+        if args.verbose:
+            print(_stats_line(last.timings), file=sys.stderr)
+    return 130 if last.finish_reason == "cancelled" else 0
+
+
+class ChatSession:
+    """The conversation: history, system prompt and the slash commands."""
+
+    def __init__(self, model, model_name: str, sampling, system: str | None) -> None:
+        self.model = model
+        self.model_name = model_name
+        self.sampling = sampling
+        self.system = system
+        self.history: list = []
+
+    def messages(self) -> list:
+        from edgellm.runtime.templates import Message
+
+        return ([Message("system", self.system)] if self.system else []) + self.history
+
+    def command(self, line: str, err) -> bool:
+        """Run a slash command; False means leave."""
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if name in ("/bye", "/exit", "/quit"):
+            return False
+        if name == "/reset":
+            self.history.clear()
+            err.print("[dim]conversation cleared[/dim]")
+        elif name == "/system":
+            self.system = arg or None
+            self.history.clear()
+            err.print("[dim]system prompt set; conversation cleared[/dim]" if arg else "[dim]system prompt removed[/dim]")
+        elif name == "/save":
+            if not arg:
+                raise UsageError("/save needs a file name")
+            self.save(Path(arg).expanduser())
+            err.print(f"[dim]saved to {arg}[/dim]")
+        elif name in ("/help", "/?"):
+            err.print(HELP, markup=False)
+        else:
+            raise UsageError(f"unknown command {name}", hint="/help lists them")
+        return True
+
+    def save(self, path: Path) -> None:
+        from edgellm.fsutil import atomic_write_text
+
+        data = {
+            "model": self.model_name,
+            "system": self.system,
+            "messages": [m.as_dict() for m in self.messages()],
+        }
+        try:
+            atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+        except OSError as exc:
+            raise UsageError(f"cannot save to {path}: {exc.strerror}") from None
+
+    def answer(self, text: str, out) -> object:
+        from edgellm.runtime.templates import Message
+
+        self.history.append(Message("user", text))
+        try:
+            with _ctrl_c_cancels() as cancelled:
+                reply, last = _stream_to(out, self.model.chat(self.messages(), self.sampling, cancelled))
+        except EdgeLLMError:
+            self.history.pop()
+            raise
+        out.write("\n")
+        self.history.append(Message("assistant", reply))
+        return last
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+
+    err = Console(stderr=True, highlight=False)
+    name, model, settings = _load(args)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    load = model.load_options
+    err.print(
+        f"[bold]{name}[/bold] [dim]· ctx {load.n_ctx} · kv {load.type_k}/{load.type_v} · "
+        f"flash-attn {'on' if load.flash_attn else 'off'} · {load.n_threads} threads · /help for commands[/dim]"
+    )
+    session = ChatSession(model, name, settings.sampling, args.system)
+    with model:
+        while True:
+            try:
+                line = input(">>> " if interactive else "")
+            except EOFError:
+                break
+            except KeyboardInterrupt:
+                err.print("\n[dim](use /bye or Ctrl-D to leave)[/dim]")
+                continue
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                if line.startswith("/"):
+                    if not session.command(line, err):
+                        break
+                    continue
+                last = session.answer(line, sys.stdout)
+            except EdgeLLMError as exc:
+                err.print(f"[red]error:[/red] {escape(str(exc))}")
+                continue
+            note = " · stopped" if last.finish_reason == "cancelled" else ""
+            err.print(f"[dim]{_stats_line(last.timings)}{note}[/dim]")
+    return 0

@@ -1,0 +1,76 @@
+"""Options shared by the commands that load a model, and how they become Settings."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from edgellm.config import Settings
+from edgellm.errors import UsageError
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    load = parser.add_argument_group("loading")
+    load.add_argument("-c", "--ctx", type=int, metavar="N", help="context length in tokens (0: the model's own)")
+    load.add_argument("-b", "--batch", type=int, metavar="N", help="prompt batch size")
+    load.add_argument("-t", "--threads", type=int, metavar="N", help="CPU threads (default: physical cores)")
+    load.add_argument("--gpu-layers", "-ngl", metavar="N|auto", help="layers to offload to the GPU")
+    load.add_argument("--flash-attn", choices=("auto", "on", "off"), help="flash attention (default auto)")
+    load.add_argument(
+        "--kv-type",
+        metavar="K[,V]",
+        help="KV cache type for K and V: f16, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl, bf16, f32",
+    )
+    load.add_argument("--seed", type=int, help="sampling seed (-1: random)")
+    load.add_argument(
+        "--allow-long-context",
+        action="store_true",
+        default=None,
+        help="allow a context longer than the model was trained on",
+    )
+    load.add_argument("--template", type=Path, metavar="FILE", help="a Jinja chat template to use instead of the model's")
+    sample = parser.add_argument_group("sampling")
+    sample.add_argument("--temperature", "--temp", type=float, metavar="T")
+    sample.add_argument("--top-k", type=int, metavar="K")
+    sample.add_argument("--top-p", type=float, metavar="P")
+    sample.add_argument("--min-p", type=float, metavar="P")
+    sample.add_argument("--repeat-penalty", type=float, metavar="R")
+    sample.add_argument("-n", "--max-tokens", type=int, metavar="N", help="answer length limit (-1: none)")
+    sample.add_argument("--stop", action="append", metavar="TEXT", help="stop the answer at TEXT (repeatable)")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """CLI values on top of the environment, the config file and the defaults."""
+    cli: dict[str, Any] = {
+        name: getattr(args, name, None)
+        for name in (
+            "ctx", "batch", "threads", "gpu_layers", "flash_attn", "seed", "allow_long_context",
+            "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "max_tokens", "stop",
+        )
+    }
+    kv = getattr(args, "kv_type", None)
+    if kv:
+        parts = [p.strip() for p in kv.split(",")]
+        if len(parts) > 2 or not all(parts):
+            raise UsageError(f"--kv-type takes K or K,V, got {kv!r}")
+        cli["kv_type_k"], cli["kv_type_v"] = parts[0], parts[-1]
+    return Settings.resolve(cli)
+
+
+def read_template(args: argparse.Namespace) -> str | None:
+    path = getattr(args, "template", None)
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read template {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,159 @@
+"""One Settings object, resolved in a fixed order: CLI > EDGELLM_* environment > config file > defaults.
+
+``EDGELLM_HOME`` moves every path edgellm writes (the model store, the config file, caches).
+Settings names are flat (``ctx``, ``kv_type_k``, ``temperature`` ...) and the same in all three
+sources: ``--ctx 2048``, ``EDGELLM_CTX=2048``, ``ctx = 2048`` in ``$EDGELLM_HOME/config.toml``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgellm.errors import ConfigError, EdgeLLMError
+from edgellm.runtime.options import LoadOptions, SamplingOptions
+
+ENV_PREFIX = "EDGELLM_"
+
+
+def _gpu_layers(value: Any) -> int:
+    """``auto``/``all`` offload every layer that llama.cpp can place on a GPU."""
+    if isinstance(value, str) and value.strip().lower() in ("auto", "all", "max"):
+        return -1
+    n = int(value)
+    if n < -1:
+        raise ValueError("must be a layer count, -1 or auto")
+    return n
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    return tuple(str(v) for v in value)
+
+
+def _flash_attn(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value).strip().lower()
+
+
+# name -> (group, attribute, parser). ``group`` is the Settings attribute holding the value.
+_SPEC: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
+    "model": ("", "model", str),
+    "ctx": ("load", "n_ctx", int),
+    "batch": ("load", "n_batch", int),
+    "threads": ("load", "n_threads", int),
+    "gpu_layers": ("load", "n_gpu_layers", _gpu_layers),
+    "flash_attn": ("load", "flash_attn", _flash_attn),
+    "kv_type_k": ("load", "type_k", str),
+    "kv_type_v": ("load", "type_v", str),
+    "seed": ("load", "seed", int),
+    "allow_long_context": ("load", "allow_long_context", _bool),
+    "temperature": ("sampling", "temperature", float),
+    "top_k": ("sampling", "top_k", int),
+    "top_p": ("sampling", "top_p", float),
+    "min_p": ("sampling", "min_p", float),
+    "repeat_penalty": ("sampling", "repeat_penalty", float),
+    "max_tokens": ("sampling", "max_tokens", int),
+    "stop": ("sampling", "stop", _stop),
+}
+
+SETTING_NAMES = tuple(_SPEC)
+
+
+def default_home(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    if env.get("EDGELLM_HOME"):
+        return Path(env["EDGELLM_HOME"]).expanduser()
+    import platformdirs
+
+    return platformdirs.user_data_path("edgellm", appauthor=False)
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    model: str | None = None
+    load: LoadOptions = field(default_factory=LoadOptions)
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def config_file(self) -> Path:
+        return self.home / "config.toml"
+
+    @classmethod
+    def resolve(
+        cls, cli: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Merge defaults, the config file, the environment and CLI values (None means unset)."""
+        env = os.environ if env is None else env
+        home = default_home(env)
+        values: dict[str, tuple[Any, str]] = {}
+        for name, value in _read_config_file(home / "config.toml").items():
+            values[name] = (value, f"{home / 'config.toml'}: {name}")
+        for name in _SPEC:
+            key = ENV_PREFIX + name.upper()
+            if key in env and env[key] != "":
+                values[name] = (env[key], key)
+        for name, value in (cli or {}).items():
+            if value is not None:
+                if name not in _SPEC:
+                    raise ConfigError(f"unknown setting {name!r}")
+                values[name] = (value, "--" + name.replace("_", "-"))
+        return cls._build(home, values)
+
+    @classmethod
+    def _build(cls, home: Path, values: Mapping[str, tuple[Any, str]]) -> Settings:
+        groups: dict[str, dict[str, Any]] = {"": {}, "load": {}, "sampling": {}}
+        for name, (raw, source) in values.items():
+            group, attr, parse = _SPEC[name]
+            try:
+                groups[group][attr] = parse(raw)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{source}: invalid value {raw!r} for {name}: {exc}") from None
+        try:
+            load = LoadOptions(**groups["load"])
+            sampling = SamplingOptions(**groups["sampling"])
+        except EdgeLLMError as exc:
+            raise ConfigError(exc.message, exc.hint) from None
+        return cls(home=home, load=load, sampling=sampling, **groups[""])
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - set(_SPEC))
+    if unknown:
+        raise ConfigError(
+            f"config file {path}: unknown setting {unknown[0]!r}",
+            hint="known settings: " + ", ".join(_SPEC),
+        )
+    return data

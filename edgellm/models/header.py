@@ -1,0 +1,459 @@
+"""Read and validate a GGUF header before anything else touches the file.
+
+``gguf``'s own reader can hang or exhaust memory on a tiny crafted file (an array count of 2^63),
+and llama.cpp's loader has had many such bugs, so every GGUF edgellm sees goes through here first.
+Every count and length is checked against the bytes the file could actually hold before it is
+used, so a hostile file is refused quickly and in bounded memory, each with its own message. The
+rules follow llama.cpp's ``gguf.cpp`` and ``tests/test-gguf.cpp``.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgellm.errors import InvalidGGUFError
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_KEY_LEN = 1024
+MAX_STRING_LEN = 64 << 20
+MAX_ARRAY_LEN = 1 << 28
+MAX_TENSORS = 1 << 20
+MAX_KV = 1 << 20
+INT64_MAX = (1 << 63) - 1
+#: arrays up to this many elements are kept in memory (per-layer values, small token lists);
+#: longer ones (vocabularies, merges) are checked and counted, not kept
+KEEP_ARRAY_LEN = 4096
+
+# GGUF value types: id -> (name, struct format or None for string/array)
+UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY, UINT64, INT64, FLOAT64 = (
+    range(13)
+)
+_SCALAR_FORMATS = {
+    UINT8: "B",
+    INT8: "b",
+    UINT16: "H",
+    INT16: "h",
+    UINT32: "I",
+    INT32: "i",
+    FLOAT32: "f",
+    BOOL: "?",
+    UINT64: "Q",
+    INT64: "q",
+    FLOAT64: "d",
+}
+
+
+@dataclass(frozen=True)
+class ArrayValue:
+    """A GGUF array: its element type and length, with the values when the array is short."""
+
+    item_type: int
+    count: int
+    values: tuple[Any, ...] | None = None
+
+    def __len__(self) -> int:
+        return self.count
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # ggml order: ne[0] is the row length
+    ggml_type: int
+    type_name: str
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    path: Path
+    file_size: int
+    version: int
+    alignment: int
+    data_offset: int
+    metadata: dict[str, Any]
+    tensors: tuple[TensorInfo, ...] = field(repr=False)
+
+    @property
+    def architecture(self) -> str:
+        return self.metadata["general.architecture"]
+
+    def arch_value(self, key: str, default: Any = None) -> Any:
+        """``{arch}.{key}``, the per-architecture hyperparameters llama.cpp reads."""
+        return self.metadata.get(f"{self.architecture}.{key}", default)
+
+    @property
+    def name(self) -> str | None:
+        return self.metadata.get("general.name")
+
+    @property
+    def n_vocab(self) -> int | None:
+        tokens = self.metadata.get("tokenizer.ggml.tokens")
+        return len(tokens) if tokens is not None else self.arch_value("vocab_size")
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.metadata.get("tokenizer.chat_template")
+
+    @property
+    def context_length(self) -> int | None:
+        return self.arch_value("context_length")
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(t.n_elements for t in self.tensors)
+
+    @property
+    def type_histogram(self) -> dict[str, tuple[int, int]]:
+        """Tensor type -> (tensor count, bytes), largest first."""
+        counts: Counter[str] = Counter()
+        sizes: Counter[str] = Counter()
+        for t in self.tensors:
+            counts[t.type_name] += 1
+            sizes[t.type_name] += t.nbytes
+        return {k: (counts[k], sizes[k]) for k, _ in sizes.most_common()}
+
+    def summary(self) -> dict[str, Any]:
+        """The facts people ask of a model file, as plain data (``edgellm show``)."""
+        rope_scaling = self.arch_value("rope.scaling.type")
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "architecture": self.architecture,
+            "parameters": self.parameter_count,
+            "size_label": format_params(self.parameter_count),
+            "quantization": self.quantization,
+            "file_size": self.file_size,
+            "gguf_version": self.version,
+            "context_length": self.context_length,
+            "layers": self.arch_value("block_count"),
+            "embedding_length": self.arch_value("embedding_length"),
+            "feed_forward_length": _plain(self.arch_value("feed_forward_length")),
+            "heads": _plain(self.arch_value("attention.head_count")),
+            "kv_heads": _plain(self.arch_value("attention.head_count_kv")),
+            "key_length": self.arch_value("attention.key_length"),
+            "value_length": self.arch_value("attention.value_length"),
+            "sliding_window": self.arch_value("attention.sliding_window"),
+            "vocab_size": self.n_vocab,
+            "tokenizer": self.metadata.get("tokenizer.ggml.model"),
+            "rope": {
+                "freq_base": self.arch_value("rope.freq_base"),
+                "dimension_count": self.arch_value("rope.dimension_count"),
+                "scaling_type": rope_scaling,
+                "scaling_factor": self.arch_value("rope.scaling.factor"),
+            },
+            "chat_template": self.chat_template,
+            "tensor_count": len(self.tensors),
+            "tensor_types": {
+                name: {"tensors": count, "bytes": nbytes}
+                for name, (count, nbytes) in self.type_histogram.items()
+            },
+        }
+
+    @property
+    def quantization(self) -> str:
+        """The file type llama.cpp reports (``Q4_K_M``, ``F16`` ...), else the dominant tensor type."""
+        from gguf import LlamaFileType
+
+        ftype = self.metadata.get("general.file_type")
+        if isinstance(ftype, int):
+            try:
+                name = LlamaFileType(ftype).name
+            except ValueError:
+                return f"type {ftype}"
+            return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        weights = [t for t in self.tensors if len(t.shape) >= 2]
+        if not weights:
+            return "unknown"
+        return Counter(t.type_name for t in weights).most_common(1)[0][0]
+
+
+def _plain(value: Any) -> Any:
+    """Per-layer arrays (Gemma, OpenELM) become lists; scalars stay as they are."""
+    if isinstance(value, ArrayValue):
+        return list(value.values) if value.values is not None else f"{value.count} values"
+    return value
+
+
+def format_params(n: int) -> str:
+    """135M, 1.7B: the size label people use for models."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.0f}{unit}" if value >= 100 else f"{value:.3g}{unit}"
+    return str(n)
+
+
+def _ggml_types() -> dict[int, tuple[str, int, int]]:
+    """ggml type id -> (name, elements per block, bytes per block), from gguf-py's tables."""
+    from gguf import GGML_QUANT_SIZES
+
+    return {int(t): (t.name, blck, size) for t, (blck, size) in GGML_QUANT_SIZES.items()}
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads over the mapped file."""
+
+    def __init__(self, buf: mmap.mmap | bytes, size: int, path: Path) -> None:
+        self.buf = buf
+        self.size = size
+        self.pos = 0
+        self.path = path
+
+    def fail(self, detail: str, hint: str | None = None) -> InvalidGGUFError:
+        return InvalidGGUFError(f"{self.path.name}: {detail}", hint)
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.size - self.pos:
+            raise self.fail(
+                f"truncated GGUF: {what} at byte {self.pos} needs {n} bytes, "
+                f"only {self.size - self.pos} remain",
+                hint="the file is incomplete; download or convert it again",
+            )
+
+    def scalar(self, fmt: str, what: str) -> Any:
+        n = struct.calcsize("<" + fmt)
+        self.need(n, what)
+        (value,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        self.pos += n
+        return value
+
+    def string(self, what: str, cap: int = MAX_STRING_LEN) -> str:
+        length = self.scalar("Q", f"length of {what}")
+        if length > cap:
+            raise self.fail(f"{what} is {length} bytes long, over the limit of {cap}")
+        self.need(length, what)
+        raw = bytes(self.buf[self.pos : self.pos + length])
+        self.pos += length
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(f"{what} is not valid UTF-8") from None
+
+    def skip_string(self, what: str) -> None:
+        length = self.scalar("Q", f"length of {what}")
+        if length > MAX_STRING_LEN:
+            raise self.fail(f"{what} is {length} bytes long, over the limit of {MAX_STRING_LEN}")
+        self.need(length, what)
+        self.pos += length
+
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
+        if vtype in _SCALAR_FORMATS:
+            return self.scalar(_SCALAR_FORMATS[vtype], what)
+        if vtype == STRING:
+            return self.string(what)
+        if vtype == ARRAY:
+            if depth:
+                raise self.fail(f"{what} is a nested array, which GGUF does not allow")
+            return self.array(what)
+        raise self.fail(f"{what} has unknown value type {vtype}")
+
+    def array(self, what: str) -> ArrayValue:
+        item_type = self.scalar("I", f"element type of {what}")
+        count = self.scalar("Q", f"length of {what}")
+        if item_type == ARRAY:
+            raise self.fail(f"{what} is a nested array, which GGUF does not allow")
+        if item_type != STRING and item_type not in _SCALAR_FORMATS:
+            raise self.fail(f"{what} has unknown element type {item_type}")
+        if count > MAX_ARRAY_LEN:
+            raise self.fail(f"{what} claims {count} elements, over the limit of {MAX_ARRAY_LEN}")
+        if item_type == STRING:
+            # each string needs at least its 8-byte length
+            self.need(count * 8, f"{count} strings of {what}")
+            if count <= KEEP_ARRAY_LEN:
+                items = tuple(self.string(f"element {i} of {what}") for i in range(count))
+                return ArrayValue(item_type, count, items)
+            for i in range(count):
+                self.skip_string(f"element {i} of {what}")
+            return ArrayValue(item_type, count)
+        fmt = _SCALAR_FORMATS[item_type]
+        width = struct.calcsize("<" + fmt)
+        self.need(count * width, f"{count} elements of {what}")
+        values = None
+        if count <= KEEP_ARRAY_LEN:
+            values = struct.unpack_from(f"<{count}{fmt}", self.buf, self.pos)
+        self.pos += count * width
+        return ArrayValue(item_type, count, values)
+
+
+def read_header(path: str | Path) -> GGUFHeader:
+    """Parse and validate a GGUF file's header; raise InvalidGGUFError naming the first problem."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            size = _file_size(fh, path)
+            if size < 24:
+                head = fh.read(4)
+                if head != GGUF_MAGIC:
+                    raise _not_gguf(path, head)
+                raise InvalidGGUFError(
+                    f"{path.name}: truncated GGUF: {size} bytes is smaller than the 24-byte header",
+                    hint="the file is incomplete; download or convert it again",
+                )
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                return _parse(buf, size, path)
+    except FileNotFoundError:
+        raise InvalidGGUFError(f"no such file: {path}") from None
+    except IsADirectoryError:
+        raise InvalidGGUFError(f"{path} is a folder, not a GGUF file") from None
+    except PermissionError:
+        raise InvalidGGUFError(f"permission denied reading {path}") from None
+
+
+def _file_size(fh: Any, path: Path) -> int:
+    st = os.fstat(fh.fileno())
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidGGUFError(f"{path} is not a regular file")
+    return st.st_size
+
+
+def _not_gguf(path: Path, head: bytes) -> InvalidGGUFError:
+    return InvalidGGUFError(
+        f"{path.name} is not a GGUF file (it starts with {head!r}, not b'GGUF')",
+        hint="edgellm runs GGUF models; convert a Hugging Face checkpoint with `edgellm convert`",
+    )
+
+
+def _parse(buf: mmap.mmap, size: int, path: Path) -> GGUFHeader:
+    cur = _Cursor(buf, size, path)
+    magic = bytes(buf[:4])
+    if magic != GGUF_MAGIC:
+        raise _not_gguf(path, magic)
+    cur.pos = 4
+    version = cur.scalar("I", "version")
+    if version not in SUPPORTED_VERSIONS:
+        raise cur.fail(f"unsupported GGUF version {version} (supported: 2 and 3)")
+    n_tensors = cur.scalar("Q", "tensor count")
+    n_kv = cur.scalar("Q", "metadata key count")
+    # the smallest key/value pair: 8-byte key length, a 1-byte key, 4-byte type, a 1-byte value;
+    # the smallest tensor info: 8 + 1 name bytes, 4-byte n_dims, one 8-byte dim, type, offset
+    if n_kv > MAX_KV or n_kv * 14 > size - cur.pos:
+        raise cur.fail(f"header claims {n_kv} metadata keys, more than the file could hold")
+    if n_tensors > MAX_TENSORS or n_tensors * 33 > size - cur.pos:
+        raise cur.fail(f"header claims {n_tensors} tensors, more than the file could hold")
+
+    metadata: dict[str, Any] = {}
+    for i in range(n_kv):
+        key = cur.string(f"key {i}", cap=MAX_KEY_LEN)
+        if not key:
+            raise cur.fail(f"metadata key {i} is empty")
+        if key in metadata:
+            raise cur.fail(f"duplicate metadata key {key!r}")
+        vtype = cur.scalar("I", f"type of {key!r}")
+        metadata[key] = cur.value(vtype, repr(key))
+
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if (
+        not isinstance(alignment, int)
+        or isinstance(alignment, bool)
+        or alignment <= 0
+        or alignment & (alignment - 1)
+    ):
+        raise cur.fail(f"general.alignment {alignment!r} is not a positive power of two")
+
+    ggml_types = _ggml_types()
+    infos: list[tuple[str, tuple[int, ...], int, str, int, int]] = []
+    names: set[str] = set()
+    for i in range(n_tensors):
+        name = cur.string(f"name of tensor {i}", cap=MAX_KEY_LEN)
+        if name in names:
+            raise cur.fail(f"duplicate tensor name {name!r}")
+        names.add(name)
+        n_dims = cur.scalar("I", f"n_dims of tensor {name!r}")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise cur.fail(f"tensor {name!r} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
+        shape = tuple(cur.scalar("Q", f"dimension {d} of tensor {name!r}") for d in range(n_dims))
+        n_elements = 1
+        for d in shape:
+            if d <= 0 or d > INT64_MAX:
+                raise cur.fail(f"tensor {name!r} has an invalid dimension {d} in shape {shape}")
+            n_elements *= d
+        if n_elements > INT64_MAX:
+            raise cur.fail(f"tensor {name!r} has {n_elements} elements, which overflows int64")
+        ggml_type = cur.scalar("I", f"type of tensor {name!r}")
+        if ggml_type not in ggml_types:
+            raise cur.fail(f"tensor {name!r} has unknown ggml type {ggml_type}")
+        type_name, block, block_bytes = ggml_types[ggml_type]
+        if shape[0] % block:
+            raise cur.fail(
+                f"tensor {name!r} row length {shape[0]} is not a multiple of the "
+                f"{type_name} block size {block}"
+            )
+        nbytes = n_elements // block * block_bytes
+        offset = cur.scalar("Q", f"offset of tensor {name!r}")
+        infos.append((name, shape, ggml_type, type_name, offset, nbytes))
+
+    data_offset = _align(cur.pos, alignment)
+    if data_offset > size:
+        raise cur.fail(
+            f"truncated GGUF: the tensor data should start at byte {data_offset}, "
+            f"but the file is {size} bytes",
+            hint="the file is incomplete; download or convert it again",
+        )
+    tensors: list[TensorInfo] = []
+    expected = 0
+    for name, shape, ggml_type, type_name, offset, nbytes in infos:
+        if offset != expected:
+            raise cur.fail(f"tensor {name!r} has offset {offset}, expected {expected}")
+        if data_offset + offset + nbytes > size:
+            raise cur.fail(
+                f"truncated GGUF: tensor {name!r} ends at byte {data_offset + offset + nbytes}, "
+                f"past the end of the file ({size} bytes)",
+                hint="the file is incomplete; download or convert it again",
+            )
+        tensors.append(TensorInfo(name, shape, ggml_type, type_name, data_offset + offset, nbytes))
+        expected = _align(offset + nbytes, alignment)
+
+    header = GGUFHeader(path, size, version, alignment, data_offset, metadata, tuple(tensors))
+    _check_model_metadata(header, cur)
+    return header
+
+
+def _align(n: int, alignment: int) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+def _check_model_metadata(header: GGUFHeader, cur: _Cursor) -> None:
+    """Keys llama.cpp trusts blindly: the architecture, and tokenizer arrays against the vocab."""
+    md = header.metadata
+    arch = md.get("general.architecture")
+    if not isinstance(arch, str) or not arch:
+        raise cur.fail("general.architecture is missing or not a string")
+    tokens = md.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        return
+    if not isinstance(tokens, ArrayValue) or tokens.item_type != STRING:
+        raise cur.fail("tokenizer.ggml.tokens is not an array of strings")
+    n_vocab = tokens.count
+    for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        arr = md.get(key)
+        if arr is not None and (not isinstance(arr, ArrayValue) or arr.count != n_vocab):
+            length = arr.count if isinstance(arr, ArrayValue) else "not an array"
+            raise cur.fail(f"{key} has {length} entries but the vocabulary has {n_vocab} tokens")
+    declared = md.get(f"{arch}.vocab_size")
+    if isinstance(declared, int) and declared != n_vocab:
+        raise cur.fail(f"{arch}.vocab_size is {declared} but the vocabulary has {n_vocab} tokens")
+    for key, value in md.items():
+        if key.startswith("tokenizer.ggml.") and key.endswith("_token_id"):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise cur.fail(f"{key} is not an integer")
+            if not 0 <= value < n_vocab and value != -1 and value != 0xFFFFFFFF:
+                raise cur.fail(f"{key} is {value}, outside the vocabulary of {n_vocab} tokens")

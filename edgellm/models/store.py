@@ -1,0 +1,186 @@
+"""The local model store: one folder per model under ``$EDGELLM_HOME/models``.
+
+Each folder holds the model's GGUF file and ``manifest.json`` describing it, so listing the store
+never has to open a model. Folders appear and disappear by a single rename, so a reader never sees
+a half-imported or half-removed model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edgellm.errors import EdgeLLMError, ModelExistsError, ModelNotFoundError, UsageError
+from edgellm.fsutil import TMP_PREFIX, atomic_dir
+from edgellm.models.header import GGUFHeader, read_header
+
+MANIFEST = "manifest.json"
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+_CHUNK = 8 << 20
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    file: str
+    source: str
+    size: int
+    sha256: str
+    architecture: str
+    parameters: int
+    quantization: str
+    context_length: int | None
+    has_chat_template: bool
+    created: str
+
+    @classmethod
+    def from_header(cls, name: str, file: str, source: str, sha256: str, header: GGUFHeader) -> Manifest:
+        return cls(
+            name=name,
+            file=file,
+            source=source,
+            size=header.file_size,
+            sha256=sha256,
+            architecture=header.architecture,
+            parameters=header.parameter_count,
+            quantization=header.quantization,
+            context_length=header.context_length,
+            has_chat_template=bool(header.chat_template),
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    manifest: Manifest
+    folder: Path
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def gguf_path(self) -> Path:
+        return self.folder / self.manifest.file
+
+
+def check_name(name: str) -> str:
+    """Store names become folder names, so only a safe alphabet is allowed (no ``..``, no ``/``)."""
+    if not NAME_RE.match(name) or ".." in name:
+        raise UsageError(
+            f"invalid model name {name!r}",
+            hint="use lower-case letters, digits, '.', '_' and '-', starting with a letter or digit",
+        )
+    return name
+
+
+def name_from_file(path: Path) -> str:
+    """A store name derived from a file name: ``SmolLM2-135M.Q4_1.gguf`` -> ``smollm2-135m.q4_1``."""
+    stem = re.sub(r"[^a-z0-9._-]+", "-", path.stem.lower()).strip("-._")
+    return (stem or "model")[:128]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _copy_hashing(src: Path, dest: Path) -> str:
+    digest = hashlib.sha256()
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        while chunk := fin.read(_CHUNK):
+            digest.update(chunk)
+            fout.write(chunk)
+    return digest.hexdigest()
+
+
+class Store:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def _folder(self, name: str) -> Path:
+        return self.root / check_name(name)
+
+    def list(self) -> list[ModelEntry]:
+        if not self.root.is_dir():
+            return []
+        entries = []
+        for folder in sorted(self.root.iterdir()):
+            if folder.name.startswith(TMP_PREFIX) or not (folder / MANIFEST).is_file():
+                continue
+            try:
+                entries.append(self._read(folder))
+            except EdgeLLMError:
+                continue  # a damaged manifest hides one model, not the whole store
+        return entries
+
+    def _read(self, folder: Path) -> ModelEntry:
+        try:
+            data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+            manifest = Manifest(**data)
+        except (OSError, ValueError, TypeError) as exc:
+            raise EdgeLLMError(f"damaged manifest in {folder}: {exc}") from None
+        return ModelEntry(manifest, folder)
+
+    def get(self, name: str) -> ModelEntry:
+        folder = self._folder(name)
+        if not (folder / MANIFEST).is_file():
+            names = [e.name for e in self.list()]
+            hint = "models in the store: " + ", ".join(names) if names else "the store is empty"
+            raise ModelNotFoundError(f"model {name!r} not found", hint=hint + "; see `edgellm list`")
+        return self._read(folder)
+
+    def exists(self, name: str) -> bool:
+        return (self._folder(name) / MANIFEST).is_file()
+
+    def import_gguf(
+        self, src: Path, name: str | None = None, source: str | None = None, link: bool = False
+    ) -> ModelEntry:
+        """Validate a GGUF and add it to the store; with ``link``, hard-link instead of copying."""
+        src = Path(src)
+        header = read_header(src)
+        name = check_name(name or name_from_file(src))
+        folder = self._folder(name)
+        if folder.exists():
+            raise ModelExistsError(
+                f"model {name!r} already exists", hint="choose another --name or `edgellm rm` it first"
+            )
+        self._check_space(header.file_size)
+        with atomic_dir(folder) as tmp:
+            dest = tmp / src.name
+            if link:
+                try:
+                    os.link(src, dest)
+                except OSError:
+                    link = False
+            sha = sha256_file(dest) if link else _copy_hashing(src, dest)
+            manifest = Manifest.from_header(
+                name, src.name, source or f"file:{src.resolve()}", sha, header
+            )
+            (tmp / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2) + "\n", "utf-8")
+        return ModelEntry(manifest, folder)
+
+    def _check_space(self, needed: int) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.root).free
+        if free < needed + (64 << 20):
+            raise EdgeLLMError(
+                f"not enough disk space in {self.root}: {needed >> 20} MiB needed, {free >> 20} MiB free"
+            )
+
+    def remove(self, name: str) -> ModelEntry:
+        entry = self.get(name)
+        # rename first so the model vanishes at once, even if deleting the bytes is slow
+        doomed = entry.folder.with_name(f"{TMP_PREFIX}rm-{entry.folder.name}-{os.getpid()}")
+        os.rename(entry.folder, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        return entry

@@ -1,0 +1,59 @@
+"""The one streaming contract: the runtime yields Chunks; chat, the TUI and the server consume them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Timings:
+    """What one answer cost, measured on the wall clock around llama.cpp.
+
+    ``prompt_ms`` runs until the first answer token is sampled (prompt evaluation); decode speed
+    counts the tokens sampled after it over the time they took, as llama.cpp's own eval timing does.
+    """
+
+    prompt_tokens: int
+    cached_tokens: int
+    prompt_ms: float
+    generated_tokens: int
+    decode_steps: int
+    generate_ms: float
+
+    @property
+    def prompt_per_second(self) -> float | None:
+        evaluated = self.prompt_tokens - self.cached_tokens
+        return evaluated / self.prompt_ms * 1000 if self.prompt_ms > 0 and evaluated > 0 else None
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        return self.decode_steps / self.generate_ms * 1000 if self.generate_ms > 0 else None
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "prompt_ms": round(self.prompt_ms, 3),
+            "prompt_per_second": _round(self.prompt_per_second),
+            "generated_tokens": self.generated_tokens,
+            "generate_ms": round(self.generate_ms, 3),
+            "tokens_per_second": _round(self.tokens_per_second),
+        }
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 2)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of an answer. The last chunk of every answer has a ``finish_reason`` and timings.
+
+    ``finish_reason`` is ``stop`` (end of generation or a stop string), ``length`` (max tokens or
+    a full context) or ``cancelled`` (the caller asked to stop).
+    """
+
+    text: str
+    token: int | None = None
+    finish_reason: str | None = None
+    timings: Timings | None = None

@@ -1,0 +1,333 @@
+"""Load a GGUF with llama.cpp and stream answers from it as Chunks.
+
+This is the only module that runs inference through ``llama_cpp``. Everything that can be known
+before loading (a damaged file, a context too long, a quantized V cache without flash attention)
+is refused here with a clear message before llama.cpp sees it, because llama.cpp itself only
+says "Failed to create llama_context".
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from edgellm.errors import LoadError, UsageError
+from edgellm.models.header import GGUFHeader, read_header
+from edgellm.runtime import llamalog
+from edgellm.runtime.chunks import Chunk, Timings
+from edgellm.runtime.options import KV_TYPES, LoadOptions, SamplingOptions, is_quantized_kv
+from edgellm.runtime.templates import ChatTemplate, Message
+
+DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: a random seed
+
+
+def physical_cores() -> int:
+    """Cores llama.cpp should use by default: physical ones, since SMT siblings slow matmuls."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return max(os.cpu_count() or 1, 1)
+    cores = set()
+    for cpu in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(
+                ((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip())
+            )
+        except OSError:
+            return len(cpus)
+    return max(len(cores), 1)
+
+
+@dataclass(frozen=True)
+class ResolvedLoad:
+    """LoadOptions with every ``auto`` decided, as actually passed to llama.cpp."""
+
+    n_ctx: int
+    n_batch: int
+    n_threads: int
+    n_gpu_layers: int
+    flash_attn: bool
+    type_k: str
+    type_v: str
+    seed: int
+
+
+def resolve_load(header: GGUFHeader, options: LoadOptions) -> ResolvedLoad:
+    """Decide the automatic choices and refuse impossible ones before llama.cpp is involved."""
+    trained = header.context_length or 0
+    n_ctx = options.n_ctx or trained or 4096
+    if trained and n_ctx > trained and not options.allow_long_context:
+        raise UsageError(
+            f"context {n_ctx} is longer than the {trained} tokens {header.path.name} was trained on",
+            hint="answers degrade past it; pass --allow-long-context to use it anyway",
+        )
+    quantized_v = is_quantized_kv(options.type_v)
+    if options.flash_attn == "off" and quantized_v:
+        raise UsageError(
+            f"a quantized V cache ({options.type_v}) needs flash attention, which is turned off",
+            hint="use --flash-attn on (or auto), or an f16 V cache",
+        )
+    return ResolvedLoad(
+        n_ctx=n_ctx,
+        n_batch=min(options.n_batch, n_ctx),
+        n_threads=options.n_threads or physical_cores(),
+        n_gpu_layers=options.n_gpu_layers,
+        flash_attn=options.flash_attn != "off",
+        type_k=options.type_k,
+        type_v=options.type_v,
+        seed=DEFAULT_SEED if options.seed < 0 else options.seed,
+    )
+
+
+class _StopScanner:
+    """Finds stop strings in streamed text, holding back what could be the start of one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        buf = self.held + text
+        if not self.stops:
+            return buf, False
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return buf[: min(hits)], True
+        keep = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(buf)), keep, -1):
+                if buf.endswith(stop[:k]):
+                    keep = k
+                    break
+        self.held = buf[len(buf) - keep :]
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        text, self.held = self.held, ""
+        return text
+
+
+class Model:
+    """A GGUF loaded into llama.cpp, with its chat template."""
+
+    def __init__(self, llm, header: GGUFHeader, load: ResolvedLoad, template: ChatTemplate) -> None:
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self._llm = llm
+        self.header = header
+        self.load_options = load
+        self.template = template
+        self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self.bos_text = self._token_text(llama_cpp.llama_vocab_bos(self._vocab))
+        self.eos_text = self._token_text(llama_cpp.llama_vocab_eos(self._vocab))
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self._lib.llama_vocab_get_text(self._vocab, token).decode("utf-8", errors="replace")
+
+    @property
+    def path(self) -> Path:
+        return self.header.path
+
+    @property
+    def n_ctx(self) -> int:
+        return self._llm.n_ctx()
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens of the previous prompt and answer still in the KV cache."""
+        return self._llm.n_tokens
+
+    def close(self) -> None:
+        self._llm.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- text <-> tokens ------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        """Tokens for text, special tokens parsed; BOS added once, as the vocabulary wants."""
+        if add_special and self.bos_text and text.startswith(self.bos_text):
+            add_special = False  # the template already wrote BOS; a second one hurts answers
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
+
+    def render(self, messages: Sequence[Message]) -> str:
+        """The prompt text the chat template makes of a conversation, ready for an answer."""
+        return self.template.render(messages, True, self.bos_text, self.eos_text)
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token stands for (special tokens render as nothing)."""
+        cached = self._pieces.get(token)
+        if cached is not None:
+            return cached
+        lib, buf = self._lib, self._piece_buf
+        n = lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        data = buf.raw[:n]
+        self._pieces[token] = data
+        return data
+
+    def is_end(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+
+    # -- generation -----------------------------------------------------------------------
+    def chat(
+        self,
+        messages: Sequence[Message],
+        sampling: SamplingOptions,
+        cancel: Callable[[], bool] | None = None,
+    ) -> Iterator[Chunk]:
+        """Answer the conversation as the assistant; earlier turns reuse the KV cache."""
+        prompt = self.render(messages)
+        if self.template.stops:
+            sampling = replace(sampling, stop=sampling.stop + self.template.stops)
+        return self.generate(self.tokenize(prompt), sampling, cancel)
+
+    def complete(
+        self, prompt: str, sampling: SamplingOptions, cancel: Callable[[], bool] | None = None
+    ) -> Iterator[Chunk]:
+        """Continue raw text, with no chat template."""
+        return self.generate(self.tokenize(prompt), sampling, cancel)
+
+    def generate(
+        self,
+        tokens: Sequence[int],
+        sampling: SamplingOptions,
+        cancel: Callable[[], bool] | None = None,
+    ) -> Iterator[Chunk]:
+        tokens = list(tokens)
+        n_ctx = self.n_ctx
+        if not tokens:
+            raise UsageError("the prompt is empty")
+        if len(tokens) >= n_ctx:
+            raise UsageError(
+                f"the prompt is {len(tokens)} tokens, which does not fit the {n_ctx}-token context",
+                hint="use a larger --ctx, or start a new conversation",
+            )
+        return self._stream(tokens, sampling, cancel)
+
+    def _stream(
+        self, tokens: list[int], sampling: SamplingOptions, cancel: Callable[[], bool] | None
+    ) -> Iterator[Chunk]:
+        llm = self._llm
+        budget = self.n_ctx - len(tokens)
+        limit = budget if sampling.max_tokens < 0 else min(sampling.max_tokens, budget)
+        cached = _common_prefix(llm.input_ids[: llm.n_tokens], tokens)
+        cached = min(cached, len(tokens) - 1)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        scanner = _StopScanner(sampling.stop)
+        finish = "length"
+        hit_stop = False
+        generated = 0
+        sampled = 0
+        start = time.perf_counter()
+        first = last = start
+        stream = llm.generate(
+            tokens,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            min_p=sampling.min_p,
+            temp=sampling.temperature,
+            repeat_penalty=sampling.repeat_penalty,
+        )
+        try:
+            for token in stream:
+                last = time.perf_counter()
+                if sampled == 0:
+                    first = last
+                sampled += 1
+                if self.is_end(token):
+                    finish = "stop"
+                    break
+                generated += 1
+                text, stopped = scanner.feed(decoder.decode(self.piece(token)))
+                if text or stopped:
+                    yield Chunk(text, token)
+                if stopped:
+                    finish, hit_stop = "stop", True
+                    break
+                if generated >= limit:
+                    break
+                if cancel is not None and cancel():
+                    finish = "cancelled"
+                    break
+        finally:
+            stream.close()
+        # text held back as a possible stop string is real text unless a stop string matched
+        tail = "" if hit_stop else scanner.flush() + decoder.decode(b"", final=True)
+        timings = Timings(
+            prompt_tokens=len(tokens),
+            cached_tokens=cached,
+            prompt_ms=(first - start) * 1000,
+            generated_tokens=generated,
+            decode_steps=max(sampled - 1, 0),
+            generate_ms=(last - first) * 1000,
+        )
+        yield Chunk(tail, finish_reason=finish, timings=timings)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def load_model(
+    path: str | Path,
+    options: LoadOptions | None = None,
+    template: str | None = None,
+    header: GGUFHeader | None = None,
+) -> Model:
+    """Validate, then load a GGUF. ``template`` overrides the file's own chat template."""
+    options = options or LoadOptions()
+    header = header or read_header(path)
+    load = resolve_load(header, options)
+    chat_template = _template_for(header, template)
+    llamalog.install()
+    import llama_cpp
+
+    position = llamalog.mark()
+    try:
+        llm = llama_cpp.Llama(
+            model_path=str(header.path),
+            n_ctx=load.n_ctx,
+            n_batch=load.n_batch,
+            n_ubatch=load.n_batch,
+            n_threads=load.n_threads,
+            n_threads_batch=load.n_threads,
+            n_gpu_layers=load.n_gpu_layers,
+            flash_attn=load.flash_attn,
+            type_k=KV_TYPES[load.type_k][0],
+            type_v=KV_TYPES[load.type_v][0],
+            seed=load.seed,
+            verbose=False,
+        )
+    except (ValueError, RuntimeError) as exc:
+        cause = llamalog.last_error(position) or str(exc)
+        raise LoadError(f"llama.cpp could not load {header.path.name}: {cause}") from None
+    return Model(llm, header, load, chat_template)
+
+
+def _template_for(header: GGUFHeader, override: str | None) -> ChatTemplate:
+    if override is not None:
+        return ChatTemplate(override, origin="--template")
+    return ChatTemplate(header.chat_template, origin="GGUF")

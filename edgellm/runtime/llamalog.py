@@ -1,0 +1,69 @@
+"""Capture llama.cpp's log instead of letting it spray stderr.
+
+llama.cpp explains failures only in its log ("error loading model: ..."), and reports every
+buffer it allocates there too. We keep the recent lines so errors can quote the real cause;
+``EDGELLM_LLAMA_LOG=1`` (or ``EDGELLM_DEBUG=1``) echoes them to stderr as they come.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+from collections import deque
+
+LEVEL_ERROR = 3
+LEVEL_CONT = 5
+
+_lines: deque[tuple[int, int, str]] = deque(maxlen=2000)  # (sequence, level, text)
+_lock = threading.Lock()
+_state = {"seq": 0, "partial": "", "level": 1}
+_callback = None  # keeps the ctypes callback alive
+
+
+def _echo() -> bool:
+    return bool(os.environ.get("EDGELLM_LLAMA_LOG") or os.environ.get("EDGELLM_DEBUG"))
+
+
+def install() -> None:
+    """Route llama.cpp's log into our buffer (idempotent)."""
+    global _callback
+    if _callback is not None:
+        return
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def _on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        piece = text.decode("utf-8", errors="replace")
+        if _echo():
+            sys.stderr.write(piece)
+        with _lock:
+            if level != LEVEL_CONT:
+                _state["level"] = level
+            buf = _state["partial"] + piece
+            *complete, rest = buf.split("\n")
+            for line in complete:
+                _state["seq"] += 1
+                _lines.append((_state["seq"], _state["level"], line))
+            _state["partial"] = rest
+
+    _callback = _on_log
+    llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
+
+
+def mark() -> int:
+    """A position in the log; ``since(mark)`` returns what llama.cpp said after it."""
+    with _lock:
+        return _state["seq"]
+
+
+def since(position: int, min_level: int = 0) -> list[str]:
+    with _lock:
+        return [t for s, lvl, t in _lines if s > position and lvl >= min_level and lvl != 4]
+
+
+def last_error(position: int) -> str | None:
+    """The most telling error line llama.cpp logged after ``position``."""
+    errors = [line.strip() for line in since(position, LEVEL_ERROR) if line.strip()]
+    return errors[0] if errors else None

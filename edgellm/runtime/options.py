@@ -1,0 +1,99 @@
+"""Plain, stdlib-only descriptions of how to load a model and how to sample from it.
+
+They are separate from ``Settings`` so that library users can build them directly, and so that
+the planner, the server and the CLI can validate them without importing llama.cpp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from edgellm.errors import UsageError
+
+#: KV cache types llama.cpp accepts for ``type_k``/``type_v``, as raw ggml type numbers, with
+#: bytes per element (block size over elements per block) for memory estimates.
+KV_TYPES: dict[str, tuple[int, float]] = {
+    "f32": (0, 4.0),
+    "f16": (1, 2.0),
+    "bf16": (30, 2.0),
+    "q8_0": (8, 34 / 32),
+    "q4_0": (2, 18 / 32),
+    "q4_1": (3, 20 / 32),
+    "iq4_nl": (20, 18 / 32),
+    "q5_0": (6, 22 / 32),
+    "q5_1": (7, 24 / 32),
+}
+
+FLASH_ATTN_MODES = ("auto", "on", "off")
+
+
+def kv_type(name: str) -> str:
+    """Normalise a KV cache type name, refusing unknown ones with the list of valid names."""
+    key = name.strip().lower()
+    if key not in KV_TYPES:
+        raise UsageError(
+            f"unknown KV cache type {name!r}",
+            hint="choose one of " + ", ".join(KV_TYPES),
+        )
+    return key
+
+
+def is_quantized_kv(name: str) -> bool:
+    return kv_type(name) not in ("f32", "f16", "bf16")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How llama.cpp should load a model: everything that shapes memory and speed."""
+
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_threads: int | None = None  # None: as many as physical cores
+    n_gpu_layers: int = 0  # -1: all
+    flash_attn: str = "auto"  # auto | on | off
+    type_k: str = "f16"
+    type_v: str = "f16"
+    seed: int = -1  # -1: random
+    allow_long_context: bool = False
+
+    def __post_init__(self) -> None:
+        if self.flash_attn not in FLASH_ATTN_MODES:
+            raise UsageError(
+                f"unknown flash attention mode {self.flash_attn!r}", hint="use auto, on or off"
+            )
+        object.__setattr__(self, "type_k", kv_type(self.type_k))
+        object.__setattr__(self, "type_v", kv_type(self.type_v))
+        if self.n_ctx < 0:
+            raise UsageError(f"context length must be positive, got {self.n_ctx}")
+        if self.n_batch <= 0:
+            raise UsageError(f"batch size must be positive, got {self.n_batch}")
+        if self.n_threads is not None and self.n_threads <= 0:
+            raise UsageError(f"thread count must be positive, got {self.n_threads}")
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How each next token is picked, and when an answer ends."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    max_tokens: int = -1  # -1: until end of generation or a full context
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise UsageError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"top-p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise UsageError(f"min-p must be in [0, 1], got {self.min_p}")
+        if self.top_k < 0:
+            raise UsageError(f"top-k must be >= 0, got {self.top_k}")
+        if self.repeat_penalty <= 0:
+            raise UsageError(f"repeat penalty must be > 0, got {self.repeat_penalty}")
+        if self.max_tokens == 0 or self.max_tokens < -1:
+            raise UsageError(f"max tokens must be positive or -1, got {self.max_tokens}")
+        object.__setattr__(self, "stop", tuple(s for s in self.stop if s))

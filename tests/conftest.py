@@ -1,0 +1,76 @@
+"""Shared fixtures: the real SmolLM2 GGUF from PyPI, an isolated EDGELLM_HOME, the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    from edgellm.models.bundled import bundled_gguf
+
+    return bundled_gguf()
+
+
+@pytest.fixture()
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty EDGELLM_HOME for one test; no EDGELLM_* setting leaks in from outside."""
+    for key in list(os.environ):
+        if key.startswith("EDGELLM_"):
+            monkeypatch.delenv(key)
+    path = tmp_path / "home"
+    monkeypatch.setenv("EDGELLM_HOME", str(path))
+    return path
+
+
+class CLI:
+    """Runs the real ``edgellm`` command in a subprocess, as a user would."""
+
+    def __init__(self, home: Path, cwd: Path) -> None:
+        self.home = home
+        self.cwd = cwd
+
+    def __call__(
+        self, *args: str, input: str | None = None, env: dict[str, str] | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("EDGELLM_")}
+        full_env.update({"EDGELLM_HOME": str(self.home), "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
+        full_env.update(env or {})
+        return subprocess.run(
+            [sys.executable, "-m", "edgellm", *args],
+            input=input if input is not None else "",
+            capture_output=True,
+            text=True,
+            env=full_env,
+            cwd=self.cwd,
+            timeout=timeout,
+        )
+
+
+@pytest.fixture()
+def cli(home: Path, tmp_path: Path) -> CLI:
+    return CLI(home, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def model(smollm2: Path):
+    """One loaded SmolLM2 shared by the runtime tests (loading costs ~0.3 s each time)."""
+    from edgellm.runtime.engine import load_model
+    from edgellm.runtime.options import LoadOptions
+
+    with load_model(smollm2, LoadOptions(n_ctx=2048, seed=42)) as m:
+        yield m
+
+
+def tree(path: Path) -> dict[str, int]:
+    """Every file under path with its size: to prove a failed command changed nothing."""
+    if not path.exists():
+        return {}
+    return {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*"))}
