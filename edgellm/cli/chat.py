@@ -99,7 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     prompt = " ".join(args.prompt)
     if not sys.stdin.isatty():
-        piped = sys.stdin.read()
+        piped = sys.stdin.read().rstrip("\n")
         prompt = f"{prompt}\n\n{piped}" if prompt and piped.strip() else prompt or piped
     if not prompt.strip():
         raise UsageError("no prompt given", hint='pass it as an argument or pipe it: echo "hi" | edgellm run MODEL')

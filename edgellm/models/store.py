@@ -148,25 +148,29 @@ class Store:
         """Validate a GGUF and add it to the store; with ``link``, hard-link instead of copying."""
         src = Path(src)
         header = read_header(src)
-        name = check_name(name or name_from_file(src))
+        name = check_name(name_from_file(src) if name is None else name)
         folder = self._folder(name)
-        if folder.exists():
-            raise ModelExistsError(
-                f"model {name!r} already exists", hint="choose another --name or `edgellm rm` it first"
-            )
         self._check_space(header.file_size)
-        with atomic_dir(folder) as tmp:
-            dest = tmp / src.name
-            if link:
-                try:
-                    os.link(src, dest)
-                except OSError:
-                    link = False
-            sha = sha256_file(dest) if link else _copy_hashing(src, dest)
-            manifest = Manifest.from_header(
-                name, src.name, source or f"file:{src.resolve()}", sha, header
-            )
-            (tmp / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2) + "\n", "utf-8")
+        exists = ModelExistsError(f"model {name!r} already exists", hint="choose another --name or `edgellm rm` it first")
+        if folder.exists():
+            raise exists
+        try:
+            with atomic_dir(folder) as tmp:
+                dest = tmp / src.name
+                if link:
+                    try:
+                        os.link(src, dest)
+                    except OSError:
+                        link = False
+                sha = sha256_file(dest) if link else _copy_hashing(src, dest)
+                manifest = Manifest.from_header(
+                    name, src.name, source or f"file:{src.resolve()}", sha, header
+                )
+                (tmp / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2) + "\n", "utf-8")
+        except OSError as exc:
+            if folder.exists():  # another process imported the same name meanwhile
+                raise exists from None
+            raise EdgeLLMError(f"cannot import {src.name}: {exc.strerror or exc}") from None
         return ModelEntry(manifest, folder)
 
     def _check_space(self, needed: int) -> None:

@@ -142,7 +142,8 @@ class Model:
 
     @property
     def n_ctx(self) -> int:
-        return self._llm.n_ctx()
+        # llama.cpp may pad the context it allocates; the binding's token buffer keeps the size asked
+        return min(self._llm.n_ctx(), len(self._llm.input_ids))
 
     @property
     def cached_tokens(self) -> int:
@@ -252,7 +253,7 @@ class Model:
                 if sampled == 0:
                     first = last
                 sampled += 1
-                if self.is_end(token):
+                if self.is_end(token) and not sampling.ignore_eos:
                     finish = "stop"
                     break
                 generated += 1

@@ -82,6 +82,7 @@ class SamplingOptions:
     repeat_penalty: float = 1.0
     max_tokens: int = -1  # -1: until end of generation or a full context
     stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False  # keep going past end-of-generation (benchmarks)
 
     def __post_init__(self) -> None:
         if self.temperature < 0:

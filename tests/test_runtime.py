@@ -1,0 +1,131 @@
+"""The runtime on the real SmolLM2: determinism, limits, stop strings, history, KV cache types."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from edgellm.errors import UsageError
+from edgellm.models.header import read_header
+from edgellm.runtime.engine import load_model, resolve_load
+from edgellm.runtime.options import LoadOptions, SamplingOptions
+from edgellm.runtime.templates import Message
+
+GREEDY = SamplingOptions(temperature=0.0, max_tokens=24)
+QUESTION = [Message("user", "What is the capital of Germany?")]
+
+
+def answer(model, messages=QUESTION, sampling=GREEDY):
+    chunks = list(model.chat(messages, sampling))
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    return "".join(c.text for c in chunks), chunks[-1]
+
+
+def test_answer_is_real_and_deterministic(model) -> None:
+    first, last = answer(model)
+    second, _ = answer(model)
+    assert first == second
+    assert "Berlin" in first
+    assert last.timings.generated_tokens > 0
+    assert last.timings.tokens_per_second > 0
+
+
+def test_sampled_answer_is_deterministic_for_a_seed(smollm2: Path) -> None:
+    sampling = SamplingOptions(temperature=1.0, max_tokens=16)
+    texts = []
+    for _ in range(2):
+        with load_model(smollm2, LoadOptions(n_ctx=512, seed=7)) as m:
+            texts.append(answer(m, sampling=sampling)[0])
+    assert texts[0] == texts[1] and texts[0]
+
+
+def test_max_tokens_ends_with_length(model) -> None:
+    text, last = answer(model, sampling=replace(GREEDY, max_tokens=5))
+    assert last.finish_reason == "length"
+    assert last.timings.generated_tokens == 5
+    assert len(model.tokenize(text, add_special=False)) in (4, 5, 6)
+
+
+def test_stop_string_cuts_the_answer(model) -> None:
+    full, _ = answer(model)
+    cut_at = full.index("Berlin")
+    text, last = answer(model, sampling=replace(GREEDY, stop=("Berlin",)))
+    assert text == full[:cut_at]
+    assert last.finish_reason == "stop"
+
+
+def test_end_of_generation_ends_with_stop(model) -> None:
+    text, last = answer(model, sampling=replace(GREEDY, max_tokens=200))
+    assert last.finish_reason == "stop"
+    assert last.timings.generated_tokens < 200
+    assert "<|im_end|>" not in text
+
+
+def test_history_goes_through_the_template_and_reuses_the_cache(model) -> None:
+    first_turn = [Message("user", "Remember the word banana.")]
+    first, _ = answer(model, first_turn)
+    history = [*first_turn, Message("assistant", first), Message("user", "What word did I ask you to remember?")]
+    prompt = model.render(history)
+    assert f"<|im_start|>assistant\n{first}<|im_end|>\n<|im_start|>user\nWhat word" in prompt
+    second, last = answer(model, history)
+    assert "banana" in second.lower()
+    # the first turn is already in the KV cache: only the new turn is evaluated
+    assert last.timings.cached_tokens >= len(model.tokenize(model.render(first_turn))) - 1
+    assert last.timings.prompt_tokens == len(model.tokenize(prompt))
+    # asked alone, the model has no banana to recall: the answer came from the history
+    alone, _ = answer(model, history[-1:])
+    assert "banana" not in alone.lower()
+
+
+def test_cancel_stops_at_once(model) -> None:
+    calls = []
+
+    def cancel() -> bool:
+        calls.append(1)
+        return len(calls) >= 3
+
+    chunks = list(model.chat(QUESTION, replace(GREEDY, max_tokens=100), cancel))
+    assert chunks[-1].finish_reason == "cancelled"
+    assert chunks[-1].timings.generated_tokens == 3
+
+
+def test_prompt_longer_than_the_context_is_refused(smollm2: Path) -> None:
+    with load_model(smollm2, LoadOptions(n_ctx=64)) as m:
+        with pytest.raises(UsageError, match="does not fit the 64-token context"):
+            list(m.chat([Message("user", "word " * 100)], GREEDY))
+
+
+@pytest.mark.parametrize(("type_k", "type_v", "flash"), [("f16", "f16", "off"), ("q8_0", "q8_0", "auto"), ("q4_0", "q4_0", "on")])
+def test_kv_cache_types_load_and_answer(smollm2: Path, type_k: str, type_v: str, flash: str) -> None:
+    with load_model(smollm2, LoadOptions(n_ctx=512, seed=1, type_k=type_k, type_v=type_v, flash_attn=flash)) as m:
+        assert (m.load_options.type_k, m.load_options.type_v) == (type_k, type_v)
+        text, last = answer(m)
+        assert "Berlin" in text and last.timings.generated_tokens > 0
+
+
+def test_quantized_v_without_flash_attention_is_refused_before_loading(smollm2: Path) -> None:
+    header = read_header(smollm2)
+    with pytest.raises(UsageError, match=r"quantized V cache \(q4_0\) needs flash attention"):
+        resolve_load(header, LoadOptions(type_v="q4_0", flash_attn="off"))
+    assert resolve_load(header, LoadOptions(type_v="q4_0", flash_attn="auto")).flash_attn is True
+
+
+def test_context_past_training_needs_the_flag(smollm2: Path) -> None:
+    header = read_header(smollm2)
+    with pytest.raises(UsageError, match="context 16384 is longer than the 8192 tokens"):
+        resolve_load(header, LoadOptions(n_ctx=16384))
+    assert resolve_load(header, LoadOptions(n_ctx=16384, allow_long_context=True)).n_ctx == 16384
+    assert resolve_load(header, LoadOptions(n_ctx=0)).n_ctx == 8192
+
+
+def test_raw_completion(model) -> None:
+    chunks = list(model.complete("The capital of France is", replace(GREEDY, max_tokens=4)))
+    assert "Paris" in "".join(c.text for c in chunks)
+
+
+def test_multibyte_text_streams_whole(model) -> None:
+    messages = [Message("user", "Write the word café three times.")]
+    chunks = list(model.chat(messages, replace(GREEDY, max_tokens=40)))
+    assert all("\ufffd" not in c.text for c in chunks)
