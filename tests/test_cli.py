@@ -149,6 +149,12 @@ def _absurd(tmp_path: Path) -> Path:
     return path
 
 
+def _not_a_model(tmp_path: Path) -> Path:
+    path = tmp_path / "craft.gguf"
+    path.write_bytes(Craft().build())  # a valid header, but no hyperparameters or weights
+    return path
+
+
 def _evil_template(tmp_path: Path) -> Path:
     path = tmp_path / "evil.jinja"
     path.write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}")
@@ -167,6 +173,11 @@ BAD = {
     "not a gguf": (lambda t, m: ["run", str(_not_gguf(t)), "hi"], 1, "error: notes.gguf is not a GGUF file"),
     "truncated": (lambda t, m: ["run", str(_truncated(t, m)), "hi"], 1, "error: cut.gguf: truncated GGUF"),
     "absurd counts": (lambda t, m: ["show", str(_absurd(t))], 1, "more than the file could hold"),
+    "valid header, not a model": (
+        lambda t, m: ["run", str(_not_a_model(t)), "hi"], 1,
+        "error: llama.cpp could not load craft.gguf: llama_model_load: error loading model: "
+        "error loading model hyperparameters: key not found in model: llama.embedding_length",
+    ),
     "import not a gguf": (lambda t, m: ["import", str(_not_gguf(t))], 1, "is not a GGUF file"),
     "unknown kv type": (lambda t, m: ["run", str(m), "hi", "--kv-type", "q3_0"], 2, "error: unknown KV cache type 'q3_0'"),
     "bad kv pair": (lambda t, m: ["run", str(m), "hi", "--kv-type", "q8_0,,"], 2, "--kv-type takes K or K,V"),

@@ -15,7 +15,7 @@ def test_defaults(home: Path) -> None:
     assert s.home == home
     assert s.models_dir == home / "models"
     assert s.config_file == home / "config.toml"
-    assert (s.load.n_ctx, s.load.type_k, s.load.flash_attn) == (4096, "f16", "auto")
+    assert (s.load.n_ctx, s.load.type_k, s.load.flash_attn) == (None, "f16", "auto")
     assert s.sampling.temperature == 0.8
 
 

@@ -118,6 +118,15 @@ def test_context_past_training_needs_the_flag(smollm2: Path) -> None:
         resolve_load(header, LoadOptions(n_ctx=16384))
     assert resolve_load(header, LoadOptions(n_ctx=16384, allow_long_context=True)).n_ctx == 16384
     assert resolve_load(header, LoadOptions(n_ctx=0)).n_ctx == 8192
+    assert resolve_load(header, LoadOptions()).n_ctx == 4096  # the default, under the trained length
+
+
+def test_default_context_never_exceeds_the_trained_length(tmp_path: Path) -> None:
+    from tests.ggufcraft import Craft
+
+    path = tmp_path / "short.gguf"
+    path.write_bytes(Craft().build())  # trained on 128 tokens
+    assert resolve_load(read_header(path), LoadOptions()).n_ctx == 128
 
 
 def test_raw_completion(model) -> None:

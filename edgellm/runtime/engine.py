@@ -20,7 +20,7 @@ from edgellm.errors import LoadError, UsageError
 from edgellm.models.header import GGUFHeader, read_header
 from edgellm.runtime import llamalog
 from edgellm.runtime.chunks import Chunk, Timings
-from edgellm.runtime.options import KV_TYPES, LoadOptions, SamplingOptions, is_quantized_kv
+from edgellm.runtime.options import DEFAULT_CTX, KV_TYPES, LoadOptions, SamplingOptions, is_quantized_kv
 from edgellm.runtime.templates import ChatTemplate, Message
 
 DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: a random seed
@@ -61,7 +61,10 @@ class ResolvedLoad:
 def resolve_load(header: GGUFHeader, options: LoadOptions) -> ResolvedLoad:
     """Decide the automatic choices and refuse impossible ones before llama.cpp is involved."""
     trained = header.context_length or 0
-    n_ctx = options.n_ctx or trained or 4096
+    if options.n_ctx is None:
+        n_ctx = min(DEFAULT_CTX, trained) if trained else DEFAULT_CTX
+    else:
+        n_ctx = options.n_ctx or trained or DEFAULT_CTX
     if trained and n_ctx > trained and not options.allow_long_context:
         raise UsageError(
             f"context {n_ctx} is longer than the {trained} tokens {header.path.name} was trained on",

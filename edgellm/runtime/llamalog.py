@@ -13,12 +13,14 @@ import sys
 import threading
 from collections import deque
 
-LEVEL_ERROR = 3
+# ggml_log_level (ggml.h): NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues a line)
+LEVEL_DEBUG = 1
+LEVEL_ERROR = 4
 LEVEL_CONT = 5
 
 _lines: deque[tuple[int, int, str]] = deque(maxlen=2000)  # (sequence, level, text)
 _lock = threading.Lock()
-_state = {"seq": 0, "partial": "", "level": 1}
+_state = {"seq": 0, "partial": "", "level": 2}
 _callback = None  # keeps the ctypes callback alive
 
 
@@ -60,7 +62,7 @@ def mark() -> int:
 
 def since(position: int, min_level: int = 0) -> list[str]:
     with _lock:
-        return [t for s, lvl, t in _lines if s > position and lvl >= min_level and lvl != 4]
+        return [t for s, lvl, t in _lines if s > position and lvl >= min_level and lvl != LEVEL_DEBUG]
 
 
 def last_error(position: int) -> str | None:

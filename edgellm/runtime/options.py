@@ -25,6 +25,8 @@ KV_TYPES: dict[str, tuple[int, float]] = {
 }
 
 FLASH_ATTN_MODES = ("auto", "on", "off")
+#: the context used when none is asked for (or the model's trained length, if shorter)
+DEFAULT_CTX = 4096
 
 
 def kv_type(name: str) -> str:
@@ -46,7 +48,7 @@ def is_quantized_kv(name: str) -> bool:
 class LoadOptions:
     """How llama.cpp should load a model: everything that shapes memory and speed."""
 
-    n_ctx: int = 4096
+    n_ctx: int | None = None  # None: the model's trained length, at most DEFAULT_CTX; 0: trained length
     n_batch: int = 512
     n_threads: int | None = None  # None: as many as physical cores
     n_gpu_layers: int = 0  # -1: all
@@ -63,7 +65,7 @@ class LoadOptions:
             )
         object.__setattr__(self, "type_k", kv_type(self.type_k))
         object.__setattr__(self, "type_v", kv_type(self.type_v))
-        if self.n_ctx < 0:
+        if self.n_ctx is not None and self.n_ctx < 0:
             raise UsageError(f"context length must be positive, got {self.n_ctx}")
         if self.n_batch <= 0:
             raise UsageError(f"batch size must be positive, got {self.n_batch}")
