@@ -17,7 +17,7 @@ from edgellm.errors import EdgeLLMError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edgellm.cli import chat, store
+    from edgellm.cli import bench, chat, store
 
     parser = argparse.ArgumentParser(
         prog="edgellm",
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chat.register(sub)
     store.register(sub)
+    bench.register(sub)
     return parser
 
 

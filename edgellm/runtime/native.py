@@ -1,0 +1,159 @@
+"""llama.cpp's own model and context objects, without llama-cpp-python's high-level ``Llama``.
+
+The benchmark needs exactly what llama-bench does (one model reused across contexts, a context
+sized per test, raw ``llama_decode`` calls); the batched server needs several sequences in one
+context. Both go through these two small wrappers, which turn llama.cpp's NULL returns into
+LoadError with the cause llama.cpp logged.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from pathlib import Path
+
+from edgellm.errors import LoadError
+from edgellm.runtime import llamalog
+from edgellm.runtime.options import KV_TYPES
+
+FLASH_ATTN_TYPES = {"auto": -1, "off": 0, "on": 1}
+
+
+def _lib():
+    import llama_cpp
+
+    llamalog.install()
+    llama_cpp.llama_backend_init()
+    return llama_cpp
+
+
+class NativeModel:
+    """A loaded ``llama_model``; contexts are made from it as needed."""
+
+    def __init__(self, path: str | Path, n_gpu_layers: int = 0) -> None:
+        lib = self._lib = _lib()
+        self.path = Path(path)
+        params = lib.llama_model_default_params()
+        params.n_gpu_layers = 2**31 - 1 if n_gpu_layers < 0 else n_gpu_layers
+        position = llamalog.mark()
+        self.ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self.ptr:
+            cause = llamalog.last_error(position) or "unknown error"
+            raise LoadError(f"llama.cpp could not load {self.path.name}: {cause}")
+        self.vocab = lib.llama_model_get_vocab(self.ptr)
+
+    @property
+    def description(self) -> str:
+        buf = ctypes.create_string_buffer(256)
+        self._lib.llama_model_desc(self.ptr, buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    @property
+    def size(self) -> int:
+        return self._lib.llama_model_size(self.ptr)
+
+    @property
+    def n_params(self) -> int:
+        return self._lib.llama_model_n_params(self.ptr)
+
+    @property
+    def n_vocab(self) -> int:
+        return self._lib.llama_vocab_n_tokens(self.vocab)
+
+    @property
+    def bos(self) -> int | None:
+        """The BOS token when the vocabulary asks for one at the start of a text."""
+        if self._lib.llama_vocab_get_add_bos(self.vocab):
+            return self._lib.llama_vocab_bos(self.vocab)
+        return None
+
+    def context(
+        self,
+        n_ctx: int,
+        n_batch: int = 2048,
+        n_ubatch: int = 512,
+        n_threads: int = 1,
+        type_k: str = "f16",
+        type_v: str = "f16",
+        flash_attn: str = "auto",
+        n_seq_max: int = 1,
+    ) -> NativeContext:
+        return NativeContext(self, n_ctx, n_batch, n_ubatch, n_threads, type_k, type_v, flash_attn, n_seq_max)
+
+    def close(self) -> None:
+        if self.ptr:
+            self._lib.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self) -> NativeModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class NativeContext:
+    """A ``llama_context``: KV cache, compute buffers and threads for one model."""
+
+    def __init__(
+        self,
+        model: NativeModel,
+        n_ctx: int,
+        n_batch: int,
+        n_ubatch: int,
+        n_threads: int,
+        type_k: str,
+        type_v: str,
+        flash_attn: str,
+        n_seq_max: int,
+    ) -> None:
+        lib = self._lib = model._lib
+        self.model = model
+        params = lib.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = min(n_ubatch, n_batch)
+        params.n_seq_max = n_seq_max
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads
+        params.type_k = KV_TYPES[type_k][0]
+        params.type_v = KV_TYPES[type_v][0]
+        params.flash_attn_type = FLASH_ATTN_TYPES[flash_attn]
+        params.no_perf = True
+        position = llamalog.mark()
+        self.ptr = lib.llama_init_from_model(model.ptr, params)
+        if not self.ptr:
+            cause = llamalog.last_error(position) or "unknown error"
+            raise LoadError(f"llama.cpp could not create a context for {model.path.name}: {cause}")
+        self.n_batch = n_batch
+        self._one = (lib.llama_token * 1)()
+
+    def decode(self, tokens: Sequence[int]) -> None:
+        """Evaluate tokens as the next positions of sequence 0."""
+        lib = self._lib
+        if len(tokens) == 1:
+            self._one[0] = tokens[0]
+            array = self._one
+        else:
+            array = (lib.llama_token * len(tokens))(*tokens)
+        status = lib.llama_decode(self.ptr, lib.llama_batch_get_one(array, len(tokens)))
+        if status != 0:
+            raise LoadError(f"llama_decode failed with status {status}")
+
+    def synchronize(self) -> None:
+        self._lib.llama_synchronize(self.ptr)
+
+    def clear(self) -> None:
+        """Forget every sequence (the KV cache's metadata; the memory stays allocated)."""
+        self._lib.llama_memory_clear(self._lib.llama_get_memory(self.ptr), False)
+
+    def close(self) -> None:
+        if self.ptr:
+            self._lib.llama_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self) -> NativeContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
