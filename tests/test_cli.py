@@ -27,6 +27,12 @@ def test_run_answers_and_is_deterministic(cli, smollm2: Path) -> None:
     assert first.stderr == ""  # llama.cpp's log stays out of the user's way
 
 
+def test_prompt_may_follow_the_options(cli, smollm2: Path) -> None:
+    r = cli("run", str(smollm2), "-n", "16", *FAST, "What is the capital", "of Germany?")
+    assert r.returncode == 0, r.stderr
+    assert "Berlin" in r.stdout
+
+
 def test_run_reads_stdin_and_prints_json(cli, smollm2: Path) -> None:
     r = cli("run", str(smollm2), "--json", "-n", "8", *FAST, input="What is the capital of Germany?\n")
     assert r.returncode == 0, r.stderr
@@ -197,6 +203,8 @@ BAD = {
     "missing template file": (lambda t, m: ["run", str(m), "hi", "--template", str(t / "none.jinja")], 2, "cannot read template"),
     "no prompt": (lambda t, m: ["run", str(m)], 2, "error: no prompt given"),
     "bad temperature": (lambda t, m: ["run", str(m), "hi", "--temperature", "-1"], 2, "temperature must be >= 0"),
+    "unknown option": (lambda t, m: ["run", str(m), "hi", "--bogus"], 2, "error: unrecognized arguments: --bogus"),
+    "unknown command": (lambda t, m: ["frobnicate"], 2, "error: argument COMMAND: invalid choice: 'frobnicate'"),
     "show unknown": (lambda t, m: ["show", "nosuch"], 1, "error: model 'nosuch' not found"),
 }
 

@@ -16,10 +16,17 @@ from edgellm import __version__
 from edgellm.errors import EdgeLLMError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from edgellm.cli import bench, chat, store
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="edgellm",
         description="Run, chat with and manage local GGUF models on llama.cpp.",
         epilog="Set EDGELLM_DEBUG=1 to see tracebacks; EDGELLM_HOME moves every path.",
@@ -34,7 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # a prompt may come after options (`run MODEL -n 20 "the prompt"`); argparse would refuse it
+    dest = getattr(args, "trailing_words", None)
+    if extra and dest and not any(word.startswith("-") for word in extra):
+        getattr(args, dest).extend(extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the answer with token counts and timings as JSON")
     p.add_argument("--verbose", "-v", action="store_true", help="print timings after the answer")
     add_model_options(p)
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=cmd_run, trailing_words="prompt")
 
 
 def _load(args: argparse.Namespace):

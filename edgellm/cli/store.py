@@ -112,7 +112,9 @@ def _print_summary(name: str, info: dict) -> None:
     row("sliding window", info["sliding_window"])
     row("vocabulary", f"{info['vocab_size']} tokens ({info['tokenizer']})")
     rope = info["rope"]
-    rope_text = f"base {rope['freq_base']}, {rope['dimension_count']} dims" if rope["freq_base"] else None
+    rope_text = f"base {rope['freq_base']}" if rope["freq_base"] else None
+    if rope_text and rope["dimension_count"]:
+        rope_text += f", {rope['dimension_count']} dims"
     if rope_text and rope["scaling_type"]:
         rope_text += f", {rope['scaling_type']} scaling x{rope['scaling_factor']}"
     row("rope", rope_text)
