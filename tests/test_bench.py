@@ -72,3 +72,12 @@ def test_bad_combinations_fail_before_anything_runs(cli, smollm2: Path, args: li
     assert r.returncode == 2
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert r.stdout == ""
+
+
+def test_sweep_adds_each_quantization_in_the_store(cli, smollm2: Path) -> None:
+    for name in ("smol", "smol-q8_0", "smol-notaquant", "other-q8_0"):
+        assert cli("import", str(smollm2), "--name", name).returncode == 0
+    r = cli("bench", "smol", "--sweep", "-p", "8", "-n", "0", "-r", "1", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    files = [Path(x["model_filename"]).parent.name for x in json.loads(r.stdout)["results"]]
+    assert files == ["smol", "smol-q8_0"]

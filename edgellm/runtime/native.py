@@ -77,8 +77,12 @@ class NativeModel:
         type_v: str = "f16",
         flash_attn: str = "auto",
         n_seq_max: int = 1,
+        swa_full: bool = False,
     ) -> NativeContext:
-        return NativeContext(self, n_ctx, n_batch, n_ubatch, n_threads, type_k, type_v, flash_attn, n_seq_max)
+        """A context; ``swa_full`` keeps sliding-window layers' whole cache (for prompt reuse)."""
+        return NativeContext(
+            self, n_ctx, n_batch, n_ubatch, n_threads, type_k, type_v, flash_attn, n_seq_max, swa_full
+        )
 
     def close(self) -> None:
         if self.ptr:
@@ -106,6 +110,7 @@ class NativeContext:
         type_v: str,
         flash_attn: str,
         n_seq_max: int,
+        swa_full: bool,
     ) -> None:
         lib = self._lib = model._lib
         self.model = model
@@ -119,6 +124,7 @@ class NativeContext:
         params.type_k = KV_TYPES[type_k][0]
         params.type_v = KV_TYPES[type_v][0]
         params.flash_attn_type = FLASH_ATTN_TYPES[flash_attn]
+        params.swa_full = swa_full
         params.no_perf = True
         position = llamalog.mark()
         self.ptr = lib.llama_init_from_model(model.ptr, params)
