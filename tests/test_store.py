@@ -104,11 +104,11 @@ def test_failed_import_leaves_no_half_model(tmp_path: Path, smollm2: Path, monke
     store = Store(tmp_path / "models")
 
     def broken_copy(src, dest):
-        dest.write_bytes(b"partial")
+        Path(dest).write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("edgellm.models.store._copy_hashing", broken_copy)
-    with pytest.raises(EdgeLLMError, match="cannot import SmolLM2-135M-Instruct.Q4_1.gguf: No space left on device"):
+    monkeypatch.setattr("edgellm.models.store.shutil.copyfile", broken_copy)
+    with pytest.raises(EdgeLLMError, match="cannot write SmolLM2-135M-Instruct.Q4_1.gguf into the store: No space left on device"):
         store.import_gguf(smollm2, "smol")
     assert list((tmp_path / "models").iterdir()) == []
 

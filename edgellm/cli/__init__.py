@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edgellm.cli import bench, chat, store
+    from edgellm.cli import bench, chat, quantize, store
 
     parser = _Parser(
         prog="edgellm",
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chat.register(sub)
     store.register(sub)
+    quantize.register(sub)
     bench.register(sub)
     return parser
 

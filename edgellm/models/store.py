@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -94,15 +95,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _copy_hashing(src: Path, dest: Path) -> str:
-    digest = hashlib.sha256()
-    with open(src, "rb") as fin, open(dest, "wb") as fout:
-        while chunk := fin.read(_CHUNK):
-            digest.update(chunk)
-            fout.write(chunk)
-    return digest.hexdigest()
-
-
 class Store:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -148,29 +140,54 @@ class Store:
         """Validate a GGUF and add it to the store; with ``link``, hard-link instead of copying."""
         src = Path(src)
         header = read_header(src)
-        name = check_name(name_from_file(src) if name is None else name)
+
+        def place(dest: Path) -> None:
+            if link:
+                try:
+                    os.link(src, dest)
+                    return
+                except OSError:
+                    pass
+            shutil.copyfile(src, dest)
+
+        return self.create(
+            name_from_file(src) if name is None else name,
+            src.name,
+            source or f"file:{src.resolve()}",
+            place,
+            expected_size=header.file_size,
+        )
+
+    def create(
+        self,
+        name: str,
+        filename: str,
+        source: str,
+        write: Callable[[Path], None],
+        expected_size: int = 0,
+    ) -> ModelEntry:
+        """Add a model whose GGUF ``write(path)`` produces; it appears only once it is complete.
+
+        The file is validated and hashed before the model's folder is renamed into place, so a
+        failed or interrupted writer leaves the store exactly as it was.
+        """
+        name = check_name(name)
         folder = self._folder(name)
-        self._check_space(header.file_size)
         exists = ModelExistsError(f"model {name!r} already exists", hint="choose another --name or `edgellm rm` it first")
         if folder.exists():
             raise exists
+        self._check_space(expected_size)
         try:
             with atomic_dir(folder) as tmp:
-                dest = tmp / src.name
-                if link:
-                    try:
-                        os.link(src, dest)
-                    except OSError:
-                        link = False
-                sha = sha256_file(dest) if link else _copy_hashing(src, dest)
-                manifest = Manifest.from_header(
-                    name, src.name, source or f"file:{src.resolve()}", sha, header
-                )
+                dest = tmp / filename
+                write(dest)
+                header = read_header(dest)
+                manifest = Manifest.from_header(name, filename, source, sha256_file(dest), header)
                 (tmp / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2) + "\n", "utf-8")
         except OSError as exc:
-            if folder.exists():  # another process imported the same name meanwhile
+            if folder.exists():  # another process created the same name meanwhile
                 raise exists from None
-            raise EdgeLLMError(f"cannot import {src.name}: {exc.strerror or exc}") from None
+            raise EdgeLLMError(f"cannot write {filename} into the store: {exc.strerror or exc}") from None
         return ModelEntry(manifest, folder)
 
     def _check_space(self, needed: int) -> None:

@@ -12,6 +12,8 @@ import os
 import sys
 import threading
 from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 # ggml_log_level (ggml.h): NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues a line)
 LEVEL_DEBUG = 1
@@ -22,6 +24,7 @@ _lines: deque[tuple[int, int, str]] = deque(maxlen=2000)  # (sequence, level, te
 _lock = threading.Lock()
 _state = {"seq": 0, "partial": "", "level": 2}
 _callback = None  # keeps the ctypes callback alive
+_listeners: list[Callable[[str], None]] = []
 
 
 def _echo() -> bool:
@@ -49,6 +52,10 @@ def install() -> None:
                 _state["seq"] += 1
                 _lines.append((_state["seq"], _state["level"], line))
             _state["partial"] = rest
+            listeners = list(_listeners)
+        for line in complete:
+            for listener in listeners:
+                listener(line)
 
     _callback = _on_log
     llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
@@ -69,3 +76,19 @@ def last_error(position: int) -> str | None:
     """The most telling error line llama.cpp logged after ``position``."""
     errors = [line.strip() for line in since(position, LEVEL_ERROR) if line.strip()]
     return errors[0] if errors else None
+
+
+@contextmanager
+def listen(callback: Callable[[str], None]) -> Iterator[None]:
+    """Call ``callback`` with each complete log line while the block runs (from llama.cpp's thread).
+
+    This is how per-tensor quantization progress is followed: llama.cpp reports it only in its log.
+    """
+    install()
+    with _lock:
+        _listeners.append(callback)
+    try:
+        yield
+    finally:
+        with _lock:
+            _listeners.remove(callback)

@@ -60,6 +60,18 @@ class NativeModel:
     def n_vocab(self) -> int:
         return self._lib.llama_vocab_n_tokens(self.vocab)
 
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        lib = self._lib
+        raw = text.encode("utf-8")
+        capacity = len(raw) + 8
+        buf = (lib.llama_token * capacity)()
+        n = lib.llama_tokenize(self.vocab, raw, len(raw), buf, capacity, add_special, parse_special)
+        if n < 0:  # the text needs more room than one token per byte (never, but be exact)
+            capacity = -n
+            buf = (lib.llama_token * capacity)()
+            n = lib.llama_tokenize(self.vocab, raw, len(raw), buf, capacity, add_special, parse_special)
+        return list(buf[:n])
+
     @property
     def bos(self) -> int | None:
         """The BOS token when the vocabulary asks for one at the start of a text."""
@@ -145,6 +157,51 @@ class NativeContext:
         status = lib.llama_decode(self.ptr, lib.llama_batch_get_one(array, len(tokens)))
         if status != 0:
             raise LoadError(f"llama_decode failed with status {status}")
+
+    def logits(self, sequences: Sequence[Sequence[int]], first: int) -> list:
+        """Evaluate each sequence from position 0 (as sequence ids 0, 1, ...) in shared batches,
+        and return, per sequence, the logits of positions ``first`` onwards ((n, n_vocab) float32).
+
+        The cache must be empty. Several sequences must fit one batch together (as llama-perplexity
+        packs its chunks); a single sequence may be longer than the batch.
+        """
+        import numpy as np
+
+        lib = self._lib
+        n_vocab = self.model.n_vocab
+        if len(sequences) > 1 and sum(map(len, sequences)) > self.n_batch:
+            raise ValueError("sequences evaluated together must fit one batch")
+        # (sequence, position) of every token, in the order the batch holds them
+        slots = [(s, pos) for s, seq in enumerate(sequences) for pos in range(len(seq))]
+        outs = [np.empty((len(seq) - first, n_vocab), dtype=np.float32) for seq in sequences]
+        filled = [0] * len(sequences)
+        batch = lib.llama_batch_init(self.n_batch, 0, 1)
+        try:
+            for start in range(0, len(slots), self.n_batch):
+                part = slots[start : start + self.n_batch]
+                for i, (s, pos) in enumerate(part):
+                    batch.token[i] = sequences[s][pos]
+                    batch.pos[i] = pos
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = s
+                    batch.logits[i] = pos >= first
+                batch.n_tokens = len(part)
+                status = lib.llama_decode(self.ptr, batch)
+                if status != 0:
+                    raise LoadError(f"llama_decode failed with status {status}")
+                scored = [s for s, pos in part if pos >= first]
+                if scored:
+                    ptr = lib.llama_get_logits(self.ptr)
+                    rows = np.ctypeslib.as_array(ptr, shape=(len(scored) * n_vocab,)).reshape(len(scored), n_vocab)
+                    row = 0
+                    for s in dict.fromkeys(scored):
+                        n = scored.count(s)
+                        outs[s][filled[s] : filled[s] + n] = rows[row : row + n]
+                        filled[s] += n
+                        row += n
+        finally:
+            lib.llama_batch_free(batch)
+        return outs
 
     def synchronize(self) -> None:
         self._lib.llama_synchronize(self.ptr)

@@ -1,0 +1,210 @@
+"""``edgellm quantize`` and ``edgellm eval``: make smaller models and measure what they lost."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from edgellm.cli.common import human_bytes
+from edgellm.errors import UsageError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="quantize a model with llama.cpp's quantizer")
+    p.add_argument("model", nargs="?", metavar="MODEL", help="store name or .gguf path")
+    p.add_argument("type", nargs="?", metavar="TYPE", help="Q4_K_M, Q8_0, ... (see --list)")
+    p.add_argument("--list", action="store_true", help="list the types with bits per weight")
+    p.add_argument("-o", "--output", type=Path, metavar="FILE", help="write this file instead of adding to the store")
+    p.add_argument("--name", help="store name (default: MODEL-TYPE)")
+    p.add_argument("-t", "--threads", type=int, metavar="N")
+    p.add_argument("--allow-requantize", action="store_true", help="allow quantizing an already quantized model")
+    p.add_argument("--leave-output-tensor", action="store_true", help="keep output.weight unquantized")
+    p.add_argument("--pure", action="store_true", help="every tensor in TYPE, no mixture")
+    p.add_argument("--output-tensor-type", metavar="T", help="type for output.weight")
+    p.add_argument("--token-embedding-type", metavar="T", help="type for token_embd.weight")
+    p.add_argument("--sweep", metavar="T,...", help="quantize to each type and compare them (needs --text)")
+    p.add_argument("--text", type=Path, metavar="FILE", help="text for --sweep's perplexity")
+    p.add_argument("-c", "--ctx", type=int, default=512, metavar="N", help="context for --sweep's perplexity")
+    p.add_argument("--chunks", type=int, metavar="N", help="evaluate at most N chunks of --text in --sweep")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("eval", help="perplexity of a model on a text, and KL divergence against a base")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--text", type=Path, required=True, metavar="FILE")
+    p.add_argument("-c", "--ctx", type=int, default=512, metavar="N", help="tokens per chunk (default 512)")
+    p.add_argument("--base", metavar="MODEL", help="compare token distributions against this model")
+    p.add_argument("--chunks", type=int, metavar="N", help="evaluate at most N chunks")
+    p.add_argument("-t", "--threads", type=int, metavar="N")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+
+def _print_types() -> None:
+    from edgellm.quantize import QUANT_TYPES
+
+    print(f"{'TYPE':8} {'BITS/WEIGHT':>11}  NOTE")
+    for t in QUANT_TYPES.values():
+        note = t.note + ("  (needs an importance matrix)" if t.needs_imatrix else "")
+        print(f"{t.name:8} {t.bpw:11.2f}  {note}")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read text {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def _base_name(name: str) -> str:
+    """``smollm2.q4_1`` or ``smollm2-f16`` -> ``smollm2``: the quantization is named anew."""
+    from edgellm.quantize import is_quant_suffix
+
+    match = re.match(r"^(.+)[.-]([^.-]+)$", name)
+    return match.group(1) if match and is_quant_suffix(match.group(2)) else name
+
+
+def _resolve_model(ref: str):
+    from edgellm.config import Settings
+    from edgellm.models import resolve
+
+    path = Path(ref)
+    if path.is_dir():
+        hint = "converting Hugging Face checkpoints arrives with `edgellm convert`; quantize a GGUF meanwhile"
+        if (path / "config.json").exists():
+            raise UsageError(f"{ref} is a Hugging Face checkpoint folder, which cannot be quantized directly yet", hint=hint)
+        raise UsageError(f"{ref} is a folder, not a GGUF file")
+    return Settings.resolve(), resolve(ref, Settings.resolve())
+
+
+def quantize_one(args: argparse.Namespace, settings, model, type_name: str, quiet: bool = False):
+    """Quantize MODEL to one type, into -o FILE or the store; return (result, store entry or None)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from edgellm.models import store_for
+    from edgellm.quantize import check_request, estimated_size, quant_type, quantize
+
+    qtype = quant_type(type_name)
+    header = model.header
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        transient=True, disable=quiet or not sys.stderr.isatty(),
+    )
+    task = progress.add_task(f"{qtype.name}", total=len(header.tensors))
+
+    def on_tensor(index: int, total: int, name: str) -> None:
+        progress.update(task, completed=index, total=total, description=f"{qtype.name} {name}")
+
+    options = dict(
+        threads=args.threads,
+        allow_requantize=args.allow_requantize,
+        leave_output_tensor=args.leave_output_tensor,
+        pure=args.pure,
+        output_tensor_type=args.output_tensor_type,
+        token_embedding_type=args.token_embedding_type,
+        on_tensor=on_tensor,
+    )
+    with progress:
+        if args.output:
+            return quantize(header, qtype, args.output, **options), None
+        done = []
+        name = args.name or f"{_base_name(model.name.lower())}-{qtype.name.lower()}"
+        check_request(header, qtype, settings.models_dir / name / header.path.name, args.allow_requantize)
+        entry = store_for(settings).create(
+            name,
+            f"{_base_name(header.path.stem)}-{qtype.name}.gguf",
+            f"quantize:{model.name}:{qtype.name}",
+            lambda dest: done.append(quantize(header, qtype, dest, **options)),
+            expected_size=estimated_size(header, qtype),
+        )
+        return done[0], entry
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    if args.list:
+        _print_types()
+        return 0
+    if not args.model:
+        raise UsageError("MODEL is missing", hint="edgellm quantize MODEL TYPE, or --list")
+    if args.sweep:
+        return _sweep(args)
+    if not args.type:
+        raise UsageError("TYPE is missing", hint="for example Q4_K_M; --list shows them all")
+    from edgellm.quantize import quant_type
+
+    qtype = quant_type(args.type)
+    settings, model = _resolve_model(args.model)
+    print(
+        f"quantizing {model.name} ({model.header.quantization}, {human_bytes(model.header.file_size)}) to {qtype.name}",
+        file=sys.stderr,
+    )
+    result, entry = quantize_one(args, settings, model, args.type)
+    where = entry.name if entry else str(result.output)
+    bpw = result.size_after * 8 / model.header.parameter_count
+    print(
+        f"{where}: {human_bytes(result.size_before)} -> {human_bytes(result.size_after)} "
+        f"({bpw:.2f} bits/weight) in {result.seconds:.1f} s"
+    )
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from edgellm.bench import plan_cases, run_cases
+    from edgellm.eval import evaluate
+    from edgellm.quantize import quant_type
+
+    if not args.text:
+        raise UsageError("--sweep needs --text FILE to measure perplexity on")
+    if args.output:
+        raise UsageError("--sweep writes one model per type into the store; -o does not apply")
+    types = [quant_type(t) for t in args.sweep.split(",") if t.strip()]
+    text = _read_text(args.text)
+    settings, model = _resolve_model(args.model)
+    from edgellm.models import store_for
+
+    store = store_for(settings)
+    rows = []
+    paths = [("base " + model.header.quantization, model.path)]
+    for qtype in types:
+        name = f"{_base_name(model.name.lower())}-{qtype.name.lower()}"
+        if store.exists(name):
+            entry = store.get(name)
+            print(f"{qtype.name}: using {name} from the store", file=sys.stderr)
+        else:
+            print(f"{qtype.name}: quantizing", file=sys.stderr)
+            _, entry = quantize_one(args, settings, model, qtype.name)
+        paths.append((qtype.name, entry.gguf_path))
+    for label, path in paths:
+        print(f"{label}: evaluating", file=sys.stderr)
+        result = evaluate(path, text, args.ctx, model.path, args.threads, args.chunks)
+        speed = next(run_cases(plan_cases([path], [0], [64], [args.threads] if args.threads else []), repetitions=2))
+        from edgellm.models.header import read_header
+
+        size = read_header(path).file_size
+        rows.append((label, size, size * 8 / model.header.parameter_count, result, speed.avg_ts))
+    print(f"{'TYPE':12} {'SIZE':>10} {'BITS/W':>7} {'PPL':>9} {'KL':>8} {'TOP-1':>7} {'TG T/S':>8}")
+    for label, size, bpw, r, tps in rows:
+        print(f"{label:12} {human_bytes(size):>10} {bpw:7.2f} {r.perplexity:9.3f} {r.kl_mean:8.4f} {r.top1_agreement:7.1%} {tps:8.1f}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from edgellm.config import Settings
+    from edgellm.eval import evaluate
+    from edgellm.models import resolve
+
+    text = _read_text(args.text)
+    settings = Settings.resolve()
+    model = resolve(args.model, settings)
+    base = resolve(args.base, settings) if args.base else None
+    result = evaluate(model.path, text, args.ctx, base.path if base else None, args.threads, args.chunks)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+        return 0
+    print(f"perplexity {result.perplexity:.4f} ± {result.perplexity_stderr:.4f} over {result.scored_tokens} tokens "
+          f"({result.chunks} chunks of {result.n_ctx}, {result.seconds:.1f} s)")
+    if base:
+        print(f"against {base.name}: mean KL {result.kl_mean:.6f}, top-1 agreement {result.top1_agreement:.2%}")
+    return 0
