@@ -12,23 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-REFERENCE_TOOL = Path(__file__).resolve().parents[2] / "shared" / "tools" / "llama-cpp-reference"
-NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"  # as the Makefile builds the binding
-
-
 def llama_bench_path(explicit: str | None) -> Path:
-    if explicit:
-        return Path(explicit)
-    env = dict(os.environ, PYTHON=sys.executable)
-    if os.uname().machine == "x86_64":
-        env.update(CFLAGS=NO_AMX, CXXFLAGS=NO_AMX)
-    root = subprocess.run([str(REFERENCE_TOOL)], capture_output=True, text=True, check=True, env=env).stdout
-    return Path(root.strip()) / "bin" / "llama-bench"
+    from _reference import reference_bin
+
+    return Path(explicit) if explicit else reference_bin() / "llama-bench"
 
 
 def by_test(rows: list[dict]) -> dict[tuple[str, str], float]:

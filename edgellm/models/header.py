@@ -38,6 +38,7 @@ KEEP_ARRAY_LEN = 4096
 UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY, UINT64, INT64, FLOAT64 = (
     range(13)
 )
+_U64 = struct.Struct("<Q")
 _SCALAR_FORMATS = {
     UINT8: "B",
     INT8: "b",
@@ -255,6 +256,21 @@ class _Cursor:
         self.need(length, what)
         self.pos += length
 
+    def _skip_strings(self, count: int, what: str) -> None:
+        """Step over a long string array (a vocabulary): the hot loop of header reading."""
+        buf, pos, size, unpack = self.buf, self.pos, self.size, _U64.unpack_from
+        for i in range(count):
+            if pos + 8 > size:
+                self.pos = pos
+                self.need(8, f"length of element {i} of {what}")
+            (length,) = unpack(buf, pos)
+            pos += 8
+            if length > MAX_STRING_LEN or pos + length > size:
+                self.pos = pos - 8
+                self.skip_string(f"element {i} of {what}")  # raises with the precise message
+            pos += length
+        self.pos = pos
+
     def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         if vtype in _SCALAR_FORMATS:
             return self.scalar(_SCALAR_FORMATS[vtype], what)
@@ -281,8 +297,7 @@ class _Cursor:
             if count <= KEEP_ARRAY_LEN:
                 items = tuple(self.string(f"element {i} of {what}") for i in range(count))
                 return ArrayValue(item_type, count, items)
-            for i in range(count):
-                self.skip_string(f"element {i} of {what}")
+            self._skip_strings(count, what)
             return ArrayValue(item_type, count)
         fmt = _SCALAR_FORMATS[item_type]
         width = struct.calcsize("<" + fmt)
