@@ -20,14 +20,29 @@ from edgellm.runtime.options import LoadOptions, SamplingOptions
 ENV_PREFIX = "EDGELLM_"
 
 
-def _gpu_layers(value: Any) -> int:
-    """``auto``/``all`` offload every layer that llama.cpp can place on a GPU."""
-    if isinstance(value, str) and value.strip().lower() in ("auto", "all", "max"):
+def _gpu_layers(value: Any) -> int | None:
+    """``auto``: as many as fit (None, for the planner); ``all``: every layer (-1)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    if isinstance(value, str) and value.strip().lower() in ("all", "max"):
         return -1
     n = int(value)
     if n < -1:
-        raise ValueError("must be a layer count, -1 or auto")
+        raise ValueError("must be a layer count, all or auto")
     return n
+
+
+def _ctx(value: Any) -> int:
+    """``auto`` (0): the longest context that fits, up to the trained length."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return 0
+    return int(value)
+
+
+def _size(value: Any) -> int:
+    from edgellm.plan.hardware import parse_size
+
+    return parse_size(value)
 
 
 def _bool(value: Any) -> bool:
@@ -56,7 +71,7 @@ def _flash_attn(value: Any) -> str:
 # name -> (group, attribute, parser). ``group`` is the Settings attribute holding the value.
 _SPEC: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "model": ("", "model", str),
-    "ctx": ("load", "n_ctx", int),
+    "ctx": ("load", "n_ctx", _ctx),
     "batch": ("load", "n_batch", int),
     "threads": ("load", "n_threads", int),
     "gpu_layers": ("load", "n_gpu_layers", _gpu_layers),
@@ -72,6 +87,8 @@ _SPEC: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "repeat_penalty": ("sampling", "repeat_penalty", float),
     "max_tokens": ("sampling", "max_tokens", int),
     "stop": ("sampling", "stop", _stop),
+    "gpu_memory": ("", "gpu_memory", _size),
+    "ram": ("", "ram", _size),
 }
 
 SETTING_NAMES = tuple(_SPEC)
@@ -90,6 +107,8 @@ def default_home(env: Mapping[str, str] | None = None) -> Path:
 class Settings:
     home: Path
     model: str | None = None
+    gpu_memory: int | None = None  # free VRAM to plan for, instead of probing it
+    ram: int | None = None  # free RAM to plan for, instead of probing it
     load: LoadOptions = field(default_factory=LoadOptions)
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
 

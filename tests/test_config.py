@@ -32,10 +32,17 @@ def test_cli_beats_env_beats_file_beats_defaults(home: Path, monkeypatch: pytest
     assert (s.load.n_ctx, s.sampling.temperature) == (512, 0.5)
 
 
-def test_gpu_layers_auto(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("EDGELLM_GPU_LAYERS", "auto")
+def test_auto_values_and_sizes(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings.resolve().load.n_gpu_layers is None  # auto by default: the planner decides
+    monkeypatch.setenv("EDGELLM_GPU_LAYERS", "all")
     assert Settings.resolve().load.n_gpu_layers == -1
     assert Settings.resolve({"gpu_layers": "12"}).load.n_gpu_layers == 12
+    assert Settings.resolve({"gpu_layers": "auto"}).load.n_gpu_layers is None
+    assert Settings.resolve({"ctx": "auto"}).load.n_ctx == 0
+    assert Settings.resolve({"kv_type_k": "auto"}).load.type_k == "auto"
+    monkeypatch.setenv("EDGELLM_GPU_MEMORY", "6GiB")
+    assert Settings.resolve({"ram": "512 MiB"}).ram == 512 * 2**20
+    assert Settings.resolve().gpu_memory == 6 * 2**30
 
 
 @pytest.mark.parametrize(
@@ -45,6 +52,7 @@ def test_gpu_layers_auto(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         ({"EDGELLM_KV_TYPE_V": "q3_0"}, "unknown KV cache type 'q3_0'"),
         ({"EDGELLM_TOP_P": "1.5"}, "top-p must be in (0, 1]"),
         ({"EDGELLM_ALLOW_LONG_CONTEXT": "maybe"}, "must be true or false"),
+        ({"EDGELLM_GPU_MEMORY": "lots"}, "not a size: 'lots'"),
     ],
 )
 def test_bad_env_values(home: Path, monkeypatch: pytest.MonkeyPatch, env: dict, message: str) -> None:

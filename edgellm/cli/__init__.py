@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edgellm.cli import bench, chat, quantize, store
+    from edgellm.cli import bench, chat, plan, quantize, store
 
     parser = _Parser(
         prog="edgellm",
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.register(sub)
     store.register(sub)
     quantize.register(sub)
+    plan.register(sub)
     bench.register(sub)
     return parser
 

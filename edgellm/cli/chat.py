@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from edgellm.cli.common import add_model_options, read_template, settings_from_args
+from edgellm.cli.common import add_model_options, hardware_for, read_template, settings_from_args
 from edgellm.errors import EdgeLLMError, UsageError
 
 HELP = """commands:
@@ -48,7 +48,8 @@ def _load(args: argparse.Namespace):
     settings = settings_from_args(args)
     template = read_template(args)
     model = resolve(args.model, settings)
-    return model.name, load_model(model.path, settings.load, template, model.header), settings
+    hardware = hardware_for(settings)
+    return model.name, load_model(model.path, settings.load, template, model.header, hardware), settings
 
 
 @contextmanager
@@ -213,9 +214,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except ImportError:
             pass
     load = model.load_options
+    where = "CPU" if not load.n_gpu_layers else ("all layers on GPU" if load.n_gpu_layers < 0 else f"{load.n_gpu_layers} GPU layers")
+    memory = f" · RAM {load.plan.memory.cpu / 2**20:,.0f} MiB" if load.plan else ""
     err.print(
         f"[bold]{name}[/bold] [dim]· ctx {load.n_ctx} · kv {load.type_k}/{load.type_v} · "
-        f"flash-attn {'on' if load.flash_attn else 'off'} · {load.n_threads} threads · /help for commands[/dim]"
+        f"flash-attn {'on' if load.flash_attn else 'off'} · {where} · {load.n_threads} threads{memory} · "
+        "/help for commands[/dim]"
     )
     session = ChatSession(model, name, settings.sampling, args.system)
     with model:

@@ -12,16 +12,18 @@ from edgellm.errors import UsageError
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     load = parser.add_argument_group("loading")
-    load.add_argument("-c", "--ctx", type=int, metavar="N", help="context length in tokens (0: the model's own)")
+    load.add_argument("-c", "--ctx", metavar="N|auto", help="context length in tokens (auto: the longest that fits)")
     load.add_argument("-b", "--batch", type=int, metavar="N", help="prompt batch size")
     load.add_argument("-t", "--threads", type=int, metavar="N", help="CPU threads (default: physical cores)")
-    load.add_argument("--gpu-layers", "-ngl", metavar="N|auto", help="layers to offload to the GPU")
+    load.add_argument("--gpu-layers", "-ngl", metavar="N|all|auto", help="layers to offload to the GPU (default auto)")
     load.add_argument("--flash-attn", choices=("auto", "on", "off"), help="flash attention (default auto)")
     load.add_argument(
         "--kv-type",
         metavar="K[,V]",
-        help="KV cache type for K and V: f16, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl, bf16, f32",
+        help="KV cache type for K and V: f16, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl, bf16, f32, auto",
     )
+    load.add_argument("--gpu-memory", metavar="SIZE", help="free VRAM to plan for (e.g. 6GiB) instead of probing")
+    load.add_argument("--ram", metavar="SIZE", help="free RAM to plan for instead of probing")
     load.add_argument("--seed", type=int, help="sampling seed (-1: random)")
     load.add_argument(
         "--allow-long-context",
@@ -47,6 +49,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         for name in (
             "ctx", "batch", "threads", "gpu_layers", "flash_attn", "seed", "allow_long_context",
             "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "max_tokens", "stop",
+            "gpu_memory", "ram",
         )
     }
     kv = getattr(args, "kv_type", None)
@@ -56,6 +59,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             raise UsageError(f"--kv-type takes K or K,V, got {kv!r}")
         cli["kv_type_k"], cli["kv_type_v"] = parts[0], parts[-1]
     return Settings.resolve(cli)
+
+
+def hardware_for(settings: Settings):
+    """The machine to plan for: probed, with any stated memory budgets applied."""
+    from edgellm.plan.hardware import probe
+
+    return probe(settings.gpu_memory, settings.ram)
 
 
 def read_template(args: argparse.Namespace) -> str | None:

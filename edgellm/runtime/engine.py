@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgellm.errors import LoadError, UsageError
 from edgellm.models.header import GGUFHeader, read_header
@@ -22,6 +23,10 @@ from edgellm.runtime import llamalog
 from edgellm.runtime.chunks import Chunk, Timings
 from edgellm.runtime.options import DEFAULT_CTX, KV_TYPES, LoadOptions, SamplingOptions, is_quantized_kv
 from edgellm.runtime.templates import ChatTemplate, Message
+
+if TYPE_CHECKING:
+    from edgellm.plan.fit import Plan
+    from edgellm.plan.hardware import Hardware
 
 DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: a random seed
 
@@ -56,35 +61,50 @@ class ResolvedLoad:
     type_k: str
     type_v: str
     seed: int
+    plan: Plan | None = None  # the memory plan, when the planner chose anything
 
 
-def resolve_load(header: GGUFHeader, options: LoadOptions) -> ResolvedLoad:
+def resolve_load(header: GGUFHeader, options: LoadOptions, hardware: Hardware | None = None) -> ResolvedLoad:
     """Decide the automatic choices and refuse impossible ones before llama.cpp is involved."""
     trained = header.context_length or 0
     if options.n_ctx is None:
         n_ctx = min(DEFAULT_CTX, trained) if trained else DEFAULT_CTX
     else:
-        n_ctx = options.n_ctx or trained or DEFAULT_CTX
+        n_ctx = options.n_ctx
     if trained and n_ctx > trained and not options.allow_long_context:
         raise UsageError(
             f"context {n_ctx} is longer than the {trained} tokens {header.path.name} was trained on",
             hint="answers degrade past it; pass --allow-long-context to use it anyway",
         )
-    quantized_v = is_quantized_kv(options.type_v)
-    if options.flash_attn == "off" and quantized_v:
+    if options.flash_attn == "off" and is_quantized_kv(options.type_v):
         raise UsageError(
             f"a quantized V cache ({options.type_v}) needs flash attention, which is turned off",
             hint="use --flash-attn on (or auto), or an f16 V cache",
         )
+    type_k, type_v, n_gpu_layers, plan = options.type_k, options.type_v, options.n_gpu_layers, None
+    n_batch = min(options.n_batch, n_ctx) if n_ctx else options.n_batch
+    if n_ctx == 0 or n_gpu_layers is None or "auto" in (type_k, type_v):
+        from edgellm.plan.fit import fit
+        from edgellm.plan.hardware import probe
+
+        plan = fit(
+            header, hardware or probe(), n_ctx=n_ctx, type_k=type_k, type_v=type_v,
+            n_gpu_layers=n_gpu_layers, flash_attn=options.flash_attn, n_ubatch=n_batch,
+        )
+        if not plan.fits:
+            raise LoadError(f"{header.path.name} {plan.reason}")
+        n_ctx = n_ctx or plan.n_ctx
+        type_k, type_v, n_gpu_layers = plan.type_k, plan.type_v, plan.n_gpu_layers
     return ResolvedLoad(
         n_ctx=n_ctx,
         n_batch=min(options.n_batch, n_ctx),
         n_threads=options.n_threads or physical_cores(),
-        n_gpu_layers=options.n_gpu_layers,
-        flash_attn=options.flash_attn != "off",
-        type_k=options.type_k,
-        type_v=options.type_v,
+        n_gpu_layers=n_gpu_layers,
+        flash_attn=options.flash_attn != "off" or is_quantized_kv(type_v),
+        type_k=type_k,
+        type_v=type_v,
         seed=DEFAULT_SEED if options.seed < 0 else options.seed,
+        plan=plan,
     )
 
 
@@ -300,11 +320,13 @@ def load_model(
     options: LoadOptions | None = None,
     template: str | None = None,
     header: GGUFHeader | None = None,
+    hardware: Hardware | None = None,
 ) -> Model:
-    """Validate, then load a GGUF. ``template`` overrides the file's own chat template."""
+    """Validate, plan, then load a GGUF. ``template`` overrides the file's own chat template;
+    ``hardware`` is what the planner plans for (default: probe this machine)."""
     options = options or LoadOptions()
     header = header or read_header(path)
-    load = resolve_load(header, options)
+    load = resolve_load(header, options, hardware)
     chat_template = _template_for(header, template)
     llamalog.install()
     import llama_cpp

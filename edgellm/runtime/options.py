@@ -29,9 +29,11 @@ FLASH_ATTN_MODES = ("auto", "on", "off")
 DEFAULT_CTX = 4096
 
 
-def kv_type(name: str) -> str:
+def kv_type(name: str, allow_auto: bool = False) -> str:
     """Normalise a KV cache type name, refusing unknown ones with the list of valid names."""
     key = name.strip().lower()
+    if key == "auto" and allow_auto:
+        return key
     if key not in KV_TYPES:
         raise UsageError(
             f"unknown KV cache type {name!r}",
@@ -41,19 +43,19 @@ def kv_type(name: str) -> str:
 
 
 def is_quantized_kv(name: str) -> bool:
-    return kv_type(name) not in ("f32", "f16", "bf16")
+    return name not in ("f32", "f16", "bf16", "auto") and kv_type(name) not in ("f32", "f16", "bf16")
 
 
 @dataclass(frozen=True)
 class LoadOptions:
     """How llama.cpp should load a model: everything that shapes memory and speed."""
 
-    n_ctx: int | None = None  # None: the model's trained length, at most DEFAULT_CTX; 0: trained length
+    n_ctx: int | None = None  # None: the trained length, at most DEFAULT_CTX; 0: the longest that fits
     n_batch: int = 512
     n_threads: int | None = None  # None: as many as physical cores
-    n_gpu_layers: int = 0  # -1: all
+    n_gpu_layers: int | None = None  # None: as many as fit (the planner decides); -1: all
     flash_attn: str = "auto"  # auto | on | off
-    type_k: str = "f16"
+    type_k: str = "f16"  # or "auto": the planner steps down only if the context needs it
     type_v: str = "f16"
     seed: int = -1  # -1: random
     allow_long_context: bool = False
@@ -63,8 +65,8 @@ class LoadOptions:
             raise UsageError(
                 f"unknown flash attention mode {self.flash_attn!r}", hint="use auto, on or off"
             )
-        object.__setattr__(self, "type_k", kv_type(self.type_k))
-        object.__setattr__(self, "type_v", kv_type(self.type_v))
+        object.__setattr__(self, "type_k", kv_type(self.type_k, allow_auto=True))
+        object.__setattr__(self, "type_v", kv_type(self.type_v, allow_auto=True))
         if self.n_ctx is not None and self.n_ctx < 0:
             raise UsageError(f"context length must be positive, got {self.n_ctx}")
         if self.n_batch <= 0:

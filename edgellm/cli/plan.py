@@ -1,0 +1,135 @@
+"""``edgellm plan`` (what a model will cost, and the choice auto-fit makes) and ``edgellm doctor``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+
+from edgellm.cli.common import hardware_for, human_bytes, settings_from_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="what a model costs in memory, and the settings that fit this machine")
+    p.add_argument("model", metavar="MODEL", help="store name or .gguf path")
+    p.add_argument("-c", "--ctx", metavar="N|auto", help="context per sequence (default: the runtime's default)")
+    p.add_argument("--kv-type", metavar="K[,V]|auto", help="KV cache types (auto: step down only when needed)")
+    p.add_argument("--gpu-layers", "-ngl", metavar="N|all|auto", default="auto")
+    p.add_argument("--flash-attn", choices=("auto", "on", "off"))
+    p.add_argument("--parallel", type=int, default=1, metavar="N", help="sequences served at once")
+    p.add_argument("--gpu-memory", metavar="SIZE", help="free VRAM to plan for instead of probing")
+    p.add_argument("--ram", metavar="SIZE", help="free RAM to plan for instead of probing")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("doctor", help="what this machine and this llama.cpp build can do")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from edgellm.errors import UsageError
+    from edgellm.models import resolve
+    from edgellm.plan.fit import KV_LADDER, fit
+    from edgellm.plan.memory import ModelShape, estimate
+
+    if args.parallel < 1:
+        raise UsageError(f"--parallel must be positive, got {args.parallel}")
+    settings = settings_from_args(args)
+    model = resolve(args.model, settings)
+    hw = hardware_for(settings)
+    load = settings.load
+    trained = model.header.context_length or 0
+    ctx = load.n_ctx if load.n_ctx is not None else None
+    if ctx and trained and ctx > trained and not load.allow_long_context:
+        raise UsageError(f"context {ctx} is longer than the {trained} tokens the model was trained on")
+    per_seq = ctx
+    if ctx and args.parallel > 1:
+        ctx = ctx * args.parallel
+    plan = fit(model.header, hw, n_ctx=ctx, type_k=load.type_k, type_v=load.type_v,
+               n_gpu_layers=load.n_gpu_layers, flash_attn=load.flash_attn, n_seq=args.parallel)
+    shape = ModelShape.from_header(model.header)
+    ladder = []  # the trade-off: each KV type at the planned context
+    for k, v in KV_LADDER:
+        est = estimate(shape, plan.n_ctx, k, v, True, plan.n_gpu_layers, n_seq=args.parallel)
+        ladder.append({"type_k": k, "type_v": v, "kv_bytes": est.kv.total, "ram": est.cpu, "vram": est.gpu})
+    m = plan.memory
+    data = {
+        "model": model.name,
+        "fits": plan.fits,
+        "reason": plan.reason,
+        "n_ctx": plan.n_ctx,
+        "n_ctx_per_sequence": (plan.n_ctx // args.parallel) if per_seq is None else per_seq,
+        "parallel": args.parallel,
+        "type_k": plan.type_k,
+        "type_v": plan.type_v,
+        "flash_attn": plan.flash_attn,
+        "n_gpu_layers": plan.n_gpu_layers,
+        "n_layers": shape.n_layer,
+        "weights": asdict(m.weights),
+        "kv_cache": asdict(m.kv),
+        "compute": asdict(m.compute),
+        "output": m.output,
+        "ram": m.cpu,
+        "vram": m.gpu,
+        "ram_budget": plan.ram_budget,
+        "vram_budget": plan.gpu_budget,
+        "kv_types": ladder,
+    }
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0 if plan.fits else 1
+    _print_plan(data)
+    return 0 if plan.fits else 1
+
+
+def _print_plan(d: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    where = "CPU only" if d["n_gpu_layers"] == 0 else f"{d['n_gpu_layers']} of {d['n_layers'] + 1} layers (with output) on the GPU"
+    console.print(
+        f"[bold]{d['model']}[/bold]: ctx {d['n_ctx']} · KV {d['type_k']}/{d['type_v']} · "
+        f"flash attention {'on' if d['flash_attn'] else 'off'} · {where}"
+    )
+    table = Table(box=None, header_style="bold")
+    for title in ("", "RAM", "VRAM"):
+        table.add_column(title, justify="right" if title else "left")
+    for label, key in (("weights", "weights"), ("KV cache", "kv_cache"), ("compute buffers", "compute")):
+        table.add_row(label, human_bytes(d[key]["cpu"]), human_bytes(d[key]["gpu"]))
+    table.add_row("logits", human_bytes(d["output"]), human_bytes(0))
+    table.add_row("[bold]total[/bold]", human_bytes(d["ram"]), human_bytes(d["vram"]))
+    table.add_row("[dim]free to use[/dim]", human_bytes(d["ram_budget"]), human_bytes(d["vram_budget"]))
+    console.print(table)
+    ladder = Table(box=None, header_style="bold", title="KV cache types at this context", title_justify="left")
+    for title in ("K", "V", "KV cache", "RAM", "VRAM"):
+        ladder.add_column(title, justify="left" if title in ("K", "V") else "right")
+    for row in d["kv_types"]:
+        ladder.add_row(row["type_k"], row["type_v"], human_bytes(row["kv_bytes"]), human_bytes(row["ram"]), human_bytes(row["vram"]))
+    console.print(ladder)
+    if not d["fits"]:
+        console.print(f"[red]{d['reason']}[/red]")
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from edgellm.config import Settings
+
+    hw = hardware_for(Settings.resolve())
+    data = asdict(hw)
+    data["cpu_only"] = not hw.gpus
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"CPU          {hw.cpu} ({hw.physical_cores} physical cores, {hw.logical_cpus} threads)")
+    print(f"RAM          {human_bytes(hw.ram_total)} total, {human_bytes(hw.ram_available)} available")
+    if hw.gpus:
+        for gpu in hw.gpus:
+            print(f"GPU          {gpu.name} ({gpu.backend}): {human_bytes(gpu.free)} free of {human_bytes(gpu.total)}")
+    else:
+        print("GPU          none usable: CPU only")
+    print(f"backends     {', '.join(hw.backends)}; GPU offload {'yes' if hw.gpu_offload else 'no'}; flash attention yes")
+    print(f"llama.cpp    {hw.system_info}")
+    for note in hw.notes:
+        print(f"note         {note}")
+    return 0

@@ -1,0 +1,154 @@
+"""Choose GPU layers, context and K/V cache types together so that a model fits the machine.
+
+The rules, in order:
+- a fixed context (``--ctx N``, or the default) is kept; ``--ctx auto`` takes the longest context,
+  up to the trained length, that keeps the offload the default context gets;
+- ``--kv-type auto`` walks the ladder f16 -> f16/q8_0 -> q8_0 -> q8_0/q4_0 -> q4_0 (V before K,
+  since attention is more sensitive to K) and stops at the first type that offloads the most layers;
+- ``--gpu-layers auto`` offloads as many layers as the GPU's free memory allows after the safety
+  margin, with their KV cache; the rest, the token embeddings and the logits stay in RAM.
+A plan that cannot fit says why and names the nearest plan that does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgellm.models.header import GGUFHeader
+from edgellm.plan.hardware import Hardware
+from edgellm.plan.memory import CTX_PAD, MemoryEstimate, ModelShape, estimate, pad
+from edgellm.runtime.options import DEFAULT_CTX, is_quantized_kv
+
+MARGIN = 256 << 20  # kept free on each device: drivers, fragmentation, the rest of the system
+KV_LADDER = (("f16", "f16"), ("f16", "q8_0"), ("q8_0", "q8_0"), ("q8_0", "q4_0"), ("q4_0", "q4_0"))
+
+
+@dataclass(frozen=True)
+class Plan:
+    n_ctx: int
+    type_k: str
+    type_v: str
+    flash_attn: bool
+    n_gpu_layers: int
+    memory: MemoryEstimate
+    fits: bool
+    ram_budget: int
+    gpu_budget: int
+    reason: str = ""
+
+    def summary(self) -> str:
+        where = "CPU only" if self.n_gpu_layers == 0 else f"{self.n_gpu_layers} layers on GPU"
+        return (
+            f"ctx {self.n_ctx} · kv {self.type_k}/{self.type_v} · {where} · "
+            f"RAM {_mib(self.memory.cpu)} · VRAM {_mib(self.memory.gpu)}"
+        )
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def _budgets(hw: Hardware) -> tuple[int, int]:
+    gpu = max(hw.gpu_free - MARGIN, 0) if hw.gpus and hw.gpu_offload else 0
+    return max(hw.ram_available - MARGIN, 0), gpu
+
+
+def _best_layers(shape: ModelShape, n_ctx: int, k: str, v: str, fa: bool, ram: int, gpu: int, **kw) -> MemoryEstimate | None:
+    """The estimate with the most layers on the GPU that fits both budgets, or None."""
+    for ngl in range(shape.n_layer + 1 if gpu else 0, -1, -1):
+        est = estimate(shape, n_ctx, k, v, fa, ngl, **kw)
+        if est.gpu <= gpu and est.cpu <= ram:
+            return est
+    return None
+
+
+def _fixed_layers(shape: ModelShape, n_ctx: int, k: str, v: str, fa: bool, ram: int, gpu: int, ngl: int, **kw):
+    est = estimate(shape, n_ctx, k, v, fa, ngl, **kw)
+    return est if est.gpu <= gpu and est.cpu <= ram else None
+
+
+def fit(
+    header: GGUFHeader,
+    hw: Hardware,
+    n_ctx: int | None = None,
+    type_k: str = "f16",
+    type_v: str = "f16",
+    n_gpu_layers: int | None = None,
+    flash_attn: str = "auto",
+    n_ubatch: int = 512,
+    n_seq: int = 1,
+    swa_full: bool = True,
+) -> Plan:
+    """``None``/``"auto"`` values are chosen; the rest are kept (and checked)."""
+    shape = ModelShape.from_header(header)
+    ram, gpu = _budgets(hw)
+    trained = shape.n_ctx_train or DEFAULT_CTX
+    ladder = KV_LADDER if "auto" in (type_k, type_v) else ((type_k, type_v),)
+    kw = dict(n_ubatch=n_ubatch, n_seq=n_seq, swa_full=swa_full)
+
+    def attempt(ctx: int, k: str, v: str) -> MemoryEstimate | None:
+        fa = flash_attn != "off" or is_quantized_kv(v)
+        if n_gpu_layers is None or not gpu:  # without a GPU, asked-for layers stay on the CPU anyway
+            return _best_layers(shape, ctx, k, v, fa, ram, gpu, **kw)
+        return _fixed_layers(shape, ctx, k, v, fa, ram, gpu, n_gpu_layers, **kw)
+
+    def best_kv(ctx: int) -> tuple[str, str, MemoryEstimate] | None:
+        found = []
+        for k, v in ladder:
+            est = attempt(ctx, k, v)
+            if est is not None:
+                found.append((k, v, est))
+                if est.n_gpu_layers >= shape.n_layer + 1 or not gpu:
+                    break  # nothing better to gain by compressing the cache further
+        return max(found, key=lambda x: x[2].n_gpu_layers) if found else None
+
+    def plan(ctx: int, choice: tuple[str, str, MemoryEstimate], fits: bool = True, reason: str = "") -> Plan:
+        k, v, est = choice
+        fa = flash_attn != "off" or is_quantized_kv(v)
+        return Plan(est.n_ctx, k, v, fa, est.n_gpu_layers, est, fits, ram, gpu, reason)
+
+    if n_ctx == 0:  # auto: grow the context while the default context's offload holds
+        base_ctx = min(DEFAULT_CTX, trained)
+        base = best_kv(base_ctx)
+        if base is not None:
+            lo, hi = base_ctx, trained
+            best = (base_ctx, base)
+            while lo < hi:  # binary search over multiples of the KV padding
+                mid = pad((lo + hi + 1) // 2, CTX_PAD)
+                mid = min(mid, hi)
+                choice = best_kv(mid)
+                if choice is not None and choice[2].n_gpu_layers >= base[2].n_gpu_layers:
+                    best, lo = (mid, choice), mid
+                    if mid == hi:
+                        break
+                else:
+                    hi = mid - CTX_PAD
+            return plan(best[0], best[1])
+        n_ctx = base_ctx
+    ctx = n_ctx if n_ctx is not None else min(DEFAULT_CTX, trained)
+    choice = best_kv(ctx)
+    if choice is not None:
+        return plan(ctx, choice)
+    return _does_not_fit(shape, ctx, ladder[-1], flash_attn, ram, gpu, kw, n_gpu_layers)
+
+
+def _does_not_fit(shape, ctx, kv, flash_attn, ram, gpu, kw, n_gpu_layers) -> Plan:
+    """Say what is missing, and find the nearest plan that fits: the same context with a smaller
+    cache first, then ever smaller contexts."""
+    ngl = 0 if n_gpu_layers is None or not gpu else n_gpu_layers
+    fa = flash_attn != "off" or is_quantized_kv(kv[1])
+    wanted = estimate(shape, ctx, kv[0], kv[1], fa, ngl, **kw)
+    nearest = "; even the smallest context does not fit: free memory or use a smaller quantization"
+    smaller = pad(ctx)
+    while smaller >= CTX_PAD and nearest.startswith("; even"):
+        for k, v in KV_LADDER:
+            if _best_layers(shape, smaller, k, v, True, ram, gpu, **kw) is not None:
+                nearest = f"; nearest plan that fits: --ctx {smaller} --kv-type {k},{v}"
+                break
+        smaller = pad(smaller // 2) if smaller > CTX_PAD else 0
+    reason = (
+        f"does not fit: needs {_mib(wanted.cpu)} of RAM and {_mib(wanted.gpu)} of VRAM at context {wanted.n_ctx} "
+        f"with KV cache {kv[0]}/{kv[1]}, but only {_mib(ram)} of RAM and {_mib(gpu)} of VRAM are free "
+        f"(after a {_mib(MARGIN)} margin each){nearest}"
+    )
+    return Plan(wanted.n_ctx, kv[0], kv[1], fa, wanted.n_gpu_layers, wanted, False, ram, gpu, reason)

