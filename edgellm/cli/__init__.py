@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edgellm.cli import bench, chat, plan, quantize, store
+    from edgellm.cli import bench, chat, plan, quantize, serve, store
 
     parser = _Parser(
         prog="edgellm",
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     store.register(sub)
     quantize.register(sub)
     plan.register(sub)
+    serve.register(sub)
     bench.register(sub)
     return parser
 

@@ -46,6 +46,16 @@ def _round(x: float | None) -> float | None:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability, and the most likely alternatives (token, text, logprob)."""
+
+    token: int
+    text: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Chunk:
     """A piece of an answer. The last chunk of every answer has a ``finish_reason`` and timings.
 
@@ -57,3 +67,4 @@ class Chunk:
     token: int | None = None
     finish_reason: str | None = None
     timings: Timings | None = None
+    logprobs: TokenLogprob | None = None

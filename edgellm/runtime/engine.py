@@ -9,7 +9,6 @@ says "Failed to create llama_context".
 from __future__ import annotations
 
 import codecs
-import ctypes
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +22,7 @@ from edgellm.runtime import llamalog
 from edgellm.runtime.chunks import Chunk, Timings
 from edgellm.runtime.options import DEFAULT_CTX, KV_TYPES, LoadOptions, SamplingOptions, is_quantized_kv
 from edgellm.runtime.templates import ChatTemplate, Message
+from edgellm.runtime.text import PieceTable, StopScanner, common_prefix
 
 if TYPE_CHECKING:
     from edgellm.plan.fit import Plan
@@ -108,35 +108,6 @@ def resolve_load(header: GGUFHeader, options: LoadOptions, hardware: Hardware | 
     )
 
 
-class _StopScanner:
-    """Finds stop strings in streamed text, holding back what could be the start of one."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = tuple(s for s in stops if s)
-        self.held = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        buf = self.held + text
-        if not self.stops:
-            return buf, False
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.held = ""
-            return buf[: min(hits)], True
-        keep = 0
-        for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(buf)), keep, -1):
-                if buf.endswith(stop[:k]):
-                    keep = k
-                    break
-        self.held = buf[len(buf) - keep :]
-        return buf[: len(buf) - keep], False
-
-    def flush(self) -> str:
-        text, self.held = self.held, ""
-        return text
-
-
 class Model:
     """A GGUF loaded into llama.cpp, with its chat template."""
 
@@ -149,15 +120,9 @@ class Model:
         self.load_options = load
         self.template = template
         self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        self._pieces: dict[int, bytes] = {}
-        self._piece_buf = ctypes.create_string_buffer(256)
-        self.bos_text = self._token_text(llama_cpp.llama_vocab_bos(self._vocab))
-        self.eos_text = self._token_text(llama_cpp.llama_vocab_eos(self._vocab))
-
-    def _token_text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return self._lib.llama_vocab_get_text(self._vocab, token).decode("utf-8", errors="replace")
+        self.piece = PieceTable(self._vocab)
+        self.bos_text = self.piece.text(llama_cpp.llama_vocab_bos(self._vocab))
+        self.eos_text = self.piece.text(llama_cpp.llama_vocab_eos(self._vocab))
 
     @property
     def path(self) -> Path:
@@ -192,20 +157,6 @@ class Model:
     def render(self, messages: Sequence[Message]) -> str:
         """The prompt text the chat template makes of a conversation, ready for an answer."""
         return self.template.render(messages, True, self.bos_text, self.eos_text)
-
-    def piece(self, token: int) -> bytes:
-        """The bytes a token stands for (special tokens render as nothing)."""
-        cached = self._pieces.get(token)
-        if cached is not None:
-            return cached
-        lib, buf = self._lib, self._piece_buf
-        n = lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-        data = buf.raw[:n]
-        self._pieces[token] = data
-        return data
 
     def is_end(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
@@ -252,10 +203,10 @@ class Model:
         llm = self._llm
         budget = self.n_ctx - len(tokens)
         limit = budget if sampling.max_tokens < 0 else min(sampling.max_tokens, budget)
-        cached = _common_prefix(llm.input_ids[: llm.n_tokens], tokens)
+        cached = common_prefix(llm.input_ids[: llm.n_tokens], tokens)
         cached = min(cached, len(tokens) - 1)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        scanner = _StopScanner(sampling.stop)
+        scanner = StopScanner(sampling.stop)
         finish = "length"
         hit_stop = False
         generated = 0
@@ -304,15 +255,6 @@ class Model:
             generate_ms=(last - first) * 1000,
         )
         yield Chunk(tail, finish_reason=finish, timings=timings)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def load_model(

@@ -15,6 +15,7 @@ from pathlib import Path
 from edgellm.errors import LoadError
 from edgellm.runtime import llamalog
 from edgellm.runtime.options import KV_TYPES
+from edgellm.runtime.text import PieceTable
 
 FLASH_ATTN_TYPES = {"auto": -1, "off": 0, "on": 1}
 
@@ -41,6 +42,10 @@ class NativeModel:
             cause = llamalog.last_error(position) or "unknown error"
             raise LoadError(f"llama.cpp could not load {self.path.name}: {cause}")
         self.vocab = lib.llama_model_get_vocab(self.ptr)
+        self.piece = PieceTable(self.vocab)
+
+    def is_end(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_is_eog(self.vocab, token))
 
     @property
     def description(self) -> str:
@@ -90,10 +95,12 @@ class NativeModel:
         flash_attn: str = "auto",
         n_seq_max: int = 1,
         swa_full: bool = False,
+        embeddings: bool = False,
     ) -> NativeContext:
-        """A context; ``swa_full`` keeps sliding-window layers' whole cache (for prompt reuse)."""
+        """A context; ``swa_full`` keeps sliding-window layers' whole cache (for prompt reuse);
+        ``embeddings`` makes it pool each sequence's hidden states into one vector (mean)."""
         return NativeContext(
-            self, n_ctx, n_batch, n_ubatch, n_threads, type_k, type_v, flash_attn, n_seq_max, swa_full
+            self, n_ctx, n_batch, n_ubatch, n_threads, type_k, type_v, flash_attn, n_seq_max, swa_full, embeddings
         )
 
     def close(self) -> None:
@@ -123,6 +130,7 @@ class NativeContext:
         flash_attn: str,
         n_seq_max: int,
         swa_full: bool,
+        embeddings: bool,
     ) -> None:
         lib = self._lib = model._lib
         self.model = model
@@ -137,6 +145,9 @@ class NativeContext:
         params.type_v = KV_TYPES[type_v][0]
         params.flash_attn_type = FLASH_ATTN_TYPES[flash_attn]
         params.swa_full = swa_full
+        if embeddings:
+            params.embeddings = True
+            params.pooling_type = lib.LLAMA_POOLING_TYPE_MEAN
         params.no_perf = True
         position = llamalog.mark()
         self.ptr = lib.llama_init_from_model(model.ptr, params)

@@ -1,0 +1,66 @@
+"""``edgellm serve``: the OpenAI-compatible HTTP API on 127.0.0.1 unless told otherwise."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+
+from edgellm.cli.common import add_model_options, hardware_for, settings_from_args
+from edgellm.errors import UsageError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API")
+    p.add_argument("model", nargs="?", metavar="MODEL", help="serve only this model (default: the whole store)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--parallel", "-np", type=int, default=4, metavar="N", help="requests decoded together")
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY (or EDGELLM_API_KEY)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN", help="allow browser calls from ORIGIN")
+    p.add_argument("--keep-alive", type=float, default=300, metavar="SECONDS", help="unload idle models after (-1: never)")
+    add_model_options(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from edgellm.server import ServerConfig, create_app
+    from edgellm.server.models import ModelPool
+
+    if args.parallel < 1:
+        raise UsageError(f"--parallel must be positive, got {args.parallel}")
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be 1-65535, got {args.port}")
+    settings = settings_from_args(args)
+    loopback = is_loopback(args.host)
+    if not loopback:
+        print(f"warning: serving on {args.host}: anyone who can reach it can use your models"
+              + ("" if (args.api_key or os.environ.get("EDGELLM_API_KEY")) else "; consider --api-key"), file=sys.stderr)
+    pool = ModelPool(settings, args.model, args.parallel, args.keep_alive, hardware_for(settings))
+    config = ServerConfig(
+        api_key=args.api_key or os.environ.get("EDGELLM_API_KEY") or None,
+        cors_origins=tuple(args.cors_origin),
+        loopback_only=loopback,
+        defaults=settings.sampling,
+    )
+    app = create_app(pool, config)
+    print(f"edgellm serving {', '.join(pool.names()) or 'the (empty) store'} on http://{args.host}:{args.port}/v1",
+          file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                    timeout_graceful_shutdown=5, lifespan="off", server_header=False)
+    finally:
+        pool.close()
+    return 0

@@ -1,0 +1,340 @@
+"""Continuous batching: several requests share one llama.cpp context and advance together.
+
+Each slot is one sequence id in the context. Every step builds one ``llama_batch`` holding the next
+token of each answering slot and as much of the waiting prompts as fits, runs one ``llama_decode``,
+and samples each slot's next token from its own sampler chain at its batch index. New requests join
+between steps. A slot keeps its tokens in the KV cache after its request ends, so a request whose
+prompt extends an earlier conversation is placed in that slot and only its new tokens are
+evaluated (the prompt cache).
+
+The engine runs in its own thread; results go back through each request's ``emit`` callback, which
+receives Chunks (the same streaming contract as the single-sequence runtime) or an exception.
+"""
+
+from __future__ import annotations
+
+import codecs
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from edgellm.errors import EdgeLLMError
+from edgellm.runtime.chunks import Chunk, Timings, TokenLogprob
+from edgellm.runtime.native import NativeContext, NativeModel
+from edgellm.runtime.options import SamplingOptions
+from edgellm.runtime.text import StopScanner, common_prefix
+
+DEFAULT_SEED = 0xFFFFFFFF
+
+
+class QueueFullError(EdgeLLMError):
+    code = "server_busy"
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    prompt: list[int]
+    sampling: SamplingOptions
+    emit: Callable[[Chunk | BaseException], None]
+    seed: int = -1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    grammar: str | None = None  # GBNF, root rule "root"
+    logprobs: int | None = None  # None: off; n: the sampled token's log-probability and the top n
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(eq=False)
+class _Slot:
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)  # what the KV cache holds for this sequence
+    request: GenerationRequest | None = None
+    pending: list[int] = field(default_factory=list)  # prompt tokens not yet evaluated
+    sampler: int | None = None
+    next_token: int | None = None  # sampled, to be evaluated in the next step
+    batch_index: int = -1
+    generated: int = 0
+    sampled: int = 0
+    cached: int = 0
+    decoder: codecs.IncrementalDecoder | None = None
+    scanner: StopScanner | None = None
+    started: float = 0.0
+    first: float = 0.0
+    last: float = 0.0
+
+
+class BatchEngine:
+    """One model, one context, ``n_parallel`` slots of ``n_ctx`` tokens each."""
+
+    def __init__(
+        self,
+        model: NativeModel,
+        n_parallel: int,
+        n_ctx: int,
+        n_threads: int,
+        n_batch: int = 512,
+        type_k: str = "f16",
+        type_v: str = "f16",
+        flash_attn: str = "auto",
+        max_queue: int = 64,
+    ) -> None:
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self.model = model
+        self.n_parallel = n_parallel
+        self.n_ctx = n_ctx
+        self.n_batch = max(n_batch, n_parallel)
+        self.n_threads = n_threads
+        self._embed_ctx: NativeContext | None = None  # made on the first embeddings request
+        self.ctx: NativeContext = model.context(
+            n_ctx=n_ctx * n_parallel, n_batch=self.n_batch, n_ubatch=min(512, self.n_batch), n_threads=n_threads,
+            type_k=type_k, type_v=type_v, flash_attn=flash_attn, n_seq_max=n_parallel, swa_full=True,
+        )
+        self._mem = llama_cpp.llama_get_memory(self.ctx.ptr)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.slots = [_Slot(i) for i in range(n_parallel)]
+        self.max_queue = max_queue
+        self._queue: deque[GenerationRequest] = deque()
+        self._cond = threading.Condition()
+        self.lock = threading.Lock()  # held while the context is in use (one step, or an outside job)
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="edgellm-batch", daemon=True)
+        self._thread.start()
+
+    # -- the outside -----------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> None:
+        if not request.prompt:
+            raise EdgeLLMError("the prompt is empty")
+        with self._cond:
+            if len(self._queue) >= self.max_queue:
+                raise QueueFullError("every slot is busy and the queue is full", hint="retry shortly")
+            self._queue.append(request)
+            self._cond.notify()
+
+    @property
+    def busy(self) -> bool:
+        with self._cond:
+            return bool(self._queue) or any(s.request for s in self.slots)
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+        for slot in self.slots:
+            self._free_sampler(slot)
+        self._lib.llama_batch_free(self._batch)
+        if self._embed_ctx is not None:
+            self._embed_ctx.close()
+        self.ctx.close()
+
+    # -- the engine thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and not self._queue and not any(s.request for s in self.slots):
+                    self._cond.wait()
+                if self._stopped:
+                    self._fail_all(EdgeLLMError("the model was unloaded"))
+                    return
+                self._admit()
+            try:
+                with self.lock:
+                    self._step()
+            except Exception as exc:  # a decode failure ends the requests in flight, not the server
+                self._fail_all(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for slot in self.slots:
+            if slot.request:
+                slot.request.emit(exc)
+                self._release(slot)
+        while self._queue:
+            self._queue.popleft().emit(exc)
+
+    def _admit(self) -> None:
+        """Give waiting requests free slots, preferring the slot whose cache shares most of the prompt."""
+        while self._queue:
+            free = [s for s in self.slots if s.request is None]
+            if not free:
+                return
+            request = self._queue.popleft()
+            if request.cancelled.is_set():
+                continue
+            slot = max(free, key=lambda s: common_prefix(s.tokens, request.prompt))
+            keep = min(common_prefix(slot.tokens, request.prompt), len(request.prompt) - 1)
+            self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1)
+            slot.tokens = request.prompt[:keep]
+            slot.pending = request.prompt[keep:]
+            slot.cached = keep
+            slot.request = request
+            slot.sampler = self._make_sampler(request)
+            slot.next_token = None
+            slot.generated = slot.sampled = 0
+            slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            slot.scanner = StopScanner(request.sampling.stop)
+            slot.started = time.perf_counter()
+
+    def _make_sampler(self, request: GenerationRequest) -> int:
+        lib, s = self._lib, request.sampling
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if request.grammar:
+            grammar = lib.llama_sampler_init_grammar(self.model.vocab, request.grammar.encode(), b"root")
+            if not grammar:
+                lib.llama_sampler_free(chain)
+                raise EdgeLLMError("the response format could not be turned into a grammar")
+            lib.llama_sampler_chain_add(chain, grammar)
+        if s.repeat_penalty != 1.0 or request.presence_penalty or request.frequency_penalty:
+            lib.llama_sampler_chain_add(
+                chain,
+                lib.llama_sampler_init_penalties(64, s.repeat_penalty, request.frequency_penalty, request.presence_penalty),
+            )
+        if s.temperature <= 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+            return chain
+        if s.top_k > 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(s.top_k))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(s.top_p, 1))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(s.min_p, 1))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(s.temperature))
+        seed = DEFAULT_SEED if request.seed < 0 else request.seed & 0xFFFFFFFF
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
+        return chain
+
+    def _step(self) -> None:
+        batch, n = self._batch, 0
+
+        def add(slot: _Slot, token: int, logits: bool) -> None:
+            nonlocal n
+            batch.token[n] = token
+            batch.pos[n] = len(slot.tokens)
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = slot.seq_id
+            batch.logits[n] = logits
+            slot.tokens.append(token)
+            if logits:
+                slot.batch_index = n
+            n += 1
+
+        for slot in self.slots:
+            slot.batch_index = -1
+            if slot.request and slot.request.cancelled.is_set():
+                self._finish(slot, "cancelled")
+        for slot in self.slots:  # answering slots first: one token each
+            if slot.request and slot.next_token is not None:
+                add(slot, slot.next_token, True)
+                slot.next_token = None
+        for slot in self.slots:  # then as much of the waiting prompts as fits
+            while slot.request and slot.pending and n < self.n_batch:
+                token = slot.pending.pop(0)
+                add(slot, token, not slot.pending)
+        if n == 0:
+            return
+        batch.n_tokens = n
+        status = self._lib.llama_decode(self.ctx.ptr, batch)
+        if status != 0:
+            raise EdgeLLMError(f"llama_decode failed with status {status} (the KV cache may be full)")
+        now = time.perf_counter()
+        for slot in self.slots:
+            if slot.request and slot.batch_index >= 0:
+                self._sample(slot, now)
+
+    def _sample(self, slot: _Slot, now: float) -> None:
+        request = slot.request
+        lib = self._lib
+        token = lib.llama_sampler_sample(slot.sampler, self.ctx.ptr, slot.batch_index)
+        if slot.sampled == 0:
+            slot.first = now
+        slot.last = now
+        slot.sampled += 1
+        if self.model.is_end(token) and not request.sampling.ignore_eos:
+            self._finish(slot, "stop")
+            return
+        slot.generated += 1
+        logprob = self._logprob(slot.batch_index, token, request.logprobs) if request.logprobs is not None else None
+        text, stopped = slot.scanner.feed(slot.decoder.decode(self.model.piece(token)))
+        if text or stopped or logprob:
+            request.emit(Chunk(text, token, logprobs=logprob))
+        if stopped:
+            self._finish(slot, "stop", hit_stop=True)
+        elif request.sampling.max_tokens > 0 and slot.generated >= request.sampling.max_tokens:
+            self._finish(slot, "length")
+        elif len(slot.tokens) + 1 >= self.n_ctx:
+            self._finish(slot, "length")
+        else:
+            slot.next_token = token
+
+    def _logprob(self, index: int, token: int, top: int) -> TokenLogprob:
+        import numpy as np
+
+        n_vocab = self.model.n_vocab
+        ptr = self._lib.llama_get_logits_ith(self.ctx.ptr, index)
+        logits = np.ctypeslib.as_array(ptr, shape=(n_vocab,)).astype(np.float64)
+        logp = logits - logits.max()
+        logp -= np.log(np.exp(logp).sum())
+        best = np.argsort(-logp)[:top] if top else []
+        return TokenLogprob(
+            token=token,
+            text=self.model.piece(token).decode("utf-8", errors="replace"),
+            logprob=float(logp[token]),
+            top=tuple((int(t), self.model.piece(int(t)).decode("utf-8", errors="replace"), float(logp[t])) for t in best),
+        )
+
+    def _finish(self, slot: _Slot, reason: str, hit_stop: bool = False) -> None:
+        request = slot.request
+        tail = "" if hit_stop else slot.scanner.flush() + slot.decoder.decode(b"", final=True)
+        timings = Timings(
+            prompt_tokens=len(request.prompt),
+            cached_tokens=slot.cached,
+            prompt_ms=((slot.first or time.perf_counter()) - slot.started) * 1000,
+            generated_tokens=slot.generated,
+            decode_steps=max(slot.sampled - 1, 0),
+            generate_ms=(slot.last - slot.first) * 1000 if slot.sampled else 0.0,
+        )
+        request.emit(Chunk(tail, finish_reason=reason, timings=timings))
+        self._release(slot)
+
+    def _release(self, slot: _Slot) -> None:
+        slot.request = None
+        slot.pending = []
+        slot.next_token = None
+        self._free_sampler(slot)
+
+    def _free_sampler(self, slot: _Slot) -> None:
+        if slot.sampler:
+            self._lib.llama_sampler_free(slot.sampler)
+            slot.sampler = None
+
+    # -- embeddings ------------------------------------------------------------------------
+    def embed(self, texts: Sequence[str]) -> list[tuple[list[float], int]]:
+        """Mean-pooled embeddings, one per text, with each text's token count."""
+        import numpy as np
+
+        lib = self._lib
+        results = []
+        with self.lock:
+            if self._embed_ctx is None:
+                self._embed_ctx = self.model.context(
+                    n_ctx=self.n_ctx, n_batch=self.n_ctx, n_ubatch=self.n_ctx, n_threads=self.n_threads,
+                    embeddings=True,
+                )
+            ctx = self._embed_ctx
+            n_embd = lib.llama_model_n_embd(self.model.ptr)
+            for text in texts:
+                tokens = self.model.tokenize(text, add_special=True)
+                if not tokens:
+                    raise EdgeLLMError("cannot embed an empty text")
+                if len(tokens) > self.n_ctx:
+                    raise EdgeLLMError(f"the text is {len(tokens)} tokens, over the {self.n_ctx}-token context")
+                ctx.clear()
+                array = (lib.llama_token * len(tokens))(*tokens)
+                if lib.llama_decode(ctx.ptr, lib.llama_batch_get_one(array, len(tokens))) != 0:
+                    raise EdgeLLMError("llama_decode failed while embedding")
+                ptr = lib.llama_get_embeddings_seq(ctx.ptr, 0)
+                vector = np.ctypeslib.as_array(ptr, shape=(n_embd,)).astype(np.float64)
+                norm = float(np.linalg.norm(vector)) or 1.0
+                results.append(((vector / norm).tolist(), len(tokens)))
+        return results

@@ -1,0 +1,133 @@
+"""The models a server answers for: loaded on first use, unloaded when idle or when memory is needed.
+
+With a MODEL given, the server answers for that model only; without, for every model in the store,
+picked by the request's ``model`` field. Before a model loads, the planner checks it fits beside
+those already loaded; the least recently used idle ones are unloaded to make room.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from edgellm.config import Settings
+from edgellm.errors import LoadError, ModelNotFoundError
+from edgellm.models import resolve, store_for
+from edgellm.models.header import GGUFHeader
+from edgellm.plan.fit import Plan, fit
+from edgellm.plan.hardware import Hardware
+from edgellm.runtime.batch import BatchEngine
+from edgellm.runtime.native import NativeModel
+from edgellm.runtime.options import DEFAULT_CTX
+from edgellm.runtime.templates import ChatTemplate
+
+
+@dataclass(eq=False)
+class Served:
+    name: str
+    header: GGUFHeader
+    native: NativeModel
+    engine: BatchEngine
+    template: ChatTemplate
+    plan: Plan
+    created: int
+    last_used: float
+
+    @property
+    def bos_text(self) -> str:
+        return self.native.piece.text(self.native._lib.llama_vocab_bos(self.native.vocab))
+
+    @property
+    def eos_text(self) -> str:
+        return self.native.piece.text(self.native._lib.llama_vocab_eos(self.native.vocab))
+
+    def close(self) -> None:
+        self.engine.close()
+        self.native.close()
+
+
+class ModelPool:
+    def __init__(self, settings: Settings, model: str | None, parallel: int, keep_alive: float, hardware: Hardware) -> None:
+        self.settings = settings
+        self.fixed = resolve(model, settings) if model else None  # validates the file at start-up
+        self.parallel = parallel
+        self.keep_alive = keep_alive
+        self.hardware = hardware
+        self._loaded: dict[str, Served] = {}
+        self._lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        if self.fixed:
+            return [self.fixed.name]
+        return [e.name for e in store_for(self.settings).list()]
+
+    def get(self, name: str | None) -> Served:
+        """The served model for a request's ``model`` field, loading it if needed (blocking)."""
+        with self._lock:
+            key = self._key(name)
+            served = self._loaded.get(key)
+            if served is None:
+                served = self._load(key)
+                self._loaded[key] = served
+            served.last_used = time.monotonic()
+            return served
+
+    def _key(self, name: str | None) -> str:
+        if self.fixed:
+            if name and name not in (self.fixed.name, str(self.fixed.path)):
+                raise ModelNotFoundError(f"model {name!r} is not served here", hint=f"this server serves {self.fixed.name}")
+            return self.fixed.name
+        if not name:
+            raise ModelNotFoundError("the request names no model", hint="set the model field; GET /v1/models lists them")
+        return name
+
+    def _load(self, key: str) -> Served:
+        model = self.fixed or resolve(key, self.settings)
+        load = self.settings.load
+        trained = model.header.context_length or DEFAULT_CTX
+        per_slot = load.n_ctx or min(DEFAULT_CTX, trained)
+        plan = fit(
+            model.header, self.hardware, n_ctx=per_slot * self.parallel, type_k=load.type_k, type_v=load.type_v,
+            n_gpu_layers=load.n_gpu_layers, flash_attn=load.flash_attn, n_seq=self.parallel,
+        )
+        if not plan.fits:
+            raise LoadError(f"{model.name} {plan.reason}")
+        self._make_room(plan)
+        from edgellm.runtime.engine import physical_cores
+
+        native = NativeModel(model.path, plan.n_gpu_layers)
+        try:
+            engine = BatchEngine(
+                native, self.parallel, per_slot, load.n_threads or physical_cores(), n_batch=max(load.n_batch, 512),
+                type_k=plan.type_k, type_v=plan.type_v, flash_attn="on" if plan.flash_attn else "off",
+            )
+        except BaseException:
+            native.close()
+            raise
+        return Served(model.name, model.header, native, engine, ChatTemplate(model.header.chat_template), plan,
+                      int(time.time()), time.monotonic())
+
+    def _make_room(self, plan: Plan) -> None:
+        used = sum(s.plan.memory.cpu for s in self._loaded.values())
+        for name, served in sorted(self._loaded.items(), key=lambda kv: kv[1].last_used):
+            if used + plan.memory.cpu <= plan.ram_budget:
+                return
+            if not served.engine.busy:
+                used -= served.plan.memory.cpu
+                self._loaded.pop(name).close()
+
+    def unload_idle(self) -> None:
+        if self.keep_alive < 0:
+            return
+        now = time.monotonic()
+        with self._lock:
+            for name, served in list(self._loaded.items()):
+                if not served.engine.busy and now - served.last_used > self.keep_alive:
+                    self._loaded.pop(name).close()
+
+    def close(self) -> None:
+        with self._lock:
+            for served in self._loaded.values():
+                served.close()
+            self._loaded.clear()
