@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--parallel", "-np", type=int, default=4, metavar="N", help="requests decoded together")
     p.add_argument("--api-key", help="require Authorization: Bearer KEY (or EDGELLM_API_KEY)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN", help="allow browser calls from ORIGIN")
+    p.add_argument("--max-queue", type=int, default=64, metavar="N", help="requests waiting for a slot before 503")
     p.add_argument("--keep-alive", type=float, default=300, metavar="SECONDS", help="unload idle models after (-1: never)")
     add_model_options(p)
     p.set_defaults(func=cmd_serve)
@@ -48,7 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not loopback:
         print(f"warning: serving on {args.host}: anyone who can reach it can use your models"
               + ("" if (args.api_key or os.environ.get("EDGELLM_API_KEY")) else "; consider --api-key"), file=sys.stderr)
-    pool = ModelPool(settings, args.model, args.parallel, args.keep_alive, hardware_for(settings))
+    pool = ModelPool(settings, args.model, args.parallel, args.keep_alive, hardware_for(settings), args.max_queue)
     config = ServerConfig(
         api_key=args.api_key or os.environ.get("EDGELLM_API_KEY") or None,
         cors_origins=tuple(args.cors_origin),

@@ -71,14 +71,6 @@ def create_app(pool: ModelPool, config: ServerConfig) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"], allow_headers=["*"])
 
     @app.middleware("http")
-    async def log(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        print(f"{request.method} {request.url.path} {response.status_code} {(time.perf_counter() - start) * 1000:.0f}ms",
-              file=sys.stderr, flush=True)
-        return response
-
-    @app.middleware("http")
     async def guard(request: Request, call_next):
         if config.loopback_only and _host_name(request.headers.get("host", "")) not in LOOPBACK_NAMES:
             return error_body(403, "this server answers only requests addressed to a loopback name", "host_not_allowed")
@@ -90,6 +82,14 @@ def create_app(pool: ModelPool, config: ServerConfig) -> FastAPI:
             if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
                 return error_body(401, "missing or wrong API key (Authorization: Bearer KEY)", "invalid_api_key")
         return await call_next(request)
+
+    @app.middleware("http")
+    async def log(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        print(f"{request.method} {request.url.path} {response.status_code} {(time.perf_counter() - start) * 1000:.0f}ms",
+              file=sys.stderr, flush=True)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -279,7 +279,8 @@ async def _respond(request: Request, served: Served, gen: GenerationRequest, str
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
-        return {"id": ident, "object": obj, "created": created, "model": served.name, "choices": [choice], "usage": usage(last)}
+        return {"id": ident, "object": obj, "created": created, "model": served.name, "choices": [choice],
+                "usage": usage(last), "timings": last.timings.as_dict()}
 
     include_usage = bool(stream_options and stream_options.include_usage)
     chunks = _chunks(gen, served)

@@ -48,14 +48,25 @@ class Served:
 
 
 class ModelPool:
-    def __init__(self, settings: Settings, model: str | None, parallel: int, keep_alive: float, hardware: Hardware) -> None:
+    def __init__(
+        self, settings: Settings, model: str | None, parallel: int, keep_alive: float, hardware: Hardware,
+        max_queue: int = 64,
+    ) -> None:
         self.settings = settings
+        self.max_queue = max_queue
         self.fixed = resolve(model, settings) if model else None  # validates the file at start-up
         self.parallel = parallel
         self.keep_alive = keep_alive
         self.hardware = hardware
         self._loaded: dict[str, Served] = {}
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        if keep_alive >= 0:
+            threading.Thread(target=self._reap, name="edgellm-keep-alive", daemon=True).start()
+
+    def _reap(self) -> None:
+        while not self._stop.wait(min(max(self.keep_alive / 4, 0.5), 10)):
+            self.unload_idle()
 
     def names(self) -> list[str]:
         if self.fixed:
@@ -101,6 +112,7 @@ class ModelPool:
             engine = BatchEngine(
                 native, self.parallel, per_slot, load.n_threads or physical_cores(), n_batch=max(load.n_batch, 512),
                 type_k=plan.type_k, type_v=plan.type_v, flash_attn="on" if plan.flash_attn else "off",
+                max_queue=self.max_queue,
             )
         except BaseException:
             native.close()
@@ -118,8 +130,6 @@ class ModelPool:
                 self._loaded.pop(name).close()
 
     def unload_idle(self) -> None:
-        if self.keep_alive < 0:
-            return
         now = time.monotonic()
         with self._lock:
             for name, served in list(self._loaded.items()):
@@ -127,6 +137,7 @@ class ModelPool:
                     self._loaded.pop(name).close()
 
     def close(self) -> None:
+        self._stop.set()
         with self._lock:
             for served in self._loaded.values():
                 served.close()

@@ -1,0 +1,308 @@
+"""`edgellm serve` as a real process on a free loopback port, driven by the official openai client
+and by raw HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+QUESTION = [{"role": "user", "content": "What is the capital of Germany?"}]
+
+
+def _read_until(sock: socket.socket, needle: bytes, limit: float = 30) -> bytes:
+    sock.settimeout(limit)
+    seen = b""
+    while needle not in seen:
+        piece = sock.recv(4096)
+        if not piece:
+            break
+        seen += piece
+    return seen
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, home: Path, model: Path, *args: str) -> None:
+        self.name = model.stem
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGELLM_")}
+        env.update(EDGELLM_HOME=str(home), PYTHONPATH=str(ROOT))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edgellm", "serve", str(model), "--port", str(self.port), "--ctx", "1024", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(self.base + "/health", timeout=1)
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(self.proc.stderr.read())
+                time.sleep(0.2)
+        raise RuntimeError("server did not start")
+
+    def client(self, **kw):
+        import openai
+
+        return openai.OpenAI(base_url=self.base + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, **kw)
+
+    def raw(self, path: str, body: bytes | dict | None = None, headers: dict | None = None, method: str | None = None):
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        req = urllib.request.Request(self.base + path, data=data, method=method or ("POST" if data is not None else "GET"),
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status, json.loads(resp.read() or b"null"), dict(resp.headers)
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"null"), dict(err.headers)
+
+    def rss(self) -> int:
+        for line in open(f"/proc/{self.proc.pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, smollm2: Path):
+    s = Server(tmp_path_factory.mktemp("home"), smollm2, "--parallel", "4")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2: Path):
+    from edgellm.runtime.engine import load_model
+    from edgellm.runtime.options import LoadOptions
+
+    with load_model(smollm2, LoadOptions(n_ctx=256)) as m:
+        yield m
+
+
+def test_models_and_chat(server: Server, tokenizer, smollm2: Path) -> None:
+    from edgellm.runtime.templates import Message
+
+    client = server.client()
+    assert [m.id for m in client.models.list().data] == [smollm2.stem]
+    reply = client.chat.completions.create(model=smollm2.stem, messages=QUESTION, temperature=0, max_tokens=20)
+    text = reply.choices[0].message.content
+    assert text == "The capital of Germany is Berlin."
+    assert reply.choices[0].finish_reason == "stop"
+    prompt = tokenizer.tokenize(tokenizer.render([Message("user", QUESTION[0]["content"])]))
+    assert reply.usage.prompt_tokens == len(prompt)
+    assert reply.usage.completion_tokens == len(tokenizer.tokenize(text, add_special=False))
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    short = client.chat.completions.create(model=smollm2.stem, messages=QUESTION, temperature=0, max_tokens=3)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+
+
+def test_streamed_text_equals_the_whole_answer(server: Server) -> None:
+    client = server.client()
+    kwargs = dict(model=server.name, messages=[{"role": "user", "content": "Tell me a short story."}], temperature=0.9,
+                  seed=42, max_tokens=40)
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    pieces, usage, finish = [], None, None
+    for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs):
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == whole and whole
+    assert finish in ("stop", "length") and usage.completion_tokens > 0
+
+
+def test_completions_and_logprobs(server: Server) -> None:
+    client = server.client()
+    done = client.completions.create(model=server.name, prompt="The capital of France is", max_tokens=4, temperature=0)
+    assert "Paris" in done.choices[0].text
+    chat = client.chat.completions.create(model=server.name, messages=QUESTION, temperature=0, max_tokens=5, logprobs=True,
+                                          top_logprobs=3)
+    entries = chat.choices[0].logprobs.content
+    assert len(entries) == 5
+    for entry in entries:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+    assert "".join(e.token for e in entries) == chat.choices[0].message.content
+
+
+def test_embeddings(server: Server) -> None:
+    import math
+
+    client = server.client()
+    result = client.embeddings.create(model=server.name, input=["The cat sat on the mat.", "The cat sat on the mat.", "Stocks fell."])
+    vectors = [d.embedding for d in result.data]
+    assert [len(v) for v in vectors] == [576] * 3
+    assert all(abs(math.sqrt(sum(x * x for x in v)) - 1) < 1e-3 for v in vectors)
+    assert vectors[0] == pytest.approx(vectors[1], abs=1e-5)
+    assert vectors[0] != pytest.approx(vectors[2], abs=1e-3)
+    assert result.usage.prompt_tokens > 6
+
+
+def test_json_schema_is_enforced(server: Server) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+        "required": ["city", "population"],
+        "additionalProperties": False,
+    }
+    reply = server.client().chat.completions.create(
+        model=server.name, temperature=0, max_tokens=60,
+        messages=[{"role": "user", "content": "Give the largest city of Germany and its population as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
+    )
+    data = json.loads(reply.choices[0].message.content)
+    assert set(data) == {"city", "population"}
+    assert isinstance(data["city"], str) and isinstance(data["population"], int)
+
+
+def test_concurrent_streams_match_their_lone_answers(server: Server) -> None:
+    client = server.client()
+    questions = ["What is the capital of Germany?", "What is 2+2?", "Say hello.", "Name a color."]
+
+    def ask(q: str) -> str:
+        stream = client.chat.completions.create(model=server.name, messages=[{"role": "user", "content": q}], temperature=0,
+                                                max_tokens=24, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    alone = [ask(q) for q in questions]
+    together: list[str | None] = [None] * 4
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(questions[i]))) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone
+    assert "Berlin" in alone[0]
+
+
+def test_second_turn_reuses_the_prompt_cache(server: Server) -> None:
+    first = [{"role": "user", "content": "Remember the word banana."}]
+    status, body, _ = server.raw("/v1/chat/completions", {"messages": first, "temperature": 0, "max_tokens": 16})
+    assert status == 200
+    history = first + [body["choices"][0]["message"], {"role": "user", "content": "What word did I ask you to remember?"}]
+    status, body, _ = server.raw("/v1/chat/completions", {"messages": history, "temperature": 0, "max_tokens": 16})
+    assert status == 200
+    assert body["timings"]["cached_tokens"] > 30
+    assert "banana" in body["choices"][0]["message"]["content"].lower()
+
+
+BAD = [
+    (b"{not json", {}, 400, "invalid_request"),
+    ({"messages": QUESTION, "temperature": "hot"}, {}, 400, "temperature"),
+    ({"messages": []}, {}, 400, "messages"),
+    ({"messages": QUESTION, "model": "nosuch"}, {}, 404, "model_not_found"),
+    ({"messages": QUESTION, "max_tokens": 5000}, {}, 400, "exceeds the 1024-token context"),
+    ({"messages": QUESTION, "max_tokens": -1}, {}, 400, "max_tokens"),
+    ({"messages": QUESTION, "n": 2}, {}, 400, "n:"),
+    ({"messages": QUESTION, "top_k": -1}, {}, 400, "top_k"),
+    ({"messages": QUESTION, "logit_bias": {"1": 5}}, {}, 400, "logit_bias"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, {}, 400, "role"),
+    ({"messages": QUESTION}, {"Host": "evil.example:8080"}, 403, "host_not_allowed"),
+]
+
+
+@pytest.mark.parametrize(("body", "headers", "status", "needle"), BAD)
+def test_bad_requests_get_openai_errors(server: Server, body, headers: dict, status: int, needle: str) -> None:
+    got, data, _ = server.raw("/v1/chat/completions", body, headers)
+    assert got == status
+    assert set(data["error"]) >= {"message", "type", "code"}
+    assert needle in json.dumps(data["error"])
+    assert "Traceback" not in json.dumps(data)
+    assert server.raw("/health")[0] == 200  # still serving
+
+
+def test_oversized_body_is_refused_before_it_is_read(server: Server) -> None:
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 5242880\r\n\r\n" + b"{" * 1000)
+        reply = _read_until(sock, b"}}").decode()
+    assert reply.startswith("HTTP/1.1 413")
+    assert '"code":"body_too_large"' in reply
+
+
+def test_token_ids_outside_the_vocabulary(server: Server) -> None:
+    status, data, _ = server.raw("/v1/completions", {"prompt": [1, 2, 99999999], "max_tokens": 2})
+    assert status == 400 and "outside the vocabulary of 49152" in data["error"]["message"]
+
+
+def test_client_killed_mid_stream_frees_its_slot(server: Server) -> None:
+    body = json.dumps({"messages": [{"role": "user", "content": "Write a long story."}], "stream": True,
+                       "max_tokens": 900, "temperature": 1}).encode()
+    for _ in range(5):  # more than the 4 slots: a leaked slot would block the last request below
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        assert b"data:" in _read_until(sock, b"data:")
+        sock.close()
+    start = time.monotonic()
+    reply = server.client().chat.completions.create(model=server.name, messages=QUESTION, temperature=0, max_tokens=20)
+    assert reply.choices[0].message.content == "The capital of Germany is Berlin."
+    assert time.monotonic() - start < 20
+
+
+def test_auth_and_busy(tmp_path: Path, smollm2: Path) -> None:
+    s = Server(tmp_path / "home", smollm2, "--api-key", "sekret", "--parallel", "1", "--max-queue", "1")
+    try:
+        assert s.raw("/health")[0] == 200
+        assert s.raw("/v1/models")[0] == 401
+        assert s.raw("/v1/models", headers={"Authorization": "Bearer wrong"})[0] == 401
+        assert s.raw("/v1/models", headers={"Authorization": "Bearer sekret"})[0] == 200
+        reply = s.client(api_key="sekret").chat.completions.create(model=s.name, messages=QUESTION, temperature=0, max_tokens=8)
+        assert "Berlin" in reply.choices[0].message.content
+        long = {"messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 100, "temperature": 1,
+                "seed": 1}
+        results: list[int] = []
+        threads = [threading.Thread(target=lambda: results.append(
+            s.raw("/v1/chat/completions", long, {"Authorization": "Bearer sekret"})[0])) for _ in range(4)]
+        for t in threads:
+            t.start()
+            time.sleep(0.2)
+        for t in threads:
+            t.join()
+        assert 503 in results and 200 in results
+    finally:
+        s.stop()
+
+
+@pytest.mark.slow
+def test_bounded_load_run(server: Server) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = server.client()
+    client.chat.completions.create(model=server.name, messages=QUESTION, max_tokens=8)  # warm
+    before = server.rss()
+
+    def one(i: int) -> str:
+        r = client.chat.completions.create(model=server.name, messages=[{"role": "user", "content": f"Count to {i % 10}."}],
+                                           max_tokens=8, temperature=0.5, seed=i)
+        return r.choices[0].finish_reason
+
+    with ThreadPoolExecutor(8) as pool:
+        reasons = list(pool.map(one, range(200)))
+    assert len(reasons) == 200 and set(reasons) <= {"stop", "length"}
+    after = server.rss()
+    assert after < before * 1.05, (before, after)
