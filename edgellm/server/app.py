@@ -116,7 +116,7 @@ def create_app(pool: ModelPool, config: ServerConfig) -> FastAPI:
         return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "edgellm"} for n in names]}
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest, request: Request):
+    async def chat(body: ChatCompletionRequest):
         served = await asyncio.to_thread(pool.get, body.model)
         messages = [Message("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
         prompt_text = served.template.render(messages, True, served.bos_text, served.eos_text)
@@ -126,10 +126,10 @@ def create_app(pool: ModelPool, config: ServerConfig) -> FastAPI:
         top = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens or body.max_tokens
         gen = _generation(served, body, prompt, max_tokens, config.defaults, grammar, top)
-        return await _respond(request, served, gen, body.stream, "chat", body.stream_options)
+        return await _respond(served, gen, body.stream, "chat", body.stream_options)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(body: CompletionRequest):
         served = await asyncio.to_thread(pool.get, body.model)
         if isinstance(body.prompt, str):
             prompt = served.native.tokenize(body.prompt, add_special=True)
@@ -144,7 +144,7 @@ def create_app(pool: ModelPool, config: ServerConfig) -> FastAPI:
         else:
             raise UsageError("only one prompt per request is supported")
         gen = _generation(served, body, prompt, body.max_tokens, config.defaults, None, body.logprobs)
-        return await _respond(request, served, gen, body.stream, "text", body.stream_options)
+        return await _respond(served, gen, body.stream, "text", body.stream_options)
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest) -> dict:
@@ -204,6 +204,7 @@ def _generation(served: Served, body, prompt: list[int], max_tokens: int | None,
         repeat_penalty=body.repeat_penalty or defaults.repeat_penalty,
         max_tokens=max_tokens or -1,
         stop=body.stops(),
+        ignore_eos=body.ignore_eos,
     )
     return GenerationRequest(
         prompt=prompt,
@@ -244,7 +245,7 @@ def _logprob_entry(kind: str, lp) -> Any:
     return lp
 
 
-async def _respond(request: Request, served: Served, gen: GenerationRequest, stream: bool, kind: str, stream_options):
+async def _respond(served: Served, gen: GenerationRequest, stream: bool, kind: str, stream_options):
     created = int(time.time())
     ident = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
     obj = "chat.completion" if kind == "chat" else "text_completion"
@@ -304,10 +305,8 @@ async def _respond(request: Request, served: Served, gen: GenerationRequest, str
             return c
 
         chunk, role = first, True
-        try:
+        try:  # a client that goes away cancels this generator; closing `chunks` frees its slot
             while True:
-                if await request.is_disconnected():
-                    return
                 yield event(choice_for(chunk, role))
                 role = False
                 if chunk.finish_reason:

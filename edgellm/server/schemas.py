@@ -58,6 +58,7 @@ class _Sampling(_Body):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: StrictInt = Field(1, ge=1, le=1)
+    ignore_eos: StrictBool = False  # llama-server's extension: always generate max_tokens (benchmarks)
     logit_bias: dict[str, float] | None = None
 
     def stops(self) -> tuple[str, ...]:

@@ -1,0 +1,146 @@
+"""Aggregate generation speed of `edgellm serve` with 1, 2, 4, 8 concurrent streams, against
+llama.cpp's `llama-server --parallel N` and llama-cpp-python's own server, same model, threads and
+lengths, in one run; and the time to first token of a conversation's second turn with and without
+the prompt cache.
+
+usage: python bench/serve_throughput.py [MODEL.gguf] [-n 128] [--streams 1,2,4,8] [-t THREADS]
+       (llama-cpp-python's server needs: pip install sse-starlette starlette-context pydantic-settings)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+from _reference import reference_bin
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_up(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(proc.stderr.read().decode()[-2000:])
+            time.sleep(0.3)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def stream_once(base: str, body: dict) -> tuple[int, float, float]:
+    """(completion tokens, seconds to first token, total seconds) of one streamed chat request."""
+    req = urllib.request.Request(base + "/v1/chat/completions", data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        for line in resp:
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            for choice in data.get("choices", []):
+                if (choice.get("delta") or {}).get("content"):
+                    first = first or time.perf_counter()
+                    tokens += 1
+    return tokens, (first or time.perf_counter()) - start, time.perf_counter() - start
+
+
+def aggregate(base: str, streams: int, n: int) -> float:
+    body = {"messages": [{"role": "user", "content": "Write a long story about a lighthouse."}],
+            "max_tokens": n, "temperature": 0.8, "ignore_eos": True}
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda: results.append(stream_once(base, body)[0])) for _ in range(streams)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(results) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    from edgellm.models.bundled import bundled_gguf
+    from edgellm.runtime.engine import physical_cores
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", nargs="?", default=None)
+    ap.add_argument("-n", type=int, default=128)
+    ap.add_argument("--streams", default="1,2,4,8")
+    ap.add_argument("-t", "--threads", type=int, default=physical_cores())
+    args = ap.parse_args()
+    model = args.model or str(bundled_gguf())
+    counts = [int(x) for x in args.streams.split(",")]
+    ctx = 1024
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+
+    def servers(n: int):
+        port = free_port()
+        yield "edgellm", port, [sys.executable, "-m", "edgellm", "serve", model, "--port", str(port), "--parallel", str(n),
+                                "--ctx", str(ctx), "-t", str(args.threads), "--flash-attn", "on"]
+        port = free_port()
+        yield "llama-server", port, [str(reference_bin() / "llama-server"), "-m", model, "--port", str(port), "-np", str(n),
+                                     "-c", str(ctx * n), "-t", str(args.threads), "-fa", "on"]
+        port = free_port()
+        yield "llama_cpp.server", port, [sys.executable, "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1", "--port", str(port),
+                                         "--n_ctx", str(ctx), "--n_threads", str(args.threads), "--flash_attn", "true"]
+
+    table: dict[str, dict[int, float]] = {}
+    for n in counts:
+        for name, port, cmd in servers(n):
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+            try:
+                wait_up(f"http://127.0.0.1:{port}/health" if name != "llama_cpp.server" else f"http://127.0.0.1:{port}/v1/models", proc)
+                base = f"http://127.0.0.1:{port}"
+                aggregate(base, 1, 8)  # warm-up
+                table.setdefault(name, {})[n] = aggregate(base, n, args.n)
+            except RuntimeError as exc:
+                print(f"{name}: skipped ({str(exc).strip().splitlines()[-1][:120]})", file=sys.stderr)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+    print(f"aggregate generated tokens/s, {args.n} tokens per stream, {args.threads} threads, model {os.path.basename(model)}")
+    print(f"{'streams':>8} " + " ".join(f"{name:>17}" for name in table) + f" {'edgellm/llama-server':>21}")
+    for n in counts:
+        row = " ".join(f"{table[name].get(n, float('nan')):17.1f}" for name in table)
+        ratio = table.get("edgellm", {}).get(n, 0) / table.get("llama-server", {}).get(n, float("nan"))
+        print(f"{n:>8} {row} {ratio:21.3f}")
+
+    # time to first token of a second turn, with the first turn in the prompt cache and without
+    system = "You are a careful assistant. " * 120
+    turn1 = [{"role": "system", "content": system}, {"role": "user", "content": "Remember the word banana."}]
+    turn2 = turn1 + [{"role": "assistant", "content": "I will remember it."}, {"role": "user", "content": "Which word?"}]
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "edgellm", "serve", model, "--port", str(port), "--parallel", "1",
+                             "--ctx", "2048", "-t", str(args.threads)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_up(base + "/health", proc)
+        stream_once(base, {"messages": [{"role": "user", "content": "warm up"}], "max_tokens": 2})
+        cold = stream_once(base, {"messages": turn2, "max_tokens": 4, "temperature": 0})[1]
+        stream_once(base, {"messages": [{"role": "user", "content": "something else entirely"}], "max_tokens": 2})
+        stream_once(base, {"messages": turn1, "max_tokens": 4, "temperature": 0})
+        warm = stream_once(base, {"messages": turn2, "max_tokens": 4, "temperature": 0})[1]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    print(f"second turn, time to first token: {cold * 1000:.0f} ms without the prompt cache, "
+          f"{warm * 1000:.0f} ms with it ({cold / warm:.1f}x faster)")
+
+
+if __name__ == "__main__":
+    main()
