@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -28,16 +29,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_up(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+def start(cmd: list[str], url: str, env: dict, timeout: float = 120) -> subprocess.Popen:
+    """Start a server with its log in a file (a full pipe would stall a chatty one) and wait for it."""
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             urllib.request.urlopen(url, timeout=1)
-            return
+            return proc
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(proc.stderr.read().decode()[-2000:])
+                log.seek(0)
+                raise RuntimeError(log.read().decode(errors="replace")[-2000:] or "exited")
             time.sleep(0.3)
+    proc.terminate()
     raise RuntimeError(f"{url} did not come up")
 
 
@@ -102,14 +108,15 @@ def main() -> None:
     table: dict[str, dict[int, float]] = {}
     for n in counts:
         for name, port, cmd in servers(n):
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+            base = f"http://127.0.0.1:{port}"
             try:
-                wait_up(f"http://127.0.0.1:{port}/health" if name != "llama_cpp.server" else f"http://127.0.0.1:{port}/v1/models", proc)
-                base = f"http://127.0.0.1:{port}"
+                proc = start(cmd, base + ("/v1/models" if name == "llama_cpp.server" else "/health"), env)
+            except RuntimeError as exc:
+                print(f"{name}: skipped ({str(exc).strip().splitlines()[-1][:160]})", file=sys.stderr)
+                continue
+            try:
                 aggregate(base, 1, 8)  # warm-up
                 table.setdefault(name, {})[n] = aggregate(base, n, args.n)
-            except RuntimeError as exc:
-                print(f"{name}: skipped ({str(exc).strip().splitlines()[-1][:120]})", file=sys.stderr)
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
@@ -125,11 +132,10 @@ def main() -> None:
     turn1 = [{"role": "system", "content": system}, {"role": "user", "content": "Remember the word banana."}]
     turn2 = turn1 + [{"role": "assistant", "content": "I will remember it."}, {"role": "user", "content": "Which word?"}]
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "edgellm", "serve", model, "--port", str(port), "--parallel", "1",
-                             "--ctx", "2048", "-t", str(args.threads)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    base = f"http://127.0.0.1:{port}"
+    proc = start([sys.executable, "-m", "edgellm", "serve", model, "--port", str(port), "--parallel", "1",
+                  "--ctx", "2048", "-t", str(args.threads)], base + "/health", env)
     try:
-        base = f"http://127.0.0.1:{port}"
-        wait_up(base + "/health", proc)
         stream_once(base, {"messages": [{"role": "user", "content": "warm up"}], "max_tokens": 2})
         cold = stream_once(base, {"messages": turn2, "max_tokens": 4, "temperature": 0})[1]
         stream_once(base, {"messages": [{"role": "user", "content": "something else entirely"}], "max_tokens": 2})
