@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edgellm.cli import bench, chat, plan, quantize, serve, store
+    from edgellm.cli import bench, chat, plan, pull, quantize, serve, store
 
     parser = _Parser(
         prog="edgellm",
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chat.register(sub)
     store.register(sub)
+    pull.register(sub)
     quantize.register(sub)
     plan.register(sub)
     serve.register(sub)

@@ -309,8 +309,12 @@ class _Cursor:
         return ArrayValue(item_type, count, values)
 
 
-def read_header(path: str | Path) -> GGUFHeader:
-    """Parse and validate a GGUF file's header; raise InvalidGGUFError naming the first problem."""
+def read_header(path: str | Path, full_size: int | None = None) -> GGUFHeader:
+    """Parse and validate a GGUF file's header; raise InvalidGGUFError naming the first problem.
+
+    ``full_size`` is for a file that holds only the start of a GGUF (a remote header fetched with a
+    range request): the header must lie within the bytes present, the tensors within ``full_size``.
+    """
     path = Path(path)
     try:
         with open(path, "rb") as fh:
@@ -324,7 +328,7 @@ def read_header(path: str | Path) -> GGUFHeader:
                     hint="the file is incomplete; download or convert it again",
                 )
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                return _parse(buf, size, path)
+                return _parse(buf, size, path, full_size or size)
     except FileNotFoundError:
         raise InvalidGGUFError(f"no such file: {path}") from None
     except IsADirectoryError:
@@ -347,7 +351,7 @@ def _not_gguf(path: Path, head: bytes) -> InvalidGGUFError:
     )
 
 
-def _parse(buf: mmap.mmap, size: int, path: Path) -> GGUFHeader:
+def _parse(buf: mmap.mmap, size: int, path: Path, full_size: int) -> GGUFHeader:
     cur = _Cursor(buf, size, path)
     magic = bytes(buf[:4])
     if magic != GGUF_MAGIC:
@@ -360,9 +364,9 @@ def _parse(buf: mmap.mmap, size: int, path: Path) -> GGUFHeader:
     n_kv = cur.scalar("Q", "metadata key count")
     # the smallest key/value pair: 8-byte key length, a 1-byte key, 4-byte type, a 1-byte value;
     # the smallest tensor info: 8 + 1 name bytes, 4-byte n_dims, one 8-byte dim, type, offset
-    if n_kv > MAX_KV or n_kv * 14 > size - cur.pos:
+    if n_kv > MAX_KV or n_kv * 14 > full_size - cur.pos:
         raise cur.fail(f"header claims {n_kv} metadata keys, more than the file could hold")
-    if n_tensors > MAX_TENSORS or n_tensors * 33 > size - cur.pos:
+    if n_tensors > MAX_TENSORS or n_tensors * 33 > full_size - cur.pos:
         raise cur.fail(f"header claims {n_tensors} tensors, more than the file could hold")
 
     metadata: dict[str, Any] = {}
@@ -416,6 +420,7 @@ def _parse(buf: mmap.mmap, size: int, path: Path) -> GGUFHeader:
         offset = cur.scalar("Q", f"offset of tensor {name!r}")
         infos.append((name, shape, ggml_type, type_name, offset, nbytes))
 
+    size = full_size  # from here on only the tensors' place in the whole file is checked
     data_offset = _align(cur.pos, alignment)
     if data_offset > size:
         raise cur.fail(

@@ -1,0 +1,215 @@
+"""Pull GGUF models from the Hugging Face Hub into the store (``edgellm pull REPO[:QUANT]``).
+
+Downloads go through huggingface_hub, so its cache is reused, ``HF_ENDPOINT``/``HF_TOKEN`` are
+honoured and an interrupted download resumes; every file is checked against the Hub's size and
+sha256 and validated as a GGUF before it becomes a store model. A repo's file listing is untrusted:
+names that could escape the store are refused. ``--plan`` reads only the remote header (HTTP range
+requests) and asks the planner whether the model fits before anything is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgellm.errors import EdgeLLMError, ModelNotFoundError, UsageError
+from edgellm.models.header import GGUFHeader, read_header
+from edgellm.models.store import ModelEntry, Store, check_name
+from edgellm.quantize import QUANT_TYPES
+
+REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*(/[A-Za-z0-9][A-Za-z0-9._+-]*)*$")
+SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.I)
+DEFAULT_QUANTS = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q4_0", "Q8_0", "Q6_K", "F16", "BF16")
+_QUANT_NAMES = sorted(QUANT_TYPES, key=len, reverse=True)
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    name: str
+    size: int
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class GGUFChoice:
+    quant: str
+    files: tuple[RemoteFile, ...]  # one, or every part of a split model in order
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def parse_ref(ref: str) -> tuple[str, str | None]:
+    repo, _, quant = ref.partition(":")
+    if not REPO_RE.match(repo) or ".." in repo:
+        raise UsageError(f"invalid repo id {repo!r}", hint="use OWNER/NAME, for example bartowski/SmolLM2-135M-Instruct-GGUF")
+    return repo, (quant.upper() or None)
+
+
+def safe_file_name(name: str) -> bool:
+    """A repo file name that stays inside a folder: relative, no ``..``, ordinary characters."""
+    return bool(FILE_RE.match(name)) and ".." not in name.split("/") and not name.startswith("/")
+
+
+def quant_of(filename: str) -> str | None:
+    stem = SPLIT_RE.sub(".gguf", Path(filename).name).upper()
+    for name in _QUANT_NAMES:
+        if re.search(rf"(^|[^A-Z0-9]){re.escape(name)}([^A-Z0-9_]|$)", stem):
+            return name
+    return None
+
+
+def _hub_errors(repo: str, store: Store):
+    """Translate huggingface_hub's exceptions into one clear line each."""
+    from huggingface_hub import errors as hf
+
+    class Translate:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, kind, exc, tb) -> bool:
+            if exc is None or isinstance(exc, EdgeLLMError):
+                return False
+            if isinstance(exc, hf.GatedRepoError):
+                raise EdgeLLMError(f"{repo} is gated: accept its terms on the Hub and give a token",
+                                   hint="export HF_TOKEN=hf_... (a read token from your Hub settings)") from None
+            if isinstance(exc, hf.RepositoryNotFoundError):
+                raise ModelNotFoundError(f"repo {repo} not found on the Hub",
+                                         hint="check the name; private repos need HF_TOKEN") from None
+            if isinstance(exc, (hf.EntryNotFoundError, hf.RevisionNotFoundError)):
+                raise ModelNotFoundError(f"{repo}: {exc}".splitlines()[0]) from None
+            if isinstance(exc, (hf.LocalEntryNotFoundError, OSError)) or "connect" in type(exc).__name__.lower():
+                local = ", ".join(e.name for e in store.list()) or "none"
+                raise EdgeLLMError(f"cannot reach the Hub ({os.environ.get('HF_ENDPOINT', 'huggingface.co')}): offline?",
+                                   hint=f"models available locally: {local}") from None
+            if isinstance(exc, hf.HfHubHTTPError):
+                raise EdgeLLMError(f"the Hub answered: {str(exc).splitlines()[0]}") from None
+            return False
+
+    return Translate()
+
+
+def list_gguf(repo: str, revision: str | None, store: Store) -> tuple[str, dict[str, GGUFChoice], list[str]]:
+    """(commit, quant -> files, refused names) of a repo's GGUF files."""
+    from huggingface_hub import HfApi
+
+    with _hub_errors(repo, store):
+        info = HfApi().model_info(repo, revision=revision, files_metadata=True)
+    refused, groups = [], {}
+    for sib in info.siblings or []:
+        name = sib.rfilename
+        if not name.lower().endswith(".gguf"):
+            continue
+        if not safe_file_name(name):
+            refused.append(name)
+            continue
+        quant = quant_of(name) or Path(name).stem
+        lfs = getattr(sib, "lfs", None)
+        sha = getattr(lfs, "sha256", None) if lfs is not None else None
+        groups.setdefault(quant, []).append(RemoteFile(name, int(sib.size or 0), sha))
+    choices = {q: GGUFChoice(q, tuple(sorted(files, key=lambda f: f.name))) for q, files in groups.items()}
+    return info.sha or "", choices, refused
+
+
+def choose(choices: dict[str, GGUFChoice], quant: str | None, repo: str) -> GGUFChoice:
+    if not choices:
+        raise ModelNotFoundError(f"{repo} has no GGUF files",
+                                 hint="safetensors repos are converted by `edgellm convert`, which is not available yet")
+    if quant:
+        found = choices.get(quant)
+        if found is None:
+            raise ModelNotFoundError(f"{repo} has no {quant} file",
+                                     hint="available: " + ", ".join(f"{q} ({c.size >> 20} MiB)" for q, c in sorted(choices.items())))
+        return found
+    for preferred in DEFAULT_QUANTS:
+        if preferred in choices:
+            return choices[preferred]
+    return choices[sorted(choices)[0]]
+
+
+def _verify(path: Path, remote: RemoteFile) -> None:
+    size = path.stat().st_size
+    if remote.size and size != remote.size:
+        raise EdgeLLMError(f"{remote.name}: downloaded {size} bytes, the Hub says {remote.size}")
+    if remote.sha256:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(8 << 20):
+                digest.update(chunk)
+        if digest.hexdigest() != remote.sha256:
+            raise EdgeLLMError(f"{remote.name}: sha256 does not match the Hub's; the download is damaged")
+
+
+def pull(
+    ref: str, store: Store, name: str | None = None, revision: str | None = None,
+    on_choice: Callable[[GGUFChoice, bool], None] | None = None,
+) -> ModelEntry:
+    """Download REPO[:QUANT] into the store; ``on_choice(choice, was_default)`` hears the pick first."""
+    from filelock import FileLock
+    from huggingface_hub import hf_hub_download
+
+    repo, quant = parse_ref(ref)
+    commit, choices, _refused = list_gguf(repo, revision, store)
+    choice = choose(choices, quant, repo)
+    if on_choice:
+        on_choice(choice, quant is None)
+    model_name = check_name(name or f"{repo.split('/')[1].lower().removesuffix('-gguf')}-{choice.quant.lower()}")
+    store.root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(store.root / f".{model_name}.lock")):
+        if store.exists(model_name):
+            return store.get(model_name)
+        free = shutil.disk_usage(store.root).free
+        if free < choice.size * 1.05:
+            raise EdgeLLMError(f"not enough disk space for {choice.size >> 20} MiB of {repo} ({free >> 20} MiB free)")
+        local = []
+        with _hub_errors(repo, store):
+            for remote in choice.files:
+                path = Path(hf_hub_download(repo, remote.name, revision=commit or revision))
+                _verify(path, remote)
+                local.append(path)
+
+        def place(dest: Path) -> None:  # the first part takes the store's name; the others sit beside it
+            for i, (path, remote) in enumerate(zip(local, choice.files)):
+                target = dest if i == 0 else dest.parent / Path(remote.name).name
+                try:
+                    os.link(path.resolve(), target)
+                except OSError:
+                    shutil.copyfile(path, target)
+
+        return store.create(model_name, Path(choice.files[0].name).name, f"hf:{repo}@{commit}:{choice.quant}", place,
+                            expected_size=choice.size)
+
+
+def remote_header(ref: str, store: Store, revision: str | None = None, probe_bytes: int = 4 << 20) -> tuple[GGUFChoice, GGUFHeader]:
+    """The GGUF header of a remote model, read with range requests (a few MiB, never the weights)."""
+    from huggingface_hub import get_session, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers
+
+    repo, quant = parse_ref(ref)
+    commit, choices, _ = list_gguf(repo, revision, store)
+    choice = choose(choices, quant, repo)
+    first = choice.files[0]
+    url = hf_hub_url(repo, first.name, revision=commit or revision)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(first.name).name
+        wanted = probe_bytes
+        while True:
+            with _hub_errors(repo, store):
+                resp = get_session().get(url, headers={**build_hf_headers(), "Range": f"bytes=0-{wanted - 1}"},
+                                         follow_redirects=True)
+                resp.raise_for_status()
+            path.write_bytes(resp.content)
+            try:
+                return choice, read_header(path, full_size=first.size)
+            except EdgeLLMError as exc:
+                if "truncated GGUF" not in exc.message or wanted >= first.size:
+                    raise
+                wanted *= 4  # the header is longer than we fetched (a big vocabulary): fetch more
