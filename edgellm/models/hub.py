@@ -67,6 +67,11 @@ def quant_of(filename: str) -> str | None:
     return None
 
 
+def _endpoint() -> str | None:
+    """HF_ENDPOINT as it is now (huggingface_hub reads it once, at import)."""
+    return os.environ.get("HF_ENDPOINT") or None
+
+
 def _hub_errors(repo: str, store: Store):
     """Translate huggingface_hub's exceptions into one clear line each."""
     from huggingface_hub import errors as hf
@@ -102,7 +107,7 @@ def list_gguf(repo: str, revision: str | None, store: Store) -> tuple[str, dict[
     from huggingface_hub import HfApi
 
     with _hub_errors(repo, store):
-        info = HfApi().model_info(repo, revision=revision, files_metadata=True)
+        info = HfApi(endpoint=_endpoint()).model_info(repo, revision=revision, files_metadata=True)
     refused, groups = [], {}
     for sib in info.siblings or []:
         name = sib.rfilename
@@ -172,7 +177,7 @@ def pull(
         local = []
         with _hub_errors(repo, store):
             for remote in choice.files:
-                path = Path(hf_hub_download(repo, remote.name, revision=commit or revision))
+                path = Path(hf_hub_download(repo, remote.name, revision=commit or revision, endpoint=_endpoint()))
                 _verify(path, remote)
                 local.append(path)
 
@@ -197,7 +202,7 @@ def remote_header(ref: str, store: Store, revision: str | None = None, probe_byt
     commit, choices, _ = list_gguf(repo, revision, store)
     choice = choose(choices, quant, repo)
     first = choice.files[0]
-    url = hf_hub_url(repo, first.name, revision=commit or revision)
+    url = hf_hub_url(repo, first.name, revision=commit or revision, endpoint=_endpoint())
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(first.name).name
         wanted = probe_bytes

@@ -14,7 +14,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from edgellm.errors import EdgeLLMError, ModelExistsError, ModelNotFoundError, UsageError
@@ -183,6 +183,8 @@ class Store:
                 write(dest)
                 header = read_header(dest)
                 manifest = Manifest.from_header(name, filename, source, sha256_file(dest), header)
+                # a split model's other parts sit beside the first: the model's size is all of them
+                manifest = replace(manifest, size=sum(p.stat().st_size for p in tmp.iterdir()))
                 (tmp / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2) + "\n", "utf-8")
         except OSError as exc:
             if folder.exists():  # another process created the same name meanwhile
