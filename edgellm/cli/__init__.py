@@ -16,6 +16,13 @@ from edgellm import __version__
 from edgellm.errors import EdgeLLMError
 
 
+def _tui(_args: argparse.Namespace) -> int:
+    from edgellm.tui import make_app
+
+    make_app().run()
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line like every other error."""
 
@@ -33,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"edgellm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("tui", help="the terminal app (also: edgellm with no command)").set_defaults(func=_tui)
     chat.register(sub)
     store.register(sub)
     pull.register(sub)
@@ -53,8 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
+        if not sys.stdout.isatty():
+            parser.print_help()  # no terminal to draw the app on: say what the commands are instead
+            return 0
+        args.func = _tui
     try:
         return int(args.func(args) or 0)
     except EdgeLLMError as exc:

@@ -1,0 +1,40 @@
+"""The app: settings and the model store on the app; screens do the rest."""
+
+from __future__ import annotations
+
+from textual.app import App
+
+from edgellm.config import Settings
+from edgellm.errors import EdgeLLMError
+from edgellm.models import store_for
+from edgellm.models.store import Store
+
+
+class EdgeApp(App):
+    CSS_PATH = "app.tcss"
+    TITLE = "edgellm"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self.settings = settings
+        self.store: Store = store_for(settings)
+        self._hardware = None
+
+    @property
+    def hardware(self):
+        """Probed once: the planner's view of this machine (budgets from settings applied)."""
+        if self._hardware is None:
+            from edgellm.plan.hardware import probe
+
+            self._hardware = probe(self.settings.gpu_memory, self.settings.ram)
+        return self._hardware
+
+    def on_mount(self) -> None:
+        from edgellm.tui.screens.library import LibraryScreen
+
+        self.push_screen(LibraryScreen())
+
+    def report(self, exc: BaseException) -> None:
+        """The TUI's rendering of an error: a notification, and the app carries on."""
+        message = str(exc) if isinstance(exc, EdgeLLMError) else f"internal error: {type(exc).__name__}: {exc}"
+        self.notify(message, severity="error", timeout=8)

@@ -1,0 +1,202 @@
+"""Chat with one model: streamed Markdown answers, a stop key, history saved in the store."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+from textual import work
+from textual.app import ComposeResult
+from textual.containers import VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Input, Markdown, Static
+
+from edgellm.runtime.templates import Message
+
+UPDATE_EVERY = 0.05  # seconds between redraws of a streaming answer
+
+
+class Conversations:
+    """Conversations kept in ``$EDGELLM_HOME/conversations.db`` (SQLite)."""
+
+    def __init__(self, path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, check_same_thread=False)
+        self.db.executescript(
+            "CREATE TABLE IF NOT EXISTS conversations (id INTEGER PRIMARY KEY, model TEXT, created REAL);"
+            "CREATE TABLE IF NOT EXISTS messages (conversation INTEGER, position INTEGER, role TEXT, content TEXT,"
+            " PRIMARY KEY (conversation, position));"
+        )
+
+    def new(self, model: str) -> int:
+        with self.db:
+            return self.db.execute("INSERT INTO conversations (model, created) VALUES (?, ?)", (model, time.time())).lastrowid
+
+    def save(self, conversation: int, messages: list[Message]) -> None:
+        with self.db:
+            self.db.execute("DELETE FROM messages WHERE conversation = ?", (conversation,))
+            self.db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?)",
+                                [(conversation, i, m.role, m.content) for i, m in enumerate(messages)])
+
+    def load(self, conversation: int) -> list[Message]:
+        rows = self.db.execute("SELECT role, content FROM messages WHERE conversation = ? ORDER BY position", (conversation,))
+        return [Message(role, content) for role, content in rows]
+
+
+class ChatScreen(Screen):
+    BINDINGS = [
+        ("escape", "stop", "Stop answer"),
+        ("ctrl+n", "new_chat", "New chat"),
+        ("ctrl+y", "copy_last", "Copy answer"),
+        ("ctrl+b", "back", "Library"),
+    ]
+
+    def __init__(self, model_name: str) -> None:
+        super().__init__()
+        self.model_name = model_name
+        self.model = None
+        self.history: list[Message] = []
+        self.stop = threading.Event()
+        self.idle = threading.Event()  # no answer being generated: the model may be closed
+        self.idle.set()
+        self.generating = False
+        self.conversations: Conversations | None = None
+        self.conversation: int | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Static(f"edgellm · chat · {self.model_name}", id="title")
+        yield VerticalScroll(id="transcript")
+        yield Input(placeholder="loading the model…", id="prompt", disabled=True)
+        yield Static("", id="status")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.conversations = Conversations(self.app.settings.home / "conversations.db")
+        self._load()
+
+    @work(thread=True, exclusive=True, group="model")
+    def _load(self) -> None:
+        from edgellm.models import resolve
+        from edgellm.runtime.engine import load_model
+
+        try:
+            resolved = resolve(self.model_name, self.app.settings)
+            model = load_model(resolved.path, self.app.settings.load, None, resolved.header, self.app.hardware)
+        except Exception as exc:
+            self.app.call_from_thread(self._failed, exc)
+            return
+        self.app.call_from_thread(self._loaded, model)
+
+    def _failed(self, exc: BaseException) -> None:
+        self.app.report(exc)
+        self.query_one("#status", Static).update(f"could not load {self.model_name}")
+
+    def _loaded(self, model) -> None:
+        self.model = model
+        load = model.load_options
+        where = "CPU" if not load.n_gpu_layers else f"{load.n_gpu_layers} GPU layers"
+        self._status(f"ready · ctx {load.n_ctx} · kv {load.type_k}/{load.type_v} · {where}")
+        prompt = self.query_one("#prompt", Input)
+        prompt.disabled = False
+        prompt.placeholder = "Message (Enter to send, Esc stops an answer)"
+        prompt.focus()
+
+    def _status(self, text: str) -> None:
+        self.query_one("#status", Static).update(text)
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        text = event.value.strip()
+        if not text or self.model is None or self.generating:
+            return
+        event.input.value = ""
+        transcript = self.query_one("#transcript", VerticalScroll)
+        transcript.mount(Static(text, classes="user"))
+        answer = Markdown("", classes="assistant")
+        transcript.mount(answer)
+        transcript.scroll_end(animate=False)
+        self.history.append(Message("user", text))
+        self.stop.clear()
+        self.idle.clear()
+        self.generating = True
+        self._generate(answer)
+
+    @work(thread=True, exclusive=True, group="generate")
+    def _generate(self, widget: Markdown) -> None:
+        pieces: list[str] = []
+        last_draw = 0.0
+        final = None
+        try:
+            for chunk in self.model.chat(self.history, self.app.settings.sampling, cancel=self.stop.is_set):
+                pieces.append(chunk.text)
+                final = chunk
+                now = time.monotonic()
+                if now - last_draw >= UPDATE_EVERY or chunk.finish_reason:
+                    last_draw = now
+                    self.app.call_from_thread(self._draw, widget, "".join(pieces))
+        except Exception as exc:
+            self.app.call_from_thread(self._answer_failed, exc)
+            return
+        finally:
+            self.idle.set()
+        self.app.call_from_thread(self._answered, "".join(pieces), final)
+
+    def _draw(self, widget: Markdown, text: str) -> None:
+        if not self.is_attached:
+            return
+        widget.update(text)
+        self.query_one("#transcript", VerticalScroll).scroll_end(animate=False)
+
+    def _answer_failed(self, exc: BaseException) -> None:
+        self.generating = False
+        if not self.is_attached:
+            return
+        self.history.pop()
+        self.app.report(exc)
+
+    def _answered(self, text: str, final) -> None:
+        self.generating = False
+        if not self.is_attached:
+            return
+        self.history.append(Message("assistant", text))
+        if self.conversation is None:
+            self.conversation = self.conversations.new(self.model_name)
+        self.conversations.save(self.conversation, self.history)
+        t = final.timings
+        speed = f"{t.tokens_per_second:.1f} tok/s" if t.tokens_per_second else "-"
+        load = self.model.load_options
+        used = t.prompt_tokens + t.generated_tokens
+        note = " · stopped" if final.finish_reason == "cancelled" else ""
+        self._status(f"{t.generated_tokens} tokens · {speed} · context {used}/{load.n_ctx} · "
+                     f"kv {load.type_k}/{load.type_v} · GPU layers {load.n_gpu_layers}{note}")
+
+    def action_stop(self) -> None:
+        if self.generating:
+            self.stop.set()
+        else:
+            self.action_back()
+
+    def action_new_chat(self) -> None:
+        if self.generating:
+            return
+        self.history.clear()
+        self.conversation = None
+        self.query_one("#transcript", VerticalScroll).remove_children()
+        self._status("new chat")
+
+    def action_copy_last(self) -> None:
+        answers = [m.content for m in self.history if m.role == "assistant"]
+        if answers:
+            self.app.copy_to_clipboard(answers[-1])
+            self.app.notify("answer copied")
+
+    def action_back(self) -> None:
+        self.stop.set()
+        self.app.pop_screen()
+
+    def on_unmount(self) -> None:
+        """Leaving mid-answer stops it; the model is freed once its worker has let go of it."""
+        self.stop.set()
+        model = self.model
+        if model is not None:
+            threading.Thread(target=lambda: (self.idle.wait(), model.close()), daemon=True).start()

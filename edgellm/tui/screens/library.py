@@ -1,0 +1,149 @@
+"""The library: the store's models, whether each fits this machine, and what to do with them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual import work
+from textual.app import ComposeResult
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Static
+
+from edgellm.cli.common import human_bytes
+from edgellm.models.header import format_params
+
+
+class LibraryScreen(Screen):
+    BINDINGS = [
+        ("enter", "chat", "Chat"),
+        ("s", "settings", "Settings"),
+        ("i", "import_model", "Import"),
+        ("d", "delete", "Delete"),
+        ("r", "refresh", "Refresh"),
+        ("q", "app.quit", "Quit"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        yield Static("edgellm · library", id="title")
+        yield DataTable(id="models", cursor_type="row", zebra_stripes=True)
+        yield Static("", id="details")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        table = self.query_one(DataTable)
+        table.add_columns("NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "CTX", "FITS")
+        if not self.app.store.list():  # a first start: offer the bundled model, as `edgellm chat` does
+            from edgellm.models.bundled import ensure_bundled
+
+            try:
+                ensure_bundled(self.app.store)
+            except Exception as exc:
+                self.app.report(exc)
+        self.action_refresh()
+
+    def action_refresh(self) -> None:
+        table = self.query_one(DataTable)
+        table.clear()
+        for entry in self.app.store.list():
+            m = entry.manifest
+            table.add_row(m.name, m.architecture, format_params(m.parameters), m.quantization,
+                          human_bytes(m.size), str(m.context_length or "-"), "…", key=m.name)
+        self._fill_fits()
+
+    @work(thread=True, exclusive=True, group="fits")
+    def _fill_fits(self) -> None:
+        """The planner's verdict per model at the current settings (off the UI thread: it probes)."""
+        from edgellm.models.header import read_header
+        from edgellm.plan.fit import fit
+
+        load = self.app.settings.load
+        for entry in self.app.store.list():
+            try:
+                plan = fit(read_header(entry.gguf_path), self.app.hardware, n_ctx=load.n_ctx, type_k=load.type_k,
+                           type_v=load.type_v, n_gpu_layers=load.n_gpu_layers, flash_attn=load.flash_attn)
+                verdict = "yes" if plan.fits else "no"
+            except Exception:
+                verdict = "?"
+            self.app.call_from_thread(self._set_fit, entry.name, verdict)
+
+    def _set_fit(self, name: str, verdict: str) -> None:
+        table = self.query_one(DataTable)
+        if name in table.rows:
+            table.update_cell(name, table.ordered_columns[-1].key, verdict)
+
+    def selected(self) -> str | None:
+        table = self.query_one(DataTable)
+        if not table.row_count:
+            return None
+        return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        name = event.row_key.value if event.row_key else None
+        details = self.query_one("#details", Static)
+        if not name:
+            details.update("")
+            return
+        try:
+            from edgellm.models.header import read_header
+
+            info = read_header(self.app.store.get(name).gguf_path).summary()
+            details.update(
+                f"{info['name'] or name} · {info['layers']} layers · {info['heads']} heads / {info['kv_heads']} KV heads · "
+                f"embedding {info['embedding_length']} · vocab {info['vocab_size']} · "
+                f"template: {'yes' if info['chat_template'] else 'fallback'}"
+            )
+        except Exception as exc:
+            details.update(f"cannot read {name}: {exc}")
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        self.action_chat()
+
+    def action_chat(self) -> None:
+        name = self.selected()
+        if name:
+            from edgellm.tui.screens.chat import ChatScreen
+
+            self.app.push_screen(ChatScreen(name))
+
+    def action_settings(self) -> None:
+        name = self.selected()
+        if name:
+            from edgellm.tui.screens.settings import SettingsScreen
+
+            self.app.push_screen(SettingsScreen(name), lambda _: self.action_refresh())
+
+    def action_delete(self) -> None:
+        name = self.selected()
+        if not name:
+            return
+        from edgellm.tui.screens.dialogs import ConfirmScreen
+
+        def confirmed(yes: bool | None) -> None:
+            if yes:
+                try:
+                    self.app.store.remove(name)
+                    self.app.notify(f"removed {name}")
+                except Exception as exc:
+                    self.app.report(exc)
+                self.action_refresh()
+
+        self.app.push_screen(ConfirmScreen(f"Delete {name} from the store?"), confirmed)
+
+    def action_import_model(self) -> None:
+        from edgellm.tui.screens.dialogs import ImportScreen
+
+        def chosen(path: str | None) -> None:
+            if path:
+                self._import(path)
+
+        self.app.push_screen(ImportScreen(), chosen)
+
+    @work(thread=True, exclusive=True, group="import")
+    def _import(self, path: str) -> None:
+        try:
+            entry = self.app.store.import_gguf(Path(path).expanduser())
+        except Exception as exc:
+            self.app.call_from_thread(self.app.report, exc)
+            return
+        self.app.call_from_thread(self.app.notify, f"imported {entry.name}")
+        self.app.call_from_thread(self.action_refresh)

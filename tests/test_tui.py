@@ -1,0 +1,127 @@
+"""The Textual app driven by Textual's own Pilot, with the real SmolLM2."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from edgellm.config import Settings
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _wait(pilot, condition, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await pilot.pause(0.05)
+
+
+def _app(home: Path):
+    from edgellm.tui import make_app
+
+    return make_app(Settings.resolve())
+
+
+def test_library_chat_stream_and_stop(home: Path) -> None:
+    from textual.widgets import DataTable, Input, Markdown, Static
+
+    from edgellm.tui.screens.chat import ChatScreen
+
+    async def body() -> None:
+        app = _app(home)
+        async with app.run_test(size=(120, 40)) as pilot:
+            table = app.screen.query_one(DataTable)
+            await _wait(pilot, lambda: table.row_count == 1)
+            assert table.get_row_at(0)[:4] == ["smollm2-135m-instruct", "llama", "135M", "Q4_1"]
+            await _wait(pilot, lambda: table.get_row_at(0)[-1] == "yes")  # the planner's verdict
+            await pilot.press("enter")
+            assert isinstance(app.screen, ChatScreen)
+            prompt = app.screen.query_one("#prompt", Input)
+            await _wait(pilot, lambda: not prompt.disabled)
+            app.settings = Settings.resolve({"temperature": 0, "max_tokens": 24})
+            prompt.value = "What is the capital of Germany?"
+            await pilot.press("enter")
+            answers = app.screen.query(Markdown)
+            await _wait(pilot, lambda: not app.screen.generating)
+            assert "Berlin" in answers.last()._markdown
+            status = str(app.screen.query_one("#status", Static).render())
+            assert "tok/s" in status and "context" in status and "kv f16/f16" in status
+            # a long answer, stopped at once with Esc
+            app.settings = Settings.resolve({"temperature": 1, "max_tokens": 2000, "stop": ["NEVER"]})
+            prompt.value = "Write a very long story about a dragon."
+            await pilot.press("enter")
+            await _wait(pilot, lambda: len(app.screen.query(Markdown).last()._markdown) > 20)
+            await pilot.press("escape")
+            await _wait(pilot, lambda: not app.screen.generating, timeout=10)
+            assert "stopped" in str(app.screen.query_one("#status", Static).render())
+            assert len(app.screen.history) == 4
+        db = sqlite3.connect(home / "conversations.db")
+        roles = [r for (r,) in db.execute("SELECT role FROM messages ORDER BY conversation, position")]
+        assert roles == ["user", "assistant", "user", "assistant"]
+
+    run(body())
+
+
+def test_settings_estimate_changes_with_the_kv_type(home: Path) -> None:
+    from textual.widgets import DataTable, Input, Label, Select
+
+    from edgellm.tui.screens.settings import SettingsScreen
+
+    async def body() -> None:
+        app = _app(home)
+        async with app.run_test(size=(120, 50)) as pilot:
+            table = app.screen.query_one(DataTable)
+            await _wait(pilot, lambda: table.row_count == 1)
+            await pilot.press("s")
+            assert isinstance(app.screen, SettingsScreen)
+            estimate = app.screen.query_one("#estimate", Label)
+            await _wait(pilot, lambda: "RAM" in str(estimate.render()))
+            before = str(estimate.render())
+            assert "kv f16/f16" in before
+            app.screen.query_one("#kv_type_v", Select).value = "q4_0"
+            app.screen.query_one("#kv_type_k", Select).value = "q8_0"
+            await _wait(pilot, lambda: "q8_0/q4_0" in str(estimate.render()))
+            assert str(estimate.render()) != before
+            app.screen.query_one("#ctx", Input).value = "100000000"
+            await _wait(pilot, lambda: "will not fit" in str(estimate.render()) or "invalid" in str(estimate.render()))
+
+    run(body())
+
+
+def test_delete_with_confirmation_and_bad_import(home: Path, tmp_path: Path) -> None:
+    from textual.widgets import DataTable, Input
+
+    async def body() -> None:
+        app = _app(home)
+        async with app.run_test(size=(120, 40)) as pilot:
+            table = app.screen.query_one(DataTable)
+            await _wait(pilot, lambda: table.row_count == 1)
+            await pilot.press("d")
+            await pilot.press("n")  # not a binding of the dialog: nothing happens
+            await pilot.click("#no")
+            assert table.row_count == 1
+            await pilot.press("d")
+            await pilot.click("#yes")
+            await _wait(pilot, lambda: table.row_count == 0 or not (home / "models" / "smollm2-135m-instruct").exists())
+            assert not (home / "models" / "smollm2-135m-instruct").exists()
+            # a file that is not a GGUF: a notification, and the app goes on
+            bad = tmp_path / "notes.gguf"
+            bad.write_text("not a model")
+            await pilot.press("i")
+            app.screen.query_one(Input).value = str(bad)
+            await pilot.press("enter")
+            await _wait(pilot, lambda: any("not a GGUF file" in n.message for n in app._notifications))
+            await pilot.press("i")
+            app.screen.query_one(Input).value = str(tmp_path / "missing.gguf")
+            await pilot.press("enter")
+            await _wait(pilot, lambda: any("no such file" in n.message for n in app._notifications))
+            assert app.is_running
+
+    run(body())
