@@ -17,7 +17,6 @@ from tests.ggufcraft import (
     Craft,
     kv_f32_array,
     kv_str,
-    kv_str_array,
     kv_u32,
     s,
     tensor_info,

@@ -6,7 +6,8 @@ import argparse
 import json
 from dataclasses import asdict
 
-from edgellm.cli.common import hardware_for, human_bytes, settings_from_args
+from edgellm.cli.common import hardware_for, settings_from_args
+from edgellm.models.header import human_bytes
 
 
 def register(sub: argparse._SubParsersAction) -> None:

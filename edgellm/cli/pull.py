@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgellm.cli.common import hardware_for, human_bytes
+from edgellm.cli.common import hardware_for
+from edgellm.models.header import human_bytes
 
 
 def register(sub: argparse._SubParsersAction) -> None:

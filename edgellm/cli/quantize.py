@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from edgellm.cli.common import human_bytes
+from edgellm.models.header import human_bytes
 from edgellm.errors import UsageError
 
 
@@ -76,7 +76,8 @@ def _resolve_model(ref: str):
         if (path / "config.json").exists():
             raise UsageError(f"{ref} is a Hugging Face checkpoint folder, which cannot be quantized directly yet", hint=hint)
         raise UsageError(f"{ref} is a folder, not a GGUF file")
-    return Settings.resolve(), resolve(ref, Settings.resolve())
+    settings = Settings.resolve()
+    return settings, resolve(ref, settings)
 
 
 def quantize_one(args: argparse.Namespace, settings, model, type_name: str, quiet: bool = False):

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from edgellm.cli.common import human_bytes
+from edgellm.models.header import human_bytes
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -203,6 +203,14 @@ def format_params(n: int) -> str:
     return str(n)
 
 
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
 def _ggml_types() -> dict[int, tuple[str, int, int]]:
     """ggml type id -> (name, elements per block, bytes per block), from gguf-py's tables."""
     from gguf import GGML_QUANT_SIZES

@@ -48,6 +48,14 @@ class NativeModel:
         return bool(self._lib.llama_vocab_is_eog(self.vocab, token))
 
     @property
+    def bos_text(self) -> str:
+        return self.piece.text(self._lib.llama_vocab_bos(self.vocab))
+
+    @property
+    def eos_text(self) -> str:
+        return self.piece.text(self._lib.llama_vocab_eos(self.vocab))
+
+    @property
     def description(self) -> str:
         buf = ctypes.create_string_buffer(256)
         self._lib.llama_model_desc(self.ptr, buf, len(buf))

@@ -119,8 +119,9 @@ def create_app(pool: ModelPool, config: ServerConfig) -> FastAPI:
     async def chat(body: ChatCompletionRequest):
         served = await asyncio.to_thread(pool.get, body.model)
         messages = [Message("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
-        prompt_text = served.template.render(messages, True, served.bos_text, served.eos_text)
-        wrote_bos = bool(served.bos_text) and prompt_text.startswith(served.bos_text)
+        prompt_text = served.template.render(messages, True, served.native.bos_text, served.native.eos_text)
+        bos = served.native.bos_text
+        wrote_bos = bool(bos) and prompt_text.startswith(bos)
         prompt = served.native.tokenize(prompt_text, add_special=not wrote_bos, parse_special=True)
         grammar = _grammar(body.response_format)
         top = (body.top_logprobs or 0) if body.logprobs else None

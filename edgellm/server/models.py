@@ -34,14 +34,6 @@ class Served:
     created: int
     last_used: float
 
-    @property
-    def bos_text(self) -> str:
-        return self.native.piece.text(self.native._lib.llama_vocab_bos(self.native.vocab))
-
-    @property
-    def eos_text(self) -> str:
-        return self.native.piece.text(self.native._lib.llama_vocab_eos(self.native.vocab))
-
     def close(self) -> None:
         self.engine.close()
         self.native.close()

@@ -9,8 +9,7 @@ from textual.app import ComposeResult
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
-from edgellm.cli.common import human_bytes
-from edgellm.models.header import format_params
+from edgellm.models.header import format_params, human_bytes
 
 
 class LibraryScreen(Screen):
