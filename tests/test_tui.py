@@ -124,3 +124,42 @@ def test_delete_with_confirmation_and_bad_import(home: Path, tmp_path: Path) -> 
             assert app.is_running
 
     run(body())
+
+
+def test_get_a_model_from_the_hub_stand_in(home: Path, tmp_path: Path, smollm2: Path, monkeypatch) -> None:
+    from textual.widgets import DataTable, Input
+
+    from tests.hubstandin import HubStandIn
+
+    hub = HubStandIn()
+    hub.add("test/two-quants-GGUF", {"m-Q4_1.gguf": smollm2, "m-Q8_0.gguf": smollm2})
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+
+    async def body() -> None:
+        app = _app(home)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await _wait(pilot, lambda: app.screen.query_one(DataTable).row_count == 1)
+            await pilot.press("g")
+            source = app.screen.query_one("#source", Input)
+            source.value = "test/no-such-repo"
+            await pilot.press("enter")
+            await _wait(pilot, lambda: any("not found on the Hub" in n.message for n in app._notifications))
+            source.value = "test/two-quants-GGUF"
+            await pilot.press("enter")
+            files = app.screen.query_one("#files", DataTable)
+            await _wait(pilot, lambda: files.row_count == 2)
+            assert [files.get_row_at(i)[0] for i in range(2)] == ["Q4_1", "Q8_0"]
+            files.focus()
+            await pilot.press("enter")  # the first row: Q4_1
+            await _wait(pilot, lambda: any("pulled two-quants-q4_1" in n.message for n in app._notifications))
+            assert app.screen.query_one("#progress").percentage == 1.0
+            await pilot.press("escape")
+            table = app.screen.query_one(DataTable)
+            await _wait(pilot, lambda: table.row_count == 2)
+        assert (home / "models" / "two-quants-q4_1" / "manifest.json").exists()
+
+    try:
+        run(body())
+    finally:
+        hub.close()

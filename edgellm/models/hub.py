@@ -153,11 +153,34 @@ def _verify(path: Path, remote: RemoteFile) -> None:
             raise EdgeLLMError(f"{remote.name}: sha256 does not match the Hub's; the download is damaged")
 
 
+def _reporting_tqdm(progress: Callable[[int], None]):
+    """A tqdm class for huggingface_hub that reports bytes to ``progress`` instead of drawing a bar.
+
+    ``progress`` may raise (a cancelled download): the partial file stays in the Hub cache, so the
+    next pull resumes it, and the store is untouched.
+    """
+    from tqdm.auto import tqdm
+
+    class Reporting(tqdm):
+        def __init__(self, *args, **kwargs) -> None:
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+            self.done = kwargs.get("initial") or 0
+
+        def update(self, n: float | None = 1) -> None:
+            self.done += n or 0
+            progress(int(self.done))
+
+    return Reporting
+
+
 def pull(
     ref: str, store: Store, name: str | None = None, revision: str | None = None,
     on_choice: Callable[[GGUFChoice, bool], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ModelEntry:
-    """Download REPO[:QUANT] into the store; ``on_choice(choice, was_default)`` hears the pick first."""
+    """Download REPO[:QUANT] into the store; ``on_choice(choice, was_default)`` hears the pick first,
+    ``progress(bytes_done, bytes_total)`` follows the download (default: huggingface_hub's bars)."""
     from filelock import FileLock
     from huggingface_hub import hf_hub_download
 
@@ -175,11 +198,18 @@ def pull(
         if free < choice.size * 1.05:
             raise EdgeLLMError(f"not enough disk space for {choice.size >> 20} MiB of {repo} ({free >> 20} MiB free)")
         local = []
+        done_before = 0
         with _hub_errors(repo, store):
             for remote in choice.files:
-                path = Path(hf_hub_download(repo, remote.name, revision=commit or revision, endpoint=_endpoint()))
+                bars = None
+                if progress is not None:
+                    base = done_before
+                    bars = _reporting_tqdm(lambda n, base=base: progress(base + n, choice.size))
+                path = Path(hf_hub_download(repo, remote.name, revision=commit or revision, endpoint=_endpoint(),
+                                            tqdm_class=bars))
                 _verify(path, remote)
                 local.append(path)
+                done_before += remote.size
 
         def place(dest: Path) -> None:  # the first part takes the store's name; the others sit beside it
             for i, (path, remote) in enumerate(zip(local, choice.files)):

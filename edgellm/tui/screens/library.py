@@ -16,6 +16,7 @@ class LibraryScreen(Screen):
     BINDINGS = [
         ("enter", "chat", "Chat"),
         ("s", "settings", "Settings"),
+        ("g", "get_model", "Get a model"),
         ("i", "import_model", "Import"),
         ("d", "delete", "Delete"),
         ("r", "refresh", "Refresh"),
@@ -109,7 +110,7 @@ class LibraryScreen(Screen):
         if name:
             from edgellm.tui.screens.settings import SettingsScreen
 
-            self.app.push_screen(SettingsScreen(name), lambda _: self.action_refresh())
+            self.app.push_screen(SettingsScreen(name))
 
     def action_delete(self) -> None:
         name = self.selected()
@@ -127,6 +128,14 @@ class LibraryScreen(Screen):
                 self.action_refresh()
 
         self.app.push_screen(ConfirmScreen(f"Delete {name} from the store?"), confirmed)
+
+    def action_get_model(self) -> None:
+        from edgellm.tui.screens.get_model import GetModelScreen
+
+        self.app.push_screen(GetModelScreen())
+
+    def on_screen_resume(self) -> None:
+        self.action_refresh()  # back from another screen: the store may have changed
 
     def action_import_model(self) -> None:
         from edgellm.tui.screens.dialogs import ImportScreen
