@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
+from textual import work
 from textual.app import App
 
 from edgellm.config import Settings
 from edgellm.errors import EdgeLLMError
 from edgellm.models import store_for
-from edgellm.models.store import Store
+from edgellm.models.store import ModelEntry, Store
 
 
 class EdgeApp(App):
@@ -38,3 +42,15 @@ class EdgeApp(App):
         """The TUI's rendering of an error: a notification, and the app carries on."""
         message = str(exc) if isinstance(exc, EdgeLLMError) else f"internal error: {type(exc).__name__}: {exc}"
         self.notify(message, severity="error", timeout=8)
+
+    @work(thread=True, group="import")
+    def import_file(self, path: str, on_done: Callable[[ModelEntry], None] | None = None) -> None:
+        """Add a local .gguf to the store off the UI thread (validating and hashing take a while)."""
+        try:
+            entry = self.store.import_gguf(Path(path).expanduser())
+        except Exception as exc:
+            self.call_from_thread(self.report, exc)
+            return
+        self.call_from_thread(self.notify, f"imported {entry.name}")
+        if on_done:
+            self.call_from_thread(on_done, entry)

@@ -43,22 +43,12 @@ class GetModelScreen(Screen):
         if not source or self.busy:
             return
         if Path(source).expanduser().exists() or source.lower().endswith(".gguf"):
-            self._import(source)
+            self.app.import_file(source, lambda entry: self._status(f"imported {entry.name}"))
         else:
             self._list(source)
 
     def _status(self, text: str) -> None:
         self.query_one("#status", Static).update(text)
-
-    @work(thread=True, exclusive=True, group="get")
-    def _import(self, path: str) -> None:
-        try:
-            entry = self.app.store.import_gguf(Path(path).expanduser())
-        except Exception as exc:
-            self.app.call_from_thread(self.app.report, exc)
-            return
-        self.app.call_from_thread(self._status, f"imported {entry.name}")
-        self.app.call_from_thread(self.app.notify, f"imported {entry.name}")
 
     @work(thread=True, exclusive=True, group="get")
     def _list(self, ref: str) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from textual import work
 from textual.app import ComposeResult
 from textual.screen import Screen
@@ -142,16 +140,6 @@ class LibraryScreen(Screen):
 
         def chosen(path: str | None) -> None:
             if path:
-                self._import(path)
+                self.app.import_file(path, lambda _entry: self.action_refresh())
 
         self.app.push_screen(ImportScreen(), chosen)
-
-    @work(thread=True, exclusive=True, group="import")
-    def _import(self, path: str) -> None:
-        try:
-            entry = self.app.store.import_gguf(Path(path).expanduser())
-        except Exception as exc:
-            self.app.call_from_thread(self.app.report, exc)
-            return
-        self.app.call_from_thread(self.app.notify, f"imported {entry.name}")
-        self.app.call_from_thread(self.action_refresh)
