@@ -13,20 +13,16 @@ receives Chunks (the same streaming contract as the single-sequence runtime) or 
 
 from __future__ import annotations
 
-import codecs
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from edgellm.errors import EdgeLLMError
-from edgellm.runtime.chunks import Chunk, Timings, TokenLogprob
+from edgellm.runtime.chunks import Chunk, TokenLogprob
 from edgellm.runtime.native import NativeContext, NativeModel
-from edgellm.runtime.options import SamplingOptions
-from edgellm.runtime.text import StopScanner, common_prefix
-
-DEFAULT_SEED = 0xFFFFFFFF
+from edgellm.runtime.options import DEFAULT_SEED, SamplingOptions
+from edgellm.runtime.text import Answer, common_prefix
 
 
 class QueueFullError(EdgeLLMError):
@@ -55,14 +51,7 @@ class _Slot:
     sampler: int | None = None
     next_token: int | None = None  # sampled, to be evaluated in the next step
     batch_index: int = -1
-    generated: int = 0
-    sampled: int = 0
-    cached: int = 0
-    decoder: codecs.IncrementalDecoder | None = None
-    scanner: StopScanner | None = None
-    started: float = 0.0
-    first: float = 0.0
-    last: float = 0.0
+    answer: Answer | None = None
 
 
 class BatchEngine:
@@ -164,19 +153,24 @@ class BatchEngine:
             request = self._queue.popleft()
             if request.cancelled.is_set():
                 continue
+            try:
+                sampler = self._make_sampler(request)
+            except EdgeLLMError as exc:  # this request's problem (a grammar llama.cpp refused), not the engine's
+                request.emit(exc)
+                continue
             slot = max(free, key=lambda s: common_prefix(s.tokens, request.prompt))
             keep = min(common_prefix(slot.tokens, request.prompt), len(request.prompt) - 1)
             self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1)
             slot.tokens = request.prompt[:keep]
             slot.pending = request.prompt[keep:]
-            slot.cached = keep
             slot.request = request
-            slot.sampler = self._make_sampler(request)
+            slot.sampler = sampler
             slot.next_token = None
-            slot.generated = slot.sampled = 0
-            slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            slot.scanner = StopScanner(request.sampling.stop)
-            slot.started = time.perf_counter()
+            # the answer ends at max_tokens, or when the sequence's share of the context is full
+            room = self.n_ctx - len(request.prompt)
+            max_tokens = request.sampling.max_tokens
+            slot.answer = Answer(self.model.piece, self.model.is_end, request.sampling, len(request.prompt), keep,
+                                 min(max_tokens, room) if max_tokens > 0 else room)
 
     def _make_sampler(self, request: GenerationRequest) -> int:
         lib, s = self._lib, request.sampling
@@ -237,33 +231,19 @@ class BatchEngine:
         status = self._lib.llama_decode(self.ctx.ptr, batch)
         if status != 0:
             raise EdgeLLMError(f"llama_decode failed with status {status} (the KV cache may be full)")
-        now = time.perf_counter()
         for slot in self.slots:
             if slot.request and slot.batch_index >= 0:
-                self._sample(slot, now)
+                self._sample(slot)
 
-    def _sample(self, slot: _Slot, now: float) -> None:
+    def _sample(self, slot: _Slot) -> None:
         request = slot.request
-        lib = self._lib
-        token = lib.llama_sampler_sample(slot.sampler, self.ctx.ptr, slot.batch_index)
-        if slot.sampled == 0:
-            slot.first = now
-        slot.last = now
-        slot.sampled += 1
-        if self.model.is_end(token) and not request.sampling.ignore_eos:
-            self._finish(slot, "stop")
-            return
-        slot.generated += 1
+        token = self._lib.llama_sampler_sample(slot.sampler, self.ctx.ptr, slot.batch_index)
         logprob = self._logprob(slot.batch_index, token, request.logprobs) if request.logprobs is not None else None
-        text, stopped = slot.scanner.feed(slot.decoder.decode(self.model.piece(token)))
-        if text or stopped or logprob:
-            request.emit(Chunk(text, token, logprobs=logprob))
-        if stopped:
-            self._finish(slot, "stop", hit_stop=True)
-        elif request.sampling.max_tokens > 0 and slot.generated >= request.sampling.max_tokens:
-            self._finish(slot, "length")
-        elif len(slot.tokens) + 1 >= self.n_ctx:
-            self._finish(slot, "length")
+        chunk, ended = slot.answer.add(token, logprob)
+        if chunk:
+            request.emit(chunk)
+        if ended:
+            self._finish(slot, ended)
         else:
             slot.next_token = token
 
@@ -283,22 +263,13 @@ class BatchEngine:
             top=tuple((int(t), self.model.piece(int(t)).decode("utf-8", errors="replace"), float(logp[t])) for t in best),
         )
 
-    def _finish(self, slot: _Slot, reason: str, hit_stop: bool = False) -> None:
-        request = slot.request
-        tail = "" if hit_stop else slot.scanner.flush() + slot.decoder.decode(b"", final=True)
-        timings = Timings(
-            prompt_tokens=len(request.prompt),
-            cached_tokens=slot.cached,
-            prompt_ms=((slot.first or time.perf_counter()) - slot.started) * 1000,
-            generated_tokens=slot.generated,
-            decode_steps=max(slot.sampled - 1, 0),
-            generate_ms=(slot.last - slot.first) * 1000 if slot.sampled else 0.0,
-        )
-        request.emit(Chunk(tail, finish_reason=reason, timings=timings))
+    def _finish(self, slot: _Slot, reason: str) -> None:
+        slot.request.emit(slot.answer.finish(reason))
         self._release(slot)
 
     def _release(self, slot: _Slot) -> None:
         slot.request = None
+        slot.answer = None
         slot.pending = []
         slot.next_token = None
         self._free_sampler(slot)

@@ -8,9 +8,7 @@ says "Failed to create llama_context".
 
 from __future__ import annotations
 
-import codecs
 import os
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,16 +17,14 @@ from typing import TYPE_CHECKING
 from edgellm.errors import LoadError, UsageError
 from edgellm.models.header import GGUFHeader, read_header
 from edgellm.runtime import llamalog
-from edgellm.runtime.chunks import Chunk, Timings
-from edgellm.runtime.options import DEFAULT_CTX, KV_TYPES, LoadOptions, SamplingOptions, is_quantized_kv
+from edgellm.runtime.chunks import Chunk
+from edgellm.runtime.options import DEFAULT_CTX, DEFAULT_SEED, KV_TYPES, LoadOptions, SamplingOptions, is_quantized_kv
 from edgellm.runtime.templates import ChatTemplate, Message
-from edgellm.runtime.text import PieceTable, StopScanner, common_prefix
+from edgellm.runtime.text import Answer, PieceTable, common_prefix
 
 if TYPE_CHECKING:
     from edgellm.plan.fit import Plan
     from edgellm.plan.hardware import Hardware
-
-DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: a random seed
 
 
 def physical_cores() -> int:
@@ -133,11 +129,6 @@ class Model:
         # llama.cpp may pad the context it allocates; the binding's token buffer keeps the size asked
         return min(self._llm.n_ctx(), len(self._llm.input_ids))
 
-    @property
-    def cached_tokens(self) -> int:
-        """Tokens of the previous prompt and answer still in the KV cache."""
-        return self._llm.n_tokens
-
     def close(self) -> None:
         self._llm.close()
 
@@ -202,17 +193,12 @@ class Model:
     ) -> Iterator[Chunk]:
         llm = self._llm
         budget = self.n_ctx - len(tokens)
-        limit = budget if sampling.max_tokens < 0 else min(sampling.max_tokens, budget)
-        cached = common_prefix(llm.input_ids[: llm.n_tokens], tokens)
-        cached = min(cached, len(tokens) - 1)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        scanner = StopScanner(sampling.stop)
+        cached = min(common_prefix(llm.input_ids[: llm.n_tokens], tokens), len(tokens) - 1)
+        answer = Answer(
+            self.piece, self.is_end, sampling, len(tokens), cached,
+            budget if sampling.max_tokens < 0 else min(sampling.max_tokens, budget),
+        )
         finish = "length"
-        hit_stop = False
-        generated = 0
-        sampled = 0
-        start = time.perf_counter()
-        first = last = start
         stream = llm.generate(
             tokens,
             top_k=sampling.top_k,
@@ -223,38 +209,18 @@ class Model:
         )
         try:
             for token in stream:
-                last = time.perf_counter()
-                if sampled == 0:
-                    first = last
-                sampled += 1
-                if self.is_end(token) and not sampling.ignore_eos:
-                    finish = "stop"
-                    break
-                generated += 1
-                text, stopped = scanner.feed(decoder.decode(self.piece(token)))
-                if text or stopped:
-                    yield Chunk(text, token)
-                if stopped:
-                    finish, hit_stop = "stop", True
-                    break
-                if generated >= limit:
+                chunk, ended = answer.add(token)
+                if chunk:
+                    yield chunk
+                if ended:
+                    finish = ended
                     break
                 if cancel is not None and cancel():
                     finish = "cancelled"
                     break
         finally:
             stream.close()
-        # text held back as a possible stop string is real text unless a stop string matched
-        tail = "" if hit_stop else scanner.flush() + decoder.decode(b"", final=True)
-        timings = Timings(
-            prompt_tokens=len(tokens),
-            cached_tokens=cached,
-            prompt_ms=(first - start) * 1000,
-            generated_tokens=generated,
-            decode_steps=max(sampled - 1, 0),
-            generate_ms=(last - first) * 1000,
-        )
-        yield Chunk(tail, finish_reason=finish, timings=timings)
+        yield answer.finish(finish)
 
 
 def load_model(

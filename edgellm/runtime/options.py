@@ -25,6 +25,8 @@ KV_TYPES: dict[str, tuple[int, float]] = {
 }
 
 FLASH_ATTN_MODES = ("auto", "on", "off")
+#: llama.cpp's LLAMA_DEFAULT_SEED: draw a random seed
+DEFAULT_SEED = 0xFFFFFFFF
 #: the context used when none is asked for (or the model's trained length, if shorter)
 DEFAULT_CTX = 4096
 

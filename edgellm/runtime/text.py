@@ -1,9 +1,14 @@
-"""Turning sampled tokens into text: byte pieces, whole UTF-8 characters, stop strings."""
+"""Turning sampled tokens into text: byte pieces, whole UTF-8 characters, stop strings, answers."""
 
 from __future__ import annotations
 
+import codecs
 import ctypes
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+
+from edgellm.runtime.chunks import Chunk, Timings, TokenLogprob
+from edgellm.runtime.options import SamplingOptions
 
 
 class PieceTable:
@@ -77,3 +82,63 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
             break
         n += 1
     return n
+
+
+class Answer:
+    """One answer as it streams: sampled tokens become Chunks of whole UTF-8 text, stopping at the
+    end of generation, a stop string or ``limit`` tokens, and ending with a Chunk carrying timings.
+
+    The single-sequence runtime and the batched server both feed their tokens through this, so
+    they stop, hold back text and time answers the same way.
+    """
+
+    def __init__(
+        self,
+        piece: Callable[[int], bytes],
+        is_end: Callable[[int], bool],
+        sampling: SamplingOptions,
+        prompt_tokens: int,
+        cached_tokens: int,
+        limit: int,
+    ) -> None:
+        self._piece = piece
+        self._is_end = is_end
+        self._ignore_eos = sampling.ignore_eos
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._scanner = StopScanner(sampling.stop)
+        self._hit_stop = False
+        self.prompt_tokens = prompt_tokens
+        self.cached_tokens = cached_tokens
+        self.limit = limit
+        self.generated = 0
+        self.sampled = 0
+        self.started = self.first = self.last = time.perf_counter()
+
+    def add(self, token: int, logprobs: TokenLogprob | None = None) -> tuple[Chunk | None, str | None]:
+        """Take a sampled token: (a Chunk to pass on or None, the finish reason if the answer ends)."""
+        self.last = time.perf_counter()
+        if self.sampled == 0:
+            self.first = self.last
+        self.sampled += 1
+        if self._is_end(token) and not self._ignore_eos:
+            return None, "stop"
+        self.generated += 1
+        text, stopped = self._scanner.feed(self._decoder.decode(self._piece(token)))
+        chunk = Chunk(text, token, logprobs=logprobs) if text or stopped or logprobs else None
+        if stopped:
+            self._hit_stop = True
+            return chunk, "stop"
+        return chunk, ("length" if self.generated >= self.limit else None)
+
+    def finish(self, reason: str) -> Chunk:
+        # text held back as a possible stop string is real text unless a stop string matched
+        tail = "" if self._hit_stop else self._scanner.flush() + self._decoder.decode(b"", final=True)
+        timings = Timings(
+            prompt_tokens=self.prompt_tokens,
+            cached_tokens=self.cached_tokens,
+            prompt_ms=(self.first - self.started) * 1000 if self.sampled else 0.0,
+            generated_tokens=self.generated,
+            decode_steps=max(self.sampled - 1, 0),
+            generate_ms=(self.last - self.first) * 1000,
+        )
+        return Chunk(tail, finish_reason=reason, timings=timings)
