@@ -32,7 +32,7 @@ def by_test(rows: list[dict]) -> dict[tuple[str, str], float]:
 
 def main() -> None:
     from edgellm.models.bundled import bundled_gguf
-    from edgellm.runtime.engine import physical_cores
+    from edgellm.plan.hardware import physical_cores
 
     ap = argparse.ArgumentParser()
     ap.add_argument("models", nargs="*")

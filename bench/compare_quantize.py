@@ -27,7 +27,7 @@ def main() -> None:
     from edgellm.models.bundled import bundled_gguf
     from edgellm.models.header import read_header
     from edgellm.quantize import quant_type, quantize
-    from edgellm.runtime.engine import physical_cores
+    from edgellm.plan.hardware import physical_cores
 
     ap = argparse.ArgumentParser()
     ap.add_argument("model", nargs="?")

@@ -30,7 +30,8 @@ def raw_decode(llm, tokens: list[int], n: int) -> float:
 
 def main() -> None:
     from edgellm.models.bundled import bundled_gguf
-    from edgellm.runtime.engine import load_model, physical_cores
+    from edgellm.plan.hardware import physical_cores
+    from edgellm.runtime.engine import load_model
     from edgellm.runtime.options import LoadOptions, SamplingOptions
     from edgellm.runtime.templates import Message
 

@@ -119,7 +119,7 @@ def plan_cases(
     n_ubatch: int = 512,
 ) -> list[BenchCase]:
     """Every combination, checked before anything runs (llama-bench's defaults otherwise)."""
-    from edgellm.runtime.engine import physical_cores
+    from edgellm.plan.hardware import physical_cores
 
     n_prompt = _positive(n_prompt, "prompt length (-p)", allow_zero=True)
     n_gen = _positive(n_gen, "generation length (-n)", allow_zero=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ def evaluate(
 ) -> EvalResult:
     import numpy as np
 
-    from edgellm.runtime.engine import physical_cores
+    from edgellm.plan.hardware import physical_cores
     from edgellm.runtime.native import NativeModel
 
     if n_ctx < 16:
@@ -90,7 +91,7 @@ def evaluate(
                 n_ctx=n_ctx * n_seq, n_batch=max(N_BATCH, n_ctx) if n_seq > 1 else n_ctx,
                 n_ubatch=512, n_threads=threads, n_seq_max=n_seq,
             )
-            with model.context(**ctx_args) as ctx, (base.context(**ctx_args) if base else _Null()) as base_ctx:
+            with model.context(**ctx_args) as ctx, (base.context(**ctx_args) if base else nullcontext()) as base_ctx:
                 for c0 in range(0, n_chunks, n_seq):
                     group = []
                     for c in range(c0, min(c0 + n_seq, n_chunks)):
@@ -133,11 +134,3 @@ def evaluate(
         top1_agreement=agree / count if base_path else None,
         seconds=time.perf_counter() - start_time,
     )
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

@@ -155,7 +155,7 @@ def quantize(
     ``on_tensor(index, total, name)`` follows progress from llama.cpp's per-tensor log lines.
     """
     from edgellm.runtime import llamalog
-    from edgellm.runtime.engine import physical_cores
+    from edgellm.plan.hardware import physical_cores
 
     output = Path(output)
     check_request(header, qtype, output, allow_requantize)

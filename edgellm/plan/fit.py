@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from edgellm.models.header import GGUFHeader
 from edgellm.plan.hardware import Hardware
 from edgellm.plan.memory import CTX_PAD, MemoryEstimate, ModelShape, estimate, pad
-from edgellm.runtime.options import DEFAULT_CTX, is_quantized_kv
+from edgellm.runtime.options import DEFAULT_CTX, uses_flash_attn
 
 MARGIN = 256 << 20  # kept free on each device: drivers, fragmentation, the rest of the system
 KV_LADDER = (("f16", "f16"), ("f16", "q8_0"), ("q8_0", "q8_0"), ("q8_0", "q4_0"), ("q4_0", "q4_0"))
@@ -87,7 +87,7 @@ def fit(
     kw = dict(n_ubatch=n_ubatch, n_seq=n_seq, swa_full=swa_full)
 
     def attempt(ctx: int, k: str, v: str) -> MemoryEstimate | None:
-        fa = flash_attn != "off" or is_quantized_kv(v)
+        fa = uses_flash_attn(flash_attn, v)
         if n_gpu_layers is None or not gpu:  # without a GPU, asked-for layers stay on the CPU anyway
             return _best_layers(shape, ctx, k, v, fa, ram, gpu, **kw)
         return _fixed_layers(shape, ctx, k, v, fa, ram, gpu, n_gpu_layers, **kw)
@@ -102,10 +102,9 @@ def fit(
                     break  # nothing better to gain by compressing the cache further
         return max(found, key=lambda x: x[2].n_gpu_layers) if found else None
 
-    def plan(ctx: int, choice: tuple[str, str, MemoryEstimate], fits: bool = True, reason: str = "") -> Plan:
+    def plan(choice: tuple[str, str, MemoryEstimate]) -> Plan:
         k, v, est = choice
-        fa = flash_attn != "off" or is_quantized_kv(v)
-        return Plan(est.n_ctx, k, v, fa, est.n_gpu_layers, est, fits, ram, gpu, reason)
+        return Plan(est.n_ctx, k, v, uses_flash_attn(flash_attn, v), est.n_gpu_layers, est, True, ram, gpu)
 
     if n_ctx == 0:  # auto: grow the context while the default context's offload holds
         base_ctx = min(DEFAULT_CTX, trained)
@@ -123,12 +122,12 @@ def fit(
                         break
                 else:
                     hi = mid - CTX_PAD
-            return plan(best[0], best[1])
+            return plan(best[1])
         n_ctx = base_ctx
     ctx = n_ctx if n_ctx is not None else min(DEFAULT_CTX, trained)
     choice = best_kv(ctx)
     if choice is not None:
-        return plan(ctx, choice)
+        return plan(choice)
     return _does_not_fit(shape, ctx, ladder[-1], flash_attn, ram, gpu, kw, n_gpu_layers)
 
 
@@ -136,7 +135,7 @@ def _does_not_fit(shape, ctx, kv, flash_attn, ram, gpu, kw, n_gpu_layers) -> Pla
     """Say what is missing, and find the nearest plan that fits: the same context with a smaller
     cache first, then ever smaller contexts."""
     ngl = 0 if n_gpu_layers is None or not gpu else n_gpu_layers
-    fa = flash_attn != "off" or is_quantized_kv(kv[1])
+    fa = uses_flash_attn(flash_attn, kv[1])
     wanted = estimate(shape, ctx, kv[0], kv[1], fa, ngl, **kw)
     nearest = "; even the smallest context does not fit: free memory or use a smaller quantization"
     smaller = pad(ctx)

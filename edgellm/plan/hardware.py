@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2, "mib": 1 << 20,
           "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4, "tib": 1 << 40}
@@ -53,6 +54,24 @@ class Hardware:
     @property
     def gpu_free(self) -> int:
         return sum(g.free for g in self.gpus)
+
+
+def physical_cores() -> int:
+    """Cores llama.cpp should use by default: physical ones, since SMT siblings slow matmuls."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return max(os.cpu_count() or 1, 1)
+    cores = set()
+    for cpu in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(
+                ((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip())
+            )
+        except OSError:
+            return len(cpus)
+    return max(len(cores), 1)
 
 
 def _meminfo() -> tuple[int, int]:
@@ -103,7 +122,6 @@ def probe(gpu_memory: int | None = None, ram: int | None = None) -> Hardware:
     import llama_cpp
 
     from edgellm.runtime.devices import devices
-    from edgellm.runtime.engine import physical_cores
 
     found = devices()
     gpus = [GPU(d.description or d.name, d.backend, d.total, d.free) for d in found if d.kind in ("gpu", "igpu")]

@@ -8,7 +8,6 @@ says "Failed to create llama_context".
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,33 +15,24 @@ from typing import TYPE_CHECKING
 
 from edgellm.errors import LoadError, UsageError
 from edgellm.models.header import GGUFHeader, read_header
+from edgellm.plan.hardware import physical_cores
 from edgellm.runtime import llamalog
 from edgellm.runtime.chunks import Chunk
-from edgellm.runtime.options import DEFAULT_CTX, DEFAULT_SEED, KV_TYPES, LoadOptions, SamplingOptions, is_quantized_kv
+from edgellm.runtime.options import (
+    DEFAULT_CTX,
+    DEFAULT_SEED,
+    KV_TYPES,
+    LoadOptions,
+    SamplingOptions,
+    is_quantized_kv,
+    uses_flash_attn,
+)
 from edgellm.runtime.templates import ChatTemplate, Message
 from edgellm.runtime.text import Answer, PieceTable, common_prefix
 
 if TYPE_CHECKING:
     from edgellm.plan.fit import Plan
     from edgellm.plan.hardware import Hardware
-
-
-def physical_cores() -> int:
-    """Cores llama.cpp should use by default: physical ones, since SMT siblings slow matmuls."""
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-    except AttributeError:
-        return max(os.cpu_count() or 1, 1)
-    cores = set()
-    for cpu in cpus:
-        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
-        try:
-            cores.add(
-                ((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip())
-            )
-        except OSError:
-            return len(cpus)
-    return max(len(cores), 1)
 
 
 @dataclass(frozen=True)
@@ -96,7 +86,7 @@ def resolve_load(header: GGUFHeader, options: LoadOptions, hardware: Hardware | 
         n_batch=min(options.n_batch, n_ctx),
         n_threads=options.n_threads or physical_cores(),
         n_gpu_layers=n_gpu_layers,
-        flash_attn=options.flash_attn != "off" or is_quantized_kv(type_v),
+        flash_attn=uses_flash_attn(options.flash_attn, type_v),
         type_k=type_k,
         type_v=type_v,
         seed=DEFAULT_SEED if options.seed < 0 else options.seed,

@@ -48,6 +48,12 @@ def is_quantized_kv(name: str) -> bool:
     return name not in ("f32", "f16", "bf16", "auto") and kv_type(name) not in ("f32", "f16", "bf16")
 
 
+def uses_flash_attn(mode: str, type_v: str) -> bool:
+    """Whether llama.cpp runs with flash attention: ``auto`` turns it on (every backend we plan for
+    has it), and a quantized V cache cannot work without it."""
+    return mode != "off" or is_quantized_kv(type_v)
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     """How llama.cpp should load a model: everything that shapes memory and speed."""

@@ -97,7 +97,7 @@ class ModelPool:
         if not plan.fits:
             raise LoadError(f"{model.name} {plan.reason}")
         self._make_room(plan)
-        from edgellm.runtime.engine import physical_cores
+        from edgellm.plan.hardware import physical_cores
 
         native = NativeModel(model.path, plan.n_gpu_layers)
         try:
