@@ -80,18 +80,18 @@ def _resolve_model(ref: str):
     return settings, resolve(ref, settings)
 
 
-def quantize_one(args: argparse.Namespace, settings, model, type_name: str, quiet: bool = False):
+def quantize_one(args: argparse.Namespace, settings, model, type_name: str):
     """Quantize MODEL to one type, into -o FILE or the store; return (result, store entry or None)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from edgellm.models import store_for
-    from edgellm.quantize import check_request, estimated_size, quant_type, quantize
+    from edgellm.quantize import estimated_size, quant_type, quantize
 
     qtype = quant_type(type_name)
     header = model.header
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        transient=True, disable=quiet or not sys.stderr.isatty(),
+        transient=True, disable=not sys.stderr.isatty(),
     )
     task = progress.add_task(f"{qtype.name}", total=len(header.tensors))
 
@@ -112,7 +112,6 @@ def quantize_one(args: argparse.Namespace, settings, model, type_name: str, quie
             return quantize(header, qtype, args.output, **options), None
         done = []
         name = args.name or f"{_base_name(model.name.lower())}-{qtype.name.lower()}"
-        check_request(header, qtype, settings.models_dir / name / header.path.name, args.allow_requantize)
         entry = store_for(settings).create(
             name,
             f"{_base_name(header.path.stem)}-{qtype.name}.gguf",
