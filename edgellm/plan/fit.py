@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from edgellm.models.header import GGUFHeader
 from edgellm.plan.hardware import Hardware
 from edgellm.plan.memory import CTX_PAD, MemoryEstimate, ModelShape, estimate, pad
-from edgellm.runtime.options import DEFAULT_CTX, uses_flash_attn
+from edgellm.runtime.options import DEFAULT_CTX, default_context, uses_flash_attn
 
 MARGIN = 256 << 20  # kept free on each device: drivers, fragmentation, the rest of the system
 KV_LADDER = (("f16", "f16"), ("f16", "q8_0"), ("q8_0", "q8_0"), ("q8_0", "q4_0"), ("q4_0", "q4_0"))
@@ -107,7 +107,7 @@ def fit(
         return Plan(est.n_ctx, k, v, uses_flash_attn(flash_attn, v), est.n_gpu_layers, est, True, ram, gpu)
 
     if n_ctx == 0:  # auto: grow the context while the default context's offload holds
-        base_ctx = min(DEFAULT_CTX, trained)
+        base_ctx = default_context(trained)
         base = best_kv(base_ctx)
         if base is not None:
             lo, hi = base_ctx, trained
@@ -124,7 +124,7 @@ def fit(
                     hi = mid - CTX_PAD
             return plan(best[1])
         n_ctx = base_ctx
-    ctx = n_ctx if n_ctx is not None else min(DEFAULT_CTX, trained)
+    ctx = n_ctx if n_ctx is not None else default_context(trained)
     choice = best_kv(ctx)
     if choice is not None:
         return plan(choice)

@@ -19,11 +19,11 @@ from edgellm.plan.hardware import physical_cores
 from edgellm.runtime import llamalog
 from edgellm.runtime.chunks import Chunk
 from edgellm.runtime.options import (
-    DEFAULT_CTX,
     DEFAULT_SEED,
     KV_TYPES,
     LoadOptions,
     SamplingOptions,
+    default_context,
     is_quantized_kv,
     uses_flash_attn,
 )
@@ -53,10 +53,7 @@ class ResolvedLoad:
 def resolve_load(header: GGUFHeader, options: LoadOptions, hardware: Hardware | None = None) -> ResolvedLoad:
     """Decide the automatic choices and refuse impossible ones before llama.cpp is involved."""
     trained = header.context_length or 0
-    if options.n_ctx is None:
-        n_ctx = min(DEFAULT_CTX, trained) if trained else DEFAULT_CTX
-    else:
-        n_ctx = options.n_ctx
+    n_ctx = default_context(trained) if options.n_ctx is None else options.n_ctx
     if trained and n_ctx > trained and not options.allow_long_context:
         raise UsageError(
             f"context {n_ctx} is longer than the {trained} tokens {header.path.name} was trained on",

@@ -48,6 +48,11 @@ def is_quantized_kv(name: str) -> bool:
     return name not in ("f32", "f16", "bf16", "auto") and kv_type(name) not in ("f32", "f16", "bf16")
 
 
+def default_context(trained: int | None) -> int:
+    """The context used when none is asked for: DEFAULT_CTX, or the trained length if shorter."""
+    return min(DEFAULT_CTX, trained) if trained else DEFAULT_CTX
+
+
 def uses_flash_attn(mode: str, type_v: str) -> bool:
     """Whether llama.cpp runs with flash attention: ``auto`` turns it on (every backend we plan for
     has it), and a quantized V cache cannot work without it."""

@@ -16,10 +16,10 @@ from edgellm.errors import LoadError, ModelNotFoundError
 from edgellm.models import resolve, store_for
 from edgellm.models.header import GGUFHeader
 from edgellm.plan.fit import Plan, fit
-from edgellm.plan.hardware import Hardware
+from edgellm.plan.hardware import Hardware, physical_cores
 from edgellm.runtime.batch import BatchEngine
 from edgellm.runtime.native import NativeModel
-from edgellm.runtime.options import DEFAULT_CTX
+from edgellm.runtime.options import default_context
 from edgellm.runtime.templates import ChatTemplate
 
 
@@ -31,7 +31,6 @@ class Served:
     engine: BatchEngine
     template: ChatTemplate
     plan: Plan
-    created: int
     last_used: float
 
     def close(self) -> None:
@@ -88,8 +87,7 @@ class ModelPool:
     def _load(self, key: str) -> Served:
         model = self.fixed or resolve(key, self.settings)
         load = self.settings.load
-        trained = model.header.context_length or DEFAULT_CTX
-        per_slot = load.n_ctx or min(DEFAULT_CTX, trained)
+        per_slot = load.n_ctx or default_context(model.header.context_length)
         plan = fit(
             model.header, self.hardware, n_ctx=per_slot * self.parallel, type_k=load.type_k, type_v=load.type_v,
             n_gpu_layers=load.n_gpu_layers, flash_attn=load.flash_attn, n_seq=self.parallel,
@@ -97,8 +95,6 @@ class ModelPool:
         if not plan.fits:
             raise LoadError(f"{model.name} {plan.reason}")
         self._make_room(plan)
-        from edgellm.plan.hardware import physical_cores
-
         native = NativeModel(model.path, plan.n_gpu_layers)
         try:
             engine = BatchEngine(
@@ -110,7 +106,7 @@ class ModelPool:
             native.close()
             raise
         return Served(model.name, model.header, native, engine, ChatTemplate(model.header.chat_template), plan,
-                      int(time.time()), time.monotonic())
+                      time.monotonic())
 
     def _make_room(self, plan: Plan) -> None:
         used = sum(s.plan.memory.cpu for s in self._loaded.values())
