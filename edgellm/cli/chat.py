@@ -83,13 +83,14 @@ def _stats_line(timings) -> str:
 
 
 def _stream_to(out, chunks) -> tuple[str, object]:
-    """Print chunks as they come; return the full text and the final chunk."""
+    """Print chunks as they come (unless ``out`` is None); return the full text and the final chunk."""
     pieces = []
     last = None
     for chunk in chunks:
         if chunk.text:
-            out.write(chunk.text)
-            out.flush()
+            if out is not None:
+                out.write(chunk.text)
+                out.flush()
             pieces.append(chunk.text)
         last = chunk
     return "".join(pieces), last
@@ -111,14 +112,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             messages = ([Message("system", args.system)] if args.system else []) + [Message("user", prompt)]
             chunks = model.chat(messages, settings.sampling, cancelled)
+        text, last = _stream_to(None if args.json else sys.stdout, chunks)
         if args.json:
-            pieces, last = [], None
-            for chunk in chunks:
-                pieces.append(chunk.text)
-                last = chunk
             result = {
                 "model": name,
-                "response": "".join(pieces),
+                "response": text,
                 "finish_reason": last.finish_reason,
                 "prompt_tokens": last.timings.prompt_tokens,
                 "completion_tokens": last.timings.generated_tokens,
@@ -126,7 +124,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             }
             print(json.dumps(result, ensure_ascii=False, indent=2))
             return 0
-        text, last = _stream_to(sys.stdout, chunks)
         if not text.endswith("\n"):
             sys.stdout.write("\n")
         if args.verbose:
