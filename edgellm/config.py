@@ -117,6 +117,11 @@ class Settings:
         return self.home / "models"
 
     @property
+    def checkpoints_dir(self) -> Path:
+        """Hugging Face checkpoints kept for conversion (``edgellm pull`` of a safetensors repo)."""
+        return self.home / "checkpoints"
+
+    @property
     def config_file(self) -> Path:
         return self.home / "config.toml"
 

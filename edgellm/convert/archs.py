@@ -1,0 +1,300 @@
+"""The architecture table: each family registered once, saying only what differs from Llama.
+
+An architecture turns a HF config into GGUF hyperparameters and HF tensor names into llama.cpp's
+(through ``gguf.TensorNameMap``), and may transform a tensor on its way through (the Q/K row
+order for llama.cpp's rope layout, Gemma's ``1 + weight`` norms) or add tensors llama.cpp wants
+and HF computes on the fly (rope frequency factors). Transforms never change a tensor's shape,
+so the whole file can be laid out before one weight is read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import gguf
+import numpy as np
+
+from edgellm.convert.checkpoint import CheckpointError
+
+T = gguf.MODEL_TENSOR
+
+#: HF ``architectures`` name -> the class that converts it
+ARCHITECTURES: dict[str, type[Architecture]] = {}
+
+
+def register(*hf_names: str) -> Callable[[type[Architecture]], type[Architecture]]:
+    def add(cls: type[Architecture]) -> type[Architecture]:
+        for name in hf_names:
+            ARCHITECTURES[name] = cls
+        return cls
+
+    return add
+
+
+def supported() -> str:
+    return ", ".join(sorted(ARCHITECTURES))
+
+
+@dataclass(frozen=True)
+class Extra:
+    """A tensor llama.cpp needs that the checkpoint does not store; made from the config."""
+
+    name: str
+    make: Callable[[], np.ndarray]
+    shape: tuple[int, ...]
+
+
+class Architecture:
+    """Llama-family defaults: everything a subclass does not override."""
+
+    arch: ClassVar[gguf.MODEL_ARCH] = gguf.MODEL_ARCH.LLAMA
+    #: HF tensors llama.cpp recomputes itself
+    skipped: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
+    #: tensors every block must have, checked before writing anything
+    per_block: ClassVar[tuple[T, ...]] = (
+        T.ATTN_NORM, T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.FFN_NORM, T.FFN_GATE, T.FFN_UP, T.FFN_DOWN,
+    )
+    #: rows of attn_q / attn_k are reordered for llama.cpp's (non-NeoX) rope
+    permute_qk: ClassVar[bool] = True
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        try:
+            self.n_layer = int(self._get("num_hidden_layers", "n_layer", "num_layers"))
+            self.n_embd = int(self._get("hidden_size", "n_embd", "d_model"))
+            self.n_head = int(self._get("num_attention_heads", "n_head"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"config.json lacks a usable {exc}") from None
+        self.n_head_kv = int(config.get("num_key_value_heads") or self.n_head)
+        self.head_dim = int(config.get("head_dim") or self.n_embd // self.n_head)
+        self.names = gguf.get_tensor_name_map(self.arch, self.n_layer)
+
+    def _get(self, *keys: str) -> Any:
+        for key in keys:
+            if self.config.get(key) is not None:
+                return self.config[key]
+        raise KeyError(keys[0])
+
+    @property
+    def rope(self) -> dict[str, Any]:
+        """Rope settings, from transformers 5's ``rope_parameters`` or the older flat keys."""
+        params = self.config.get("rope_parameters") or self.config.get("rope_scaling") or {}
+        params = params.get("full_attention", params)
+        return {"rope_theta": self.config.get("rope_theta", 10000.0), **params}
+
+    def hyperparameters(self, w: gguf.GGUFWriter) -> None:
+        c = self.config
+        w.add_context_length(int(self._get("max_position_embeddings", "n_positions", "max_sequence_length")))
+        w.add_embedding_length(self.n_embd)
+        w.add_block_count(self.n_layer)
+        w.add_feed_forward_length(int(self._get("intermediate_size", "n_inner")))
+        w.add_head_count(self.n_head)
+        w.add_head_count_kv(self.n_head_kv)
+        w.add_key_length(self.head_dim)
+        w.add_value_length(self.head_dim)
+        w.add_rope_dimension_count(self.rope_dims)
+        w.add_layer_norm_rms_eps(float(self._get("rms_norm_eps", "layer_norm_epsilon")))
+        w.add_rope_freq_base(float(self.rope["rope_theta"]))
+        rope_type = self.rope_type()
+        if rope_type == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(self.rope["factor"]))
+        elif rope_type == "yarn":
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(float(self.rope["factor"]))
+            w.add_rope_scaling_orig_ctx_len(int(self.rope["original_max_position_embeddings"]))
+        elif rope_type not in ("default", "llama3"):  # llama3's scaling travels as rope_freqs (extras)
+            raise CheckpointError(f"rope scaling {rope_type!r} is not supported for {type(self).__name__}")
+        if c.get("vocab_size"):
+            w.add_vocab_size(int(c["vocab_size"]))
+
+    @property
+    def rope_dims(self) -> int:
+        return self.head_dim
+
+    def rope_type(self) -> str:
+        return self.rope.get("rope_type") or self.rope.get("type") or "default"
+
+    def gguf_name(self, hf_name: str) -> str | None:
+        """llama.cpp's name for a HF tensor, or None when it is skipped."""
+        if hf_name.endswith(self.skipped):
+            return None
+        name = self.names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise CheckpointError(f"tensor {hf_name!r} has no place in a {self.arch.name.lower()} GGUF")
+        return name
+
+    def transform(self, gguf_name: str, data: np.ndarray) -> np.ndarray:
+        if self.permute_qk and gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
+            return _permute(data, self.n_head)
+        if self.permute_qk and gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
+            return _permute(data, self.n_head_kv)
+        return data
+
+    def extras(self) -> list[Extra]:
+        if self.rope_type() != "llama3":
+            return []
+        n = self.head_dim // 2
+        return [Extra(gguf.TENSOR_NAMES[T.ROPE_FREQS] + ".weight", lambda: _llama3_rope_factors(self.rope, self.head_dim), (n,))]
+
+    def required(self) -> set[str]:
+        out = {gguf.TENSOR_NAMES[T.TOKEN_EMBD] + ".weight", gguf.TENSOR_NAMES[T.OUTPUT_NORM] + ".weight"}
+        for bid in range(self.n_layer):
+            out.update(gguf.TENSOR_NAMES[t].format(bid=bid) + ".weight" for t in self.per_block)
+        return out
+
+    def expected_shape(self, gguf_name: str) -> tuple[int, ...] | None:
+        """The numpy shape the config implies, to catch a tensor that does not fit the model."""
+        q, kv, e = self.n_head * self.head_dim, self.n_head_kv * self.head_dim, self.n_embd
+        ff = self.config.get("intermediate_size")
+        shapes = {
+            "attn_q.weight": (q, e), "attn_k.weight": (kv, e), "attn_v.weight": (kv, e),
+            "attn_output.weight": (e, q), "attn_norm.weight": (e,), "ffn_norm.weight": (e,),
+            "ffn_gate.weight": (ff, e), "ffn_down.weight": (e, ff), "ffn_up.weight": (ff, e),
+        }
+        if gguf_name == "output_norm.weight":
+            return (e,)
+        if gguf_name in ("token_embd.weight", "output.weight"):
+            return (None, e)
+        return shapes.get(gguf_name.split(".", 2)[-1]) if gguf_name.startswith("blk.") else None
+
+
+def _permute(data: np.ndarray, n_head: int) -> np.ndarray:
+    """HF keeps each head's rotary halves apart; llama.cpp wants them interleaved in pairs."""
+    rows = data.shape[0]
+    return (
+        data.reshape(n_head, 2, rows // n_head // 2, *data.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(data.shape)
+    )
+
+
+def _llama3_rope_factors(rope: dict[str, Any], head_dim: int) -> np.ndarray:
+    """Llama 3.1's frequency-dependent rope scaling, as the factors llama.cpp divides by."""
+    base = float(rope["rope_theta"])
+    factor = float(rope.get("factor", 8.0))
+    low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    old_ctx = float(rope.get("original_max_position_embeddings", 8192))
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+@register("LlamaForCausalLM", "MistralForCausalLM")
+class Llama(Architecture):
+    pass
+
+
+@register("Qwen2ForCausalLM")
+class Qwen2(Architecture):
+    arch = gguf.MODEL_ARCH.QWEN2
+    permute_qk = False
+
+
+@register("Qwen3ForCausalLM")
+class Qwen3(Architecture):
+    arch = gguf.MODEL_ARCH.QWEN3
+    permute_qk = False
+    per_block = Architecture.per_block + (T.ATTN_Q_NORM, T.ATTN_K_NORM)
+
+    def expected_shape(self, gguf_name: str) -> tuple[int, ...] | None:
+        if gguf_name.endswith(("attn_q_norm.weight", "attn_k_norm.weight")):
+            return (self.head_dim,)
+        return super().expected_shape(gguf_name)
+
+
+@register("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
+class Gemma3(Qwen3):
+    arch = gguf.MODEL_ARCH.GEMMA3
+    per_block = Qwen3.per_block + (T.ATTN_POST_NORM, T.FFN_POST_NORM)
+
+    def hyperparameters(self, w: gguf.GGUFWriter) -> None:
+        super().hyperparameters(w)
+        if self.config.get("final_logit_softcapping"):
+            w.add_final_logit_softcapping(float(self.config["final_logit_softcapping"]))
+        if self.config.get("sliding_window"):
+            w.add_sliding_window(int(self.config["sliding_window"]))
+
+    def gguf_name(self, hf_name: str) -> str | None:
+        # Gemma3ForConditionalGeneration nests the text model; its vision tower is not ours to convert
+        if hf_name.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                               "model.multi_modal_projector.")):
+            return None
+        return super().gguf_name(hf_name.replace("language_model.model.", "model.")
+                                 .replace("model.language_model.", "model."))
+
+    def transform(self, gguf_name: str, data: np.ndarray) -> np.ndarray:
+        # Gemma's RMSNorm multiplies by (1 + weight); llama.cpp's by weight
+        return data + 1.0 if gguf_name.endswith("norm.weight") else data
+
+
+@register("Phi3ForCausalLM")
+class Phi3(Architecture):
+    arch = gguf.MODEL_ARCH.PHI3
+    permute_qk = False
+    per_block = (T.ATTN_NORM, T.ATTN_QKV, T.ATTN_OUT, T.FFN_NORM, T.FFN_UP, T.FFN_DOWN)
+
+    @property
+    def rope_dims(self) -> int:
+        return int(self.rope.get("partial_rotary_factor", self.config.get("partial_rotary_factor", 1.0))
+                   * self.n_embd) // self.n_head
+
+    def rope_type(self) -> str:
+        kind = super().rope_type()
+        return "default" if kind in ("longrope", "su") else kind  # longrope travels as factor tensors
+
+    def hyperparameters(self, w: gguf.GGUFWriter) -> None:
+        super().hyperparameters(w)
+        orig = self.config.get("original_max_position_embeddings")
+        if orig:
+            w.add_rope_scaling_orig_ctx_len(int(orig))
+            ctx = int(self.config["max_position_embeddings"])
+            if self.extras() and ctx > orig:
+                w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(ctx / orig) / math.log(orig)))
+        if self.config.get("sliding_window"):
+            w.add_sliding_window(int(self.config["sliding_window"]))
+
+    def extras(self) -> list[Extra]:
+        long, short = self.rope.get("long_factor"), self.rope.get("short_factor")
+        if not long or not short:
+            return []
+        n = self.rope_dims // 2
+        if len(long) != n or len(short) != n:
+            raise CheckpointError(f"rope long/short factors must have {n} values each")
+        return [
+            Extra(gguf.TENSOR_NAMES[T.ROPE_FACTORS_LONG] + ".weight", lambda: np.asarray(long, np.float32), (n,)),
+            Extra(gguf.TENSOR_NAMES[T.ROPE_FACTORS_SHORT] + ".weight", lambda: np.asarray(short, np.float32), (n,)),
+        ]
+
+    def expected_shape(self, gguf_name: str) -> tuple[int, ...] | None:
+        q, kv, e = self.n_head * self.head_dim, self.n_head_kv * self.head_dim, self.n_embd
+        ff = self.config.get("intermediate_size")
+        if gguf_name.endswith("attn_qkv.weight"):
+            return (q + 2 * kv, e)
+        if gguf_name.endswith("ffn_up.weight"):
+            return (2 * ff, e)
+        return super().expected_shape(gguf_name)
+
+
+def architecture_for(config: dict[str, Any]) -> Architecture:
+    names = config.get("architectures") or []
+    for name in names:
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name](config)
+    raise CheckpointError(
+        f"architecture {', '.join(names) or '(none named in config.json)'} is not supported",
+        hint=f"edgellm converts: {supported()}",
+    )

@@ -1,0 +1,238 @@
+"""convert(): a Hugging Face checkpoint folder in, one GGUF out, one tensor at a time.
+
+The whole file is laid out (header, metadata, tokenizer, every tensor's name, shape and type)
+before a single weight is read, and every check that can fail does so then: a refusal costs
+nothing and leaves nothing. Weights then stream from the safetensors mmap through the
+architecture's transform (and any LoRA merge) into the writer, so peak memory stays near one
+tensor. The output is written to a temporary file and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from edgellm.convert.archs import Architecture, architecture_for
+from edgellm.convert.checkpoint import Checkpoint, CheckpointError, TensorRef
+from edgellm.convert.vocab import read_vocab
+from edgellm.errors import EdgeLLMError, UsageError
+from edgellm.fsutil import atomic_path
+
+Q = gguf.GGMLQuantizationType
+OUTTYPES: dict[str, Q | None] = {"auto": None, "f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
+FILE_TYPES = {Q.F32: gguf.LlamaFileType.ALL_F32, Q.F16: gguf.LlamaFileType.MOSTLY_F16,
+              Q.BF16: gguf.LlamaFileType.MOSTLY_BF16, Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
+
+#: (tensors done, tensors in all, bytes done, bytes in all, tensor name)
+Progress = Callable[[int, int, int, int, str], None]
+
+
+class ConvertCancelled(EdgeLLMError):
+    code = "cancelled"
+    exit_code = 130
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    path: Path
+    arch: str
+    outtype: str
+    n_tensors: int
+    size: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One tensor of the output: where it comes from, and how it is stored."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: Q
+    source: TensorRef | None  # None: made from the config (Architecture.extras)
+    make: Callable[[], np.ndarray] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(gguf.quant_shape_to_byte_shape(self.shape, self.qtype)))
+
+
+#: a merge applied to one tensor as it streams past (LoRA): (gguf name, float32 data) -> data
+TensorHook = Callable[[str, str, np.ndarray], np.ndarray]
+
+
+def outtype_for(name: str, ckpt: Checkpoint) -> Q:
+    key = name.lower()
+    if key not in OUTTYPES:
+        raise UsageError(f"unknown --outtype {name!r}", hint="choose one of " + ", ".join(OUTTYPES))
+    if OUTTYPES[key] is not None:
+        return OUTTYPES[key]
+    dtypes = {ref.dtype for ref in ckpt.tensors.values() if len(ref.shape) > 1}
+    return Q.BF16 if dtypes == {"BF16"} else Q.F16
+
+
+def _tensor_type(name: str, shape: tuple[int, ...], wanted: Q) -> Q:
+    """Norms, biases and other 1-D tensors stay f32 as llama.cpp expects; q8_0 needs rows of 32."""
+    if len(shape) == 1 or name.endswith("_norm.weight") or wanted == Q.F32:
+        return Q.F32
+    if wanted == Q.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
+        return Q.F16
+    return wanted
+
+
+def _order(name: str) -> tuple:
+    """token_embd first, then blocks in number order, then the output: as llama.cpp's files read."""
+    match = re.match(r"blk\.(\d+)\.", name)
+    if match:
+        return (1, int(match.group(1)), name)
+    return (0 if name.startswith("token_embd") else 2, 0, name)
+
+
+def plan_tensors(arch: Architecture, ckpt: Checkpoint, wanted: Q) -> list[PlannedTensor]:
+    planned: dict[str, PlannedTensor] = {}
+    for hf_name, ref in ckpt.tensors.items():
+        name = arch.gguf_name(hf_name)
+        if name is None:
+            continue
+        if name in planned:
+            raise CheckpointError(f"tensors {planned[name].source.name!r} and {hf_name!r} both map to {name}")
+        expected = arch.expected_shape(name)
+        if expected is not None and (
+            len(expected) != len(ref.shape) or any(e is not None and e != s for e, s in zip(expected, ref.shape))
+        ):
+            shown = [e if e is not None else "*" for e in expected]
+            raise CheckpointError(
+                f"tensor {hf_name!r} has shape {list(ref.shape)} but the config implies {shown}"
+            )
+        planned[name] = PlannedTensor(name, ref.shape, _tensor_type(name, ref.shape, wanted), ref)
+    missing = sorted(arch.required() - planned.keys(), key=_order)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointError(f"the checkpoint lacks tensor {missing[0]}{more}", hint="is the download complete?")
+    for extra in arch.extras():
+        planned[extra.name] = PlannedTensor(extra.name, extra.shape, Q.F32, None, extra.make)
+    return sorted(planned.values(), key=lambda t: _order(t.name))
+
+
+def _metadata(writer: gguf.GGUFWriter, ckpt: Checkpoint, name: str | None, n_params: int,
+              source_repo: str | None) -> None:
+    meta = gguf.Metadata.load(None, ckpt.folder, name or ckpt.config.get("_name_or_path") or ckpt.folder.name,
+                              n_params)
+    if meta.size_label is None:
+        meta.size_label = gguf.size_label(n_params, 0, 0, 0)
+    if source_repo:
+        meta.source_repo_url = f"https://huggingface.co/{source_repo}"
+    meta.set_gguf_meta_model(writer)
+
+
+def convert(
+    source: Path,
+    output: Path,
+    outtype: str = "auto",
+    *,
+    name: str | None = None,
+    source_repo: str | None = None,
+    hook: TensorHook | None = None,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+) -> ConvertResult:
+    """Convert the checkpoint folder ``source`` into the GGUF file ``output``.
+
+    ``hook`` sees every weight as float32 after the architecture's transform, under its HF and
+    GGUF names; the LoRA merge uses it. ``cancel`` stops between tensors, leaving no file.
+    """
+    start = time.perf_counter()
+    output = Path(output)
+    if output.exists() and output.is_dir():
+        raise UsageError(f"{output} is a folder; give a .gguf file name")
+    with Checkpoint.open(Path(source)) as ckpt:
+        arch = architecture_for(ckpt.config)
+        qtype = outtype_for(outtype, ckpt)
+        tensors = plan_tensors(arch, ckpt, qtype)
+        embd = next(t for t in tensors if t.name == "token_embd.weight")
+        n_vocab = embd.shape[0]
+        if ckpt.config.get("vocab_size") and int(ckpt.config["vocab_size"]) != n_vocab:
+            raise CheckpointError(
+                f"config.json says vocab_size {ckpt.config['vocab_size']} but the embedding "
+                f"{embd.source.name!r} has {n_vocab} rows"
+            )
+        vocab = read_vocab(ckpt.folder, n_vocab)
+
+        writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[arch.arch])
+        n_params = sum(int(np.prod(t.shape)) for t in tensors)
+        _metadata(writer, ckpt, name, n_params, source_repo)
+        arch.hyperparameters(writer)
+        writer.add_file_type(FILE_TYPES[qtype])
+        if qtype == Q.Q8_0:
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        vocab.add_to(writer, ckpt.folder)
+        for t in tensors:
+            writer.add_tensor_info(t.name, gguf.quant_shape_to_byte_shape(t.shape, t.qtype)
+                                   if t.qtype not in (Q.F32, Q.F16) else t.shape,
+                                   np.dtype(np.uint8) if t.qtype not in (Q.F32, Q.F16)
+                                   else np.dtype(np.float32 if t.qtype == Q.F32 else np.float16),
+                                   t.nbytes, raw_dtype=t.qtype)
+
+        total = sum(t.nbytes for t in tensors)
+        with atomic_path(output) as tmp:
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            done = 0
+            try:
+                for i, t in enumerate(tensors):
+                    if cancel is not None and cancel.is_set():
+                        raise ConvertCancelled("conversion cancelled; no file was written")
+                    data = t.make() if t.source is None else arch.transform(t.name, t.source.numpy())
+                    if hook is not None and t.source is not None:
+                        data = hook(t.source.name, t.name, data)
+                    writer.write_tensor_data(_encode(data, t.qtype))
+                    del data
+                    done += t.nbytes
+                    if progress is not None:
+                        progress(i + 1, len(tensors), done, total, t.name)
+            finally:
+                writer.close()
+        size = output.stat().st_size
+    return ConvertResult(output, gguf.MODEL_ARCH_NAMES[arch.arch], qtype.name, len(tensors), size,
+                         time.perf_counter() - start)
+
+
+def _encode(data: np.ndarray, qtype: Q) -> np.ndarray:
+    if qtype == Q.F32:
+        return data.astype(np.float32, copy=False)
+    if qtype == Q.F16:
+        return data.astype(np.float16)
+    return gguf.quants.quantize(data.astype(np.float32, copy=False), qtype)
+
+
+
+def default_name(source: Path, outtype: str) -> str:
+    """``SmolLM2-135M-Instruct`` + f16 -> ``smollm2-135m-instruct-f16``: a valid store name."""
+    stem = re.sub(r"[^a-z0-9._-]+", "-", Path(source).resolve().name.lower()).strip("-.") or "model"
+    return f"{stem}-{outtype.lower()}"
+
+
+def convert_to_store(store, source: Path, outtype: str = "auto", *, name: str | None = None,
+                     **options) -> tuple[ConvertResult, object]:
+    """Convert into a new store entry (named ``<folder>-<type>`` unless ``name``); see convert()."""
+    with Checkpoint.open(Path(source)) as ckpt:
+        qtype = outtype_for(outtype, ckpt)
+        n_params = sum(int(np.prod(r.shape)) for r in ckpt.tensors.values())
+    expected = n_params * gguf.GGML_QUANT_SIZES[qtype][1] // gguf.GGML_QUANT_SIZES[qtype][0]
+    done: list[ConvertResult] = []
+    entry = store.create(
+        name or default_name(source, qtype.name),
+        f"{default_name(source, qtype.name)}.gguf",
+        f"convert:{Path(source).resolve()}",
+        lambda dest: done.append(convert(source, dest, qtype.name, **options)),
+        expected_size=expected,
+    )
+    return done[0], entry

