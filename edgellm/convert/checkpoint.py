@@ -37,6 +37,7 @@ DTYPES: dict[str, tuple[str, int]] = {
 }
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 MAX_HEADER = 100 << 20
+CHUNK = 16 << 20  # bytes of a tensor widened at a time
 
 
 class CheckpointError(EdgeLLMError):
@@ -112,26 +113,27 @@ class SafetensorsFile:
         return TensorRef(name, dtype, shape, self, self.data_start + begin, self.data_start + end)
 
     def read(self, ref: TensorRef) -> np.ndarray:
-        np_dtype, _ = DTYPES[ref.dtype]
-        raw = np.frombuffer(self._map, dtype=np_dtype, count=prod(ref.shape), offset=ref.begin) if self._map \
-            else np.zeros(0, np_dtype)
-        if ref.dtype == "BF16":
-            out = (raw.astype(np.uint32) << 16).view(np.float32)
-        elif raw.dtype.kind == "f":
-            out = raw.astype(np.float32)
-        else:
-            out = raw.copy()
-        del raw
-        self.release(ref)
+        np_dtype, itemsize = DTYPES[ref.dtype]
+        count = prod(ref.shape)
+        out = np.empty(count, np.float32 if np.dtype(np_dtype).kind == "f" or ref.dtype == "BF16" else np_dtype)
+        # widen a slice at a time and drop its file pages at once: the mapped bytes never pile up
+        step = max(1, CHUNK // itemsize)
+        for first in range(0, count, step):
+            n = min(step, count - first)
+            begin = ref.begin + first * itemsize
+            raw = np.frombuffer(self._map, dtype=np_dtype, count=n, offset=begin)
+            out[first : first + n] = (raw.astype(np.uint32) << 16).view(np.float32) if ref.dtype == "BF16" else raw
+            del raw
+            self._release(begin, begin + n * itemsize)
         return out.reshape(ref.shape)
 
-    def release(self, ref: TensorRef) -> None:
-        """Drop the tensor's pages from this process's memory; the file stays mapped."""
+    def _release(self, begin: int, end: int) -> None:
+        """Drop these bytes' pages from this process's memory; the file stays mapped."""
         if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
-        start = ref.begin - ref.begin % mmap.PAGESIZE
-        if ref.end > start:
-            self._map.madvise(mmap.MADV_DONTNEED, start, ref.end - start)
+        start = begin - begin % mmap.PAGESIZE
+        if end > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def close(self) -> None:
         if self._map is not None:

