@@ -80,6 +80,8 @@ _SPEC: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "kv_type_v": ("load", "type_v", str),
     "seed": ("load", "seed", int),
     "allow_long_context": ("load", "allow_long_context", _bool),
+    "lora": ("load", "lora", str),
+    "lora_scale": ("load", "lora_scale", float),
     "temperature": ("sampling", "temperature", float),
     "top_k": ("sampling", "top_k", int),
     "top_p": ("sampling", "top_p", float),

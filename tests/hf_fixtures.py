@@ -97,3 +97,23 @@ def tiny_llama(dest: Path, tokenizer_from: Path, layers: int = 2, **config_chang
         })
     save_file(tensors, str(dest / "model.safetensors"))
     return dest
+
+
+def peft_adapter(base: Path, dest: Path, r: int = 8, alpha: int = 16, **config) -> Path:
+    """A real PEFT LoRA on ``base`` with non-zero B (PEFT starts B at zero, which merges to nothing)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora = LoraConfig(r=r, lora_alpha=alpha, target_modules=config.pop("target_modules", targets),
+                      lora_dropout=0.0, init_lora_weights=False, **config)
+    peft = get_peft_model(model, lora)
+    with torch.no_grad():  # keep the adapter's effect visible but the model still a language model
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.1)
+    peft.save_pretrained(dest)
+    return dest

@@ -31,6 +31,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="allow a context longer than the model was trained on",
     )
+    load.add_argument("--lora", metavar="FILE", help="a GGUF LoRA adapter to apply (edgellm convert-lora makes one)")
+    load.add_argument("--lora-scale", type=float, metavar="S", help="how strongly the adapter applies (default 1.0)")
     load.add_argument("--template", type=Path, metavar="FILE", help="a Jinja chat template to use instead of the model's")
     sample = parser.add_argument_group("sampling")
     sample.add_argument("--temperature", "--temp", type=float, metavar="T")
@@ -49,7 +51,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         for name in (
             "ctx", "batch", "threads", "gpu_layers", "flash_attn", "seed", "allow_long_context",
             "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "max_tokens", "stop",
-            "gpu_memory", "ram",
+            "gpu_memory", "ram", "lora", "lora_scale",
         )
     }
     kv = getattr(args, "kv_type", None)

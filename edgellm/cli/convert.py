@@ -17,7 +17,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="f32, f16, bf16, q8_0 or auto (bf16 stays bf16, the rest f16)")
     p.add_argument("--name", help="store name (default: FOLDER-TYPE)")
     p.add_argument("-o", "--output", type=Path, metavar="FILE", help="write this file instead of adding to the store")
+    p.add_argument("--lora", action="append", type=Path, default=[], metavar="ADAPTER_DIR",
+                   help="merge this PEFT LoRA adapter while converting (repeatable)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("merge", help="merge a PEFT LoRA adapter into a HF checkpoint, as a new HF checkpoint")
+    p.add_argument("base", metavar="BASE", help="base checkpoint folder (or pulled checkpoint name)")
+    p.add_argument("adapters", nargs="+", type=Path, metavar="ADAPTER_DIR")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="the new checkpoint folder")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("convert-lora", help="write a PEFT LoRA adapter as a GGUF LoRA for --lora at load time")
+    p.add_argument("adapter", type=Path, metavar="ADAPTER_DIR")
+    p.add_argument("--base", required=True, metavar="BASE", help="the base checkpoint folder it was trained on")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE")
+    p.add_argument("--outtype", default="f16", choices=("f16", "f32"))
+    p.set_defaults(func=cmd_convert_lora)
 
 
 def checkpoint_folder(ref: str, settings) -> Path:
@@ -33,12 +48,19 @@ def checkpoint_folder(ref: str, settings) -> Path:
     raise UsageError(f"no checkpoint folder {ref}")
 
 
-def progress_bar():
-    """A bar over bytes written, with the tensor in hand and the time left."""
+def run_with_bar(what: str, call):
+    """``call(progress)`` under a bar over bytes written, with the tensor in hand and the time left."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                    transient=True, disable=not sys.stderr.isatty())
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                   transient=True, disable=not sys.stderr.isatty())
+    task = bar.add_task(what, total=None)
+
+    def on_tensor(i: int, n: int, done: int, total: int, name: str) -> None:
+        bar.update(task, completed=done, total=total, description=f"{what} {i}/{n} {name}")
+
+    with bar:
+        return call(on_tensor)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -48,19 +70,36 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     settings = Settings.resolve()
     source = checkpoint_folder(args.source, settings)
-    bar = progress_bar()
-    task = bar.add_task("converting", total=None)
 
-    def on_tensor(i: int, n: int, done: int, total: int, name: str) -> None:
-        bar.update(task, completed=done, total=total, description=f"{i}/{n} {name}")
-
-    options = dict(progress=on_tensor)
-    with bar:
+    def run(progress):
+        options = dict(progress=progress, lora=args.lora, name=args.name)
         if args.output:
-            result, where = convert(source, args.output, args.outtype, name=args.name, **options), str(args.output)
-        else:
-            result, entry = convert_to_store(store_for(settings), source, args.outtype, name=args.name, **options)
-            where = entry.name
+            return convert(source, args.output, args.outtype, **options), str(args.output)
+        result, entry = convert_to_store(store_for(settings), source, args.outtype, **options)
+        return result, entry.name
+
+    result, where = run_with_bar("converting", run)
     print(f"{where}: {result.arch}, {result.n_tensors} tensors, {result.outtype}, "
           f"{human_bytes(result.size)} in {result.seconds:.1f} s")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from edgellm.config import Settings
+    from edgellm.convert.lora import merge_checkpoint
+
+    base = checkpoint_folder(args.base, Settings.resolve())
+    result = run_with_bar("merging", lambda p: merge_checkpoint(base, args.adapters, args.output, progress=p))
+    print(f"{result.path}: {result.arch}, {result.n_tensors} tensors, {human_bytes(result.size)} in {result.seconds:.1f} s")
+    return 0
+
+
+def cmd_convert_lora(args: argparse.Namespace) -> int:
+    from edgellm.config import Settings
+    from edgellm.convert.lora import convert_lora
+
+    base = checkpoint_folder(args.base, Settings.resolve())
+    result = run_with_bar("writing", lambda p: convert_lora(args.adapter, base, args.output, args.outtype, progress=p))
+    print(f"{result.path}: LoRA for {result.arch}, {result.n_tensors} tensors, {result.outtype}, "
+          f"{human_bytes(result.size)} (use: edgellm chat MODEL --lora {result.path})")
     return 0

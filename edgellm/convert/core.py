@@ -9,10 +9,11 @@ tensor. The output is written to a temporary file and renamed into place only wh
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,10 +63,6 @@ class PlannedTensor:
     @property
     def nbytes(self) -> int:
         return int(np.prod(gguf.quant_shape_to_byte_shape(self.shape, self.qtype)))
-
-
-#: a merge applied to one tensor as it streams past (LoRA): (gguf name, float32 data) -> data
-TensorHook = Callable[[str, str, np.ndarray], np.ndarray]
 
 
 def outtype_for(name: str, ckpt: Checkpoint) -> Q:
@@ -139,23 +136,26 @@ def convert(
     *,
     name: str | None = None,
     source_repo: str | None = None,
-    hook: TensorHook | None = None,
+    lora: Sequence[Path] = (),
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
 ) -> ConvertResult:
     """Convert the checkpoint folder ``source`` into the GGUF file ``output``.
 
-    ``hook`` sees every weight as float32 after the architecture's transform, under its HF and
-    GGUF names; the LoRA merge uses it. ``cancel`` stops between tensors, leaving no file.
+    ``lora`` adapter folders are merged into the weights on the way (see lora.py); ``cancel``
+    stops between tensors, leaving no file.
     """
+    from edgellm.convert.lora import Merge
+
     start = time.perf_counter()
     output = Path(output)
     if output.exists() and output.is_dir():
         raise UsageError(f"{output} is a folder; give a .gguf file name")
-    with Checkpoint.open(Path(source)) as ckpt:
+    with Checkpoint.open(Path(source)) as ckpt, contextlib.closing(Merge(lora)) as merge:
         arch = architecture_for(ckpt.config)
         qtype = outtype_for(outtype, ckpt)
         tensors = plan_tensors(arch, ckpt, qtype)
+        merge.check(ckpt)
         embd = next(t for t in tensors if t.name == "token_embd.weight")
         n_vocab = embd.shape[0]
         if ckpt.config.get("vocab_size") and int(ckpt.config["vocab_size"]) != n_vocab:
@@ -190,9 +190,7 @@ def convert(
                 for i, t in enumerate(tensors):
                     if cancel is not None and cancel.is_set():
                         raise ConvertCancelled("conversion cancelled; no file was written")
-                    data = t.make() if t.source is None else arch.transform(t.name, t.source.numpy())
-                    if hook is not None and t.source is not None:
-                        data = hook(t.source.name, t.name, data)
+                    data = t.make() if t.source is None else arch.transform(t.name, merge(t.source.name, t.source.numpy()))
                     writer.write_tensor_data(_encode(data, t.qtype))
                     del data
                     done += t.nbytes
@@ -214,9 +212,11 @@ def _encode(data: np.ndarray, qtype: Q) -> np.ndarray:
 
 
 
-def default_name(source: Path, outtype: str) -> str:
-    """``SmolLM2-135M-Instruct`` + f16 -> ``smollm2-135m-instruct-f16``: a valid store name."""
-    stem = re.sub(r"[^a-z0-9._-]+", "-", Path(source).resolve().name.lower()).strip("-.") or "model"
+def default_name(source: Path, outtype: str, lora: Sequence[Path] = ()) -> str:
+    """``SmolLM2-135M-Instruct`` + f16 -> ``smollm2-135m-instruct-f16``: a valid store name;
+    merged adapters add their folder names."""
+    parts = [Path(p).resolve().name for p in (source, *lora)]
+    stem = re.sub(r"[^a-z0-9._-]+", "-", "-".join(parts).lower()).strip("-.") or "model"
     return f"{stem}-{outtype.lower()}"
 
 
@@ -228,10 +228,11 @@ def convert_to_store(store, source: Path, outtype: str = "auto", *, name: str | 
         n_params = sum(int(np.prod(r.shape)) for r in ckpt.tensors.values())
     expected = n_params * gguf.GGML_QUANT_SIZES[qtype][1] // gguf.GGML_QUANT_SIZES[qtype][0]
     done: list[ConvertResult] = []
+    lora = options.get("lora", ())
     entry = store.create(
-        name or default_name(source, qtype.name),
-        f"{default_name(source, qtype.name)}.gguf",
-        f"convert:{Path(source).resolve()}",
+        name or default_name(source, qtype.name, lora),
+        f"{default_name(source, qtype.name, lora)}.gguf",
+        f"convert:{Path(source).resolve()}" + "".join(f"+lora:{Path(p).resolve()}" for p in lora),
         lambda dest: done.append(convert(source, dest, qtype.name, **options)),
         expected_size=expected,
     )

@@ -210,6 +210,19 @@ class Model:
         yield answer.finish(finish)
 
 
+def check_lora(path: str | None, header: GGUFHeader) -> Path | None:
+    """The adapter file, validated and checked against the model, before llama.cpp sees it."""
+    if path is None:
+        return None
+    lora = read_header(Path(path).expanduser())
+    meta = lora.metadata
+    if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
+        raise UsageError(f"{lora.path.name} is not a LoRA adapter GGUF", hint="make one with `edgellm convert-lora`")
+    if lora.architecture != header.architecture:
+        raise UsageError(f"LoRA {lora.path.name} is for {lora.architecture}, the model is {header.architecture}")
+    return lora.path
+
+
 def load_model(
     path: str | Path,
     options: LoadOptions | None = None,
@@ -222,6 +235,7 @@ def load_model(
     options = options or LoadOptions()
     header = header or read_header(path)
     load = resolve_load(header, options, hardware)
+    lora = check_lora(options.lora, header)
     chat_template = _template_for(header, template)
     llamalog.install()
     import llama_cpp
@@ -240,6 +254,8 @@ def load_model(
             type_k=KV_TYPES[load.type_k][0],
             type_v=KV_TYPES[load.type_v][0],
             seed=load.seed,
+            lora_path=str(lora) if lora else None,
+            lora_scale=options.lora_scale,
             verbose=False,
         )
     except (ValueError, RuntimeError) as exc:

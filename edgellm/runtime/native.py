@@ -31,7 +31,9 @@ def _lib():
 class NativeModel:
     """A loaded ``llama_model``; contexts are made from it as needed."""
 
-    def __init__(self, path: str | Path, n_gpu_layers: int = 0) -> None:
+    def __init__(self, path: str | Path, n_gpu_layers: int = 0, lora: Path | None = None,
+                 lora_scale: float = 1.0) -> None:
+        """``lora``: a GGUF LoRA adapter every context of this model applies, at ``lora_scale``."""
         lib = self._lib = _lib()
         self.path = Path(path)
         params = lib.llama_model_default_params()
@@ -43,6 +45,14 @@ class NativeModel:
             raise LoadError(f"llama.cpp could not load {self.path.name}: {cause}")
         self.vocab = lib.llama_model_get_vocab(self.ptr)
         self.piece = PieceTable(self.vocab)
+        self.lora, self.lora_scale = None, lora_scale
+        if lora is not None:
+            position = llamalog.mark()
+            self.lora = lib.llama_adapter_lora_init(self.ptr, str(lora).encode())  # freed with the model
+            if not self.lora:
+                self.close()
+                cause = llamalog.last_error(position) or "unknown error"
+                raise LoadError(f"llama.cpp could not apply LoRA {Path(lora).name}: {cause}")
 
     def is_end(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self.vocab, token))
@@ -164,6 +174,12 @@ class NativeContext:
             raise LoadError(f"llama.cpp could not create a context for {model.path.name}: {cause}")
         self.n_batch = n_batch
         self._one = (lib.llama_token * 1)()
+        if model.lora:
+            adapters = (lib.llama_adapter_lora_p_ctypes * 1)(model.lora)
+            scales = (ctypes.c_float * 1)(model.lora_scale)
+            if lib.llama_set_adapters_lora(self.ptr, adapters, 1, scales) != 0:
+                self.close()
+                raise LoadError(f"llama.cpp could not apply the LoRA to a context of {model.path.name}")
 
     def decode(self, tokens: Sequence[int]) -> None:
         """Evaluate tokens as the next positions of sequence 0."""

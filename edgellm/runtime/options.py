@@ -72,6 +72,8 @@ class LoadOptions:
     type_v: str = "f16"
     seed: int = -1  # -1: random
     allow_long_context: bool = False
+    lora: str | None = None  # a GGUF LoRA adapter applied at load time
+    lora_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.flash_attn not in FLASH_ATTN_MODES:

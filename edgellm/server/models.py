@@ -18,6 +18,7 @@ from edgellm.models.header import GGUFHeader
 from edgellm.plan.fit import Plan, fit
 from edgellm.plan.hardware import Hardware, physical_cores
 from edgellm.runtime.batch import BatchEngine
+from edgellm.runtime.engine import check_lora
 from edgellm.runtime.native import NativeModel
 from edgellm.runtime.options import default_context
 from edgellm.runtime.templates import ChatTemplate
@@ -95,7 +96,7 @@ class ModelPool:
         if not plan.fits:
             raise LoadError(f"{model.name} {plan.reason}")
         self._make_room(plan)
-        native = NativeModel(model.path, plan.n_gpu_layers)
+        native = NativeModel(model.path, plan.n_gpu_layers, check_lora(load.lora, model.header), load.lora_scale)
         try:
             engine = BatchEngine(
                 native, self.parallel, per_slot, load.n_threads or physical_cores(), n_batch=max(load.n_batch, 512),
