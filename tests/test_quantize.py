@@ -24,10 +24,11 @@ BPW_BOUNDS = {"Q8_0": (8.0, 9.0), "Q4_K_M": (4.5, 7.0), "Q2_K": (3.0, 6.0)}
 
 
 @pytest.fixture(scope="session")
-def smollm2_f16(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("f16") / "SmolLM2-135M-Instruct-F16.gguf"
-    quantize(read_header(smollm2), quant_type("F16"), out, allow_requantize=True)
-    return out
+def smollm2_f16(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 F16 made by our converter from the HF checkpoint, as a user would make it."""
+    from edgellm.convert import convert
+
+    return convert(smollm2_hf, tmp_path_factory.mktemp("f16") / "SmolLM2-135M-Instruct-F16.gguf", "f16").path
 
 
 @pytest.fixture(scope="session")
@@ -93,6 +94,20 @@ def test_sweep_prints_the_ladder(cli, f16_in_store: str, english: Path) -> None:
     assert float(rows[2][-4]) > float(rows[1][-4])  # Q2_K's perplexity above Q8_0's
 
 
+@pytest.mark.slow
+def test_quantize_a_hf_checkpoint_folder_in_one_command(cli, home: Path, smollm2_hf: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "SmolLM2-135M-Instruct"
+    folder.symlink_to(smollm2_hf, target_is_directory=True)
+    r = cli("quantize", str(folder), "Q4_K_M")
+    assert r.returncode == 0, r.stderr
+    assert "converting" in r.stderr and r.stdout.startswith("smollm2-135m-instruct-q4_k_m: ")
+    assert [p.name for p in (home / "models").iterdir()] == ["smollm2-135m-instruct-q4_k_m"]  # no F16 left over
+    header = read_header(next((home / "models" / "smollm2-135m-instruct-q4_k_m").glob("*.gguf")))
+    assert header.quantization == "Q4_K_M"
+    answer = cli("run", "smollm2-135m-instruct-q4_k_m", "--temp", "0", "-n", "8", "What is the capital of Germany?")
+    assert "Berlin" in answer.stdout
+
+
 def test_list_types(cli) -> None:
     r = cli("quantize", "--list")
     assert r.returncode == 0
@@ -117,7 +132,7 @@ REFUSALS = {
     "requantize": (lambda t, m: ["quantize", "smollm2-135m-instruct", "q8_0"], "is already quantized (Q4_1)"),
     "output is input": (lambda t, m: ["quantize", m, "q8_0", "-o", m], "is the input itself"),
     "not gguf": (lambda t, m: ["quantize", str(_notes(t)), "q8_0"], "notes.gguf is not a GGUF file"),
-    "hf folder": (lambda t, m: ["quantize", str(_hf_folder(t)), "q8_0"], "is a Hugging Face checkpoint folder"),
+    "broken hf folder": (lambda t, m: ["quantize", str(_hf_folder(t)), "q8_0"], "checkpoint has no safetensors weights"),
     "missing type": (lambda t, m: ["quantize", m], "TYPE is missing"),
     "sweep without text": (lambda t, m: ["quantize", m, "--sweep", "Q8_0"], "--sweep needs --text"),
 }

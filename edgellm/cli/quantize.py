@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from edgellm.models.header import human_bytes
@@ -66,18 +70,29 @@ def _base_name(name: str) -> str:
     return match.group(1) if match and is_quant_suffix(match.group(2)) else name
 
 
-def _resolve_model(ref: str):
+@contextmanager
+def _resolve_model(ref: str) -> Iterator[tuple]:
+    """(settings, model) for MODEL; a Hugging Face checkpoint folder is converted first, to a
+    temporary GGUF in the store's folder that is gone once the quantized model is made."""
     from edgellm.config import Settings
-    from edgellm.models import resolve
+    from edgellm.models import ResolvedModel, resolve
 
-    path = Path(ref)
-    if path.is_dir():
-        hint = "converting Hugging Face checkpoints arrives with `edgellm convert`; quantize a GGUF meanwhile"
-        if (path / "config.json").exists():
-            raise UsageError(f"{ref} is a Hugging Face checkpoint folder, which cannot be quantized directly yet", hint=hint)
-        raise UsageError(f"{ref} is a folder, not a GGUF file")
     settings = Settings.resolve()
-    return settings, resolve(ref, settings)
+    path = Path(ref)
+    if not path.is_dir():
+        yield settings, resolve(ref, settings)
+        return
+    from edgellm.cli.convert import run_with_bar
+    from edgellm.convert import convert
+    from edgellm.fsutil import TMP_PREFIX
+    from edgellm.models.header import read_header
+
+    settings.models_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX + "convert-", dir=settings.models_dir) as tmp:
+        name = Path(os.path.abspath(path)).name.lower()  # the name the user sees, even through a link
+        print(f"converting {path} first", file=sys.stderr)
+        result = run_with_bar("converting", lambda p: convert(path, Path(tmp) / f"{name}.gguf", progress=p))
+        yield settings, ResolvedModel(name, result.path, read_header(result.path))
 
 
 def quantize_one(args: argparse.Namespace, settings, model, type_name: str):
@@ -135,12 +150,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from edgellm.quantize import quant_type
 
     qtype = quant_type(args.type)
-    settings, model = _resolve_model(args.model)
-    print(
-        f"quantizing {model.name} ({model.header.quantization}, {human_bytes(model.header.file_size)}) to {qtype.name}",
-        file=sys.stderr,
-    )
-    result, entry = quantize_one(args, settings, model, args.type)
+    with _resolve_model(args.model) as (settings, model):
+        print(
+            f"quantizing {model.name} ({model.header.quantization}, {human_bytes(model.header.file_size)}) to {qtype.name}",
+            file=sys.stderr,
+        )
+        result, entry = quantize_one(args, settings, model, args.type)
     where = entry.name if entry else str(result.output)
     bpw = result.size_after * 8 / model.header.parameter_count
     print(
@@ -151,8 +166,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from edgellm.bench import plan_cases, run_cases
-    from edgellm.eval import evaluate
     from edgellm.quantize import quant_type
 
     if not args.text:
@@ -161,8 +174,20 @@ def _sweep(args: argparse.Namespace) -> int:
         raise UsageError("--sweep writes one model per type into the store; -o does not apply")
     types = [quant_type(t) for t in args.sweep.split(",") if t.strip()]
     text = _read_text(args.text)
-    settings, model = _resolve_model(args.model)
+    with _resolve_model(args.model) as (settings, model):
+        rows = _sweep_rows(args, types, text, settings, model)
+    print(f"{'TYPE':12} {'SIZE':>10} {'BITS/W':>7} {'PPL':>9} {'KL':>8} {'TOP-1':>7} {'TG T/S':>8}")
+    for label, size, bpw, r, tps in rows:
+        print(f"{label:12} {human_bytes(size):>10} {bpw:7.2f} {r.perplexity:9.3f} {r.kl_mean:8.4f} {r.top1_agreement:7.1%} {tps:8.1f}")
+    return 0
+
+
+def _sweep_rows(args: argparse.Namespace, types, text: str, settings, model) -> list[tuple]:
+    """Quantize to each type (or reuse the store's), then measure size, quality and speed."""
+    from edgellm.bench import plan_cases, run_cases
+    from edgellm.eval import evaluate
     from edgellm.models import store_for
+    from edgellm.models.header import read_header
 
     store = store_for(settings)
     rows = []
@@ -180,14 +205,9 @@ def _sweep(args: argparse.Namespace) -> int:
         print(f"{label}: evaluating", file=sys.stderr)
         result = evaluate(path, text, args.ctx, model.path, args.threads, args.chunks)
         speed = next(run_cases(plan_cases([path], [0], [64], [args.threads] if args.threads else []), repetitions=2))
-        from edgellm.models.header import read_header
-
         size = read_header(path).file_size
         rows.append((label, size, size * 8 / model.header.parameter_count, result, speed.avg_ts))
-    print(f"{'TYPE':12} {'SIZE':>10} {'BITS/W':>7} {'PPL':>9} {'KL':>8} {'TOP-1':>7} {'TG T/S':>8}")
-    for label, size, bpw, r, tps in rows:
-        print(f"{label:12} {human_bytes(size):>10} {bpw:7.2f} {r.perplexity:9.3f} {r.kl_mean:8.4f} {r.top1_agreement:7.1%} {tps:8.1f}")
-    return 0
+    return rows
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

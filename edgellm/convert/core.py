@@ -10,6 +10,7 @@ tensor. The output is written to a temporary file and renamed into place only wh
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import threading
 import time
@@ -215,7 +216,7 @@ def _encode(data: np.ndarray, qtype: Q) -> np.ndarray:
 def default_name(source: Path, outtype: str, lora: Sequence[Path] = ()) -> str:
     """``SmolLM2-135M-Instruct`` + f16 -> ``smollm2-135m-instruct-f16``: a valid store name;
     merged adapters add their folder names."""
-    parts = [Path(p).resolve().name for p in (source, *lora)]
+    parts = [Path(os.path.abspath(p)).name for p in (source, *lora)]
     stem = re.sub(r"[^a-z0-9._-]+", "-", "-".join(parts).lower()).strip("-.") or "model"
     return f"{stem}-{outtype.lower()}"
 
