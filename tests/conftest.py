@@ -42,6 +42,14 @@ def gemma3_hf(gemma3: Path) -> Path:
     return hf_checkpoint(gemma3, "gemma-3-270m")
 
 
+@pytest.fixture(scope="session")
+def smollm2_adapter(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real PEFT LoRA (r=8 on all seven projections) on the SmolLM2 checkpoint."""
+    from tests.hf_fixtures import peft_adapter
+
+    return peft_adapter(smollm2_hf, tmp_path_factory.mktemp("lora") / "cats-adapter")
+
+
 @pytest.fixture()
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty EDGELLM_HOME for one test; no EDGELLM_* setting leaks in from outside."""

@@ -11,6 +11,7 @@ import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -65,9 +66,28 @@ class HubStandIn:
         if not head:
             h.wfile.write(body)
 
+    def _search(self, h: BaseHTTPRequestHandler, query: dict[str, list[str]]) -> None:
+        """``GET /api/models?search=...``: repos whose id holds the text, most downloaded first."""
+        text = query.get("search", [""])[0].lower()
+        wanted = query.get("filter", [])
+        hits = []
+        for i, (repo_id, repo) in enumerate(sorted(self.repos.items())):
+            tags = ["gguf"] if any(n.endswith(".gguf") for n in repo.files) else ["safetensors"]
+            if text in repo_id.lower() and all(t in tags for t in wanted):
+                hits.append({"id": repo_id, "modelId": repo_id, "downloads": 1000 * (i + 1), "likes": i, "tags": tags})
+        hits.sort(key=lambda m: -m["downloads"])
+        body = json.dumps(hits[: int(query.get("limit", ["1000"])[0])]).encode()
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
     def _handle(self, h: BaseHTTPRequestHandler, head: bool) -> None:
-        path = h.path.split("?")[0]
+        path, _, query = h.path.partition("?")
         self.requests.append(f"{h.command} {path}")
+        if path == "/api/models":
+            return self._search(h, parse_qs(query))
         info = re.match(r"^/api/models/([^/]+/[^/]+?)(?:/revision/([^/]+))?$", path)
         resolve = re.match(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path)
         repo_id = (info or resolve).group(1) if (info or resolve) else None

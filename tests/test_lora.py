@@ -20,8 +20,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def adapter(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return peft_adapter(smollm2_hf, tmp_path_factory.mktemp("lora") / "cats-adapter")
+def adapter(smollm2_adapter: Path) -> Path:
+    return smollm2_adapter
 
 
 @pytest.fixture(scope="module")

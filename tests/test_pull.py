@@ -44,9 +44,17 @@ def split_parts(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> list
     return sorted(out.glob("*-of-*.gguf"))
 
 
+CHECKPOINT_REPO = "test/SmolLM2-135M-Instruct"
+
+
 @pytest.fixture()
-def hub(smollm2: Path, split_parts: list[Path]):
+def hub(smollm2: Path, split_parts: list[Path], smollm2_hf: Path, smollm2_adapter: Path):
     stand_in = HubStandIn()
+    checkpoint = {p.name: p for p in smollm2_hf.iterdir()}
+    # a pickle beside the safetensors, as many repos ship: it must never be downloaded
+    stand_in.add(CHECKPOINT_REPO, {**checkpoint, "pytorch_model.bin": smollm2_hf / "config.json"})
+    stand_in.add("test/cats-adapter", {p.name: p for p in smollm2_adapter.iterdir()})
+    stand_in.add("test/pickle-only", {"config.json": smollm2_hf / "config.json", "pytorch_model.bin": smollm2_hf / "config.json"})
     stand_in.add("test/split-GGUF", {p.name: p for p in split_parts})
     stand_in.add(REPO, {FILE: smollm2, "README.md": smollm2.parent / "__init__.py"})
     stand_in.add("test/two-quants-GGUF", {"m-Q4_1.gguf": smollm2, "m-Q4_K_M.gguf": smollm2, "m-Q8_0.gguf": smollm2})
@@ -174,3 +182,43 @@ def test_not_enough_disk(hub: HubStandIn, tmp_path: Path, monkeypatch: pytest.Mo
         pull(f"{REPO}:Q4_1", Store(tmp_path / "models"))
     assert [r for r in hub.requests if "/resolve/" in r] == []  # refused before any download
     assert not (tmp_path / "models" / "smollm2-135m-instruct-q4_1").exists()
+
+
+@pytest.mark.slow
+def test_pull_a_safetensors_repo_converts_and_quantizes(pull_cli, hub: HubStandIn, home: Path) -> None:
+    r = pull_cli("pull", CHECKPOINT_REPO, "--quant", "q4_k_m")
+    assert r.returncode == 0, r.stderr
+    assert "has no GGUF files: downloading its safetensors checkpoint" in r.stderr
+    assert r.stdout.startswith("pulled smollm2-135m-instruct-q4_k_m (")
+    assert not any("pytorch_model.bin" in line for line in hub.requests if line.startswith("GET /test"))
+    assert sorted(p.name for p in (home / "models").iterdir()) == ["smollm2-135m-instruct-q4_k_m"]
+    answer = pull_cli("run", "smollm2-135m-instruct-q4_k_m", "--temp", "0", "-n", "8", "What is the capital of Germany?")
+    assert "Berlin" in answer.stdout
+    # the checkpoint stays, by name, for `edgellm convert`
+    again = pull_cli("convert", "smollm2-135m-instruct", "--outtype", "q8_0")
+    assert again.returncode == 0 and again.stdout.startswith("smollm2-135m-instruct-q8_0: llama, 272 tensors, Q8_0")
+
+
+@pytest.mark.slow
+def test_pull_a_safetensors_repo_with_a_lora_adapter_repo(pull_cli, hub: HubStandIn, home: Path) -> None:
+    r = pull_cli("pull", CHECKPOINT_REPO, "--lora", "test/cats-adapter")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((home / "models" / "smollm2-135m-instruct-cats-adapter-f16" / "manifest.json").read_text())
+    assert "+lora:" in manifest["source"] and manifest["quantization"] == "F16"
+
+
+def test_pickle_only_repo_is_refused(pull_cli, hub: HubStandIn, home: Path) -> None:
+    r = pull_cli("pull", "test/pickle-only")
+    assert r.returncode == 1
+    assert "test/pickle-only has no GGUF files, nor safetensors weights to convert" in r.stderr
+    assert tree(home / "models") == {}
+
+
+def test_search_lists_gguf_repos_by_downloads(pull_cli, hub: HubStandIn) -> None:
+    r = pull_cli("search", "smollm2")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["REPO", "DOWNLOADS", "LIKES"]
+    assert [line.split()[0] for line in lines[1:]] == [REPO]  # the safetensors repo is not a GGUF repo
+    none = pull_cli("search", "no-such-model")
+    assert none.returncode == 1 and "no GGUF repos match 'no-such-model'" in none.stderr

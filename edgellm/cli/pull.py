@@ -6,16 +6,25 @@ import argparse
 import sys
 
 from edgellm.cli.common import hardware_for
+from edgellm.errors import UsageError
 from edgellm.models.header import human_bytes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pull", help="download a GGUF model from the Hugging Face Hub")
+    p = sub.add_parser("pull", help="download a model from the Hugging Face Hub (GGUF, or safetensors converted)")
     p.add_argument("ref", metavar="REPO[:QUANT]", help="for example bartowski/SmolLM2-135M-Instruct-GGUF:Q4_K_M")
     p.add_argument("--name", help="store name (default: REPO-QUANT)")
+    p.add_argument("--quant", metavar="TYPE", help="for a safetensors repo: quantize to TYPE after converting")
+    p.add_argument("--lora", action="append", default=[], metavar="ADAPTER_REPO",
+                   help="for a safetensors repo: merge this PEFT adapter repo while converting (repeatable)")
     p.add_argument("--revision", help="a branch, tag or commit")
     p.add_argument("--plan", action="store_true", help="only read the remote header and say whether it fits")
     p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("search", help="find GGUF repos on the Hugging Face Hub")
+    p.add_argument("text", metavar="TEXT")
+    p.add_argument("-n", "--limit", type=int, default=20, metavar="N")
+    p.set_defaults(func=cmd_search)
 
 
 def _fit_line(header, settings) -> tuple[bool, str]:
@@ -25,13 +34,45 @@ def _fit_line(header, settings) -> tuple[bool, str]:
     return plan.fits, (plan.summary() if plan.fits else plan.reason)
 
 
+def _pull_checkpoint(args: argparse.Namespace, settings, store, repo: str, listing, quant: str | None) -> int:
+    """A safetensors repo: download what conversion needs, convert (merging adapters), quantize."""
+    from edgellm.cli.convert import run_with_bar
+    from edgellm.convert.core import convert_to_store
+    from edgellm.models.hub import list_repo, parse_ref, pull_checkpoint
+
+    size = sum(f.size for f in listing.checkpoint)
+    print(f"{repo} has no GGUF files: downloading its safetensors checkpoint ({human_bytes(size)}) to convert it"
+          + (f", then quantize to {quant}" if quant else ""), file=sys.stderr)
+    if args.plan:
+        print("--plan reads GGUF headers; the converted model's plan shows with `edgellm plan` after the pull",
+              file=sys.stderr)
+        return 0
+    folder = pull_checkpoint(repo, listing, store, settings.checkpoints_dir)
+    adapters = []
+    for ref in args.lora:
+        adapter_repo, _ = parse_ref(ref)
+        adapter_listing = list_repo(adapter_repo, None, store)
+        adapters.append(pull_checkpoint(adapter_repo, adapter_listing, store, settings.checkpoints_dir))
+    result, entry = run_with_bar("converting", lambda p: convert_to_store(
+        store, folder, name=args.name, quant=quant, lora=adapters, source_repo=repo, progress=p))
+    print(f"pulled {entry.name} ({human_bytes(entry.manifest.size)}, {entry.manifest.quantization}; "
+          f"converted in {result.seconds:.1f} s; the checkpoint stays as `{folder.name}` for `edgellm convert`)")
+    return 0
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     from edgellm.config import Settings
     from edgellm.models import store_for
-    from edgellm.models.hub import pull, remote_header
+    from edgellm.models.hub import list_repo, parse_ref, pull, remote_header
 
     settings = Settings.resolve()
     store = store_for(settings)
+    repo, quant = parse_ref(args.ref)
+    listing = list_repo(repo, args.revision, store)
+    if listing.is_checkpoint:
+        return _pull_checkpoint(args, settings, store, repo, listing, args.quant or quant)
+    if args.quant or args.lora:
+        raise UsageError("--quant and --lora apply to safetensors repos; for a GGUF repo write REPO:QUANT")
     choice, header = remote_header(args.ref, store, args.revision)
     fits, line = _fit_line(header, settings)
     print(f"{choice.quant}: {human_bytes(choice.size)} in {len(choice.files)} file(s); "
@@ -45,4 +86,20 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
     entry = pull(args.ref, store, args.name, args.revision, on_choice)
     print(f"pulled {entry.name} ({human_bytes(entry.manifest.size)}, {entry.manifest.quantization})")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from edgellm.config import Settings
+    from edgellm.models import store_for
+    from edgellm.models.hub import search
+
+    hits = search(args.text, store_for(Settings.resolve()), args.limit)
+    if not hits:
+        print(f"no GGUF repos match {args.text!r}", file=sys.stderr)
+        return 1
+    width = max(len(h.repo) for h in hits)
+    print(f"{'REPO':{width}}  {'DOWNLOADS':>10}  {'LIKES':>6}")
+    for h in hits:
+        print(f"{h.repo:{width}}  {h.downloads:>10,}  {h.likes:>6,}")
     return 0

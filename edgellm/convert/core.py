@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -222,19 +223,38 @@ def default_name(source: Path, outtype: str, lora: Sequence[Path] = ()) -> str:
 
 
 def convert_to_store(store, source: Path, outtype: str = "auto", *, name: str | None = None,
-                     **options) -> tuple[ConvertResult, object]:
-    """Convert into a new store entry (named ``<folder>-<type>`` unless ``name``); see convert()."""
+                     quant: str | None = None, **options) -> tuple[ConvertResult, object]:
+    """Convert into a new store entry named ``<folder>-<type>`` unless ``name``; see convert().
+
+    With ``quant`` (Q4_K_M, ...) the conversion goes to a temporary GGUF beside the store and
+    only its quantization is kept, so one command takes a checkpoint to a small model.
+    """
+    from edgellm.fsutil import TMP_PREFIX
+
+    lora = options.get("lora", ())
     with Checkpoint.open(Path(source)) as ckpt:
         qtype = outtype_for(outtype, ckpt)
         n_params = sum(int(np.prod(r.shape)) for r in ckpt.tensors.values())
-    expected = n_params * gguf.GGML_QUANT_SIZES[qtype][1] // gguf.GGML_QUANT_SIZES[qtype][0]
-    done: list[ConvertResult] = []
-    lora = options.get("lora", ())
-    entry = store.create(
-        name or default_name(source, qtype.name, lora),
-        f"{default_name(source, qtype.name, lora)}.gguf",
-        f"convert:{Path(source).resolve()}" + "".join(f"+lora:{Path(p).resolve()}" for p in lora),
-        lambda dest: done.append(convert(source, dest, qtype.name, **options)),
-        expected_size=expected,
-    )
-    return done[0], entry
+    origin = f"convert:{Path(source).resolve()}" + "".join(f"+lora:{Path(p).resolve()}" for p in lora)
+    if quant is None:
+        done: list[ConvertResult] = []
+        entry = store.create(
+            name or default_name(source, qtype.name, lora),
+            f"{default_name(source, qtype.name, lora)}.gguf",
+            origin,
+            lambda dest: done.append(convert(source, dest, qtype.name, **options)),
+            expected_size=n_params * gguf.GGML_QUANT_SIZES[qtype][1] // gguf.GGML_QUANT_SIZES[qtype][0],
+        )
+        return done[0], entry
+    from edgellm.models.header import read_header
+    from edgellm.quantize import estimated_size, quant_type, quantize
+
+    target = quant_type(quant)
+    store.root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX + "convert-", dir=store.root) as tmp:
+        result = convert(source, Path(tmp) / "converted.gguf", qtype.name, **options)
+        header = read_header(result.path)
+        label = default_name(source, target.name, lora)
+        entry = store.create(name or label, f"{label}.gguf", f"{origin}:{target.name}",
+                             lambda dest: quantize(header, target, dest), expected_size=estimated_size(header, target))
+    return result, entry

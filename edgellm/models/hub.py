@@ -1,4 +1,5 @@
-"""Pull GGUF models from the Hugging Face Hub into the store (``edgellm pull REPO[:QUANT]``).
+"""Pull models from the Hugging Face Hub (``edgellm pull REPO[:QUANT]``): GGUF files into the
+store, or a safetensors checkpoint's files for the converter (never pickle weights).
 
 Downloads go through huggingface_hub, so its cache is reused, ``HF_ENDPOINT``/``HF_TOKEN`` are
 honoured and an interrupted download resumes; every file is checked against the Hub's size and
@@ -26,6 +27,12 @@ from edgellm.quantize import QUANT_TYPES
 REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*(/[A-Za-z0-9][A-Za-z0-9._+-]*)*$")
 SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.I)
+#: what conversion needs from a safetensors repo (top-level files only; pickle weights never)
+CHECKPOINT_FILE_RE = re.compile(
+    r"^(config\.json|generation_config\.json|tokenizer\.json|tokenizer_config\.json|tokenizer\.model|"
+    r"special_tokens_map\.json|added_tokens\.json|chat_template\.jinja|chat_template\.json|README\.md|"
+    r"model\.safetensors\.index\.json|adapter_config\.json|[A-Za-z0-9][A-Za-z0-9._-]*\.safetensors)$"
+)
 DEFAULT_QUANTS = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q4_0", "Q8_0", "Q6_K", "F16", "BF16")
 _QUANT_NAMES = sorted(QUANT_TYPES, key=len, reverse=True)
 
@@ -102,32 +109,46 @@ def _hub_errors(repo: str, store: Store):
     return Translate()
 
 
-def list_gguf(repo: str, revision: str | None, store: Store) -> tuple[str, dict[str, GGUFChoice], list[str]]:
-    """(commit, quant -> files, refused names) of a repo's GGUF files."""
+@dataclass(frozen=True)
+class RepoListing:
+    commit: str
+    gguf: dict[str, GGUFChoice]  # quant -> files
+    checkpoint: tuple[RemoteFile, ...]  # what converting the repo's safetensors needs
+    refused: tuple[str, ...]  # names that could escape the store
+
+    @property
+    def is_checkpoint(self) -> bool:
+        """A safetensors repo with no GGUF: pulled by converting it."""
+        names = {f.name for f in self.checkpoint}
+        return not self.gguf and any(n.endswith(".safetensors") for n in names) and (
+            "config.json" in names or "adapter_config.json" in names)
+
+
+def list_repo(repo: str, revision: str | None, store: Store) -> RepoListing:
     from huggingface_hub import HfApi
 
     with _hub_errors(repo, store):
         info = HfApi(endpoint=_endpoint()).model_info(repo, revision=revision, files_metadata=True)
-    refused, groups = [], {}
+    refused, groups, checkpoint = [], {}, []
     for sib in info.siblings or []:
         name = sib.rfilename
-        if not name.lower().endswith(".gguf"):
-            continue
         if not safe_file_name(name):
             refused.append(name)
             continue
-        quant = quant_of(name) or Path(name).stem
         lfs = getattr(sib, "lfs", None)
-        sha = getattr(lfs, "sha256", None) if lfs is not None else None
-        groups.setdefault(quant, []).append(RemoteFile(name, int(sib.size or 0), sha))
+        remote = RemoteFile(name, int(sib.size or 0), getattr(lfs, "sha256", None) if lfs is not None else None)
+        if name.lower().endswith(".gguf"):
+            groups.setdefault(quant_of(name) or Path(name).stem, []).append(remote)
+        elif CHECKPOINT_FILE_RE.match(name):
+            checkpoint.append(remote)
     choices = {q: GGUFChoice(q, tuple(sorted(files, key=lambda f: f.name))) for q, files in groups.items()}
-    return info.sha or "", choices, refused
+    return RepoListing(info.sha or "", choices, tuple(checkpoint), tuple(refused))
 
 
 def choose(choices: dict[str, GGUFChoice], quant: str | None, repo: str) -> GGUFChoice:
     if not choices:
-        raise ModelNotFoundError(f"{repo} has no GGUF files",
-                                 hint="safetensors repos are converted by `edgellm convert`, which is not available yet")
+        raise ModelNotFoundError(f"{repo} has no GGUF files, nor safetensors weights to convert",
+                                 hint="edgellm never loads pickle (.bin/.pt) weights")
     if quant:
         found = choices.get(quant)
         if found is None:
@@ -174,6 +195,65 @@ def _reporting_tqdm(progress: Callable[[int], None]):
     return Reporting
 
 
+@dataclass(frozen=True)
+class RepoHit:
+    repo: str
+    downloads: int
+    likes: int
+
+
+def search(text: str, store: Store, limit: int = 20) -> list[RepoHit]:
+    """GGUF repos on the Hub whose name holds ``text``, most downloaded first."""
+    from huggingface_hub import HfApi
+
+    with _hub_errors("the Hub", store):
+        found = HfApi(endpoint=_endpoint()).list_models(search=text, filter="gguf", sort="downloads", limit=limit)
+        return [RepoHit(m.id, m.downloads or 0, m.likes or 0) for m in found]
+
+
+def _download(repo: str, files: tuple[RemoteFile, ...], revision: str | None, store: Store,
+              progress: Callable[[int, int], None] | None) -> list[Path]:
+    """Fetch files through the Hub cache (resuming partial ones), each checked against the listing."""
+    from huggingface_hub import hf_hub_download
+
+    total, done_before, local = sum(f.size for f in files), 0, []
+    with _hub_errors(repo, store):
+        for remote in files:
+            bars = None
+            if progress is not None:
+                base = done_before
+                bars = _reporting_tqdm(lambda n, base=base: progress(base + n, total))
+            path = Path(hf_hub_download(repo, remote.name, revision=revision, endpoint=_endpoint(), tqdm_class=bars))
+            _verify(path, remote)
+            local.append(path)
+            done_before += remote.size
+    return local
+
+
+def pull_checkpoint(repo: str, listing: RepoListing, store: Store, keep_in: Path,
+                    progress: Callable[[int, int], None] | None = None) -> Path:
+    """Download a safetensors repo's conversion files; return the folder that holds them.
+
+    The files live in the Hub cache (so a second pull downloads nothing and a broken one resumes);
+    ``keep_in/<repo name>`` links to them, so ``edgellm convert NAME`` finds them later.
+    """
+    store.root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(store.root).free
+    size = sum(f.size for f in listing.checkpoint)
+    if free < size * 2.1:  # the files, and a converted copy at most as large again (f32 -> f16 halves it)
+        raise EdgeLLMError(f"not enough disk space for {size >> 20} MiB of {repo} and its conversion "
+                           f"({free >> 20} MiB free)")
+    local = _download(repo, listing.checkpoint, listing.commit or None, store, progress)
+    folder = local[0].parent
+    keep_in.mkdir(parents=True, exist_ok=True)
+    link = keep_in / check_name(repo.split("/")[1].lower())
+    tmp = keep_in / f".{link.name}.{os.getpid()}.link"
+    tmp.unlink(missing_ok=True)
+    os.symlink(folder, tmp, target_is_directory=True)
+    os.replace(tmp, link)
+    return link
+
+
 def pull(
     ref: str, store: Store, name: str | None = None, revision: str | None = None,
     on_choice: Callable[[GGUFChoice, bool], None] | None = None,
@@ -182,11 +262,10 @@ def pull(
     """Download REPO[:QUANT] into the store; ``on_choice(choice, was_default)`` hears the pick first,
     ``progress(bytes_done, bytes_total)`` follows the download (default: huggingface_hub's bars)."""
     from filelock import FileLock
-    from huggingface_hub import hf_hub_download
 
     repo, quant = parse_ref(ref)
-    commit, choices, _refused = list_gguf(repo, revision, store)
-    choice = choose(choices, quant, repo)
+    listing = list_repo(repo, revision, store)
+    commit, choice = listing.commit, choose(listing.gguf, quant, repo)
     if on_choice:
         on_choice(choice, quant is None)
     model_name = check_name(name or f"{repo.split('/')[1].lower().removesuffix('-gguf')}-{choice.quant.lower()}")
@@ -197,19 +276,7 @@ def pull(
         free = shutil.disk_usage(store.root).free
         if free < choice.size * 1.05:
             raise EdgeLLMError(f"not enough disk space for {choice.size >> 20} MiB of {repo} ({free >> 20} MiB free)")
-        local = []
-        done_before = 0
-        with _hub_errors(repo, store):
-            for remote in choice.files:
-                bars = None
-                if progress is not None:
-                    base = done_before
-                    bars = _reporting_tqdm(lambda n, base=base: progress(base + n, choice.size))
-                path = Path(hf_hub_download(repo, remote.name, revision=commit or revision, endpoint=_endpoint(),
-                                            tqdm_class=bars))
-                _verify(path, remote)
-                local.append(path)
-                done_before += remote.size
+        local = _download(repo, choice.files, commit or revision, store, progress)
 
         def place(dest: Path) -> None:  # the first part takes the store's name; the others sit beside it
             for i, (path, remote) in enumerate(zip(local, choice.files)):
@@ -229,8 +296,8 @@ def remote_header(ref: str, store: Store, revision: str | None = None, probe_byt
     from huggingface_hub.utils import build_hf_headers
 
     repo, quant = parse_ref(ref)
-    commit, choices, _ = list_gguf(repo, revision, store)
-    choice = choose(choices, quant, repo)
+    listing = list_repo(repo, revision, store)
+    commit, choice = listing.commit, choose(listing.gguf, quant, repo)
     first = choice.files[0]
     url = hf_hub_url(repo, first.name, revision=commit or revision, endpoint=_endpoint())
     with tempfile.TemporaryDirectory() as tmp:

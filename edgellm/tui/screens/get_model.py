@@ -52,11 +52,12 @@ class GetModelScreen(Screen):
 
     @work(thread=True, exclusive=True, group="get")
     def _list(self, ref: str) -> None:
-        from edgellm.models.hub import list_gguf, parse_ref
+        from edgellm.models.hub import list_repo, parse_ref
 
         try:
             repo, _ = parse_ref(ref)
-            _, choices, refused = list_gguf(repo, None, self.app.store)
+            listing = list_repo(repo, None, self.app.store)
+            choices, refused = listing.gguf, list(listing.refused)
         except Exception as exc:
             self.app.call_from_thread(self.app.report, exc)
             return
