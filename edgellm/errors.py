@@ -64,5 +64,12 @@ class LoadError(EdgeLLMError):
     code = "load_error"
 
 
+class Cancelled(EdgeLLMError):
+    """The user stopped long work (a download, conversion, quantization); nothing half-done is kept."""
+
+    exit_code = 130
+    code = "cancelled"
+
+
 class MissingDependencyError(EdgeLLMError):
     code = "missing_dependency"

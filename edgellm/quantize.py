@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgellm.errors import EdgeLLMError, UsageError
+from edgellm.errors import Cancelled, EdgeLLMError, UsageError
 from edgellm.fsutil import atomic_path
 from edgellm.models.header import GGUFHeader, read_header
 
@@ -110,6 +110,27 @@ def is_quantized(header: GGUFHeader) -> bool:
     return any(t.type_name not in FULL_PRECISION for t in header.tensors if len(t.shape) >= 2)
 
 
+def base_name(name: str) -> str:
+    """``smollm2.q4_1`` or ``smollm2-f16`` -> ``smollm2``: the quantization is named anew."""
+    match = re.match(r"^(.+)[.-]([^.-]+)$", name)
+    return match.group(1) if match and is_quant_suffix(match.group(2)) else name
+
+
+def quantize_to_store(store, model_name: str, header: GGUFHeader, qtype: QuantType, name: str | None = None,
+                      source: str | None = None, **options) -> tuple[QuantizeResult, object]:
+    """Quantize into a new store entry, ``<model>-<type>`` unless ``name``; options as quantize().
+    ``source`` records where the model came from (default: the model quantized)."""
+    done: list[QuantizeResult] = []
+    entry = store.create(
+        name or f"{base_name(model_name.lower())}-{qtype.name.lower()}",
+        f"{base_name(header.path.stem)}-{qtype.name}.gguf",
+        source or f"quantize:{model_name}:{qtype.name}",
+        lambda dest: done.append(quantize(header, qtype, dest, **options)),
+        expected_size=estimated_size(header, qtype),
+    )
+    return done[0], entry
+
+
 def estimated_size(header: GGUFHeader, qtype: QuantType) -> int:
     """A generous estimate of the output's size, for the disk-space check."""
     return int(header.parameter_count * qtype.bpw / 8 * 1.1) + (16 << 20)
@@ -146,13 +167,15 @@ def quantize(
     output_tensor_type: str | None = None,
     token_embedding_type: str | None = None,
     on_tensor: Callable[[int, int, str], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> QuantizeResult:
     """Write ``header.path`` quantized to ``qtype`` at ``output`` with llama.cpp's own quantizer.
 
     The file appears at ``output`` only when complete and valid. llama.cpp's quantizer cannot be
     interrupted, so it runs in a daemon thread: Ctrl-C in the caller's thread removes the
     temporary file at once, and the thread's remaining writes go to a file nobody can see.
-    ``on_tensor(index, total, name)`` follows progress from llama.cpp's per-tensor log lines.
+    ``on_tensor(index, total, name)`` follows progress from llama.cpp's per-tensor log lines;
+    setting ``cancel`` stops the same way Ctrl-C does.
     """
     from edgellm.runtime import llamalog
     from edgellm.plan.hardware import physical_cores
@@ -191,7 +214,8 @@ def quantize(
 
         threading.Thread(target=work, name="llama-quantize", daemon=True).start()
         while not finished.wait(0.1):  # short waits keep Ctrl-C deliverable to this thread
-            pass
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("quantization cancelled; no file was written")
         if status != [0]:
             cause = llamalog.last_error(position) or "see EDGELLM_LLAMA_LOG=1"
             raise EdgeLLMError(f"llama.cpp could not quantize {header.path.name}: {cause}")

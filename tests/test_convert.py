@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edgellm.convert import convert
-from edgellm.convert.core import ConvertCancelled
+from edgellm.errors import Cancelled
 from edgellm.runtime.native import NativeModel
 from tests.conftest import tree
 from tests.hf_fixtures import shard, tiny_llama
@@ -162,7 +162,7 @@ def test_cancel_leaves_no_file(smollm2_hf: Path, tmp_path: Path) -> None:
         if i == 5:
             stop.set()
 
-    with pytest.raises(ConvertCancelled):
+    with pytest.raises(Cancelled):
         convert(smollm2_hf, tmp_path / "out" / "x.gguf", progress=progress, cancel=stop)
     assert tree(tmp_path / "out") == {}
 

@@ -163,3 +163,84 @@ def test_get_a_model_from_the_hub_stand_in(home: Path, tmp_path: Path, smollm2: 
         run(body())
     finally:
         hub.close()
+
+
+def test_convert_a_folder_with_a_lora_then_quantize_from_the_library(
+    home: Path, smollm2_hf: Path, smollm2_adapter: Path
+) -> None:
+    from textual.widgets import DataTable, Input
+
+    from edgellm.tui.screens.quantize import QuantizeScreen
+
+    async def body() -> None:
+        app = _app(home)
+        async with app.run_test(size=(120, 40)) as pilot:
+            table = app.screen.query_one(DataTable)
+            await _wait(pilot, lambda: table.row_count == 1)
+            # the bundled Q4_1 cannot be quantized again: said in the app, which carries on
+            await pilot.press("k")
+            assert isinstance(app.screen, QuantizeScreen)
+            await pilot.press("enter")  # Q4_K_M, the default row
+            await _wait(pilot, lambda: any("already quantized" in n.message for n in app._notifications))
+            await pilot.press("escape")
+            await pilot.press("g")
+            app.screen.query_one("#source", Input).value = str(smollm2_hf)
+            app.screen.query_one("#lora", Input).value = str(smollm2_adapter)
+            await pilot.press("enter")
+            files = app.screen.query_one("#files", DataTable)
+            await _wait(pilot, lambda: files.row_count == 7)
+            assert files.get_row_at(0)[0] == "AS IS" and files.get_row_at(4)[0] == "Q4_K_M"
+            assert "safetensors checkpoint (~" in str(app.screen.query_one("#status").render())
+            files.move_cursor(row=0)
+            files.focus()
+            await pilot.press("enter")
+            name = f"{smollm2_hf.name}-cats-adapter-f16"
+            await _wait(pilot, lambda: any(f"added {name}" in n.message for n in app._notifications), timeout=120)
+            await pilot.press("escape")
+            table = app.screen.query_one(DataTable)
+            await _wait(pilot, lambda: table.row_count == 2)
+            table.move_cursor(row=list(table.rows).index(name))
+            await pilot.press("k")
+            types = app.screen.query_one("#types", DataTable)
+            types.move_cursor(row=list(types.rows).index("Q8_0"))
+            await pilot.press("enter")
+            await _wait(pilot, lambda: table.row_count == 3, timeout=120)
+        quantized = home / "models" / f"{smollm2_hf.name}-cats-adapter-q8_0" / "manifest.json"
+        assert '"quantization": "Q8_0"' in quantized.read_text()
+
+    run(body())
+
+
+def test_reopen_a_saved_conversation(home: Path) -> None:
+    from textual.widgets import DataTable, Markdown, Static
+
+    from edgellm.runtime.templates import Message
+    from edgellm.tui.conversations import Conversations
+    from edgellm.tui.screens.chat import ChatScreen
+
+    saved = Conversations(home / "conversations.db")
+    cid = saved.new("smollm2-135m-instruct")
+    saved.save(cid, [Message("user", "Remember the word banana."), Message("assistant", "I will remember **banana**.")])
+
+    async def body() -> None:
+        app = _app(home)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await _wait(pilot, lambda: app.screen.query_one(DataTable).row_count == 1)
+            await pilot.press("h")
+            rows = app.screen.query_one("#conversations", DataTable)
+            assert rows.row_count == 1 and rows.get_row_at(0)[1:] == ["smollm2-135m-instruct", "2", "Remember the word banana."]
+            await pilot.press("enter")
+            assert isinstance(app.screen, ChatScreen)
+            assert [m.role for m in app.screen.history] == ["user", "assistant"]
+            assert str(app.screen.query(Static).filter(".user").first().render()) == "Remember the word banana."
+            assert "banana" in app.screen.query(Markdown).last()._markdown
+            prompt = app.screen.query_one("#prompt")
+            await _wait(pilot, lambda: not prompt.disabled)
+            app.settings = Settings.resolve({"temperature": 0, "max_tokens": 24})
+            prompt.value = "What word did I ask you to remember?"
+            await pilot.press("enter")
+            await _wait(pilot, lambda: not app.screen.generating)
+            assert len(app.screen.history) == 4
+        assert len(saved.load(cid)) == 4  # the same conversation goes on
+
+    run(body())

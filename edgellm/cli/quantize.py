@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -62,14 +61,6 @@ def _read_text(path: Path) -> str:
         raise UsageError(f"cannot read text {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
-def _base_name(name: str) -> str:
-    """``smollm2.q4_1`` or ``smollm2-f16`` -> ``smollm2``: the quantization is named anew."""
-    from edgellm.quantize import is_quant_suffix
-
-    match = re.match(r"^(.+)[.-]([^.-]+)$", name)
-    return match.group(1) if match and is_quant_suffix(match.group(2)) else name
-
-
 @contextmanager
 def _resolve_model(ref: str) -> Iterator[tuple]:
     """(settings, model) for MODEL; a Hugging Face checkpoint folder is converted first, to a
@@ -100,7 +91,7 @@ def quantize_one(args: argparse.Namespace, settings, model, type_name: str):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from edgellm.models import store_for
-    from edgellm.quantize import estimated_size, quant_type, quantize
+    from edgellm.quantize import quant_type, quantize, quantize_to_store
 
     qtype = quant_type(type_name)
     header = model.header
@@ -125,16 +116,7 @@ def quantize_one(args: argparse.Namespace, settings, model, type_name: str):
     with progress:
         if args.output:
             return quantize(header, qtype, args.output, **options), None
-        done = []
-        name = args.name or f"{_base_name(model.name.lower())}-{qtype.name.lower()}"
-        entry = store_for(settings).create(
-            name,
-            f"{_base_name(header.path.stem)}-{qtype.name}.gguf",
-            f"quantize:{model.name}:{qtype.name}",
-            lambda dest: done.append(quantize(header, qtype, dest, **options)),
-            expected_size=estimated_size(header, qtype),
-        )
-        return done[0], entry
+        return quantize_to_store(store_for(settings), model.name, header, qtype, args.name, **options)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -188,12 +170,13 @@ def _sweep_rows(args: argparse.Namespace, types, text: str, settings, model) -> 
     from edgellm.eval import evaluate
     from edgellm.models import store_for
     from edgellm.models.header import read_header
+    from edgellm.quantize import base_name
 
     store = store_for(settings)
     rows = []
     paths = [("base " + model.header.quantization, model.path)]
     for qtype in types:
-        name = f"{_base_name(model.name.lower())}-{qtype.name.lower()}"
+        name = f"{base_name(model.name.lower())}-{qtype.name.lower()}"
         if store.exists(name):
             entry = store.get(name)
             print(f"{qtype.name}: using {name} from the store", file=sys.stderr)

@@ -25,7 +25,7 @@ import numpy as np
 from edgellm.convert.archs import Architecture, architecture_for
 from edgellm.convert.checkpoint import Checkpoint, CheckpointError, TensorRef
 from edgellm.convert.vocab import read_vocab
-from edgellm.errors import EdgeLLMError, UsageError
+from edgellm.errors import Cancelled, UsageError
 from edgellm.fsutil import atomic_path
 
 Q = gguf.GGMLQuantizationType
@@ -35,11 +35,6 @@ FILE_TYPES = {Q.F32: gguf.LlamaFileType.ALL_F32, Q.F16: gguf.LlamaFileType.MOSTL
 
 #: (tensors done, tensors in all, bytes done, bytes in all, tensor name)
 Progress = Callable[[int, int, int, int, str], None]
-
-
-class ConvertCancelled(EdgeLLMError):
-    code = "cancelled"
-    exit_code = 130
 
 
 @dataclass(frozen=True)
@@ -191,7 +186,7 @@ def convert(
             try:
                 for i, t in enumerate(tensors):
                     if cancel is not None and cancel.is_set():
-                        raise ConvertCancelled("conversion cancelled; no file was written")
+                        raise Cancelled("conversion cancelled; no file was written")
                     data = t.make() if t.source is None else arch.transform(t.name, merge(t.source.name, t.source.numpy()))
                     writer.write_tensor_data(_encode(data, t.qtype))
                     del data
@@ -247,14 +242,13 @@ def convert_to_store(store, source: Path, outtype: str = "auto", *, name: str | 
         )
         return done[0], entry
     from edgellm.models.header import read_header
-    from edgellm.quantize import estimated_size, quant_type, quantize
+    from edgellm.quantize import quant_type, quantize_to_store
 
     target = quant_type(quant)
     store.root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=TMP_PREFIX + "convert-", dir=store.root) as tmp:
-        result = convert(source, Path(tmp) / "converted.gguf", qtype.name, **options)
-        header = read_header(result.path)
-        label = default_name(source, target.name, lora)
-        entry = store.create(name or label, f"{label}.gguf", f"{origin}:{target.name}",
-                             lambda dest: quantize(header, target, dest), expected_size=estimated_size(header, target))
+        label = default_name(source, qtype.name, lora)
+        result = convert(source, Path(tmp) / f"{label}.gguf", qtype.name, **options)
+        _, entry = quantize_to_store(store, label, read_header(result.path), target, name, f"{origin}:{target.name}",
+                                     cancel=options.get("cancel"))
     return result, entry

@@ -24,8 +24,8 @@ import numpy as np
 
 from edgellm.convert.archs import architecture_for
 from edgellm.convert.checkpoint import PICKLE_SUFFIXES, Checkpoint, CheckpointError, SafetensorsFile, TensorRef
-from edgellm.convert.core import ConvertCancelled, ConvertResult, Progress
-from edgellm.errors import UsageError
+from edgellm.convert.core import ConvertResult, Progress
+from edgellm.errors import Cancelled, UsageError
 from edgellm.fsutil import atomic_dir, atomic_path
 
 PREFIX = "base_model.model."
@@ -233,7 +233,7 @@ def merge_checkpoint(base: Path, adapters: Sequence[Path], output: Path, *, prog
                         out.write(len(raw).to_bytes(8, "little") + raw)
                         for ref in refs:
                             if cancel is not None and cancel.is_set():
-                                raise ConvertCancelled("merge cancelled; no folder was written")
+                                raise Cancelled("merge cancelled; no folder was written")
                             data = merge(ref.name, ref.numpy())
                             out.write(_encode_like(data, ref.dtype))
                             done += ref.nbytes

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 
@@ -13,35 +12,9 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input, Markdown, Static
 
 from edgellm.runtime.templates import Message
+from edgellm.tui.conversations import Conversations
 
 UPDATE_EVERY = 0.05  # seconds between redraws of a streaming answer
-
-
-class Conversations:
-    """Conversations kept in ``$EDGELLM_HOME/conversations.db`` (SQLite)."""
-
-    def __init__(self, path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, check_same_thread=False)
-        self.db.executescript(
-            "CREATE TABLE IF NOT EXISTS conversations (id INTEGER PRIMARY KEY, model TEXT, created REAL);"
-            "CREATE TABLE IF NOT EXISTS messages (conversation INTEGER, position INTEGER, role TEXT, content TEXT,"
-            " PRIMARY KEY (conversation, position));"
-        )
-
-    def new(self, model: str) -> int:
-        with self.db:
-            return self.db.execute("INSERT INTO conversations (model, created) VALUES (?, ?)", (model, time.time())).lastrowid
-
-    def save(self, conversation: int, messages: list[Message]) -> None:
-        with self.db:
-            self.db.execute("DELETE FROM messages WHERE conversation = ?", (conversation,))
-            self.db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?)",
-                                [(conversation, i, m.role, m.content) for i, m in enumerate(messages)])
-
-    def load(self, conversation: int) -> list[Message]:
-        rows = self.db.execute("SELECT role, content FROM messages WHERE conversation = ? ORDER BY position", (conversation,))
-        return [Message(role, content) for role, content in rows]
 
 
 class ChatScreen(Screen):
@@ -52,7 +25,8 @@ class ChatScreen(Screen):
         ("ctrl+b", "back", "Library"),
     ]
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, conversation: int | None = None) -> None:
+        """``conversation``: a saved conversation to reopen and go on with."""
         super().__init__()
         self.model_name = model_name
         self.model = None
@@ -62,7 +36,7 @@ class ChatScreen(Screen):
         self.idle.set()
         self.generating = False
         self.conversations: Conversations | None = None
-        self.conversation: int | None = None
+        self.conversation = conversation
 
     def compose(self) -> ComposeResult:
         yield Static(f"edgellm · chat · {self.model_name}", id="title")
@@ -73,6 +47,13 @@ class ChatScreen(Screen):
 
     def on_mount(self) -> None:
         self.conversations = Conversations(self.app.settings.home / "conversations.db")
+        if self.conversation is not None:
+            self.history = self.conversations.load(self.conversation)
+            transcript = self.query_one("#transcript", VerticalScroll)
+            for m in self.history:
+                transcript.mount(Static(m.content, classes="user") if m.role == "user"
+                                 else Markdown(m.content, classes="assistant"))
+            transcript.scroll_end(animate=False)
         self._load()
 
     @work(thread=True, exclusive=True, group="model")

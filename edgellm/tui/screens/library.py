@@ -14,6 +14,8 @@ class LibraryScreen(Screen):
     BINDINGS = [
         ("enter", "chat", "Chat"),
         ("s", "settings", "Settings"),
+        ("k", "quantize", "Quantize"),
+        ("h", "history", "Conversations"),
         ("g", "get_model", "Get a model"),
         ("i", "import_model", "Import"),
         ("d", "delete", "Delete"),
@@ -109,6 +111,18 @@ class LibraryScreen(Screen):
             from edgellm.tui.screens.settings import SettingsScreen
 
             self.app.push_screen(SettingsScreen(name))
+
+    def action_quantize(self) -> None:
+        name = self.selected()
+        if name:
+            from edgellm.tui.screens.quantize import QuantizeScreen
+
+            self.app.push_screen(QuantizeScreen(name), lambda _made: self.action_refresh())
+
+    def action_history(self) -> None:
+        from edgellm.tui.screens.history import HistoryScreen
+
+        self.app.push_screen(HistoryScreen())
 
     def action_delete(self) -> None:
         name = self.selected()
