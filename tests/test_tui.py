@@ -152,7 +152,7 @@ def test_get_a_model_from_the_hub_stand_in(home: Path, tmp_path: Path, smollm2: 
             assert [files.get_row_at(i)[0] for i in range(2)] == ["Q4_1", "Q8_0"]
             files.focus()
             await pilot.press("enter")  # the first row: Q4_1
-            await _wait(pilot, lambda: any("pulled two-quants-q4_1" in n.message for n in app._notifications))
+            await _wait(pilot, lambda: any("added two-quants-q4_1" in n.message for n in app._notifications))
             assert app.screen.query_one("#progress").percentage == 1.0
             await pilot.press("escape")
             table = app.screen.query_one(DataTable)
