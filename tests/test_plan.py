@@ -132,3 +132,26 @@ def test_doctor_on_a_machine_without_gpu(cli) -> None:
     data = json.loads(cli("doctor", "--json").stdout)
     assert data["cpu_only"] is True and data["gpus"] == []
     assert data["ram_total"] > data["ram_available"] > 0
+
+
+def test_layer_split_follows_llama_cpp() -> None:
+    from edgellm.plan.fit import layer_split
+
+    two = [("RPC0[a:1]", 8 << 30), ("RPC1[b:2]", 8 << 30)]
+    assert layer_split(30, 20, two) == [("CPU", 11), ("RPC0[a:1]", 10), ("RPC1[b:2]", 10)]
+    assert layer_split(30, -1, two, (3.0, 1.0)) == [("CPU", 0), ("RPC0[a:1]", 24), ("RPC1[b:2]", 7)]
+    assert layer_split(30, 0, two) == [("CPU", 31), ("RPC0[a:1]", 0), ("RPC1[b:2]", 0)]
+    # by free memory when no shares are given
+    assert layer_split(30, -1, [("A", 6 << 30), ("B", 2 << 30)]) == [("CPU", 0), ("A", 24), ("B", 7)]
+
+
+def test_rpc_and_tensor_split_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgellm.config import Settings
+    from edgellm.errors import EdgeLLMError
+
+    s = Settings.resolve({"rpc": "127.0.0.1:50052, 10.0.0.2:50053", "tensor_split": "3,1"})
+    assert s.load.rpc == ("127.0.0.1:50052", "10.0.0.2:50053") and s.load.tensor_split == (3.0, 1.0)
+    with pytest.raises(EdgeLLMError, match="--rpc takes HOST:PORT"):
+        Settings.resolve({"rpc": "localhost"})
+    with pytest.raises(EdgeLLMError, match="invalid value 'a,b' for tensor_split"):
+        Settings.resolve({"tensor_split": "a,b"})

@@ -31,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edgellm.cli import bench, chat, convert, plan, pull, quantize, serve, store
+    from edgellm.cli import bench, chat, convert, plan, pull, quantize, serve, store, worker
 
     parser = _Parser(
         prog="edgellm",
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.register(sub)
     serve.register(sub)
     bench.register(sub)
+    worker.register(sub)
     return parser
 
 

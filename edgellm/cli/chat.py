@@ -49,7 +49,13 @@ def _load(args: argparse.Namespace):
     template = read_template(args)
     model = resolve(args.model, settings)
     hardware = hardware_for(settings)
-    return model.name, load_model(model.path, settings.load, template, model.header, hardware), settings
+    loaded = load_model(model.path, settings.load, template, model.header, hardware)
+    load = loaded.load_options
+    if load.split:
+        planned = " · ".join(f"{device} {n}" for device, n in load.split)
+        placed = " · ".join(f"{device} {n}" for device, n in load.placed)
+        print(f"layers per device: {planned} (llama.cpp placed: {placed})", file=sys.stderr)
+    return model.name, loaded, settings
 
 
 @contextmanager

@@ -33,6 +33,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     load.add_argument("--lora", metavar="FILE", help="a GGUF LoRA adapter to apply (edgellm convert-lora makes one)")
     load.add_argument("--lora-scale", type=float, metavar="S", help="how strongly the adapter applies (default 1.0)")
+    load.add_argument("--rpc", metavar="HOST:PORT[,...]", help="RPC workers whose devices take layers (edgellm worker)")
+    load.add_argument("--tensor-split", metavar="A,B,...", help="share of layers per GPU/remote device")
     load.add_argument("--template", type=Path, metavar="FILE", help="a Jinja chat template to use instead of the model's")
     sample = parser.add_argument_group("sampling")
     sample.add_argument("--temperature", "--temp", type=float, metavar="T")
@@ -51,7 +53,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         for name in (
             "ctx", "batch", "threads", "gpu_layers", "flash_attn", "seed", "allow_long_context",
             "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "max_tokens", "stop",
-            "gpu_memory", "ram", "lora", "lora_scale",
+            "gpu_memory", "ram", "lora", "lora_scale", "rpc", "tensor_split",
         )
     }
     kv = getattr(args, "kv_type", None)
@@ -67,7 +69,7 @@ def hardware_for(settings: Settings):
     """The machine to plan for: probed, with any stated memory budgets applied."""
     from edgellm.plan.hardware import probe
 
-    return probe(settings.gpu_memory, settings.ram)
+    return probe(settings.gpu_memory, settings.ram, settings.load.rpc)
 
 
 def read_template(args: argparse.Namespace) -> str | None:

@@ -115,10 +115,12 @@ def _print_plan(d: dict) -> None:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from edgellm.config import Settings
+    from edgellm.runtime.rpc import available
 
     hw = hardware_for(Settings.resolve())
     data = asdict(hw)
     data["cpu_only"] = not hw.gpus
+    data["rpc"] = available()
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -131,6 +133,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         print("GPU          none usable: CPU only")
     print(f"backends     {', '.join(hw.backends)}; GPU offload {'yes' if hw.gpu_offload else 'no'}; flash attention yes")
     print(f"llama.cpp    {hw.system_info}")
+    print("RPC          " + ("available: `edgellm worker` lends this machine, `--rpc HOST:PORT` uses workers; the "
+                             "protocol has no authentication, so workers listen on loopback unless --allow-remote"
+                             if available() else "not in this build (rebuild llama-cpp-python with -DGGML_RPC=on)"))
     for note in hw.notes:
         print(f"note         {note}")
     return 0

@@ -151,3 +151,29 @@ def _does_not_fit(shape, ctx, kv, flash_attn, ram, gpu, kw, n_gpu_layers) -> Pla
         f"(after a {_mib(MARGIN)} margin each){nearest}"
     )
     return Plan(wanted.n_ctx, kv[0], kv[1], fa, wanted.n_gpu_layers, wanted, False, ram, gpu, reason)
+
+
+def layer_split(n_layer: int, n_gpu_layers: int, devices: list[tuple[str, int]],
+                tensor_split: tuple[float, ...] = ()) -> list[tuple[str, int]]:
+    """Where llama.cpp puts each of the ``n_layer`` repeating layers and the output layer:
+    ``[("CPU", n), (device, n), ...]``, computed as llama_model's load_tensors does it.
+
+    The offloaded layers are the last ones; they are shared among ``devices`` ((name, free bytes),
+    in llama.cpp's order) by ``tensor_split`` or else by free memory, with float32 split points.
+    """
+    import numpy as np
+
+    counts = {"CPU": 0, **{name: 0 for name, _ in devices}}
+    shares = [float(x) for x in tensor_split] if any(tensor_split) else [float(free) for _, free in devices]
+    points = np.cumsum(np.asarray(shares, dtype=np.float32), dtype=np.float32)
+    points = points / points[-1] if len(points) else points
+    n_gpu = n_layer + 1 if n_gpu_layers < 0 else n_gpu_layers
+    start = max(n_layer + 1 - n_gpu, 0)
+    active = min(n_gpu, n_layer + 1) if devices else 0
+    for il in range(n_layer + 1):
+        if il < start or il - start >= active:
+            counts["CPU"] += 1
+            continue
+        where = int(np.searchsorted(points, np.float32(il - start) / np.float32(active), side="right"))
+        counts[devices[min(where, len(devices) - 1)][0]] += 1
+    return list(counts.items())

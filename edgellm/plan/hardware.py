@@ -36,6 +36,7 @@ class GPU:
     total: int
     free: int
     assumed: bool = False  # stated by EDGELLM_GPU_MEMORY, not probed
+    device: str = ""  # ggml's device name (CUDA0, RPC0[host:port], ...), as llama.cpp logs it
 
 
 @dataclass(frozen=True)
@@ -117,14 +118,20 @@ def _nvidia_smi() -> list[GPU]:
     return gpus
 
 
-def probe(gpu_memory: int | None = None, ram: int | None = None) -> Hardware:
-    """Look at the machine; never raises on a machine without a GPU."""
+def probe(gpu_memory: int | None = None, ram: int | None = None, rpc: tuple[str, ...] = ()) -> Hardware:
+    """Look at the machine (and the devices of any RPC workers, which count as GPUs); never raises
+    on a machine without a GPU."""
     import llama_cpp
 
     from edgellm.runtime.devices import devices
 
+    if rpc:
+        from edgellm.runtime.rpc import connect
+
+        connect(rpc)
     found = devices()
-    gpus = [GPU(d.description or d.name, d.backend, d.total, d.free) for d in found if d.kind in ("gpu", "igpu")]
+    gpus = [GPU(d.description or d.name, d.backend, d.total, d.free, device=d.name)
+            for d in found if d.kind in ("gpu", "igpu")]
     offload = bool(llama_cpp.llama_supports_gpu_offload())
     notes = []
     if not gpus:

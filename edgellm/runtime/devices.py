@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 _KINDS = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}
 
@@ -24,11 +25,28 @@ class Device:
     total: int  # bytes
 
 
+def shipped_library(stem: str) -> ctypes.CDLL:
+    """One of the binding's ggml libraries, as libllama itself loaded it.
+
+    A wheel cannot hold symlinks, so ``libggml.so`` and ``libggml.so.0`` are two copies of one
+    library, each with its own device registry; libllama uses the ``.so.0`` one (its NEEDED
+    entry), which is the one whose registry a model sees.
+    """
+    import llama_cpp
+
+    folder = Path(llama_cpp.__file__).parent / "lib"
+    for name in (f"{stem}.so.0", f"{stem}.so", f"{stem}.dylib", f"{stem}.dll"):
+        if (folder / name).exists():
+            return ctypes.CDLL(str(folder / name), mode=ctypes.RTLD_GLOBAL)
+    raise FileNotFoundError(f"{stem} is not in {folder}")
+
+
 @cache
 def _ggml() -> ctypes.CDLL:
-    from llama_cpp._ggml import libggml  # the ggml build llama-cpp-python loaded
+    import llama_cpp
 
-    lib = libggml
+    llama_cpp.llama_backend_init()  # loads libllama, and with it the ggml it links
+    lib = shipped_library("libggml")
     lib.ggml_backend_dev_count.restype = ctypes.c_size_t
     lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
     lib.ggml_backend_dev_get.restype = ctypes.c_void_p

@@ -48,6 +48,8 @@ class ResolvedLoad:
     type_v: str
     seed: int
     plan: Plan | None = None  # the memory plan, when the planner chose anything
+    split: tuple[tuple[str, int], ...] = ()  # layers per device as planned, when RPC workers take part
+    placed: tuple[tuple[str, int], ...] = ()  # and as llama.cpp then logged placing them
 
 
 def resolve_load(header: GGUFHeader, options: LoadOptions, hardware: Hardware | None = None) -> ResolvedLoad:
@@ -210,6 +212,21 @@ class Model:
         yield answer.finish(finish)
 
 
+def rpc_split(header: GGUFHeader, n_gpu_layers: int, hardware: Hardware,
+              tensor_split: tuple[float, ...] = ()) -> tuple[tuple[str, int], ...]:
+    """Layers per device as llama.cpp will place them (it puts RPC devices first in its list),
+    each device named as llama.cpp logs it, with the worker's address: ``RPC0@host:port``."""
+    from edgellm.plan.fit import layer_split
+
+    gpus = sorted(hardware.gpus, key=lambda g: not g.backend.startswith("RPC"))
+    if tensor_split and len(tensor_split) != len(gpus):
+        raise UsageError(f"--tensor-split has {len(tensor_split)} shares for {len(gpus)} devices "
+                         f"({', '.join(g.device for g in gpus)})")
+    n_layer = int(header.arch_value("block_count") or 0)
+    named = [(f"{g.device}@{g.name}" if g.backend.startswith("RPC") else g.device or g.name, g.free) for g in gpus]
+    return tuple(layer_split(n_layer, n_gpu_layers, named, tensor_split))
+
+
 def check_lora(path: str | None, header: GGUFHeader) -> Path | None:
     """The adapter file, validated and checked against the model, before llama.cpp sees it."""
     if path is None:
@@ -234,7 +251,13 @@ def load_model(
     ``hardware`` is what the planner plans for (default: probe this machine)."""
     options = options or LoadOptions()
     header = header or read_header(path)
+    if options.rpc:
+        from edgellm.plan.hardware import probe
+
+        hardware = hardware or probe(rpc=options.rpc)
     load = resolve_load(header, options, hardware)
+    if options.rpc:
+        load = replace(load, split=rpc_split(header, load.n_gpu_layers, hardware, options.tensor_split))
     lora = check_lora(options.lora, header)
     chat_template = _template_for(header, template)
     llamalog.install()
@@ -255,12 +278,15 @@ def load_model(
             type_v=KV_TYPES[load.type_v][0],
             seed=load.seed,
             lora_path=str(lora) if lora else None,
+            tensor_split=list(options.tensor_split) or None,
             lora_scale=options.lora_scale,
             verbose=False,
         )
     except (ValueError, RuntimeError) as exc:
         cause = llamalog.last_error(position) or str(exc)
         raise LoadError(f"llama.cpp could not load {header.path.name}: {cause}") from None
+    if load.split:
+        load = replace(load, placed=tuple(llamalog.layers_placed(position).items()))
     return Model(llm, header, load, chat_template)
 
 

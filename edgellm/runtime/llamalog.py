@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import sys
 import threading
 from collections import deque
@@ -70,6 +71,20 @@ def mark() -> int:
 def since(position: int, min_level: int = 0) -> list[str]:
     with _lock:
         return [t for s, lvl, t in _lines if s > position and lvl >= min_level and lvl != LEVEL_DEBUG]
+
+
+def layers_placed(position: int) -> dict[str, int]:
+    """Layers per device as llama.cpp logged placing them (its debug lines) after ``position``."""
+    counts: dict[str, int] = {}
+    with _lock:
+        for s, _lvl, text in _lines:
+            match = _PLACED.search(text) if s > position else None
+            if match:
+                counts[match.group(1)] = counts.get(match.group(1), 0) + 1
+    return counts
+
+
+_PLACED = re.compile(r"layer +\d+ assigned to device ([^,\s]+)")
 
 
 def last_error(position: int) -> str | None:

@@ -32,12 +32,16 @@ class NativeModel:
     """A loaded ``llama_model``; contexts are made from it as needed."""
 
     def __init__(self, path: str | Path, n_gpu_layers: int = 0, lora: Path | None = None,
-                 lora_scale: float = 1.0) -> None:
-        """``lora``: a GGUF LoRA adapter every context of this model applies, at ``lora_scale``."""
+                 lora_scale: float = 1.0, tensor_split: tuple[float, ...] = ()) -> None:
+        """``lora``: a GGUF LoRA adapter every context of this model applies, at ``lora_scale``;
+        ``tensor_split``: each GPU's (or RPC worker's) share of the offloaded layers."""
         lib = self._lib = _lib()
         self.path = Path(path)
         params = lib.llama_model_default_params()
         params.n_gpu_layers = 2**31 - 1 if n_gpu_layers < 0 else n_gpu_layers
+        split = (ctypes.c_float * max(len(tensor_split), 1))(*tensor_split)  # alive until the load returns
+        if tensor_split:
+            params.tensor_split = ctypes.cast(split, ctypes.POINTER(ctypes.c_float))
         position = llamalog.mark()
         self.ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.ptr:

@@ -74,6 +74,8 @@ class LoadOptions:
     allow_long_context: bool = False
     lora: str | None = None  # a GGUF LoRA adapter applied at load time
     lora_scale: float = 1.0
+    rpc: tuple[str, ...] = ()  # RPC workers (host:port) whose devices join the local ones
+    tensor_split: tuple[float, ...] = ()  # share of layers per GPU/remote device (default: by free memory)
 
     def __post_init__(self) -> None:
         if self.flash_attn not in FLASH_ATTN_MODES:

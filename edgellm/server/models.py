@@ -96,7 +96,8 @@ class ModelPool:
         if not plan.fits:
             raise LoadError(f"{model.name} {plan.reason}")
         self._make_room(plan)
-        native = NativeModel(model.path, plan.n_gpu_layers, check_lora(load.lora, model.header), load.lora_scale)
+        native = NativeModel(model.path, plan.n_gpu_layers, check_lora(load.lora, model.header), load.lora_scale,
+                             load.tensor_split)
         try:
             engine = BatchEngine(
                 native, self.parallel, per_slot, load.n_threads or physical_cores(), n_batch=max(load.n_batch, 512),

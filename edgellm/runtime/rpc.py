@@ -1,0 +1,233 @@
+"""llama.cpp's RPC backend: workers that lend their devices, and the remote devices a model uses.
+
+llama-cpp-python ships ``libggml-rpc.so`` when built with ``-DGGML_RPC=on`` but does not wrap it, so
+the three functions we need are bound here with ctypes, as declared in ``ggml/include/ggml-rpc.h``
+of the llama.cpp it vendors (0.3.36: protocol 7.0.0):
+
+    void ggml_backend_rpc_start_server(const char * endpoint, const char * cache_dir,
+                                       size_t n_threads, size_t n_devices, ggml_backend_dev_t * devices);
+    ggml_backend_reg_t ggml_backend_rpc_add_server(const char * endpoint);
+    void ggml_backend_rpc_get_device_memory(const char * endpoint, uint32_t device, size_t * free, size_t * total);
+
+llama.cpp aborts the whole process when a worker cannot be reached or answers in another protocol
+version, and waits without limit for one that accepts and never answers. So before llama.cpp sees
+an endpoint, edgellm speaks the protocol's HELLO itself, with connect and read timeouts, and turns
+every way that can fail into an error naming the worker. The RPC protocol has no authentication:
+a worker listens on loopback unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+import socket
+import struct
+import sys
+import threading
+from functools import cache
+from pathlib import Path
+
+from edgellm.errors import EdgeLLMError, MissingDependencyError, UsageError
+
+PROTO_MAJOR, PROTO_MINOR = 7, 0  # RPC_PROTO_MAJOR/MINOR_VERSION in ggml-rpc.h
+CMD_HELLO = 14  # RPC_CMD_HELLO, fixed across protocol versions
+CONN_CAPS = 24  # RPC_CONN_CAPS_SIZE (transport.h): the HELLO request's body
+HELLO_RESPONSE = 4 + CONN_CAPS  # major, minor, patch, padding, conn_caps
+DEFAULT_PORT = 50052
+
+
+class WorkerError(EdgeLLMError):
+    """A worker that cannot be used; the message names it."""
+
+    code = "rpc_worker_error"
+
+
+def parse_endpoints(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``host:port,host:port`` -> endpoints, each checked to be host:port."""
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    out = []
+    for part in (p.strip() for p in parts):
+        host, sep, port = part.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise UsageError(f"--rpc takes HOST:PORT[,HOST:PORT...], got {part!r}")
+        out.append(f"{host}:{int(port)}")
+    return tuple(out)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def hello(endpoint: str, timeout: float = 5.0) -> tuple[int, int, int]:
+    """The worker's protocol version, asked the way llama.cpp asks it, but with timeouts."""
+    host, _, port = endpoint.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(struct.pack("<BQ", CMD_HELLO, CONN_CAPS) + bytes(CONN_CAPS))
+            head = _recv(sock, 8)
+            (size,) = struct.unpack("<Q", head)
+            if size != HELLO_RESPONSE:
+                raise WorkerError(f"worker {endpoint} answered HELLO with {size} bytes, not an RPC worker of "
+                                  f"protocol {PROTO_MAJOR}.x")
+            major, minor, patch = _recv(sock, size)[:3]
+    except WorkerError:
+        raise
+    except TimeoutError:
+        raise WorkerError(f"worker {endpoint} did not answer within {timeout:.0f} s",
+                          hint="is it busy with another client? a worker serves one at a time") from None
+    except OSError as exc:
+        raise WorkerError(f"worker {endpoint} is unreachable: {exc.strerror or exc}",
+                          hint="start it with `edgellm worker --port PORT` on that machine") from None
+    if major != PROTO_MAJOR or minor > PROTO_MINOR:
+        raise WorkerError(f"worker {endpoint} speaks RPC protocol {major}.{minor}.{patch}; this build speaks "
+                          f"{PROTO_MAJOR}.{PROTO_MINOR}", hint="run the same edgellm/llama.cpp version on both ends")
+    return major, minor, patch
+
+
+def _recv(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise OSError("the worker closed the connection")
+        data += chunk
+    return data
+
+
+@cache
+def _lib() -> ctypes.CDLL:
+    from edgellm.runtime.devices import _ggml, shipped_library
+
+    _ggml()
+    try:
+        lib = shipped_library("libggml-rpc")
+    except (FileNotFoundError, OSError):
+        raise MissingDependencyError(
+            "this llama-cpp-python build has no RPC backend",
+            hint="rebuild it with CMAKE_ARGS=-DGGML_RPC=on (`make wheel` does; pip needs --no-cache-dir "
+                 "--force-reinstall to rebuild the same version)",
+        ) from None
+    lib.ggml_backend_rpc_start_server.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t,
+                                                  ctypes.POINTER(ctypes.c_void_p)]
+    lib.ggml_backend_rpc_start_server.restype = None
+    lib.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
+    lib.ggml_backend_rpc_add_server.restype = ctypes.c_void_p
+    lib.ggml_backend_rpc_get_device_memory.argtypes = [ctypes.c_char_p, ctypes.c_uint32, ctypes.POINTER(ctypes.c_size_t),
+                                                       ctypes.POINTER(ctypes.c_size_t)]
+    lib.ggml_backend_rpc_get_device_memory.restype = None
+    return lib
+
+
+def available() -> bool:
+    try:
+        _lib()
+        return True
+    except MissingDependencyError:
+        return False
+
+
+_connected: dict[str, int] = {}  # endpoint -> devices registered: ggml's registry is per process too
+_connect_lock = threading.Lock()
+
+
+def connect(endpoints: tuple[str, ...], timeout: float = 5.0) -> int:
+    """Register each worker's devices with ggml (once per process), so models can use them.
+
+    Returns the number of remote devices. Every worker is asked HELLO first: llama.cpp would abort
+    the process on one that is down or of another protocol version.
+    """
+    from edgellm.runtime.devices import _ggml
+
+    lib, ggml = _lib(), _ggml()
+    ggml.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
+    ggml.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    ggml.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
+    ggml.ggml_backend_device_register.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_device_register.restype = None
+    _install_abort_hook()
+    with _connect_lock:
+        for endpoint in endpoints:
+            if endpoint in _connected:
+                continue
+            hello(endpoint, timeout)
+            reg = lib.ggml_backend_rpc_add_server(endpoint.encode())
+            if not reg:
+                raise WorkerError(f"llama.cpp could not add worker {endpoint}")
+            n = ggml.ggml_backend_reg_dev_count(reg)
+            for i in range(n):
+                ggml.ggml_backend_device_register(ggml.ggml_backend_reg_dev_get(reg, i))
+            _connected[endpoint] = n
+        return sum(_connected[e] for e in endpoints)
+
+
+def _refuses(endpoint: str) -> bool:
+    """Whether nothing listens at the endpoint any more (a busy worker still accepts connections)."""
+    host, _, port = endpoint.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1.0).close()
+        return False
+    except OSError:
+        return True
+
+
+_ABORT_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+
+
+@cache
+def _install_abort_hook() -> object:
+    """When a worker dies mid-run, llama.cpp aborts the process from its RPC thread; this turns that
+    into one line naming the worker and a clean exit status, instead of a core dump."""
+    from edgellm.runtime.devices import _ggml
+
+    def on_abort(message: bytes | None) -> None:
+        dead = [e for e in _connected if _refuses(e)]
+        who = ", ".join(dead) or ", ".join(_connected)
+        text = (message or b"").decode(errors="replace").strip().splitlines()
+        sys.stderr.write(f"error: worker {who} stopped answering; llama.cpp cannot go on without it "
+                         f"({text[0] if text else 'RPC failure'})\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    hook = _ABORT_CALLBACK(on_abort)
+    ggml = _ggml()
+    ggml.ggml_set_abort_callback.argtypes = [_ABORT_CALLBACK]
+    ggml.ggml_set_abort_callback.restype = ctypes.c_void_p
+    ggml.ggml_set_abort_callback(hook)
+    return hook  # kept alive by the cache: ggml calls it from its own threads
+
+
+def serve(host: str, port: int, threads: int, cache_dir: Path | None, stop: threading.Event) -> None:
+    """Run a worker exposing this machine's CPU until ``stop`` is set (or the process ends).
+
+    llama.cpp's server loop never returns, so it runs in a daemon thread; the caller's thread
+    waits on ``stop`` and stays able to take Ctrl-C.
+    """
+    from edgellm.runtime.devices import _ggml
+
+    lib, ggml = _lib(), _ggml()
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise WorkerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    cpu = ggml.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+    devices = (ctypes.c_void_p * 1)(cpu)
+    endpoint = f"{host}:{port}".encode()
+    cache = str(cache_dir).encode() if cache_dir else None
+    if cache_dir:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    threading.Thread(target=lib.ggml_backend_rpc_start_server, args=(endpoint, cache, threads, 1, devices),
+                     name="rpc-worker", daemon=True).start()
+    while not stop.wait(0.2):
+        pass
