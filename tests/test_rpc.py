@@ -31,8 +31,10 @@ def start_worker(tmp_path: Path) -> tuple[subprocess.Popen, str]:
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGELLM_HOME": str(tmp_path / "worker-home")}
-    proc = subprocess.Popen([sys.executable, "-m", "edgellm", "worker", "--port", str(port), "-t", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    log = tmp_path / f"worker-{port}.log"  # a file, not a pipe: a full pipe would stall the worker
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "edgellm", "worker", "--port", str(port), "-t", "1"],
+                                stdout=subprocess.DEVNULL, stderr=sink, env=env)
     endpoint = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
@@ -40,7 +42,7 @@ def start_worker(tmp_path: Path) -> tuple[subprocess.Popen, str]:
             hello(endpoint, timeout=1)
             return proc, endpoint
         except EdgeLLMError:
-            assert proc.poll() is None, proc.stderr.read().decode()
+            assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "the worker did not start"
             time.sleep(0.2)
 
@@ -135,3 +137,41 @@ def test_worker_killed_during_generation(tmp_path: Path, home: Path) -> None:
 def test_worker_refuses_a_public_address_without_allow_remote(cli) -> None:
     done = cli("worker", "--host", "0.0.0.0", "--port", str(free_port()))
     assert done.returncode == 2 and "not a loopback address" in done.stderr and "--allow-remote" in done.stderr
+
+
+@pytest.mark.slow
+def test_server_stays_up_when_a_worker_dies(tmp_path: Path, smollm2: Path) -> None:
+    import openai
+
+    from tests.test_server import Server
+
+    proc_a, a = start_worker(tmp_path)
+    proc_b, b = start_worker(tmp_path)
+    server = Server(tmp_path / "home", smollm2, "--rpc", f"{a},{b}", "--gpu-layers", "all")
+    try:
+        client = server.client(timeout=60)
+        first = client.chat.completions.create(model=server.name, messages=[{"role": "user", "content": PROMPT}],
+                                               max_tokens=16, temperature=0)
+        assert "Berlin" in first.choices[0].message.content
+        stream = client.chat.completions.create(
+            model=server.name, messages=[{"role": "user", "content": "Write a very long story about a dragon."}],
+            max_tokens=900, stream=True)
+        chunks = iter(stream)
+        next(chunks)  # generating over both workers
+        proc_b.kill()
+        proc_b.wait()
+        with pytest.raises(openai.APIError, match=f"worker {b} stopped answering"):
+            for _ in chunks:
+                pass
+        status, health, _ = server.raw("/health")
+        assert status == 200 and health["status"] == "degraded" and f"worker {b} stopped answering" in health["error"]
+        assert server.proc.poll() is None
+        # the next request says which worker is missing, at once
+        status, body, _ = server.raw("/v1/chat/completions", {"model": server.name, "messages": [
+            {"role": "user", "content": "hi"}]})
+        assert status >= 400 and f"worker {b} is unreachable" in body["error"]["message"]
+    finally:
+        server.stop()
+        for p in (proc_a, proc_b):
+            p.kill()
+            p.wait()

@@ -87,6 +87,7 @@ class BatchEngine:
         self.slots = [_Slot(i) for i in range(n_parallel)]
         self.max_queue = max_queue
         self._queue: deque[GenerationRequest] = deque()
+        self.broken: BaseException | None = None  # set by abandon()
         self._cond = threading.Condition()
         self.lock = threading.Lock()  # held while the context is in use (one step, or an outside job)
         self._stopped = False
@@ -98,10 +99,23 @@ class BatchEngine:
         if not request.prompt:
             raise EdgeLLMError("the prompt is empty")
         with self._cond:
+            if self.broken is not None:
+                raise self.broken
             if len(self._queue) >= self.max_queue:
                 raise QueueFullError("every slot is busy and the queue is full", hint="retry shortly")
             self._queue.append(request)
             self._cond.notify()
+
+    def abandon(self, exc: BaseException) -> None:
+        """Fail every request, from another thread, when the engine thread is stuck for good
+        (a dead RPC worker parks it inside llama_decode); new requests get ``exc`` at once."""
+        with self._cond:
+            self.broken = exc
+            self._stopped = True
+            requests = [s.request for s in self.slots if s.request] + list(self._queue)
+            self._queue.clear()
+        for request in requests:
+            request.emit(exc)
 
     @property
     def busy(self) -> bool:

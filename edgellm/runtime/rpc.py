@@ -21,10 +21,13 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import os
+import re
 import socket
 import struct
 import sys
 import threading
+import time
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -168,31 +171,64 @@ def connect(endpoints: tuple[str, ...], timeout: float = 5.0) -> int:
         return sum(_connected[e] for e in endpoints)
 
 
+def check_alive(endpoints: tuple[str, ...], timeout: float = 2.0) -> None:
+    """Before loading again in a long-lived process: every worker must still answer HELLO. A dead
+    one is named first; one that stays silent is busy (a model the process lost still holds it)."""
+    errors = []
+    for endpoint in endpoints:
+        try:
+            hello(endpoint, timeout)
+        except WorkerError as exc:
+            errors.append(exc)
+    if errors:
+        raise next((e for e in errors if "unreachable" in e.message), errors[0])
+
+
 def _refuses(endpoint: str) -> bool:
     """Whether nothing listens at the endpoint any more (a busy worker still accepts connections)."""
     host, _, port = endpoint.rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=1.0).close()
         return False
-    except OSError:
+    except ConnectionRefusedError:
         return True
+    except OSError:  # a timeout: alive, with a full queue of connections (ours among them)
+        return False
 
 
 _ABORT_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+_failure_handlers: list[Callable[[WorkerError], None]] = []
+
+
+def on_worker_failure(handler: Callable[[WorkerError], None]) -> None:
+    """Survive a worker that dies mid-run: ``handler`` hears of it, and the llama.cpp thread that
+    found out is parked for good instead of aborting the process (the server uses this to fail
+    the requests in flight and stay up). Without a handler the process exits with one line."""
+    _failure_handlers.append(handler)
 
 
 @cache
 def _install_abort_hook() -> object:
     """When a worker dies mid-run, llama.cpp aborts the process from its RPC thread; this turns that
-    into one line naming the worker and a clean exit status, instead of a core dump."""
+    into one line naming the worker (and a clean exit status, or a parked thread), not a core dump."""
     from edgellm.runtime.devices import _ggml
 
     def on_abort(message: bytes | None) -> None:
-        dead = [e for e in _connected if _refuses(e)]
-        who = ", ".join(dead) or ", ".join(_connected)
         text = (message or b"").decode(errors="replace").strip().splitlines()
-        sys.stderr.write(f"error: worker {who} stopped answering; llama.cpp cannot go on without it "
-                         f"({text[0] if text else 'RPC failure'})\n")
+        cause = re.sub(r"^\S+:\d+: ", "", text[0]) if text else "RPC failure"  # drop llama.cpp's file:line
+        dead: list[str] = []
+        for _ in range(10):  # the worker's connection may close a moment before its listening socket
+            dead = [e for e in _connected if _refuses(e)]
+            if dead:
+                break
+            time.sleep(0.2)
+        error = WorkerError(f"worker {', '.join(dead or _connected)} stopped answering; llama.cpp cannot go on "
+                            f"without it ({cause})")
+        if _failure_handlers and ("RPC" in cause or dead):
+            for handler in _failure_handlers:
+                handler(error)
+            threading.Event().wait()  # never returns: llama.cpp would abort() right after us
+        sys.stderr.write(f"error: {error.message}\n")
         sys.stderr.flush()
         os._exit(1)
 

@@ -108,6 +108,8 @@ def create_app(pool: ModelPool, config: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
+        if pool.failure:
+            return {"status": "degraded", "error": pool.failure}
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -315,7 +317,12 @@ async def _respond(served: Served, gen: GenerationRequest, stream: bool, kind: s
                         yield event(None, {"usage": usage(chunk)})
                     yield b"data: [DONE]\n\n"
                     return
-                chunk = await anext(chunks)
+                try:
+                    chunk = await anext(chunks)
+                except EdgeLLMError as exc:  # too late for an HTTP status: an error event, as OpenAI sends
+                    error = {"message": str(exc), "type": "server_error", "param": None, "code": exc.code}
+                    yield f"data: {json.dumps({'error': error})}\n\n".encode()
+                    return
         finally:
             await chunks.aclose()
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from edgellm.config import Settings
-from edgellm.errors import LoadError, ModelNotFoundError
+from edgellm.errors import EdgeLLMError, LoadError, ModelNotFoundError
 from edgellm.models import resolve, store_for
 from edgellm.models.header import GGUFHeader
 from edgellm.plan.fit import Plan, fit
@@ -53,8 +53,23 @@ class ModelPool:
         self._loaded: dict[str, Served] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self.failure: str | None = None  # the last RPC worker failure, for /health
         if keep_alive >= 0:
             threading.Thread(target=self._reap, name="edgellm-keep-alive", daemon=True).start()
+        if settings.load.rpc:
+            from edgellm.runtime.rpc import on_worker_failure
+
+            on_worker_failure(self._worker_failed)
+
+    def _worker_failed(self, error: EdgeLLMError) -> None:
+        """A worker died under a loaded model: its requests fail, the model is dropped unfreed
+        (freeing it would talk to the dead worker), and the next request loads it anew."""
+        self.failure = error.message
+        # no lock: the thread that found out may be a request's, holding it while it loads
+        dropped = list(self._loaded.values())
+        self._loaded.clear()
+        for served in dropped:
+            served.engine.abandon(LoadError(error.message))
 
     def _reap(self) -> None:
         while not self._stop.wait(min(max(self.keep_alive / 4, 0.5), 10)):
@@ -96,6 +111,10 @@ class ModelPool:
         if not plan.fits:
             raise LoadError(f"{model.name} {plan.reason}")
         self._make_room(plan)
+        if load.rpc:  # llama.cpp would abort on a worker that died since the last load
+            from edgellm.runtime.rpc import check_alive
+
+            check_alive(load.rpc)
         native = NativeModel(model.path, plan.n_gpu_layers, check_lora(load.lora, model.header), load.lora_scale,
                              load.tensor_split)
         try:
