@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import sys
 
 from edgellm.cli.common import add_model_options, hardware_for, settings_from_args
 from edgellm.errors import UsageError
+from edgellm.net import is_loopback
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,15 +23,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-alive", type=float, default=300, metavar="SECONDS", help="unload idle models after (-1: never)")
     add_model_options(p)
     p.set_defaults(func=cmd_serve)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

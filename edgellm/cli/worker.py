@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from edgellm.plan.hardware import physical_cores
-    from edgellm.runtime.rpc import is_loopback, serve
+    from edgellm.net import is_loopback
+    from edgellm.runtime.rpc import serve
 
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be 1-65535, got {args.port}")

@@ -19,7 +19,6 @@ a worker listens on loopback unless told otherwise.
 from __future__ import annotations
 
 import ctypes
-import ipaddress
 import os
 import re
 import socket
@@ -56,15 +55,6 @@ def parse_endpoints(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
             raise UsageError(f"--rpc takes HOST:PORT[,HOST:PORT...], got {part!r}")
         out.append(f"{host}:{int(port)}")
     return tuple(out)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def hello(endpoint: str, timeout: float = 5.0) -> tuple[int, int, int]:
