@@ -61,6 +61,12 @@ class PlannedTensor:
     def nbytes(self) -> int:
         return int(np.prod(gguf.quant_shape_to_byte_shape(self.shape, self.qtype)))
 
+    def writer_info(self) -> tuple[tuple[int, ...], np.dtype]:
+        """The shape and dtype GGUFWriter wants: native for f32/f16, raw bytes for block types."""
+        if self.qtype in (Q.F32, Q.F16):
+            return self.shape, np.dtype(np.float32 if self.qtype == Q.F32 else np.float16)
+        return gguf.quant_shape_to_byte_shape(self.shape, self.qtype), np.dtype(np.uint8)
+
 
 def outtype_for(name: str, ckpt: Checkpoint) -> Q:
     key = name.lower()
@@ -171,11 +177,7 @@ def convert(
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         vocab.add_to(writer, ckpt.folder)
         for t in tensors:
-            writer.add_tensor_info(t.name, gguf.quant_shape_to_byte_shape(t.shape, t.qtype)
-                                   if t.qtype not in (Q.F32, Q.F16) else t.shape,
-                                   np.dtype(np.uint8) if t.qtype not in (Q.F32, Q.F16)
-                                   else np.dtype(np.float32 if t.qtype == Q.F32 else np.float16),
-                                   t.nbytes, raw_dtype=t.qtype)
+            writer.add_tensor_info(t.name, *t.writer_info(), t.nbytes, raw_dtype=t.qtype)
 
         total = sum(t.nbytes for t in tensors)
         with atomic_path(output) as tmp:
@@ -206,7 +208,6 @@ def _encode(data: np.ndarray, qtype: Q) -> np.ndarray:
     if qtype == Q.F16:
         return data.astype(np.float16)
     return gguf.quants.quantize(data.astype(np.float32, copy=False), qtype)
-
 
 
 def default_name(source: Path, outtype: str, lora: Sequence[Path] = ()) -> str:
