@@ -187,7 +187,7 @@ class Merge:
 
 # ---- edgellm merge: the merged model as a HF safetensors checkpoint --------------------------
 
-_OUT_DTYPES = {"F32": np.float32, "F16": np.float16}
+_OUT_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
 
 
 def _encode_like(data: np.ndarray, dtype: str) -> bytes:
