@@ -173,3 +173,35 @@ def test_adapter_for_another_hidden_size_is_refused(cli, smollm2_hf: Path, tmp_p
     assert done.returncode == 1
     assert "does not fit the base: module model.layers.0.mlp.down_proj is [576, 1536] in the base but [64, 128]" in done.stderr
     assert not (tmp_path / "x.gguf").exists()
+
+
+VARIANTS = {
+    # an embedding LoRA (PEFT also saves the base embedding beside it)
+    "embedding": dict(target_modules=["embed_tokens", "q_proj"]),
+    # rsLoRA (alpha / sqrt(r)) with a rank and an alpha that differ per module
+    "rslora-patterns": dict(use_rslora=True, rank_pattern={"q_proj": 4}, alpha_pattern={"v_proj": 32}),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_adapter_variants_merge_like_peft(smollm2_hf: Path, tmp_path: Path, variant: str) -> None:
+    import torch
+    from peft import PeftModel
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    adapter = peft_adapter(smollm2_hf, tmp_path / variant, **VARIANTS[variant])
+    ours = load_file(str(merge_checkpoint(smollm2_hf, [adapter], tmp_path / "merged").path / "model.safetensors"))
+    base = AutoModelForCausalLM.from_pretrained(smollm2_hf, dtype=torch.float32)
+    theirs = PeftModel.from_pretrained(base, adapter).merge_and_unload().state_dict()
+    assert max(float(np.abs(ours[k] - theirs[k].numpy()).max()) for k in ours) < 1e-4
+    if variant == "rslora-patterns":  # one alpha per GGUF LoRA file: the patterns are folded into B
+        merged = convert(smollm2_hf, tmp_path / "merged.gguf", "f32", lora=[adapter]).path
+        lora = convert_lora(adapter, smollm2_hf, tmp_path / "lora.gguf", "f32").path
+        base_gguf = convert(smollm2_hf, tmp_path / "base.gguf", "f32").path
+        ids = hf_ids(smollm2_hf, PROMPTS[:2])
+        expected = gguf_logits(merged, ids)
+        with NativeModel(base_gguf, lora=lora) as model, model.context(n_ctx=512, n_threads=2) as ctx:
+            for seq, m in zip(ids, expected):
+                ctx.clear()
+                assert float(np.abs(ctx.logits([seq], first=len(seq) - 1)[0][0] - m).max()) < TOLERANCE

@@ -96,8 +96,8 @@ class Adapter:
                     embeddings.add(match["module"])
             elif "lora_magnitude_vector" in name:
                 raise CheckpointError(f"{folder.name} holds DoRA magnitudes; edgellm does not merge DoRA")
-            else:
-                self.replaced[name.replace(".modules_to_save.default", "")] = ref
+            else:  # modules_to_save, or the base embedding PEFT saves beside an embedding LoRA
+                self.replaced[name.replace(".modules_to_save.default", "").replace(".base_layer", "")] = ref
         for module, parts in found.items():
             if set(parts) != {"lora_A", "lora_B"}:
                 missing = ({"lora_A", "lora_B"} - set(parts)).pop()
@@ -151,7 +151,7 @@ class Adapter:
 
     def apply(self, hf_name: str, data: np.ndarray) -> np.ndarray:
         if hf_name in self.replaced:
-            return self.replaced[hf_name].numpy()
+            data = self.replaced[hf_name].numpy()
         pair = self.pairs.get(hf_name.removesuffix(".weight")) if hf_name.endswith(".weight") else None
         return data + pair.delta() if pair else data
 
