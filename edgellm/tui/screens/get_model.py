@@ -147,6 +147,8 @@ class GetModelScreen(Screen):
             self.app.report(exc)
             self._status(f"{what}: {exc}")
         else:
+            bar = self.query_one("#progress", ProgressBar)
+            bar.update(total=bar.total or 1, progress=bar.total or 1)  # done, even if no byte was reported
             self._status(f"added {entry.name}")
             self.app.notify(f"added {entry.name}")
 
