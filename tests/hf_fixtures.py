@@ -80,7 +80,7 @@ def tiny_llama(dest: Path, tokenizer_from: Path, layers: int = 2, **config_chang
                   head_dim=16, num_hidden_layers=layers, **config_changes)
     (dest / "config.json").write_text(json.dumps(config), encoding="utf-8")
     rng = np.random.default_rng(0)
-    e, f, v = 64, 128, 49152
+    e, f, v = 64, 128, config["vocab_size"]
     tensors = {"model.embed_tokens.weight": rng.standard_normal((v, e), np.float32), "model.norm.weight": np.ones(e, np.float32)}
     for b in range(layers):
         p = f"model.layers.{b}."

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from edgellm.convert import convert
+from edgellm.convert.checkpoint import CheckpointError
 from edgellm.errors import Cancelled
 from edgellm.runtime.native import NativeModel
 from tests.conftest import tree
@@ -289,3 +290,34 @@ def test_other_architectures_answer_like_transformers(smollm2_hf: Path, tmp_path
     out = convert(folder, tmp_path / "out.gguf", "f32")
     assert out.arch == {"mistral": "llama"}.get(model_type, model_type)
     assert_same_answers(folder, out.path)
+
+
+def test_sentencepiece_model_alone_tokenizes_like_sentencepiece(smollm2_hf: Path, tmp_path: Path) -> None:
+    """A checkpoint that ships only tokenizer.model: a real SentencePiece model, trained here on
+    CPython's documentation, must split text in llama.cpp exactly as sentencepiece does."""
+    import pydoc_data.topics
+    import sentencepiece as spm
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)), "utf-8")
+    # trained as LLM tokenizers are (Llama, Mistral): no normalization, whitespace kept, digits split
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=2000,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, split_digits=True,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   num_threads=2, minloglevel=2)
+    folder = tiny_llama(tmp_path / "ckpt", smollm2_hf, vocab_size=2000, bos_token_id=1, eos_token_id=2)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (folder / f).unlink(missing_ok=True)
+    shutil.copy(tmp_path / "sp.model", folder / "tokenizer.model")
+    out = convert(folder, tmp_path / "sp.gguf", "f32").path
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    with NativeModel(out) as model:
+        for text in ["Hello world", "def f(x):\n    return x", "naïve café 🚀", "1234567 3.14", "  two  spaces"]:
+            assert model.tokenize(text, add_special=True) == [sp.bos_id(), *sp.encode(text)], repr(text)
+    # sentencepiece's default NFKC + whitespace collapsing cannot be reproduced by llama.cpp: refused
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "nfkc"), vocab_size=2000,
+                                   model_type="bpe", num_threads=2, minloglevel=2)
+    shutil.copy(tmp_path / "nfkc.model", folder / "tokenizer.model")
+    with pytest.raises(CheckpointError, match="tokenizer.model normalizes text"):
+        convert(folder, tmp_path / "nfkc.gguf", "f32")
+    assert not (tmp_path / "nfkc.gguf").exists()

@@ -180,6 +180,12 @@ def from_sentencepiece(path: Path, n_vocab: int) -> Vocab:
     sp = SentencePieceProcessor()
     if not sp.Load(str(path)):
         raise CheckpointError(f"cannot read {path.name} as a SentencePiece model")
+    probe = "a\n\n  b\tc"
+    if sp.decode(sp.encode(probe)) != probe:
+        raise CheckpointError(
+            f"{path.name} normalizes text (NFKC or collapsed whitespace), which llama.cpp's SentencePiece "
+            "tokenizer does not do: the converted model would tokenize differently",
+        )
     if sp.vocab_size() > n_vocab:
         raise CheckpointError(
             f"{path.name} has {sp.vocab_size()} tokens but the model's embedding has only {n_vocab} rows"
@@ -199,7 +205,8 @@ def from_sentencepiece(path: Path, n_vocab: int) -> Vocab:
         tokens.append(next((t for t, j in extra.items() if j == i), f"[PAD{i}]"))
         scores.append(-1000.0)
         types.append(gguf.TokenType.USER_DEFINED if tokens[-1] in extra else gguf.TokenType.UNUSED)
-    return Vocab("llama", tokens, types, scores=scores, add_space_prefix=True, add_bos_default=True)
+    dummy_prefix = sp.encode("a", out_type=str)[0].startswith("\u2581")
+    return Vocab("llama", tokens, types, scores=scores, add_space_prefix=dummy_prefix, add_bos_default=True)
 
 
 def read_vocab(folder: Path, n_vocab: int) -> Vocab:
