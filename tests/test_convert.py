@@ -223,7 +223,8 @@ def _small_embedding(folder: Path) -> None:
 
 REFUSALS = {
     "pickle": (_pickle_only, "holds only pickle weights (pytorch_model.bin), which edgellm refuses"),
-    "remote-code": (_edit_config(auto_map={"AutoModelForCausalLM": "modeling_x.X"}), "needs trust_remote_code"),
+    "remote-code": (_edit_config(architectures=["CustomForCausalLM"], auto_map={"AutoModelForCausalLM": "modeling_x.X"}),
+                    "CustomForCausalLM needs trust_remote_code"),
     "unknown-arch": (_edit_config(architectures=["FancyNewForCausalLM"]),
                      "architecture FancyNewForCausalLM is not supported (edgellm converts: Gemma3ForCausalLM"),
     "missing-tensor": (_rewrite_weights(lambda w: w.pop("model.layers.1.mlp.up_proj.weight")),
@@ -246,6 +247,12 @@ def test_cli_refuses_bad_checkpoints_and_leaves_nothing(cli, smollm2_hf: Path, t
         assert done.returncode == 1, done.stderr
         assert message in done.stderr and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert tree(out) == {} and tree(cli.home / "models") == {}
+
+
+def test_repo_code_is_never_needed_for_a_known_architecture(smollm2_hf: Path, tmp_path: Path) -> None:
+    """Phi-3's repos, for one, still name their own modeling code; our table converts them."""
+    folder = _broken(tmp_path, smollm2_hf, _edit_config(auto_map={"AutoModelForCausalLM": "modeling_llama.X"}))
+    assert convert(folder, tmp_path / "x.gguf", "f32").arch == "llama"
 
 
 def test_cli_usage_errors(cli, smollm2_hf: Path, tmp_path: Path) -> None:

@@ -290,10 +290,19 @@ class Phi3(Architecture):
 
 
 def architecture_for(config: dict[str, Any]) -> Architecture:
+    """The table's entry for the checkpoint. Repo code (``auto_map``) never runs: a known
+    architecture is converted by our own code even where the repo ships its own (Phi-3 does);
+    an unknown one would need the repo's code, trust_remote_code, and is refused as such."""
     names = config.get("architectures") or []
     for name in names:
         if name in ARCHITECTURES:
             return ARCHITECTURES[name](config)
+    if config.get("auto_map"):
+        raise CheckpointError(
+            f"{', '.join(names) or 'this model'} needs trust_remote_code (its config.json maps to code shipped in "
+            "the repo), which edgellm never runs",
+            hint=f"edgellm converts: {supported()}",
+        )
     raise CheckpointError(
         f"architecture {', '.join(names) or '(none named in config.json)'} is not supported",
         hint=f"edgellm converts: {supported()}",

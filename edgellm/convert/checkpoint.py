@@ -212,11 +212,6 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read {path}: {exc}") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} is not a JSON object")
-    if config.get("auto_map"):
-        raise CheckpointError(
-            f"{folder.name} needs trust_remote_code (its config.json maps to code shipped in the repo), "
-            "which edgellm never runs",
-        )
     # multimodal checkpoints keep the language model's settings in text_config
     text = config.get("text_config")
     if isinstance(text, dict):
