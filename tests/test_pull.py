@@ -188,7 +188,7 @@ def test_not_enough_disk(hub: HubStandIn, tmp_path: Path, monkeypatch: pytest.Mo
 def test_pull_a_safetensors_repo_converts_and_quantizes(pull_cli, hub: HubStandIn, home: Path) -> None:
     r = pull_cli("pull", CHECKPOINT_REPO, "--quant", "q4_k_m")
     assert r.returncode == 0, r.stderr
-    assert "has no GGUF files: downloading its safetensors checkpoint" in r.stderr
+    assert "has no GGUF files: its safetensors checkpoint (516.5 MiB) converts to Q4_K_M; fits: " in r.stderr
     assert r.stdout.startswith("pulled smollm2-135m-instruct-q4_k_m (")
     assert not any("pytorch_model.bin" in line for line in hub.requests if line.startswith("GET /test"))
     assert sorted(p.name for p in (home / "models").iterdir()) == ["smollm2-135m-instruct-q4_k_m"]
@@ -222,3 +222,12 @@ def test_search_lists_gguf_repos_by_downloads(pull_cli, hub: HubStandIn) -> None
     assert [line.split()[0] for line in lines[1:]] == [REPO]  # the safetensors repo is not a GGUF repo
     none = pull_cli("search", "no-such-model")
     assert none.returncode == 1 and "no GGUF repos match 'no-such-model'" in none.stderr
+
+
+def test_plan_of_a_safetensors_repo_reads_only_headers(pull_cli, hub: HubStandIn, home: Path, tmp_path: Path) -> None:
+    r = pull_cli("pull", "--plan", CHECKPOINT_REPO, "--quant", "Q4_K_M")
+    assert r.returncode == 0, r.stderr
+    assert "converts to Q4_K_M; fits: ctx 4096" in r.stderr
+    assert tree(home / "models") == {} and not list((tmp_path / "hf").rglob("*.safetensors"))
+    small = pull_cli("pull", "--plan", CHECKPOINT_REPO, extra={"EDGELLM_RAM": "64MiB"})
+    assert small.returncode == 1 and "converts to f16/bf16; does not fit" in small.stderr

@@ -37,16 +37,18 @@ def _fit_line(header, settings) -> tuple[bool, str]:
 def _pull_checkpoint(args: argparse.Namespace, settings, store, repo: str, listing, quant: str | None) -> int:
     """A safetensors repo: download what conversion needs, convert (merging adapters), quantize."""
     from edgellm.cli.convert import run_with_bar
-    from edgellm.convert.core import convert_to_store
-    from edgellm.models.hub import list_repo, parse_ref, pull_checkpoint
+    from edgellm.convert.core import checkpoint_shape, convert_to_store
+    from edgellm.models.hub import list_repo, parse_ref, pull_checkpoint, remote_checkpoint
+    from edgellm.quantize import quant_type
 
     size = sum(f.size for f in listing.checkpoint)
-    print(f"{repo} has no GGUF files: downloading its safetensors checkpoint ({human_bytes(size)}) to convert it"
-          + (f", then quantize to {quant}" if quant else ""), file=sys.stderr)
+    target = quant_type(quant).name if quant else "F16"  # f16 and bf16 weigh the same
+    config, shapes = remote_checkpoint(repo, listing, store)
+    fits, line = _fit_line(checkpoint_shape(config, shapes, target), settings)
+    print(f"{repo} has no GGUF files: its safetensors checkpoint ({human_bytes(size)}) converts to "
+          f"{target if quant else 'f16/bf16'}; {'fits' if fits else 'does not fit'}: {line}", file=sys.stderr)
     if args.plan:
-        print("--plan reads GGUF headers; the converted model's plan shows with `edgellm plan` after the pull",
-              file=sys.stderr)
-        return 0
+        return 0 if fits else 1
     folder = pull_checkpoint(repo, listing, store, settings.checkpoints_dir)
     adapters = []
     for ref in args.lora:

@@ -212,8 +212,10 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read {path}: {exc}") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} is not a JSON object")
-    # multimodal checkpoints keep the language model's settings in text_config
+    return language_config(config)
+
+
+def language_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Multimodal checkpoints keep the language model's settings in ``text_config``."""
     text = config.get("text_config")
-    if isinstance(text, dict):
-        config = {**config, **text}
-    return config
+    return {**config, **text} if isinstance(text, dict) else config

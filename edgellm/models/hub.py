@@ -290,25 +290,56 @@ def pull(
                             expected_size=choice.size)
 
 
-def remote_header(ref: str, store: Store, revision: str | None = None, probe_bytes: int = 4 << 20) -> tuple[GGUFChoice, GGUFHeader]:
-    """The GGUF header of a remote model, read with range requests (a few MiB, never the weights)."""
+def _range(repo: str, file: str, revision: str | None, start: int, end: int, store: Store) -> bytes:
+    """Bytes ``start..end`` (inclusive) of a repo file, by an HTTP range request."""
     from huggingface_hub import get_session, hf_hub_url
     from huggingface_hub.utils import build_hf_headers
 
+    url = hf_hub_url(repo, file, revision=revision, endpoint=_endpoint())
+    with _hub_errors(repo, store):
+        resp = get_session().get(url, headers={**build_hf_headers(), "Range": f"bytes={start}-{end}"},
+                                 follow_redirects=True)
+        resp.raise_for_status()
+    return resp.content
+
+
+def remote_checkpoint(repo: str, listing: RepoListing, store: Store) -> tuple[dict, dict[str, tuple[int, ...]]]:
+    """(config, tensor name -> shape) of a safetensors repo: config.json and each shard's header
+    only (range requests, a few KB), so the planner can judge it before anything big moves."""
+    import json
+
+    names = {f.name: f for f in listing.checkpoint}
+    if "config.json" not in names:
+        raise ModelNotFoundError(f"{repo} has no config.json")
+    try:
+        config = json.loads(_range(repo, "config.json", listing.commit or None, 0, 1 << 20, store))
+        shapes: dict[str, tuple[int, ...]] = {}
+        for f in names.values():
+            if not f.name.endswith(".safetensors"):
+                continue
+            n = int.from_bytes(_range(repo, f.name, listing.commit or None, 0, 7, store), "little")
+            if not 0 < n <= min(100 << 20, f.size or n):
+                raise ValueError(f"{f.name} has a header of {n} bytes")
+            header = json.loads(_range(repo, f.name, listing.commit or None, 8, 8 + n - 1, store))
+            shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EdgeLLMError(f"{repo}: cannot read the checkpoint's config or safetensors headers: {exc}") from None
+    from edgellm.convert.checkpoint import language_config
+
+    return language_config(config), shapes
+
+
+def remote_header(ref: str, store: Store, revision: str | None = None, probe_bytes: int = 4 << 20) -> tuple[GGUFChoice, GGUFHeader]:
+    """The GGUF header of a remote model, read with range requests (a few MiB, never the weights)."""
     repo, quant = parse_ref(ref)
     listing = list_repo(repo, revision, store)
     commit, choice = listing.commit, choose(listing.gguf, quant, repo)
     first = choice.files[0]
-    url = hf_hub_url(repo, first.name, revision=commit or revision, endpoint=_endpoint())
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(first.name).name
         wanted = probe_bytes
         while True:
-            with _hub_errors(repo, store):
-                resp = get_session().get(url, headers={**build_hf_headers(), "Range": f"bytes=0-{wanted - 1}"},
-                                         follow_redirects=True)
-                resp.raise_for_status()
-            path.write_bytes(resp.content)
+            path.write_bytes(_range(repo, first.name, commit or revision, 0, wanted - 1, store))
             try:
                 return choice, read_header(path, full_size=first.size)
             except EdgeLLMError as exc:

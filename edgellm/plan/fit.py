@@ -68,7 +68,7 @@ def _fixed_layers(shape: ModelShape, n_ctx: int, k: str, v: str, fa: bool, ram: 
 
 
 def fit(
-    header: GGUFHeader,
+    header: GGUFHeader | ModelShape,
     hw: Hardware,
     n_ctx: int | None = None,
     type_k: str = "f16",
@@ -79,8 +79,9 @@ def fit(
     n_seq: int = 1,
     swa_full: bool = True,
 ) -> Plan:
-    """``None``/``"auto"`` values are chosen; the rest are kept (and checked)."""
-    shape = ModelShape.from_header(header)
+    """``None``/``"auto"`` values are chosen; the rest are kept (and checked). ``header`` may be a
+    ModelShape made some other way (a checkpoint not yet converted: convert.core.checkpoint_shape)."""
+    shape = header if isinstance(header, ModelShape) else ModelShape.from_header(header)
     ram, gpu = _budgets(hw)
     trained = shape.n_ctx_train or DEFAULT_CTX
     ladder = KV_LADDER if "auto" in (type_k, type_v) else ((type_k, type_v),)
