@@ -328,3 +328,19 @@ def test_sentencepiece_model_alone_tokenizes_like_sentencepiece(smollm2_hf: Path
     with pytest.raises(CheckpointError, match="tokenizer.model normalizes text"):
         convert(folder, tmp_path / "nfkc.gguf", "f32")
     assert not (tmp_path / "nfkc.gguf").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_checkpoint_shape_is_what_the_converted_file_holds(converted, name: str) -> None:
+    """The planner's view of a checkpoint before conversion (for `pull --plan`) equals its view of the
+    GGUF afterwards: layers, heads, sliding window, and every byte per layer."""
+    from edgellm.convert.checkpoint import Checkpoint
+    from edgellm.convert.core import checkpoint_shape
+    from edgellm.models.header import read_header
+    from edgellm.plan.memory import ModelShape
+
+    folder, gguf = converted[name]
+    with Checkpoint.open(folder) as ckpt:
+        before = checkpoint_shape(ckpt.config, {k: r.shape for k, r in ckpt.tensors.items()}, "F16")
+    assert before == ModelShape.from_header(read_header(gguf))
