@@ -266,10 +266,14 @@ def test_cli_usage_errors(cli, smollm2_hf: Path, tmp_path: Path) -> None:
 ARCH_CONFIGS = {
     # model_type -> config changes for a two-layer model with random weights: the real-model tests
     # above cover llama and gemma3; these check the other table entries against transformers
+    # (gemma2's query_pre_attn_scalar = head_dim, as in Gemma 2 9B, which llama.cpp assumes)
     "qwen2": {},
     "qwen3": {"head_dim": 32},
     "mistral": {"sliding_window": None},
     "phi3": {"pad_token_id": 0},
+    "gemma": {"head_dim": 32, "tie_word_embeddings": True},
+    "gemma2": {"head_dim": 32, "query_pre_attn_scalar": 32, "attn_logit_softcapping": 50.0,
+               "final_logit_softcapping": 30.0, "sliding_window": 512, "tie_word_embeddings": True},
 }
 
 
@@ -280,11 +284,10 @@ def test_other_architectures_answer_like_transformers(smollm2_hf: Path, tmp_path
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = tmp_path / "tiny"  # not "phi3": llama.cpp keys Phi-3 token fix-ups on the model's name
-    config = AutoConfig.for_model(
-        model_type, vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.2,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, **ARCH_CONFIGS[model_type],
-    )
+    settings = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.2,
+                    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    config = AutoConfig.for_model(model_type, **{**settings, **ARCH_CONFIGS[model_type]})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # qwen2's q/k/v biases start at zero: give them values to carry

@@ -154,6 +154,7 @@ class Architecture:
             "attn_q.weight": (q, e), "attn_k.weight": (kv, e), "attn_v.weight": (kv, e),
             "attn_output.weight": (e, q), "attn_norm.weight": (e,), "ffn_norm.weight": (e,),
             "ffn_gate.weight": (ff, e), "ffn_down.weight": (e, ff), "ffn_up.weight": (ff, e),
+            "attn_q_norm.weight": (self.head_dim,), "attn_k_norm.weight": (self.head_dim,),
         }
         if gguf_name == "output_norm.weight":
             return (e,)
@@ -210,23 +211,36 @@ class Qwen3(Architecture):
     permute_qk = False
     per_block = Architecture.per_block + (T.ATTN_Q_NORM, T.ATTN_K_NORM)
 
-    def expected_shape(self, gguf_name: str) -> tuple[int, ...] | None:
-        if gguf_name.endswith(("attn_q_norm.weight", "attn_k_norm.weight")):
-            return (self.head_dim,)
-        return super().expected_shape(gguf_name)
+
+@register("GemmaForCausalLM")
+class Gemma(Architecture):
+    arch = gguf.MODEL_ARCH.GEMMA
+    permute_qk = False
+
+    def transform(self, gguf_name: str, data: np.ndarray) -> np.ndarray:
+        # Gemma's RMSNorm multiplies by (1 + weight); llama.cpp's by weight
+        return data + 1.0 if gguf_name.endswith("norm.weight") else data
 
 
-@register("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
-class Gemma3(Qwen3):
-    arch = gguf.MODEL_ARCH.GEMMA3
-    per_block = Qwen3.per_block + (T.ATTN_POST_NORM, T.FFN_POST_NORM)
+@register("Gemma2ForCausalLM")
+class Gemma2(Gemma):
+    arch = gguf.MODEL_ARCH.GEMMA2
+    per_block = Gemma.per_block + (T.ATTN_POST_NORM, T.FFN_POST_NORM)
 
     def hyperparameters(self, w: gguf.GGUFWriter) -> None:
         super().hyperparameters(w)
-        if self.config.get("final_logit_softcapping"):
-            w.add_final_logit_softcapping(float(self.config["final_logit_softcapping"]))
+        for key, add in (("attn_logit_softcapping", w.add_attn_logit_softcapping),
+                         ("final_logit_softcapping", w.add_final_logit_softcapping)):
+            if self.config.get(key):
+                add(float(self.config[key]))
         if self.config.get("sliding_window"):
             w.add_sliding_window(int(self.config["sliding_window"]))
+
+
+@register("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
+class Gemma3(Gemma2):
+    arch = gguf.MODEL_ARCH.GEMMA3
+    per_block = Gemma2.per_block + (T.ATTN_Q_NORM, T.ATTN_K_NORM)
 
     def gguf_name(self, hf_name: str) -> str | None:
         # Gemma3ForConditionalGeneration nests the text model; its vision tower is not ours to convert
@@ -235,10 +249,6 @@ class Gemma3(Qwen3):
             return None
         return super().gguf_name(hf_name.replace("language_model.model.", "model.")
                                  .replace("model.language_model.", "model."))
-
-    def transform(self, gguf_name: str, data: np.ndarray) -> np.ndarray:
-        # Gemma's RMSNorm multiplies by (1 + weight); llama.cpp's by weight
-        return data + 1.0 if gguf_name.endswith("norm.weight") else data
 
 
 @register("Phi3ForCausalLM")
