@@ -244,3 +244,37 @@ def test_reopen_a_saved_conversation(home: Path) -> None:
         assert len(saved.load(cid)) == 4  # the same conversation goes on
 
     run(body())
+
+
+def test_convert_a_safetensors_repo_from_the_hub_stand_in(home: Path, tmp_path: Path, smollm2_hf: Path,
+                                                          monkeypatch) -> None:
+    from textual.widgets import DataTable, Input
+
+    from tests.hubstandin import HubStandIn
+
+    hub = HubStandIn()
+    hub.add("test/SmolLM2-135M-Instruct", {p.name: p for p in smollm2_hf.iterdir()})
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+
+    async def body() -> None:
+        app = _app(home)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await _wait(pilot, lambda: app.screen.query_one(DataTable).row_count == 1)
+            await pilot.press("g")
+            app.screen.query_one("#source", Input).value = "test/SmolLM2-135M-Instruct"
+            await pilot.press("enter")
+            files = app.screen.query_one("#files", DataTable)
+            await _wait(pilot, lambda: files.row_count == 7)
+            assert "safetensors checkpoint (~" in str(app.screen.query_one("#status").render())
+            files.focus()
+            await pilot.press("enter")  # the highlighted row: Q4_K_M
+            await _wait(pilot, lambda: any("added smollm2-135m-instruct-q4_k_m" in n.message for n in app._notifications),
+                        timeout=120)
+        assert (home / "models" / "smollm2-135m-instruct-q4_k_m" / "manifest.json").exists()
+        assert (home / "checkpoints" / "smollm2-135m-instruct").is_symlink()
+
+    try:
+        run(body())
+    finally:
+        hub.close()
