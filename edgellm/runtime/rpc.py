@@ -1,13 +1,15 @@
 """llama.cpp's RPC backend: workers that lend their devices, and the remote devices a model uses.
 
 llama-cpp-python ships ``libggml-rpc.so`` when built with ``-DGGML_RPC=on`` but does not wrap it, so
-the three functions we need are bound here with ctypes, as declared in ``ggml/include/ggml-rpc.h``
-of the llama.cpp it vendors (0.3.36: protocol 7.0.0):
+the functions we need are bound here with ctypes, as declared in ``ggml/include/ggml-rpc.h`` of the
+llama.cpp it vendors (0.3.36: protocol 7.0.0):
 
     void ggml_backend_rpc_start_server(const char * endpoint, const char * cache_dir,
                                        size_t n_threads, size_t n_devices, ggml_backend_dev_t * devices);
     ggml_backend_reg_t ggml_backend_rpc_add_server(const char * endpoint);
-    void ggml_backend_rpc_get_device_memory(const char * endpoint, uint32_t device, size_t * free, size_t * total);
+
+A worker's memory (``ggml_backend_rpc_get_device_memory``) is read through the devices
+``add_server`` registers, with ggml's ordinary device API, like any GPU's (runtime/devices.py).
 
 llama.cpp aborts the whole process when a worker cannot be reached or answers in another protocol
 version, and waits without limit for one that accepts and never answers. So before llama.cpp sees
@@ -112,9 +114,6 @@ def _lib() -> ctypes.CDLL:
     lib.ggml_backend_rpc_start_server.restype = None
     lib.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
     lib.ggml_backend_rpc_add_server.restype = ctypes.c_void_p
-    lib.ggml_backend_rpc_get_device_memory.argtypes = [ctypes.c_char_p, ctypes.c_uint32, ctypes.POINTER(ctypes.c_size_t),
-                                                       ctypes.POINTER(ctypes.c_size_t)]
-    lib.ggml_backend_rpc_get_device_memory.restype = None
     return lib
 
 
