@@ -226,7 +226,7 @@ REFUSALS = {
     "remote-code": (_edit_config(architectures=["CustomForCausalLM"], auto_map={"AutoModelForCausalLM": "modeling_x.X"}),
                     "CustomForCausalLM needs trust_remote_code"),
     "unknown-arch": (_edit_config(architectures=["FancyNewForCausalLM"]),
-                     "architecture FancyNewForCausalLM is not supported (edgellm converts: Gemma3ForCausalLM"),
+                     "architecture FancyNewForCausalLM is not supported (edgellm converts: Gemma2ForCausalLM"),
     "missing-tensor": (_rewrite_weights(lambda w: w.pop("model.layers.1.mlp.up_proj.weight")),
                        "lacks tensor blk.1.ffn_up.weight"),
     "shape": (_rewrite_weights(lambda w: w.update({"model.layers.0.self_attn.k_proj.weight": np.zeros((48, 64), np.float32)})),
