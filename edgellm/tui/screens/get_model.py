@@ -202,3 +202,7 @@ class GetModelScreen(Screen):
         else:
             self.app.pop_screen()
 
+    def on_unmount(self) -> None:
+        """Quitting mid-work stops it between tensors, so its temporary files are removed."""
+        self.cancel.set()
+

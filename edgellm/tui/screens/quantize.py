@@ -84,3 +84,6 @@ class QuantizeScreen(ModalScreen[str | None]):
             self.cancel.set()
         else:
             self.dismiss(None)
+
+    def on_unmount(self) -> None:
+        self.cancel.set()  # quitting mid-quantization removes the temporary file
