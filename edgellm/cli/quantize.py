@@ -6,9 +6,8 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from edgellm.models.header import human_bytes
@@ -74,15 +73,14 @@ def _resolve_model(ref: str) -> Iterator[tuple]:
         yield settings, resolve(ref, settings)
         return
     from edgellm.cli.convert import run_with_bar
-    from edgellm.convert import convert
-    from edgellm.fsutil import TMP_PREFIX
+    from edgellm.convert.core import temporary_gguf
     from edgellm.models.header import read_header
 
-    settings.models_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX + "convert-", dir=settings.models_dir) as tmp:
-        name = Path(os.path.abspath(path)).name.lower()  # the name the user sees, even through a link
-        print(f"converting {path} first", file=sys.stderr)
-        result = run_with_bar("converting", lambda p: convert(path, Path(tmp) / f"{name}.gguf", progress=p))
+    name = Path(os.path.abspath(path)).name.lower()  # the name the user sees, even through a link
+    print(f"converting {path} first", file=sys.stderr)
+    with ExitStack() as temporary:  # entered under the bar, left once the quantized model is made
+        result = run_with_bar("converting", lambda p: temporary.enter_context(
+            temporary_gguf(path, settings.models_dir, f"{name}.gguf", progress=p)))
         yield settings, ResolvedModel(name, result.path, read_header(result.path))
 
 

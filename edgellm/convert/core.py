@@ -15,7 +15,7 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,6 +218,18 @@ def default_name(source: Path, outtype: str, lora: Sequence[Path] = ()) -> str:
     return f"{stem}-{outtype.lower()}"
 
 
+@contextlib.contextmanager
+def temporary_gguf(source: Path, folder: Path, file_name: str, outtype: str = "auto",
+                   **options) -> Iterator[ConvertResult]:
+    """Convert to a GGUF in a temporary folder inside ``folder`` (the store's, so a later rename or
+    link stays on one disk), gone when the block ends: for a conversion only made to be quantized."""
+    from edgellm.fsutil import TMP_PREFIX
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX + "convert-", dir=folder) as tmp:
+        yield convert(source, Path(tmp) / file_name, outtype, **options)
+
+
 def convert_to_store(store, source: Path, outtype: str = "auto", *, name: str | None = None,
                      quant: str | None = None, **options) -> tuple[ConvertResult, object]:
     """Convert into a new store entry named ``<folder>-<type>`` unless ``name``; see convert().
@@ -225,8 +237,6 @@ def convert_to_store(store, source: Path, outtype: str = "auto", *, name: str | 
     With ``quant`` (Q4_K_M, ...) the conversion goes to a temporary GGUF beside the store and
     only its quantization is kept, so one command takes a checkpoint to a small model.
     """
-    from edgellm.fsutil import TMP_PREFIX
-
     lora = options.get("lora", ())
     with Checkpoint.open(Path(source)) as ckpt:
         qtype = outtype_for(outtype, ckpt)
@@ -246,10 +256,8 @@ def convert_to_store(store, source: Path, outtype: str = "auto", *, name: str | 
     from edgellm.quantize import quant_type, quantize_to_store
 
     target = quant_type(quant)
-    store.root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX + "convert-", dir=store.root) as tmp:
-        label = default_name(source, qtype.name, lora)
-        result = convert(source, Path(tmp) / f"{label}.gguf", qtype.name, **options)
+    label = default_name(source, qtype.name, lora)
+    with temporary_gguf(source, store.root, f"{label}.gguf", qtype.name, **options) as result:
         _, entry = quantize_to_store(store, label, read_header(result.path), target, name, f"{origin}:{target.name}",
                                      cancel=options.get("cancel"))
     return result, entry
