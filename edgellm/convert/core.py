@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import gguf
@@ -179,27 +180,37 @@ def convert(
         for t in tensors:
             writer.add_tensor_info(t.name, *t.writer_info(), t.nbytes, raw_dtype=t.qtype)
 
-        total = sum(t.nbytes for t in tensors)
-        with atomic_path(output) as tmp:
-            writer.write_header_to_file(tmp)
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            done = 0
-            try:
-                for i, t in enumerate(tensors):
-                    if cancel is not None and cancel.is_set():
-                        raise Cancelled("conversion cancelled; no file was written")
-                    data = t.make() if t.source is None else arch.transform(t.name, merge(t.source.name, t.source.numpy()))
-                    writer.write_tensor_data(_encode(data, t.qtype))
-                    del data
-                    done += t.nbytes
-                    if progress is not None:
-                        progress(i + 1, len(tensors), done, total, t.name)
-            finally:
-                writer.close()
+
+        def make(t: PlannedTensor) -> np.ndarray:
+            data = t.make() if t.source is None else arch.transform(t.name, merge(t.source.name, t.source.numpy()))
+            return _encode(data, t.qtype)
+
+        write_streamed(writer, output, [(t.name, t.nbytes, partial(make, t)) for t in tensors], progress, cancel)
         size = output.stat().st_size
     return ConvertResult(output, gguf.MODEL_ARCH_NAMES[arch.arch], qtype.name, len(tensors), size,
                          time.perf_counter() - start)
+
+
+def write_streamed(writer: gguf.GGUFWriter, output: Path,
+                   tensors: Sequence[tuple[str, int, Callable[[], np.ndarray]]],
+                   progress: Progress | None = None, cancel: threading.Event | None = None) -> None:
+    """Write a GGUF whose tensor infos are all added, making each tensor's data only when its
+    turn comes: one tensor in memory at a time, and no file at ``output`` unless all of it is."""
+    total, done = sum(nbytes for _, nbytes, _ in tensors), 0
+    with atomic_path(output) as tmp:
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        try:
+            for i, (name, nbytes, make) in enumerate(tensors):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("conversion cancelled; no file was written")
+                writer.write_tensor_data(make())
+                done += nbytes
+                if progress is not None:
+                    progress(i + 1, len(tensors), done, total, name)
+        finally:
+            writer.close()
 
 
 def _encode(data: np.ndarray, qtype: Q) -> np.ndarray:

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,9 @@ import numpy as np
 
 from edgellm.convert.archs import architecture_for
 from edgellm.convert.checkpoint import PICKLE_SUFFIXES, Checkpoint, CheckpointError, SafetensorsFile, TensorRef
-from edgellm.convert.core import ConvertResult, Progress
+from edgellm.convert.core import ConvertResult, Progress, write_streamed
 from edgellm.errors import Cancelled, UsageError
-from edgellm.fsutil import atomic_dir, atomic_path
+from edgellm.fsutil import atomic_dir
 
 PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?$")
@@ -288,28 +289,21 @@ def convert_lora(adapter_dir: Path, base: Path, output: Path, outtype: str = "f1
                 name = arch.gguf_name(module + ".weight")
                 plan.append((name + ".lora_a", pair, "a"))
                 plan.append((name + ".lora_b", pair, "b"))
-            np_dtype = np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16
+            np_dtype = np.dtype(np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16)
+
+            def make(name: str, pair: LoraPair, part: str) -> np.ndarray:
+                if part == "a":
+                    return pair.a.numpy().astype(np_dtype)
+                factor = pair.scale * pair.rank / adapter.alpha  # 1 unless patterns or rsLoRA
+                return arch.transform(name.removesuffix(".lora_b"), pair.b.numpy() * np.float32(factor)).astype(np_dtype)
+
+            jobs = []
             for name, pair, part in plan:
                 shape = (pair.a if part == "a" else pair.b).shape
-                writer.add_tensor_info(name, shape, np.dtype(np_dtype), int(np.prod(shape)) * np.dtype(np_dtype).itemsize)
-            total, done = sum((p.a if part == "a" else p.b).nbytes for _, p, part in plan), 0
-            with atomic_path(Path(output)) as tmp:
-                writer.write_header_to_file(tmp)
-                writer.write_kv_data_to_file()
-                writer.write_ti_data_to_file()
-                try:
-                    for i, (name, pair, part) in enumerate(plan):
-                        if part == "a":
-                            data = pair.a.numpy()
-                        else:
-                            factor = pair.scale * pair.rank / adapter.alpha  # 1 unless patterns or rsLoRA
-                            data = arch.transform(name.removesuffix(".lora_b"), pair.b.numpy() * np.float32(factor))
-                        writer.write_tensor_data(data.astype(np_dtype))
-                        done += (pair.a if part == "a" else pair.b).nbytes
-                        if progress is not None:
-                            progress(i + 1, len(plan), done, total, name)
-                finally:
-                    writer.close()
+                nbytes = int(np.prod(shape)) * np_dtype.itemsize
+                writer.add_tensor_info(name, shape, np_dtype, nbytes)
+                jobs.append((name, nbytes, partial(make, name, pair, part)))
+            write_streamed(writer, Path(output), jobs, progress)
     finally:
         adapter.close()
     return ConvertResult(Path(output), gguf.MODEL_ARCH_NAMES[arch.arch], qtype.name, len(plan),
