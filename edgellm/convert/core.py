@@ -284,38 +284,26 @@ def checkpoint_shape(config: dict, tensors: dict[str, tuple[int, ...]], target: 
 
     Sizes are shapes times the type's bits per weight; norms and other 1-D tensors stay f32.
     """
-    from edgellm.plan.memory import SWA_PATTERNS, ModelShape
+    from edgellm.plan.memory import SWA_PATTERNS, ModelShape, bytes_by_part, swa_layers
     from edgellm.quantize import quant_type
 
     arch = architecture_for(config)
-    bpw = quant_type(target).bpw
+    qtype = quant_type(target)
     n_layer, name = arch.n_layer, gguf.MODEL_ARCH_NAMES[arch.arch]
-    layer_bytes, repack = [0] * n_layer, [0] * n_layer
-    input_bytes = output_bytes = other = n_vocab = 0
-    for hf_name, shape in tensors.items():
-        gname = arch.gguf_name(hf_name)
-        if gname is None:
-            continue
+    named = [(arch.gguf_name(hf_name), shape) for hf_name, shape in tensors.items()]
+    named = [(gname, shape) for gname, shape in named if gname is not None]
+
+    def size(shape: tuple[int, ...]) -> int:
         n = int(np.prod(shape))
-        size = n * 4 if len(shape) == 1 else int(n * bpw / 8)
-        match = re.match(r"blk\.(\d+)\.", gname)
-        if match and int(match.group(1)) < n_layer:
-            layer_bytes[int(match.group(1))] += size
-            if len(shape) == 2 and quant_type(target).name in _REPACKED:
-                repack[int(match.group(1))] += size
-        elif gname.startswith("token_embd"):
-            input_bytes, n_vocab = input_bytes + size, shape[0]
-        elif gname.startswith("output"):
-            output_bytes += size
-        else:
-            other += size
-    pattern = SWA_PATTERNS.get(name)
-    n_swa = int(config.get("sliding_window") or 0) if pattern else 0
+        return n * 4 if len(shape) == 1 else int(n * qtype.bpw / 8)
+
+    sizes = bytes_by_part(((gname, size(shape), len(shape) == 2 and qtype.name in _REPACKED)
+                           for gname, shape in named), n_layer)
+    n_vocab = next((shape[0] for gname, shape in named if gname.startswith("token_embd")), 0)
+    n_swa = int(config.get("sliding_window") or 0) if name in SWA_PATTERNS else 0
     return ModelShape(
         architecture=name, n_layer=n_layer, n_embd=arch.n_embd, n_ff=int(config.get("intermediate_size") or 0),
         n_vocab=n_vocab or int(config.get("vocab_size") or 0), n_ctx_train=int(config.get("max_position_embeddings") or 0),
         n_head=[arch.n_head] * n_layer, n_head_kv=[arch.n_head_kv] * n_layer, head_dim_k=arch.head_dim,
-        head_dim_v=arch.head_dim, swa_layers=[bool(n_swa and il % pattern < pattern - 1) for il in range(n_layer)],
-        n_swa=n_swa, layer_bytes=layer_bytes, repack_bytes=repack, input_bytes=input_bytes,
-        output_bytes=output_bytes, other_bytes=other,
+        head_dim_v=arch.head_dim, swa_layers=swa_layers(name, n_swa, n_layer), n_swa=n_swa, **sizes,
     )

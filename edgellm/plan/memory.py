@@ -10,7 +10,9 @@ attention, its attention scores.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from edgellm.models.header import ArrayValue, GGUFHeader
 from edgellm.runtime.options import KV_TYPES
@@ -66,25 +68,9 @@ class ModelShape:
         head_dim = n_embd // max(n_head[0], 1) if n_head else 0
         ff = header.arch_value("feed_forward_length")
         n_ff = max(_per_layer(ff, n_layer, 0)) if n_layer else 0
-        pattern = SWA_PATTERNS.get(header.architecture)
         n_swa = int(header.arch_value("attention.sliding_window") or 0)
-        swa = [bool(pattern and n_swa and il % pattern < pattern - 1) for il in range(n_layer)]
-        layer_bytes = [0] * n_layer
-        repack = [0] * n_layer
-        input_bytes = output_bytes = other = 0
-        for t in header.tensors:
-            match = _LAYER.match(t.name)
-            if match and int(match.group(1)) < n_layer:
-                il = int(match.group(1))
-                layer_bytes[il] += t.nbytes
-                if t.type_name in REPACKED_TYPES and len(t.shape) == 2:
-                    repack[il] += t.nbytes
-            elif t.name.startswith("token_embd"):
-                input_bytes += t.nbytes
-            elif t.name.startswith("output"):
-                output_bytes += t.nbytes
-            else:
-                other += t.nbytes
+        sizes = bytes_by_part(((t.name, t.nbytes, t.type_name in REPACKED_TYPES and len(t.shape) == 2)
+                               for t in header.tensors), n_layer)
         return cls(
             architecture=header.architecture,
             n_layer=n_layer,
@@ -96,14 +82,36 @@ class ModelShape:
             n_head_kv=n_head_kv,
             head_dim_k=int(header.arch_value("attention.key_length") or head_dim),
             head_dim_v=int(header.arch_value("attention.value_length") or head_dim),
-            swa_layers=swa,
+            swa_layers=swa_layers(header.architecture, n_swa, n_layer),
             n_swa=n_swa,
-            layer_bytes=layer_bytes,
-            repack_bytes=repack,
-            input_bytes=input_bytes,
-            output_bytes=output_bytes,
-            other_bytes=other,
+            **sizes,
         )
+
+
+def swa_layers(architecture: str, n_swa: int, n_layer: int) -> list[bool]:
+    """Which layers attend through a sliding window: llama.cpp's fixed pattern per architecture."""
+    pattern = SWA_PATTERNS.get(architecture)
+    return [bool(pattern and n_swa and il % pattern < pattern - 1) for il in range(n_layer)]
+
+
+def bytes_by_part(tensors: Iterable[tuple[str, int, bool]], n_layer: int) -> dict[str, Any]:
+    """ModelShape's byte fields from (GGUF tensor name, bytes, repacked on the CPU) triples."""
+    layer_bytes, repack = [0] * n_layer, [0] * n_layer
+    input_bytes = output_bytes = other = 0
+    for name, nbytes, repacked in tensors:
+        match = _LAYER.match(name)
+        if match and int(match.group(1)) < n_layer:
+            layer_bytes[int(match.group(1))] += nbytes
+            if repacked:
+                repack[int(match.group(1))] += nbytes
+        elif name.startswith("token_embd"):
+            input_bytes += nbytes
+        elif name.startswith("output"):
+            output_bytes += nbytes
+        else:
+            other += nbytes
+    return dict(layer_bytes=layer_bytes, repack_bytes=repack, input_bytes=input_bytes, output_bytes=output_bytes,
+                other_bytes=other)
 
 
 @dataclass(frozen=True)
