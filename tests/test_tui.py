@@ -22,6 +22,15 @@ async def _wait(pilot, condition, timeout: float = 60) -> None:
         await pilot.pause(0.05)
 
 
+async def _library(pilot):
+    """The library's table, once it lists the one model a fresh home has (the bundled SmolLM2)."""
+    from textual.widgets import DataTable
+
+    table = pilot.app.screen.query_one(DataTable)
+    await _wait(pilot, lambda: table.row_count == 1)
+    return table
+
+
 def _app(home: Path):
     from edgellm.tui import make_app
 
@@ -29,15 +38,14 @@ def _app(home: Path):
 
 
 def test_library_chat_stream_and_stop(home: Path) -> None:
-    from textual.widgets import DataTable, Input, Markdown, Static
+    from textual.widgets import Input, Markdown, Static
 
     from edgellm.tui.screens.chat import ChatScreen
 
     async def body() -> None:
         app = _app(home)
         async with app.run_test(size=(120, 40)) as pilot:
-            table = app.screen.query_one(DataTable)
-            await _wait(pilot, lambda: table.row_count == 1)
+            table = await _library(pilot)
             assert table.get_row_at(0)[:4] == ["smollm2-135m-instruct", "llama", "135M", "Q4_1"]
             await _wait(pilot, lambda: table.get_row_at(0)[-1] == "yes")  # the planner's verdict
             await pilot.press("enter")
@@ -69,15 +77,14 @@ def test_library_chat_stream_and_stop(home: Path) -> None:
 
 
 def test_settings_estimate_changes_with_the_kv_type(home: Path) -> None:
-    from textual.widgets import DataTable, Input, Label, Select
+    from textual.widgets import Input, Label, Select
 
     from edgellm.tui.screens.settings import SettingsScreen
 
     async def body() -> None:
         app = _app(home)
         async with app.run_test(size=(120, 50)) as pilot:
-            table = app.screen.query_one(DataTable)
-            await _wait(pilot, lambda: table.row_count == 1)
+            await _library(pilot)
             await pilot.press("s")
             assert isinstance(app.screen, SettingsScreen)
             estimate = app.screen.query_one("#estimate", Label)
@@ -95,13 +102,12 @@ def test_settings_estimate_changes_with_the_kv_type(home: Path) -> None:
 
 
 def test_delete_with_confirmation_and_bad_import(home: Path, tmp_path: Path) -> None:
-    from textual.widgets import DataTable, Input
+    from textual.widgets import Input
 
     async def body() -> None:
         app = _app(home)
         async with app.run_test(size=(120, 40)) as pilot:
-            table = app.screen.query_one(DataTable)
-            await _wait(pilot, lambda: table.row_count == 1)
+            table = await _library(pilot)
             await pilot.press("d")
             await pilot.press("n")  # not a binding of the dialog: nothing happens
             await pilot.click("#no")
@@ -139,7 +145,7 @@ def test_get_a_model_from_the_hub_stand_in(home: Path, tmp_path: Path, smollm2: 
     async def body() -> None:
         app = _app(home)
         async with app.run_test(size=(120, 40)) as pilot:
-            await _wait(pilot, lambda: app.screen.query_one(DataTable).row_count == 1)
+            await _library(pilot)
             await pilot.press("g")
             source = app.screen.query_one("#source", Input)
             source.value = "test/no-such-repo"
@@ -175,8 +181,7 @@ def test_convert_a_folder_with_a_lora_then_quantize_from_the_library(
     async def body() -> None:
         app = _app(home)
         async with app.run_test(size=(120, 40)) as pilot:
-            table = app.screen.query_one(DataTable)
-            await _wait(pilot, lambda: table.row_count == 1)
+            table = await _library(pilot)
             # the bundled Q4_1 cannot be quantized again: said in the app, which carries on
             await pilot.press("k")
             assert isinstance(app.screen, QuantizeScreen)
@@ -225,7 +230,7 @@ def test_reopen_a_saved_conversation(home: Path) -> None:
     async def body() -> None:
         app = _app(home)
         async with app.run_test(size=(120, 40)) as pilot:
-            await _wait(pilot, lambda: app.screen.query_one(DataTable).row_count == 1)
+            await _library(pilot)
             await pilot.press("h")
             rows = app.screen.query_one("#conversations", DataTable)
             assert rows.row_count == 1 and rows.get_row_at(0)[1:] == ["smollm2-135m-instruct", "2", "Remember the word banana."]
@@ -260,7 +265,7 @@ def test_convert_a_safetensors_repo_from_the_hub_stand_in(home: Path, tmp_path: 
     async def body() -> None:
         app = _app(home)
         async with app.run_test(size=(120, 40)) as pilot:
-            await _wait(pilot, lambda: app.screen.query_one(DataTable).row_count == 1)
+            await _library(pilot)
             await pilot.press("g")
             app.screen.query_one("#source", Input).value = "test/SmolLM2-135M-Instruct"
             await pilot.press("enter")

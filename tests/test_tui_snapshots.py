@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from edgellm.config import Settings
+from tests.test_tui import _library, _wait
 
 SIZE = (110, 30)
 
@@ -26,18 +27,9 @@ def app(home: Path, monkeypatch: pytest.MonkeyPatch):
     return make_app(Settings.resolve())
 
 
-async def until(pilot, condition, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        await pilot.pause(0.05)
-
-
 async def library_ready(pilot) -> None:
-    from textual.widgets import DataTable
-
-    table = pilot.app.screen.query_one(DataTable)
-    await until(pilot, lambda: table.row_count == 1 and table.get_row_at(0)[-1] != "…")
+    table = await _library(pilot)
+    await _wait(pilot, lambda: table.get_row_at(0)[-1] != "…")  # the planner's verdict is in
 
 
 def test_library(snap_compare, app) -> None:
@@ -49,7 +41,7 @@ def test_chat(snap_compare, app) -> None:
         await library_ready(pilot)
         await pilot.press("enter")
         prompt = pilot.app.screen.query_one("#prompt")
-        await until(pilot, lambda: not prompt.disabled)
+        await _wait(pilot, lambda: not prompt.disabled)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=ready)
 
@@ -59,7 +51,7 @@ def test_settings(snap_compare, app) -> None:
         await library_ready(pilot)
         await pilot.press("s")
         estimate = pilot.app.screen.query_one("#estimate")
-        await until(pilot, lambda: "RAM" in str(estimate.render()))
+        await _wait(pilot, lambda: "RAM" in str(estimate.render()))
 
     assert snap_compare(app, terminal_size=(110, 44), run_before=ready)
 
