@@ -43,11 +43,14 @@ class ServerConfig:
     defaults: SamplingOptions = SamplingOptions()
 
 
+def error_payload(message: str, code: str, kind: str) -> dict:
+    """OpenAI's error object, for a response body or, mid-stream, an event."""
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
 def error_body(status: int, message: str, code: str, kind: str | None = None, headers: dict | None = None) -> JSONResponse:
     kind = kind or ("invalid_request_error" if status < 500 else "server_error")
-    return JSONResponse(
-        {"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=status, headers=headers
-    )
+    return JSONResponse(error_payload(message, code, kind), status_code=status, headers=headers)
 
 
 def _status_for(exc: EdgeLLMError) -> tuple[int, dict | None]:
@@ -320,8 +323,7 @@ async def _respond(served: Served, gen: GenerationRequest, stream: bool, kind: s
                 try:
                     chunk = await anext(chunks)
                 except EdgeLLMError as exc:  # too late for an HTTP status: an error event, as OpenAI sends
-                    error = {"message": str(exc), "type": "server_error", "param": None, "code": exc.code}
-                    yield f"data: {json.dumps({'error': error})}\n\n".encode()
+                    yield f"data: {json.dumps(error_payload(str(exc), exc.code, 'server_error'))}\n\n".encode()
                     return
         finally:
             await chunks.aclose()
