@@ -116,13 +116,18 @@ def base_name(name: str) -> str:
     return match.group(1) if match and is_quant_suffix(match.group(2)) else name
 
 
+def quantized_name(model_name: str, qtype: QuantType) -> str:
+    """The store name a quantization gets: ``smollm2-f16`` + Q4_K_M -> ``smollm2-q4_k_m``."""
+    return f"{base_name(model_name.lower())}-{qtype.name.lower()}"
+
+
 def quantize_to_store(store, model_name: str, header: GGUFHeader, qtype: QuantType, name: str | None = None,
                       source: str | None = None, **options) -> tuple[QuantizeResult, object]:
     """Quantize into a new store entry, ``<model>-<type>`` unless ``name``; options as quantize().
     ``source`` records where the model came from (default: the model quantized)."""
     done: list[QuantizeResult] = []
     entry = store.create(
-        name or f"{base_name(model_name.lower())}-{qtype.name.lower()}",
+        name or quantized_name(model_name, qtype),
         f"{base_name(header.path.stem)}-{qtype.name}.gguf",
         source or f"quantize:{model_name}:{qtype.name}",
         lambda dest: done.append(quantize(header, qtype, dest, **options)),

@@ -168,13 +168,13 @@ def _sweep_rows(args: argparse.Namespace, types, text: str, settings, model) -> 
     from edgellm.eval import evaluate
     from edgellm.models import store_for
     from edgellm.models.header import read_header
-    from edgellm.quantize import base_name
+    from edgellm.quantize import quantized_name
 
     store = store_for(settings)
     rows = []
     paths = [("base " + model.header.quantization, model.path)]
     for qtype in types:
-        name = f"{base_name(model.name.lower())}-{qtype.name.lower()}"
+        name = quantized_name(model.name, qtype)
         if store.exists(name):
             entry = store.get(name)
             print(f"{qtype.name}: using {name} from the store", file=sys.stderr)
