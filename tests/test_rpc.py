@@ -117,7 +117,7 @@ def test_worker_killed_during_generation(tmp_path: Path, home: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGELLM_")}
     env.update(EDGELLM_HOME=str(home), PYTHONPATH=str(ROOT))
     run = subprocess.Popen(
-        [sys.executable, "-m", "edgellm", "run", MODEL, "--temp", "1", "-n", "4000", "--stop", "NEVER", "--rpc", f"{a},{b}",
+        [sys.executable, "-m", "edgellm", "run", MODEL, "--temp", "0", "-n", "4000", "--stop", "NEVER", "--rpc", f"{a},{b}",
          "--gpu-layers", "all", "Write a very long story about a dragon."],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, stdin=subprocess.DEVNULL)
     try:
@@ -155,7 +155,7 @@ def test_server_stays_up_when_a_worker_dies(tmp_path: Path, smollm2: Path) -> No
         assert "Berlin" in first.choices[0].message.content
         stream = client.chat.completions.create(
             model=server.name, messages=[{"role": "user", "content": "Write a very long story about a dragon."}],
-            max_tokens=900, stream=True)
+            max_tokens=900, temperature=0, stream=True)  # greedy, this runs to max_tokens
         chunks = iter(stream)
         next(chunks)  # generating over both workers
         proc_b.kill()
