@@ -17,6 +17,7 @@ from pathlib import Path
 
 from edgellm.errors import Cancelled, EdgeLLMError, UsageError
 from edgellm.fsutil import atomic_path
+from edgellm.models.ggml_types import GGML_TYPES
 from edgellm.models.header import GGUFHeader, read_header
 
 
@@ -97,10 +98,9 @@ class QuantizeResult:
 
 def ggml_type_id(name: str) -> int:
     """A tensor type for --output-tensor-type/--token-embedding-type (q8_0, q6_k, f16 ...)."""
-    from gguf import GGMLQuantizationType
-
+    ids = {type_name: type_id for type_id, (type_name, _, _) in GGML_TYPES.items()}
     try:
-        return int(GGMLQuantizationType[name.strip().upper()])
+        return ids[name.strip().upper()]
     except KeyError:
         raise UsageError(f"unknown tensor type {name!r}", hint="for example q8_0, q6_k, q4_k, f16") from None
 

@@ -1,4 +1,11 @@
-"""Hugging Face checkpoints to GGUF, with our own converter on the ``gguf`` package."""
+"""Hugging Face checkpoints to GGUF, with our own converter on the ``gguf`` package.
+
+llama.cpp's libraries are loaded before gguf-py (which loads sentencepiece's C++ extension): in the
+other order a CUDA build of llama.cpp crashes in the next model load of the same process, as when
+the app converts a checkpoint and then chats with it.
+"""
+
+import llama_cpp  # noqa: F401  (first, see above)
 
 from edgellm.convert.core import ConvertResult, convert
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgellm.errors import InvalidGGUFError
+from edgellm.models.ggml_types import FILE_TYPES, GGML_TYPES
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -172,15 +173,9 @@ class GGUFHeader:
     @property
     def quantization(self) -> str:
         """The file type llama.cpp reports (``Q4_K_M``, ``F16`` ...), else the dominant tensor type."""
-        from gguf import LlamaFileType
-
         ftype = self.metadata.get("general.file_type")
         if isinstance(ftype, int):
-            try:
-                name = LlamaFileType(ftype).name
-            except ValueError:
-                return f"type {ftype}"
-            return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+            return FILE_TYPES.get(ftype, f"type {ftype}")
         weights = [t for t in self.tensors if len(t.shape) >= 2]
         if not weights:
             return "unknown"
@@ -209,13 +204,6 @@ def human_bytes(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
-
-
-def _ggml_types() -> dict[int, tuple[str, int, int]]:
-    """ggml type id -> (name, elements per block, bytes per block), from gguf-py's tables."""
-    from gguf import GGML_QUANT_SIZES
-
-    return {int(t): (t.name, blck, size) for t, (blck, size) in GGML_QUANT_SIZES.items()}
 
 
 class _Cursor:
@@ -396,7 +384,6 @@ def _parse(buf: mmap.mmap, size: int, path: Path, full_size: int) -> GGUFHeader:
     ):
         raise cur.fail(f"general.alignment {alignment!r} is not a positive power of two")
 
-    ggml_types = _ggml_types()
     infos: list[tuple[str, tuple[int, ...], int, str, int, int]] = []
     names: set[str] = set()
     for i in range(n_tensors):
@@ -416,9 +403,9 @@ def _parse(buf: mmap.mmap, size: int, path: Path, full_size: int) -> GGUFHeader:
         if n_elements > INT64_MAX:
             raise cur.fail(f"tensor {name!r} has {n_elements} elements, which overflows int64")
         ggml_type = cur.scalar("I", f"type of tensor {name!r}")
-        if ggml_type not in ggml_types:
+        if ggml_type not in GGML_TYPES:
             raise cur.fail(f"tensor {name!r} has unknown ggml type {ggml_type}")
-        type_name, block, block_bytes = ggml_types[ggml_type]
+        type_name, block, block_bytes = GGML_TYPES[ggml_type]
         if shape[0] % block:
             raise cur.fail(
                 f"tensor {name!r} row length {shape[0]} is not a multiple of the "

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Says what a backend's build needs and is missing, in one line, before minutes of compiling.
+set -u
+case "$1" in
+  cuda)
+    command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ] || {
+      echo "GPU=cuda needs the CUDA toolkit (nvcc): install it from NVIDIA or your distribution (nvidia-cuda-toolkit)" >&2; exit 2; } ;;
+  vulkan)
+    command -v glslc >/dev/null 2>&1 || {
+      echo "GPU=vulkan needs glslc and the Vulkan loader: apt install glslc libvulkan-dev mesa-vulkan-drivers (or the LunarG Vulkan SDK)" >&2; exit 2; } ;;
+  metal)
+    xcode-select -p >/dev/null 2>&1 || { echo "GPU=metal needs Xcode's command line tools: xcode-select --install" >&2; exit 2; } ;;
+esac
+exit 0
