@@ -114,7 +114,7 @@ def test_ggml_type_tables_agree_with_llama_cpp() -> None:
         assert (ggml.ggml_blck_size(type_id), ggml.ggml_type_size(type_id)) == (block, size), name
     import llama_cpp
 
-    named = {getattr(llama_cpp, key): key.split("_", 2)[2] for key in dir(llama_cpp)
+    named = {getattr(llama_cpp, key): key.removeprefix("LLAMA_FTYPE_").removeprefix("MOSTLY_").removeprefix("ALL_") for key in dir(llama_cpp)
              if key.startswith(("LLAMA_FTYPE_MOSTLY_", "LLAMA_FTYPE_ALL_"))}
     assert len(named) > 25
     for ftype, name in named.items():
