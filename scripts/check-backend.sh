@@ -6,8 +6,8 @@ case "$1" in
     command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ] || {
       echo "GPU=cuda needs the CUDA toolkit (nvcc): install it from NVIDIA or your distribution (nvidia-cuda-toolkit)" >&2; exit 2; } ;;
   vulkan)
-    command -v glslc >/dev/null 2>&1 || {
-      echo "GPU=vulkan needs glslc and the Vulkan loader: apt install glslc libvulkan-dev mesa-vulkan-drivers (or the LunarG Vulkan SDK)" >&2; exit 2; } ;;
+    { command -v glslc >/dev/null 2>&1 && { [ -d /usr/share/cmake/SPIRV-Headers ] || [ -n "${VULKAN_SDK:-}" ]; }; } || {
+      echo "GPU=vulkan needs glslc and the Vulkan loader: apt install glslc libvulkan-dev spirv-headers mesa-vulkan-drivers (or the LunarG Vulkan SDK)" >&2; exit 2; } ;;
   metal)
     xcode-select -p >/dev/null 2>&1 || { echo "GPU=metal needs Xcode's command line tools: xcode-select --install" >&2; exit 2; } ;;
 esac

@@ -73,20 +73,26 @@ def _plan(cli, model: str, *args: str) -> dict:
 
 
 def test_auto_fit_offloads_the_layers_a_hand_calculation_gives(cli, smollm2: Path) -> None:
+    """Layers count as llama.cpp counts them: the output layer first (SmolLM2 ties its head to the
+    token embeddings, so llama.cpp copies those to the GPU), then repeating layers from the last."""
     header = read_header(smollm2)
     layer = sum(t.nbytes for t in header.tensors if t.name.startswith("blk.0."))
     assert all(sum(t.nbytes for t in header.tensors if t.name.startswith(f"blk.{i}.")) == layer for i in range(30))
+    head = sum(t.nbytes for t in header.tensors if t.name in ("token_embd.weight", "output_norm.weight"))
     kv_layer = 4096 * 3 * 64 * 2 * 2  # cells x KV heads x head size x (K and V) x f16
-    work = 512 * 4 * (2 * 1536 + 576)  # the GPU's compute buffer for a batch of 512 through a layer
+    logits = 512 * (49152 + 2 * 576) * 4  # the GPU's compute buffer: a batch of 512 tokens' logits
     margin = 256 * MiB
-    for want in (0, 1, 10, 29):
-        budget = margin + work + want * (layer + kv_layer) + (layer + kv_layer) // 2
+    for want in (1, 2, 11, 30):
+        budget = margin + logits + head + (want - 1) * (layer + kv_layer) + (layer + kv_layer) // 2
         plan = _plan(cli, str(smollm2), "--gpu-memory", str(budget))
         assert plan["fits"] and plan["n_gpu_layers"] == want, (want, plan["n_gpu_layers"])
         assert plan["vram"] <= budget - margin
+    # too small even for the compute buffer llama.cpp would reserve there: the GPU is left out
+    none = _plan(cli, str(smollm2), "--gpu-memory", str(margin + 64 * MiB))
+    assert none["fits"] and none["n_gpu_layers"] == 0 and none["vram"] == 0 and none["op_offload"] is False
     everything = _plan(cli, str(smollm2), "--gpu-memory", "2GiB")
     assert everything["n_gpu_layers"] == 31  # every layer and the output
-    assert everything["kv_cache"]["cpu"] == 0
+    assert everything["kv_cache"]["cpu"] == 0 and everything["op_offload"] is True
 
 
 def test_kv_auto_steps_down_only_when_the_context_needs_it(cli, smollm2: Path) -> None:

@@ -52,7 +52,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     shape = ModelShape.from_header(model.header)
     ladder = []  # the trade-off: each KV type at the planned context
     for k, v in KV_LADDER:
-        est = estimate(shape, plan.n_ctx, k, v, True, plan.n_gpu_layers, n_seq=args.parallel)
+        est = estimate(shape, plan.n_ctx, k, v, True, plan.n_gpu_layers, n_seq=args.parallel,
+                       has_gpu=bool(hw.gpus and hw.gpu_offload), op_offload=plan.op_offload)
         ladder.append({"type_k": k, "type_v": v, "kv_bytes": est.kv.total, "ram": est.cpu, "vram": est.gpu})
     m = plan.memory
     data = {
@@ -67,6 +68,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "flash_attn": plan.flash_attn,
         "n_gpu_layers": plan.n_gpu_layers,
         "n_layers": shape.n_layer,
+        "op_offload": plan.op_offload,
         "weights": asdict(m.weights),
         "kv_cache": asdict(m.kv),
         "compute": asdict(m.compute),
@@ -115,12 +117,16 @@ def _print_plan(d: dict) -> None:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from edgellm.config import Settings
+    from edgellm.plan.hardware import build_backend, build_of
     from edgellm.runtime.rpc import available
 
     hw = hardware_for(Settings.resolve())
+    built, wanted = build_of(hw.backends), build_backend()
+    pairs = {gpu.device: _kv_pairs(gpu.device) for gpu in hw.gpus if gpu.device and not gpu.assumed}
     data = asdict(hw)
-    data["cpu_only"] = not hw.gpus
-    data["rpc"] = available()
+    data.update(cpu_only=not hw.gpus, rpc=available(), build=built, build_for_this_machine=wanted,
+                make_command=f"make chat GPU={wanted}",
+                flash_attn_kv_pairs={dev: [f"{k}/{v}" for k, v in sorted(p)] for dev, p in pairs.items()})
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -131,7 +137,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             print(f"GPU          {gpu.name} ({gpu.backend}): {human_bytes(gpu.free)} free of {human_bytes(gpu.total)}")
     else:
         print("GPU          none usable: CPU only")
+    print(f"build        llama.cpp for {built.upper()}; this machine's build: `make chat GPU={wanted}`"
+          f"{'' if wanted == built else ' (not the one installed)'}")
     print(f"backends     {', '.join(hw.backends)}; GPU offload {'yes' if hw.gpu_offload else 'no'}; flash attention yes")
+    for device, found in pairs.items():
+        print(f"KV on GPU    {device} runs flash attention for {_describe_pairs(found)} (head size 128)")
     print(f"llama.cpp    {hw.system_info}")
     print("RPC          " + ("available: `edgellm worker` lends this machine, `--rpc HOST:PORT` uses workers; the "
                              "protocol has no authentication, so workers listen on loopback unless --allow-remote"
@@ -139,3 +149,23 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     for note in hw.notes:
         print(f"note         {note}")
     return 0
+
+
+def _kv_pairs(device: str) -> frozenset[tuple[str, str]]:
+    """K/V cache pairs a device runs flash attention for, at a typical head size (128, 32/8 heads)."""
+    from edgellm.runtime.devices import flash_attn_pairs
+    from edgellm.runtime.options import KV_TYPES
+
+    return flash_attn_pairs(device, 128, 128, 32, 8, tuple((name, t) for name, (t, _) in KV_TYPES.items()))
+
+
+def _describe_pairs(pairs: frozenset[tuple[str, str]]) -> str:
+    from edgellm.runtime.options import KV_TYPES
+
+    every = {(k, v) for k in KV_TYPES for v in KV_TYPES}
+    if len(pairs) * 2 > len(every):
+        missing = sorted(every - pairs)
+        return f"{len(pairs)} of {len(every)} K/V pairs" + (
+            f"; not {' '.join(f'{k}/{v}' for k, v in missing)}" if missing else " (all)")
+    listed = " ".join(f"{k}/{v}" for k, v in sorted(pairs)) or "no K/V pair"
+    return f"{listed} only: other pairs run on the CPU (a `make chat GPU=cuda` build has them all)"

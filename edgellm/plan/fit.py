@@ -6,7 +6,10 @@ The rules, in order:
 - ``--kv-type auto`` walks the ladder f16 -> f16/q8_0 -> q8_0 -> q8_0/q4_0 -> q4_0 (V before K,
   since attention is more sensitive to K) and stops at the first type that offloads the most layers;
 - ``--gpu-layers auto`` offloads as many layers as the GPU's free memory allows after the safety
-  margin, with their KV cache; the rest, the token embeddings and the logits stay in RAM.
+  margin, with their KV cache; the rest and the token embeddings stay in RAM. Layers count as
+  llama.cpp counts them: the output layer goes first, then the repeating layers from the last;
+- when layers are offloaded, only K/V pairs the GPU runs flash attention for itself are chosen (a
+  pair it lacks would run on the CPU, several times slower), and an asked-for pair it lacks is refused.
 A plan that cannot fit says why and names the nearest plan that does.
 """
 
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 from edgellm.models.header import GGUFHeader
 from edgellm.plan.hardware import Hardware
 from edgellm.plan.memory import CTX_PAD, MemoryEstimate, ModelShape, estimate, pad
-from edgellm.runtime.options import DEFAULT_CTX, default_context, uses_flash_attn
+from edgellm.runtime.options import DEFAULT_CTX, KV_TYPES, default_context, is_quantized_kv, uses_flash_attn
 
 MARGIN = 256 << 20  # kept free on each device: drivers, fragmentation, the rest of the system
 KV_LADDER = (("f16", "f16"), ("f16", "q8_0"), ("q8_0", "q8_0"), ("q8_0", "q4_0"), ("q4_0", "q4_0"))
@@ -35,6 +38,7 @@ class Plan:
     ram_budget: int
     gpu_budget: int
     reason: str = ""
+    op_offload: bool = True  # llama.cpp computes batches of host layers on the GPU (off: no GPU compute buffer)
 
     def summary(self) -> str:
         where = "CPU only" if self.n_gpu_layers == 0 else f"{self.n_gpu_layers} layers on GPU"
@@ -53,18 +57,74 @@ def _budgets(hw: Hardware) -> tuple[int, int]:
     return max(hw.ram_available - MARGIN, 0), gpu
 
 
+def flash_attn_pairs(hw: Hardware, shape: ModelShape) -> frozenset[tuple[str, str]] | None:
+    """The K/V pairs every probed GPU runs flash attention for at this model's head sizes, or None
+    when no GPU was probed (none, or one stated by --gpu-memory): then any pair may be planned."""
+    probed = [g.device for g in hw.gpus if not g.assumed and g.device]
+    if not probed:
+        return None
+    from edgellm.runtime.devices import flash_attn_pairs as device_pairs
+
+    types = tuple((name, number) for name, (number, _) in KV_TYPES.items())
+    n_head, n_head_kv = max(shape.n_head, default=1), max(shape.n_head_kv, default=1)
+    pairs = [device_pairs(d, shape.head_dim_k, shape.head_dim_v, n_head, max(n_head_kv, 1), types) for d in probed]
+    return frozenset.intersection(*pairs)
+
+
+def output_offload(hw: Hardware, shape: ModelShape, n_ubatch: int) -> bool:
+    """Whether every probed GPU accepts the output matmul (Vulkan refuses weights larger than its
+    storage-buffer range: then llama.cpp keeps the head and the logits in host memory)."""
+    probed = [g.device for g in hw.gpus if not g.assumed and g.device]
+    if not probed or not shape.output_weight[0:3] or not shape.output_weight[1]:
+        return True
+    from edgellm.runtime.devices import supports_mul_mat
+
+    return all(supports_mul_mat(d, *shape.output_weight, n_ubatch) for d in probed)
+
+
+def unsupported_pair(hw: Hardware, shape: ModelShape, type_k: str, type_v: str, flash_attn: str) -> str | None:
+    """Why this K/V pair must not be used with layers on the GPU(s), or None when it may."""
+    allowed = flash_attn_pairs(hw, shape)
+    if allowed is None or _on_device(allowed, type_k, type_v, flash_attn):
+        return None
+    where = ", ".join(g.device for g in hw.gpus if not g.assumed)
+    have = " ".join(f"{k}/{v}" for k, v in sorted(allowed)) or "none"
+    return (f"this llama.cpp build has no flash-attention kernel for a {type_k}/{type_v} KV cache on {where}, "
+            f"so it would run on the CPU, several times slower; pairs it has: {have} (a CUDA build from "
+            f"`make chat GPU=cuda` has them all)")
+
+
+def _on_device(allowed: frozenset[tuple[str, str]], type_k: str, type_v: str, flash_attn: str) -> bool:
+    """Whether attention over this K/V pair runs on the GPU: with its flash-attention kernel, or
+    without flash attention, which an f16 V cache can do (``auto`` then turns it off)."""
+    return (type_k, type_v) in allowed or (flash_attn != "on" and not is_quantized_kv(type_v))
+
+
+def flash_attn_for(allowed: frozenset[tuple[str, str]] | None, type_k: str, type_v: str, flash_attn: str) -> bool:
+    """Whether llama.cpp is asked for flash attention: ``auto`` turns it on where the GPU runs it for
+    this pair (``allowed``, None for anywhere), and a quantized V cache needs it."""
+    if flash_attn == "auto" and allowed is not None and (type_k, type_v) not in allowed and not is_quantized_kv(type_v):
+        return False
+    return uses_flash_attn(flash_attn, type_v)
+
+
 def _best_layers(shape: ModelShape, n_ctx: int, k: str, v: str, fa: bool, ram: int, gpu: int, **kw) -> MemoryEstimate | None:
     """The estimate with the most layers on the GPU that fits both budgets, or None."""
     for ngl in range(shape.n_layer + 1 if gpu else 0, -1, -1):
-        est = estimate(shape, n_ctx, k, v, fa, ngl, **kw)
-        if est.gpu <= gpu and est.cpu <= ram:
+        est = _fixed_layers(shape, n_ctx, k, v, fa, ram, gpu, ngl, **kw)
+        if est is not None:
             return est
     return None
 
 
 def _fixed_layers(shape: ModelShape, n_ctx: int, k: str, v: str, fa: bool, ram: int, gpu: int, ngl: int, **kw):
-    est = estimate(shape, n_ctx, k, v, fa, ngl, **kw)
-    return est if est.gpu <= gpu and est.cpu <= ram else None
+    """The estimate at ``ngl`` layers if it fits; with no layer offloaded, a GPU too small for the
+    compute buffer llama.cpp would reserve on it is left out of the computation (op_offload off)."""
+    for op_offload in (True, False) if ngl == 0 and kw.get("has_gpu") else (True,):
+        est = estimate(shape, n_ctx, k, v, fa, ngl, op_offload=op_offload, **kw)
+        if est.gpu <= gpu and est.cpu <= ram:
+            return est
+    return None
 
 
 def fit(
@@ -85,10 +145,22 @@ def fit(
     ram, gpu = _budgets(hw)
     trained = shape.n_ctx_train or DEFAULT_CTX
     ladder = KV_LADDER if "auto" in (type_k, type_v) else ((type_k, type_v),)
-    kw = dict(n_ubatch=n_ubatch, n_seq=n_seq, swa_full=swa_full)
+    kw = dict(n_ubatch=n_ubatch, n_seq=n_seq, swa_full=swa_full, has_gpu=bool(hw.gpus and hw.gpu_offload),
+              output_offload=output_offload(hw, shape, n_ubatch))
+    allowed = flash_attn_pairs(hw, shape) if gpu and n_gpu_layers != 0 else None
+    if allowed is not None:
+        usable = tuple(pair for pair in ladder if _on_device(allowed, *pair, flash_attn))
+        if not usable:
+            k, v = ladder[0]
+            est = estimate(shape, n_ctx or default_context(trained), k, v, True, 0, **kw)
+            return Plan(est.n_ctx, k, v, True, 0, est, False, ram, gpu, unsupported_pair(hw, shape, k, v, flash_attn))
+        ladder = usable
+
+    def fa_for(k: str, v: str) -> bool:
+        return flash_attn_for(allowed, k, v, flash_attn)
 
     def attempt(ctx: int, k: str, v: str) -> MemoryEstimate | None:
-        fa = uses_flash_attn(flash_attn, v)
+        fa = fa_for(k, v)
         if n_gpu_layers is None or not gpu:  # without a GPU, asked-for layers stay on the CPU anyway
             return _best_layers(shape, ctx, k, v, fa, ram, gpu, **kw)
         return _fixed_layers(shape, ctx, k, v, fa, ram, gpu, n_gpu_layers, **kw)
@@ -105,7 +177,7 @@ def fit(
 
     def plan(choice: tuple[str, str, MemoryEstimate]) -> Plan:
         k, v, est = choice
-        return Plan(est.n_ctx, k, v, uses_flash_attn(flash_attn, v), est.n_gpu_layers, est, True, ram, gpu)
+        return Plan(est.n_ctx, k, v, fa_for(k, v), est.n_gpu_layers, est, True, ram, gpu, op_offload=est.op_offload)
 
     if n_ctx == 0:  # auto: grow the context while the default context's offload holds
         base_ctx = default_context(trained)

@@ -12,7 +12,7 @@ import platform
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2, "mib": 1 << 20,
@@ -101,21 +101,52 @@ def _cpu_name() -> str:
 
 def _nvidia_smi() -> list[GPU]:
     """NVIDIA GPUs the driver sees, whatever this llama.cpp build can use."""
-    exe = shutil.which("nvidia-smi")
-    if not exe:
-        return []
-    try:
-        out = subprocess.run(
-            [exe, "--query-gpu=name,memory.total,memory.free", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=5, check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
+    out = _run("nvidia-smi", "--query-gpu=name,memory.total,memory.free,compute_cap", "--format=csv,noheader,nounits")
     gpus = []
     for line in out.strip().splitlines():
-        name, total, free = (x.strip() for x in line.split(","))
-        gpus.append(GPU(name, "nvidia-smi", int(total) << 20, int(free) << 20))
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) == 4 and parts[1].isdigit() and parts[2].isdigit():
+            gpus.append(GPU(parts[0], "sm_" + parts[3].replace(".", ""), int(parts[1]) << 20, int(parts[2]) << 20))
     return gpus
+
+
+def _run(*argv: str) -> str:
+    exe = shutil.which(argv[0])
+    if not exe:
+        return ""
+    try:
+        return subprocess.run([exe, *argv[1:]], capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+#: what `make chat GPU=NAME` needs installed first
+BUILD_NEEDS = {
+    "cuda": "the CUDA toolkit",
+    "metal": "Xcode's command line tools",
+    "vulkan": "glslc, libvulkan-dev and spirv-headers (or the Vulkan SDK)",
+    "cpu": "a C/C++ compiler",
+}
+
+
+def build_backend() -> str:
+    """The llama.cpp backend for this machine, as ``make chat GPU=auto`` picks it: a device decides,
+    never an installed toolkit (cuda: nvidia-smi lists a GPU; metal: Apple silicon; vulkan:
+    vulkaninfo lists a GPU, not a CPU device such as Mesa's llvmpipe; else cpu)."""
+    if _nvidia_smi():
+        return "cuda"
+    if platform.system() == "Darwin" and platform.machine() == "arm64":
+        return "metal"
+    summary = _run("vulkaninfo", "--summary")
+    if re.search(r"deviceType\s*=\s*PHYSICAL_DEVICE_TYPE_(DISCRETE|INTEGRATED|VIRTUAL)_GPU", summary):
+        return "vulkan"
+    return "cpu"
+
+
+def build_of(backends: tuple[str, ...]) -> str:
+    """The backend this llama.cpp was built for, from the device registries it has."""
+    names = {b.lower() for b in backends}
+    return next((b for b in ("cuda", "metal", "vulkan") if b in names), "cpu")
 
 
 def probe(gpu_memory: int | None = None, ram: int | None = None, rpc: tuple[str, ...] = ()) -> Hardware:
@@ -134,18 +165,15 @@ def probe(gpu_memory: int | None = None, ram: int | None = None, rpc: tuple[str,
             for d in found if d.kind in ("gpu", "igpu")]
     offload = bool(llama_cpp.llama_supports_gpu_offload())
     notes = []
-    if not gpus:
-        driver_gpus = _nvidia_smi()
-        if driver_gpus:
-            notes.append(
-                f"{driver_gpus[0].name} is present but this llama-cpp-python build cannot use it: rebuild with "
-                'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir llama-cpp-python'
-            )
-        elif platform.system() == "Darwin" and platform.machine() == "arm64":
-            notes.append('no Metal device: rebuild with CMAKE_ARGS="-DGGML_METAL=on" pip install --force-reinstall --no-cache-dir llama-cpp-python')
-        else:
-            notes.append("no GPU found: running on the CPU only (a CUDA, Metal or Vulkan build of llama-cpp-python offloads to a GPU)")
-    if gpu_memory is not None:
+    wanted, built = build_backend(), build_of(tuple(d.backend for d in found))
+    if wanted not in ("cpu", built):
+        notes.append(f"this machine has a {wanted.upper()} GPU but llama.cpp was built for {built.upper()}: "
+                     f"`make chat GPU={wanted}` in edgellm's folder rebuilds it (needs {BUILD_NEEDS[wanted]})")
+    elif not gpus:
+        notes.append("no GPU found: running on the CPU only (`make chat GPU=cuda|metal|vulkan` builds for one)")
+    if gpu_memory is not None and gpus:  # plan for less than the real GPU has free, on the real device
+        gpus = [replace(gpus[0], free=gpu_memory)] + [replace(g, free=0) for g in gpus[1:]]
+    elif gpu_memory is not None:
         gpus = [GPU("assumed GPU (EDGELLM_GPU_MEMORY)", "assumed", gpu_memory, gpu_memory, assumed=True)]
     ram_total, ram_available = _meminfo()
     if ram is not None:
@@ -162,3 +190,14 @@ def probe(gpu_memory: int | None = None, ram: int | None = None, rpc: tuple[str,
         system_info=llama_cpp.llama_print_system_info().decode().strip(),
         notes=tuple(notes),
     )
+
+
+def cuda_architectures() -> str:
+    """The visible NVIDIA GPUs' architectures as CMAKE_CUDA_ARCHITECTURES takes them (``90``, ``86;89``)."""
+    return ";".join(sorted({g.backend.removeprefix("sm_") for g in _nvidia_smi()}))
+
+
+if __name__ == "__main__":  # the Makefile's GPU=auto, and the CUDA architectures it builds for
+    import sys
+
+    print(cuda_architectures() if sys.argv[1:] == ["cuda-arch"] else build_backend())

@@ -56,8 +56,12 @@ class ModelShape:
     layer_bytes: list[int]
     repack_bytes: list[int]  # per layer: the extra copy llama.cpp's CPU backend makes
     input_bytes: int  # token embeddings: always in host memory
-    output_bytes: int  # output norm and head: offloaded only with every layer
+    output_bytes: int  # output norm and head: the first layer offloaded
     other_bytes: int
+    tied_output_bytes: int = 0  # no output head: llama.cpp copies the token embeddings to where the output runs
+    output_weight: tuple[int, int, int] = (0, 0, 0)  # the head's ggml type, rows, columns (0s: unknown)
+    #: (part, file offset, bytes) per tensor, part as in part_of(): where the file maps host tensors
+    spans: tuple[tuple[int, int, int], ...] = field(default=(), repr=False)
 
     @classmethod
     def from_header(cls, header: GGUFHeader) -> ModelShape:
@@ -71,6 +75,8 @@ class ModelShape:
         n_swa = int(header.arch_value("attention.sliding_window") or 0)
         sizes = bytes_by_part(((t.name, t.nbytes, t.type_name in REPACKED_TYPES and len(t.shape) == 2)
                                for t in header.tensors), n_layer)
+        head = next((t for name in ("output.weight", "token_embd.weight") for t in header.tensors if t.name == name), None)
+        spans = tuple((part_of(t.name, n_layer), t.offset, t.nbytes) for t in header.tensors)
         return cls(
             architecture=header.architecture,
             n_layer=n_layer,
@@ -84,6 +90,8 @@ class ModelShape:
             head_dim_v=int(header.arch_value("attention.value_length") or head_dim),
             swa_layers=swa_layers(header.architecture, n_swa, n_layer),
             n_swa=n_swa,
+            output_weight=(head.ggml_type, head.shape[0], head.shape[1]) if head and len(head.shape) == 2 else (0, 0, 0),
+            spans=spans,
             **sizes,
         )
 
@@ -94,24 +102,35 @@ def swa_layers(architecture: str, n_swa: int, n_layer: int) -> list[bool]:
     return [bool(pattern and n_swa and il % pattern < pattern - 1) for il in range(n_layer)]
 
 
+INPUT, OUTPUT, OTHER = -1, -2, -3  # parts of a model besides its layers (0 .. n_layer-1)
+
+
+def part_of(name: str, n_layer: int) -> int:
+    """Which part of the model a GGUF tensor belongs to: its layer, or INPUT, OUTPUT, OTHER."""
+    match = _LAYER.match(name)
+    if match and int(match.group(1)) < n_layer:
+        return int(match.group(1))
+    if name.startswith("token_embd"):
+        return INPUT
+    return OUTPUT if name.startswith("output") else OTHER
+
+
 def bytes_by_part(tensors: Iterable[tuple[str, int, bool]], n_layer: int) -> dict[str, Any]:
     """ModelShape's byte fields from (GGUF tensor name, bytes, repacked on the CPU) triples."""
     layer_bytes, repack = [0] * n_layer, [0] * n_layer
-    input_bytes = output_bytes = other = 0
+    sums = {INPUT: 0, OUTPUT: 0, OTHER: 0}
+    has_head = False
     for name, nbytes, repacked in tensors:
-        match = _LAYER.match(name)
-        if match and int(match.group(1)) < n_layer:
-            layer_bytes[int(match.group(1))] += nbytes
-            if repacked:
-                repack[int(match.group(1))] += nbytes
-        elif name.startswith("token_embd"):
-            input_bytes += nbytes
-        elif name.startswith("output"):
-            output_bytes += nbytes
+        has_head = has_head or name == "output.weight"
+        part = part_of(name, n_layer)
+        if part >= 0:
+            layer_bytes[part] += nbytes
+            repack[part] += nbytes if repacked else 0
         else:
-            other += nbytes
+            sums[part] += nbytes
+    input_bytes, output_bytes, other = sums[INPUT], sums[OUTPUT], sums[OTHER]
     return dict(layer_bytes=layer_bytes, repack_bytes=repack, input_bytes=input_bytes, output_bytes=output_bytes,
-                other_bytes=other)
+                other_bytes=other, tied_output_bytes=0 if has_head else input_bytes)
 
 
 @dataclass(frozen=True)
@@ -138,6 +157,10 @@ class MemoryEstimate:
     compute: Placement
     output: int  # the logits buffer llama.cpp keeps in host memory
     kv_per_layer: list[int] = field(repr=False)
+    op_offload: bool = True
+    #: the host weights' span in the file, which llama.cpp maps whole ("CPU_Mapped model buffer"): more
+    #: than weights.cpu when offloaded layers lie between host ones; their pages are only read once
+    weights_mapped: int = 0
 
     @property
     def cpu(self) -> int:
@@ -171,12 +194,26 @@ def estimate(
     n_seq: int = 1,
     swa_full: bool = True,
     repack: bool = True,
+    has_gpu: bool = False,
+    output_offload: bool = True,
+    op_offload: bool = True,
 ) -> MemoryEstimate:
-    """Memory for one loaded model and context. ``n_gpu_layers`` -1 means all (with the output)."""
+    """Memory for one loaded model and context. ``n_gpu_layers`` counts as llama.cpp counts it: the
+    output layer first, then repeating layers from the last one (-1: all of them).
+
+    ``has_gpu``: a GPU is present, which changes more than the offloaded layers: llama.cpp then computes
+    every batch of 32 tokens or more on it, copying host weights over (so its compute buffer exists
+    even with no layer offloaded), keeps host tensors in its pinned buffer type, and skips the CPU
+    repacking. ``output_offload``: the GPU accepts the output matmul (Vulkan refuses a weight larger
+    than its storage-buffer range; llama.cpp then keeps the head and the logits in host memory).
+    ``op_offload`` off (llama.cpp's context parameter) keeps host layers' batches on the CPU.
+    """
     n_layer = shape.n_layer
+    has_gpu = has_gpu or n_gpu_layers != 0
     ngl = n_layer + 1 if n_gpu_layers < 0 else min(n_gpu_layers, n_layer + 1)
-    first_gpu_layer = max(n_layer - ngl, 0)
+    first_gpu_layer = n_layer + 1 - ngl  # llama.cpp's i_gpu_start
     bytes_k, bytes_v = KV_TYPES[type_k][1], KV_TYPES[type_v][1]
+    repack = repack and not has_gpu
 
     weights = Placement(cpu=shape.input_bytes + shape.other_bytes)
     kv = Placement()
@@ -185,28 +222,20 @@ def estimate(
         cells = kv_cells(shape, il, n_ctx, n_ubatch, n_seq, swa_full)
         layer_kv = int(cells * shape.n_head_kv[il] * (shape.head_dim_k * bytes_k + shape.head_dim_v * bytes_v))
         kv_per_layer.append(layer_kv)
-        if il >= first_gpu_layer and ngl > 0:
+        if il >= first_gpu_layer:
             weights += Placement(gpu=shape.layer_bytes[il])
             kv += Placement(gpu=layer_kv)
         else:
             weights += Placement(cpu=shape.layer_bytes[il] + (shape.repack_bytes[il] if repack else 0))
             kv += Placement(cpu=layer_kv)
-    output_on_gpu = ngl > n_layer
-    weights += Placement(gpu=shape.output_bytes) if output_on_gpu else Placement(cpu=shape.output_bytes)
-
-    # compute buffers: the batch's logits dominate; without flash attention, so can the
-    # attention scores of every head over the whole context
-    logits = n_ubatch * (shape.n_vocab + 2 * shape.n_embd) * 4
-    attention = 0
-    if not flash_attn:
-        attention = n_ubatch * 4 * (pad(n_ctx) * (max(shape.n_head) + 1) + 2 * shape.n_ff + shape.n_embd)
-    if ngl == 0:
-        compute = Placement(cpu=max(logits, attention))
-    else:
-        layer_work = max(attention, n_ubatch * 4 * (2 * shape.n_ff + shape.n_embd))
-        gpu = max(logits, layer_work) if output_on_gpu else layer_work
-        cpu = n_ubatch * shape.n_embd * 4 * 2 if output_on_gpu else logits
-        compute = Placement(cpu=cpu, gpu=gpu)
+    head_on_gpu = ngl > 0 and output_offload
+    head = shape.output_bytes + shape.tied_output_bytes  # the tied copy shares the host mapping when not moved
+    weights += Placement(gpu=head) if head_on_gpu else Placement(cpu=shape.output_bytes)
+    on_gpu = has_gpu and (ngl > 0 or (op_offload and n_ubatch >= 32))  # a GPU takes batches of 32 tokens or more
+    compute = _compute(shape, n_ctx, flash_attn, ngl, n_ubatch, n_seq, swa_full, on_gpu, output_offload)
+    host_parts = {INPUT, OTHER, *range(first_gpu_layer)} | (set() if head_on_gpu else {OUTPUT})
+    host_spans = [(offset, offset + nbytes) for part, offset, nbytes in shape.spans if part in host_parts]
+    mapped = max(e for _, e in host_spans) - min(s for s, _ in host_spans) if host_spans else weights.cpu
     return MemoryEstimate(
         n_ctx=pad(n_ctx),
         n_gpu_layers=ngl,
@@ -215,4 +244,35 @@ def estimate(
         compute=compute,
         output=shape.n_vocab * 4 * n_seq,
         kv_per_layer=kv_per_layer,
+        op_offload=op_offload,
+        weights_mapped=mapped,
     )
+
+
+def _compute(shape: ModelShape, n_ctx: int, flash_attn: bool, ngl: int, n_ubatch: int, n_seq: int,
+             swa_full: bool, gpu: bool, output_offload: bool) -> Placement:
+    """The compute buffers llama.cpp reserves for a worst-case batch of ``n_ubatch`` tokens (the
+    allocator's peak over the graph, per backend), as measured against its log on CPU and Vulkan."""
+    ub, f32 = n_ubatch, 4
+    logits = ub * (shape.n_vocab + 2 * shape.n_embd) * f32
+    # the KQ masks: one over the whole cache, one over the sliding window where layers have one
+    swa = [kv_cells(shape, il, n_ctx, ub, n_seq, swa_full) for il in range(shape.n_layer) if shape.swa_layers[il]]
+    mask_cells = [pad(n_ctx)] + swa[:1]
+    if flash_attn:  # a layer's peak: the feed-forward activations beside the residual stream, and the masks
+        work = ub * f32 * (3 * shape.n_ff + 3 * shape.n_embd) + sum(mask_cells) * ub * 2
+    else:  # the attention scores of every head over the whole cache dominate
+        work = ub * f32 * (pad(n_ctx) * (max(shape.n_head) + 1) + 2 * shape.n_ff + shape.n_embd)
+    if not gpu:  # everything on the CPU
+        return Placement(cpu=max(logits, work))
+    host_layers = shape.layer_bytes[: max(shape.n_layer + 1 - ngl, 0)]
+    work += max(host_layers, default=0) * 2 // 3  # a host layer's feed-forward weights, copied over for a batch
+    inputs = 2 * shape.n_embd * ub * f32  # token embeddings and their scaled copy, then the masks
+    inputs += sum(mask_cells) * ub * (2 if flash_attn else f32)
+    if not flash_attn:
+        inputs += 2 * ub * f32 * max(shape.n_head_kv) * shape.head_dim_k
+    if not output_offload:  # the head and the logits stay on the host
+        return Placement(cpu=logits + 2 * shape.n_embd * ub * f32, gpu=work)
+    copied_head = shape.input_bytes if ngl == 0 and shape.tied_output_bytes else 0
+    if ngl == 0 and not shape.tied_output_bytes:
+        copied_head = shape.output_bytes
+    return Placement(cpu=inputs, gpu=max(logits, work) + copied_head)

@@ -68,6 +68,7 @@ class BatchEngine:
         type_v: str = "f16",
         flash_attn: str = "auto",
         max_queue: int = 64,
+        op_offload: bool = True,
     ) -> None:
         import llama_cpp
 
@@ -81,6 +82,7 @@ class BatchEngine:
         self.ctx: NativeContext = model.context(
             n_ctx=n_ctx * n_parallel, n_batch=self.n_batch, n_ubatch=min(512, self.n_batch), n_threads=n_threads,
             type_k=type_k, type_v=type_v, flash_attn=flash_attn, n_seq_max=n_parallel, swa_full=True,
+            op_offload=op_offload,
         )
         self._mem = llama_cpp.llama_get_memory(self.ctx.ptr)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)

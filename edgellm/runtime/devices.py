@@ -45,6 +45,9 @@ def shipped_library(stem: str) -> ctypes.CDLL:
 def _ggml() -> ctypes.CDLL:
     import llama_cpp
 
+    from edgellm.runtime import llamalog
+
+    llamalog.install()  # before the backends register: their greetings go to the log, not the terminal
     llama_cpp.llama_backend_init()  # loads libllama, and with it the ggml it links
     lib = shipped_library("libggml")
     lib.ggml_backend_dev_count.restype = ctypes.c_size_t
@@ -61,6 +64,10 @@ def _ggml() -> ctypes.CDLL:
     lib.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
     lib.ggml_backend_reg_name.argtypes = [ctypes.c_void_p]
     lib.ggml_backend_reg_name.restype = ctypes.c_char_p
+    lib.ggml_backend_dev_by_name.argtypes = [ctypes.c_char_p]
+    lib.ggml_backend_dev_by_name.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_supports_op.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.ggml_backend_dev_supports_op.restype = ctypes.c_bool
     return lib
 
 
@@ -95,3 +102,73 @@ def backend_label(found: list[Device] | None = None) -> str:
         if name != "CPU" and name not in names:
             names.append(name)
     return ",".join(names) or "CPU"
+
+
+class _InitParams(ctypes.Structure):
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+@cache
+def _ggml_ops() -> ctypes.CDLL:
+    """The few graph-building functions of ggml-base that describe an op to a device."""
+    lib = shipped_library("libggml-base")
+    lib.ggml_init.argtypes = [_InitParams]
+    lib.ggml_init.restype = ctypes.c_void_p
+    lib.ggml_free.argtypes = [ctypes.c_void_p]
+    lib.ggml_new_tensor_4d.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 4
+    lib.ggml_new_tensor_4d.restype = ctypes.c_void_p
+    lib.ggml_flash_attn_ext.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_float] * 3
+    lib.ggml_flash_attn_ext.restype = ctypes.c_void_p
+    lib.ggml_mul_mat.argtypes = [ctypes.c_void_p] * 3
+    lib.ggml_mul_mat.restype = ctypes.c_void_p
+    return lib
+
+
+def _device(name: str) -> int:
+    dev = _ggml().ggml_backend_dev_by_name(name.encode())
+    if not dev:
+        raise LookupError(f"no device {name!r}")
+    return dev
+
+
+@cache
+def flash_attn_pairs(device: str, head_dim_k: int, head_dim_v: int, n_head: int, n_head_kv: int,
+                     types: tuple[tuple[str, int], ...]) -> frozenset[tuple[str, str]]:
+    """The (K, V) cache type pairs whose flash attention ``device`` runs itself for a model with these
+    head sizes. llama.cpp runs an op a device lacks on the CPU instead: a CUDA build without
+    GGML_CUDA_FA_ALL_QUANTS decodes a q5_1 cache three times slower. We ask the device exactly as
+    llama.cpp's scheduler does, with the op a one-token decode step builds. ``types``: (name, ggml
+    type) pairs to try."""
+    lib, ops = _ggml(), _ggml_ops()
+    dev = _device(device)
+    f32, f16, n_kv = 0, 1, 256
+    ctx = ops.ggml_init(_InitParams(1 << 20, None, True))
+    try:
+        supported = set()
+        q = ops.ggml_new_tensor_4d(ctx, f32, head_dim_k, 1, n_head, 1)
+        mask = ops.ggml_new_tensor_4d(ctx, f16, n_kv, 1, 1, 1)
+        for k_name, k_type in types:
+            k = ops.ggml_new_tensor_4d(ctx, k_type, head_dim_k, n_kv, n_head_kv, 1)
+            for v_name, v_type in types:
+                v = ops.ggml_new_tensor_4d(ctx, v_type, head_dim_v, n_kv, n_head_kv, 1)
+                op = ops.ggml_flash_attn_ext(ctx, q, k, v, mask, 1.0, 0.0, 0.0)
+                if lib.ggml_backend_dev_supports_op(dev, op):
+                    supported.add((k_name, v_name))
+        return frozenset(supported)
+    finally:
+        ops.ggml_free(ctx)
+
+
+@cache
+def supports_mul_mat(device: str, weight_type: int, rows: int, cols: int, n_tokens: int) -> bool:
+    """Whether ``device`` runs a matmul of this weight (ggml type, ne0 x ne1) with a batch of
+    ``n_tokens``: llama.cpp asks the same before it places a weight on the device."""
+    lib, ops = _ggml(), _ggml_ops()
+    dev = _device(device)
+    ctx = ops.ggml_init(_InitParams(1 << 16, None, True))
+    try:
+        weight = ops.ggml_new_tensor_4d(ctx, weight_type, rows, cols, 1, 1)
+        inputs = ops.ggml_new_tensor_4d(ctx, 0, rows, n_tokens, 1, 1)
+        return bool(lib.ggml_backend_dev_supports_op(dev, ops.ggml_mul_mat(ctx, weight, inputs)))
+    finally:
+        ops.ggml_free(ctx)

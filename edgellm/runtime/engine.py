@@ -47,6 +47,7 @@ class ResolvedLoad:
     type_k: str
     type_v: str
     seed: int
+    op_offload: bool = True  # off: a GPU too small for the compute buffer, no layer on it
     plan: Plan | None = None  # the memory plan, when the planner chose anything
     split: tuple[tuple[str, int], ...] = ()  # layers per device as planned, when RPC workers take part
     placed: tuple[tuple[str, int], ...] = ()  # and as llama.cpp then logged placing them
@@ -80,17 +81,41 @@ def resolve_load(header: GGUFHeader, options: LoadOptions, hardware: Hardware | 
             raise LoadError(f"{header.path.name} {plan.reason}")
         n_ctx = n_ctx or plan.n_ctx
         type_k, type_v, n_gpu_layers = plan.type_k, plan.type_v, plan.n_gpu_layers
+        flash_attn = plan.flash_attn
+    else:
+        n_gpu_layers, flash_attn = _on_device(header, options, hardware)
     return ResolvedLoad(
         n_ctx=n_ctx,
         n_batch=min(options.n_batch, n_ctx),
         n_threads=options.n_threads or physical_cores(),
         n_gpu_layers=n_gpu_layers,
-        flash_attn=uses_flash_attn(options.flash_attn, type_v),
+        flash_attn=flash_attn,
         type_k=type_k,
         type_v=type_v,
         seed=DEFAULT_SEED if options.seed < 0 else options.seed,
+        op_offload=plan.op_offload if plan else True,
         plan=plan,
     )
+
+
+def _on_device(header: GGUFHeader, options: LoadOptions, hardware: Hardware | None) -> tuple[int, bool]:
+    """GPU layers and flash attention for settings given in full: no layers where there is no GPU
+    (llama.cpp would ignore them; saying so keeps the status line true), a K/V pair the GPU has no
+    flash-attention kernel for refused, and flash attention decided as the planner would."""
+    if options.n_gpu_layers == 0:
+        return 0, uses_flash_attn(options.flash_attn, options.type_v)
+    from edgellm.plan.fit import flash_attn_for, flash_attn_pairs, unsupported_pair
+    from edgellm.plan.hardware import probe
+    from edgellm.plan.memory import ModelShape
+
+    hardware, shape = hardware or probe(), ModelShape.from_header(header)
+    if not hardware.gpus:
+        return 0, uses_flash_attn(options.flash_attn, options.type_v)
+    why = unsupported_pair(hardware, shape, options.type_k, options.type_v, options.flash_attn)
+    if why is not None:
+        raise UsageError(f"{header.path.name}: {why}")
+    pairs = flash_attn_pairs(hardware, shape)
+    return options.n_gpu_layers, flash_attn_for(pairs, options.type_k, options.type_v, options.flash_attn)
 
 
 class Model:
@@ -274,6 +299,7 @@ def load_model(
             n_threads_batch=load.n_threads,
             n_gpu_layers=load.n_gpu_layers,
             flash_attn=load.flash_attn,
+            op_offload=load.op_offload,
             type_k=KV_TYPES[load.type_k][0],
             type_v=KV_TYPES[load.type_v][0],
             seed=load.seed,

@@ -85,6 +85,24 @@ def layers_placed(position: int) -> dict[str, int]:
 
 
 _PLACED = re.compile(r"layer +\d+ assigned to device ([^,\s]+)")
+_BUFFER = re.compile(r"(\S+) +(model|KV|compute|output) buffer size = +([0-9.]+) MiB")
+
+
+def buffers(position: int) -> dict[tuple[str, str], int]:
+    """Every buffer llama.cpp logged allocating after ``position``, in bytes, summed by (buffer type,
+    part): ``("CUDA0", "KV")``, ``("CUDA_Host", "compute")``, ``("CPU_Mapped", "model")`` ... Buffer
+    types named CPU* or *_Host are host memory, the others a device's."""
+    found: dict[tuple[str, str], int] = {}
+    for line in since(position):
+        match = _BUFFER.search(line)
+        if match:
+            key = (match.group(1), match.group(2))
+            found[key] = found.get(key, 0) + round(float(match.group(3)) * 2**20)
+    return found
+
+
+def is_host_buffer(name: str) -> bool:
+    return name.startswith("CPU") or name.endswith("_Host")
 
 
 def last_error(position: int) -> str | None:

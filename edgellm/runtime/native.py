@@ -118,11 +118,14 @@ class NativeModel:
         n_seq_max: int = 1,
         swa_full: bool = False,
         embeddings: bool = False,
+        op_offload: bool = True,
     ) -> NativeContext:
         """A context; ``swa_full`` keeps sliding-window layers' whole cache (for prompt reuse);
-        ``embeddings`` makes it pool each sequence's hidden states into one vector (mean)."""
+        ``embeddings`` makes it pool each sequence's hidden states into one vector (mean);
+        ``op_offload`` off keeps batches of host layers on the CPU (no GPU compute buffer)."""
         return NativeContext(
-            self, n_ctx, n_batch, n_ubatch, n_threads, type_k, type_v, flash_attn, n_seq_max, swa_full, embeddings
+            self, n_ctx, n_batch, n_ubatch, n_threads, type_k, type_v, flash_attn, n_seq_max, swa_full, embeddings,
+            op_offload,
         )
 
     def close(self) -> None:
@@ -153,6 +156,7 @@ class NativeContext:
         n_seq_max: int,
         swa_full: bool,
         embeddings: bool,
+        op_offload: bool = True,
     ) -> None:
         lib = self._lib = model._lib
         self.model = model
@@ -167,6 +171,7 @@ class NativeContext:
         params.type_v = KV_TYPES[type_v][0]
         params.flash_attn_type = FLASH_ATTN_TYPES[flash_attn]
         params.swa_full = swa_full
+        params.op_offload = op_offload
         if embeddings:
             params.embeddings = True
             params.pooling_type = lib.LLAMA_POOLING_TYPE_MEAN

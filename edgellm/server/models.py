@@ -121,7 +121,7 @@ class ModelPool:
             engine = BatchEngine(
                 native, self.parallel, per_slot, load.n_threads or physical_cores(), n_batch=max(load.n_batch, 512),
                 type_k=plan.type_k, type_v=plan.type_v, flash_attn="on" if plan.flash_attn else "off",
-                max_queue=self.max_queue,
+                max_queue=self.max_queue, op_offload=plan.op_offload,
             )
         except BaseException:
             native.close()

@@ -1,0 +1,148 @@
+"""On a real ggml GPU device: offload all, part or none of a model, every K/V cache type, the
+planner against the buffers llama.cpp logs, `--gpu-memory` respected, and serve, bench and doctor.
+
+These run where this llama.cpp build sees a GPU. CI builds the Vulkan backend and runs them on
+Mesa's llvmpipe, a software Vulkan device (`GGML_VK_VISIBLE_DEVICES=0 GGML_VK_DISABLE_F16=1
+GGML_VK_DISABLE_COOPMAT=1`, as llama.cpp's own CI does); it is slow (a few tokens a second), so
+every answer here is a few tokens long. Elsewhere they are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from edgellm.models.header import read_header
+from edgellm.plan.fit import MARGIN, fit, output_offload
+from edgellm.plan.hardware import probe
+from edgellm.plan.memory import ModelShape, estimate
+from edgellm.runtime import llamalog
+from edgellm.runtime.devices import devices
+from edgellm.runtime.native import NativeModel
+from edgellm.runtime.options import KV_TYPES
+
+MiB = 2**20
+GPUS = [d for d in devices() if d.kind in ("gpu", "igpu")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not GPUS, reason="this llama.cpp build sees no GPU device")]
+
+
+def _logged(position: int) -> dict[str, int]:
+    """llama.cpp's logged buffers as the planner's parts: weights/KV/compute on host or device, logits."""
+    parts: dict[str, int] = {}
+    for (buffer, kind), size in llamalog.buffers(position).items():
+        part = "logits" if kind == "output" else {"model": "weights"}.get(kind, kind.lower())
+        where = "" if part == "logits" else (".cpu" if llamalog.is_host_buffer(buffer) else ".gpu")
+        parts[part + where] = parts.get(part + where, 0) + size
+    return parts
+
+
+def _planned(est) -> dict[str, int]:
+    """The plan's parts; host weights as llama.cpp maps them (their span in the file)."""
+    return {"weights.cpu": est.weights_mapped, "weights.gpu": est.weights.gpu, "kv.cpu": est.kv.cpu,
+            "kv.gpu": est.kv.gpu, "compute.cpu": est.compute.cpu, "compute.gpu": est.compute.gpu,
+            "logits": est.output}
+
+
+def _loaded(path: Path, ngl: int, **context) -> dict[str, int]:
+    position = llamalog.mark()
+    with NativeModel(path, ngl) as model, model.context(n_threads=2, **context):
+        return _logged(position)
+
+
+@pytest.mark.parametrize("which", ["smollm2", "gemma3"])
+def test_planner_within_5_percent_of_every_buffer_on_the_device(which: str, request: pytest.FixtureRequest) -> None:
+    path = request.getfixturevalue(which)
+    shape = ModelShape.from_header(read_header(path))
+    head = output_offload(probe(), shape, 512)
+    failures = []
+    for ngl in (0, 1, shape.n_layer // 2, shape.n_layer + 1):  # none, the output only, half, all
+        for ctx in (1024, 4096):
+            logged = _loaded(path, ngl, n_ctx=ctx, n_batch=2048, n_ubatch=512, flash_attn="on", swa_full=True)
+            planned = _planned(estimate(shape, ctx, "f16", "f16", True, ngl, has_gpu=True, output_offload=head))
+            for part in sorted(set(logged) | {k for k, v in planned.items() if v}):
+                ours, theirs = planned.get(part, 0), logged.get(part, 0)
+                if abs(ours - theirs) > 0.05 * theirs + 0.02 * MiB:  # 5%, or 20 KiB for tiny buffers
+                    failures.append(f"ngl {ngl} ctx {ctx} {part}: planned {ours / MiB:.2f} MiB, "
+                                    f"llama.cpp {theirs / MiB:.2f} MiB")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("budget_mib", [300, 340, 400, 1024])
+def test_gpu_memory_is_never_exceeded(budget_mib: int, smollm2: Path) -> None:
+    budget = budget_mib * MiB
+    plan = fit(read_header(smollm2), probe(gpu_memory=budget), n_ctx=4096)
+    assert plan.fits
+    logged = _loaded(smollm2, plan.n_gpu_layers, n_ctx=plan.n_ctx, n_batch=512, n_ubatch=512,
+                     flash_attn="on" if plan.flash_attn else "off", type_k=plan.type_k, type_v=plan.type_v,
+                     op_offload=plan.op_offload)
+    on_device = sum(v for k, v in logged.items() if k.endswith(".gpu"))
+    assert on_device <= budget - MARGIN, (plan.n_gpu_layers, on_device / MiB)
+    assert on_device == pytest.approx(plan.memory.gpu, rel=0.05, abs=0.1 * MiB)
+
+
+def _chat(cli, *args: str):
+    """One short answer from `edgellm chat`, whose first line says how the model was loaded."""
+    r = cli("chat", "smollm2-135m-instruct", "-n", "2", "--temperature", "0", *args, input="Hi\n", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+    return r.stderr.splitlines()[0]
+
+
+@pytest.mark.parametrize("layers, shown", [("all", "· all layers on GPU ·"), ("10", "· 10 GPU layers ·"),
+                                            ("auto", "· 31 GPU layers ·"), ("0", "· CPU ·")])
+def test_chat_offloads_all_part_or_none(layers: str, shown: str, cli) -> None:
+    assert shown in _chat(cli, "--ctx", "512", "--gpu-layers", layers)
+
+
+@pytest.mark.parametrize("kv", [f"{k},{v}" for k, v in (
+    ("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q8_0", "q4_0"), ("q4_1", "q4_1"), ("q5_0", "q5_0"),
+    ("q5_1", "q5_1"), ("iq4_nl", "iq4_nl"), ("f32", "f32"))])
+def test_every_kv_type_runs_on_the_device(kv: str, cli) -> None:
+    assert set(kv.split(",")) <= set(KV_TYPES)
+    status = _chat(cli, "--ctx", "256", "--gpu-layers", "all", "--kv-type", kv)
+    assert f"· kv {kv.replace(',', '/')} · flash-attn on · all layers on GPU ·" in status
+
+
+def test_a_kv_pair_without_a_device_kernel_is_refused(cli) -> None:
+    """Vulkan has no flash attention for bf16 beside another type: it would run on the CPU."""
+    r = cli("run", "smollm2-135m-instruct", "Hi", "-n", "2", "--gpu-layers", "all", "--kv-type", "bf16,f16")
+    assert r.returncode != 0
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "no flash-attention kernel for a bf16/f16 KV cache on Vulkan0" in r.stderr
+
+
+def test_serve_answers_from_the_device(smollm2: Path, home: Path) -> None:
+    from tests.test_server import Server
+
+    server = Server(home, smollm2, "--gpu-layers", "all")
+    try:
+        body = json.dumps({"model": server.name, "max_tokens": 3, "temperature": 0,
+                           "messages": [{"role": "user", "content": "Hi"}]}).encode()
+        request = urllib.request.Request(server.base + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        answer = json.load(urllib.request.urlopen(request, timeout=300))
+        assert answer["choices"][0]["message"]["content"]
+        assert answer["usage"]["completion_tokens"] <= 3
+    finally:
+        server.stop()
+
+
+def test_bench_reports_the_device_backend(cli) -> None:
+    r = cli("bench", "smollm2-135m-instruct", "-p", "16", "-n", "2", "-r", "1", "-ngl", "99", "-o", "json", timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert {row["backends"] for row in data["results"]} == {"Vulkan"}
+
+
+def test_doctor_names_the_device_and_its_kv_pairs(cli) -> None:
+    r = cli("doctor", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["build"] == "vulkan" and data["gpus"][0]["device"] == GPUS[0].name
+    pairs = data["flash_attn_kv_pairs"][GPUS[0].name]
+    assert "q8_0/q8_0" in pairs and "bf16/f16" not in pairs
+    text = cli("doctor").stdout
+    assert re.search(r"KV on GPU +Vulkan0 runs flash attention for \d+ of 81 K/V pairs", text)
