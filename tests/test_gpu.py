@@ -107,12 +107,16 @@ def test_every_kv_type_runs_on_the_device(kv: str, cli) -> None:
     assert f"· kv {kv.replace(',', '/')} · flash-attn on · all layers on GPU ·" in status
 
 
-def test_a_kv_pair_without_a_device_kernel_is_refused(cli) -> None:
-    """Vulkan has no flash attention for bf16 beside another type: it would run on the CPU."""
-    r = cli("run", "smollm2-135m-instruct", "Hi", "-n", "2", "--gpu-layers", "all", "--kv-type", "bf16,f16")
+def test_a_kv_pair_without_a_device_kernel_is_refused_or_runs_without_flash_attention(cli) -> None:
+    """Vulkan has no flash attention for bf16 beside another type: asked for, it would run on the
+    CPU, so it is refused; with flash attention on auto it is turned off, which an f16 V allows."""
+    r = cli("run", "smollm2-135m-instruct", "Hi", "-n", "2", "--gpu-layers", "all", "--kv-type", "bf16,f16",
+            "--flash-attn", "on")
     assert r.returncode != 0
     assert len(r.stderr.strip().splitlines()) == 1
     assert "no flash-attention kernel for a bf16/f16 KV cache on Vulkan0" in r.stderr
+    assert "· kv bf16/f16 · flash-attn off · all layers on GPU ·" in _chat(cli, "--ctx", "256", "--gpu-layers", "all",
+                                                                          "--kv-type", "bf16,f16")
 
 
 def test_serve_answers_from_the_device(smollm2: Path, home: Path) -> None:

@@ -72,9 +72,6 @@ def _ggml() -> ctypes.CDLL:
 
 
 def devices() -> list[Device]:
-    import llama_cpp
-
-    llama_cpp.llama_backend_init()
     lib = _ggml()
     found = []
     for i in range(lib.ggml_backend_dev_count()):
