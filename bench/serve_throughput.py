@@ -4,6 +4,7 @@ lengths, in one run; and the time to first token of a conversation's second turn
 the prompt cache.
 
 usage: python bench/serve_throughput.py [MODEL.gguf] [-n 128] [--streams 1,2,4,8] [-t THREADS]
+       [--gpu-layers N] [--llama-server PATH] [--vram]   (--vram: nvidia-smi's memory.used once loaded)
        (llama-cpp-python's server needs: pip install sse-starlette starlette-context pydantic-settings)
 """
 
@@ -21,6 +22,13 @@ import time
 import urllib.request
 
 from _reference import reference_bin
+
+
+def vram_used() -> int:
+    """MiB in use on the first NVIDIA GPU, by nvidia-smi."""
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
 
 
 def free_port() -> int:
@@ -88,7 +96,12 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=128)
     ap.add_argument("--streams", default="1,2,4,8")
     ap.add_argument("-t", "--threads", type=int, default=physical_cores())
+    ap.add_argument("--gpu-layers", "-ngl", type=int, default=0)
+    ap.add_argument("--llama-server", help="llama-server to compare with (default: the reference build)")
+    ap.add_argument("--vram", action="store_true", help="print each server's VRAM use after loading")
     args = ap.parse_args()
+    llama_server = args.llama_server or str(reference_bin() / "llama-server")
+    ngl = str(args.gpu_layers)
     model = args.model or str(bundled_gguf())
     counts = [int(x) for x in args.streams.split(",")]
     ctx = 1024
@@ -97,10 +110,10 @@ def main() -> None:
     def servers(n: int):
         port = free_port()
         yield "edgellm", port, [sys.executable, "-m", "edgellm", "serve", model, "--port", str(port), "--parallel", str(n),
-                                "--ctx", str(ctx), "-t", str(args.threads), "--flash-attn", "on"]
+                                "--ctx", str(ctx), "-t", str(args.threads), "--flash-attn", "on", "--gpu-layers", ngl]
         port = free_port()
-        yield "llama-server", port, [str(reference_bin() / "llama-server"), "-m", model, "--port", str(port), "-np", str(n),
-                                     "-c", str(ctx * n), "-t", str(args.threads), "-fa", "on"]
+        yield "llama-server", port, [llama_server, "-m", model, "--port", str(port), "-np", str(n),
+                                     "-c", str(ctx * n), "-t", str(args.threads), "-fa", "on", "-ngl", ngl]
         port = free_port()
         yield "llama_cpp.server", port, [sys.executable, "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1", "--port", str(port),
                                          "--n_ctx", str(ctx), "--n_threads", str(args.threads), "--flash_attn", "true"]
@@ -116,6 +129,8 @@ def main() -> None:
                 continue
             try:
                 aggregate(base, 1, 8)  # warm-up
+                if args.vram:
+                    print(f"{name} --parallel {n}: {vram_used()} MiB of VRAM in use after loading", file=sys.stderr)
                 table.setdefault(name, {})[n] = aggregate(base, n, args.n)
             finally:
                 proc.terminate()
@@ -134,7 +149,7 @@ def main() -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc = start([sys.executable, "-m", "edgellm", "serve", model, "--port", str(port), "--parallel", "1",
-                  "--ctx", "2048", "-t", str(args.threads)], base + "/health", env)
+                  "--ctx", "2048", "-t", str(args.threads), "--gpu-layers", ngl], base + "/health", env)
     try:
         stream_once(base, {"messages": [{"role": "user", "content": "warm up"}], "max_tokens": 2})
         cold = stream_once(base, {"messages": turn2, "max_tokens": 4, "temperature": 0})[1]

@@ -30,27 +30,10 @@ GPUS = [d for d in devices() if d.kind in ("gpu", "igpu")]
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not GPUS, reason="this llama.cpp build sees no GPU device")]
 
 
-def _logged(position: int) -> dict[str, int]:
-    """llama.cpp's logged buffers as the planner's parts: weights/KV/compute on host or device, logits."""
-    parts: dict[str, int] = {}
-    for (buffer, kind), size in llamalog.buffers(position).items():
-        part = "logits" if kind == "output" else {"model": "weights"}.get(kind, kind.lower())
-        where = "" if part == "logits" else (".cpu" if llamalog.is_host_buffer(buffer) else ".gpu")
-        parts[part + where] = parts.get(part + where, 0) + size
-    return parts
-
-
-def _planned(est) -> dict[str, int]:
-    """The plan's parts; host weights as llama.cpp maps them (their span in the file)."""
-    return {"weights.cpu": est.weights_mapped, "weights.gpu": est.weights.gpu, "kv.cpu": est.kv.cpu,
-            "kv.gpu": est.kv.gpu, "compute.cpu": est.compute.cpu, "compute.gpu": est.compute.gpu,
-            "logits": est.output}
-
-
 def _loaded(path: Path, ngl: int, **context) -> dict[str, int]:
     position = llamalog.mark()
     with NativeModel(path, ngl) as model, model.context(n_threads=2, **context):
-        return _logged(position)
+        return llamalog.buffers_by_part(position)
 
 
 @pytest.mark.parametrize("which", ["smollm2", "gemma3"])
@@ -62,7 +45,7 @@ def test_planner_within_5_percent_of_every_buffer_on_the_device(which: str, requ
     for ngl in (0, 1, shape.n_layer // 2, shape.n_layer + 1):  # none, the output only, half, all
         for ctx in (1024, 4096):
             logged = _loaded(path, ngl, n_ctx=ctx, n_batch=2048, n_ubatch=512, flash_attn="on", swa_full=True)
-            planned = _planned(estimate(shape, ctx, "f16", "f16", True, ngl, has_gpu=True, output_offload=head))
+            planned = estimate(shape, ctx, "f16", "f16", True, ngl, has_gpu=True, output_offload=head).parts()
             for part in sorted(set(logged) | {k for k, v in planned.items() if v}):
                 ours, theirs = planned.get(part, 0), logged.get(part, 0)
                 if abs(ours - theirs) > 0.05 * theirs + 0.02 * MiB:  # 5%, or 20 KiB for tiny buffers

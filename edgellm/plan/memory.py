@@ -59,9 +59,13 @@ class ModelShape:
     output_bytes: int  # output norm and head: the first layer offloaded
     other_bytes: int
     tied_output_bytes: int = 0  # no output head: llama.cpp copies the token embeddings to where the output runs
-    output_weight: tuple[int, int, int] = (0, 0, 0)  # the head's ggml type, rows, columns (0s: unknown)
+    # Known from a GGUF's layout only (a checkpoint not yet converted leaves them empty, and the
+    # planner then assumes a GPU takes the head and counts host weights by their sum), so two shapes
+    # of the same model compare equal without them.
+    #: the head's ggml type, rows, columns (0s: unknown)
+    output_weight: tuple[int, int, int] = field(default=(0, 0, 0), compare=False)
     #: (part, file offset, bytes) per tensor, part as in part_of(): where the file maps host tensors
-    spans: tuple[tuple[int, int, int], ...] = field(default=(), repr=False)
+    spans: tuple[tuple[int, int, int], ...] = field(default=(), repr=False, compare=False)
 
     @classmethod
     def from_header(cls, header: GGUFHeader) -> ModelShape:
@@ -173,6 +177,12 @@ class MemoryEstimate:
     @property
     def total(self) -> int:
         return self.cpu + self.gpu
+
+    def parts(self) -> dict[str, int]:
+        """Each buffer as llama.cpp logs it (llamalog.buffers_by_part), host weights as it maps them."""
+        return {"weights.cpu": self.weights_mapped, "weights.gpu": self.weights.gpu, "kv.cpu": self.kv.cpu,
+                "kv.gpu": self.kv.gpu, "compute.cpu": self.compute.cpu, "compute.gpu": self.compute.gpu,
+                "logits": self.output}
 
 
 def kv_cells(shape: ModelShape, layer: int, n_ctx: int, n_ubatch: int, n_seq: int, swa_full: bool) -> int:

@@ -105,6 +105,17 @@ def is_host_buffer(name: str) -> bool:
     return name.startswith("CPU") or name.endswith("_Host")
 
 
+def buffers_by_part(position: int) -> dict[str, int]:
+    """``buffers()`` summed as the planner's parts (MemoryEstimate.parts): ``weights.cpu``,
+    ``weights.gpu``, ``kv.cpu``, ``kv.gpu``, ``compute.cpu``, ``compute.gpu``, ``logits``."""
+    parts: dict[str, int] = {}
+    for (buffer, kind), size in buffers(position).items():
+        part = {"model": "weights", "KV": "kv", "compute": "compute"}.get(kind)
+        key = "logits" if part is None else f"{part}.{'cpu' if is_host_buffer(buffer) else 'gpu'}"
+        parts[key] = parts.get(key, 0) + size
+    return parts
+
+
 def last_error(position: int) -> str | None:
     """The most telling error line llama.cpp logged after ``position``."""
     errors = [line.strip() for line in since(position, LEVEL_ERROR) if line.strip()]
