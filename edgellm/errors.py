@@ -73,3 +73,10 @@ class Cancelled(EdgeLLMError):
 
 class MissingDependencyError(EdgeLLMError):
     code = "missing_dependency"
+
+
+def brief(value: object, limit: int = 80) -> str:
+    """An untrusted value (a request's model name, a file's string) quoted in a message: repr'd, so
+    control characters show as escapes, and cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

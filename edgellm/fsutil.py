@@ -14,6 +14,88 @@ from contextlib import contextmanager
 from pathlib import Path
 
 TMP_PREFIX = ".edgellm-tmp-"
+STALE_AFTER = 600  # seconds: a temporary without its owner's pid (older edgellm) is stale after this
+
+
+def tmp_prefix(kind: str = "") -> str:
+    """Temporary names carry the owner's pid, so a later run can tell a killed writer's leftovers
+    (``clean_stale``) from a live one's work."""
+    return f"{TMP_PREFIX}{os.getpid()}-{kind}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's live process
+        return True
+    return True
+
+
+def _size(path: Path) -> int:
+    if path.is_symlink() or not path.is_dir():
+        return path.lstat().st_size
+    return sum(p.lstat().st_size for p in path.rglob("*") if not p.is_symlink() and p.is_file())
+
+
+def clean_stale(folder: Path) -> tuple[int, int]:
+    """Remove the temporaries in ``folder`` whose writer is gone (killed mid-write: SIGKILL, a power
+    cut); returns (how many, bytes reclaimed). A live process's temporaries are left alone."""
+    import time
+
+    count = reclaimed = 0
+    try:
+        candidates = [p for p in Path(folder).iterdir() if p.name.startswith(TMP_PREFIX)]
+    except OSError:
+        return 0, 0
+    for path in candidates:
+        owner = path.name[len(TMP_PREFIX):].split("-", 1)[0]
+        try:
+            stale = not _alive(int(owner)) if owner.isdigit() else time.time() - path.lstat().st_mtime > STALE_AFTER
+            if not stale:
+                continue
+            size = _size(path)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError:
+            continue
+        count, reclaimed = count + 1, reclaimed + size
+    return count, reclaimed
+
+
+@contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold an inter-process lock on ``path``, a lock file that is gone again once released.
+
+    The holder deletes the file before letting go; a process that was waiting on the deleted file
+    then sees that its file is no longer the one at ``path`` and tries again on a fresh one.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: a lock file that stays
+        from filelock import FileLock
+
+        with FileLock(str(path)):
+            yield
+        return
+    path = Path(path)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -34,7 +116,7 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; it replaces ``dest`` only if the block succeeds."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=dest.suffix, dir=dest.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=tmp_prefix(), suffix=dest.suffix, dir=dest.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -61,7 +143,7 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(), dir=dest.parent))
     try:
         yield tmp
         for child in tmp.iterdir():

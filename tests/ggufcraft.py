@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-U32, STR, ARR, U64, F32 = 4, 8, 9, 10, 6
+U32, I32, F32, STR, ARR, U64 = 4, 5, 6, 8, 9, 10
 
 
 def s(text: str | bytes) -> bytes:
@@ -23,6 +23,14 @@ def kv_str(key: str, value: str) -> bytes:
 
 def kv_u32(key: str, value: int) -> bytes:
     return s(key) + struct.pack("<I", U32) + struct.pack("<I", value)
+
+
+def kv_f32(key: str, value: float) -> bytes:
+    return s(key) + struct.pack("<I", F32) + struct.pack("<f", value)
+
+
+def kv_i32_array(key: str, values: list[int]) -> bytes:
+    return s(key) + struct.pack("<IIQ", ARR, I32, len(values)) + struct.pack(f"<{len(values)}i", *values)
 
 
 def kv_str_array(key: str, values: list[str]) -> bytes:

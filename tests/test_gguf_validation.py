@@ -15,8 +15,11 @@ from tests.ggufcraft import (
     ARR,
     U32,
     Craft,
+    kv_f32,
     kv_f32_array,
+    kv_i32_array,
     kv_str,
+    kv_str_array,
     kv_u32,
     s,
     tensor_info,
@@ -136,6 +139,53 @@ HOSTILE = {
     "token id outside the vocabulary": (
         _craft(kvs=_replace_kv(4, kv_u32("tokenizer.ggml.bos_token_id", 10))),
         "bos_token_id is 10, outside the vocabulary of 3 tokens",
+    ),
+    # hyperparameters llama.cpp trusts: these abort it (exit 134), burn minutes, or answer garbage
+    "no layers": (_craft(kvs=[*Craft().kvs, kv_u32("llama.block_count", 0)]), "llama.block_count is 0, outside 1..512"),
+    "a million layers": (
+        _craft(kvs=[*Craft().kvs, kv_u32("llama.block_count", 10**6)]), "llama.block_count is 1000000, outside 1..512"
+    ),
+    "layer count as text": (
+        _craft(kvs=[*Craft().kvs, kv_str("llama.block_count", "24")]), "llama.block_count is '24', not an integer"
+    ),
+    "NaN norm epsilon": (
+        _craft(kvs=[*Craft().kvs, kv_f32("llama.attention.layer_norm_rms_epsilon", float("nan"))]),
+        "layer_norm_rms_epsilon is nan, which must be a finite number at least 0",
+    ),
+    "negative norm epsilon": (
+        _craft(kvs=[*Craft().kvs, kv_f32("llama.attention.layer_norm_rms_epsilon", -1e-5)]),
+        "layer_norm_rms_epsilon is -9.99",
+    ),
+    "NaN rope base": (
+        _craft(kvs=[*Craft().kvs, kv_f32("llama.rope.freq_base", float("nan"))]),
+        "llama.rope.freq_base is nan, which must be a finite number above 0",
+    ),
+    "infinite rope base": (
+        _craft(kvs=[*Craft().kvs, kv_f32("llama.rope.freq_base", float("inf"))]), "llama.rope.freq_base is inf"
+    ),
+    "negative rope base": (
+        _craft(kvs=[*Craft().kvs, kv_f32("llama.rope.freq_base", -10000.0)]), "llama.rope.freq_base is -10000.0"
+    ),
+    "zero rope base": (_craft(kvs=[*Craft().kvs, kv_f32("llama.rope.freq_base", 0.0)]), "llama.rope.freq_base is 0.0"),
+    "more KV heads than heads": (
+        _craft(kvs=[*Craft().kvs, kv_u32("llama.attention.head_count", 4), kv_u32("llama.attention.head_count_kv", 8)]),
+        "head_count_kv is 8, more than the 4 attention heads",
+    ),
+    "per-layer heads of the wrong length": (
+        _craft(kvs=[*Craft().kvs, kv_u32("llama.block_count", 2), kv_i32_array("llama.attention.head_count", [4] * 3)]),
+        "llama.attention.head_count has 3 entries for 2 layers",
+    ),
+    "a token twice": (
+        _craft(kvs=_replace_kv(2, kv_str_array("tokenizer.ggml.tokens", ["a", "b", "a"]))),
+        "token 2 ('a') appears twice in the vocabulary",
+    ),
+    "unknown token type": (
+        _craft(kvs=[*Craft().kvs, kv_i32_array("tokenizer.ggml.token_type", [1, 9, 1])]),
+        "tokenizer.ggml.token_type holds an unknown token type",
+    ),
+    "NaN token score": (
+        _craft(kvs=_replace_kv(3, kv_f32_array("tokenizer.ggml.scores", [0.0, float("nan"), 0.0]))),
+        "tokenizer.ggml.scores holds a value that is not a finite number",
     ),
     "tokens not strings": (
         _craft(kvs=_replace_kv(2, kv_f32_array("tokenizer.ggml.tokens", [1.0, 2.0, 3.0]))),

@@ -39,14 +39,16 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, home: Path, model: Path, *args: str) -> None:
-        self.name = model.stem
+    def __init__(self, home: Path, model: Path | None, *args: str) -> None:
+        """``model`` None: the server serves the store, by each request's ``model`` field."""
+        self.name = model.stem if model else None
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGELLM_")}
         env.update(EDGELLM_HOME=str(home), PYTHONPATH=str(ROOT))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgellm", "serve", str(model), "--port", str(self.port), "--ctx", "1024", *args],
+            [sys.executable, "-m", "edgellm", "serve", *([str(model)] if model else []), "--port", str(self.port),
+             "--ctx", "1024", *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         )
         deadline = time.monotonic() + 60

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from edgellm.models.header import human_bytes
@@ -40,17 +41,24 @@ def _store():
 def cmd_list(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from edgellm.models.header import format_params
+    from edgellm.models.header import format_params, printable
 
-    entries = _store().list()
+    store = _store()
+    count, reclaimed = store.clean_stale()
+    if count:
+        print(f"reclaimed {human_bytes(reclaimed)} left by {count} interrupted operation{'s' * (count > 1)}",
+              file=sys.stderr)
+    entries, broken = store.list(), store.broken()
     if args.json:
-        print(json.dumps([asdict(e.manifest) for e in entries], indent=2))
+        rows = [{**asdict(e.manifest), "name": e.name} for e in entries]
+        print(json.dumps(rows + [{"name": name, "broken": why} for name, why in broken], indent=2))
         return 0
-    if not entries:
+    if not entries and not broken:
         print("no models yet: `edgellm import FILE.gguf`, or `edgellm chat` for the bundled one")
         return 0
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(box=None, header_style="bold")
     for column in ("NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "CTX"):
@@ -58,13 +66,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     for e in entries:
         m = e.manifest
         table.add_row(
-            m.name,
-            m.architecture,
+            e.name,
+            Text(printable(m.architecture)),
             format_params(m.parameters),
-            m.quantization,
+            Text(printable(m.quantization)),
             human_bytes(m.size),
             str(m.context_length or "-"),
         )
+    for name, why in broken:
+        table.add_row(name, Text(f"broken: {why} (`edgellm rm {name}` removes it)", style="red"))
     Console().print(table)
     return 0
 
@@ -89,10 +99,13 @@ def cmd_show(args: argparse.Namespace) -> int:
 def _print_summary(name: str, info: dict) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
+
+    from edgellm.models.header import printable
 
     def row(label: str, value: object) -> None:
         if value not in (None, "", []):
-            facts.add_row(label, str(value))
+            facts.add_row(label, Text(printable(str(value))))  # model-provided: never markup, never escapes
 
     facts = Table(box=None, show_header=False, pad_edge=False)
     facts.add_column(style="bold")
@@ -143,8 +156,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_rm(args: argparse.Namespace) -> int:
     store = _store()
-    entries = [store.get(name) for name in args.models]  # all or nothing: check every name first
-    for entry in entries:
-        store.remove(entry.name)
-        print(f"removed {entry.name}")
+    for name in args.models:  # all or nothing: check every name first (a damaged model may go too)
+        if not store.exists(name):
+            store.get(name)  # raises, naming the store's models
+    for name in args.models:
+        print(f"removed {store.remove(name)}")
     return 0

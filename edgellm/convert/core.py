@@ -234,10 +234,10 @@ def temporary_gguf(source: Path, folder: Path, file_name: str, outtype: str = "a
                    **options) -> Iterator[ConvertResult]:
     """Convert to a GGUF in a temporary folder inside ``folder`` (the store's, so a later rename or
     link stays on one disk), gone when the block ends: for a conversion only made to be quantized."""
-    from edgellm.fsutil import TMP_PREFIX
+    from edgellm.fsutil import tmp_prefix
 
     folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX + "convert-", dir=folder) as tmp:
+    with tempfile.TemporaryDirectory(prefix=tmp_prefix("convert-"), dir=folder) as tmp:
         yield convert(source, Path(tmp) / file_name, outtype, **options)
 
 

@@ -33,14 +33,15 @@ def looks_like_path(ref: str) -> bool:
     return ref.lower().endswith(".gguf") or "/" in ref or "\\" in ref or Path(ref).is_file()
 
 
-def resolve(ref: str | None, settings: Settings) -> ResolvedModel:
+def resolve(ref: str | None, settings: Settings, store_only: bool = False) -> ResolvedModel:
     """Turn a MODEL argument (or the configured default) into a validated GGUF.
 
     With no argument, the configured ``model`` setting is used, else the bundled SmolLM2,
-    which is registered in the store the first time it is asked for.
+    which is registered in the store the first time it is asked for. ``store_only``: ``ref`` is a
+    store name and never a path (the server's ``model`` field).
     """
     ref = ref or settings.model or BUNDLED_NAME
-    if looks_like_path(ref):
+    if not store_only and looks_like_path(ref):
         path = Path(ref).expanduser()
         if not path.exists():
             raise ModelNotFoundError(f"no such file: {ref}")

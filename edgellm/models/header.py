@@ -9,6 +9,8 @@ rules follow llama.cpp's ``gguf.cpp`` and ``tests/test-gguf.cpp``.
 
 from __future__ import annotations
 
+import array
+import math
 import mmap
 import os
 import stat
@@ -62,6 +64,7 @@ class ArrayValue:
     item_type: int
     count: int
     values: tuple[Any, ...] | None = None
+    pos: int = field(default=-1, repr=False, compare=False)  # where its elements start in the file
 
     def __len__(self) -> int:
         return self.count
@@ -134,9 +137,10 @@ class GGUFHeader:
         return {k: (counts[k], sizes[k]) for k, _ in sizes.most_common()}
 
     def summary(self) -> dict[str, Any]:
-        """The facts people ask of a model file, as plain data (``edgellm show``)."""
+        """The facts people ask of a model file, as plain data (``edgellm show``), every string in it
+        printable (a model's name may carry terminal escape sequences)."""
         rope_scaling = self.arch_value("rope.scaling.type")
-        return {
+        return _printable_values({
             "name": self.name,
             "path": str(self.path),
             "architecture": self.architecture,
@@ -168,7 +172,7 @@ class GGUFHeader:
                 name: {"tensors": count, "bytes": nbytes}
                 for name, (count, nbytes) in self.type_histogram.items()
             },
-        }
+        })
 
     @property
     def quantization(self) -> str:
@@ -180,6 +184,16 @@ class GGUFHeader:
         if not weights:
             return "unknown"
         return Counter(t.type_name for t in weights).most_common(1)[0][0]
+
+
+def _printable_values(value: Any) -> Any:
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {k: _printable_values(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_printable_values(v) for v in value]
+    return value
 
 
 def _plain(value: Any) -> Any:
@@ -287,14 +301,15 @@ class _Cursor:
             raise self.fail(f"{what} has unknown element type {item_type}")
         if count > MAX_ARRAY_LEN:
             raise self.fail(f"{what} claims {count} elements, over the limit of {MAX_ARRAY_LEN}")
+        start = self.pos
         if item_type == STRING:
             # each string needs at least its 8-byte length
             self.need(count * 8, f"{count} strings of {what}")
             if count <= KEEP_ARRAY_LEN:
                 items = tuple(self.string(f"element {i} of {what}") for i in range(count))
-                return ArrayValue(item_type, count, items)
+                return ArrayValue(item_type, count, items, start)
             self._skip_strings(count, what)
-            return ArrayValue(item_type, count)
+            return ArrayValue(item_type, count, pos=start)
         fmt = _SCALAR_FORMATS[item_type]
         width = struct.calcsize("<" + fmt)
         self.need(count * width, f"{count} elements of {what}")
@@ -302,7 +317,7 @@ class _Cursor:
         if count <= KEEP_ARRAY_LEN:
             values = struct.unpack_from(f"<{count}{fmt}", self.buf, self.pos)
         self.pos += count * width
-        return ArrayValue(item_type, count, values)
+        return ArrayValue(item_type, count, values, start)
 
 
 def read_header(path: str | Path, full_size: int | None = None) -> GGUFHeader:
@@ -313,7 +328,10 @@ def read_header(path: str | Path, full_size: int | None = None) -> GGUFHeader:
     """
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
+        # never block: opening a FIFO for reading waits for a writer; a non-blocking open returns at
+        # once, and _file_size then refuses anything but a regular file
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with open(fd, "rb") as fh:
             size = _file_size(fh, path)
             if size < 24:
                 head = fh.read(4)
@@ -331,10 +349,14 @@ def read_header(path: str | Path, full_size: int | None = None) -> GGUFHeader:
         raise InvalidGGUFError(f"{path} is a folder, not a GGUF file") from None
     except PermissionError:
         raise InvalidGGUFError(f"permission denied reading {path}") from None
+    except OSError as exc:  # a name too long, a symlink loop, a device that refuses to be read
+        raise InvalidGGUFError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def _file_size(fh: Any, path: Path) -> int:
     st = os.fstat(fh.fileno())
+    if stat.S_ISDIR(st.st_mode):
+        raise InvalidGGUFError(f"{path} is a folder, not a GGUF file")
     if not stat.S_ISREG(st.st_mode):
         raise InvalidGGUFError(f"{path} is not a regular file")
     return st.st_size
@@ -439,6 +461,7 @@ def _parse(buf: mmap.mmap, size: int, path: Path, full_size: int) -> GGUFHeader:
 
     header = GGUFHeader(path, size, version, alignment, data_offset, metadata, tuple(tensors))
     _check_model_metadata(header, cur)
+    _check_hyperparameters(header, cur)
     return header
 
 
@@ -472,3 +495,116 @@ def _check_model_metadata(header: GGUFHeader, cur: _Cursor) -> None:
                 raise cur.fail(f"{key} is not an integer")
             if not 0 <= value < n_vocab and value != -1 and value != 0xFFFFFFFF:
                 raise cur.fail(f"{key} is {value}, outside the vocabulary of {n_vocab} tokens")
+    _check_vocabulary(cur, tokens, md.get("tokenizer.ggml.scores"), md.get("tokenizer.ggml.token_type"))
+
+
+#: llama.cpp's LLAMA_MAX_LAYERS and LLAMA_MAX_EXPERTS
+MAX_LAYERS, MAX_EXPERTS = 512, 1024
+#: integer hyperparameters llama.cpp sizes tensors and loops by: (key suffix, smallest, largest)
+_INT_HPARAMS = (
+    ("block_count", 1, MAX_LAYERS),
+    ("context_length", 1, 1 << 30),
+    ("embedding_length", 1, 1 << 20),
+    ("feed_forward_length", 0, 1 << 22),
+    ("attention.head_count", 0, 1 << 14),
+    ("attention.head_count_kv", 0, 1 << 14),
+    ("attention.key_length", 1, 1 << 16),
+    ("attention.value_length", 1, 1 << 16),
+    ("attention.sliding_window", 0, 1 << 30),
+    ("rope.dimension_count", 0, 1 << 16),
+    ("vocab_size", 1, 1 << 24),
+    ("expert_count", 0, MAX_EXPERTS),
+    ("expert_used_count", 0, MAX_EXPERTS),
+)
+#: float hyperparameters: (key suffix, must be > 0 rather than >= 0)
+_FLOAT_HPARAMS = (
+    ("attention.layer_norm_rms_epsilon", False),
+    ("attention.layer_norm_epsilon", False),
+    ("rope.freq_base", True),
+    ("rope.freq_base_swa", True),
+    ("rope.scaling.factor", True),
+    ("rope.freq_scale", True),
+)
+#: llama_token_type: undefined, normal, unknown, control, user-defined, unused, byte
+_TOKEN_TYPES = range(7)
+
+
+def _check_hyperparameters(header: GGUFHeader, cur: _Cursor) -> None:
+    """The numbers llama.cpp builds the model from, refused when impossible: a zero layer count or a
+    NaN epsilon makes it abort the process, a NaN rope base answers garbage, a million layers burn
+    minutes before anything fails. Absent keys are llama.cpp's to default or refuse."""
+    arch, md = header.architecture, header.metadata
+    n_layer = md.get(f"{arch}.block_count")
+    for suffix, low, high in _INT_HPARAMS:
+        key = f"{arch}.{suffix}"
+        value = md.get(key)
+        if value is None:
+            continue
+        values = value.values if isinstance(value, ArrayValue) else (value,)
+        if isinstance(value, ArrayValue):
+            if value.item_type in (FLOAT32, FLOAT64, STRING, BOOL) or values is None:
+                raise cur.fail(f"{key} is not a list of integers")
+            if isinstance(n_layer, int) and value.count != n_layer:
+                raise cur.fail(f"{key} has {value.count} entries for {n_layer} layers")
+        for v in values:
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise cur.fail(f"{key} is {_shown(v)}, not an integer")
+            if not low <= v <= high:
+                raise cur.fail(f"{key} is {v}, outside {low}..{high}")
+    heads, kv_heads = md.get(f"{arch}.attention.head_count"), md.get(f"{arch}.attention.head_count_kv")
+    if isinstance(heads, int) and isinstance(kv_heads, int) and kv_heads > heads:
+        raise cur.fail(f"{arch}.attention.head_count_kv is {kv_heads}, more than the {heads} attention heads")
+    experts, used = md.get(f"{arch}.expert_count"), md.get(f"{arch}.expert_used_count")
+    if isinstance(experts, int) and isinstance(used, int) and used > experts:
+        raise cur.fail(f"{arch}.expert_used_count is {used}, more than the {experts} experts")
+    for suffix, positive in _FLOAT_HPARAMS:
+        key = f"{arch}.{suffix}"
+        value = md.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise cur.fail(f"{key} is {_shown(value)}, not a number")
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise cur.fail(f"{key} is {value}, which must be a finite number {'above' if positive else 'at least'} 0")
+
+
+def _check_vocabulary(cur: _Cursor, tokens: ArrayValue, scores: Any, types: Any) -> None:
+    """Token strings unique (llama.cpp aborts on a repeated one), token types known, scores finite."""
+    seen: set[bytes] = set()
+    buf, pos, unpack = cur.buf, tokens.pos, _U64.unpack_from
+    for i in range(tokens.count):
+        (length,) = unpack(buf, pos)
+        text = buf[pos + 8 : pos + 8 + length]
+        if text in seen:
+            raise cur.fail(f"token {i} ({_shown(text.decode('utf-8', 'replace'))}) appears twice in the vocabulary")
+        seen.add(text)
+        pos += 8 + length
+    if isinstance(scores, ArrayValue) and scores.item_type in (FLOAT32, FLOAT64):
+        values = array.array("f" if scores.item_type == FLOAT32 else "d")
+        values.frombytes(buf[scores.pos : scores.pos + scores.count * values.itemsize])
+        if not all(map(math.isfinite, values)):
+            raise cur.fail("tokenizer.ggml.scores holds a value that is not a finite number")
+    if isinstance(types, ArrayValue):
+        if types.item_type not in (INT32, UINT32):
+            raise cur.fail("tokenizer.ggml.token_type is not a list of 32-bit integers")
+        values = array.array("i" if types.item_type == INT32 else "I")
+        values.frombytes(buf[types.pos : types.pos + types.count * 4])
+        if values and not (min(values) >= 0 and max(values) < len(_TOKEN_TYPES)):
+            raise cur.fail(f"tokenizer.ggml.token_type holds an unknown token type (known: 0..{len(_TOKEN_TYPES) - 1})")
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """A model-provided value in an error message: printable and short."""
+    text = printable(repr(value))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+_CONTROL = {c: None for c in [*range(0x00, 0x20), *range(0x7F, 0xA0)] if c not in (0x09, 0x0A)}
+_CONTROL.update({c: None for c in (0x200E, 0x200F, 0x202A, 0x202B, 0x202C, 0x202D, 0x202E, 0x2066, 0x2067, 0x2068, 0x2069)})
+
+
+def printable(text: str) -> str:
+    """A model-provided string made safe to show in a terminal: control characters (escape sequences
+    among them) and bidirectional overrides removed; tabs and newlines kept."""
+    return text.translate(_CONTROL)
+

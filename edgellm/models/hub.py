@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgellm.errors import EdgeLLMError, ModelNotFoundError, UsageError
+from edgellm.fsutil import exclusive
 from edgellm.models.header import GGUFHeader, read_header
 from edgellm.models.store import ModelEntry, Store, check_name
 from edgellm.quantize import QUANT_TYPES
@@ -261,8 +262,6 @@ def pull(
 ) -> ModelEntry:
     """Download REPO[:QUANT] into the store; ``on_choice(choice, was_default)`` hears the pick first,
     ``progress(bytes_done, bytes_total)`` follows the download (default: huggingface_hub's bars)."""
-    from filelock import FileLock
-
     repo, quant = parse_ref(ref)
     listing = list_repo(repo, revision, store)
     commit, choice = listing.commit, choose(listing.gguf, quant, repo)
@@ -270,7 +269,7 @@ def pull(
         on_choice(choice, quant is None)
     model_name = check_name(name or f"{repo.split('/')[1].lower().removesuffix('-gguf')}-{choice.quant.lower()}")
     store.root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(store.root / f".{model_name}.lock")):
+    with exclusive(store.root / f".{model_name}.lock"):
         if store.exists(model_name):
             return store.get(model_name)
         free = shutil.disk_usage(store.root).free

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from edgellm.errors import EdgeLLMError, ModelExistsError, ModelNotFoundError, UsageError
-from edgellm.fsutil import TMP_PREFIX, atomic_dir
-from edgellm.models.header import GGUFHeader, read_header
+from edgellm.fsutil import TMP_PREFIX, atomic_dir, clean_stale, tmp_prefix
+from edgellm.models.header import GGUFHeader, printable, read_header
 
 MANIFEST = "manifest.json"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
@@ -48,13 +48,33 @@ class Manifest:
             source=source,
             size=header.file_size,
             sha256=sha256,
-            architecture=header.architecture,
+            architecture=printable(header.architecture),
             parameters=header.parameter_count,
-            quantization=header.quantization,
+            quantization=printable(header.quantization),
             context_length=header.context_length,
             has_chat_template=bool(header.chat_template),
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
+
+
+#: each manifest field's type; a manifest is untrusted data (a copied folder, an edited file)
+_FIELD_TYPES = {"name": str, "file": str, "source": str, "size": int, "sha256": str, "architecture": str,
+                "parameters": int, "quantization": str, "context_length": (int, type(None)),
+                "has_chat_template": bool, "created": str}
+
+
+def _manifest(data: object) -> Manifest:
+    """A manifest from parsed JSON, each field checked; its file must be a plain name in the folder."""
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    for key, kind in _FIELD_TYPES.items():
+        value = data.get(key)
+        if key not in data or not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"field {key!r} is missing or not a {getattr(kind, '__name__', 'value')}")
+    file = data["file"]
+    if not file or file in (".", "..") or "/" in file or "\\" in file or "\0" in file or file != Path(file).name:
+        raise ValueError(f"field 'file' is {file!r}, not a file name inside the model's folder")
+    return Manifest(**{key: data[key] for key in _FIELD_TYPES})
 
 
 @dataclass(frozen=True)
@@ -64,7 +84,8 @@ class ModelEntry:
 
     @property
     def name(self) -> str:
-        return self.manifest.name
+        """The folder is the model's identity: a copied folder's manifest still names the original."""
+        return self.folder.name
 
     @property
     def gguf_path(self) -> Path:
@@ -102,25 +123,46 @@ class Store:
     def _folder(self, name: str) -> Path:
         return self.root / check_name(name)
 
-    def list(self) -> list[ModelEntry]:
+    def _folders(self) -> list[Path]:
         if not self.root.is_dir():
             return []
+        return [f for f in sorted(self.root.iterdir())
+                if not f.name.startswith(TMP_PREFIX) and NAME_RE.match(f.name) and (f / MANIFEST).is_file()]
+
+    def list(self) -> list[ModelEntry]:
+        """The store's models; a damaged one is left out here (``broken()`` names it)."""
         entries = []
-        for folder in sorted(self.root.iterdir()):
-            if folder.name.startswith(TMP_PREFIX) or not (folder / MANIFEST).is_file():
-                continue
+        for folder in self._folders():
             try:
                 entries.append(self._read(folder))
             except EdgeLLMError:
-                continue  # a damaged manifest hides one model, not the whole store
+                continue
         return entries
+
+    def clean_stale(self) -> tuple[int, int]:
+        """Remove what killed imports, conversions, quantizations and removals left in the store:
+        (how many, bytes reclaimed)."""
+        return clean_stale(self.root)
+
+    def broken(self) -> list[tuple[str, str]]:
+        """(name, what is wrong) for each model folder whose manifest cannot be used."""
+        found = []
+        for folder in self._folders():
+            try:
+                self._read(folder)
+            except EdgeLLMError as exc:
+                found.append((folder.name, exc.message))
+        return found
 
     def _read(self, folder: Path) -> ModelEntry:
         try:
-            data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-            manifest = Manifest(**data)
+            with open(folder / MANIFEST, "rb") as fh:
+                raw = fh.read(1 << 20)  # a manifest is a few hundred bytes
+            manifest = _manifest(json.loads(raw))
+        except RecursionError:
+            raise EdgeLLMError(f"damaged manifest in {folder.name}: nested too deeply") from None
         except (OSError, ValueError, TypeError) as exc:
-            raise EdgeLLMError(f"damaged manifest in {folder}: {exc}") from None
+            raise EdgeLLMError(f"damaged manifest in {folder.name}: {exc}") from None
         return ModelEntry(manifest, folder)
 
     def get(self, name: str) -> ModelEntry:
@@ -200,10 +242,13 @@ class Store:
                 f"not enough disk space in {self.root}: {needed >> 20} MiB needed, {free >> 20} MiB free"
             )
 
-    def remove(self, name: str) -> ModelEntry:
-        entry = self.get(name)
+    def remove(self, name: str) -> str:
+        """Delete the model in folder ``name`` (a damaged one too); returns the name removed."""
+        folder = self._folder(name)
+        if not (folder / MANIFEST).is_file():
+            self.get(name)  # raises with the store's models as a hint
         # rename first so the model vanishes at once, even if deleting the bytes is slow
-        doomed = entry.folder.with_name(f"{TMP_PREFIX}rm-{entry.folder.name}-{os.getpid()}")
-        os.rename(entry.folder, doomed)
+        doomed = folder.with_name(f"{tmp_prefix('rm-')}{folder.name}")
+        os.rename(folder, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
-        return entry
+        return folder.name

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from edgellm.errors import EdgeLLMError
+from edgellm.errors import EdgeLLMError, UsageError
 from edgellm.runtime.chunks import Chunk, TokenLogprob
 from edgellm.runtime.native import NativeContext, NativeModel
 from edgellm.runtime.options import DEFAULT_SEED, SamplingOptions
@@ -99,7 +99,7 @@ class BatchEngine:
     # -- the outside -----------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> None:
         if not request.prompt:
-            raise EdgeLLMError("the prompt is empty")
+            raise UsageError("the prompt is empty")
         with self._cond:
             if self.broken is not None:
                 raise self.broken
@@ -195,7 +195,7 @@ class BatchEngine:
             grammar = lib.llama_sampler_init_grammar(self.model.vocab, request.grammar.encode(), b"root")
             if not grammar:
                 lib.llama_sampler_free(chain)
-                raise EdgeLLMError("the response format could not be turned into a grammar")
+                raise UsageError("the response format could not be turned into a grammar")
             lib.llama_sampler_chain_add(chain, grammar)
         if s.repeat_penalty != 1.0 or request.presence_penalty or request.frequency_penalty:
             lib.llama_sampler_chain_add(
@@ -297,31 +297,36 @@ class BatchEngine:
 
     # -- embeddings ------------------------------------------------------------------------
     def embed(self, texts: Sequence[str]) -> list[tuple[list[float], int]]:
-        """Mean-pooled embeddings, one per text, with each text's token count."""
+        """Mean-pooled embeddings, one per text, with each text's token count. Every text is checked
+        before any is computed, and the engine is held one text at a time, so answers being
+        generated advance between them instead of waiting for the whole request."""
         import numpy as np
 
         lib = self._lib
+        batches = []
+        for i, text in enumerate(texts):
+            tokens = self.model.tokenize(text, add_special=True)
+            if not tokens:
+                raise UsageError(f"input {i}: cannot embed an empty text")
+            if len(tokens) > self.n_ctx:
+                raise UsageError(f"input {i}: the text is {len(tokens)} tokens, over the {self.n_ctx}-token context")
+            batches.append(tokens)
+        n_embd = lib.llama_model_n_embd(self.model.ptr)
         results = []
-        with self.lock:
-            if self._embed_ctx is None:
-                self._embed_ctx = self.model.context(
-                    n_ctx=self.n_ctx, n_batch=self.n_ctx, n_ubatch=self.n_ctx, n_threads=self.n_threads,
-                    embeddings=True,
-                )
-            ctx = self._embed_ctx
-            n_embd = lib.llama_model_n_embd(self.model.ptr)
-            for text in texts:
-                tokens = self.model.tokenize(text, add_special=True)
-                if not tokens:
-                    raise EdgeLLMError("cannot embed an empty text")
-                if len(tokens) > self.n_ctx:
-                    raise EdgeLLMError(f"the text is {len(tokens)} tokens, over the {self.n_ctx}-token context")
+        for tokens in batches:
+            with self.lock:
+                if self._embed_ctx is None:
+                    self._embed_ctx = self.model.context(
+                        n_ctx=self.n_ctx, n_batch=self.n_ctx, n_ubatch=self.n_ctx, n_threads=self.n_threads,
+                        embeddings=True,
+                    )
+                ctx = self._embed_ctx
                 ctx.clear()
                 array = (lib.llama_token * len(tokens))(*tokens)
                 if lib.llama_decode(ctx.ptr, lib.llama_batch_get_one(array, len(tokens))) != 0:
                     raise EdgeLLMError("llama_decode failed while embedding")
                 ptr = lib.llama_get_embeddings_seq(ctx.ptr, 0)
                 vector = np.ctypeslib.as_array(ptr, shape=(n_embd,)).astype(np.float64)
-                norm = float(np.linalg.norm(vector)) or 1.0
-                results.append(((vector / norm).tolist(), len(tokens)))
+            norm = float(np.linalg.norm(vector)) or 1.0
+            results.append(((vector / norm).tolist(), len(tokens)))
         return results

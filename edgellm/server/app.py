@@ -21,6 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgellm.errors import EdgeLLMError, ModelNotFoundError, UsageError
 from edgellm.runtime.batch import GenerationRequest, QueueFullError
@@ -53,6 +54,41 @@ def error_body(status: int, message: str, code: str, kind: str | None = None, he
     return JSONResponse(error_payload(message, code, kind), status_code=status, headers=headers)
 
 
+class BodyLimit:
+    """Refuse request bodies over ``limit`` bytes however they arrive: a Content-Length over it at
+    once, a chunked body as soon as it grows past it (the app then sees the client gone)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = {"read": 0, "refused": False}
+        too_large = error_body(413, f"request body over {self.limit} bytes", "body_too_large")
+        length = dict(scope.get("headers") or ()).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.limit:
+            return await too_large(scope, receive, send)
+
+        async def limited_receive():
+            if state["refused"]:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                state["read"] += len(message.get("body", b""))
+                if state["read"] > self.limit:
+                    state["refused"] = True
+                    await too_large(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message) -> None:
+            if not state["refused"]:
+                await send(message)
+
+        await self.app(scope, limited_receive, guarded_send)
+
+
 def _status_for(exc: EdgeLLMError) -> tuple[int, dict | None]:
     if isinstance(exc, ModelNotFoundError):
         return 404, None
@@ -68,18 +104,10 @@ def create_app(pool: ModelPool, config: ServerConfig) -> FastAPI:
     app.state.pool = pool
     app.state.config = config
 
-    if config.cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-
-        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"], allow_headers=["*"])
-
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if config.loopback_only and _host_name(request.headers.get("host", "")) not in LOOPBACK_NAMES:
             return error_body(403, "this server answers only requests addressed to a loopback name", "host_not_allowed")
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > config.max_body):
-            return error_body(413, f"request body over {config.max_body} bytes", "body_too_large")
         if config.api_key and request.url.path != "/health":
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
@@ -93,6 +121,21 @@ def create_app(pool: ModelPool, config: ServerConfig) -> FastAPI:
         print(f"{request.method} {request.url.path} {response.status_code} {(time.perf_counter() - start) * 1000:.0f}ms",
               file=sys.stderr, flush=True)
         return response
+
+    # outermost, so that a browser's preflight is answered before the API key is asked for (it never
+    # carries one) and every answer, errors included, carries the CORS headers
+    app.add_middleware(BodyLimit, limit=config.max_body)
+    if config.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"], allow_headers=["*"])
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Unknown routes, wrong methods, unreadable bodies: OpenAI error bodies too."""
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return error_body(exc.status_code, str(exc.detail), codes.get(exc.status_code, "invalid_request"),
+                          headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -123,11 +166,7 @@ def create_app(pool: ModelPool, config: ServerConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest):
         served = await asyncio.to_thread(pool.get, body.model)
-        messages = [Message("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
-        prompt_text = served.template.render(messages, True, served.native.bos_text, served.native.eos_text)
-        bos = served.native.bos_text
-        wrote_bos = bool(bos) and prompt_text.startswith(bos)
-        prompt = served.native.tokenize(prompt_text, add_special=not wrote_bos, parse_special=True)
+        prompt = await asyncio.to_thread(_chat_prompt, served, body.messages)
         grammar = _grammar(body.response_format)
         top = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens or body.max_tokens
@@ -138,7 +177,7 @@ def create_app(pool: ModelPool, config: ServerConfig) -> FastAPI:
     async def completions(body: CompletionRequest):
         served = await asyncio.to_thread(pool.get, body.model)
         if isinstance(body.prompt, str):
-            prompt = served.native.tokenize(body.prompt, add_special=True)
+            prompt = await asyncio.to_thread(served.native.tokenize, body.prompt, True)
         elif body.prompt and isinstance(body.prompt[0], int):
             n_vocab = served.native.n_vocab
             bad = [t for t in body.prompt if not 0 <= t < n_vocab]
@@ -169,10 +208,24 @@ def create_app(pool: ModelPool, config: ServerConfig) -> FastAPI:
     return app
 
 
+def _chat_prompt(served: Served, messages: list) -> list[int]:
+    """The prompt tokens of a conversation through the model's template (in a worker thread: a long
+    conversation takes a while to render and tokenize)."""
+    turns = [Message("system" if m.role == "developer" else m.role, m.text()) for m in messages]
+    text = served.template.render(turns, True, served.native.bos_text, served.native.eos_text)
+    bos = served.native.bos_text
+    return served.native.tokenize(text, add_special=not (bos and text.startswith(bos)), parse_special=True)
+
+
 def _host_name(host: str) -> str:
+    """The name in a Host header without its port; anything malformed comes back whole (and so
+    matches no loopback name): ``[::1]:8080`` -> ``[::1]``, ``[::1].evil.com`` stays as it is."""
     if host.startswith("["):
-        return host[: host.find("]") + 1]
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        end = host.find("]")
+        rest = host[end + 1:] if end > 0 else "?"
+        return host[: end + 1] if rest == "" or (rest.startswith(":") and rest[1:].isdigit()) else host
+    name, _, port = host.rpartition(":") if host.count(":") == 1 else (host, "", "")
+    return name if port.isdigit() or not port else host
 
 
 def _grammar(fmt) -> str | None:

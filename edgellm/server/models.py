@@ -12,9 +12,10 @@ import time
 from dataclasses import dataclass
 
 from edgellm.config import Settings
-from edgellm.errors import EdgeLLMError, LoadError, ModelNotFoundError
-from edgellm.models import resolve, store_for
+from edgellm.errors import EdgeLLMError, LoadError, ModelNotFoundError, brief
+from edgellm.models import BUNDLED_NAME, resolve, store_for
 from edgellm.models.header import GGUFHeader
+from edgellm.models.store import NAME_RE
 from edgellm.plan.fit import Plan, fit
 from edgellm.plan.hardware import Hardware, physical_cores
 from edgellm.runtime.batch import BatchEngine
@@ -92,16 +93,20 @@ class ModelPool:
             return served
 
     def _key(self, name: str | None) -> str:
+        """A request names a model of the store, never a file: the name is only ever looked up there."""
         if self.fixed:
             if name and name not in (self.fixed.name, str(self.fixed.path)):
-                raise ModelNotFoundError(f"model {name!r} is not served here", hint=f"this server serves {self.fixed.name}")
+                raise ModelNotFoundError(f"model {brief(name)} is not served here", hint=f"this server serves {self.fixed.name}")
             return self.fixed.name
         if not name:
             raise ModelNotFoundError("the request names no model", hint="set the model field; GET /v1/models lists them")
-        return name
+        key = name.lower()
+        if key != BUNDLED_NAME and (not NAME_RE.match(key) or ".." in key or not store_for(self.settings).exists(key)):
+            raise ModelNotFoundError(f"model {brief(name)} is not in the store", hint="GET /v1/models lists them")
+        return key
 
     def _load(self, key: str) -> Served:
-        model = self.fixed or resolve(key, self.settings)
+        model = self.fixed or resolve(key, self.settings, store_only=True)
         load = self.settings.load
         per_slot = load.n_ctx or default_context(model.header.context_length)
         plan = fit(

@@ -4,9 +4,15 @@ clients send fields a local server has no use for."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+
+#: bounds on one request's work, so that no request can hold the server for everyone else
+MAX_MESSAGES = 4096
+MAX_EMBED_INPUTS = 256
+MAX_NAME = 256
 
 
 class _Body(BaseModel):
@@ -20,7 +26,7 @@ class ContentPart(_Body):
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr | list[ContentPart] | None = None
+    content: StrictStr | Annotated[list[ContentPart], Field(max_length=MAX_MESSAGES)] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -44,7 +50,7 @@ class ResponseFormat(_Body):
 
 
 class _Sampling(_Body):
-    model: StrictStr | None = None
+    model: Annotated[StrictStr, Field(max_length=MAX_NAME)] | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: StrictInt | None = Field(None, ge=0, le=100_000)
@@ -68,7 +74,7 @@ class _Sampling(_Body):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: StrictInt | None = Field(None, ge=1, le=1 << 20)
     response_format: ResponseFormat | None = None
     logprobs: StrictBool = False
@@ -83,6 +89,7 @@ class CompletionRequest(_Sampling):
 
 
 class EmbeddingRequest(_Body):
-    model: StrictStr | None = None
-    input: StrictStr | list[StrictStr] = Field(min_length=1)
+    model: Annotated[StrictStr, Field(max_length=MAX_NAME)] | None = None
+    input: (Annotated[StrictStr, Field(min_length=1)]
+            | Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_EMBED_INPUTS)])
     encoding_format: Literal["float", "base64"] = "float"

@@ -1,0 +1,150 @@
+"""Hostile HTTP clients against a real `edgellm serve`: the model field as a file path, bodies too
+large however sent, requests that would hold the server, browser guards, and error shapes. The
+server must answer each with a 4xx OpenAI error, keep answering /health within a second, and keep
+its memory."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from edgellm.errors import brief
+from tests.test_server import Server
+
+
+@pytest.fixture(scope="module")
+def store_server(tmp_path_factory: pytest.TempPathFactory, smollm2: Path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    home = tmp_path_factory.mktemp("home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGELLM_")}
+    env.update(EDGELLM_HOME=str(home), PYTHONPATH=str(ROOT))
+    subprocess.run([sys.executable, "-m", "edgellm", "import", str(smollm2), "--name", "smol"], check=True, env=env,
+                   capture_output=True)
+    server = Server(home, None, "--parallel", "2")
+    server.home = home
+    yield server
+    server.stop()
+
+
+def _chat(model: str) -> dict:
+    return {"model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}
+
+
+def _is_openai_error(status: int, body: object, expected: int) -> None:
+    assert status == expected, (status, body)
+    assert isinstance(body, dict) and set(body) == {"error"} and body["error"]["message"], body
+
+
+def test_the_model_field_names_store_models_only(store_server: Server, tmp_path: Path) -> None:
+    fifo = tmp_path / "wedge.gguf"
+    os.mkfifo(fifo)
+    outside = tmp_path / "real.gguf"
+    outside.write_bytes((store_server.home / "models" / "smol").joinpath(
+        json.loads((store_server.home / "models" / "smol" / "manifest.json").read_text())["file"]).read_bytes())
+    answers = {}
+    for name in ("/etc/shadow", "/etc/passwd", "/nonexistent/x.gguf", "../../../../etc/passwd", str(fifo),
+                 str(outside), "../models/smol", "/proc/self/environ", "smol/../smol", "x" * 200):
+        status, body, _ = store_server.raw("/v1/chat/completions", _chat(name))
+        _is_openai_error(status, body, 404)
+        message = body["error"]["message"]
+        assert "starts with" not in message and "GGUF" not in message and "folder" not in message
+        answers[name] = message.replace(brief(name), "NAME")
+    assert len(set(answers.values())) == 1, answers  # existing and missing paths answer alike
+    status, body, _ = store_server.raw("/v1/chat/completions", _chat("y" * 100_000))
+    _is_openai_error(status, body, 400)
+    status, body, _ = store_server.raw("/v1/chat/completions", _chat("SMOL"))
+    assert status == 200 and body["choices"][0]["message"]["content"] is not None
+    assert store_server.raw("/health")[1] == {"status": "ok"}  # the FIFO wedged nothing
+
+
+def _raw_http(server: Server, request: bytes, timeout: float = 30) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
+    conn.connect()
+    conn.sock.sendall(request)
+    response = http.client.HTTPResponse(conn.sock)
+    response.begin()
+    status, raw = response.status, response.read()
+    conn.close()
+    return status, json.loads(raw)
+
+
+def test_chunked_bodies_over_the_limit_are_refused(store_server: Server) -> None:
+    before = store_server.rss()
+    for path in ("/v1/chat/completions", "/v1/embeddings"):
+        chunk = b"x" * (1 << 20)
+        body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(12)) + b"0\r\n\r\n"
+        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                "Transfer-Encoding: chunked\r\n\r\n").encode()
+        status, answer = _raw_http(store_server, head + body)
+        _is_openai_error(status, answer, 413)
+    assert store_server.rss() < before * 1.1 + (8 << 20)
+
+
+def test_requests_that_would_hold_the_server_are_bounded(store_server: Server) -> None:
+    status, body, _ = store_server.raw("/v1/embeddings", {"model": "smol", "input": ["word"] * 20_000})
+    _is_openai_error(status, body, 400)
+    status, body, _ = store_server.raw("/v1/chat/completions", {
+        "model": "smol", "max_tokens": 1, "messages": [{"role": "user", "content": "w"}] * 20_000})
+    _is_openai_error(status, body, 400)
+    # a full allowed embeddings request, while /health and a chat keep being answered
+    done = {}
+    worker = threading.Thread(target=lambda: done.update(
+        embed=store_server.raw("/v1/embeddings", {"model": "smol", "input": ["a few words here"] * 256})[0]))
+    worker.start()
+    time.sleep(0.3)
+    start = time.monotonic()
+    assert store_server.raw("/health")[0] == 200 and time.monotonic() - start < 1
+    start = time.monotonic()
+    assert store_server.raw("/v1/chat/completions", _chat("smol"))[0] == 200
+    chat_seconds = time.monotonic() - start
+    worker.join()
+    assert done["embed"] == 200
+    assert chat_seconds < 10
+
+
+def test_error_shapes_are_openai_bodies(store_server: Server) -> None:
+    cases = [
+        ("/v1/nothing", None, "GET", 404),
+        ("/v1/chat/completions", None, "GET", 405),
+        ("/v1/chat/completions", b"{not json", "POST", 400),
+        ("/v1/completions", {"model": "smol", "prompt": ""}, "POST", 400),
+        ("/v1/embeddings", {"model": "smol", "input": "word " * 3000}, "POST", 400),
+        ("/v1/embeddings", {"model": "smol", "input": ""}, "POST", 400),
+    ]
+    for path, body, method, expected in cases:
+        status, answer, _ = store_server.raw(path, body, method=method)
+        _is_openai_error(status, answer, expected)
+
+
+def test_browser_guards(smollm2: Path, tmp_path: Path) -> None:
+    server = Server(tmp_path / "home", smollm2, "--api-key", "K", "--cors-origin", "https://good.example")
+    try:
+        preflight = {"Origin": "https://good.example", "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization,content-type"}
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("OPTIONS", "/v1/chat/completions", headers=preflight)
+        answer = conn.getresponse()
+        assert answer.status == 200 and answer.getheader("access-control-allow-origin") == "https://good.example"
+        conn.close()
+        status, body, headers = server.raw("/v1/models", None, {"Origin": "https://good.example"})
+        _is_openai_error(status, body, 401)
+        assert headers.get("access-control-allow-origin") == "https://good.example"  # the page can read why
+        assert server.raw("/v1/models", None, {"Authorization": "Bearer K"})[0] == 200
+        for host in ("[::1].evil.com", "[::1]evil", "127.0.0.1.evil.com", "localhost:80:80", "evil.com",
+                     "[::1]:x"):
+            status, body = _raw_http(server, f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            _is_openai_error(status, body, 403)
+        for host in ("127.0.0.1:1234", "[::1]:8080", "localhost"):
+            assert _raw_http(server, f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())[0] == 200
+    finally:
+        server.stop()
