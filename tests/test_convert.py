@@ -221,7 +221,57 @@ def _small_embedding(folder: Path) -> None:
     _edit_config(vocab_size=1000)(folder)
 
 
+def _write(name: str, text: str):
+    def change(folder: Path) -> None:
+        (folder / name).write_text(text)
+
+    return change
+
+
+def _link_template_outside(folder: Path) -> None:
+    secret = folder.parent / "secret.txt"
+    secret.write_text("root:$6$secret-hash:19000:0:99999:7:::")
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    (folder / "chat_template.jinja").symlink_to(secret)
+
+
+def _edit_json(name: str, edit):
+    def change(folder: Path) -> None:
+        data = json.loads((folder / name).read_text())
+        edit(data)
+        (folder / name).write_text(json.dumps(data))
+
+    return change
+
+
+def _overlapping_offsets(folder: Path) -> None:
+    path = folder / "model.safetensors"
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    up, gate = header["model.layers.0.mlp.up_proj.weight"], header["model.layers.0.mlp.gate_proj.weight"]
+    up["data_offsets"] = list(gate["data_offsets"])  # two tensors read from the same bytes
+    new = json.dumps(header, separators=(",", ":")).encode()
+    new += b" " * (n - len(new))
+    assert len(new) == n
+    path.write_bytes(raw[:8] + new + raw[8 + n :])
+
+
 REFUSALS = {
+    # hostile checkpoints: nothing from outside the folder, no traceback, no minutes of work
+    "template-link": (_link_template_outside, "chat_template.jinja in ckpt links outside the checkpoint folder"),
+    "config-bomb": (_write("config.json", "[" * 100_000), "config.json: nested too deeply"),
+    "tokenizer-bomb": (_write("tokenizer.json", "{\"a\":" * 50_000), "tokenizer.json: nested too deeply"),
+    "billion-layers": (_edit_config(num_hidden_layers=10**9), "num_hidden_layers is 1000000000, outside 1..512"),
+    "layers-as-text": (_edit_config(num_hidden_layers="2"), "num_hidden_layers is '2', not an integer"),
+    "context-2^40": (_edit_config(max_position_embeddings=2**40), "max_position_embeddings is 1099511627776, outside"),
+    "nan-rope": (_edit_config(rope_theta=float("nan"), rope_parameters=None),
+                 "rope_theta is nan, not a finite number above 0"),
+    "template-int": (_edit_json("tokenizer_config.json", lambda c: c.update(chat_template=42)),
+                     "tokenizer_config.json: chat_template is int, not a template"),
+    "bad-merges": (_edit_json("tokenizer.json", lambda t: t["model"].update(merges=[1, 2, 3])), "malformed checkpoint"),
+    "overlap": (_overlapping_offsets, "overlap"),
+
     "pickle": (_pickle_only, "holds only pickle weights (pytorch_model.bin), which edgellm refuses"),
     "remote-code": (_edit_config(architectures=["CustomForCausalLM"], auto_map={"AutoModelForCausalLM": "modeling_x.X"}),
                     "CustomForCausalLM needs trust_remote_code"),

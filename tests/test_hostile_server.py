@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -148,3 +149,29 @@ def test_browser_guards(smollm2: Path, tmp_path: Path) -> None:
             assert _raw_http(server, f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())[0] == 200
     finally:
         server.stop()
+
+
+def _patched(src: Path, dest: Path, key: bytes, value: bytes) -> None:
+    """A copy of a real GGUF with one u32/f32 metadata value overwritten in place."""
+    raw = bytearray(src.read_bytes())
+    at = raw.index(key) + len(key) + 4  # the value follows the key and its 4-byte type
+    raw[at : at + len(value)] = value
+    dest.write_bytes(bytes(raw))
+
+
+def test_a_model_that_would_abort_llama_cpp_cannot_kill_the_server(store_server: Server, smollm2: Path) -> None:
+    """Files already in the store (placed by hand, or by an older edgellm): refused on load."""
+    import struct
+
+    models = store_server.home / "models"
+    for name, key, value in (("zero-layers", b"llama.block_count", struct.pack("<I", 0)),
+                             ("nan-eps", b"llama.attention.layer_norm_rms_epsilon", struct.pack("<f", float("nan")))):
+        shutil.copytree(models / "smol", models / name)
+        gguf = next((models / name).glob("*.gguf"))
+        _patched(smollm2, gguf, key, value)
+        status, body, _ = store_server.raw("/v1/chat/completions", _chat(name))
+        assert status >= 400 and set(body) == {"error"}
+        assert "outside 1..512" in body["error"]["message"] or "finite number" in body["error"]["message"]
+        assert store_server.proc.poll() is None
+        assert store_server.raw("/health")[1] == {"status": "ok"}
+    assert store_server.raw("/v1/chat/completions", _chat("smol"))[0] == 200

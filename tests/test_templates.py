@@ -96,3 +96,27 @@ def test_raise_exception_from_template_is_a_clear_error() -> None:
 def test_unknown_role_is_refused() -> None:
     with pytest.raises(TemplateError, match="unknown message role 'wizard'"):
         ChatTemplate(None).render([{"role": "wizard", "content": "hi"}])
+
+
+def _rss() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.parametrize("source", [
+    "{% set a = 'x' * 1000000 %}{{ ([a] * 3000)|join|length }}",
+    "{% set a = 'x' * 1000000 %}{{ ([a] * 40000)|join|length }}",
+    "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+    "{{ (range(10000)|list) * 100000 }}",
+])
+def test_a_template_that_asks_for_gigabytes_is_stopped_and_the_process_lives(source: str) -> None:
+    before = _rss()
+    start = time.monotonic()
+    with pytest.raises(TemplateError) as err:
+        ChatTemplate(source).render([Message("user", "hi")])
+    assert time.monotonic() - start < 15
+    assert err.value.message.startswith("the GGUF chat template")
+    assert _rss() - before < 64 << 20  # the memory went in the sandbox, not here
+    assert ChatTemplate(None).render([Message("user", "hi")]) == "User: hi\nAssistant:"  # a fresh sandbox renders

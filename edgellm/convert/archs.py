@@ -18,6 +18,8 @@ import gguf
 import numpy as np
 
 from edgellm.convert.checkpoint import CheckpointError
+from edgellm.errors import brief
+from edgellm.models.header import MAX_LAYERS
 
 T = gguf.MODEL_TENSOR
 
@@ -62,15 +64,32 @@ class Architecture:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
-        try:
-            self.n_layer = int(self._get("num_hidden_layers", "n_layer", "num_layers"))
-            self.n_embd = int(self._get("hidden_size", "n_embd", "d_model"))
-            self.n_head = int(self._get("num_attention_heads", "n_head"))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"config.json lacks a usable {exc}") from None
-        self.n_head_kv = int(config.get("num_key_value_heads") or self.n_head)
-        self.head_dim = int(config.get("head_dim") or self.n_embd // self.n_head)
+        self.n_layer = self._int(("num_hidden_layers", "n_layer", "num_layers"), 1, MAX_LAYERS)
+        self.n_embd = self._int(("hidden_size", "n_embd", "d_model"), 1, 1 << 20)
+        self.n_head = self._int(("num_attention_heads", "n_head"), 1, 1 << 14)
+        self.n_head_kv = self._int(("num_key_value_heads",), 1, self.n_head, default=self.n_head)
+        self.head_dim = self._int(("head_dim",), 1, 1 << 16, default=self.n_embd // self.n_head or 1)
+        self._int(("max_position_embeddings", "n_positions", "max_sequence_length"), 1, 1 << 30, default=1)
+        self._int(("intermediate_size", "n_inner"), 0, 1 << 22, default=0)
+        theta = self.rope.get("rope_theta")
+        if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not math.isfinite(theta) or theta <= 0:
+            raise CheckpointError(f"config.json: rope_theta is {brief(theta)}, not a finite number above 0")
+        eps = self.config.get("rms_norm_eps", self.config.get("layer_norm_epsilon", 0.0))
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
+            raise CheckpointError(f"config.json: the norm epsilon is {brief(eps)}, not a finite number of at least 0")
         self.names = gguf.get_tensor_name_map(self.arch, self.n_layer)
+
+    def _int(self, keys: tuple[str, ...], low: int, high: int, default: int | None = None) -> int:
+        """An integer hyperparameter of config.json, in the range llama.cpp can load (as the GGUF
+        validator checks it): refused at once, before a million layers are planned or written."""
+        value = next((self.config[k] for k in keys if self.config.get(k) is not None), default)
+        if value is None:
+            raise CheckpointError(f"config.json lacks {keys[0]}")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise CheckpointError(f"config.json: {keys[0]} is {brief(value)}, not an integer")
+        if not low <= value <= high:
+            raise CheckpointError(f"config.json: {keys[0]} is {value}, outside {low}..{high}")
+        return value
 
     def _get(self, *keys: str) -> Any:
         for key in keys:
@@ -82,7 +101,9 @@ class Architecture:
     def rope(self) -> dict[str, Any]:
         """Rope settings, from transformers 5's ``rope_parameters`` or the older flat keys."""
         params = self.config.get("rope_parameters") or self.config.get("rope_scaling") or {}
-        params = params.get("full_attention", params)
+        params = params.get("full_attention", params) if isinstance(params, dict) else None
+        if not isinstance(params, dict):
+            raise CheckpointError("config.json: rope_parameters is not an object")
         return {"rope_theta": self.config.get("rope_theta", 10000.0), **params}
 
     def hyperparameters(self, w: gguf.GGUFWriter) -> None:

@@ -13,6 +13,8 @@ import json
 import mmap
 import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from edgellm.errors import EdgeLLMError, UsageError
+from edgellm.errors import EdgeLLMError, UsageError, brief
 
 #: safetensors dtype -> (numpy dtype of the stored bytes, bytes per element)
 DTYPES: dict[str, tuple[str, int]] = {
@@ -79,6 +81,8 @@ class SafetensorsFile:
             if n > min(MAX_HEADER, size - 8):
                 raise CheckpointError(f"{path.name} is truncated or not safetensors: header of {n} bytes")
             header = json.loads(self._fh.read(n))
+        except RecursionError:
+            raise CheckpointError(f"{path.name} is not a safetensors file: its header is nested too deeply") from None
         except OSError as exc:
             raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
         except (ValueError, UnicodeDecodeError):
@@ -88,6 +92,11 @@ class SafetensorsFile:
         self.metadata = header.pop("__metadata__", None) or {}
         self.data_start = 8 + n
         self.tensors = {name: self._check(name, entry, size) for name, entry in header.items()}
+        previous = None  # tensors may not share bytes: one would be read as another's data
+        for ref in sorted(self.tensors.values(), key=lambda r: (r.begin, r.end)):
+            if previous is not None and ref.begin < previous.end and ref.end > ref.begin:
+                raise CheckpointError(f"tensors {previous.name!r} and {ref.name!r} in {path.name} overlap")
+            previous = ref if ref.end > ref.begin else previous
         self._map = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
 
     def _check(self, name: str, entry: Any, size: int) -> TensorRef:
@@ -141,6 +150,45 @@ class SafetensorsFile:
         self._fh.close()
 
 
+@contextmanager
+def reading(what: str) -> Iterator[None]:
+    """Around the code that reads a checkpoint's config, tokenizer and tensor tables: a value of
+    the wrong kind anywhere in them (a string layer count, malformed merges) is a one-line refusal
+    naming the checkpoint (``what``), not a traceback."""
+    try:
+        yield
+    except RecursionError:
+        raise CheckpointError(f"{what}: a file of the checkpoint is nested too deeply") from None
+    except (struct.error, ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as exc:
+        raise CheckpointError(f"{what}: malformed checkpoint ({type(exc).__name__}: {brief(str(exc), 160)})") from None
+
+
+def check_links(folder: Path) -> None:
+    """Refuse a folder any of whose files leads outside it: a ``chat_template.jinja`` that links to
+    /etc/shadow would otherwise be copied into the GGUF. Links inside the folder are fine, and so
+    are a Hugging Face cache snapshot's links into its own repository's blobs."""
+    root = folder.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":  # .../models--org--name/snapshots/<revision>/
+        allowed.append(root.parent.parent / "blobs")
+    try:
+        entries = list(folder.rglob("*"))
+    except OSError as exc:
+        raise CheckpointError(f"cannot list {folder}: {exc.strerror or exc}") from None
+    for entry in entries:
+        if not entry.is_symlink():
+            continue
+        try:
+            target = entry.resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise CheckpointError(f"{entry.relative_to(folder)} in {folder.name} is a broken or looping link") from None
+        if not any(target.is_relative_to(place) for place in allowed):
+            raise CheckpointError(
+                f"{entry.relative_to(folder)} in {folder.name} links outside the checkpoint folder, to {target}",
+                hint="copy the file into the folder if you mean to use it",
+            )
+
+
 def _weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -189,6 +237,7 @@ class Checkpoint:
         folder = Path(folder)
         if not folder.is_dir():
             raise UsageError(f"{folder} is not a folder holding a Hugging Face checkpoint")
+        check_links(folder)
         return cls(folder, read_config(folder), [SafetensorsFile(p) for p in _weight_files(folder)])
 
     def close(self) -> None:
@@ -208,6 +257,8 @@ def read_config(folder: Path) -> dict[str, Any]:
         config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{folder} has no config.json: not a Hugging Face checkpoint") from None
+    except RecursionError:
+        raise CheckpointError(f"cannot read {path}: nested too deeply") from None
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from None
     if not isinstance(config, dict):

@@ -24,7 +24,7 @@ import gguf
 import numpy as np
 
 from edgellm.convert.archs import Architecture, architecture_for
-from edgellm.convert.checkpoint import Checkpoint, CheckpointError, TensorRef
+from edgellm.convert.checkpoint import Checkpoint, CheckpointError, TensorRef, reading
 from edgellm.convert.vocab import read_vocab
 from edgellm.errors import Cancelled, UsageError
 from edgellm.fsutil import atomic_path
@@ -155,7 +155,7 @@ def convert(
     output = Path(output)
     if output.exists() and output.is_dir():
         raise UsageError(f"{output} is a folder; give a .gguf file name")
-    with Checkpoint.open(Path(source)) as ckpt, contextlib.closing(Merge(lora)) as merge:
+    with Checkpoint.open(Path(source)) as ckpt, contextlib.closing(Merge(lora)) as merge, reading(ckpt.folder.name):
         arch = architecture_for(ckpt.config)
         qtype = outtype_for(outtype, ckpt)
         tensors = plan_tensors(arch, ckpt, qtype)
@@ -284,6 +284,11 @@ def checkpoint_shape(config: dict, tensors: dict[str, tuple[int, ...]], target: 
 
     Sizes are shapes times the type's bits per weight; norms and other 1-D tensors stay f32.
     """
+    with reading("the checkpoint"):
+        return _checkpoint_shape(config, tensors, target)
+
+
+def _checkpoint_shape(config: dict, tensors: dict[str, tuple[int, ...]], target: str):
     from edgellm.plan.memory import SWA_PATTERNS, ModelShape, bytes_by_part, swa_layers
     from edgellm.quantize import quant_type
 

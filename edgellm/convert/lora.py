@@ -24,7 +24,14 @@ import gguf
 import numpy as np
 
 from edgellm.convert.archs import architecture_for
-from edgellm.convert.checkpoint import PICKLE_SUFFIXES, Checkpoint, CheckpointError, SafetensorsFile, TensorRef
+from edgellm.convert.checkpoint import (
+    PICKLE_SUFFIXES,
+    Checkpoint,
+    CheckpointError,
+    SafetensorsFile,
+    TensorRef,
+    check_links,
+)
 from edgellm.convert.core import ConvertResult, Progress, write_streamed
 from edgellm.errors import Cancelled, UsageError
 from edgellm.fsutil import atomic_dir
@@ -63,6 +70,8 @@ class Adapter:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder = Path(folder)
+        if folder.is_dir():
+            check_links(folder)
         try:
             self.config: dict[str, Any] = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
         except FileNotFoundError:

@@ -69,11 +69,30 @@ class Vocab:
             writer.add_token_merges(self.merges)
         if self.add_space_prefix is not None:
             writer.add_add_space_prefix(self.add_space_prefix)
+        _check_template(folder)
         special = gguf.SpecialVocab(folder, load_merges=False, n_vocab=len(self.tokens))
         # llama.cpp guesses add_bos per vocabulary type when the file is silent: never leave it so
         special.add_special_token.setdefault("bos", self.add_bos_default)
         special.add_special_token.setdefault("eos", False)
         special.add_to_gguf(writer, quiet=True)
+
+
+def _check_template(folder: Path) -> None:
+    """gguf-py drops a chat template of the wrong kind with a warning, leaving a model that answers
+    through the fallback template without a word: refuse it instead."""
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    try:
+        template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
+    except RecursionError:
+        raise CheckpointError(f"cannot read {path.name}: nested too deeply") from None
+    except (OSError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"cannot read {path.name}: {exc}") from None
+    named = isinstance(template, list) and all(
+        isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str) for t in template)
+    if template is not None and not isinstance(template, str) and not named:
+        raise CheckpointError(f"{path.name}: chat_template is {type(template).__name__}, not a template")
 
 
 def _steps(pre: dict[str, Any] | None) -> tuple[tuple, ...]:
@@ -141,6 +160,8 @@ def from_tokenizer_json(path: Path, n_vocab: int) -> Vocab:
     try:
         tok = json.loads(path.read_text(encoding="utf-8"))
         kind = tok["model"]["type"]
+    except RecursionError:
+        raise CheckpointError(f"cannot read {path.name}: nested too deeply") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"cannot read {path.name}: {exc}") from None
     if kind != "BPE":

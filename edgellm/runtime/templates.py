@@ -5,7 +5,8 @@ MiniJinja (a Rust Jinja2 implementation): templates see plain data only, never P
 so ``''.__class__.__mro__`` leads nowhere; a template that names Python internals is refused
 outright; and MiniJinja's *fuel* stops a template that loops forever after a fixed number of
 instructions (about 0.1 s of work), which a wall-clock alarm cannot do for code that holds the
-GIL. The rendered prompt is capped in size as well.
+GIL. The rendered prompt is capped in size as well, and memory too: rendering happens in a child
+process whose address space is capped (runtime/sandbox.py).
 """
 
 from __future__ import annotations
@@ -97,13 +98,22 @@ class ChatTemplate:
         bos_token: str = "",
         eos_token: str = "",
     ) -> str:
-        from minijinja import TemplateError as MiniJinjaError
+        """The prompt text for ``messages``, rendered in the memory-capped sandbox process."""
+        from edgellm.runtime import sandbox
 
         data = [_plain_message(m) for m in messages]
+        return sandbox.render(self.source if not self.is_fallback else "", self.origin, messages=data,
+                              add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token)
+
+    def render_here(self, messages: list[dict[str, str]], add_generation_prompt: bool, bos_token: str,
+                    eos_token: str) -> str:
+        """Render in this process: only the sandbox's child calls this."""
+        from minijinja import TemplateError as MiniJinjaError
+
         try:
             text = self._env.render_template(
                 "chat",
-                messages=data,
+                messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=bos_token,
                 eos_token=eos_token,
