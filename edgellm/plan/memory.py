@@ -282,7 +282,6 @@ def _compute(shape: ModelShape, n_ctx: int, flash_attn: bool, ngl: int, n_ubatch
         inputs += 2 * ub * f32 * max(shape.n_head_kv) * shape.head_dim_k
     if not output_offload:  # the head and the logits stay on the host
         return Placement(cpu=logits + 2 * shape.n_embd * ub * f32, gpu=work)
-    copied_head = shape.input_bytes if ngl == 0 and shape.tied_output_bytes else 0
-    if ngl == 0 and not shape.tied_output_bytes:
-        copied_head = shape.output_bytes
+    # with no layer offloaded the head stays in host memory, and a batch's output matmul copies it over
+    copied_head = (shape.tied_output_bytes or shape.output_bytes) if ngl == 0 else 0
     return Placement(cpu=inputs, gpu=max(logits, work) + copied_head)
