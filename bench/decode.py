@@ -1,11 +1,12 @@
-"""Decode speed of edgellm's runtime against raw llama-cpp-python, same model, prompt, threads, seed.
+"""Decode speed of edgellm's runtime (chat, run and the app: one sequence on the native engine)
+against llama.cpp's own llama-bench tg, same model, threads and flash attention, in one run.
 
-Both run in this one process, alternating, after a warm-up; each generates exactly N tokens
-(end-of-generation ignored) from the same chat prompt, and decode tokens/s is measured the same
-way for both: the tokens sampled after the first one over the time they took. Also times the
-real `edgellm run --json` command in a subprocess. Goal: edgellm / raw >= 0.98.
+edgellm generates exactly N tokens (end-of-generation ignored) from a chat prompt, alternating
+runs, its decode tokens/s measured over the tokens after the first; llama-bench runs tgN the same
+number of times. Also times the real `edgellm run --json` command, and the second turn of a chat
+against the first (the KV cache reused by common prefix). Goal: edgellm / llama-bench >= 0.98.
 
-usage: python bench/decode.py [MODEL.gguf] [-n 128] [-r 5] [-t THREADS]
+usage: python bench/decode.py [MODEL.gguf] [-n 128] [-r 5] [-t THREADS] [--llama-bench PATH]
 """
 
 from __future__ import annotations
@@ -15,17 +16,9 @@ import json
 import statistics
 import subprocess
 import sys
-import time
+from pathlib import Path
 
-
-def raw_decode(llm, tokens: list[int], n: int) -> float:
-    stamps = []
-    for i, _ in enumerate(llm.generate(tokens, temp=0.0, top_k=40, top_p=0.95, min_p=0.05, reset=True)):
-        stamps.append(time.perf_counter())
-        if i + 1 >= n:
-            break
-    llm.reset()
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+from _reference import reference_bin
 
 
 def main() -> None:
@@ -40,35 +33,38 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=128)
     ap.add_argument("-r", type=int, default=5)
     ap.add_argument("-t", "--threads", type=int, default=physical_cores())
+    ap.add_argument("--llama-bench")
+    ap.add_argument("--gpu-layers", "-ngl", type=int, default=0)
     args = ap.parse_args()
     path = args.model or str(bundled_gguf())
+    bench = args.llama_bench or str(reference_bin() / "llama-bench")
     messages = [Message("user", "Tell me a long story about a lighthouse keeper.")]
-    options = LoadOptions(n_ctx=1024, n_threads=args.threads, seed=42, flash_attn="on")
+    options = LoadOptions(n_ctx=1024, n_threads=args.threads, seed=42, flash_attn="on", n_gpu_layers=args.gpu_layers)
     sampling = SamplingOptions(temperature=0.0, max_tokens=args.n, ignore_eos=True)
 
-    import llama_cpp
-
-    model = load_model(path, options)
-    tokens = model.tokenize(model.render(messages))
-    raw = llama_cpp.Llama(
-        path, n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=args.threads, n_threads_batch=args.threads,
-        flash_attn=True, seed=42, verbose=False,
-    )
-    ours_runs, raw_runs = [], []
-    raw_decode(raw, tokens, 16)  # warm-up
-    for _ in range(args.r):
-        raw_runs.append(raw_decode(raw, tokens, args.n))
-        model._llm.reset()  # same cold start as the raw run: no cached prompt
-        last = list(model.chat(messages, sampling))[-1]
-        assert last.timings.generated_tokens == args.n, last
-        ours_runs.append(last.timings.tokens_per_second)
-    raw_tps, ours_tps = statistics.median(raw_runs), statistics.median(ours_runs)
-    print(f"model {path}, {args.threads} threads, {args.n} tokens, median of {args.r}")
-    print(f"raw llama-cpp-python : {raw_tps:7.1f} tok/s  {[round(x, 1) for x in raw_runs]}")
-    print(f"edgellm runtime      : {ours_tps:7.1f} tok/s  {[round(x, 1) for x in ours_runs]}")
-    print(f"ratio edgellm / raw  : {ours_tps / raw_tps:7.3f}   goal >= 0.98")
-    model.close()
-    raw.close()
+    ours_runs = []
+    with load_model(path, options) as model:
+        list(model.chat(messages, SamplingOptions(temperature=0.0, max_tokens=16, ignore_eos=True)))  # warm-up
+        for i in range(args.r):
+            # a different system line each run: the prompt is evaluated anew, nothing reused
+            last = list(model.chat([Message("system", f"Run {i}."), *messages], sampling))[-1]
+            assert last.timings.generated_tokens == args.n, last
+            ours_runs.append(last.timings.tokens_per_second)
+        first = list(model.chat([Message("system", "Fresh."), *messages], SamplingOptions(temperature=0, max_tokens=32)))
+        answer = "".join(c.text for c in first)
+        second = list(model.chat([Message("system", "Fresh."), *messages, Message("assistant", answer),
+                                  Message("user", "And then?")], SamplingOptions(temperature=0, max_tokens=4)))
+    ref = subprocess.run([bench, "-m", path, "-p", "0", "-n", str(args.n), "-r", str(args.r), "-t", str(args.threads),
+                          "-fa", "1", "-ngl", str(args.gpu_layers), "-o", "json"], capture_output=True, text=True, check=True)
+    theirs = json.loads(ref.stdout)[0]["avg_ts"]
+    ours = statistics.median(ours_runs)
+    print(f"model {Path(path).name}, {args.threads} threads, tg{args.n}, {args.r} runs, flash attention on")
+    print(f"llama-bench tg{args.n}         : {theirs:7.1f} tok/s")
+    print(f"edgellm chat/run runtime  : {ours:7.1f} tok/s  {[round(x, 1) for x in ours_runs]}")
+    print(f"ratio edgellm / llama-bench: {ours / theirs:7.3f}   goal >= 0.98")
+    t1, t2 = first[-1].timings, second[-1].timings
+    print(f"second turn: {t2.cached_tokens} of {t2.prompt_tokens} prompt tokens from the KV cache, "
+          f"prompt {t2.prompt_ms:.0f} ms vs {t1.prompt_ms:.0f} ms for the first turn's {t1.prompt_tokens}")
 
     cli = subprocess.run(
         [sys.executable, "-m", "edgellm", "run", path, messages[0].content, "--json", "-n", str(args.n),
@@ -76,10 +72,8 @@ def main() -> None:
         capture_output=True, text=True, check=True,
     )
     timings = json.loads(cli.stdout)["timings"]
-    print(
-        f"`edgellm run --json`  : {timings['tokens_per_second']:7.1f} tok/s over {timings['generated_tokens']} "
-        f"tokens (stops at end of generation; one run)"
-    )
+    print(f"`edgellm run --json`       : {timings['tokens_per_second']:7.1f} tok/s over {timings['generated_tokens']} "
+          f"tokens (stops at end of generation; one run)")
 
 
 if __name__ == "__main__":

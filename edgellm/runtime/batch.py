@@ -69,7 +69,10 @@ class BatchEngine:
         flash_attn: str = "auto",
         max_queue: int = 64,
         op_offload: bool = True,
+        threaded: bool = True,
     ) -> None:
+        """``threaded`` False: no engine thread; the caller advances the engine with ``step()``
+        (one conversation in the caller's own loop: chat, run, the app)."""
         import llama_cpp
 
         self._lib = llama_cpp
@@ -93,8 +96,9 @@ class BatchEngine:
         self._cond = threading.Condition()
         self.lock = threading.Lock()  # held while the context is in use (one step, or an outside job)
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="edgellm-batch", daemon=True)
-        self._thread.start()
+        self._thread = threading.Thread(target=self._run, name="edgellm-batch", daemon=True) if threaded else None
+        if self._thread:
+            self._thread.start()
 
     # -- the outside -----------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> None:
@@ -128,7 +132,8 @@ class BatchEngine:
         with self._cond:
             self._stopped = True
             self._cond.notify()
-        self._thread.join(timeout=30)
+        if self._thread:
+            self._thread.join(timeout=30)
         for slot in self.slots:
             self._free_sampler(slot)
         self._lib.llama_batch_free(self._batch)
@@ -145,12 +150,17 @@ class BatchEngine:
                 if self._stopped:
                     self._fail_all(EdgeLLMError("the model was unloaded"))
                     return
-                self._admit()
-            try:
-                with self.lock:
-                    self._step()
-            except Exception as exc:  # a decode failure ends the requests in flight, not the server
-                self._fail_all(exc)
+            self.step()
+
+    def step(self) -> None:
+        """Admit waiting requests, then one decode and one sampled token per answering sequence."""
+        with self._cond:
+            self._admit()
+        try:
+            with self.lock:
+                self._step()
+        except Exception as exc:  # a decode failure ends the requests in flight, not the server
+            self._fail_all(exc)
 
     def _fail_all(self, exc: BaseException) -> None:
         for slot in self.slots:

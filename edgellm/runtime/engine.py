@@ -17,10 +17,11 @@ from edgellm.errors import LoadError, UsageError
 from edgellm.models.header import GGUFHeader, read_header
 from edgellm.plan.hardware import physical_cores
 from edgellm.runtime import llamalog
+from edgellm.runtime.batch import BatchEngine, GenerationRequest
 from edgellm.runtime.chunks import Chunk
+from edgellm.runtime.native import NativeModel
 from edgellm.runtime.options import (
     DEFAULT_SEED,
-    KV_TYPES,
     LoadOptions,
     SamplingOptions,
     default_context,
@@ -28,7 +29,6 @@ from edgellm.runtime.options import (
     uses_flash_attn,
 )
 from edgellm.runtime.templates import ChatTemplate, Message
-from edgellm.runtime.text import Answer, PieceTable, common_prefix
 
 if TYPE_CHECKING:
     from edgellm.plan.fit import Plan
@@ -119,20 +119,20 @@ def _on_device(header: GGUFHeader, options: LoadOptions, hardware: Hardware | No
 
 
 class Model:
-    """A GGUF loaded into llama.cpp, with its chat template."""
+    """A GGUF loaded into llama.cpp, with its chat template: one sequence on the same native engine
+    the server batches with (one sampler builder, one tokenizer, one Answer, one Chunk stream), so a
+    conversation's later turns reuse its KV cache by common prefix exactly as the server's do."""
 
-    def __init__(self, llm, header: GGUFHeader, load: ResolvedLoad, template: ChatTemplate) -> None:
-        import llama_cpp
-
-        self._lib = llama_cpp
-        self._llm = llm
+    def __init__(self, native: NativeModel, engine: BatchEngine, header: GGUFHeader, load: ResolvedLoad,
+                 template: ChatTemplate) -> None:
+        self.native = native
+        self._engine = engine
         self.header = header
         self.load_options = load
         self.template = template
-        self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        self.piece = PieceTable(self._vocab)
-        self.bos_text = self.piece.text(llama_cpp.llama_vocab_bos(self._vocab))
-        self.eos_text = self.piece.text(llama_cpp.llama_vocab_eos(self._vocab))
+        self.piece = native.piece
+        self.bos_text = native.bos_text
+        self.eos_text = native.eos_text
 
     @property
     def path(self) -> Path:
@@ -140,11 +140,11 @@ class Model:
 
     @property
     def n_ctx(self) -> int:
-        # llama.cpp may pad the context it allocates; the binding's token buffer keeps the size asked
-        return min(self._llm.n_ctx(), len(self._llm.input_ids))
+        return self._engine.n_ctx
 
     def close(self) -> None:
-        self._llm.close()
+        self._engine.close()
+        self.native.close()
 
     def __enter__(self) -> Model:
         return self
@@ -157,14 +157,14 @@ class Model:
         """Tokens for text, special tokens parsed; BOS added once, as the vocabulary wants."""
         if add_special and self.bos_text and text.startswith(self.bos_text):
             add_special = False  # the template already wrote BOS; a second one hurts answers
-        return self._llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
+        return self.native.tokenize(text, add_special=add_special, parse_special=True)
 
     def render(self, messages: Sequence[Message]) -> str:
         """The prompt text the chat template makes of a conversation, ready for an answer."""
         return self.template.render(messages, True, self.bos_text, self.eos_text)
 
     def is_end(self, token: int) -> bool:
-        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+        return self.native.is_end(token)
 
     # -- generation -----------------------------------------------------------------------
     def chat(
@@ -205,36 +205,27 @@ class Model:
     def _stream(
         self, tokens: list[int], sampling: SamplingOptions, cancel: Callable[[], bool] | None
     ) -> Iterator[Chunk]:
-        llm = self._llm
-        budget = self.n_ctx - len(tokens)
-        cached = min(common_prefix(llm.input_ids[: llm.n_tokens], tokens), len(tokens) - 1)
-        answer = Answer(
-            self.piece, self.is_end, sampling, len(tokens), cached,
-            budget if sampling.max_tokens < 0 else min(sampling.max_tokens, budget),
-        )
-        finish = "length"
-        stream = llm.generate(
-            tokens,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
-            min_p=sampling.min_p,
-            temp=sampling.temperature,
-            repeat_penalty=sampling.repeat_penalty,
-        )
+        """Advance the engine in this thread, a token a step, checking ``cancel`` after each."""
+        out: list[Chunk | BaseException] = []
+        request = GenerationRequest(tokens, sampling, out.append, seed=self.load_options.seed)
+        self._engine.submit(request)
+        done = False
         try:
-            for token in stream:
-                chunk, ended = answer.add(token)
-                if chunk:
-                    yield chunk
-                if ended:
-                    finish = ended
-                    break
+            while not done:
+                self._engine.step()
+                for item in out:
+                    if isinstance(item, BaseException):
+                        done = True
+                        raise item
+                    done = item.finish_reason is not None
+                    yield item
+                out.clear()
                 if cancel is not None and cancel():
-                    finish = "cancelled"
-                    break
+                    request.cancelled.set()
         finally:
-            stream.close()
-        yield answer.finish(finish)
+            if not done:  # a caller that stops reading ends the answer and frees the sequence
+                request.cancelled.set()
+                self._engine.step()
 
 
 def rpc_split(header: GGUFHeader, n_gpu_layers: int, hardware: Hardware,
@@ -285,35 +276,18 @@ def load_model(
         load = replace(load, split=rpc_split(header, load.n_gpu_layers, hardware, options.tensor_split))
     lora = check_lora(options.lora, header)
     chat_template = _template_for(header, template)
-    llamalog.install()
-    import llama_cpp
-
     position = llamalog.mark()
+    native = NativeModel(header.path, load.n_gpu_layers, lora, options.lora_scale, options.tensor_split)
     try:
-        llm = llama_cpp.Llama(
-            model_path=str(header.path),
-            n_ctx=load.n_ctx,
-            n_batch=load.n_batch,
-            n_ubatch=load.n_batch,
-            n_threads=load.n_threads,
-            n_threads_batch=load.n_threads,
-            n_gpu_layers=load.n_gpu_layers,
-            flash_attn=load.flash_attn,
-            op_offload=load.op_offload,
-            type_k=KV_TYPES[load.type_k][0],
-            type_v=KV_TYPES[load.type_v][0],
-            seed=load.seed,
-            lora_path=str(lora) if lora else None,
-            tensor_split=list(options.tensor_split) or None,
-            lora_scale=options.lora_scale,
-            verbose=False,
-        )
-    except (ValueError, RuntimeError) as exc:
-        cause = llamalog.last_error(position) or str(exc)
-        raise LoadError(f"llama.cpp could not load {header.path.name}: {cause}") from None
+        engine = BatchEngine(native, 1, load.n_ctx, load.n_threads, n_batch=load.n_batch, type_k=load.type_k,
+                             type_v=load.type_v, flash_attn="on" if load.flash_attn else "off",
+                             op_offload=load.op_offload, threaded=False)
+    except BaseException:
+        native.close()
+        raise
     if load.split:
         load = replace(load, placed=tuple(llamalog.layers_placed(position).items()))
-    return Model(llm, header, load, chat_template)
+    return Model(native, engine, header, load, chat_template)
 
 
 def _template_for(header: GGUFHeader, override: str | None) -> ChatTemplate:
