@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgellm.errors import InvalidGGUFError
+from edgellm.errors import InvalidGGUFError, brief
 from edgellm.models.ggml_types import FILE_TYPES, GGML_TYPES
 
 GGUF_MAGIC = b"GGUF"
@@ -548,7 +548,7 @@ def _check_hyperparameters(header: GGUFHeader, cur: _Cursor) -> None:
                 raise cur.fail(f"{key} has {value.count} entries for {n_layer} layers")
         for v in values:
             if not isinstance(v, int) or isinstance(v, bool):
-                raise cur.fail(f"{key} is {_shown(v)}, not an integer")
+                raise cur.fail(f"{key} is {brief(v)}, not an integer")
             if not low <= v <= high:
                 raise cur.fail(f"{key} is {v}, outside {low}..{high}")
     heads, kv_heads = md.get(f"{arch}.attention.head_count"), md.get(f"{arch}.attention.head_count_kv")
@@ -563,7 +563,7 @@ def _check_hyperparameters(header: GGUFHeader, cur: _Cursor) -> None:
         if value is None:
             continue
         if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise cur.fail(f"{key} is {_shown(value)}, not a number")
+            raise cur.fail(f"{key} is {brief(value)}, not a number")
         if not math.isfinite(value) or value < 0 or (positive and value == 0):
             raise cur.fail(f"{key} is {value}, which must be a finite number {'above' if positive else 'at least'} 0")
 
@@ -576,7 +576,7 @@ def _check_vocabulary(cur: _Cursor, tokens: ArrayValue, scores: Any, types: Any)
         (length,) = unpack(buf, pos)
         text = buf[pos + 8 : pos + 8 + length]
         if text in seen:
-            raise cur.fail(f"token {i} ({_shown(text.decode('utf-8', 'replace'))}) appears twice in the vocabulary")
+            raise cur.fail(f"token {i} ({brief(text.decode('utf-8', 'replace'))}) appears twice in the vocabulary")
         seen.add(text)
         pos += 8 + length
     if isinstance(scores, ArrayValue) and scores.item_type in (FLOAT32, FLOAT64):
@@ -591,12 +591,6 @@ def _check_vocabulary(cur: _Cursor, tokens: ArrayValue, scores: Any, types: Any)
         values.frombytes(buf[types.pos : types.pos + types.count * 4])
         if values and not (min(values) >= 0 and max(values) < len(_TOKEN_TYPES)):
             raise cur.fail(f"tokenizer.ggml.token_type holds an unknown token type (known: 0..{len(_TOKEN_TYPES) - 1})")
-
-
-def _shown(value: Any, limit: int = 40) -> str:
-    """A model-provided value in an error message: printable and short."""
-    text = printable(repr(value))
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 _CONTROL = {c: None for c in [*range(0x00, 0x20), *range(0x7F, 0xA0)] if c not in (0x09, 0x0A)}

@@ -65,10 +65,13 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         state = {"read": 0, "refused": False}
-        too_large = error_body(413, f"request body over {self.limit} bytes", "body_too_large")
+
+        def too_large() -> JSONResponse:
+            return error_body(413, f"request body over {self.limit} bytes", "body_too_large")
+
         length = dict(scope.get("headers") or ()).get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.limit:
-            return await too_large(scope, receive, send)
+            return await too_large()(scope, receive, send)
 
         async def limited_receive():
             if state["refused"]:
@@ -78,7 +81,7 @@ class BodyLimit:
                 state["read"] += len(message.get("body", b""))
                 if state["read"] > self.limit:
                     state["refused"] = True
-                    await too_large(scope, receive, send)
+                    await too_large()(scope, receive, send)
                     return {"type": "http.disconnect"}
             return message
 
