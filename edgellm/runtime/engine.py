@@ -155,9 +155,7 @@ class Model:
     # -- text <-> tokens ------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         """Tokens for text, special tokens parsed; BOS added once, as the vocabulary wants."""
-        if add_special and self.bos_text and text.startswith(self.bos_text):
-            add_special = False  # the template already wrote BOS; a second one hurts answers
-        return self.native.tokenize(text, add_special=add_special, parse_special=True)
+        return self.native.prompt_tokens(text) if add_special else self.native.tokenize(text, False, True)
 
     def render(self, messages: Sequence[Message]) -> str:
         """The prompt text the chat template makes of a conversation, ready for an answer."""

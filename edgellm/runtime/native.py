@@ -99,6 +99,12 @@ class NativeModel:
             n = lib.llama_tokenize(self.vocab, raw, len(raw), buf, capacity, add_special, parse_special)
         return list(buf[:n])
 
+    def prompt_tokens(self, text: str) -> list[int]:
+        """A rendered prompt's tokens: special tokens parsed, BOS added as the vocabulary wants, once
+        (not again when the chat template already wrote it: a second BOS hurts answers)."""
+        bos = self.bos_text
+        return self.tokenize(text, add_special=not (bos and text.startswith(bos)), parse_special=True)
+
     @property
     def bos(self) -> int | None:
         """The BOS token when the vocabulary asks for one at the start of a text."""

@@ -215,9 +215,7 @@ def _chat_prompt(served: Served, messages: list) -> list[int]:
     """The prompt tokens of a conversation through the model's template (in a worker thread: a long
     conversation takes a while to render and tokenize)."""
     turns = [Message("system" if m.role == "developer" else m.role, m.text()) for m in messages]
-    text = served.template.render(turns, True, served.native.bos_text, served.native.eos_text)
-    bos = served.native.bos_text
-    return served.native.tokenize(text, add_special=not (bos and text.startswith(bos)), parse_special=True)
+    return served.native.prompt_tokens(served.template.render(turns, True, served.native.bos_text, served.native.eos_text))
 
 
 def _host_name(host: str) -> str:
