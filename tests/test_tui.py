@@ -46,7 +46,8 @@ def test_library_chat_stream_and_stop(home: Path) -> None:
         app = _app(home)
         async with app.run_test(size=(120, 40)) as pilot:
             table = await _library(pilot)
-            assert table.get_row_at(0)[:4] == ["smollm2-135m-instruct", "llama", "135M", "Q4_1"]
+            # cells a model provides are Text, never parsed as markup: compared as the text shown
+            assert [str(cell) for cell in table.get_row_at(0)[:4]] == ["smollm2-135m-instruct", "llama", "135M", "Q4_1"]
             await _wait(pilot, lambda: table.get_row_at(0)[-1] == "yes")  # the planner's verdict
             await pilot.press("enter")
             assert isinstance(app.screen, ChatScreen)
@@ -110,7 +111,6 @@ def test_delete_with_confirmation_and_bad_import(home: Path, tmp_path: Path) -> 
         async with app.run_test(size=(120, 40)) as pilot:
             table = await _library(pilot)
             await pilot.press("d")
-            await pilot.press("n")  # not a binding of the dialog: nothing happens
             await pilot.click("#no")
             assert table.row_count == 1
             await pilot.press("d")
@@ -128,6 +128,66 @@ def test_delete_with_confirmation_and_bad_import(home: Path, tmp_path: Path) -> 
             app.screen.query_one(Input).value = str(tmp_path / "missing.gguf")
             await pilot.press("enter")
             await _wait(pilot, lambda: any("no such file" in n.message for n in app._notifications))
+            assert app.is_running
+
+    run(body())
+
+
+def test_delete_removes_the_model_chosen_and_no_is_the_default(home: Path, smollm2: Path) -> None:
+    """↓↓ d n Esc d Enter d y: the dialog names the model, n and Enter answer no, the cursor stays
+    on the model chosen through every dialog, and y removes that one, not the first row."""
+    from textual.widgets import Label
+
+    async def body() -> None:
+        app = _app(home)
+        async with app.run_test(size=(120, 40)) as pilot:
+            table = await _library(pilot)
+            for name in ("alpha", "beta"):
+                app.store.import_gguf(smollm2, name, link=True)
+            await pilot.press("r")
+            await _wait(pilot, lambda: table.row_count == 3)
+            names = [row.key.value for row in table.ordered_rows]
+            await pilot.press("down", "down")
+            chosen = names[2]
+            await pilot.press("d")
+            assert chosen in str(app.screen.query_one(Label).render())
+            await pilot.press("n")
+            await pilot.press("escape")
+            await pilot.press("d")
+            await pilot.press("enter")  # No has the focus
+            await pilot.pause(0.2)
+            assert table.row_count == 3 and app.screen.query_one("#models") is table
+            await pilot.press("d", "y")
+            await _wait(pilot, lambda: table.row_count == 2)
+            assert [row.key.value for row in table.ordered_rows] == names[:2]
+            assert (home / "models" / names[0]).is_dir() and not (home / "models" / chosen).exists()
+
+    run(body())
+
+
+def test_model_strings_are_shown_as_text_not_markup(home: Path, tmp_path: Path) -> None:
+    """A GGUF may name itself or its architecture with Rich markup; the app shows it, as text."""
+    from textual.widgets import DataTable, Static
+
+    from tests.ggufcraft import Craft, kv_str
+
+    craft = Craft()
+    craft.kvs = [kv_str("general.architecture", "[/evil]"), *craft.kvs[1:], kv_str("general.name", "[bold]x[/i]")]
+    path = tmp_path / "markup.gguf"
+    path.write_bytes(craft.build())
+
+    async def body() -> None:
+        app = _app(home)
+        async with app.run_test(size=(120, 40)) as pilot:
+            app.store.import_gguf(path, "markup")
+            table = app.screen.query_one(DataTable)
+            await pilot.press("r")
+            await _wait(pilot, lambda: table.row_count == 2)
+            await pilot.pause(0.2)
+            assert "[/evil]" in [str(cell) for cell in table.get_row(next(k for k in table.rows if k.value == "markup"))]
+            table.move_cursor(row=table.get_row_index("markup"))
+            await pilot.pause(0.2)
+            assert "[bold]x[/i]" in str(app.screen.query_one("#details", Static).render())
             assert app.is_running
 
     run(body())

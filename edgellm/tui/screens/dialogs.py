@@ -9,7 +9,9 @@ from textual.widgets import Button, Input, Label
 
 
 class ConfirmScreen(ModalScreen[bool]):
-    BINDINGS = [("escape", "dismiss(False)", "Cancel"), ("y", "dismiss(True)", "Yes")]
+    """A yes/no question whose safe answer is the default: No has the focus, Enter and n mean No."""
+
+    BINDINGS = [("escape", "dismiss(False)", "Cancel"), ("y", "dismiss(True)", "Yes"), ("n", "dismiss(False)", "No")]
 
     def __init__(self, question: str) -> None:
         super().__init__()
@@ -21,6 +23,9 @@ class ConfirmScreen(ModalScreen[bool]):
             with Horizontal():
                 yield Button("Yes", id="yes", variant="error")
                 yield Button("No", id="no")
+
+    def on_mount(self) -> None:
+        self.query_one("#no", Button).focus()
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id == "yes")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.screen import Screen
@@ -42,12 +43,17 @@ class LibraryScreen(Screen):
         self.action_refresh()
 
     def action_refresh(self) -> None:
+        """List the store again, the cursor staying on the model it was on (a refresh after a dialog
+        must never move it: the next key may be a delete)."""
         table = self.query_one(DataTable)
+        current = self.selected()
         table.clear()
         for entry in self.app.store.list():
-            m = entry.manifest
-            table.add_row(m.name, m.architecture, format_params(m.parameters), m.quantization,
-                          human_bytes(m.size), str(m.context_length or "-"), "…", key=m.name)
+            m = entry.manifest  # the folder names the model; the rest is the manifest's (untrusted) data
+            table.add_row(entry.name, Text(m.architecture), format_params(m.parameters), Text(m.quantization),
+                          human_bytes(m.size), str(m.context_length or "-"), "…", key=entry.name)
+        if current in table.rows:
+            table.move_cursor(row=table.get_row_index(current))
         self._fill_fits()
 
     @work(thread=True, exclusive=True, group="fits")
@@ -87,13 +93,13 @@ class LibraryScreen(Screen):
             from edgellm.models.header import read_header
 
             info = read_header(self.app.store.get(name).gguf_path).summary()
-            details.update(
+            details.update(Text(
                 f"{info['name'] or name} · {info['layers']} layers · {info['heads']} heads / {info['kv_heads']} KV heads · "
                 f"embedding {info['embedding_length']} · vocab {info['vocab_size']} · "
                 f"template: {'yes' if info['chat_template'] else 'fallback'}"
-            )
+            ))
         except Exception as exc:
-            details.update(f"cannot read {name}: {exc}")
+            details.update(Text(f"cannot read {name}: {exc}"))
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         self.action_chat()
@@ -139,7 +145,7 @@ class LibraryScreen(Screen):
                     self.app.report(exc)
                 self.action_refresh()
 
-        self.app.push_screen(ConfirmScreen(f"Delete {name} from the store?"), confirmed)
+        self.app.push_screen(ConfirmScreen(f"Delete {name} from the store? (y: yes, n or Enter: no)"), confirmed)
 
     def action_get_model(self) -> None:
         from edgellm.tui.screens.get_model import GetModelScreen
