@@ -59,8 +59,14 @@ def test_library_chat_stream_and_stop(home: Path) -> None:
             answers = app.screen.query(Markdown)
             await _wait(pilot, lambda: not app.screen.generating)
             assert "Berlin" in answers.last()._markdown
-            status = str(app.screen.query_one("#status", Static).render())
+            status_line = app.screen.query_one("#status", Static)
+            status = str(status_line.render())
             assert "tok/s" in status and "context" in status and "kv f16/f16" in status
+            # and a person sees it: on screen, above the footer rather than under it
+            from textual.widgets import Footer
+
+            footer = app.screen.query_one(Footer).region
+            assert status_line.region.height == 1 and 0 < status_line.region.y and status_line.region.bottom <= footer.y
             # a long answer, stopped at once with Esc
             # greedy, this prompt runs to all 2000 tokens: sampled, it sometimes ended before the Esc came
             app.settings = Settings.resolve({"temperature": 0, "max_tokens": 2000, "stop": ["NEVER"]})
