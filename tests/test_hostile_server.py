@@ -33,6 +33,10 @@ def store_server(tmp_path_factory: pytest.TempPathFactory, smollm2: Path):
                    capture_output=True)
     server = Server(home, None, "--parallel", "2")
     server.home = home
+    # the model loaded and both contexts made by ordinary requests: the memory every case starts from
+    assert server.raw("/v1/chat/completions", _chat("smol"))[0] == 200
+    assert server.raw("/v1/embeddings", {"model": "smol", "input": "a few words"})[0] == 200
+    server.rss_start = server.rss()
     yield server
     server.stop()
 
@@ -174,4 +178,37 @@ def test_a_model_that_would_abort_llama_cpp_cannot_kill_the_server(store_server:
         assert "outside 1..512" in body["error"]["message"] or "finite number" in body["error"]["message"]
         assert store_server.proc.poll() is None
         assert store_server.raw("/health")[1] == {"status": "ok"}
+    assert store_server.raw("/v1/chat/completions", _chat("smol"))[0] == 200
+
+
+def test_a_template_that_asks_for_gigabytes_fails_alone(smollm2: Path, tmp_path: Path) -> None:
+    """A model whose chat template would allocate 3 GB: each request fails, the server does not,
+    and its memory does not grow from one such request to the next."""
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    bomb = "{% set a = 'x' * 1000000 %}{{ ([a] * 3000)|join|length }}"
+    reader = gguf.GGUFReader(str(smollm2), "r")
+    path = tmp_path / "bomb.gguf"
+    writer = gguf.GGUFWriter(str(path), arch=reader.get_field(gguf.Keys.General.ARCHITECTURE).contents())
+    copy_with_new_metadata(reader, writer, {gguf.Keys.Tokenizer.CHAT_TEMPLATE: MetadataDetails(
+        gguf.GGUFValueType.STRING, bomb)}, [])
+    server = Server(tmp_path / "home", path)
+    try:
+        sizes = []
+        for _ in range(3):
+            status, body, _ = server.raw("/v1/chat/completions", _chat(server.name))
+            assert status >= 400 and set(body) == {"error"} and "chat template" in body["error"]["message"], body
+            assert server.proc.poll() is None and server.raw("/health")[1] == {"status": "ok"}
+            sizes.append(server.rss())
+        assert sizes[-1] < sizes[0] * 1.1
+    finally:
+        server.stop()
+
+
+def test_after_every_case_the_server_answers_and_kept_its_memory(store_server: Server) -> None:
+    """Runs last in this module: every hostile case above went to this same server."""
+    start = time.monotonic()
+    assert store_server.raw("/health")[1] == {"status": "ok"} and time.monotonic() - start < 1
+    assert store_server.rss() < store_server.rss_start * 1.1
     assert store_server.raw("/v1/chat/completions", _chat("smol"))[0] == 200
