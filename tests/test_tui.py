@@ -103,8 +103,9 @@ def test_settings_estimate_changes_with_the_kv_type(home: Path) -> None:
             app.screen.query_one("#kv_type_k", Select).value = "q8_0"
             await _wait(pilot, lambda: "q8_0/q4_0" in str(estimate.render()))
             assert str(estimate.render()) != before
-            app.screen.query_one("#ctx", Input).value = "100000000"
-            await _wait(pilot, lambda: "will not fit" in str(estimate.render()) or "invalid" in str(estimate.render()))
+            app.screen.query_one("#ctx", Input).value = "100000000"  # refused before memory: past the trained length
+            await _wait(pilot, lambda: "will not load" in str(estimate.render()))
+            assert "longer than the 8192 tokens" in str(estimate.render())
 
     run(body())
 
@@ -135,6 +136,49 @@ def test_delete_with_confirmation_and_bad_import(home: Path, tmp_path: Path) -> 
             await pilot.press("enter")
             await _wait(pilot, lambda: any("no such file" in n.message for n in app._notifications))
             assert app.is_running
+
+    run(body())
+
+
+def test_a_failed_load_says_why_and_the_way_back(home: Path) -> None:
+    from textual.widgets import Input, Static
+
+    from edgellm.tui.screens.library import LibraryScreen
+
+    async def body() -> None:
+        app = _app(home)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await _library(pilot)
+            app.settings = Settings.resolve({"ctx": 10_000_000})
+            await pilot.press("enter")
+            status = app.screen.query_one("#status", Static)
+            await _wait(pilot, lambda: "could not load" in str(status.render()))
+            assert "longer than the 8192 tokens" in str(status.render())
+            prompt = app.screen.query_one("#prompt", Input)
+            assert prompt.disabled and "Ctrl-B" in prompt.placeholder and "loading" not in prompt.placeholder
+            await pilot.press("ctrl+b")
+            await _wait(pilot, lambda: isinstance(app.screen, LibraryScreen))
+
+    run(body())
+
+
+def test_settings_run_the_checks_a_load_runs(home: Path) -> None:
+    from textual.widgets import Input, Label, Select
+
+    async def body() -> None:
+        app = _app(home)
+        async with app.run_test(size=(160, 50)) as pilot:
+            await _library(pilot)
+            await pilot.press("s")
+            estimate = app.screen.query_one("#estimate", Label)
+            await _wait(pilot, lambda: "fits" in str(estimate.render()))
+            app.screen.query_one("#ctx", Input).value = "1000000"
+            await _wait(pilot, lambda: "will not load" in str(estimate.render()))
+            assert "longer than the 8192 tokens" in str(estimate.render()) and "fits:" not in str(estimate.render())
+            app.screen.query_one("#ctx", Input).value = "2048"
+            app.screen.query_one("#flash_attn", Select).value = "off"
+            app.screen.query_one("#kv_type_v", Select).value = "q4_0"
+            await _wait(pilot, lambda: "needs flash attention" in str(estimate.render()))
 
     run(body())
 

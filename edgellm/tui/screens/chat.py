@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from rich.text import Text
+
 import threading
 import time
 
@@ -70,8 +72,11 @@ class ChatScreen(Screen):
         self.app.call_from_thread(self._loaded, model)
 
     def _failed(self, exc: BaseException) -> None:
+        """The chat cannot go on: say why and the way out, instead of a prompt still 'loading'."""
         self.app.report(exc)
-        self.query_one("#status", Static).update(f"could not load {self.model_name}")
+        self._status(f"could not load {self.model_name}: {getattr(exc, 'message', exc)}")
+        self.query_one("#prompt", Input).placeholder = (
+            f"{self.model_name} could not be loaded: Ctrl-B goes back to the library, where s changes its settings")
 
     def _loaded(self, model) -> None:
         self.model = model
@@ -84,7 +89,7 @@ class ChatScreen(Screen):
         prompt.focus()
 
     def _status(self, text: str) -> None:
-        self.query_one("#status", Static).update(text)
+        self.query_one("#status", Static).update(Text(text))  # may quote a model's or a path's brackets
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         text = event.value.strip()

@@ -66,17 +66,22 @@ class SettingsScreen(ModalScreen[bool]):
 
     @work(thread=True, exclusive=True, group="estimate")
     def _estimate(self, _values: dict) -> None:
+        from edgellm.errors import EdgeLLMError
         from edgellm.models import resolve
         from edgellm.plan.fit import fit
+        from edgellm.runtime.engine import resolve_load
 
         try:
             settings = self._settings()
             load = settings.load
             header = resolve(self.model_name, settings).header
+            resolve_load(header, load, self.app.hardware)  # the checks loading makes: refused here first
             plan = fit(header, self.app.hardware, n_ctx=load.n_ctx, type_k=load.type_k, type_v=load.type_v,
                        n_gpu_layers=load.n_gpu_layers, flash_attn=load.flash_attn)
             text = ("fits: " + plan.summary()) if plan.fits else "will not fit: " + plan.reason
             warn = not plan.fits
+        except EdgeLLMError as exc:
+            text, warn = f"will not load: {exc}", True
         except Exception as exc:
             text, warn = f"invalid: {exc}", True
         self.app.call_from_thread(self._show, text, warn)
