@@ -84,7 +84,7 @@ def test_library_chat_stream_and_stop(home: Path) -> None:
     run(body())
 
 
-def test_settings_estimate_changes_with_the_kv_type(home: Path) -> None:
+def test_settings_estimate_changes_with_the_kv_type_and_runs_the_load_checks(home: Path) -> None:
     from textual.widgets import Input, Label, Select
 
     from edgellm.tui.screens.settings import SettingsScreen
@@ -103,9 +103,13 @@ def test_settings_estimate_changes_with_the_kv_type(home: Path) -> None:
             app.screen.query_one("#kv_type_k", Select).value = "q8_0"
             await _wait(pilot, lambda: "q8_0/q4_0" in str(estimate.render()))
             assert str(estimate.render()) != before
-            app.screen.query_one("#ctx", Input).value = "100000000"  # refused before memory: past the trained length
+            # the checks a load runs come first: past the trained length, a quantized V without flash attention
+            app.screen.query_one("#ctx", Input).value = "100000000"
             await _wait(pilot, lambda: "will not load" in str(estimate.render()))
-            assert "longer than the 8192 tokens" in str(estimate.render())
+            assert "longer than the 8192 tokens" in str(estimate.render()) and "fits:" not in str(estimate.render())
+            app.screen.query_one("#ctx", Input).value = "2048"
+            app.screen.query_one("#flash_attn", Select).value = "off"
+            await _wait(pilot, lambda: "needs flash attention" in str(estimate.render()))
 
     run(body())
 
@@ -158,27 +162,6 @@ def test_a_failed_load_says_why_and_the_way_back(home: Path) -> None:
             assert prompt.disabled and "Ctrl-B" in prompt.placeholder and "loading" not in prompt.placeholder
             await pilot.press("ctrl+b")
             await _wait(pilot, lambda: isinstance(app.screen, LibraryScreen))
-
-    run(body())
-
-
-def test_settings_run_the_checks_a_load_runs(home: Path) -> None:
-    from textual.widgets import Input, Label, Select
-
-    async def body() -> None:
-        app = _app(home)
-        async with app.run_test(size=(160, 50)) as pilot:
-            await _library(pilot)
-            await pilot.press("s")
-            estimate = app.screen.query_one("#estimate", Label)
-            await _wait(pilot, lambda: "fits" in str(estimate.render()))
-            app.screen.query_one("#ctx", Input).value = "1000000"
-            await _wait(pilot, lambda: "will not load" in str(estimate.render()))
-            assert "longer than the 8192 tokens" in str(estimate.render()) and "fits:" not in str(estimate.render())
-            app.screen.query_one("#ctx", Input).value = "2048"
-            app.screen.query_one("#flash_attn", Select).value = "off"
-            app.screen.query_one("#kv_type_v", Select).value = "q4_0"
-            await _wait(pilot, lambda: "needs flash attention" in str(estimate.render()))
 
     run(body())
 

@@ -154,9 +154,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def _kv_pairs(device: str) -> frozenset[tuple[str, str]]:
     """K/V cache pairs a device runs flash attention for, at a typical head size (128, 32/8 heads)."""
     from edgellm.runtime.devices import flash_attn_pairs
-    from edgellm.runtime.options import KV_TYPES
 
-    return flash_attn_pairs(device, 128, 128, 32, 8, tuple((name, t) for name, (t, _) in KV_TYPES.items()))
+    return flash_attn_pairs(device, 128, 128, 32, 8)
 
 
 def _describe_pairs(pairs: frozenset[tuple[str, str]]) -> str:

@@ -48,7 +48,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if count:
         print(f"reclaimed {human_bytes(reclaimed)} left by {count} interrupted operation{'s' * (count > 1)}",
               file=sys.stderr)
-    entries, broken = store.list(), store.broken()
+    entries, broken = store.scan()
     if args.json:
         rows = [{**asdict(e.manifest), "name": e.name} for e in entries]
         print(json.dumps(rows + [{"name": name, "broken": why} for name, why in broken], indent=2))

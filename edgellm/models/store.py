@@ -130,29 +130,23 @@ class Store:
                 if not f.name.startswith(TMP_PREFIX) and NAME_RE.match(f.name) and (f / MANIFEST).is_file()]
 
     def list(self) -> list[ModelEntry]:
-        """The store's models; a damaged one is left out here (``broken()`` names it)."""
-        entries = []
+        """The store's models; a damaged one is left out here (``scan()`` names it)."""
+        return self.scan()[0]
+
+    def scan(self) -> tuple[list[ModelEntry], list[tuple[str, str]]]:
+        """The store's models, and (name, what is wrong) for each folder whose manifest cannot be used."""
+        entries, broken = [], []
         for folder in self._folders():
             try:
                 entries.append(self._read(folder))
-            except EdgeLLMError:
-                continue
-        return entries
+            except EdgeLLMError as exc:
+                broken.append((folder.name, exc.message))
+        return entries, broken
 
     def clean_stale(self) -> tuple[int, int]:
         """Remove what killed imports, conversions, quantizations and removals left in the store:
         (how many, bytes reclaimed)."""
         return clean_stale(self.root)
-
-    def broken(self) -> list[tuple[str, str]]:
-        """(name, what is wrong) for each model folder whose manifest cannot be used."""
-        found = []
-        for folder in self._folders():
-            try:
-                self._read(folder)
-            except EdgeLLMError as exc:
-                found.append((folder.name, exc.message))
-        return found
 
     def _read(self, folder: Path) -> ModelEntry:
         try:

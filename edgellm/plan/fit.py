@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from edgellm.models.header import GGUFHeader
 from edgellm.plan.hardware import Hardware
 from edgellm.plan.memory import CTX_PAD, MemoryEstimate, ModelShape, estimate, pad
-from edgellm.runtime.options import DEFAULT_CTX, KV_TYPES, default_context, is_quantized_kv, uses_flash_attn
+from edgellm.runtime.options import DEFAULT_CTX, default_context, is_quantized_kv, uses_flash_attn
 
 MARGIN = 256 << 20  # kept free on each device: drivers, fragmentation, the rest of the system
 KV_LADDER = (("f16", "f16"), ("f16", "q8_0"), ("q8_0", "q8_0"), ("q8_0", "q4_0"), ("q4_0", "q4_0"))
@@ -57,25 +57,29 @@ def _budgets(hw: Hardware) -> tuple[int, int]:
     return max(hw.ram_available - MARGIN, 0), gpu
 
 
+def _probed(hw: Hardware) -> list[str]:
+    """The ggml names of the GPUs seen on this machine (not one stated by --gpu-memory alone)."""
+    return [g.device for g in hw.gpus if not g.assumed and g.device]
+
+
 def flash_attn_pairs(hw: Hardware, shape: ModelShape) -> frozenset[tuple[str, str]] | None:
     """The K/V pairs every probed GPU runs flash attention for at this model's head sizes, or None
     when no GPU was probed (none, or one stated by --gpu-memory): then any pair may be planned."""
-    probed = [g.device for g in hw.gpus if not g.assumed and g.device]
+    probed = _probed(hw)
     if not probed:
         return None
     from edgellm.runtime.devices import flash_attn_pairs as device_pairs
 
-    types = tuple((name, number) for name, (number, _) in KV_TYPES.items())
-    n_head, n_head_kv = max(shape.n_head, default=1), max(shape.n_head_kv, default=1)
-    pairs = [device_pairs(d, shape.head_dim_k, shape.head_dim_v, n_head, max(n_head_kv, 1), types) for d in probed]
-    return frozenset.intersection(*pairs)
+    n_head, n_head_kv = max(shape.n_head, default=1), max(max(shape.n_head_kv, default=1), 1)
+    return frozenset.intersection(*(device_pairs(d, shape.head_dim_k, shape.head_dim_v, n_head, n_head_kv)
+                                    for d in probed))
 
 
 def output_offload(hw: Hardware, shape: ModelShape, n_ubatch: int) -> bool:
     """Whether every probed GPU accepts the output matmul (Vulkan refuses weights larger than its
     storage-buffer range: then llama.cpp keeps the head and the logits in host memory)."""
-    probed = [g.device for g in hw.gpus if not g.assumed and g.device]
-    if not probed or not shape.output_weight[0:3] or not shape.output_weight[1]:
+    probed = _probed(hw)
+    if not probed or not shape.output_weight[1]:  # no rows: the head is not known (a checkpoint's shape)
         return True
     from edgellm.runtime.devices import supports_mul_mat
 
@@ -87,7 +91,7 @@ def unsupported_pair(hw: Hardware, shape: ModelShape, type_k: str, type_v: str, 
     allowed = flash_attn_pairs(hw, shape)
     if allowed is None or _on_device(allowed, type_k, type_v, flash_attn):
         return None
-    where = ", ".join(g.device for g in hw.gpus if not g.assumed)
+    where = ", ".join(_probed(hw))
     have = " ".join(f"{k}/{v}" for k, v in sorted(allowed)) or "none"
     return (f"this llama.cpp build has no flash-attention kernel for a {type_k}/{type_v} KV cache on {where}, "
             f"so it would run on the CPU, several times slower; pairs it has: {have} (a CUDA build from "

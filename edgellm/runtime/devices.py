@@ -129,13 +129,14 @@ def _device(name: str) -> int:
 
 
 @cache
-def flash_attn_pairs(device: str, head_dim_k: int, head_dim_v: int, n_head: int, n_head_kv: int,
-                     types: tuple[tuple[str, int], ...]) -> frozenset[tuple[str, str]]:
+def flash_attn_pairs(device: str, head_dim_k: int, head_dim_v: int, n_head: int, n_head_kv: int) -> frozenset[tuple[str, str]]:
     """The (K, V) cache type pairs whose flash attention ``device`` runs itself for a model with these
     head sizes. llama.cpp runs an op a device lacks on the CPU instead: a CUDA build without
     GGML_CUDA_FA_ALL_QUANTS decodes a q5_1 cache three times slower. We ask the device exactly as
-    llama.cpp's scheduler does, with the op a one-token decode step builds. ``types``: (name, ggml
-    type) pairs to try."""
+    llama.cpp's scheduler does, with the op a one-token decode step builds, for every KV cache type."""
+    from edgellm.runtime.options import KV_TYPES
+
+    types = [(name, ggml_type) for name, (ggml_type, _) in KV_TYPES.items()]
     lib, ops = _ggml(), _ggml_ops()
     dev = _device(device)
     f32, f16, n_kv = 0, 1, 256
