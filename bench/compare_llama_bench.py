@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+
 def llama_bench_path(explicit: str | None) -> Path:
     from _reference import reference_bin
 
@@ -32,7 +33,7 @@ def by_test(rows: list[dict]) -> dict[tuple[str, str], float]:
 
 def main() -> None:
     from edgellm.models.bundled import bundled_gguf
-    from edgellm.plan.hardware import physical_cores
+    from edgellm.system.hardware import physical_cores
 
     ap = argparse.ArgumentParser()
     ap.add_argument("models", nargs="*")

@@ -24,10 +24,11 @@ from _reference import reference_bin
 
 def main() -> None:
     from edgellm.eval import evaluate
+    from edgellm.gguf.header import read_header
+    from edgellm.gguf.quant_types import quant_type
     from edgellm.models.bundled import bundled_gguf
-    from edgellm.models.header import read_header
-    from edgellm.quantize import quant_type, quantize
-    from edgellm.plan.hardware import physical_cores
+    from edgellm.quantize import quantize
+    from edgellm.system.hardware import physical_cores
 
     ap = argparse.ArgumentParser()
     ap.add_argument("model", nargs="?")

@@ -23,10 +23,10 @@ from _reference import reference_bin
 
 def main() -> None:
     from edgellm.models.bundled import bundled_gguf
-    from edgellm.plan.hardware import physical_cores
+    from edgellm.options import LoadOptions, SamplingOptions
     from edgellm.runtime.engine import load_model
-    from edgellm.runtime.options import LoadOptions, SamplingOptions
     from edgellm.runtime.templates import Message
+    from edgellm.system.hardware import physical_cores
 
     ap = argparse.ArgumentParser()
     ap.add_argument("model", nargs="?", default=None)

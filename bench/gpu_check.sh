@@ -15,7 +15,7 @@ T0=$SECONDS
 step() { echo; echo "=== [$((SECONDS - T0))s] $*"; }
 mkdir -p "$W"
 nvidia-smi -L
-ARCH=${CUDA_ARCH:-$(python3 -m edgellm.plan.hardware cuda-arch)}
+ARCH=${CUDA_ARCH:-$(python3 -m edgellm.system.hardware cuda-arch)}
 [ -n "$ARCH" ] || { echo "no NVIDIA GPU visible" >&2; exit 2; }
 
 step "build llama.cpp for CUDA sm_$ARCH (background)"

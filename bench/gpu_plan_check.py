@@ -16,8 +16,8 @@ MiB = 2**20
 
 
 def loaded(path: str, ngl: int, op_offload: bool = True, **context) -> dict[str, int]:
-    from edgellm.runtime import llamalog
     from edgellm.runtime.native import NativeModel
+    from edgellm.system import llamalog
 
     llamalog.install()
     position = llamalog.mark()
@@ -35,10 +35,10 @@ def compare(title: str, planned: dict[str, int], logged: dict[str, int]) -> None
 
 
 def main() -> None:
-    from edgellm.models.header import read_header
+    from edgellm.gguf.header import read_header
+    from edgellm.options import KV_TYPES
     from edgellm.plan.fit import MARGIN, fit
-    from edgellm.plan.hardware import physical_cores, probe
-    from edgellm.runtime.options import KV_TYPES
+    from edgellm.system.hardware import physical_cores, probe
 
     ap = argparse.ArgumentParser()
     ap.add_argument("model")

@@ -30,7 +30,7 @@ def start_worker(port: int) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "edgellm", "worker", "--port", str(port), "-t", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
     from edgellm.errors import EdgeLLMError
-    from edgellm.runtime.rpc import hello
+    from edgellm.system.rpc import hello
 
     for _ in range(100):
         try:
@@ -43,8 +43,8 @@ def start_worker(port: int) -> subprocess.Popen:
 
 def generate(path: Path, options, n: int, on_loaded=lambda: None):
     """(timings, layers per device) of one greedy answer; ``on_loaded`` runs between load and answer."""
+    from edgellm.options import SamplingOptions
     from edgellm.runtime.engine import load_model
-    from edgellm.runtime.options import SamplingOptions
     from edgellm.runtime.templates import Message
 
     with load_model(path, options) as model:
@@ -57,7 +57,7 @@ def generate(path: Path, options, n: int, on_loaded=lambda: None):
 def main() -> None:
     sys.path.insert(0, str(ROOT))
     from edgellm.models.bundled import bundled_gguf
-    from edgellm.runtime.options import LoadOptions
+    from edgellm.options import LoadOptions
 
     ap = argparse.ArgumentParser()
     ap.add_argument("model", nargs="?", type=Path)

@@ -89,7 +89,7 @@ def aggregate(base: str, streams: int, n: int) -> float:
 
 def main() -> None:
     from edgellm.models.bundled import bundled_gguf
-    from edgellm.plan.hardware import physical_cores
+    from edgellm.system.hardware import physical_cores
 
     ap = argparse.ArgumentParser()
     ap.add_argument("model", nargs="?", default=None)

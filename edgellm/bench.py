@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgellm.errors import UsageError
-from edgellm.runtime.options import is_quantized_kv, kv_type
+from edgellm.options import is_quantized_kv, kv_type
 
 FLASH_ATTN_VALUES = {"0": "off", "off": "off", "1": "on", "on": "on", "auto": "auto"}
 
@@ -119,7 +119,7 @@ def plan_cases(
     n_ubatch: int = 512,
 ) -> list[BenchCase]:
     """Every combination, checked before anything runs (llama-bench's defaults otherwise)."""
-    from edgellm.plan.hardware import physical_cores
+    from edgellm.system.hardware import physical_cores
 
     n_prompt = _positive(n_prompt, "prompt length (-p)", allow_zero=True)
     n_gen = _positive(n_gen, "generation length (-n)", allow_zero=True)
@@ -185,8 +185,8 @@ def run_cases(
     seed: int = 1234,
 ) -> Iterator[BenchResult]:
     """Measure each case; a model is loaded once for all cases that share it and its GPU layers."""
-    from edgellm.runtime.devices import backend_label
     from edgellm.runtime.native import NativeModel
+    from edgellm.system.devices import backend_label
 
     if repetitions < 1:
         raise UsageError(f"repetitions must be positive, got {repetitions}")
@@ -228,7 +228,7 @@ def _measure(model, case: BenchCase, repetitions: int, rng: random.Random) -> li
 
 
 def machine_info() -> dict[str, Any]:
-    from edgellm.runtime.devices import devices
+    from edgellm.system.devices import devices
 
     found = devices()
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgellm.errors import ConfigError, EdgeLLMError
-from edgellm.runtime.options import LoadOptions, SamplingOptions
+from edgellm.options import LoadOptions, SamplingOptions, parse_endpoints, parse_size
 
 ENV_PREFIX = "EDGELLM_"
 
@@ -40,8 +40,6 @@ def _ctx(value: Any) -> int:
 
 
 def _size(value: Any) -> int:
-    from edgellm.plan.hardware import parse_size
-
     return parse_size(value)
 
 
@@ -63,8 +61,6 @@ def _stop(value: Any) -> tuple[str, ...]:
 
 
 def _rpc(value: Any) -> tuple[str, ...]:
-    from edgellm.runtime.rpc import parse_endpoints
-
     return parse_endpoints(value) if value else ()
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,8 +56,8 @@ def evaluate(
 ) -> EvalResult:
     import numpy as np
 
-    from edgellm.plan.hardware import physical_cores
     from edgellm.runtime.native import NativeModel
+    from edgellm.system.hardware import physical_cores
 
     if n_ctx < 16:
         raise UsageError(f"--ctx must be at least 16 for perplexity, got {n_ctx}")

@@ -6,9 +6,9 @@ import queue
 from pathlib import Path
 
 from edgellm.errors import EdgeLLMError
+from edgellm.options import SamplingOptions
 from edgellm.runtime.batch import BatchEngine, GenerationRequest
 from edgellm.runtime.native import NativeModel
-from edgellm.runtime.options import SamplingOptions
 
 
 def test_a_grammar_llama_cpp_refuses_fails_only_its_request(smollm2: Path) -> None:

@@ -356,6 +356,7 @@ def test_sentencepiece_model_alone_tokenizes_like_sentencepiece(smollm2_hf: Path
     """A checkpoint that ships only tokenizer.model: a real SentencePiece model, trained here on
     CPython's documentation, must split text in llama.cpp exactly as sentencepiece does."""
     import pydoc_data.topics
+
     import sentencepiece as spm
 
     corpus = tmp_path / "corpus.txt"
@@ -385,15 +386,17 @@ def test_sentencepiece_model_alone_tokenizes_like_sentencepiece(smollm2_hf: Path
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["smollm2", "gemma3"])
-def test_checkpoint_shape_is_what_the_converted_file_holds(converted, name: str) -> None:
+def test_planned_header_is_what_the_converted_file_holds(converted, name: str) -> None:
     """The planner's view of a checkpoint before conversion (for `pull --plan`) equals its view of the
     GGUF afterwards: layers, heads, sliding window, and every byte per layer."""
     from edgellm.convert.checkpoint import Checkpoint
-    from edgellm.convert.core import checkpoint_shape
-    from edgellm.models.header import read_header
+    from edgellm.convert.core import planned_header
+    from edgellm.gguf.header import read_header
     from edgellm.plan.memory import ModelShape
 
     folder, gguf = converted[name]
     with Checkpoint.open(folder) as ckpt:
-        before = checkpoint_shape(ckpt.config, {k: r.shape for k, r in ckpt.tensors.items()}, "F16")
-    assert before == ModelShape.from_header(read_header(gguf))
+        before = ModelShape.from_header(planned_header(ckpt.config, {k: r.shape for k, r in ckpt.tensors.items()}, "F16"))
+    after = ModelShape.from_header(read_header(gguf))
+    assert before == after
+    assert before.output_weight[1:] == after.output_weight[1:]  # the head's shape, for output offload

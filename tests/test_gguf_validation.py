@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from edgellm.errors import InvalidGGUFError
-from edgellm.models.header import read_header
+from edgellm.gguf.header import read_header
 from tests.ggufcraft import (
     ARR,
     U32,

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from edgellm.models.header import read_header
+from edgellm.gguf.header import read_header
+from edgellm.options import KV_TYPES
 from edgellm.plan.fit import MARGIN, fit, output_offload
-from edgellm.plan.hardware import probe
 from edgellm.plan.memory import ModelShape, estimate
-from edgellm.runtime import llamalog
-from edgellm.runtime.devices import devices
 from edgellm.runtime.native import NativeModel
-from edgellm.runtime.options import KV_TYPES
+from edgellm.system import llamalog
+from edgellm.system.devices import devices
+from edgellm.system.hardware import probe
 
 MiB = 2**20
 GPUS = [d for d in devices() if d.kind in ("gpu", "igpu")]

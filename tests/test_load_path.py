@@ -102,8 +102,8 @@ def test_ggml_type_tables_agree_with_llama_cpp() -> None:
     is wrong for Q8_1: 40 bytes a block where ggml has 36)."""
     import ctypes
 
-    from edgellm.models.ggml_types import FILE_TYPES, GGML_TYPES
-    from edgellm.runtime.devices import shipped_library
+    from edgellm.gguf.ggml_types import FILE_TYPES, GGML_TYPES
+    from edgellm.system.devices import shipped_library
 
     ggml = shipped_library("libggml-base")
     ggml.ggml_type_size.restype = ctypes.c_size_t

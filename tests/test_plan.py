@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from edgellm.models.header import read_header
+from edgellm.gguf.header import read_header
 from edgellm.plan.memory import ModelShape, estimate
-from edgellm.runtime import llamalog
 from edgellm.runtime.native import NativeModel
+from edgellm.system import llamalog
 
 MiB = 2**20
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from edgellm.errors import EdgeLLMError, UsageError
-from edgellm.models.header import read_header
-from edgellm.quantize import quant_type, quantize
+from edgellm.gguf.header import read_header
+from edgellm.gguf.quant_types import quant_type
+from edgellm.quantize import quantize
 from tests.conftest import tree
 
 BPW_BOUNDS = {"Q8_0": (8.0, 9.0), "Q4_K_M": (4.5, 7.0), "Q2_K": (3.0, 6.0)}

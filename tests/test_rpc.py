@@ -27,7 +27,7 @@ def free_port() -> int:
 
 def start_worker(tmp_path: Path) -> tuple[subprocess.Popen, str]:
     from edgellm.errors import EdgeLLMError
-    from edgellm.runtime.rpc import hello
+    from edgellm.system.rpc import hello
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGELLM_HOME": str(tmp_path / "worker-home")}

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from edgellm.errors import UsageError
-from edgellm.models.header import read_header
+from edgellm.gguf.header import read_header
+from edgellm.options import LoadOptions, SamplingOptions
 from edgellm.runtime.engine import load_model, resolve_load
-from edgellm.runtime.options import LoadOptions, SamplingOptions
 from edgellm.runtime.templates import Message
 
 GREEDY = SamplingOptions(temperature=0.0, max_tokens=24)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from edgellm.errors import TemplateError
-from edgellm.models.header import read_header
+from edgellm.gguf.header import read_header
 from edgellm.runtime.templates import FALLBACK_STOPS, ChatTemplate, Message
 
 

@@ -7,7 +7,6 @@ import sqlite3
 import time
 from pathlib import Path
 
-
 from edgellm.config import Settings
 
 

@@ -55,7 +55,7 @@ def _model_paths(refs: list[str], sweep: bool) -> list[Path]:
         paths.append(model.path)
         names.append(model.entry.name if model.entry else None)
     if sweep:
-        from edgellm.quantize import is_quant_suffix
+        from edgellm.gguf.quant_types import is_quant_suffix
 
         for name in filter(None, names):
             for entry in store_for(settings).list():
@@ -140,7 +140,7 @@ def render(results, fmt: str, args) -> str:
     if fmt == "md":
         right = {"size", "params", "threads", "ngl", "n_batch", "n_ubatch", "test", "t/s"}
         widths = [max(len(title), *(len(row[i]) for row in rows)) for i, (title, _) in enumerate(cols)]
-        line = lambda cells: "| " + " | ".join(  # noqa: E731
+        line = lambda cells: "| " + " | ".join(
             c.rjust(w) if t in right else c.ljust(w) for c, w, (t, _) in zip(cells, widths, cols)
         ) + " |"
         sep = "| " + " | ".join(("-" * (w - 1) + ":") if t in right else "-" * w for w, (t, _) in zip(widths, cols)) + " |"

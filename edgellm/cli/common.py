@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from edgellm.config import Settings
 from edgellm.errors import UsageError
+
+if TYPE_CHECKING:
+    from edgellm.workflows import Job, Step
+
+T = TypeVar("T")
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +74,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def hardware_for(settings: Settings):
     """The machine to plan for: probed, with any stated memory budgets applied."""
-    from edgellm.plan.hardware import probe
+    from edgellm.system.hardware import probe
 
     return probe(settings.gpu_memory, settings.ram, settings.load.rpc)
 
@@ -80,3 +87,27 @@ def read_template(args: argparse.Namespace) -> str | None:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read template {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def job_with_bar(call: Callable[[Job], T]) -> T:
+    """``call(job)`` under one progress bar on stderr that follows the job's steps (bytes, or
+    tensors), naming the stage and the file or tensor in hand; a new stage starts a new bar."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from edgellm.gguf.header import human_bytes
+    from edgellm.workflows import Job
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[amount]}"),
+                   TimeRemainingColumn(), transient=True, disable=not sys.stderr.isatty())
+    tasks: dict[str, Any] = {}
+
+    def on_step(step: Step) -> None:
+        if step.stage not in tasks:
+            tasks[step.stage] = bar.add_task(step.stage, total=None, amount="")
+        amount = (f"{human_bytes(step.done)}/{human_bytes(step.total or 0)}" if step.unit == "bytes"
+                  else f"{step.done}/{step.total} {step.unit}")
+        bar.update(tasks[step.stage], completed=step.done, total=step.total, amount=amount,
+                   description=f"{step.stage} {step.detail}".strip())
+
+    with bar:
+        return call(Job(on_step))

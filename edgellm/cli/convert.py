@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from edgellm.cli.common import job_with_bar
 from edgellm.errors import UsageError
-from edgellm.models.header import human_bytes
+from edgellm.gguf.header import human_bytes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,37 +48,24 @@ def checkpoint_folder(ref: str, settings) -> Path:
     raise UsageError(f"no checkpoint folder {ref}")
 
 
-def run_with_bar(what: str, call):
-    """``call(progress)`` under a bar over bytes written, with the tensor in hand and the time left."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                   transient=True, disable=not sys.stderr.isatty())
-    task = bar.add_task(what, total=None)
-
-    def on_tensor(i: int, n: int, done: int, total: int, name: str) -> None:
-        bar.update(task, completed=done, total=total, description=f"{what} {i}/{n} {name}")
-
-    with bar:
-        return call(on_tensor)
-
-
 def cmd_convert(args: argparse.Namespace) -> int:
     from edgellm.config import Settings
-    from edgellm.convert.core import convert, convert_to_store
+    from edgellm.convert.core import convert
     from edgellm.models import store_for
+    from edgellm.workflows import convert_checkpoint
 
     settings = Settings.resolve()
     source = checkpoint_folder(args.source, settings)
 
-    def run(progress):
-        options = dict(progress=progress, lora=args.lora, name=args.name)
+    def run(job):
         if args.output:
-            return convert(source, args.output, args.outtype, **options), str(args.output)
-        result, entry = convert_to_store(store_for(settings), source, args.outtype, **options)
+            return convert(source, args.output, args.outtype, progress=job.tensors_of("convert"), lora=args.lora,
+                           name=args.name, cancel=job.cancel), str(args.output)
+        result, entry = convert_checkpoint(store_for(settings), source, job, outtype=args.outtype, name=args.name,
+                                           lora=args.lora)
         return result, entry.name
 
-    result, where = run_with_bar("converting", run)
+    result, where = job_with_bar(run)
     print(f"{where}: {result.arch}, {result.n_tensors} tensors, {result.outtype}, "
           f"{human_bytes(result.size)} in {result.seconds:.1f} s")
     return 0
@@ -89,7 +76,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from edgellm.convert.lora import merge_checkpoint
 
     base = checkpoint_folder(args.base, Settings.resolve())
-    result = run_with_bar("merging", lambda p: merge_checkpoint(base, args.adapters, args.output, progress=p))
+    result = job_with_bar(lambda job: merge_checkpoint(base, args.adapters, args.output,
+                                                       progress=job.tensors_of("merge"), cancel=job.cancel))
     print(f"{result.path}: {result.arch}, {result.n_tensors} tensors, {human_bytes(result.size)} in {result.seconds:.1f} s")
     return 0
 
@@ -99,7 +87,8 @@ def cmd_convert_lora(args: argparse.Namespace) -> int:
     from edgellm.convert.lora import convert_lora
 
     base = checkpoint_folder(args.base, Settings.resolve())
-    result = run_with_bar("writing", lambda p: convert_lora(args.adapter, base, args.output, args.outtype, progress=p))
+    result = job_with_bar(lambda job: convert_lora(args.adapter, base, args.output, args.outtype,
+                                                   progress=job.tensors_of("write")))
     print(f"{result.path}: LoRA for {result.arch}, {result.n_tensors} tensors, {result.outtype}, "
           f"{human_bytes(result.size)} (use: edgellm chat MODEL --lora {result.path})")
     return 0

@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict
 
 from edgellm.cli.common import hardware_for, settings_from_args
-from edgellm.models.header import human_bytes
+from edgellm.gguf.header import human_bytes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -117,8 +117,8 @@ def _print_plan(d: dict) -> None:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from edgellm.config import Settings
-    from edgellm.plan.hardware import build_backend, build_of
-    from edgellm.runtime.rpc import available
+    from edgellm.system.hardware import build_backend, build_of
+    from edgellm.system.rpc import available
 
     hw = hardware_for(Settings.resolve())
     built, wanted = build_of(hw.backends), build_backend()
@@ -153,13 +153,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def _kv_pairs(device: str) -> frozenset[tuple[str, str]]:
     """K/V cache pairs a device runs flash attention for, at a typical head size (128, 32/8 heads)."""
-    from edgellm.runtime.devices import flash_attn_pairs
+    from edgellm.system.devices import flash_attn_pairs
 
     return flash_attn_pairs(device, 128, 128, 32, 8)
 
 
 def _describe_pairs(pairs: frozenset[tuple[str, str]]) -> str:
-    from edgellm.runtime.options import KV_TYPES
+    from edgellm.options import KV_TYPES
 
     every = {(k, v) for k in KV_TYPES for v in KV_TYPES}
     if len(pairs) * 2 > len(every):

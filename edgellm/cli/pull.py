@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgellm.cli.common import hardware_for
+from edgellm.cli.common import hardware_for, job_with_bar
 from edgellm.errors import UsageError
-from edgellm.models.header import human_bytes
+from edgellm.gguf.header import human_bytes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,36 +27,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_search)
 
 
-def _fit_line(header, settings) -> tuple[bool, str]:
-    from edgellm.plan.fit import fit
-
-    plan = fit(header, hardware_for(settings))
-    return plan.fits, (plan.summary() if plan.fits else plan.reason)
+def _fit_line(plan) -> str:
+    return f"{'fits' if plan.fits else 'does not fit'}: {plan.summary() if plan.fits else plan.reason}"
 
 
 def _pull_checkpoint(args: argparse.Namespace, settings, store, repo: str, listing, quant: str | None) -> int:
     """A safetensors repo: download what conversion needs, convert (merging adapters), quantize."""
-    from edgellm.cli.convert import run_with_bar
-    from edgellm.convert.core import checkpoint_shape, convert_to_store
-    from edgellm.models.hub import list_repo, parse_ref, pull_checkpoint, remote_checkpoint
-    from edgellm.quantize import quant_type
+    from edgellm.gguf.quant_types import quant_type
+    from edgellm.workflows import plan_checkpoint, pull_and_convert
 
     size = sum(f.size for f in listing.checkpoint)
     target = quant_type(quant).name if quant else "F16"  # f16 and bf16 weigh the same
-    config, shapes = remote_checkpoint(repo, listing, store)
-    fits, line = _fit_line(checkpoint_shape(config, shapes, target), settings)
+    plan = plan_checkpoint(repo, listing, store, hardware_for(settings), target)
     print(f"{repo} has no GGUF files: its safetensors checkpoint ({human_bytes(size)}) converts to "
-          f"{target if quant else 'f16/bf16'}; {'fits' if fits else 'does not fit'}: {line}", file=sys.stderr)
+          f"{target if quant else 'f16/bf16'}; {_fit_line(plan)}", file=sys.stderr)
     if args.plan:
-        return 0 if fits else 1
-    folder = pull_checkpoint(repo, listing, store, settings.checkpoints_dir)
-    adapters = []
-    for ref in args.lora:
-        adapter_repo, _ = parse_ref(ref)
-        adapter_listing = list_repo(adapter_repo, None, store)
-        adapters.append(pull_checkpoint(adapter_repo, adapter_listing, store, settings.checkpoints_dir))
-    result, entry = run_with_bar("converting", lambda p: convert_to_store(
-        store, folder, name=args.name, quant=quant, lora=adapters, source_repo=repo, progress=p))
+        return 0 if plan.fits else 1
+    result, entry, folder = job_with_bar(lambda job: pull_and_convert(
+        repo, listing, store, settings.checkpoints_dir, job, quant=quant, lora=args.lora, name=args.name))
     print(f"pulled {entry.name} ({human_bytes(entry.manifest.size)}, {entry.manifest.quantization}; "
           f"converted in {result.seconds:.1f} s; the checkpoint stays as `{folder.name}` for `edgellm convert`)")
     return 0
@@ -65,7 +53,8 @@ def _pull_checkpoint(args: argparse.Namespace, settings, store, repo: str, listi
 def cmd_pull(args: argparse.Namespace) -> int:
     from edgellm.config import Settings
     from edgellm.models import store_for
-    from edgellm.models.hub import list_repo, parse_ref, pull, remote_header
+    from edgellm.models.hub import list_repo, parse_ref
+    from edgellm.workflows import plan_remote_gguf, pull_gguf
 
     settings = Settings.resolve()
     store = store_for(settings)
@@ -75,18 +64,18 @@ def cmd_pull(args: argparse.Namespace) -> int:
         return _pull_checkpoint(args, settings, store, repo, listing, args.quant or quant)
     if args.quant or args.lora:
         raise UsageError("--quant and --lora apply to safetensors repos; for a GGUF repo write REPO:QUANT")
-    choice, header = remote_header(args.ref, store, args.revision)
-    fits, line = _fit_line(header, settings)
-    print(f"{choice.quant}: {human_bytes(choice.size)} in {len(choice.files)} file(s); "
-          f"{'fits' if fits else 'does not fit'}: {line}", file=sys.stderr)
+    choice, plan = plan_remote_gguf(args.ref, store, hardware_for(settings), args.revision)
+    print(f"{choice.quant}: {human_bytes(choice.size)} in {len(choice.files)} file(s); {_fit_line(plan)}",
+          file=sys.stderr)
     if args.plan:
-        return 0 if fits else 1
+        return 0 if plan.fits else 1
 
     def on_choice(chosen, was_default: bool) -> None:
         if was_default:
             print(f"no quantization given: picked {chosen.quant}", file=sys.stderr)
 
-    entry = pull(args.ref, store, args.name, args.revision, on_choice)
+    entry = job_with_bar(lambda job: pull_gguf(args.ref, store, job, name=args.name, revision=args.revision,
+                                               on_choice=on_choice))
     print(f"pulled {entry.name} ({human_bytes(entry.manifest.size)}, {entry.manifest.quantization})")
     return 0
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from edgellm.models.header import human_bytes
+from edgellm.cli.common import job_with_bar
 from edgellm.errors import UsageError
+from edgellm.gguf.header import human_bytes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _print_types() -> None:
-    from edgellm.quantize import QUANT_TYPES
+    from edgellm.gguf.quant_types import QUANT_TYPES
 
     print(f"{'TYPE':8} {'BITS/WEIGHT':>11}  NOTE")
     for t in QUANT_TYPES.values():
@@ -65,56 +65,43 @@ def _resolve_model(ref: str) -> Iterator[tuple]:
     """(settings, model) for MODEL; a Hugging Face checkpoint folder is converted first, to a
     temporary GGUF in the store's folder that is gone once the quantized model is made."""
     from edgellm.config import Settings
-    from edgellm.models import ResolvedModel, resolve
+    from edgellm.models import ResolvedModel, resolve, store_for
+    from edgellm.workflows import gguf_of
 
     settings = Settings.resolve()
     path = Path(ref)
     if not path.is_dir():
         yield settings, resolve(ref, settings)
         return
-    from edgellm.cli.convert import run_with_bar
-    from edgellm.convert.core import temporary_gguf
-    from edgellm.models.header import read_header
+    from edgellm.gguf.header import read_header
 
-    name = Path(os.path.abspath(path)).name.lower()  # the name the user sees, even through a link
     print(f"converting {path} first", file=sys.stderr)
     with ExitStack() as temporary:  # entered under the bar, left once the quantized model is made
-        result = run_with_bar("converting", lambda p: temporary.enter_context(
-            temporary_gguf(path, settings.models_dir, f"{name}.gguf", progress=p)))
-        yield settings, ResolvedModel(name, result.path, read_header(result.path))
+        name, gguf = job_with_bar(lambda job: temporary.enter_context(gguf_of(path, store_for(settings), job)))
+        yield settings, ResolvedModel(name, gguf, read_header(gguf))
+
+
+def _quantize_options(args: argparse.Namespace) -> dict:
+    return {"threads": args.threads, "allow_requantize": args.allow_requantize,
+            "leave_output_tensor": args.leave_output_tensor, "pure": args.pure,
+            "output_tensor_type": args.output_tensor_type, "token_embedding_type": args.token_embedding_type}
 
 
 def quantize_one(args: argparse.Namespace, settings, model, type_name: str):
     """Quantize MODEL to one type, into -o FILE or the store; return (result, store entry or None)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
+    from edgellm.gguf.quant_types import quant_type
     from edgellm.models import store_for
-    from edgellm.quantize import quant_type, quantize, quantize_to_store
+    from edgellm.workflows import quantize_file, quantize_into_store
 
     qtype = quant_type(type_name)
-    header = model.header
-    progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        transient=True, disable=not sys.stderr.isatty(),
-    )
-    task = progress.add_task(f"{qtype.name}", total=len(header.tensors))
 
-    def on_tensor(index: int, total: int, name: str) -> None:
-        progress.update(task, completed=index, total=total, description=f"{qtype.name} {name}")
-
-    options = dict(
-        threads=args.threads,
-        allow_requantize=args.allow_requantize,
-        leave_output_tensor=args.leave_output_tensor,
-        pure=args.pure,
-        output_tensor_type=args.output_tensor_type,
-        token_embedding_type=args.token_embedding_type,
-        on_tensor=on_tensor,
-    )
-    with progress:
+    def run(job):
         if args.output:
-            return quantize(header, qtype, args.output, **options), None
-        return quantize_to_store(store_for(settings), model.name, header, qtype, args.name, **options)
+            return quantize_file(model.header, qtype, args.output, job, **_quantize_options(args)), None
+        return quantize_into_store(store_for(settings), model.name, model.header, qtype, job, name=args.name,
+                                   **_quantize_options(args))
+
+    return job_with_bar(run)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -127,7 +114,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         return _sweep(args)
     if not args.type:
         raise UsageError("TYPE is missing", hint="for example Q4_K_M; --list shows them all")
-    from edgellm.quantize import quant_type
+    from edgellm.gguf.quant_types import quant_type
 
     qtype = quant_type(args.type)
     with _resolve_model(args.model) as (settings, model):
@@ -146,7 +133,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from edgellm.quantize import quant_type
+    from edgellm.gguf.quant_types import quant_type
+    from edgellm.models import store_for
+    from edgellm.workflows import sweep
 
     if not args.text:
         raise UsageError("--sweep needs --text FILE to measure perplexity on")
@@ -154,41 +143,16 @@ def _sweep(args: argparse.Namespace) -> int:
         raise UsageError("--sweep writes one model per type into the store; -o does not apply")
     types = [quant_type(t) for t in args.sweep.split(",") if t.strip()]
     text = _read_text(args.text)
+    options = {k: v for k, v in _quantize_options(args).items() if k != "threads"}
     with _resolve_model(args.model) as (settings, model):
-        rows = _sweep_rows(args, types, text, settings, model)
+        rows = job_with_bar(lambda job: sweep(store_for(settings), model.name, model.header, types, text, job,
+                                              n_ctx=args.ctx, threads=args.threads, chunks=args.chunks, **options))
     print(f"{'TYPE':12} {'SIZE':>10} {'BITS/W':>7} {'PPL':>9} {'KL':>8} {'TOP-1':>7} {'TG T/S':>8}")
-    for label, size, bpw, r, tps in rows:
-        print(f"{label:12} {human_bytes(size):>10} {bpw:7.2f} {r.perplexity:9.3f} {r.kl_mean:8.4f} {r.top1_agreement:7.1%} {tps:8.1f}")
+    for row in rows:
+        q = row.quality
+        print(f"{row.label:12} {human_bytes(row.size):>10} {row.bits_per_weight:7.2f} {q.perplexity:9.3f} "
+              f"{q.kl_mean:8.4f} {q.top1_agreement:7.1%} {row.tokens_per_second:8.1f}")
     return 0
-
-
-def _sweep_rows(args: argparse.Namespace, types, text: str, settings, model) -> list[tuple]:
-    """Quantize to each type (or reuse the store's), then measure size, quality and speed."""
-    from edgellm.bench import plan_cases, run_cases
-    from edgellm.eval import evaluate
-    from edgellm.models import store_for
-    from edgellm.models.header import read_header
-    from edgellm.quantize import quantized_name
-
-    store = store_for(settings)
-    rows = []
-    paths = [("base " + model.header.quantization, model.path)]
-    for qtype in types:
-        name = quantized_name(model.name, qtype)
-        if store.exists(name):
-            entry = store.get(name)
-            print(f"{qtype.name}: using {name} from the store", file=sys.stderr)
-        else:
-            print(f"{qtype.name}: quantizing", file=sys.stderr)
-            _, entry = quantize_one(args, settings, model, qtype.name)
-        paths.append((qtype.name, entry.gguf_path))
-    for label, path in paths:
-        print(f"{label}: evaluating", file=sys.stderr)
-        result = evaluate(path, text, args.ctx, model.path, args.threads, args.chunks)
-        speed = next(run_cases(plan_cases([path], [0], [64], [args.threads] if args.threads else []), repetitions=2))
-        size = read_header(path).file_size
-        rows.append((label, size, size * 8 / model.header.parameter_count, result, speed.avg_ts))
-    return rows
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

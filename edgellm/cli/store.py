@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from edgellm.models.header import human_bytes
+from edgellm.gguf.header import human_bytes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +41,7 @@ def _store():
 def cmd_list(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from edgellm.models.header import format_params, printable
+    from edgellm.gguf.header import format_params, printable
 
     store = _store()
     count, reclaimed = store.clean_stale()
@@ -101,7 +101,7 @@ def _print_summary(name: str, info: dict) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from edgellm.models.header import printable
+    from edgellm.gguf.header import printable
 
     def row(label: str, value: object) -> None:
         if value not in (None, "", []):

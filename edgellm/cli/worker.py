@@ -22,9 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from edgellm.plan.hardware import physical_cores
     from edgellm.net import is_loopback
-    from edgellm.runtime.rpc import serve
+    from edgellm.system.hardware import physical_cores
+    from edgellm.system.rpc import serve
 
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be 1-65535, got {args.port}")

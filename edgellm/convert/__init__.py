@@ -7,6 +7,7 @@ the app converts a checkpoint and then chats with it.
 
 import llama_cpp  # noqa: F401  (first, see above)
 
-from edgellm.convert.core import ConvertResult, convert
+from edgellm.convert.core import convert
+from edgellm.convert.writer import ConvertResult
 
 __all__ = ["ConvertResult", "convert"]

@@ -19,7 +19,7 @@ import numpy as np
 
 from edgellm.convert.checkpoint import CheckpointError
 from edgellm.errors import brief
-from edgellm.models.header import MAX_LAYERS
+from edgellm.gguf.header import MAX_LAYERS
 
 T = gguf.MODEL_TENSOR
 

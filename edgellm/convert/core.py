@@ -19,34 +19,24 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
 
 from edgellm.convert.archs import Architecture, architecture_for
 from edgellm.convert.checkpoint import Checkpoint, CheckpointError, TensorRef, reading
+from edgellm.convert.lora import Merge
 from edgellm.convert.vocab import read_vocab
-from edgellm.errors import Cancelled, UsageError
-from edgellm.fsutil import atomic_path
+from edgellm.convert.writer import ConvertResult, Progress, write_streamed
+from edgellm.errors import UsageError
+from edgellm.gguf.header import ArrayValue, GGUFHeader, TensorInfo
+from edgellm.gguf.quant_types import main_ggml_type, quant_type
 
 Q = gguf.GGMLQuantizationType
 OUTTYPES: dict[str, Q | None] = {"auto": None, "f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
 FILE_TYPES = {Q.F32: gguf.LlamaFileType.ALL_F32, Q.F16: gguf.LlamaFileType.MOSTLY_F16,
               Q.BF16: gguf.LlamaFileType.MOSTLY_BF16, Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
-
-#: (tensors done, tensors in all, bytes done, bytes in all, tensor name)
-Progress = Callable[[int, int, int, int, str], None]
-
-
-@dataclass(frozen=True)
-class ConvertResult:
-    path: Path
-    arch: str
-    outtype: str
-    n_tensors: int
-    size: int
-    seconds: float
-
 
 @dataclass(frozen=True)
 class PlannedTensor:
@@ -149,8 +139,6 @@ def convert(
     ``lora`` adapter folders are merged into the weights on the way (see lora.py); ``cancel``
     stops between tensors, leaving no file.
     """
-    from edgellm.convert.lora import Merge
-
     start = time.perf_counter()
     output = Path(output)
     if output.exists() and output.is_dir():
@@ -191,28 +179,6 @@ def convert(
                          time.perf_counter() - start)
 
 
-def write_streamed(writer: gguf.GGUFWriter, output: Path,
-                   tensors: Sequence[tuple[str, int, Callable[[], np.ndarray]]],
-                   progress: Progress | None = None, cancel: threading.Event | None = None) -> None:
-    """Write a GGUF whose tensor infos are all added, making each tensor's data only when its
-    turn comes: one tensor in memory at a time, and no file at ``output`` unless all of it is."""
-    total, done = sum(nbytes for _, nbytes, _ in tensors), 0
-    with atomic_path(output) as tmp:
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        try:
-            for i, (name, nbytes, make) in enumerate(tensors):
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled("conversion cancelled; no file was written")
-                writer.write_tensor_data(make())
-                done += nbytes
-                if progress is not None:
-                    progress(i + 1, len(tensors), done, total, name)
-        finally:
-            writer.close()
-
-
 def _encode(data: np.ndarray, qtype: Q) -> np.ndarray:
     if qtype == Q.F32:
         return data.astype(np.float32, copy=False)
@@ -241,74 +207,31 @@ def temporary_gguf(source: Path, folder: Path, file_name: str, outtype: str = "a
         yield convert(source, Path(tmp) / file_name, outtype, **options)
 
 
-def convert_to_store(store, source: Path, outtype: str = "auto", *, name: str | None = None,
-                     quant: str | None = None, **options) -> tuple[ConvertResult, object]:
-    """Convert into a new store entry named ``<folder>-<type>`` unless ``name``; see convert().
-
-    With ``quant`` (Q4_K_M, ...) the conversion goes to a temporary GGUF beside the store and
-    only its quantization is kept, so one command takes a checkpoint to a small model.
-    """
-    lora = options.get("lora", ())
-    with Checkpoint.open(Path(source)) as ckpt:
-        qtype = outtype_for(outtype, ckpt)
-        n_params = sum(int(np.prod(r.shape)) for r in ckpt.tensors.values())
-    origin = f"convert:{Path(source).resolve()}" + "".join(f"+lora:{Path(p).resolve()}" for p in lora)
-    if quant is None:
-        done: list[ConvertResult] = []
-        entry = store.create(
-            name or default_name(source, qtype.name, lora),
-            f"{default_name(source, qtype.name, lora)}.gguf",
-            origin,
-            lambda dest: done.append(convert(source, dest, qtype.name, **options)),
-            expected_size=n_params * gguf.GGML_QUANT_SIZES[qtype][1] // gguf.GGML_QUANT_SIZES[qtype][0],
-        )
-        return done[0], entry
-    from edgellm.models.header import read_header
-    from edgellm.quantize import quant_type, quantize_to_store
-
-    target = quant_type(quant)
-    label = default_name(source, qtype.name, lora)
-    with temporary_gguf(source, store.root, f"{label}.gguf", qtype.name, **options) as result:
-        _, entry = quantize_to_store(store, label, read_header(result.path), target, name, f"{origin}:{target.name}",
-                                     cancel=options.get("cancel"))
-    return result, entry
-
-
-#: quantization types whose weights llama.cpp's CPU backend repacks into a second copy
-_REPACKED = ("Q4_0", "Q4_K_S", "Q4_K_M", "IQ4_NL")
-
-
-def checkpoint_shape(config: dict, tensors: dict[str, tuple[int, ...]], target: str = "F16"):
-    """What the planner needs to know of a checkpoint once converted to ``target`` (F16, BF16,
-    Q4_K_M, ...), from its config and tensor shapes alone: no weight read, nothing written.
-
-    Sizes are shapes times the type's bits per weight; norms and other 1-D tensors stay f32.
-    """
+def planned_header(config: dict, tensors: dict[str, tuple[int, ...]], target: str = "F16") -> GGUFHeader:
+    """The header of the GGUF this checkpoint converts to at ``target`` (F16, BF16, Q4_K_M, ...),
+    from its config and tensor shapes alone: no weight read, nothing written. The hyperparameters
+    are the ones conversion writes; weights are sized at the type's bits per weight (1-D tensors
+    stay f32), laid out in checkpoint order, so offsets are approximate. What ``pull --plan``
+    plans with, exactly as with a GGUF already on disk."""
     with reading("the checkpoint"):
-        return _checkpoint_shape(config, tensors, target)
-
-
-def _checkpoint_shape(config: dict, tensors: dict[str, tuple[int, ...]], target: str):
-    from edgellm.plan.memory import SWA_PATTERNS, ModelShape, bytes_by_part, swa_layers
-    from edgellm.quantize import quant_type
-
-    arch = architecture_for(config)
-    qtype = quant_type(target)
-    n_layer, name = arch.n_layer, gguf.MODEL_ARCH_NAMES[arch.arch]
-    named = [(arch.gguf_name(hf_name), shape) for hf_name, shape in tensors.items()]
-    named = [(gname, shape) for gname, shape in named if gname is not None]
-
-    def size(shape: tuple[int, ...]) -> int:
-        n = int(np.prod(shape))
-        return n * 4 if len(shape) == 1 else int(n * qtype.bpw / 8)
-
-    sizes = bytes_by_part(((gname, size(shape), len(shape) == 2 and qtype.name in _REPACKED)
-                           for gname, shape in named), n_layer)
-    n_vocab = next((shape[0] for gname, shape in named if gname.startswith("token_embd")), 0)
-    n_swa = int(config.get("sliding_window") or 0) if name in SWA_PATTERNS else 0
-    return ModelShape(
-        architecture=name, n_layer=n_layer, n_embd=arch.n_embd, n_ff=int(config.get("intermediate_size") or 0),
-        n_vocab=n_vocab or int(config.get("vocab_size") or 0), n_ctx_train=int(config.get("max_position_embeddings") or 0),
-        n_head=[arch.n_head] * n_layer, n_head_kv=[arch.n_head_kv] * n_layer, head_dim_k=arch.head_dim,
-        head_dim_v=arch.head_dim, swa_layers=swa_layers(name, n_swa, n_layer), n_swa=n_swa, **sizes,
-    )
+        arch = architecture_for(config)
+        qtype = quant_type(target)
+        writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[arch.arch])
+        arch.hyperparameters(writer)
+    metadata: dict[str, Any] = {key: value.value for key, value in writer.kv_data[0].items()}
+    type_id, type_name = main_ggml_type(qtype)
+    infos, offset = [], 0
+    for hf_name, hf_shape in tensors.items():
+        name = arch.gguf_name(hf_name)
+        if name is None:
+            continue
+        n = int(np.prod(hf_shape))
+        flat = len(hf_shape) == 1
+        nbytes = n * 4 if flat else int(n * qtype.bpw / 8)
+        infos.append(TensorInfo(name, tuple(reversed(hf_shape)), 0 if flat else type_id, "F32" if flat else type_name,
+                                offset, nbytes))
+        offset += nbytes
+    embd = next((i for i in infos if i.name == "token_embd.weight"), None)
+    n_vocab = embd.shape[-1] if embd else int(config.get("vocab_size") or 0)
+    metadata["tokenizer.ggml.tokens"] = ArrayValue(8, n_vocab)  # GGUF_TYPE_STRING; the count is what sizes
+    return GGUFHeader(Path(f"{metadata['general.architecture']}.gguf"), offset, 3, 32, 0, metadata, tuple(infos))

@@ -32,7 +32,7 @@ from edgellm.convert.checkpoint import (
     TensorRef,
     check_links,
 )
-from edgellm.convert.core import ConvertResult, Progress, write_streamed
+from edgellm.convert.writer import ConvertResult, Progress, write_streamed
 from edgellm.errors import Cancelled, UsageError
 from edgellm.fsutil import atomic_dir
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 from edgellm.config import Settings
 from edgellm.errors import ModelNotFoundError
+from edgellm.gguf.header import GGUFHeader, read_header
 from edgellm.models.bundled import BUNDLED_NAME, ensure_bundled
-from edgellm.models.header import GGUFHeader, read_header
 from edgellm.models.store import ModelEntry, Store
 
-__all__ = ["ResolvedModel", "Store", "ModelEntry", "resolve", "store_for", "looks_like_path"]
+__all__ = ["ModelEntry", "ResolvedModel", "Store", "looks_like_path", "resolve", "store_for"]
 
 
 @dataclass(frozen=True)

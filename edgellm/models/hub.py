@@ -21,13 +21,13 @@ from pathlib import Path
 
 from edgellm.errors import EdgeLLMError, ModelNotFoundError, UsageError
 from edgellm.fsutil import exclusive
-from edgellm.models.header import GGUFHeader, read_header
+from edgellm.gguf.header import GGUFHeader, read_header
+from edgellm.gguf.quant_types import QUANT_TYPES
 from edgellm.models.store import ModelEntry, Store, check_name
-from edgellm.quantize import QUANT_TYPES
 
 REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*(/[A-Za-z0-9][A-Za-z0-9._+-]*)*$")
-SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.I)
+SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 #: what conversion needs from a safetensors repo (top-level files only; pickle weights never)
 CHECKPOINT_FILE_RE = re.compile(
     r"^(config\.json|generation_config\.json|tokenizer\.json|tokenizer_config\.json|tokenizer\.model|"

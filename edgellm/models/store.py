@@ -19,7 +19,7 @@ from pathlib import Path
 
 from edgellm.errors import EdgeLLMError, ModelExistsError, ModelNotFoundError, UsageError
 from edgellm.fsutil import TMP_PREFIX, atomic_dir, clean_stale, tmp_prefix
-from edgellm.models.header import GGUFHeader, printable, read_header
+from edgellm.gguf.header import GGUFHeader, printable, read_header
 
 MANIFEST = "manifest.json"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")

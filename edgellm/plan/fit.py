@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgellm.models.header import GGUFHeader
-from edgellm.plan.hardware import Hardware
+from edgellm.gguf.header import GGUFHeader
+from edgellm.options import DEFAULT_CTX, default_context, is_quantized_kv, uses_flash_attn
 from edgellm.plan.memory import CTX_PAD, MemoryEstimate, ModelShape, estimate, pad
-from edgellm.runtime.options import DEFAULT_CTX, default_context, is_quantized_kv, uses_flash_attn
+from edgellm.system.hardware import Hardware
 
 MARGIN = 256 << 20  # kept free on each device: drivers, fragmentation, the rest of the system
 KV_LADDER = (("f16", "f16"), ("f16", "q8_0"), ("q8_0", "q8_0"), ("q8_0", "q4_0"), ("q4_0", "q4_0"))
@@ -68,7 +68,7 @@ def flash_attn_pairs(hw: Hardware, shape: ModelShape) -> frozenset[tuple[str, st
     probed = _probed(hw)
     if not probed:
         return None
-    from edgellm.runtime.devices import flash_attn_pairs as device_pairs
+    from edgellm.system.devices import flash_attn_pairs as device_pairs
 
     n_head, n_head_kv = max(shape.n_head, default=1), max(max(shape.n_head_kv, default=1), 1)
     return frozenset.intersection(*(device_pairs(d, shape.head_dim_k, shape.head_dim_v, n_head, n_head_kv)
@@ -81,7 +81,7 @@ def output_offload(hw: Hardware, shape: ModelShape, n_ubatch: int) -> bool:
     probed = _probed(hw)
     if not probed or not shape.output_weight[1]:  # no rows: the head is not known (a checkpoint's shape)
         return True
-    from edgellm.runtime.devices import supports_mul_mat
+    from edgellm.system.devices import supports_mul_mat
 
     return all(supports_mul_mat(d, *shape.output_weight, n_ubatch) for d in probed)
 
@@ -144,7 +144,7 @@ def fit(
     swa_full: bool = True,
 ) -> Plan:
     """``None``/``"auto"`` values are chosen; the rest are kept (and checked). ``header`` may be a
-    ModelShape made some other way (a checkpoint not yet converted: convert.core.checkpoint_shape)."""
+    ModelShape already read from it (or a header planned, not read: convert.core.planned_header)."""
     shape = header if isinstance(header, ModelShape) else ModelShape.from_header(header)
     ram, gpu = _budgets(hw)
     trained = shape.n_ctx_train or DEFAULT_CTX

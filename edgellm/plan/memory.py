@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgellm.models.header import ArrayValue, GGUFHeader
-from edgellm.runtime.options import KV_TYPES
+from edgellm.gguf.header import ArrayValue, GGUFHeader
+from edgellm.options import KV_TYPES
 
 CTX_PAD = 256  # llama.cpp rounds the KV cache up to a multiple of this many cells
 #: sliding-window attention: every n-th layer is global, the others see a window (llama.cpp's
@@ -59,9 +59,8 @@ class ModelShape:
     output_bytes: int  # output norm and head: the first layer offloaded
     other_bytes: int
     tied_output_bytes: int = 0  # no output head: llama.cpp copies the token embeddings to where the output runs
-    # Known from a GGUF's layout only (a checkpoint not yet converted leaves them empty, and the
-    # planner then assumes a GPU takes the head and counts host weights by their sum), so two shapes
-    # of the same model compare equal without them.
+    # Known exactly from a GGUF's layout only (a header planned before conversion lays its tensors
+    # out in checkpoint order), so two shapes of the same model compare equal without them.
     #: the head's ggml type, rows, columns (0s: unknown)
     output_weight: tuple[int, int, int] = field(default=(0, 0, 0), compare=False)
     #: (part, file offset, bytes) per tensor, part as in part_of(): where the file maps host tensors

@@ -19,9 +19,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from edgellm.errors import EdgeLLMError, UsageError
+from edgellm.options import DEFAULT_SEED, SamplingOptions
 from edgellm.runtime.chunks import Chunk, TokenLogprob
 from edgellm.runtime.native import NativeContext, NativeModel
-from edgellm.runtime.options import DEFAULT_SEED, SamplingOptions
 from edgellm.runtime.text import Answer, common_prefix
 
 

@@ -14,13 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgellm.errors import LoadError, UsageError
-from edgellm.models.header import GGUFHeader, read_header
-from edgellm.plan.hardware import physical_cores
-from edgellm.runtime import llamalog
-from edgellm.runtime.batch import BatchEngine, GenerationRequest
-from edgellm.runtime.chunks import Chunk
-from edgellm.runtime.native import NativeModel
-from edgellm.runtime.options import (
+from edgellm.gguf.header import GGUFHeader, check_lora, read_header
+from edgellm.options import (
     DEFAULT_SEED,
     LoadOptions,
     SamplingOptions,
@@ -28,11 +23,16 @@ from edgellm.runtime.options import (
     is_quantized_kv,
     uses_flash_attn,
 )
+from edgellm.runtime.batch import BatchEngine, GenerationRequest
+from edgellm.runtime.chunks import Chunk
+from edgellm.runtime.native import NativeModel
 from edgellm.runtime.templates import ChatTemplate, Message
+from edgellm.system import llamalog
+from edgellm.system.hardware import physical_cores
 
 if TYPE_CHECKING:
     from edgellm.plan.fit import Plan
-    from edgellm.plan.hardware import Hardware
+    from edgellm.system.hardware import Hardware
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def resolve_load(header: GGUFHeader, options: LoadOptions, hardware: Hardware | 
     n_batch = min(options.n_batch, n_ctx) if n_ctx else options.n_batch
     if n_ctx == 0 or n_gpu_layers is None or "auto" in (type_k, type_v):
         from edgellm.plan.fit import fit
-        from edgellm.plan.hardware import probe
+        from edgellm.system.hardware import probe
 
         plan = fit(
             header, hardware or probe(), n_ctx=n_ctx, type_k=type_k, type_v=type_v,
@@ -105,8 +105,8 @@ def _on_device(header: GGUFHeader, options: LoadOptions, hardware: Hardware | No
     if options.n_gpu_layers == 0:
         return 0, uses_flash_attn(options.flash_attn, options.type_v)
     from edgellm.plan.fit import flash_attn_for, flash_attn_pairs, unsupported_pair
-    from edgellm.plan.hardware import probe
     from edgellm.plan.memory import ModelShape
+    from edgellm.system.hardware import probe
 
     hardware, shape = hardware or probe(), ModelShape.from_header(header)
     if not hardware.gpus:
@@ -241,19 +241,6 @@ def rpc_split(header: GGUFHeader, n_gpu_layers: int, hardware: Hardware,
     return tuple(layer_split(n_layer, n_gpu_layers, named, tensor_split))
 
 
-def check_lora(path: str | None, header: GGUFHeader) -> Path | None:
-    """The adapter file, validated and checked against the model, before llama.cpp sees it."""
-    if path is None:
-        return None
-    lora = read_header(Path(path).expanduser())
-    meta = lora.metadata
-    if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
-        raise UsageError(f"{lora.path.name} is not a LoRA adapter GGUF", hint="make one with `edgellm convert-lora`")
-    if lora.architecture != header.architecture:
-        raise UsageError(f"LoRA {lora.path.name} is for {lora.architecture}, the model is {header.architecture}")
-    return lora.path
-
-
 def load_model(
     path: str | Path,
     options: LoadOptions | None = None,
@@ -266,7 +253,7 @@ def load_model(
     options = options or LoadOptions()
     header = header or read_header(path)
     if options.rpc:
-        from edgellm.plan.hardware import probe
+        from edgellm.system.hardware import probe
 
         hardware = hardware or probe(rpc=options.rpc)
     load = resolve_load(header, options, hardware)

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edgellm.errors import LoadError
-from edgellm.runtime import llamalog
-from edgellm.runtime.options import KV_TYPES
+from edgellm.options import KV_TYPES
 from edgellm.runtime.text import PieceTable
+from edgellm.system import llamalog
 
 FLASH_ATTN_TYPES = {"auto": -1, "off": 0, "on": 1}
 

@@ -94,7 +94,7 @@ def render(source: str, origin: str, **variables: Any) -> str:
 
 def serve() -> None:
     """The child's loop: cap memory, then render requests until stdin closes."""
-    from edgellm.runtime.templates import ChatTemplate
+    from edgellm.runtime.jinja import CompiledTemplate
 
     try:
         import resource
@@ -103,7 +103,7 @@ def serve() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     except (ImportError, ValueError, OSError):
         pass  # no RLIMIT_AS here (Windows): the timeout still applies
-    compiled: dict[tuple[str, str], ChatTemplate] = {}
+    compiled: dict[tuple[str, str], CompiledTemplate] = {}
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     while head := stdin.read(_LENGTH.size):
         request = json.loads(stdin.read(_LENGTH.unpack(head)[0]))
@@ -111,8 +111,8 @@ def serve() -> None:
             key = (request["source"], request["origin"])
             if key not in compiled:
                 compiled.clear()  # one template at a time is the common case; keep memory flat
-                compiled[key] = ChatTemplate(*key)
-            answer: dict[str, Any] = {"text": compiled[key].render_here(**request["variables"])}
+                compiled[key] = CompiledTemplate(*key)
+            answer: dict[str, Any] = {"text": compiled[key].render(**request["variables"])}
         except TemplateError as exc:
             answer = {"error": exc.message, "hint": exc.hint}
         except MemoryError:

@@ -7,8 +7,8 @@ import ctypes
 import time
 from collections.abc import Callable, Sequence
 
+from edgellm.options import SamplingOptions
 from edgellm.runtime.chunks import Chunk, Timings, TokenLogprob
-from edgellm.runtime.options import SamplingOptions
 
 
 class PieceTable:

@@ -24,9 +24,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgellm.errors import EdgeLLMError, ModelNotFoundError, UsageError
+from edgellm.options import SamplingOptions
 from edgellm.runtime.batch import GenerationRequest, QueueFullError
 from edgellm.runtime.chunks import Chunk
-from edgellm.runtime.options import SamplingOptions
 from edgellm.runtime.templates import Message
 from edgellm.server.models import ModelPool, Served
 from edgellm.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest

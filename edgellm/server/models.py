@@ -13,16 +13,15 @@ from dataclasses import dataclass
 
 from edgellm.config import Settings
 from edgellm.errors import EdgeLLMError, LoadError, ModelNotFoundError, brief
+from edgellm.gguf.header import GGUFHeader, check_lora
 from edgellm.models import BUNDLED_NAME, resolve, store_for
-from edgellm.models.header import GGUFHeader
 from edgellm.models.store import NAME_RE
+from edgellm.options import default_context
 from edgellm.plan.fit import Plan, fit
-from edgellm.plan.hardware import Hardware, physical_cores
 from edgellm.runtime.batch import BatchEngine
-from edgellm.runtime.engine import check_lora
 from edgellm.runtime.native import NativeModel
-from edgellm.runtime.options import default_context
 from edgellm.runtime.templates import ChatTemplate
+from edgellm.system.hardware import Hardware, physical_cores
 
 
 @dataclass(eq=False)
@@ -58,7 +57,7 @@ class ModelPool:
         if keep_alive >= 0:
             threading.Thread(target=self._reap, name="edgellm-keep-alive", daemon=True).start()
         if settings.load.rpc:
-            from edgellm.runtime.rpc import on_worker_failure
+            from edgellm.system.rpc import on_worker_failure
 
             on_worker_failure(self._worker_failed)
 
@@ -117,7 +116,7 @@ class ModelPool:
             raise LoadError(f"{model.name} {plan.reason}")
         self._make_room(plan)
         if load.rpc:  # llama.cpp would abort on a worker that died since the last load
-            from edgellm.runtime.rpc import check_alive
+            from edgellm.system.rpc import check_alive
 
             check_alive(load.rpc)
         native = NativeModel(model.path, plan.n_gpu_layers, check_lora(load.lora, model.header), load.lora_scale,

@@ -8,7 +8,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-
 #: bounds on one request's work, so that no request can hold the server for everyone else
 MAX_MESSAGES = 4096
 MAX_EMBED_INPUTS = 256

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from textual import work
 from textual.app import App
+from textual.message_pump import MessagePump
 
 from edgellm.config import Settings
 from edgellm.errors import EdgeLLMError
 from edgellm.models import store_for
-from edgellm.models.store import ModelEntry, Store
+from edgellm.models.store import Store
+from edgellm.tui.messages import Done
 
 
 class EdgeApp(App):
@@ -28,7 +29,7 @@ class EdgeApp(App):
     def hardware(self):
         """Probed once: the planner's view of this machine (budgets from settings applied)."""
         if self._hardware is None:
-            from edgellm.plan.hardware import probe
+            from edgellm.system.hardware import probe
 
             self._hardware = probe(self.settings.gpu_memory, self.settings.ram)
         return self._hardware
@@ -43,14 +44,20 @@ class EdgeApp(App):
         message = str(exc) if isinstance(exc, EdgeLLMError) else f"internal error: {type(exc).__name__}: {exc}"
         self.notify(message, severity="error", timeout=8)
 
+    def imported(self, message: Done) -> None:
+        """What an import's end shows, whichever screen asked for it."""
+        if message.error is not None:
+            self.report(message.error)
+        else:
+            self.notify(f"imported {message.result.name}")
+
     @work(thread=True, group="import")
-    def import_file(self, path: str, on_done: Callable[[ModelEntry], None] | None = None) -> None:
-        """Add a local .gguf to the store off the UI thread (validating and hashing take a while)."""
+    def import_file(self, path: str, reply_to: MessagePump) -> None:
+        """Add a local .gguf to the store off the UI thread (validating and hashing take a while);
+        ``reply_to`` (the screen that asked) gets a Done("import") with the entry or the error."""
         try:
             entry = self.store.import_gguf(Path(path).expanduser())
         except Exception as exc:
-            self.call_from_thread(self.report, exc)
-            return
-        self.call_from_thread(self.notify, f"imported {entry.name}")
-        if on_done:
-            self.call_from_thread(on_done, entry)
+            reply_to.post_message(Done("import", error=exc))
+        else:
+            reply_to.post_message(Done("import", entry))

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from rich.text import Text
-
 import threading
 import time
 
+from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.containers import VerticalScroll
@@ -15,6 +14,7 @@ from textual.widgets import Footer, Input, Markdown, Static
 
 from edgellm.runtime.templates import Message
 from edgellm.tui.conversations import Conversations
+from edgellm.tui.messages import AnswerSoFar, Done
 
 UPDATE_EVERY = 0.05  # seconds between redraws of a streaming answer
 
@@ -32,6 +32,7 @@ class ChatScreen(Screen):
         super().__init__()
         self.model_name = model_name
         self.model = None
+        self._answer: Markdown | None = None  # the answer being streamed into
         self.history: list[Message] = []
         self.stop = threading.Event()
         self.idle = threading.Event()  # no answer being generated: the model may be closed
@@ -67,9 +68,20 @@ class ChatScreen(Screen):
             resolved = resolve(self.model_name, self.app.settings)
             model = load_model(resolved.path, self.app.settings.load, None, resolved.header, self.app.hardware)
         except Exception as exc:
-            self.app.call_from_thread(self._failed, exc)
-            return
-        self.app.call_from_thread(self._loaded, model)
+            self.post_message(Done("load", error=exc))
+        else:
+            self.post_message(Done("load", model))
+
+    def on_done(self, message: Done) -> None:
+        """A worker's end (the load, or an answer), on the app's thread."""
+        if message.what == "load" and message.error is not None:
+            self._failed(message.error)
+        elif message.what == "load":
+            self._loaded(message.result)
+        elif message.error is not None:
+            self._answer_failed(message.error)
+        else:
+            self._answered(*message.result)
 
     def _failed(self, exc: BaseException) -> None:
         """The chat cannot go on: say why and the way out, instead of a prompt still 'loading'."""
@@ -105,10 +117,11 @@ class ChatScreen(Screen):
         self.stop.clear()
         self.idle.clear()
         self.generating = True
-        self._generate(answer)
+        self._answer = answer
+        self._generate()
 
     @work(thread=True, exclusive=True, group="generate")
-    def _generate(self, widget: Markdown) -> None:
+    def _generate(self) -> None:
         pieces: list[str] = []
         last_draw = 0.0
         final = None
@@ -119,18 +132,18 @@ class ChatScreen(Screen):
                 now = time.monotonic()
                 if now - last_draw >= UPDATE_EVERY or chunk.finish_reason:
                     last_draw = now
-                    self.app.call_from_thread(self._draw, widget, "".join(pieces))
+                    self.post_message(AnswerSoFar("".join(pieces)))
         except Exception as exc:
-            self.app.call_from_thread(self._answer_failed, exc)
+            self.post_message(Done("answer", error=exc))
             return
         finally:
             self.idle.set()
-        self.app.call_from_thread(self._answered, "".join(pieces), final)
+        self.post_message(Done("answer", ("".join(pieces), final)))
 
-    def _draw(self, widget: Markdown, text: str) -> None:
-        if not self.is_attached:
+    def on_answer_so_far(self, message: AnswerSoFar) -> None:
+        if not self.is_attached or self._answer is None:
             return
-        widget.update(text)
+        self._answer.update(message.text)
         self.query_one("#transcript", VerticalScroll).scroll_end(animate=False)
 
     def _answer_failed(self, exc: BaseException) -> None:

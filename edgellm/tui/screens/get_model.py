@@ -12,8 +12,9 @@ from textual.app import ComposeResult
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, ProgressBar, Static
 
-from edgellm.errors import Cancelled
-from edgellm.models.header import human_bytes
+from edgellm.gguf.header import human_bytes
+from edgellm.tui.messages import Done, JobStep
+from edgellm.workflows import Job
 
 #: what a checkpoint may be converted to here: as converted (f16/bf16), or quantized after
 CONVERT_TARGETS = ("AS IS", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
@@ -52,7 +53,7 @@ class GetModelScreen(Screen):
         if path.is_dir():
             self._inspect_folder(path)
         elif path.exists() or source.lower().endswith(".gguf"):
-            self.app.import_file(source, lambda entry: self._status(f"imported {entry.name}"))
+            self.app.import_file(source, self)
         else:
             self._list(source)
 
@@ -69,9 +70,9 @@ class GetModelScreen(Screen):
                 architecture_for(ckpt.config)
                 n_params = sum(math.prod(ref.shape) for ref in ckpt.tensors.values())
         except Exception as exc:
-            self.app.call_from_thread(self.app.report, exc)
-            return
-        self.app.call_from_thread(self._show_conversion, None, None, path, n_params)
+            self.post_message(Done("inspect", error=exc))
+        else:
+            self.post_message(Done("inspect", (None, None, path, n_params)))
 
     @work(thread=True, exclusive=True, group="get")
     def _list(self, ref: str) -> None:
@@ -81,13 +82,32 @@ class GetModelScreen(Screen):
             repo, _ = parse_ref(ref)
             listing = list_repo(repo, None, self.app.store)
         except Exception as exc:
-            self.app.call_from_thread(self.app.report, exc)
-            return
+            self.post_message(Done("list", error=exc))
+        else:
+            self.post_message(Done("list", (repo, listing)))
+
+    def on_done(self, message: Done) -> None:
+        """Every worker's end, on the app's thread."""
+        if message.what == "import":
+            self.app.imported(message)
+            if message.error is None:
+                self._status(f"imported {message.result.name}")
+        elif message.what in ("inspect", "list"):
+            if message.error is not None:
+                self.app.report(message.error)
+            elif message.what == "inspect":
+                self._show_conversion(*message.result)
+            else:
+                self._listed(*message.result)
+        else:
+            self._finish(message.result, message.error, message.what)
+
+    def _listed(self, repo: str, listing) -> None:
         if listing.is_checkpoint:
             weights = sum(f.size for f in listing.checkpoint if f.name.endswith(".safetensors"))
-            self.app.call_from_thread(self._show_conversion, repo, listing, None, weights // 2)
+            self._show_conversion(repo, listing, None, weights // 2)
         else:
-            self.app.call_from_thread(self._show, repo, listing.gguf, list(listing.refused))
+            self._show(repo, listing.gguf, list(listing.refused))
 
     def _show(self, repo: str, choices: dict, refused: list[str]) -> None:
         self.repo, self.listing, self.folder = repo, None, None
@@ -102,7 +122,7 @@ class GetModelScreen(Screen):
 
     def _show_conversion(self, repo: str | None, listing, folder: Path | None, n_params: int) -> None:
         """A checkpoint to convert: each target with its bits per weight and estimated size."""
-        from edgellm.quantize import QUANT_TYPES
+        from edgellm.gguf.quant_types import QUANT_TYPES
 
         self.repo, self.listing, self.folder = repo, listing, folder
         table = self.query_one(DataTable)
@@ -126,20 +146,19 @@ class GetModelScreen(Screen):
         elif self.repo:
             self._pull(f"{self.repo}:{choice}")
 
-    def _begin(self) -> ProgressBar:
+    def _begin(self, what: str) -> Job:
+        """A job whose steps come back as messages; the bar shows from its first step."""
         self.busy = True
         self.cancel.clear()
+        self._status(f"{what}…")
+        return Job(lambda step: self.post_message(JobStep(step)), self.cancel)
+
+    def on_job_step(self, message: JobStep) -> None:
+        step = message.step
         bar = self.query_one("#progress", ProgressBar)
-        self.app.call_from_thread(setattr, bar, "display", True)
-        return bar
-
-    def _progress(self, bar: ProgressBar, what: str):
-        def update(done: int, total: int) -> None:
-            if self.cancel.is_set():
-                raise Cancelled(f"{what} cancelled; nothing was added to the store")
-            self.app.call_from_thread(bar.update, total=total or None, progress=done)
-
-        return update
+        bar.display = True
+        bar.update(total=step.total or None, progress=step.done)
+        self._status(f"{step.stage}{' ' + step.detail if step.detail and step.unit != 'bytes' else ''}…")
 
     def _finish(self, entry=None, exc: BaseException | None = None, what: str = "") -> None:
         self.busy = False
@@ -152,49 +171,33 @@ class GetModelScreen(Screen):
             self._status(f"added {entry.name}")
             self.app.notify(f"added {entry.name}")
 
-    @work(thread=True, exclusive=True, group="get")
     def _pull(self, ref: str) -> None:
-        from edgellm.models.hub import pull
+        from edgellm.workflows import pull_gguf
 
-        bar = self._begin()
-        try:
-            entry = pull(ref, self.app.store, progress=self._progress(bar, "download"))
-        except Exception as exc:
-            self.app.call_from_thread(self._finish, None, exc, ref)
+        job = self._begin(f"downloading {ref}")
+        self._run(ref, lambda: pull_gguf(ref, self.app.store, job))
+
+    def _convert(self, quant: str | None, lora: str) -> None:
+        from edgellm.workflows import pull_and_convert
+
+        job = self._begin(f"converting{' and quantizing to ' + quant if quant else ''}")
+        store, keep, adapters = self.app.store, self.app.settings.checkpoints_dir, [lora] if lora else []
+        if self.folder is None:
+            repo, listing = self.repo, self.listing
+            self._run("conversion", lambda: pull_and_convert(repo, listing, store, keep, job, quant=quant,
+                                                             lora=adapters)[1])
         else:
-            self.app.call_from_thread(self._finish, entry)
+            folder = self.folder
+            self._run("conversion", lambda: _convert_folder(folder, store, keep, job, quant, adapters))
 
     @work(thread=True, exclusive=True, group="get")
-    def _convert(self, quant: str | None, lora: str) -> None:
-        from edgellm.convert.core import convert_to_store
-        from edgellm.models.hub import list_repo, parse_ref, pull_checkpoint
-
-        bar = self._begin()
-        keep = self.app.settings.checkpoints_dir
+    def _run(self, what: str, call) -> None:
         try:
-            folder = self.folder
-            if folder is None:
-                self.app.call_from_thread(self._status, f"downloading {self.repo}…")
-                folder = pull_checkpoint(self.repo, self.listing, self.app.store, keep, self._progress(bar, "download"))
-            adapters = []
-            if lora:
-                if Path(lora).expanduser().is_dir():
-                    adapters.append(Path(lora).expanduser())
-                else:
-                    adapter_repo, _ = parse_ref(lora)
-                    self.app.call_from_thread(self._status, f"downloading {adapter_repo}…")
-                    adapters.append(pull_checkpoint(adapter_repo, list_repo(adapter_repo, None, self.app.store),
-                                                    self.app.store, keep, self._progress(bar, "download")))
-            self.app.call_from_thread(self._status, f"converting{' and quantizing to ' + quant if quant else ''}…")
-            convert_progress = self._progress(bar, "conversion")
-            _, entry = convert_to_store(
-                self.app.store, folder, quant=quant, lora=adapters, source_repo=self.repo, cancel=self.cancel,
-                progress=lambda i, n, done, total, name: convert_progress(done, total),
-            )
+            entry = call()
         except Exception as exc:
-            self.app.call_from_thread(self._finish, None, exc, "conversion")
+            self.post_message(Done(what, error=exc))
         else:
-            self.app.call_from_thread(self._finish, entry)
+            self.post_message(Done(what, entry))
 
     def action_cancel(self) -> None:
         if self.busy:
@@ -206,3 +209,10 @@ class GetModelScreen(Screen):
         """Quitting mid-work stops it between tensors, so its temporary files are removed."""
         self.cancel.set()
 
+
+def _convert_folder(folder: Path, store, keep: Path, job, quant: str | None, lora: list[str]):
+    """A local checkpoint folder into the store, its adapter (a folder or a Hub repo) merged."""
+    from edgellm.workflows import convert_checkpoint, fetch_checkpoint
+
+    adapters = [fetch_checkpoint(ref, store, keep, job) for ref in lora]
+    return convert_checkpoint(store, folder, job, quant=quant, lora=adapters)[1]

@@ -8,7 +8,8 @@ from textual.app import ComposeResult
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
-from edgellm.models.header import format_params, human_bytes
+from edgellm.gguf.header import format_params, human_bytes
+from edgellm.tui.messages import Done
 
 
 class LibraryScreen(Screen):
@@ -59,7 +60,7 @@ class LibraryScreen(Screen):
     @work(thread=True, exclusive=True, group="fits")
     def _fill_fits(self) -> None:
         """The planner's verdict per model at the current settings (off the UI thread: it probes)."""
-        from edgellm.models.header import read_header
+        from edgellm.gguf.header import read_header
         from edgellm.plan.fit import fit
 
         load = self.app.settings.load
@@ -70,9 +71,14 @@ class LibraryScreen(Screen):
                 verdict = "yes" if plan.fits else "no"
             except Exception:
                 verdict = "?"
-            self.app.call_from_thread(self._set_fit, entry.name, verdict)
+            self.post_message(Done("fit", (entry.name, verdict)))
 
-    def _set_fit(self, name: str, verdict: str) -> None:
+    def on_done(self, message: Done) -> None:
+        if message.what == "import":
+            self.app.imported(message)
+            self.action_refresh()
+            return
+        name, verdict = message.result
         table = self.query_one(DataTable)
         if name in table.rows:
             table.update_cell(name, table.ordered_columns[-1].key, verdict)
@@ -90,7 +96,7 @@ class LibraryScreen(Screen):
             details.update("")
             return
         try:
-            from edgellm.models.header import read_header
+            from edgellm.gguf.header import read_header
 
             info = read_header(self.app.store.get(name).gguf_path).summary()
             details.update(Text(
@@ -160,6 +166,6 @@ class LibraryScreen(Screen):
 
         def chosen(path: str | None) -> None:
             if path:
-                self.app.import_file(path, lambda _entry: self.action_refresh())
+                self.app.import_file(path, self)
 
         self.app.push_screen(ImportScreen(), chosen)

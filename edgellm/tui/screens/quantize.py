@@ -10,12 +10,13 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Label, ProgressBar
 
-from edgellm.models.header import human_bytes
+from edgellm.gguf.header import human_bytes
+from edgellm.tui.messages import Done, JobStep
 
 
 def quant_rows(n_params: int, current: str | None = None) -> list[tuple[str, str, str, str]]:
     """(type, bits/weight, estimated size, note) for every type that needs no importance matrix."""
-    from edgellm.quantize import QUANT_TYPES
+    from edgellm.gguf.quant_types import QUANT_TYPES
 
     return [
         (t.name, f"{t.bpw:.2f}", human_bytes(int(n_params * t.bpw / 8)), t.note + (" (current)" if t.name == current else ""))
@@ -42,7 +43,7 @@ class QuantizeScreen(ModalScreen[str | None]):
             yield Label("", id="quant-status")
 
     def on_mount(self) -> None:
-        from edgellm.models.header import read_header
+        from edgellm.gguf.header import read_header
 
         table = self.query_one(DataTable)
         table.add_columns("TYPE", "BITS/W", "EST. SIZE", "NOTE")
@@ -59,25 +60,31 @@ class QuantizeScreen(ModalScreen[str | None]):
 
     @work(thread=True, exclusive=True, group="quantize")
     def _quantize(self, type_name: str) -> None:
-        from edgellm.quantize import quant_type, quantize_to_store
+        from edgellm.gguf.quant_types import quant_type
+        from edgellm.workflows import Job, quantize_into_store
 
         self.busy = True
-        bar = self.query_one(ProgressBar)
-        self.app.call_from_thread(setattr, bar, "display", True)
-
-        def on_tensor(index: int, total: int, tensor: str) -> None:
-            self.app.call_from_thread(bar.update, total=total, progress=index)
-
+        job = Job(lambda step: self.post_message(JobStep(step)), self.cancel)
         try:
-            _, entry = quantize_to_store(self.app.store, self.model_name, self.header, quant_type(type_name),
-                                         on_tensor=on_tensor, cancel=self.cancel)
+            _, entry = quantize_into_store(self.app.store, self.model_name, self.header, quant_type(type_name), job)
         except Exception as exc:
-            self.app.call_from_thread(self.app.report, exc)
-            self.app.call_from_thread(self.query_one("#quant-status", Label).update, str(exc))
-            self.busy = False
-            return
-        self.app.call_from_thread(self.app.notify, f"quantized {entry.name}")
-        self.app.call_from_thread(self.dismiss, entry.name)
+            self.post_message(Done("quantize", error=exc))
+        else:
+            self.post_message(Done("quantize", entry))
+
+    def on_job_step(self, message: JobStep) -> None:
+        bar = self.query_one(ProgressBar)
+        bar.display = True
+        bar.update(total=message.step.total, progress=message.step.done)
+
+    def on_done(self, message: Done) -> None:
+        self.busy = False
+        if message.error is not None:
+            self.app.report(message.error)
+            self.query_one("#quant-status", Label).update(str(message.error))
+        else:
+            self.app.notify(f"quantized {message.result.name}")
+            self.dismiss(message.result.name)
 
     def action_cancel(self) -> None:
         if self.busy:

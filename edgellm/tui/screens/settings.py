@@ -10,7 +10,8 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select
 
-from edgellm.runtime.options import KV_TYPES
+from edgellm.options import KV_TYPES
+from edgellm.tui.messages import Done
 
 KV_CHOICES = [(name, name) for name in ("auto", *KV_TYPES)]
 
@@ -84,9 +85,10 @@ class SettingsScreen(ModalScreen[bool]):
             text, warn = f"will not load: {exc}", True
         except Exception as exc:
             text, warn = f"invalid: {exc}", True
-        self.app.call_from_thread(self._show, text, warn)
+        self.post_message(Done("estimate", (text, warn)))
 
-    def _show(self, text: str, warn: bool) -> None:
+    def on_done(self, message: Done) -> None:
+        text, warn = message.result
         label = self.query_one("#estimate", Label)
         label.update(text)
         label.set_class(warn, "warning")

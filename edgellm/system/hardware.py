@@ -15,19 +15,6 @@ import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2, "mib": 1 << 20,
-          "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4, "tib": 1 << 40}
-
-
-def parse_size(text: str | int) -> int:
-    """``8GiB``, ``512 MiB``, ``1.5g``, ``1000000`` -> bytes."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"not a size: {text!r} (use e.g. 8GiB or 512MiB)")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-
 
 @dataclass(frozen=True)
 class GPU:
@@ -78,7 +65,7 @@ def physical_cores() -> int:
 def _meminfo() -> tuple[int, int]:
     try:
         text = open("/proc/meminfo", encoding="ascii").read()
-        values = {k: int(v) * 1024 for k, v in re.findall(r"^(\w+):\s+(\d+) kB", text, re.M)}
+        values = {k: int(v) * 1024 for k, v in re.findall(r"^(\w+):\s+(\d+) kB", text, re.MULTILINE)}
         return values["MemTotal"], values.get("MemAvailable", values.get("MemFree", 0))
     except (OSError, KeyError):
         pass
@@ -154,10 +141,10 @@ def probe(gpu_memory: int | None = None, ram: int | None = None, rpc: tuple[str,
     on a machine without a GPU."""
     import llama_cpp
 
-    from edgellm.runtime.devices import devices
+    from edgellm.system.devices import devices
 
     if rpc:
-        from edgellm.runtime.rpc import connect
+        from edgellm.system.rpc import connect
 
         connect(rpc)
     found = devices()

@@ -6,6 +6,7 @@ the planner, the server and the CLI can validate them without importing llama.cp
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from edgellm.errors import UsageError
@@ -119,3 +120,29 @@ class SamplingOptions:
         if self.max_tokens == 0 or self.max_tokens < -1:
             raise UsageError(f"max tokens must be positive or -1, got {self.max_tokens}")
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4, "tib": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """``8GiB``, ``512 MiB``, ``1.5g``, ``1000000`` -> bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (use e.g. 8GiB or 512MiB)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def parse_endpoints(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``host:port,host:port`` -> endpoints, each checked to be host:port."""
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    out = []
+    for part in (p.strip() for p in parts):
+        host, sep, port = part.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise UsageError(f"--rpc takes HOST:PORT[,HOST:PORT...], got {part!r}")
+        out.append(f"{host}:{int(port)}")
+    return tuple(out)

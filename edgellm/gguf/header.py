@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgellm.errors import InvalidGGUFError, brief
-from edgellm.models.ggml_types import FILE_TYPES, GGML_TYPES
+from edgellm.errors import InvalidGGUFError, UsageError, brief
+from edgellm.gguf.ggml_types import FILE_TYPES, GGML_TYPES
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -465,6 +465,19 @@ def _parse(buf: mmap.mmap, size: int, path: Path, full_size: int) -> GGUFHeader:
     return header
 
 
+def check_lora(path: str | None, header: GGUFHeader) -> Path | None:
+    """The adapter file, validated and checked against the model, before llama.cpp sees it."""
+    if path is None:
+        return None
+    lora = read_header(Path(path).expanduser())
+    meta = lora.metadata
+    if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
+        raise UsageError(f"{lora.path.name} is not a LoRA adapter GGUF", hint="make one with `edgellm convert-lora`")
+    if lora.architecture != header.architecture:
+        raise UsageError(f"LoRA {lora.path.name} is for {lora.architecture}, the model is {header.architecture}")
+    return lora.path
+
+
 def _align(n: int, alignment: int) -> int:
     return (n + alignment - 1) // alignment * alignment
 
@@ -593,7 +606,7 @@ def _check_vocabulary(cur: _Cursor, tokens: ArrayValue, scores: Any, types: Any)
             raise cur.fail(f"tokenizer.ggml.token_type holds an unknown token type (known: 0..{len(_TOKEN_TYPES) - 1})")
 
 
-_CONTROL = {c: None for c in [*range(0x00, 0x20), *range(0x7F, 0xA0)] if c not in (0x09, 0x0A)}
+_CONTROL = {c: None for c in [*range(0x20), *range(0x7F, 0xA0)] if c not in (0x09, 0x0A)}
 _CONTROL.update({c: None for c in (0x200E, 0x200F, 0x202A, 0x202B, 0x202C, 0x202D, 0x202E, 0x2066, 0x2067, 0x2068, 0x2069)})
 
 

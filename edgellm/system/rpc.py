@@ -9,7 +9,7 @@ llama.cpp it vendors (0.3.36: protocol 7.0.0):
     ggml_backend_reg_t ggml_backend_rpc_add_server(const char * endpoint);
 
 A worker's memory (``ggml_backend_rpc_get_device_memory``) is read through the devices
-``add_server`` registers, with ggml's ordinary device API, like any GPU's (runtime/devices.py).
+``add_server`` registers, with ggml's ordinary device API, like any GPU's (system/devices.py).
 
 llama.cpp aborts the whole process when a worker cannot be reached or answers in another protocol
 version, and waits without limit for one that accepts and never answers. So before llama.cpp sees
@@ -32,7 +32,7 @@ from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
-from edgellm.errors import EdgeLLMError, MissingDependencyError, UsageError
+from edgellm.errors import EdgeLLMError, MissingDependencyError
 
 PROTO_MAJOR, PROTO_MINOR = 7, 0  # RPC_PROTO_MAJOR/MINOR_VERSION in ggml-rpc.h
 CMD_HELLO = 14  # RPC_CMD_HELLO, fixed across protocol versions
@@ -45,18 +45,6 @@ class WorkerError(EdgeLLMError):
     """A worker that cannot be used; the message names it."""
 
     code = "rpc_worker_error"
-
-
-def parse_endpoints(text: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """``host:port,host:port`` -> endpoints, each checked to be host:port."""
-    parts = text.split(",") if isinstance(text, str) else list(text)
-    out = []
-    for part in (p.strip() for p in parts):
-        host, sep, port = part.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise UsageError(f"--rpc takes HOST:PORT[,HOST:PORT...], got {part!r}")
-        out.append(f"{host}:{int(port)}")
-    return tuple(out)
 
 
 def hello(endpoint: str, timeout: float = 5.0) -> tuple[int, int, int]:
@@ -98,7 +86,7 @@ def _recv(sock: socket.socket, n: int) -> bytes:
 
 @cache
 def _lib() -> ctypes.CDLL:
-    from edgellm.runtime.devices import _ggml, shipped_library
+    from edgellm.system.devices import _ggml, shipped_library
 
     _ggml()
     try:
@@ -135,7 +123,7 @@ def connect(endpoints: tuple[str, ...], timeout: float = 5.0) -> int:
     Returns the number of remote devices. Every worker is asked HELLO first: llama.cpp would abort
     the process on one that is down or of another protocol version.
     """
-    from edgellm.runtime.devices import _ggml
+    from edgellm.system.devices import _ggml
 
     lib, ggml = _lib(), _ggml()
     ggml.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
@@ -200,7 +188,7 @@ def on_worker_failure(handler: Callable[[WorkerError], None]) -> None:
 def _install_abort_hook() -> object:
     """When a worker dies mid-run, llama.cpp aborts the process from its RPC thread; this turns that
     into one line naming the worker (and a clean exit status, or a parked thread), not a core dump."""
-    from edgellm.runtime.devices import _ggml
+    from edgellm.system.devices import _ggml
 
     def on_abort(message: bytes | None) -> None:
         text = (message or b"").decode(errors="replace").strip().splitlines()
@@ -235,7 +223,7 @@ def serve(host: str, port: int, threads: int, cache_dir: Path | None, stop: thre
     llama.cpp's server loop never returns, so it runs in a daemon thread; the caller's thread
     waits on ``stop`` and stays able to take Ctrl-C.
     """
-    from edgellm.runtime.devices import _ggml
+    from edgellm.system.devices import _ggml
 
     lib, ggml = _lib(), _ggml()
     try:

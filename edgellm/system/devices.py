@@ -45,7 +45,7 @@ def shipped_library(stem: str) -> ctypes.CDLL:
 def _ggml() -> ctypes.CDLL:
     import llama_cpp
 
-    from edgellm.runtime import llamalog
+    from edgellm.system import llamalog
 
     llamalog.install()  # before the backends register: their greetings go to the log, not the terminal
     llama_cpp.llama_backend_init()  # loads libllama, and with it the ggml it links
@@ -134,7 +134,7 @@ def flash_attn_pairs(device: str, head_dim_k: int, head_dim_v: int, n_head: int,
     head sizes. llama.cpp runs an op a device lacks on the CPU instead: a CUDA build without
     GGML_CUDA_FA_ALL_QUANTS decodes a q5_1 cache three times slower. We ask the device exactly as
     llama.cpp's scheduler does, with the op a one-token decode step builds, for every KV cache type."""
-    from edgellm.runtime.options import KV_TYPES
+    from edgellm.options import KV_TYPES
 
     types = [(name, ggml_type) for name, (ggml_type, _) in KV_TYPES.items()]
     lib, ops = _ggml(), _ggml_ops()

@@ -1,0 +1,236 @@
+"""What takes a model from the Hub or a folder into the store: download, merge adapters, convert,
+quantize, and the quantization sweep. One place, called alike by the CLI and the app.
+
+Each workflow reports through one ``Job``: every stage's progress arrives as a ``Step`` (what,
+how far, in bytes or tensors), and a cancelled job stops at the next step with ``Cancelled``,
+leaving nothing half-written in the store (each stage below writes through a temporary file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgellm.errors import Cancelled, UsageError
+
+if TYPE_CHECKING:
+    from edgellm.convert.writer import ConvertResult
+    from edgellm.eval import EvalResult
+    from edgellm.gguf.header import GGUFHeader
+    from edgellm.gguf.quant_types import QuantType
+    from edgellm.models.hub import GGUFChoice, RepoListing
+    from edgellm.models.store import ModelEntry, Store
+    from edgellm.plan.fit import Plan
+    from edgellm.quantize import QuantizeResult
+    from edgellm.system.hardware import Hardware
+
+
+@dataclass(frozen=True)
+class Step:
+    """Where a job is: ``stage`` (download, convert, quantize, evaluate) ``done`` of ``total``
+    ``unit``s (bytes or tensors; total None when not yet known), and the file or tensor in hand."""
+
+    stage: str
+    done: int
+    total: int | None
+    unit: str = "bytes"
+    detail: str = ""
+
+
+@dataclass
+class Job:
+    """Progress out, cancel in: ``on_step`` hears every Step; setting ``cancel`` stops the job."""
+
+    on_step: Callable[[Step], None] | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def step(self, stage: str, done: int, total: int | None, unit: str = "bytes", detail: str = "") -> None:
+        if self.cancel.is_set():
+            raise Cancelled(f"{stage} cancelled; nothing was added to the store")
+        if self.on_step is not None:
+            self.on_step(Step(stage, done, total, unit, detail))
+
+    def bytes_of(self, stage: str) -> Callable[[int, int], None]:
+        """A ``progress(done, total)`` callback for a download."""
+        return lambda done, total: self.step(stage, done, total)
+
+    def tensors_of(self, stage: str) -> Callable[..., None]:
+        """A converter's ``progress(i, n, bytes done, bytes total, name)`` callback."""
+        return lambda i, n, done, total, name: self.step(stage, done, total, "bytes", f"{i}/{n} {name}")
+
+
+# -- planning before anything is fetched ---------------------------------------------------------
+def plan_remote_gguf(ref: str, store: Store, hardware: Hardware, revision: str | None = None
+                     ) -> tuple[GGUFChoice, Plan]:
+    """The quantization REPO[:QUANT] names and whether it fits, from its remote header alone."""
+    from edgellm.models.hub import remote_header
+    from edgellm.plan.fit import fit
+
+    choice, header = remote_header(ref, store, revision)
+    return choice, fit(header, hardware)
+
+
+def plan_checkpoint(repo: str, listing: RepoListing, store: Store, hardware: Hardware, target: str = "F16") -> Plan:
+    """Whether a safetensors repo converted to ``target`` fits, from its config and tensor shapes
+    (two small downloads): the planner sees the header conversion would write."""
+    from edgellm.convert.core import planned_header
+    from edgellm.models.hub import remote_checkpoint
+    from edgellm.plan.fit import fit
+
+    config, shapes = remote_checkpoint(repo, listing, store)
+    return fit(planned_header(config, shapes, target), hardware)
+
+
+# -- download --------------------------------------------------------------------------------------
+def pull_gguf(ref: str, store: Store, job: Job, *, name: str | None = None, revision: str | None = None,
+              on_choice: Callable[[GGUFChoice, bool], None] | None = None) -> ModelEntry:
+    """REPO[:QUANT] into the store (a GGUF repo)."""
+    from edgellm.models.hub import pull
+
+    return pull(ref, store, name, revision, on_choice, job.bytes_of("download"))
+
+
+def fetch_checkpoint(source: str | Path, store: Store, keep_in: Path, job: Job,
+                     listing: RepoListing | None = None) -> Path:
+    """A checkpoint folder: ``source`` itself when it is one, else the Hub repo it names, downloaded
+    into the Hub cache and linked from ``keep_in`` (so ``edgellm convert NAME`` finds it later)."""
+    from edgellm.models.hub import list_repo, parse_ref, pull_checkpoint
+
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        return folder
+    repo, _ = parse_ref(str(source))
+    listing = listing or list_repo(repo, None, store)
+    if not listing.is_checkpoint:
+        raise UsageError(f"{repo} has no safetensors checkpoint to convert")
+    return pull_checkpoint(repo, listing, store, keep_in, job.bytes_of(f"download {repo}"))
+
+
+# -- convert, merge, quantize ------------------------------------------------------------------------
+def convert_checkpoint(store: Store, source: Path, job: Job, *, outtype: str = "auto", quant: str | None = None,
+                       name: str | None = None, lora: Sequence[Path] = (), source_repo: str | None = None
+                       ) -> tuple[ConvertResult, ModelEntry]:
+    """A checkpoint folder into a new store entry, ``<folder>-<type>`` unless ``name``, with the
+    ``lora`` adapter folders merged on the way. With ``quant`` (Q4_K_M, ...) the conversion goes to a
+    temporary GGUF beside the store and only its quantization is kept."""
+    from edgellm.convert.checkpoint import Checkpoint
+    from edgellm.convert.core import convert, default_name, outtype_for, temporary_gguf
+    from edgellm.gguf.header import read_header
+    from edgellm.gguf.quant_types import quant_type
+
+    with Checkpoint.open(Path(source)) as ckpt:
+        qtype, n_params = outtype_for(outtype, ckpt), sum(math.prod(r.shape) for r in ckpt.tensors.values())
+    label = default_name(source, qtype.name, lora)
+    origin = f"convert:{Path(source).resolve()}" + "".join(f"+lora:{Path(p).resolve()}" for p in lora)
+    options: dict[str, Any] = {"lora": lora, "source_repo": source_repo, "progress": job.tensors_of("convert"),
+                               "cancel": job.cancel}
+    if quant is None:
+        done: list[ConvertResult] = []
+        entry = store.create(name or label, f"{label}.gguf", origin,
+                             lambda dest: done.append(convert(source, dest, qtype.name, **options)),
+                             expected_size=int(n_params * _bytes_per_weight(qtype)))
+        return done[0], entry
+    target = quant_type(quant)
+    with temporary_gguf(source, store.root, f"{label}.gguf", qtype.name, **options) as result:
+        _, entry = quantize_into_store(store, label, read_header(result.path), target, job, name=name,
+                                       source=f"{origin}:{target.name}")
+    return result, entry
+
+
+def _bytes_per_weight(qtype: Any) -> float:
+    """Of a gguf-py tensor type (the converter's output types)."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return size / block
+
+
+def pull_and_convert(repo: str, listing: RepoListing, store: Store, keep_in: Path, job: Job, *,
+                     quant: str | None = None, lora: Sequence[str | Path] = (), name: str | None = None
+                     ) -> tuple[ConvertResult, ModelEntry, Path]:
+    """A safetensors repo into the store: download it and each adapter (a repo or a local folder),
+    convert merging the adapters, quantize when ``quant``. Returns the kept checkpoint folder too."""
+    folder = fetch_checkpoint(repo, store, keep_in, job, listing)
+    adapters = [fetch_checkpoint(ref, store, keep_in, job) for ref in lora]
+    result, entry = convert_checkpoint(store, folder, job, quant=quant, lora=adapters, name=name, source_repo=repo)
+    return result, entry, folder
+
+
+def quantize_into_store(store: Store, model_name: str, header: GGUFHeader, qtype: QuantType, job: Job, *,
+                        name: str | None = None, source: str | None = None, **options: Any
+                        ) -> tuple[QuantizeResult, ModelEntry]:
+    """A GGUF quantized into a new store entry (``<model>-<type>`` unless ``name``); ``options`` as
+    quantize() takes them (threads, pure, output_tensor_type, ...)."""
+    from edgellm.quantize import quantize_to_store
+
+    return quantize_to_store(store, model_name, header, qtype, name, source, on_tensor=_tensors(job, qtype),
+                             cancel=job.cancel, **options)
+
+
+def quantize_file(header: GGUFHeader, qtype: QuantType, output: Path, job: Job, **options: Any) -> QuantizeResult:
+    """A GGUF quantized into the file ``output``; ``options`` as quantize_into_store()."""
+    from edgellm.quantize import quantize
+
+    return quantize(header, qtype, output, on_tensor=_tensors(job, qtype), cancel=job.cancel, **options)
+
+
+def _tensors(job: Job, qtype: QuantType) -> Callable[[int, int, str], None]:
+    return lambda index, total, tensor: job.step(f"quantize {qtype.name}", index, total, "tensors", tensor)
+
+
+@contextlib.contextmanager
+def gguf_of(source: Path, store: Store, job: Job) -> Iterator[tuple[str, Path]]:
+    """(name, GGUF path) for a checkpoint folder, converted to a temporary GGUF in the store's folder
+    that is gone when the block ends: for a model only converted to be quantized."""
+    from edgellm.convert.core import temporary_gguf
+
+    name = Path(os.path.abspath(source)).name.lower()  # the name the user sees, even through a link
+    with temporary_gguf(source, store.root, f"{name}.gguf", progress=job.tensors_of("convert"),
+                        cancel=job.cancel) as result:
+        yield name, result.path
+
+
+# -- the quantization sweep --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SweepRow:
+    """One model of a sweep: its size, quality against the base, and decode speed."""
+
+    label: str
+    size: int
+    bits_per_weight: float
+    quality: EvalResult
+    tokens_per_second: float
+
+
+def sweep(store: Store, model_name: str, header: GGUFHeader, types: Sequence[QuantType], text: str, job: Job, *,
+          n_ctx: int = 512, threads: int | None = None, chunks: int | None = None,
+          **options: Any) -> list[SweepRow]:
+    """Quantize to each type (or reuse the store's ``<model>-<type>``), then measure every model's
+    size, perplexity and KL divergence against the base on ``text``, and its decode speed."""
+    from edgellm.bench import plan_cases, run_cases
+    from edgellm.eval import evaluate
+    from edgellm.gguf.header import read_header
+    from edgellm.quantize import quantized_name
+
+    paths = [("base " + header.quantization, header.path)]
+    for qtype in types:
+        name = quantized_name(model_name, qtype)
+        if store.exists(name):
+            entry = store.get(name)
+        else:
+            _, entry = quantize_into_store(store, model_name, header, qtype, job, threads=threads, **options)
+        paths.append((qtype.name, entry.gguf_path))
+    rows = []
+    for i, (label, path) in enumerate(paths):
+        job.step("evaluate", i, len(paths), "models", label)
+        quality = evaluate(path, text, n_ctx, header.path, threads, chunks)
+        speed = next(run_cases(plan_cases([path], [0], [64], [threads] if threads else []), repetitions=2))
+        size = read_header(path).file_size
+        rows.append(SweepRow(label, size, size * 8 / header.parameter_count, quality, speed.avg_ts))
+    return rows
