@@ -1,20 +1,19 @@
 """One error hierarchy for everything edgellm understands going wrong.
 
 Each error carries a one-line ``message`` and an optional ``hint`` (what to do about it).
-Front ends render them their own way: the CLI prints one line, the server an OpenAI error
-body, the TUI a notification. Stdlib only, so any module may raise these cheaply.
+Front ends render them their own way: the CLI prints one line and exits with the error's status,
+the server answers an OpenAI error body with its HTTP status, the TUI notifies; ``SHOWN`` is the
+one table of those statuses. Code decides on an error's type, never on its text. Stdlib only, so
+any module may raise these cheaply.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 class EdgeLLMError(Exception):
     """Base class: an error we understand and can explain to the user."""
-
-    #: process exit status the CLI uses for this kind of error
-    exit_code = 1
-    #: short machine-readable kind, used as the OpenAI error ``type``/``code``
-    code = "edgellm_error"
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -24,55 +23,136 @@ class EdgeLLMError(Exception):
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
 
+    @property
+    def exit_code(self) -> int:
+        """The CLI's exit status for this error."""
+        return shown(self).exit_code
+
+    @property
+    def http_status(self) -> int:
+        """The server's HTTP status for this error."""
+        return shown(self).http_status
+
+    @property
+    def code(self) -> str:
+        """A short machine-readable kind: the OpenAI error body's ``code``."""
+        return shown(self).code
+
 
 class UsageError(EdgeLLMError):
     """The user asked for something that makes no sense (bad option value, bad name)."""
-
-    exit_code = 2
-    code = "invalid_request"
 
 
 class ConfigError(UsageError):
     """A setting from the config file or an EDGELLM_* variable is invalid."""
 
-    code = "invalid_config"
-
 
 class ModelNotFoundError(EdgeLLMError):
-    code = "model_not_found"
+    """No model, file or Hub repo by that name."""
 
 
 class ModelExistsError(EdgeLLMError):
-    code = "model_exists"
+    """The store already has a model by that name."""
+
+
+class StorageError(EdgeLLMError):
+    """The store cannot be written (no space, no permission) or holds a damaged entry."""
 
 
 class InvalidGGUFError(EdgeLLMError):
     """The file is not a GGUF we are willing to hand to llama.cpp."""
 
-    code = "invalid_gguf"
+
+class TruncatedGGUFError(InvalidGGUFError):
+    """The file ends before its header or data says it should (a partial download, or a header
+    read from the first bytes only: more bytes may make it whole)."""
+
+
+class CheckpointError(EdgeLLMError):
+    """A Hugging Face checkpoint (or adapter) folder the converter cannot take."""
 
 
 class TemplateError(EdgeLLMError):
     """A chat template was refused or failed to render."""
 
-    code = "template_error"
-
 
 class LoadError(EdgeLLMError):
     """llama.cpp could not load the model or create its context."""
 
-    code = "load_error"
+
+class EngineError(EdgeLLMError):
+    """Generation failed inside llama.cpp (a decode that failed, a model unloaded mid-answer)."""
+
+
+class QueueFullError(EdgeLLMError):
+    """Every slot is busy and the queue is full: retry shortly."""
+
+
+class WorkerError(EdgeLLMError):
+    """An RPC worker that cannot be used; the message names it."""
+
+
+class WorkerUnreachableError(WorkerError):
+    """Nothing answers at the worker's address (as opposed to a busy or mismatched worker)."""
+
+
+class HubError(EdgeLLMError):
+    """The Hugging Face Hub refused or failed a request, or sent a damaged file."""
+
+
+class HubUnreachableError(HubError):
+    """The Hub cannot be reached at all (offline, DNS, proxy)."""
+
+
+class QuantizeError(EdgeLLMError):
+    """llama.cpp could not quantize the model."""
 
 
 class Cancelled(EdgeLLMError):
     """The user stopped long work (a download, conversion, quantization); nothing half-done is kept."""
 
-    exit_code = 130
-    code = "cancelled"
-
 
 class MissingDependencyError(EdgeLLMError):
-    code = "missing_dependency"
+    """A part this build or machine lacks (an optional package, llama.cpp's RPC backend)."""
+
+
+@dataclass(frozen=True)
+class Shown:
+    """What each front end makes of an error: the CLI's exit status, the server's HTTP status and
+    error code (the app shows every error as a notification of its message)."""
+
+    exit_code: int
+    http_status: int
+    code: str
+
+
+#: The one table of what errors look like. An error not listed is shown as its nearest listed base.
+SHOWN: dict[type[EdgeLLMError], Shown] = {
+    EdgeLLMError: Shown(1, 500, "edgellm_error"),
+    UsageError: Shown(2, 400, "invalid_request"),
+    ConfigError: Shown(2, 400, "invalid_config"),
+    ModelNotFoundError: Shown(1, 404, "model_not_found"),
+    ModelExistsError: Shown(1, 409, "model_exists"),
+    StorageError: Shown(1, 500, "storage_error"),
+    InvalidGGUFError: Shown(1, 500, "invalid_gguf"),
+    TruncatedGGUFError: Shown(1, 500, "truncated_gguf"),
+    CheckpointError: Shown(1, 400, "invalid_checkpoint"),
+    TemplateError: Shown(1, 500, "template_error"),
+    LoadError: Shown(1, 500, "load_error"),
+    EngineError: Shown(1, 500, "engine_error"),
+    QueueFullError: Shown(1, 503, "server_busy"),
+    WorkerError: Shown(1, 502, "rpc_worker_error"),
+    WorkerUnreachableError: Shown(1, 502, "rpc_worker_unreachable"),
+    HubError: Shown(1, 502, "hub_error"),
+    HubUnreachableError: Shown(1, 504, "hub_unreachable"),
+    QuantizeError: Shown(1, 500, "quantize_error"),
+    Cancelled: Shown(130, 499, "cancelled"),
+    MissingDependencyError: Shown(1, 500, "missing_dependency"),
+}
+
+
+def shown(exc: EdgeLLMError) -> Shown:
+    return next(SHOWN[kind] for kind in type(exc).__mro__ if kind in SHOWN)
 
 
 def brief(value: object, limit: int = 80) -> str:

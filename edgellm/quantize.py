@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgellm.errors import Cancelled, EdgeLLMError, UsageError
+from edgellm.errors import Cancelled, QuantizeError, StorageError, UsageError
 from edgellm.fsutil import atomic_path
 from edgellm.gguf.ggml_types import GGML_TYPES
 from edgellm.gguf.header import GGUFHeader, read_header
@@ -92,7 +92,7 @@ def check_request(header: GGUFHeader, qtype: QuantType, output: Path, allow_requ
     folder = output.parent if output.parent.exists() else Path.cwd()
     free = shutil.disk_usage(folder).free
     if free < needed:
-        raise EdgeLLMError(
+        raise StorageError(
             f"not enough disk space in {folder}: about {needed >> 20} MiB needed, {free >> 20} MiB free"
         )
 
@@ -160,7 +160,7 @@ def quantize(
                 raise Cancelled("quantization cancelled; no file was written")
         if status != [0]:
             cause = llamalog.last_error(position) or "see EDGELLM_LLAMA_LOG=1"
-            raise EdgeLLMError(f"llama.cpp could not quantize {header.path.name}: {cause}")
+            raise QuantizeError(f"llama.cpp could not quantize {header.path.name}: {cause}")
         written = read_header(tmp)
     return QuantizeResult(
         header.path, output, qtype, header.file_size, written.file_size, time.perf_counter() - start, len(written.tensors)

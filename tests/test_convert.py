@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from edgellm.convert import convert
-from edgellm.convert.checkpoint import CheckpointError
-from edgellm.errors import Cancelled
+from edgellm.errors import Cancelled, CheckpointError
 from edgellm.runtime.native import NativeModel
 from tests.conftest import tree
 from tests.hf_fixtures import shard, tiny_llama

@@ -17,8 +17,7 @@ from typing import Any, ClassVar
 import gguf
 import numpy as np
 
-from edgellm.convert.checkpoint import CheckpointError
-from edgellm.errors import brief
+from edgellm.errors import CheckpointError, brief
 from edgellm.gguf.header import MAX_LAYERS
 
 T = gguf.MODEL_TENSOR

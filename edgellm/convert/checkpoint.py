@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from edgellm.errors import EdgeLLMError, UsageError, brief
+from edgellm.errors import CheckpointError, UsageError, brief
 
 #: safetensors dtype -> (numpy dtype of the stored bytes, bytes per element)
 DTYPES: dict[str, tuple[str, int]] = {
@@ -40,12 +40,6 @@ DTYPES: dict[str, tuple[str, int]] = {
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 MAX_HEADER = 100 << 20
 CHUNK = 16 << 20  # bytes of a tensor widened at a time
-
-
-class CheckpointError(EdgeLLMError):
-    """A checkpoint we will not or cannot convert; the message names the file or tensor."""
-
-    code = "invalid_checkpoint"
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,11 @@ import gguf
 import numpy as np
 
 from edgellm.convert.archs import Architecture, architecture_for
-from edgellm.convert.checkpoint import Checkpoint, CheckpointError, TensorRef, reading
+from edgellm.convert.checkpoint import Checkpoint, TensorRef, reading
 from edgellm.convert.lora import Merge
 from edgellm.convert.vocab import read_vocab
 from edgellm.convert.writer import ConvertResult, Progress, write_streamed
-from edgellm.errors import UsageError
+from edgellm.errors import CheckpointError, UsageError
 from edgellm.gguf.header import ArrayValue, GGUFHeader, TensorInfo
 from edgellm.gguf.quant_types import main_ggml_type, quant_type
 

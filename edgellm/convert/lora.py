@@ -27,13 +27,12 @@ from edgellm.convert.archs import architecture_for
 from edgellm.convert.checkpoint import (
     PICKLE_SUFFIXES,
     Checkpoint,
-    CheckpointError,
     SafetensorsFile,
     TensorRef,
     check_links,
 )
 from edgellm.convert.writer import ConvertResult, Progress, write_streamed
-from edgellm.errors import Cancelled, UsageError
+from edgellm.errors import Cancelled, CheckpointError, UsageError
 from edgellm.fsutil import atomic_dir
 
 PREFIX = "base_model.model."

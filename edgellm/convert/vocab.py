@@ -24,7 +24,7 @@ from typing import Any
 
 import gguf
 
-from edgellm.convert.checkpoint import CheckpointError
+from edgellm.errors import CheckpointError
 
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgellm.errors import InvalidGGUFError, UsageError, brief
+from edgellm.errors import InvalidGGUFError, TruncatedGGUFError, UsageError, brief
 from edgellm.gguf.ggml_types import FILE_TYPES, GGML_TYPES
 
 GGUF_MAGIC = b"GGUF"
@@ -56,6 +56,8 @@ _SCALAR_FORMATS = {
     FLOAT64: "d",
 }
 
+
+_INCOMPLETE = "the file is incomplete; download or convert it again"
 
 @dataclass(frozen=True)
 class ArrayValue:
@@ -232,13 +234,12 @@ class _Cursor:
     def fail(self, detail: str, hint: str | None = None) -> InvalidGGUFError:
         return InvalidGGUFError(f"{self.path.name}: {detail}", hint)
 
+    def truncated(self, detail: str) -> TruncatedGGUFError:
+        return TruncatedGGUFError(f"{self.path.name}: truncated GGUF: {detail}", _INCOMPLETE)
+
     def need(self, n: int, what: str) -> None:
         if n > self.size - self.pos:
-            raise self.fail(
-                f"truncated GGUF: {what} at byte {self.pos} needs {n} bytes, "
-                f"only {self.size - self.pos} remain",
-                hint="the file is incomplete; download or convert it again",
-            )
+            raise self.truncated(f"{what} at byte {self.pos} needs {n} bytes, only {self.size - self.pos} remain")
 
     def scalar(self, fmt: str, what: str) -> Any:
         n = struct.calcsize("<" + fmt)
@@ -337,10 +338,8 @@ def read_header(path: str | Path, full_size: int | None = None) -> GGUFHeader:
                 head = fh.read(4)
                 if head != GGUF_MAGIC:
                     raise _not_gguf(path, head)
-                raise InvalidGGUFError(
-                    f"{path.name}: truncated GGUF: {size} bytes is smaller than the 24-byte header",
-                    hint="the file is incomplete; download or convert it again",
-                )
+                raise TruncatedGGUFError(
+                    f"{path.name}: truncated GGUF: {size} bytes is smaller than the 24-byte header", _INCOMPLETE)
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 return _parse(buf, size, path, full_size or size)
     except FileNotFoundError:
@@ -440,22 +439,15 @@ def _parse(buf: mmap.mmap, size: int, path: Path, full_size: int) -> GGUFHeader:
     size = full_size  # from here on only the tensors' place in the whole file is checked
     data_offset = _align(cur.pos, alignment)
     if data_offset > size:
-        raise cur.fail(
-            f"truncated GGUF: the tensor data should start at byte {data_offset}, "
-            f"but the file is {size} bytes",
-            hint="the file is incomplete; download or convert it again",
-        )
+        raise cur.truncated(f"the tensor data should start at byte {data_offset}, but the file is {size} bytes")
     tensors: list[TensorInfo] = []
     expected = 0
     for name, shape, ggml_type, type_name, offset, nbytes in infos:
         if offset != expected:
             raise cur.fail(f"tensor {name!r} has offset {offset}, expected {expected}")
         if data_offset + offset + nbytes > size:
-            raise cur.fail(
-                f"truncated GGUF: tensor {name!r} ends at byte {data_offset + offset + nbytes}, "
-                f"past the end of the file ({size} bytes)",
-                hint="the file is incomplete; download or convert it again",
-            )
+            raise cur.truncated(
+                f"tensor {name!r} ends at byte {data_offset + offset + nbytes}, past the end of the file ({size} bytes)")
         tensors.append(TensorInfo(name, shape, ggml_type, type_name, data_offset + offset, nbytes))
         expected = _align(offset + nbytes, alignment)
 

@@ -19,7 +19,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgellm.errors import EdgeLLMError, ModelNotFoundError, UsageError
+from edgellm.errors import (
+    EdgeLLMError,
+    HubError,
+    HubUnreachableError,
+    ModelNotFoundError,
+    StorageError,
+    TruncatedGGUFError,
+    UsageError,
+)
 from edgellm.fsutil import exclusive
 from edgellm.gguf.header import GGUFHeader, read_header
 from edgellm.gguf.quant_types import QUANT_TYPES
@@ -92,19 +100,19 @@ def _hub_errors(repo: str, store: Store):
             if exc is None or isinstance(exc, EdgeLLMError):
                 return False
             if isinstance(exc, hf.GatedRepoError):
-                raise EdgeLLMError(f"{repo} is gated: accept its terms on the Hub and give a token",
+                raise HubError(f"{repo} is gated: accept its terms on the Hub and give a token",
                                    hint="export HF_TOKEN=hf_... (a read token from your Hub settings)") from None
             if isinstance(exc, hf.RepositoryNotFoundError):
                 raise ModelNotFoundError(f"repo {repo} not found on the Hub",
                                          hint="check the name; private repos need HF_TOKEN") from None
             if isinstance(exc, (hf.EntryNotFoundError, hf.RevisionNotFoundError)):
                 raise ModelNotFoundError(f"{repo}: {exc}".splitlines()[0]) from None
-            if isinstance(exc, (hf.LocalEntryNotFoundError, OSError)) or "connect" in type(exc).__name__.lower():
+            if isinstance(exc, (hf.LocalEntryNotFoundError, OSError)):  # requests' connection errors are OSErrors
                 local = ", ".join(e.name for e in store.list()) or "none"
-                raise EdgeLLMError(f"cannot reach the Hub ({os.environ.get('HF_ENDPOINT', 'huggingface.co')}): offline?",
+                raise HubUnreachableError(f"cannot reach the Hub ({os.environ.get('HF_ENDPOINT', 'huggingface.co')}): offline?",
                                    hint=f"models available locally: {local}") from None
             if isinstance(exc, hf.HfHubHTTPError):
-                raise EdgeLLMError(f"the Hub answered: {str(exc).splitlines()[0]}") from None
+                raise HubError(f"the Hub answered: {str(exc).splitlines()[0]}") from None
             return False
 
     return Translate()
@@ -165,14 +173,14 @@ def choose(choices: dict[str, GGUFChoice], quant: str | None, repo: str) -> GGUF
 def _verify(path: Path, remote: RemoteFile) -> None:
     size = path.stat().st_size
     if remote.size and size != remote.size:
-        raise EdgeLLMError(f"{remote.name}: downloaded {size} bytes, the Hub says {remote.size}")
+        raise HubError(f"{remote.name}: downloaded {size} bytes, the Hub says {remote.size}")
     if remote.sha256:
         digest = hashlib.sha256()
         with open(path, "rb") as fh:
             while chunk := fh.read(8 << 20):
                 digest.update(chunk)
         if digest.hexdigest() != remote.sha256:
-            raise EdgeLLMError(f"{remote.name}: sha256 does not match the Hub's; the download is damaged")
+            raise HubError(f"{remote.name}: sha256 does not match the Hub's; the download is damaged")
 
 
 def _reporting_tqdm(progress: Callable[[int], None]):
@@ -242,7 +250,7 @@ def pull_checkpoint(repo: str, listing: RepoListing, store: Store, keep_in: Path
     free = shutil.disk_usage(store.root).free
     size = sum(f.size for f in listing.checkpoint)
     if free < size * 2.1:  # the files, and a converted copy at most as large again (f32 -> f16 halves it)
-        raise EdgeLLMError(f"not enough disk space for {size >> 20} MiB of {repo} and its conversion "
+        raise StorageError(f"not enough disk space for {size >> 20} MiB of {repo} and its conversion "
                            f"({free >> 20} MiB free)")
     local = _download(repo, listing.checkpoint, listing.commit or None, store, progress)
     folder = local[0].parent
@@ -274,7 +282,7 @@ def pull(
             return store.get(model_name)
         free = shutil.disk_usage(store.root).free
         if free < choice.size * 1.05:
-            raise EdgeLLMError(f"not enough disk space for {choice.size >> 20} MiB of {repo} ({free >> 20} MiB free)")
+            raise StorageError(f"not enough disk space for {choice.size >> 20} MiB of {repo} ({free >> 20} MiB free)")
         local = _download(repo, choice.files, commit or revision, store, progress)
 
         def place(dest: Path) -> None:  # the first part takes the store's name; the others sit beside it
@@ -322,7 +330,7 @@ def remote_checkpoint(repo: str, listing: RepoListing, store: Store) -> tuple[di
             header = json.loads(_range(repo, f.name, listing.commit or None, 8, 8 + n - 1, store))
             shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
     except (ValueError, KeyError, TypeError) as exc:
-        raise EdgeLLMError(f"{repo}: cannot read the checkpoint's config or safetensors headers: {exc}") from None
+        raise HubError(f"{repo}: cannot read the checkpoint's config or safetensors headers: {exc}") from None
     from edgellm.convert.checkpoint import language_config
 
     return language_config(config), shapes
@@ -341,7 +349,7 @@ def remote_header(ref: str, store: Store, revision: str | None = None, probe_byt
             path.write_bytes(_range(repo, first.name, commit or revision, 0, wanted - 1, store))
             try:
                 return choice, read_header(path, full_size=first.size)
-            except EdgeLLMError as exc:
-                if "truncated GGUF" not in exc.message or wanted >= first.size:
+            except TruncatedGGUFError:
+                if wanted >= first.size:
                     raise
                 wanted *= 4  # the header is longer than we fetched (a big vocabulary): fetch more

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from edgellm.errors import EdgeLLMError, ModelExistsError, ModelNotFoundError, UsageError
+from edgellm.errors import EdgeLLMError, ModelExistsError, ModelNotFoundError, StorageError, UsageError
 from edgellm.fsutil import TMP_PREFIX, atomic_dir, clean_stale, tmp_prefix
 from edgellm.gguf.header import GGUFHeader, printable, read_header
 
@@ -154,9 +154,9 @@ class Store:
                 raw = fh.read(1 << 20)  # a manifest is a few hundred bytes
             manifest = _manifest(json.loads(raw))
         except RecursionError:
-            raise EdgeLLMError(f"damaged manifest in {folder.name}: nested too deeply") from None
+            raise StorageError(f"damaged manifest in {folder.name}: nested too deeply") from None
         except (OSError, ValueError, TypeError) as exc:
-            raise EdgeLLMError(f"damaged manifest in {folder.name}: {exc}") from None
+            raise StorageError(f"damaged manifest in {folder.name}: {exc}") from None
         return ModelEntry(manifest, folder)
 
     def get(self, name: str) -> ModelEntry:
@@ -225,14 +225,14 @@ class Store:
         except OSError as exc:
             if folder.exists():  # another process created the same name meanwhile
                 raise exists from None
-            raise EdgeLLMError(f"cannot write {filename} into the store: {exc.strerror or exc}") from None
+            raise StorageError(f"cannot write {filename} into the store: {exc.strerror or exc}") from None
         return ModelEntry(manifest, folder)
 
     def _check_space(self, needed: int) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.root).free
         if free < needed + (64 << 20):
-            raise EdgeLLMError(
+            raise StorageError(
                 f"not enough disk space in {self.root}: {needed >> 20} MiB needed, {free >> 20} MiB free"
             )
 

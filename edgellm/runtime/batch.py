@@ -18,15 +18,11 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from edgellm.errors import EdgeLLMError, UsageError
+from edgellm.errors import EdgeLLMError, EngineError, QueueFullError, UsageError
 from edgellm.options import DEFAULT_SEED, SamplingOptions
 from edgellm.runtime.chunks import Chunk, TokenLogprob
 from edgellm.runtime.native import NativeContext, NativeModel
 from edgellm.runtime.text import Answer, common_prefix
-
-
-class QueueFullError(EdgeLLMError):
-    code = "server_busy"
 
 
 @dataclass(eq=False)
@@ -148,7 +144,7 @@ class BatchEngine:
                 while not self._stopped and not self._queue and not any(s.request for s in self.slots):
                     self._cond.wait()
                 if self._stopped:
-                    self._fail_all(EdgeLLMError("the model was unloaded"))
+                    self._fail_all(EngineError("the model was unloaded"))
                     return
             self.step()
 
@@ -256,7 +252,7 @@ class BatchEngine:
         batch.n_tokens = n
         status = self._lib.llama_decode(self.ctx.ptr, batch)
         if status != 0:
-            raise EdgeLLMError(f"llama_decode failed with status {status} (the KV cache may be full)")
+            raise EngineError(f"llama_decode failed with status {status} (the KV cache may be full)")
         for slot in self.slots:
             if slot.request and slot.batch_index >= 0:
                 self._sample(slot)
@@ -334,7 +330,7 @@ class BatchEngine:
                 ctx.clear()
                 array = (lib.llama_token * len(tokens))(*tokens)
                 if lib.llama_decode(ctx.ptr, lib.llama_batch_get_one(array, len(tokens))) != 0:
-                    raise EdgeLLMError("llama_decode failed while embedding")
+                    raise EngineError("llama_decode failed while embedding")
                 ptr = lib.llama_get_embeddings_seq(ctx.ptr, 0)
                 vector = np.ctypeslib.as_array(ptr, shape=(n_embd,)).astype(np.float64)
             norm = float(np.linalg.norm(vector)) or 1.0

@@ -23,9 +23,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edgellm.errors import EdgeLLMError, ModelNotFoundError, UsageError
+from edgellm.errors import EdgeLLMError, QueueFullError, UsageError
 from edgellm.options import SamplingOptions
-from edgellm.runtime.batch import GenerationRequest, QueueFullError
+from edgellm.runtime.batch import GenerationRequest
 from edgellm.runtime.chunks import Chunk
 from edgellm.runtime.templates import Message
 from edgellm.server.models import ModelPool, Served
@@ -92,16 +92,6 @@ class BodyLimit:
         await self.app(scope, limited_receive, guarded_send)
 
 
-def _status_for(exc: EdgeLLMError) -> tuple[int, dict | None]:
-    if isinstance(exc, ModelNotFoundError):
-        return 404, None
-    if isinstance(exc, QueueFullError):
-        return 503, {"Retry-After": "2"}
-    if isinstance(exc, UsageError):
-        return 400, None
-    return 500, None
-
-
 def create_app(pool: ModelPool, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="edgellm", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.pool = pool
@@ -148,8 +138,8 @@ def create_app(pool: ModelPool, config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(EdgeLLMError)
     async def known(_request: Request, exc: EdgeLLMError) -> JSONResponse:
-        status, headers = _status_for(exc)
-        return error_body(status, str(exc), exc.code, headers=headers)
+        headers = {"Retry-After": "2"} if isinstance(exc, QueueFullError) else None
+        return error_body(exc.http_status, str(exc), exc.code, headers=headers)
 
     @app.exception_handler(Exception)
     async def unknown(_request: Request, exc: Exception) -> JSONResponse:

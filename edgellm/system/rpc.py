@@ -32,19 +32,13 @@ from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
-from edgellm.errors import EdgeLLMError, MissingDependencyError
+from edgellm.errors import MissingDependencyError, WorkerError, WorkerUnreachableError
 
 PROTO_MAJOR, PROTO_MINOR = 7, 0  # RPC_PROTO_MAJOR/MINOR_VERSION in ggml-rpc.h
 CMD_HELLO = 14  # RPC_CMD_HELLO, fixed across protocol versions
 CONN_CAPS = 24  # RPC_CONN_CAPS_SIZE (transport.h): the HELLO request's body
 HELLO_RESPONSE = 4 + CONN_CAPS  # major, minor, patch, padding, conn_caps
 DEFAULT_PORT = 50052
-
-
-class WorkerError(EdgeLLMError):
-    """A worker that cannot be used; the message names it."""
-
-    code = "rpc_worker_error"
 
 
 def hello(endpoint: str, timeout: float = 5.0) -> tuple[int, int, int]:
@@ -66,7 +60,7 @@ def hello(endpoint: str, timeout: float = 5.0) -> tuple[int, int, int]:
         raise WorkerError(f"worker {endpoint} did not answer within {timeout:.0f} s",
                           hint="is it busy with another client? a worker serves one at a time") from None
     except OSError as exc:
-        raise WorkerError(f"worker {endpoint} is unreachable: {exc.strerror or exc}",
+        raise WorkerUnreachableError(f"worker {endpoint} is unreachable: {exc.strerror or exc}",
                           hint="start it with `edgellm worker --port PORT` on that machine") from None
     if major != PROTO_MAJOR or minor > PROTO_MINOR:
         raise WorkerError(f"worker {endpoint} speaks RPC protocol {major}.{minor}.{patch}; this build speaks "
@@ -158,7 +152,7 @@ def check_alive(endpoints: tuple[str, ...], timeout: float = 2.0) -> None:
         except WorkerError as exc:
             errors.append(exc)
     if errors:
-        raise next((e for e in errors if "unreachable" in e.message), errors[0])
+        raise next((e for e in errors if isinstance(e, WorkerUnreachableError)), errors[0])
 
 
 def _refuses(endpoint: str) -> bool:
