@@ -91,7 +91,6 @@ _SPEC: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "flash_attn": ("load", "flash_attn", _flash_attn),
     "kv_type_k": ("load", "type_k", str),
     "kv_type_v": ("load", "type_v", str),
-    "seed": ("load", "seed", int),
     "allow_long_context": ("load", "allow_long_context", _bool),
     "lora": ("load", "lora", str),
     "lora_scale": ("load", "lora_scale", float),
@@ -104,6 +103,9 @@ _SPEC: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "repeat_penalty": ("sampling", "repeat_penalty", float),
     "max_tokens": ("sampling", "max_tokens", int),
     "stop": ("sampling", "stop", _stop),
+    "seed": ("sampling", "seed", int),
+    "presence_penalty": ("sampling", "presence_penalty", float),
+    "frequency_penalty": ("sampling", "frequency_penalty", float),
     "gpu_memory": ("", "gpu_memory", _size),
     "ram": ("", "ram", _size),
 }

@@ -28,6 +28,8 @@ KV_TYPES: dict[str, tuple[int, float]] = {
 FLASH_ATTN_MODES = ("auto", "on", "off")
 #: llama.cpp's LLAMA_DEFAULT_SEED: draw a random seed
 DEFAULT_SEED = 0xFFFFFFFF
+#: most alternatives a token's log-probabilities list (OpenAI's limit)
+MAX_LOGPROBS = 20
 #: the context used when none is asked for (or the model's trained length, if shorter)
 DEFAULT_CTX = 4096
 
@@ -71,7 +73,6 @@ class LoadOptions:
     flash_attn: str = "auto"  # auto | on | off
     type_k: str = "f16"  # or "auto": the planner steps down only if the context needs it
     type_v: str = "f16"
-    seed: int = -1  # -1: random
     allow_long_context: bool = False
     lora: str | None = None  # a GGUF LoRA adapter applied at load time
     lora_scale: float = 1.0
@@ -105,6 +106,11 @@ class SamplingOptions:
     max_tokens: int = -1  # -1: until end of generation or a full context
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False  # keep going past end-of-generation (benchmarks)
+    presence_penalty: float = 0.0  # OpenAI's: lowers every token already in the answer by this much
+    frequency_penalty: float = 0.0  # and by this much more per time it occurred
+    seed: int = -1  # -1: random; the same seed gives the same answer
+    grammar: str | None = None  # GBNF (root rule "root") every answer must follow: JSON, a JSON schema
+    logprobs: int | None = None  # None: off; n: each token's log-probability and the n likeliest others
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -117,6 +123,11 @@ class SamplingOptions:
             raise UsageError(f"top-k must be >= 0, got {self.top_k}")
         if self.repeat_penalty <= 0:
             raise UsageError(f"repeat penalty must be > 0, got {self.repeat_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise UsageError(f"{name.replace('_', ' ')} must be in [-2, 2], got {getattr(self, name)}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise UsageError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if self.max_tokens == 0 or self.max_tokens < -1:
             raise UsageError(f"max tokens must be positive or -1, got {self.max_tokens}")
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))

@@ -96,7 +96,7 @@ def model(smollm2: Path):
     from edgellm.options import LoadOptions
     from edgellm.runtime.engine import load_model
 
-    with load_model(smollm2, LoadOptions(n_ctx=2048, seed=42)) as m:
+    with load_model(smollm2, LoadOptions(n_ctx=2048)) as m:
         yield m
 
 

@@ -45,6 +45,25 @@ def test_run_reads_stdin_and_prints_json(cli, smollm2: Path) -> None:
     assert data["timings"]["tokens_per_second"] > 0
 
 
+def test_run_follows_a_json_schema_and_shows_logprobs(cli, smollm2: Path, tmp_path: Path) -> None:
+    """The sampling options the server has work in `run` too: a schema-constrained answer (from a
+    file), per-token log-probabilities, and penalties."""
+    schema = tmp_path / "capital.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {
+        "capital": {"enum": ["Paris", "Berlin", "Rome"]}, "population_millions": {"type": "integer"}},
+        "required": ["capital", "population_millions"]}))
+    r = cli("run", str(smollm2), "--json", "--json-schema", str(schema), "--logprobs", "2", "-n", "48", *FAST,
+            "--presence-penalty", "0.5", "--frequency-penalty", "0.5", "What is the capital of Germany? Answer in JSON.")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    answer = json.loads(data["response"])
+    assert answer["capital"] == "Berlin" and isinstance(answer["population_millions"], int)
+    assert len(data["logprobs"]) == data["completion_tokens"]
+    first = data["logprobs"][0]
+    assert first["logprob"] <= 0 and len(first["top"]) == 2
+    assert first["top"][0]["logprob"] >= first["top"][1]["logprob"]
+
+
 def test_run_verbose_prints_speed(cli, smollm2: Path) -> None:
     r = cli("run", str(smollm2), "Hi", "-n", "8", "-v", *FAST)
     assert r.returncode == 0
@@ -204,6 +223,13 @@ BAD = {
     "no prompt": (lambda t, m: ["run", str(m)], 2, "error: no prompt given"),
     "bad temperature": (lambda t, m: ["run", str(m), "hi", "--temperature", "-1"], 2, "temperature must be >= 0"),
     "unknown option": (lambda t, m: ["run", str(m), "hi", "--bogus"], 2, "error: unrecognized arguments: --bogus"),
+    "schema not json": (lambda t, m: ["run", str(m), "hi", "--json-schema", "{nope"], 2,
+                        "error: --json-schema is not valid JSON"),
+    "schema file missing": (lambda t, m: ["run", str(m), "hi", "--json-schema", str(t / "no.json")], 2,
+                            "error: cannot read --json-schema file"),
+    "logprobs without json": (lambda t, m: ["run", str(m), "hi", "--logprobs", "2"], 2, "--logprobs shows in the --json"),
+    "penalty out of range": (lambda t, m: ["run", str(m), "hi", "--presence-penalty", "3"], 2,
+                             "presence penalty must be in [-2, 2]"),
     "unknown command": (lambda t, m: ["frobnicate"], 2, "error: argument COMMAND: invalid choice: 'frobnicate'"),
     "show unknown": (lambda t, m: ["show", "nosuch"], 1, "error: model 'nosuch' not found"),
 }

@@ -181,6 +181,17 @@ def test_json_schema_is_enforced(server: Server) -> None:
     assert isinstance(data["city"], str) and isinstance(data["population"], int)
 
 
+def test_penalties_change_a_repetitive_answer(server: Server) -> None:
+    """presence/frequency penalties reach the sampler: counting on, the penalised answer soon stops
+    repeating the comma it has already used."""
+    ask = {"model": server.name, "temperature": 0, "max_tokens": 24, "prompt": "1, 2, 3, 4, 5, 6, 7,"}
+    client = server.client()
+    plain = client.completions.create(**ask).choices[0].text
+    penalised = client.completions.create(**ask, presence_penalty=1.5, frequency_penalty=1.5).choices[0].text
+    assert plain.startswith(" 8, 9, 10, 11")
+    assert plain.count(",") >= penalised.count(",") + 3
+
+
 def test_concurrent_streams_match_their_lone_answers(server: Server) -> None:
     client = server.client()
     questions = ["What is the capital of Germany?", "What is 2+2?", "Say hello.", "Name a color."]

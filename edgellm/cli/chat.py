@@ -11,7 +11,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from edgellm.cli.common import add_model_options, hardware_for, read_template, settings_from_args
+from edgellm.cli.common import (
+    add_model_options,
+    hardware_for,
+    read_template,
+    sampling_from_args,
+    settings_from_args,
+)
 from edgellm.errors import EdgeLLMError, UsageError
 
 HELP = """commands:
@@ -37,6 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--raw", action="store_true", help="continue the prompt as plain text, without the chat template")
     p.add_argument("--json", action="store_true", help="print the answer with token counts and timings as JSON")
     p.add_argument("--verbose", "-v", action="store_true", help="print timings after the answer")
+    p.add_argument("--logprobs", type=int, metavar="N",
+                   help="with --json: each token's log-probability and the N likeliest alternatives (0-20)")
     add_model_options(p)
     p.set_defaults(func=cmd_run, trailing_words="prompt")
 
@@ -88,11 +96,14 @@ def _stats_line(timings) -> str:
     return " · ".join(parts)
 
 
-def _stream_to(out, chunks) -> tuple[str, object]:
-    """Print chunks as they come (unless ``out`` is None); return the full text and the final chunk."""
+def _stream_to(out, chunks, logprobs: list | None = None) -> tuple[str, object]:
+    """Print chunks as they come (unless ``out`` is None); return the full text and the final chunk.
+    Each token's log-probabilities, when asked for, go to ``logprobs``."""
     pieces = []
     last = None
     for chunk in chunks:
+        if chunk.logprobs is not None and logprobs is not None:
+            logprobs.append(chunk.logprobs)
         if chunk.text:
             if out is not None:
                 out.write(chunk.text)
@@ -111,14 +122,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         prompt = f"{prompt}\n\n{piped}" if prompt and piped.strip() else prompt or piped
     if not prompt.strip():
         raise UsageError("no prompt given", hint='pass it as an argument or pipe it: echo "hi" | edgellm run MODEL')
+    if args.logprobs is not None and not args.json:
+        raise UsageError("--logprobs shows in the --json output", hint="add --json")
     name, model, settings = _load(args)
+    sampling = sampling_from_args(args, settings)
     with model, _ctrl_c_cancels() as cancelled:
         if args.raw:
-            chunks = model.complete(prompt, settings.sampling, cancelled)
+            chunks = model.complete(prompt, sampling, cancelled)
         else:
             messages = ([Message("system", args.system)] if args.system else []) + [Message("user", prompt)]
-            chunks = model.chat(messages, settings.sampling, cancelled)
-        text, last = _stream_to(None if args.json else sys.stdout, chunks)
+            chunks = model.chat(messages, sampling, cancelled)
+        logprobs: list = []
+        text, last = _stream_to(None if args.json else sys.stdout, chunks, logprobs)
         if args.json:
             result = {
                 "model": name,
@@ -128,6 +143,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "completion_tokens": last.timings.generated_tokens,
                 "timings": last.timings.as_dict(),
             }
+            if args.logprobs is not None:
+                result["logprobs"] = [{"token": lp.text, "logprob": lp.logprob,
+                                       "top": [{"token": t, "logprob": p} for _, t, p in lp.top]} for lp in logprobs]
             print(json.dumps(result, ensure_ascii=False, indent=2))
             return 0
         if not text.endswith("\n"):
@@ -224,7 +242,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         f"flash-attn {'on' if load.flash_attn else 'off'} · {where} · {load.n_threads} threads{memory} · "
         "/help for commands[/dim]"
     )
-    session = ChatSession(model, name, settings.sampling, args.system)
+    session = ChatSession(model, name, sampling_from_args(args, settings), args.system)
     with model:
         while True:
             try:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from edgellm.config import Settings
 from edgellm.errors import UsageError
+from edgellm.options import SamplingOptions
 
 if TYPE_CHECKING:
     from edgellm.workflows import Job, Step
@@ -31,7 +32,6 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     load.add_argument("--gpu-memory", metavar="SIZE", help="free VRAM to plan for (e.g. 6GiB) instead of probing")
     load.add_argument("--ram", metavar="SIZE", help="free RAM to plan for instead of probing")
-    load.add_argument("--seed", type=int, help="sampling seed (-1: random)")
     load.add_argument(
         "--allow-long-context",
         action="store_true",
@@ -51,6 +51,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     sample.add_argument("--repeat-penalty", type=float, metavar="R")
     sample.add_argument("-n", "--max-tokens", type=int, metavar="N", help="answer length limit (-1: none)")
     sample.add_argument("--stop", action="append", metavar="TEXT", help="stop the answer at TEXT (repeatable)")
+    sample.add_argument("--presence-penalty", type=float, metavar="P", help="-2..2: lower tokens already used")
+    sample.add_argument("--frequency-penalty", type=float, metavar="F", help="-2..2: lower tokens by how often used")
+    sample.add_argument("--seed", type=int, help="sampling seed: the same seed gives the same answer (-1: random)")
+    sample.add_argument("--json-schema", metavar="FILE|JSON",
+                        help="answer in JSON that follows this schema ('{}' for any JSON object)")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -60,6 +65,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         for name in (
             "ctx", "batch", "threads", "gpu_layers", "flash_attn", "seed", "allow_long_context",
             "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "max_tokens", "stop",
+            "presence_penalty", "frequency_penalty",
             "gpu_memory", "ram", "lora", "lora_scale", "rpc", "tensor_split",
         )
     }
@@ -70,6 +76,35 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             raise UsageError(f"--kv-type takes K or K,V, got {kv!r}")
         cli["kv_type_k"], cli["kv_type_v"] = parts[0], parts[-1]
     return Settings.resolve(cli)
+
+
+def sampling_from_args(args: argparse.Namespace, settings: Settings) -> SamplingOptions:
+    """The settings' sampling with this command's own: ``--json-schema`` and ``--logprobs``."""
+    from dataclasses import replace
+
+    grammar = None
+    if getattr(args, "json_schema", None) is not None:
+        from edgellm.runtime.grammar import json_grammar
+
+        schema = _json_argument(args.json_schema, "--json-schema")
+        grammar = json_grammar(schema or None)
+    return replace(settings.sampling, grammar=grammar, logprobs=getattr(args, "logprobs", None))
+
+
+def _json_argument(value: str, option: str) -> Any:
+    """A JSON value given inline or as a file name; a clear error for either gone wrong."""
+    import json
+
+    text = value
+    if not value.lstrip().startswith(("{", "[")):
+        try:
+            text = Path(value).expanduser().read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read {option} file {value}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise UsageError(f"{option} is not valid JSON: {exc}") from None
 
 
 def hardware_for(settings: Settings):

@@ -107,7 +107,7 @@ def _hub_errors(repo: str, store: Store):
                                          hint="check the name; private repos need HF_TOKEN") from None
             if isinstance(exc, (hf.EntryNotFoundError, hf.RevisionNotFoundError)):
                 raise ModelNotFoundError(f"{repo}: {exc}".splitlines()[0]) from None
-            if isinstance(exc, (hf.LocalEntryNotFoundError, OSError)):  # requests' connection errors are OSErrors
+            if isinstance(exc, (hf.LocalEntryNotFoundError, OSError, *_transport_errors())):
                 local = ", ".join(e.name for e in store.list()) or "none"
                 raise HubUnreachableError(f"cannot reach the Hub ({os.environ.get('HF_ENDPOINT', 'huggingface.co')}): offline?",
                                    hint=f"models available locally: {local}") from None
@@ -116,6 +116,16 @@ def _hub_errors(repo: str, store: Store):
             return False
 
     return Translate()
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP client's "could not get an answer" errors (connect, DNS, timeout): huggingface_hub
+    speaks HTTP through httpx (1.x) or httpx2 (2.x), whose errors are not OSErrors."""
+    import importlib
+    import importlib.util
+
+    return tuple(importlib.import_module(name).TransportError for name in ("httpx2", "httpx")
+                 if importlib.util.find_spec(name))
 
 
 @dataclass(frozen=True)

@@ -30,11 +30,6 @@ class GenerationRequest:
     prompt: list[int]
     sampling: SamplingOptions
     emit: Callable[[Chunk | BaseException], None]
-    seed: int = -1
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    grammar: str | None = None  # GBNF, root rule "root"
-    logprobs: int | None = None  # None: off; n: the sampled token's log-probability and the top n
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -197,17 +192,16 @@ class BatchEngine:
     def _make_sampler(self, request: GenerationRequest) -> int:
         lib, s = self._lib, request.sampling
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-        if request.grammar:
-            grammar = lib.llama_sampler_init_grammar(self.model.vocab, request.grammar.encode(), b"root")
+        if s.grammar:
+            grammar = lib.llama_sampler_init_grammar(self.model.vocab, s.grammar.encode(), b"root")
             if not grammar:
                 lib.llama_sampler_free(chain)
                 raise UsageError("the response format could not be turned into a grammar")
             lib.llama_sampler_chain_add(chain, grammar)
-        if s.repeat_penalty != 1.0 or request.presence_penalty or request.frequency_penalty:
+        if s.repeat_penalty != 1.0 or s.presence_penalty or s.frequency_penalty:
             lib.llama_sampler_chain_add(
-                chain,
-                lib.llama_sampler_init_penalties(64, s.repeat_penalty, request.frequency_penalty, request.presence_penalty),
-            )
+                chain, lib.llama_sampler_init_penalties(self.model.n_vocab, 64, s.repeat_penalty, s.frequency_penalty,
+                                                        s.presence_penalty))
         if s.temperature <= 0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
             return chain
@@ -216,7 +210,7 @@ class BatchEngine:
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(s.top_p, 1))
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(s.min_p, 1))
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(s.temperature))
-        seed = DEFAULT_SEED if request.seed < 0 else request.seed & 0xFFFFFFFF
+        seed = DEFAULT_SEED if s.seed < 0 else s.seed & 0xFFFFFFFF
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
         return chain
 
@@ -260,7 +254,8 @@ class BatchEngine:
     def _sample(self, slot: _Slot) -> None:
         request = slot.request
         token = self._lib.llama_sampler_sample(slot.sampler, self.ctx.ptr, slot.batch_index)
-        logprob = self._logprob(slot.batch_index, token, request.logprobs) if request.logprobs is not None else None
+        top = request.sampling.logprobs
+        logprob = self._logprob(slot.batch_index, token, top) if top is not None else None
         chunk, ended = slot.answer.add(token, logprob)
         if chunk:
             request.emit(chunk)

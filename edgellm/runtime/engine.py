@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 from edgellm.errors import LoadError, UsageError
 from edgellm.gguf.header import GGUFHeader, check_lora, read_header
 from edgellm.options import (
-    DEFAULT_SEED,
     LoadOptions,
     SamplingOptions,
     default_context,
@@ -46,7 +45,6 @@ class ResolvedLoad:
     flash_attn: bool
     type_k: str
     type_v: str
-    seed: int
     op_offload: bool = True  # off: a GPU too small for the compute buffer, no layer on it
     plan: Plan | None = None  # the memory plan, when the planner chose anything
     split: tuple[tuple[str, int], ...] = ()  # layers per device as planned, when RPC workers take part
@@ -92,7 +90,6 @@ def resolve_load(header: GGUFHeader, options: LoadOptions, hardware: Hardware | 
         flash_attn=flash_attn,
         type_k=type_k,
         type_v=type_v,
-        seed=DEFAULT_SEED if options.seed < 0 else options.seed,
         op_offload=plan.op_offload if plan else True,
         plan=plan,
     )
@@ -205,7 +202,7 @@ class Model:
     ) -> Iterator[Chunk]:
         """Advance the engine in this thread, a token a step, checking ``cancel`` after each."""
         out: list[Chunk | BaseException] = []
-        request = GenerationRequest(tokens, sampling, out.append, seed=self.load_options.seed)
+        request = GenerationRequest(tokens, sampling, out.append)
         self._engine.submit(request)
         done = False
         try:

@@ -1,0 +1,135 @@
+"""Chunks to OpenAI's two answer shapes: chat completions and text completions, whole or streamed.
+
+One ``respond()`` gathers or streams the Chunks; an encoder says what each shape's body, stream
+event and log-probabilities look like.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import StreamingResponse
+
+from edgellm.errors import EdgeLLMError
+from edgellm.runtime.chunks import Chunk, TokenLogprob
+from edgellm.server.bodies import error_payload
+
+
+class Encoder:
+    """What every answer carries: its id, creation time, model and token usage."""
+
+    prefix = ""
+    object = ""
+    chunk_object = ""
+
+    def __init__(self, model: str, n_prompt: int, logprobs: bool) -> None:
+        self.id = self.prefix + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.model = model
+        self.n_prompt = n_prompt
+        self.logprobs = logprobs
+
+    def usage(self, last: Chunk) -> dict:
+        done = last.timings.generated_tokens
+        return {"prompt_tokens": self.n_prompt, "completion_tokens": done, "total_tokens": self.n_prompt + done}
+
+    def envelope(self, obj: str, choices: list[dict]) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+
+    def body(self, text: str, entries: list[TokenLogprob], last: Chunk) -> dict:
+        choice = {"index": 0, "finish_reason": last.finish_reason, **self.whole(text),
+                  "logprobs": self.logprob_block(entries) if self.logprobs else None}
+        return {**self.envelope(self.object, [choice]), "usage": self.usage(last), "timings": last.timings.as_dict()}
+
+    def event(self, chunk: Chunk, first: bool) -> dict:
+        choice = {"index": 0, "finish_reason": chunk.finish_reason, **self.piece(chunk, first),
+                  "logprobs": self.logprob_block([chunk.logprobs]) if self.logprobs and chunk.logprobs else None}
+        return self.envelope(self.chunk_object, [choice])
+
+    def whole(self, text: str) -> dict:
+        raise NotImplementedError
+
+    def piece(self, chunk: Chunk, first: bool) -> dict:
+        raise NotImplementedError
+
+    def logprob_block(self, entries: list[TokenLogprob]) -> dict:
+        raise NotImplementedError
+
+
+class ChatEncoder(Encoder):
+    prefix, object, chunk_object = "chatcmpl-", "chat.completion", "chat.completion.chunk"
+
+    def whole(self, text: str) -> dict:
+        return {"message": {"role": "assistant", "content": text}}
+
+    def piece(self, chunk: Chunk, first: bool) -> dict:
+        if first:
+            return {"delta": {"role": "assistant", "content": chunk.text}}
+        return {"delta": {"content": chunk.text} if chunk.text else {}}
+
+    def logprob_block(self, entries: list[TokenLogprob]) -> dict:
+        return {"content": [{
+            "token": lp.text, "logprob": lp.logprob, "bytes": list(lp.text.encode()),
+            "top_logprobs": [{"token": t, "logprob": p, "bytes": list(t.encode())} for _, t, p in lp.top],
+        } for lp in entries]}
+
+
+class TextEncoder(Encoder):
+    prefix, object, chunk_object = "cmpl-", "text_completion", "text_completion"
+
+    def whole(self, text: str) -> dict:
+        return {"text": text}
+
+    def piece(self, chunk: Chunk, first: bool) -> dict:
+        return {"text": chunk.text}
+
+    def logprob_block(self, entries: list[TokenLogprob]) -> dict:
+        return {
+            "tokens": [lp.text for lp in entries],
+            "token_logprobs": [lp.logprob for lp in entries],
+            "top_logprobs": [{t: p for _, t, p in lp.top} for lp in entries],
+            "text_offset": [],
+        }
+
+
+async def respond(encoder: Encoder, chunks: AsyncIterator[Chunk], stream: bool, include_usage: bool = False):
+    """The whole answer as one body, or a server-sent event stream of it."""
+    if not stream:
+        pieces, entries, last = [], [], None
+        async for chunk in chunks:
+            pieces.append(chunk.text)
+            if chunk.logprobs:
+                entries.append(chunk.logprobs)
+            last = chunk
+        return encoder.body("".join(pieces), entries, last)
+    first = await anext(chunks)  # errors before the first token still become an HTTP error
+    return StreamingResponse(_events(encoder, first, chunks, include_usage), media_type="text/event-stream")
+
+
+def _sse(data: dict) -> bytes:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+async def _events(encoder: Encoder, chunk: Chunk, chunks: AsyncIterator[Chunk], include_usage: bool
+                  ) -> AsyncIterator[bytes]:
+    first = True
+    try:  # a client that goes away cancels this generator; closing `chunks` frees its slot
+        while True:
+            yield _sse(encoder.event(chunk, first))
+            first = False
+            if chunk.finish_reason:
+                if include_usage:
+                    yield _sse({**encoder.envelope(encoder.chunk_object, []), "usage": encoder.usage(chunk)})
+                yield b"data: [DONE]\n\n"
+                return
+            try:
+                chunk = await anext(chunks)
+            except EdgeLLMError as exc:  # too late for an HTTP status: an error event, as OpenAI sends
+                yield _sse(error_payload(str(exc), exc.code, "server_error"))
+                return
+    finally:
+        await chunks.aclose()

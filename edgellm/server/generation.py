@@ -1,0 +1,98 @@
+"""From an API request to the engine and back: the prompt, the sampling, and the Chunks."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+from edgellm.errors import UsageError
+from edgellm.options import SamplingOptions
+from edgellm.runtime.batch import GenerationRequest
+from edgellm.runtime.chunks import Chunk
+from edgellm.runtime.grammar import json_grammar
+from edgellm.runtime.templates import Message
+from edgellm.server.models import Served
+
+
+def chat_prompt(served: Served, messages: list) -> list[int]:
+    """The prompt tokens of a conversation through the model's template (in a worker thread: a long
+    conversation takes a while to render and tokenize)."""
+    turns = [Message("system" if m.role == "developer" else m.role, m.text()) for m in messages]
+    return served.native.prompt_tokens(served.template.render(turns, True, served.native.bos_text, served.native.eos_text))
+
+
+def text_prompt(served: Served, prompt: str | list) -> list[int]:
+    """A completion request's prompt: a text, one text in a list, or token ids (checked)."""
+    if isinstance(prompt, str):
+        return served.native.tokenize(prompt, True)
+    if prompt and isinstance(prompt[0], int):
+        n_vocab = served.native.n_vocab
+        bad = [t for t in prompt if not 0 <= t < n_vocab]
+        if bad:
+            raise UsageError(f"prompt token id {bad[0]} is outside the vocabulary of {n_vocab} tokens")
+        return list(prompt)
+    if len(prompt) == 1:
+        return served.native.tokenize(prompt[0], add_special=True)
+    raise UsageError("only one prompt per request is supported")
+
+
+def grammar_for(fmt: Any) -> str | None:
+    """The grammar a ``response_format`` asks for, if any."""
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return json_grammar()
+    if fmt.json_schema is None or not fmt.json_schema.schema_:
+        raise UsageError("response_format json_schema needs a schema")
+    return json_grammar(fmt.json_schema.schema_)
+
+
+def generation(served: Served, body: Any, prompt: list[int], max_tokens: int | None, defaults: SamplingOptions,
+               grammar: str | None, logprobs: int | None) -> GenerationRequest:
+    """The engine request for an API body, every sampling field checked against this model."""
+    n_ctx = served.engine.n_ctx
+    if len(prompt) >= n_ctx:
+        raise UsageError(f"the prompt is {len(prompt)} tokens, which does not fit the {n_ctx}-token context")
+    if max_tokens is not None and len(prompt) + max_tokens > n_ctx:
+        raise UsageError(
+            f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds the {n_ctx}-token context"
+        )
+    if body.logit_bias:
+        raise UsageError("logit_bias is not supported")
+    sampling = replace(
+        defaults,
+        temperature=defaults.temperature if body.temperature is None else body.temperature,
+        top_p=body.top_p or defaults.top_p,
+        top_k=defaults.top_k if body.top_k is None else body.top_k,
+        min_p=defaults.min_p if body.min_p is None else body.min_p,
+        repeat_penalty=body.repeat_penalty or defaults.repeat_penalty,
+        max_tokens=max_tokens or -1,
+        stop=body.stops(),
+        ignore_eos=body.ignore_eos,
+        seed=-1 if body.seed is None else body.seed,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        grammar=grammar,
+        logprobs=logprobs,
+    )
+    return GenerationRequest(prompt=prompt, sampling=sampling, emit=lambda _: None)  # emit: set by chunks()
+
+
+async def chunks(gen: GenerationRequest, served: Served) -> AsyncIterator[Chunk]:
+    """Submit to the engine and yield its Chunks; leaving early (a client gone) frees the slot."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    gen.emit = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)
+    served.engine.submit(gen)
+    try:
+        while True:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason:
+                return
+    finally:
+        gen.cancelled.set()

@@ -1,0 +1,62 @@
+"""OpenAI's API routes: models, chat completions, completions, embeddings. Each handler reads the
+model pool and the server's settings from ``app.state``."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import struct
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from edgellm.server.encoders import ChatEncoder, TextEncoder, respond
+from edgellm.server.generation import chat_prompt, chunks, generation, grammar_for, text_prompt
+from edgellm.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+
+router = APIRouter(prefix="/v1")
+
+
+@router.get("/models")
+async def models(request: Request) -> dict:
+    names = await asyncio.to_thread(request.app.state.pool.names)
+    return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "edgellm"} for n in names]}
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    served = await asyncio.to_thread(request.app.state.pool.get, body.model)
+    prompt = await asyncio.to_thread(chat_prompt, served, body.messages)
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    gen = generation(served, body, prompt, body.max_completion_tokens or body.max_tokens,
+                     request.app.state.config.defaults, grammar_for(body.response_format), top)
+    encoder = ChatEncoder(served.name, len(prompt), top is not None)
+    return await respond(encoder, chunks(gen, served), body.stream, _include_usage(body))
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, request: Request):
+    served = await asyncio.to_thread(request.app.state.pool.get, body.model)
+    prompt = await asyncio.to_thread(text_prompt, served, body.prompt)
+    gen = generation(served, body, prompt, body.max_tokens, request.app.state.config.defaults, None, body.logprobs)
+    encoder = TextEncoder(served.name, len(prompt), body.logprobs is not None)
+    return await respond(encoder, chunks(gen, served), body.stream, _include_usage(body))
+
+
+@router.post("/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
+    served = await asyncio.to_thread(request.app.state.pool.get, body.model)
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    vectors = await asyncio.to_thread(served.engine.embed, texts)
+    data = []
+    for i, (vector, _) in enumerate(vectors):
+        value: Any = vector
+        if body.encoding_format == "base64":
+            value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    used = sum(n for _, n in vectors)
+    return {"object": "list", "model": served.name, "data": data, "usage": {"prompt_tokens": used, "total_tokens": used}}
+
+
+def _include_usage(body: Any) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
