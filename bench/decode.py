@@ -39,7 +39,7 @@ def main() -> None:
     path = args.model or str(bundled_gguf())
     bench = args.llama_bench or str(reference_bin() / "llama-bench")
     messages = [Message("user", "Tell me a long story about a lighthouse keeper.")]
-    options = LoadOptions(n_ctx=1024, n_threads=args.threads, seed=42, flash_attn="on", n_gpu_layers=args.gpu_layers)
+    options = LoadOptions(n_ctx=1024, n_threads=args.threads, flash_attn="on", n_gpu_layers=args.gpu_layers)
     sampling = SamplingOptions(temperature=0.0, max_tokens=args.n, ignore_eos=True)
 
     ours_runs = []

@@ -65,7 +65,7 @@ def main() -> None:
     args = ap.parse_args()
     path = args.model or bundled_gguf()
 
-    local, _ = generate(path, LoadOptions(n_ctx=1024, seed=1, n_gpu_layers=0, n_threads=2), args.n)
+    local, _ = generate(path, LoadOptions(n_ctx=1024, n_gpu_layers=0, n_threads=2), args.n)
     ports = []
     for _ in range(2):
         with socket.socket() as s:
@@ -73,7 +73,7 @@ def main() -> None:
             ports.append(s.getsockname()[1])
     workers = [start_worker(p) for p in ports]
     try:
-        options = LoadOptions(n_ctx=1024, seed=1, n_gpu_layers=-1, n_threads=2, tensor_split=(1.0, 1.0),
+        options = LoadOptions(n_ctx=1024, n_gpu_layers=-1, n_threads=2, tensor_split=(1.0, 1.0),
                               rpc=tuple(f"127.0.0.1:{p}" for p in ports))
         before = loopback_bytes()
         at_load: list[int] = []

@@ -96,6 +96,8 @@ _SPEC: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "lora_scale": ("load", "lora_scale", float),
     "rpc": ("load", "rpc", _rpc),
     "tensor_split": ("load", "tensor_split", _floats),
+    "draft": ("load", "draft", str),
+    "draft_max": ("load", "draft_max", int),
     "temperature": ("sampling", "temperature", float),
     "top_k": ("sampling", "top_k", int),
     "top_p": ("sampling", "top_p", float),

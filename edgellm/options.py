@@ -28,6 +28,8 @@ KV_TYPES: dict[str, tuple[int, float]] = {
 FLASH_ATTN_MODES = ("auto", "on", "off")
 #: llama.cpp's LLAMA_DEFAULT_SEED: draw a random seed
 DEFAULT_SEED = 0xFFFFFFFF
+#: most tokens a draft model may guess at a time (llama.cpp's --draft-max takes as many)
+MAX_DRAFT = 64
 #: most alternatives a token's log-probabilities list (OpenAI's limit)
 MAX_LOGPROBS = 20
 #: the context used when none is asked for (or the model's trained length, if shorter)
@@ -78,6 +80,8 @@ class LoadOptions:
     lora_scale: float = 1.0
     rpc: tuple[str, ...] = ()  # RPC workers (host:port) whose devices join the local ones
     tensor_split: tuple[float, ...] = ()  # share of layers per GPU/remote device (default: by free memory)
+    draft: str | None = None  # a draft model's GGUF for speculative decoding (same vocabulary, smaller)
+    draft_max: int = 16  # most tokens the draft guesses at a time
 
     def __post_init__(self) -> None:
         if self.flash_attn not in FLASH_ATTN_MODES:
@@ -92,6 +96,8 @@ class LoadOptions:
             raise UsageError(f"batch size must be positive, got {self.n_batch}")
         if self.n_threads is not None and self.n_threads <= 0:
             raise UsageError(f"thread count must be positive, got {self.n_threads}")
+        if not 1 <= self.draft_max <= MAX_DRAFT:
+            raise UsageError(f"draft max must be 1-{MAX_DRAFT}, got {self.draft_max}")
 
 
 @dataclass(frozen=True)

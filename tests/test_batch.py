@@ -17,8 +17,8 @@ def test_a_grammar_llama_cpp_refuses_fails_only_its_request(smollm2: Path) -> No
         try:
             prompt = model.tokenize("The capital of France is", add_special=True)
             bad: queue.Queue = queue.Queue()
-            engine.submit(GenerationRequest(prompt, SamplingOptions(temperature=0, max_tokens=4), bad.put,
-                                            grammar="root ::= ((("))
+            engine.submit(GenerationRequest(prompt, SamplingOptions(temperature=0, max_tokens=4, grammar="root ::= ((("),
+                                            bad.put))
             error = bad.get(timeout=30)
             assert isinstance(error, EdgeLLMError) and "grammar" in str(error)
             good: queue.Queue = queue.Queue()

@@ -50,14 +50,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from edgellm.models import resolve
+    from edgellm.models import load_options, resolve
     from edgellm.runtime.engine import load_model
 
     settings = settings_from_args(args)
     template = read_template(args)
     model = resolve(args.model, settings)
     hardware = hardware_for(settings)
-    loaded = load_model(model.path, settings.load, template, model.header, hardware)
+    loaded = load_model(model.path, load_options(settings), template, model.header, hardware)
     load = loaded.load_options
     if load.split:
         planned = " · ".join(f"{device} {n}" for device, n in load.split)

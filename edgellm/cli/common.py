@@ -43,6 +43,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--rpc", metavar="HOST:PORT[,...]", help="RPC workers whose devices take layers (edgellm worker)")
     load.add_argument("--tensor-split", metavar="A,B,...", help="share of layers per GPU/remote device")
     load.add_argument("--template", type=Path, metavar="FILE", help="a Jinja chat template to use instead of the model's")
+    load.add_argument("--draft", metavar="MODEL", help="speculative decoding: a small model with the same vocabulary "
+                      "guesses tokens for this one to verify (store name or .gguf path)")
+    load.add_argument("--draft-max", type=int, metavar="N", help="most tokens the draft guesses at a time (default 16)")
     sample = parser.add_argument_group("sampling")
     sample.add_argument("--temperature", "--temp", type=float, metavar="T")
     sample.add_argument("--top-k", type=int, metavar="K")
@@ -66,7 +69,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             "ctx", "batch", "threads", "gpu_layers", "flash_attn", "seed", "allow_long_context",
             "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "max_tokens", "stop",
             "presence_penalty", "frequency_penalty",
-            "gpu_memory", "ram", "lora", "lora_scale", "rpc", "tensor_split",
+            "gpu_memory", "ram", "lora", "lora_scale", "rpc", "tensor_split", "draft", "draft_max",
         )
     }
     kv = getattr(args, "kv_type", None)

@@ -5,7 +5,7 @@ A model is named by its store name or by a path to a ``.gguf`` file, everywhere 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edgellm.config import Settings
@@ -13,8 +13,9 @@ from edgellm.errors import ModelNotFoundError
 from edgellm.gguf.header import GGUFHeader, read_header
 from edgellm.models.bundled import BUNDLED_NAME, ensure_bundled
 from edgellm.models.store import ModelEntry, Store
+from edgellm.options import LoadOptions
 
-__all__ = ["ModelEntry", "ResolvedModel", "Store", "looks_like_path", "resolve", "store_for"]
+__all__ = ["ModelEntry", "ResolvedModel", "Store", "load_options", "looks_like_path", "resolve", "store_for"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,14 @@ class ResolvedModel:
 
 def store_for(settings: Settings) -> Store:
     return Store(settings.models_dir)
+
+
+def load_options(settings: Settings) -> LoadOptions:
+    """The settings' load options with the draft model, named by store name or path, made a file."""
+    load = settings.load
+    if load.draft:
+        load = replace(load, draft=str(resolve(load.draft, settings).path))
+    return load
 
 
 def looks_like_path(ref: str) -> bool:

@@ -15,7 +15,7 @@ A plan that cannot fit says why and names the nearest plan that does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from edgellm.gguf.header import GGUFHeader
 from edgellm.options import DEFAULT_CTX, default_context, is_quantized_kv, uses_flash_attn
@@ -254,3 +254,39 @@ def layer_split(n_layer: int, n_gpu_layers: int, devices: list[tuple[str, int]],
         where = int(np.searchsorted(points, np.float32(il - start) / np.float32(active), side="right"))
         counts[devices[min(where, len(devices) - 1)][0]] += 1
     return list(counts.items())
+
+
+def draft_estimate(draft: GGUFHeader, hw: Hardware, n_ctx: int, n_seq: int = 1) -> MemoryEstimate:
+    """A draft model's memory for speculative decoding: every layer on the GPU when there is one
+    (it runs for every token, so it must be fast), an f16 cache as long as the model's."""
+    shape = ModelShape.from_header(draft)
+    on_gpu = bool(hw.gpus and hw.gpu_offload)
+    return estimate(shape, n_ctx, "f16", "f16", True, -1 if on_gpu else 0, n_seq=n_seq, has_gpu=on_gpu)
+
+
+def fit_with_draft(header: GGUFHeader | ModelShape, draft: GGUFHeader | None, hw: Hardware, n_ctx: int | None = None,
+                   n_seq: int = 1, **options) -> tuple[Plan, MemoryEstimate | None]:
+    """``fit()`` for a model that decodes with a draft model beside it: the model is planned in what
+    the draft leaves. The draft's cache is as long as the model's, so an automatic context is
+    planned twice: the draft sized for the default length first, then for the length that found."""
+    if draft is None:
+        return fit(header, hw, n_ctx=n_ctx, n_seq=n_seq, **options), None
+    shape = header if isinstance(header, ModelShape) else ModelShape.from_header(header)
+    guess = n_ctx or default_context(shape.n_ctx_train)
+    for _ in range(2):
+        taken = draft_estimate(draft, hw, guess, n_seq)
+        plan = fit(shape, leave_room(hw, taken), n_ctx=n_ctx, n_seq=n_seq, **options)
+        if n_ctx or not plan.fits or plan.n_ctx <= guess:
+            break
+        guess = plan.n_ctx
+    return plan, taken
+
+
+def leave_room(hw: Hardware, taken: MemoryEstimate) -> Hardware:
+    """The machine as a model is planned on once ``taken`` (its draft model) is loaded: that much
+    less RAM, and less free memory on the GPU with the most of it."""
+    gpus = list(hw.gpus)
+    if gpus and taken.gpu:
+        i = max(range(len(gpus)), key=lambda k: gpus[k].free)
+        gpus[i] = replace(gpus[i], free=max(gpus[i].free - taken.gpu, 0))
+    return replace(hw, ram_available=max(hw.ram_available - taken.cpu, 0), gpus=tuple(gpus))

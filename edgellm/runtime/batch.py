@@ -17,12 +17,16 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from edgellm.errors import EdgeLLMError, EngineError, QueueFullError, UsageError
 from edgellm.options import DEFAULT_SEED, SamplingOptions
 from edgellm.runtime.chunks import Chunk, TokenLogprob
 from edgellm.runtime.native import NativeContext, NativeModel
 from edgellm.runtime.text import Answer, common_prefix
+
+if TYPE_CHECKING:
+    from edgellm.runtime.speculative import Drafter
 
 
 @dataclass(eq=False)
@@ -41,6 +45,7 @@ class _Slot:
     pending: list[int] = field(default_factory=list)  # prompt tokens not yet evaluated
     sampler: int | None = None
     next_token: int | None = None  # sampled, to be evaluated in the next step
+    drafts: list[int] = field(default_factory=list)  # the draft's guesses, evaluated after next_token
     batch_index: int = -1
     answer: Answer | None = None
 
@@ -61,9 +66,11 @@ class BatchEngine:
         max_queue: int = 64,
         op_offload: bool = True,
         threaded: bool = True,
+        drafter: Drafter | None = None,
     ) -> None:
         """``threaded`` False: no engine thread; the caller advances the engine with ``step()``
-        (one conversation in the caller's own loop: chat, run, the app)."""
+        (one conversation in the caller's own loop: chat, run, the app). ``drafter``: a draft
+        model that proposes tokens for the model to verify (speculative.py); the engine closes it."""
         import llama_cpp
 
         self._lib = llama_cpp
@@ -81,6 +88,7 @@ class BatchEngine:
         self._mem = llama_cpp.llama_get_memory(self.ctx.ptr)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.slots = [_Slot(i) for i in range(n_parallel)]
+        self.drafter = drafter
         self.max_queue = max_queue
         self._queue: deque[GenerationRequest] = deque()
         self.broken: BaseException | None = None  # set by abandon()
@@ -128,6 +136,8 @@ class BatchEngine:
         for slot in self.slots:
             self._free_sampler(slot)
         self._lib.llama_batch_free(self._batch)
+        if self.drafter is not None:
+            self.drafter.close()
         if self._embed_ctx is not None:
             self._embed_ctx.close()
         self.ctx.close()
@@ -233,9 +243,13 @@ class BatchEngine:
             slot.batch_index = -1
             if slot.request and slot.request.cancelled.is_set():
                 self._finish(slot, "cancelled")
-        for slot in self.slots:  # answering slots first: one token each
+        for slot in self.slots:  # answering slots first: one token each, and the draft's guesses after it
             if slot.request and slot.next_token is not None:
+                slot.drafts = self._guesses(slot, n)
                 add(slot, slot.next_token, True)
+                for guess in slot.drafts:
+                    add(slot, guess, True)
+                slot.batch_index -= len(slot.drafts)
                 slot.next_token = None
         for slot in self.slots:  # then as much of the waiting prompts as fits
             while slot.request and slot.pending and n < self.n_batch:
@@ -251,14 +265,38 @@ class BatchEngine:
             if slot.request and slot.batch_index >= 0:
                 self._sample(slot)
 
+    def _guesses(self, slot: _Slot, n_in_batch: int) -> list[int]:
+        """The draft's guesses after the token just sampled, as many as the batch, the sequence's
+        context and the answer's remaining length have room for."""
+        if self.drafter is None:
+            return []
+        room = min(self.drafter.draft_max, self.n_batch - n_in_batch - 1, self.n_ctx - len(slot.tokens) - 2,
+                   slot.answer.limit - slot.answer.generated - 1)
+        return self.drafter.propose(slot.seq_id, [*slot.tokens, slot.next_token], room)
+
     def _sample(self, slot: _Slot) -> None:
-        request = slot.request
-        token = self._lib.llama_sampler_sample(slot.sampler, self.ctx.ptr, slot.batch_index)
-        top = request.sampling.logprobs
-        logprob = self._logprob(slot.batch_index, token, top) if top is not None else None
-        chunk, ended = slot.answer.add(token, logprob)
-        if chunk:
-            request.emit(chunk)
+        """Sample at the slot's evaluated token, then at each of the draft's guesses while they
+        equal what was sampled; the guesses not taken leave the cache."""
+        request, answer, drafts = slot.request, slot.answer, slot.drafts
+        base = len(slot.tokens) - len(drafts) - 1  # the cache position of the token evaluated first
+        answer.draft_tokens += len(drafts)
+        taken = 0
+        for i in range(len(drafts) + 1):
+            index = slot.batch_index + i
+            token = self._lib.llama_sampler_sample(slot.sampler, self.ctx.ptr, index)
+            top = request.sampling.logprobs
+            chunk, ended = answer.add(token, self._logprob(index, token, top) if top is not None else None)
+            if chunk:
+                request.emit(chunk)
+            taken += 1
+            guessed = i < len(drafts) and token == drafts[i]
+            answer.draft_accepted += guessed
+            if ended or not guessed:
+                break
+        slot.drafts = []
+        if base + taken < len(slot.tokens):
+            self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, base + taken, -1)
+            del slot.tokens[base + taken:]
         if ended:
             self._finish(slot, ended)
         else:

@@ -19,6 +19,8 @@ class Timings:
     generated_tokens: int
     decode_steps: int
     generate_ms: float
+    draft_tokens: int = 0  # speculative decoding: guesses the draft model made
+    draft_accepted: int = 0  # and how many of them the model's sampling kept
 
     @property
     def prompt_per_second(self) -> float | None:
@@ -38,6 +40,8 @@ class Timings:
             "generated_tokens": self.generated_tokens,
             "generate_ms": round(self.generate_ms, 3),
             "tokens_per_second": _round(self.tokens_per_second),
+            "draft_tokens": self.draft_tokens,
+            "draft_accepted": self.draft_accepted,
         }
 
 

@@ -25,6 +25,7 @@ from edgellm.options import (
 from edgellm.runtime.batch import BatchEngine, GenerationRequest
 from edgellm.runtime.chunks import Chunk
 from edgellm.runtime.native import NativeModel
+from edgellm.runtime.speculative import load_drafter
 from edgellm.runtime.templates import ChatTemplate, Message
 from edgellm.system import llamalog
 from edgellm.system.hardware import physical_cores
@@ -46,6 +47,9 @@ class ResolvedLoad:
     type_k: str
     type_v: str
     op_offload: bool = True  # off: a GPU too small for the compute buffer, no layer on it
+    draft: Path | None = None  # speculative decoding's draft model
+    draft_max: int = 16
+    draft_gpu_layers: int = 0
     plan: Plan | None = None  # the memory plan, when the planner chose anything
     split: tuple[tuple[str, int], ...] = ()  # layers per device as planned, when RPC workers take part
     placed: tuple[tuple[str, int], ...] = ()  # and as llama.cpp then logged placing them
@@ -67,16 +71,18 @@ def resolve_load(header: GGUFHeader, options: LoadOptions, hardware: Hardware | 
         )
     type_k, type_v, n_gpu_layers, plan = options.type_k, options.type_v, options.n_gpu_layers, None
     n_batch = min(options.n_batch, n_ctx) if n_ctx else options.n_batch
-    if n_ctx == 0 or n_gpu_layers is None or "auto" in (type_k, type_v):
-        from edgellm.plan.fit import fit
+    draft = read_header(options.draft) if options.draft else None
+    taken = None  # the draft model's memory
+    if n_ctx == 0 or n_gpu_layers is None or "auto" in (type_k, type_v) or draft is not None:
+        from edgellm.plan.fit import fit_with_draft
         from edgellm.system.hardware import probe
 
-        plan = fit(
-            header, hardware or probe(), n_ctx=n_ctx, type_k=type_k, type_v=type_v,
+        plan, taken = fit_with_draft(
+            header, draft, hardware or probe(), n_ctx=n_ctx, type_k=type_k, type_v=type_v,
             n_gpu_layers=n_gpu_layers, flash_attn=options.flash_attn, n_ubatch=n_batch,
         )
         if not plan.fits:
-            raise LoadError(f"{header.path.name} {plan.reason}")
+            raise LoadError(f"{header.path.name} {plan.reason}" + (f" beside draft {draft.path.name}" if draft else ""))
         n_ctx = n_ctx or plan.n_ctx
         type_k, type_v, n_gpu_layers = plan.type_k, plan.type_v, plan.n_gpu_layers
         flash_attn = plan.flash_attn
@@ -92,6 +98,9 @@ def resolve_load(header: GGUFHeader, options: LoadOptions, hardware: Hardware | 
         type_v=type_v,
         op_offload=plan.op_offload if plan else True,
         plan=plan,
+        draft=draft.path if draft else None,
+        draft_max=options.draft_max,
+        draft_gpu_layers=taken.n_gpu_layers if taken else 0,
     )
 
 
@@ -260,11 +269,17 @@ def load_model(
     chat_template = _template_for(header, template)
     position = llamalog.mark()
     native = NativeModel(header.path, load.n_gpu_layers, lora, options.lora_scale, options.tensor_split)
+    drafter = None
     try:
+        if load.draft:
+            drafter = load_drafter(load.draft, native, 1, load.n_ctx, load.n_batch, load.n_threads, load.draft_max,
+                                   load.draft_gpu_layers)
         engine = BatchEngine(native, 1, load.n_ctx, load.n_threads, n_batch=load.n_batch, type_k=load.type_k,
                              type_v=load.type_v, flash_attn="on" if load.flash_attn else "off",
-                             op_offload=load.op_offload, threaded=False)
+                             op_offload=load.op_offload, threaded=False, drafter=drafter)
     except BaseException:
+        if drafter is not None:
+            drafter.close()
         native.close()
         raise
     if load.split:

@@ -112,6 +112,8 @@ class Answer:
         self.limit = limit
         self.generated = 0
         self.sampled = 0
+        self.draft_tokens = 0  # guesses a draft model proposed (speculative decoding)
+        self.draft_accepted = 0  # and those the model's own sampling confirmed
         self.started = self.first = self.last = time.perf_counter()
 
     def add(self, token: int, logprobs: TokenLogprob | None = None) -> tuple[Chunk | None, str | None]:
@@ -140,5 +142,7 @@ class Answer:
             generated_tokens=self.generated,
             decode_steps=max(self.sampled - 1, 0),
             generate_ms=(self.last - self.first) * 1000,
+            draft_tokens=self.draft_tokens,
+            draft_accepted=self.draft_accepted,
         )
         return Chunk(tail, finish_reason=reason, timings=timings)

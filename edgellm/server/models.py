@@ -13,13 +13,14 @@ from dataclasses import dataclass
 
 from edgellm.config import Settings
 from edgellm.errors import EdgeLLMError, LoadError, ModelNotFoundError, brief
-from edgellm.gguf.header import GGUFHeader, check_lora
-from edgellm.models import BUNDLED_NAME, resolve, store_for
+from edgellm.gguf.header import GGUFHeader, check_lora, read_header
+from edgellm.models import BUNDLED_NAME, load_options, resolve, store_for
 from edgellm.models.store import NAME_RE
 from edgellm.options import default_context
-from edgellm.plan.fit import Plan, fit
+from edgellm.plan.fit import Plan, fit_with_draft
 from edgellm.runtime.batch import BatchEngine
 from edgellm.runtime.native import NativeModel
+from edgellm.runtime.speculative import load_drafter
 from edgellm.runtime.templates import ChatTemplate
 from edgellm.system.hardware import Hardware, physical_cores
 
@@ -33,6 +34,11 @@ class Served:
     template: ChatTemplate
     plan: Plan
     last_used: float
+    draft_ram: int = 0  # host memory of its draft model, if it speculates
+
+    @property
+    def ram(self) -> int:
+        return self.plan.memory.cpu + self.draft_ram
 
     def close(self) -> None:
         self.engine.close()
@@ -106,40 +112,48 @@ class ModelPool:
 
     def _load(self, key: str) -> Served:
         model = self.fixed or resolve(key, self.settings, store_only=True)
-        load = self.settings.load
+        load = load_options(self.settings)
         per_slot = load.n_ctx or default_context(model.header.context_length)
-        plan = fit(
-            model.header, self.hardware, n_ctx=per_slot * self.parallel, type_k=load.type_k, type_v=load.type_v,
-            n_gpu_layers=load.n_gpu_layers, flash_attn=load.flash_attn, n_seq=self.parallel,
+        plan, draft = fit_with_draft(
+            model.header, read_header(load.draft) if load.draft else None, self.hardware,
+            n_ctx=per_slot * self.parallel, type_k=load.type_k, type_v=load.type_v, n_gpu_layers=load.n_gpu_layers,
+            flash_attn=load.flash_attn, n_seq=self.parallel,
         )
         if not plan.fits:
             raise LoadError(f"{model.name} {plan.reason}")
-        self._make_room(plan)
+        self._make_room(plan.memory.cpu + (draft.cpu if draft else 0), plan.ram_budget)
         if load.rpc:  # llama.cpp would abort on a worker that died since the last load
             from edgellm.system.rpc import check_alive
 
             check_alive(load.rpc)
         native = NativeModel(model.path, plan.n_gpu_layers, check_lora(load.lora, model.header), load.lora_scale,
                              load.tensor_split)
+        threads, n_batch, drafter = load.n_threads or physical_cores(), max(load.n_batch, 512), None
         try:
+            if draft is not None:
+                drafter = load_drafter(load.draft, native, self.parallel, per_slot, n_batch, threads, load.draft_max,
+                                       draft.n_gpu_layers)
             engine = BatchEngine(
-                native, self.parallel, per_slot, load.n_threads or physical_cores(), n_batch=max(load.n_batch, 512),
-                type_k=plan.type_k, type_v=plan.type_v, flash_attn="on" if plan.flash_attn else "off",
-                max_queue=self.max_queue, op_offload=plan.op_offload,
+                native, self.parallel, per_slot, threads, n_batch=n_batch, type_k=plan.type_k, type_v=plan.type_v,
+                flash_attn="on" if plan.flash_attn else "off", max_queue=self.max_queue, op_offload=plan.op_offload,
+                drafter=drafter,
             )
         except BaseException:
+            if drafter is not None:
+                drafter.close()
             native.close()
             raise
         return Served(model.name, model.header, native, engine, ChatTemplate(model.header.chat_template), plan,
-                      time.monotonic())
+                      time.monotonic(), draft.cpu if draft else 0)
 
-    def _make_room(self, plan: Plan) -> None:
-        used = sum(s.plan.memory.cpu for s in self._loaded.values())
+    def _make_room(self, needed: int, budget: int) -> None:
+        """Unload idle models, least recently used first, until ``needed`` more bytes of RAM fit."""
+        used = sum(s.ram for s in self._loaded.values())
         for name, served in sorted(self._loaded.items(), key=lambda kv: kv[1].last_used):
-            if used + plan.memory.cpu <= plan.ram_budget:
+            if used + needed <= budget:
                 return
             if not served.engine.busy:
-                used -= served.plan.memory.cpu
+                used -= served.ram
                 self._loaded.pop(name).close()
 
     def unload_idle(self) -> None:

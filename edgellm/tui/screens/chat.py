@@ -61,12 +61,13 @@ class ChatScreen(Screen):
 
     @work(thread=True, exclusive=True, group="model")
     def _load(self) -> None:
-        from edgellm.models import resolve
+        from edgellm.models import load_options, resolve
         from edgellm.runtime.engine import load_model
 
         try:
             resolved = resolve(self.model_name, self.app.settings)
-            model = load_model(resolved.path, self.app.settings.load, None, resolved.header, self.app.hardware)
+            model = load_model(resolved.path, load_options(self.app.settings), None, resolved.header,
+                               self.app.hardware)
         except Exception as exc:
             self.post_message(Done("load", error=exc))
         else:

@@ -1,0 +1,128 @@
+"""Speculative decoding: a small draft model proposes the next tokens, the target verifies them.
+
+As llama.cpp's speculative decoding does it: the draft (same vocabulary) guesses up to ``draft_max``
+tokens greedily, stopping early where its own top token is less likely than ``P_MIN``; the
+target evaluates the sampled token and the guesses in one batch and samples at each position with
+its own sampler, keeping guesses while they equal what it sampled. Every token is therefore drawn
+from the target's distribution (the guesses only decide how many positions one decode computes):
+greedy answers equal those without a draft, and a seeded answer draws the same random numbers.
+
+The draft keeps one sequence per engine slot in its own KV cache, reused by common prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from edgellm.errors import EngineError, UsageError
+from edgellm.runtime.native import NativeContext, NativeModel
+from edgellm.runtime.text import common_prefix
+
+#: a guess the draft is less sure of than this ends the guessing (llama.cpp's default --draft-p-min)
+P_MIN = 0.75
+#: the draft's top token's probability is taken among this many likeliest (llama.cpp's draft top-k)
+TOP_K = 10
+#: llama.cpp's limits for a compatible draft: vocabulary sizes this close, token texts equal from here
+MAX_VOCAB_DIFFERENCE = 128
+CHECK_FROM_TOKEN = 5
+
+
+class Drafter:
+    """A loaded draft model and its context, with one cached sequence per slot of the engine."""
+
+    def __init__(self, model: NativeModel, n_parallel: int, n_ctx: int, n_batch: int, n_threads: int,
+                 draft_max: int) -> None:
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self.model = model
+        self.draft_max = draft_max
+        self.n_batch = n_batch
+        self.ctx: NativeContext = model.context(n_ctx=n_ctx * n_parallel, n_batch=n_batch, n_ubatch=min(512, n_batch),
+                                                n_threads=n_threads, n_seq_max=n_parallel, swa_full=True)
+        self._mem = llama_cpp.llama_get_memory(self.ctx.ptr)
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._cached: list[list[int]] = [[] for _ in range(n_parallel)]
+        self.n_vocab = model.n_vocab
+
+    def propose(self, seq_id: int, tokens: Sequence[int], n_max: int) -> list[int]:
+        """Up to ``n_max`` guesses for what follows ``tokens`` (the sequence so far, ending with
+        the token just sampled)."""
+        import numpy as np
+
+        if n_max <= 0:
+            return []
+        cached = self._cached[seq_id]
+        keep = min(common_prefix(cached, tokens), len(tokens) - 1)  # the last token is evaluated for its logits
+        self._lib.llama_memory_seq_rm(self._mem, seq_id, keep, -1)
+        del cached[keep:]
+        self._decode(seq_id, tokens[keep:])
+        guesses: list[int] = []
+        while True:
+            ptr = self._lib.llama_get_logits_ith(self.ctx.ptr, -1)
+            logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+            best = int(logits.argmax())
+            top = np.partition(logits, -TOP_K)[-TOP_K:]  # its probability among the likeliest, as llama.cpp's draft sampler sees it
+            if 1.0 / float(np.exp(top - logits[best]).sum()) < P_MIN:
+                break
+            guesses.append(best)
+            if len(guesses) == n_max:
+                break
+            self._decode(seq_id, [best])
+        return guesses
+
+    def _decode(self, seq_id: int, tokens: Sequence[int]) -> None:
+        """Append tokens to the sequence's cache, in batches, with logits for the last one."""
+        lib, batch, cached = self._lib, self._batch, self._cached[seq_id]
+        for start in range(0, len(tokens), self.n_batch):
+            part = tokens[start : start + self.n_batch]
+            for i, token in enumerate(part):
+                batch.token[i] = token
+                batch.pos[i] = len(cached) + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq_id
+                batch.logits[i] = start + i == len(tokens) - 1
+            batch.n_tokens = len(part)
+            status = lib.llama_decode(self.ctx.ptr, batch)
+            if status != 0:
+                raise EngineError(f"the draft model's llama_decode failed with status {status}")
+            cached.extend(part)
+
+    def close(self) -> None:
+        self._lib.llama_batch_free(self._batch)
+        self.ctx.close()
+        self.model.close()
+
+
+def check_compatible(target: NativeModel, draft: NativeModel) -> None:
+    """Refuse a draft whose tokens mean something else than the target's (llama.cpp's own test)."""
+    import llama_cpp as lib
+
+    name = draft.path.name
+    tv, dv = target.vocab, draft.vocab
+    if lib.llama_vocab_type(tv) != lib.llama_vocab_type(dv):
+        raise UsageError(f"draft {name} has another kind of tokenizer than the model")
+    same_ends = (lib.llama_vocab_get_add_bos(tv) == lib.llama_vocab_get_add_bos(dv)
+                 and lib.llama_vocab_bos(tv) == lib.llama_vocab_bos(dv)
+                 and lib.llama_vocab_eos(tv) == lib.llama_vocab_eos(dv))
+    if not same_ends:
+        raise UsageError(f"draft {name} begins or ends texts with other tokens than the model")
+    n_target, n_draft = target.n_vocab, draft.n_vocab
+    if abs(n_target - n_draft) > MAX_VOCAB_DIFFERENCE:
+        raise UsageError(f"draft {name} has {n_draft} tokens, the model {n_target}: not the same vocabulary")
+    for token in range(CHECK_FROM_TOKEN, min(n_target, n_draft)):
+        if lib.llama_vocab_get_text(tv, token) != lib.llama_vocab_get_text(dv, token):
+            raise UsageError(f"draft {name}: token {token} differs from the model's; not the same vocabulary")
+
+
+def load_drafter(path: str | Path, target: NativeModel, n_parallel: int, n_ctx: int, n_batch: int, n_threads: int,
+                 draft_max: int, n_gpu_layers: int = 0) -> Drafter:
+    """Load a draft model for ``target``, checked to share its vocabulary."""
+    draft = NativeModel(path, n_gpu_layers)
+    try:
+        check_compatible(target, draft)
+        return Drafter(draft, n_parallel, n_ctx, n_batch, n_threads, draft_max)
+    except BaseException:
+        draft.close()
+        raise
