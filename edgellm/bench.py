@@ -5,6 +5,11 @@ when the model adds one), one warm-up pass, the KV cache cleared before each rep
 prompt decoded in chunks of the batch size, generation as single-token decodes, and the figure
 reported is the mean ± sample standard deviation of the per-repetition rates. Token ids are drawn
 before the clock starts; nothing else runs inside the timed region but llama.cpp's decodes.
+
+With a draft model, each generation test also runs as ``tgN+draft``: speculative decoding has
+nothing to guess in random ids, so that row generates N tokens of real text (greedy, from a fixed
+prompt, end-of-generation ignored) on the engine chat and serve use, and reports the share of the
+draft's guesses the model kept.
 """
 
 from __future__ import annotations
@@ -40,10 +45,12 @@ class BenchCase:
     flash_attn: str
     n_batch: int
     n_ubatch: int
+    draft: Path | None = None  # speculative decoding with this draft model (a tg test on real text)
+    draft_max: int = 16
 
     @property
     def test(self) -> str:
-        return f"pp{self.n_prompt}" if self.n_prompt else f"tg{self.n_gen}"
+        return f"pp{self.n_prompt}" if self.n_prompt else f"tg{self.n_gen}" + ("+draft" if self.draft else "")
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,12 @@ class BenchResult:
     model_n_params: int
     backend: str
     samples_ns: tuple[int, ...] = field(repr=False)
+    draft_tokens: int = 0  # over all repetitions: guesses the draft made
+    draft_accepted: int = 0  # and those the model kept
+
+    @property
+    def accepted(self) -> float | None:
+        return self.draft_accepted / self.draft_tokens if self.draft_tokens else None
 
     @property
     def n_tokens(self) -> int:
@@ -97,6 +110,8 @@ class BenchResult:
             "stddev_ts": round(self.stddev_ts, 6),
             "samples_ns": list(self.samples_ns),
             "samples_ts": [round(x, 6) for x in self.samples_ts],
+            **({"draft_filename": str(c.draft), "draft_max": c.draft_max, "draft_tokens": self.draft_tokens,
+                "draft_accepted": self.draft_accepted} if c.draft else {}),
         }
 
 
@@ -117,8 +132,11 @@ def plan_cases(
     flash_attn: Sequence[str] = ("auto",),
     n_batch: int = 2048,
     n_ubatch: int = 512,
+    draft: Path | None = None,
+    draft_max: int = 16,
 ) -> list[BenchCase]:
-    """Every combination, checked before anything runs (llama-bench's defaults otherwise)."""
+    """Every combination, checked before anything runs (llama-bench's defaults otherwise); with
+    ``draft``, every generation test once more with it."""
     from edgellm.system.hardware import physical_cores
 
     n_prompt = _positive(n_prompt, "prompt length (-p)", allow_zero=True)
@@ -150,6 +168,8 @@ def plan_cases(
         models, gpu_layers, kv_pairs, modes, threads, tests
     ):
         cases.append(BenchCase(Path(model), p, g, t, ngl, k, v, mode, n_batch, n_ubatch))
+        if draft is not None and g:
+            cases.append(BenchCase(Path(model), p, g, t, ngl, k, v, mode, n_batch, n_ubatch, Path(draft), draft_max))
     return cases
 
 
@@ -197,8 +217,12 @@ def run_cases(
             for case in group:
                 if on_case:
                     on_case(case)
-                samples = _measure(model, case, repetitions, rng)
-                yield BenchResult(case, model.description, model.size, model.n_params, backend, tuple(samples))
+                if case.draft:
+                    samples, guessed, kept = _measure_drafted(model, case, repetitions)
+                else:
+                    samples, guessed, kept = _measure(model, case, repetitions, rng), 0, 0
+                yield BenchResult(case, model.description, model.size, model.n_params, backend, tuple(samples),
+                                  guessed, kept)
 
 
 def _measure(model, case: BenchCase, repetitions: int, rng: random.Random) -> list[int]:
@@ -225,6 +249,40 @@ def _measure(model, case: BenchCase, repetitions: int, rng: random.Random) -> li
             else:
                 samples.append(_timed_gen(ctx, _tokens(model, case.n_gen, rng)))
         return samples
+
+
+#: what a tgN+draft row generates from: prose a small model continues fluently
+DRAFT_PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
+
+
+def _measure_drafted(model, case: BenchCase, repetitions: int) -> tuple[list[int], int, int]:
+    """N tokens of greedy text through the engine with the draft: (ns per repetition, guesses, kept)."""
+    from edgellm.options import SamplingOptions
+    from edgellm.runtime.batch import BatchEngine, GenerationRequest
+    from edgellm.runtime.speculative import load_drafter
+
+    prompt = model.tokenize(DRAFT_PROMPT, add_special=True)
+    n_ctx = len(prompt) + case.n_gen + 1
+    drafter = load_drafter(case.draft, model, 1, n_ctx, case.n_batch, case.n_threads, case.draft_max)
+    engine = BatchEngine(model, 1, n_ctx, case.n_threads, n_batch=case.n_batch, type_k=case.type_k,
+                         type_v=case.type_v, flash_attn=case.flash_attn, threaded=False, drafter=drafter)
+    sampling = SamplingOptions(temperature=0.0, max_tokens=case.n_gen, ignore_eos=True)
+    samples, guessed, kept = [], 0, 0
+    try:
+        for rep in range(repetitions + 1):  # the first is the warm-up
+            out: list = []
+            engine.submit(GenerationRequest(prompt, sampling, out.append))
+            while not (out and (isinstance(out[-1], BaseException) or out[-1].finish_reason)):
+                engine.step()
+            if isinstance(out[-1], BaseException):
+                raise out[-1]
+            timings = out[-1].timings
+            if rep:
+                samples.append(int(timings.generate_ms * 1e6 * case.n_gen / max(timings.decode_steps, 1)))
+                guessed, kept = guessed + timings.draft_tokens, kept + timings.draft_accepted
+    finally:
+        engine.close()
+    return samples, guessed, kept
 
 
 def machine_info() -> dict[str, Any]:

@@ -119,3 +119,16 @@ def test_the_server_speculates_with_the_same_answers(target: Path, smollm2: Path
     alone, drafted = answers
     assert drafted["choices"][0]["message"]["content"] == alone["choices"][0]["message"]["content"]
     assert drafted["timings"]["draft_accepted"] > 0 and alone["timings"]["draft_tokens"] == 0
+
+
+def test_bench_measures_a_draft_beside_the_plain_generation(cli, target: Path, smollm2: Path) -> None:
+    done = cli("bench", str(target), "-p", "0", "-n", "32", "-r", "1", "--draft", str(smollm2), "--draft-max", "4",
+               "-o", "json")
+    assert done.returncode == 0, done.stderr
+    plain, drafted = json.loads(done.stdout)["results"]
+    assert (plain["test"], drafted["test"]) == ("tg32", "tg32+draft")
+    assert drafted["draft_filename"] == str(smollm2) and drafted["draft_max"] == 4
+    assert 0 < drafted["draft_accepted"] <= drafted["draft_tokens"] and drafted["avg_ts"] > 0
+    table = cli("bench", str(target), "-p", "0", "-n", "16", "-r", "1", "--draft", str(smollm2))
+    header, *rows = table.stdout.splitlines()
+    assert header.split()[-1] == "accepted" and rows[-1].split()[-1].endswith("%")

@@ -9,6 +9,9 @@ import json
 import sys
 from pathlib import Path
 
+from edgellm.errors import UsageError
+from edgellm.options import MAX_DRAFT
+
 FORMATS = ("table", "md", "csv", "json")
 
 
@@ -41,6 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-ub", "--ubatch", type=int, default=512, metavar="N")
     p.add_argument("-o", "--output", choices=FORMATS, default="table")
     p.add_argument("--sweep", action="store_true", help="also every quantization of each model in the store (NAME-TYPE)")
+    p.add_argument("--draft", metavar="MODEL", help="also each tg test with speculative decoding by this draft model "
+                   "(tgN+draft: real text, greedy, with the share of guesses kept)")
+    p.add_argument("--draft-max", type=int, default=16, metavar="N", help="most tokens the draft guesses at a time")
     p.set_defaults(func=cmd_bench)
 
 
@@ -69,9 +75,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from edgellm.bench import plan_cases, run_cases
 
     paths = _model_paths(args.models, args.sweep)
+    draft = _model_paths([args.draft], False)[0] if args.draft else None
+    if not 1 <= args.draft_max <= MAX_DRAFT:
+        raise UsageError(f"--draft-max must be 1-{MAX_DRAFT}, got {args.draft_max}")
     cases = plan_cases(
         paths, args.n_prompt, args.n_gen, args.threads, args.gpu_layers, args.kv_type, args.flash_attn,
-        args.batch, args.ubatch,
+        args.batch, args.ubatch, draft, args.draft_max,
     )
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -107,6 +116,8 @@ def _columns(results, args) -> list[tuple[str, str]]:
     if args.flash_attn != ["auto"]:
         cols.append(("fa", "flash_attn"))
     cols += [("test", "test"), ("t/s", "t/s")]
+    if any(r.case.draft for r in results):
+        cols.append(("accepted", "accepted"))
     return cols
 
 
@@ -118,6 +129,8 @@ def _cell(result, key: str) -> str:
         return f"{result.model_n_params / 1e6:.2f} M" if result.model_n_params < 1e9 else f"{result.model_n_params / 1e9:.2f} B"
     if key == "t/s":
         return f"{result.avg_ts:.2f} ± {result.stddev_ts:.2f}"
+    if key == "accepted":
+        return "" if result.accepted is None else f"{result.accepted:.0%}"
     return str(data[key])
 
 

@@ -280,11 +280,10 @@ class BatchEngine:
         request, answer, drafts = slot.request, slot.answer, slot.drafts
         base = len(slot.tokens) - len(drafts) - 1  # the cache position of the token evaluated first
         answer.draft_tokens += len(drafts)
-        taken = 0
+        top, taken = request.sampling.logprobs, 0
         for i in range(len(drafts) + 1):
             index = slot.batch_index + i
             token = self._lib.llama_sampler_sample(slot.sampler, self.ctx.ptr, index)
-            top = request.sampling.logprobs
             chunk, ended = answer.add(token, self._logprob(index, token, top) if top is not None else None)
             if chunk:
                 request.emit(chunk)
