@@ -98,6 +98,7 @@ _SPEC: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "tensor_split": ("load", "tensor_split", _floats),
     "draft": ("load", "draft", str),
     "draft_max": ("load", "draft_max", int),
+    "draft_p_min": ("load", "draft_p_min", float),
     "temperature": ("sampling", "temperature", float),
     "top_k": ("sampling", "top_k", int),
     "top_p": ("sampling", "top_p", float),

@@ -82,6 +82,7 @@ class LoadOptions:
     tensor_split: tuple[float, ...] = ()  # share of layers per GPU/remote device (default: by free memory)
     draft: str | None = None  # a draft model's GGUF for speculative decoding (same vocabulary, smaller)
     draft_max: int = 16  # most tokens the draft guesses at a time
+    draft_p_min: float = 0.75  # a guess the draft is less sure of ends its guessing (llama.cpp's default)
 
     def __post_init__(self) -> None:
         if self.flash_attn not in FLASH_ATTN_MODES:
@@ -98,6 +99,8 @@ class LoadOptions:
             raise UsageError(f"thread count must be positive, got {self.n_threads}")
         if not 1 <= self.draft_max <= MAX_DRAFT:
             raise UsageError(f"draft max must be 1-{MAX_DRAFT}, got {self.draft_max}")
+        if not 0 <= self.draft_p_min <= 1:
+            raise UsageError(f"draft p-min must be in [0, 1], got {self.draft_p_min}")
 
 
 @dataclass(frozen=True)

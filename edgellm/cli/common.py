@@ -46,6 +46,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--draft", metavar="MODEL", help="speculative decoding: a small model with the same vocabulary "
                       "guesses tokens for this one to verify (store name or .gguf path)")
     load.add_argument("--draft-max", type=int, metavar="N", help="most tokens the draft guesses at a time (default 16)")
+    load.add_argument("--draft-p-min", type=float, metavar="P",
+                      help="the draft stops guessing below this confidence (default 0.75)")
     sample = parser.add_argument_group("sampling")
     sample.add_argument("--temperature", "--temp", type=float, metavar="T")
     sample.add_argument("--top-k", type=int, metavar="K")
@@ -70,6 +72,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "max_tokens", "stop",
             "presence_penalty", "frequency_penalty",
             "gpu_memory", "ram", "lora", "lora_scale", "rpc", "tensor_split", "draft", "draft_max",
+            "draft_p_min",
         )
     }
     kv = getattr(args, "kv_type", None)

@@ -49,6 +49,7 @@ class ResolvedLoad:
     op_offload: bool = True  # off: a GPU too small for the compute buffer, no layer on it
     draft: Path | None = None  # speculative decoding's draft model
     draft_max: int = 16
+    draft_p_min: float = 0.75
     draft_gpu_layers: int = 0
     plan: Plan | None = None  # the memory plan, when the planner chose anything
     split: tuple[tuple[str, int], ...] = ()  # layers per device as planned, when RPC workers take part
@@ -100,6 +101,7 @@ def resolve_load(header: GGUFHeader, options: LoadOptions, hardware: Hardware | 
         plan=plan,
         draft=draft.path if draft else None,
         draft_max=options.draft_max,
+        draft_p_min=options.draft_p_min,
         draft_gpu_layers=taken.n_gpu_layers if taken else 0,
     )
 
@@ -273,7 +275,7 @@ def load_model(
     try:
         if load.draft:
             drafter = load_drafter(load.draft, native, 1, load.n_ctx, load.n_batch, load.n_threads, load.draft_max,
-                                   load.draft_gpu_layers)
+                                   load.draft_p_min, load.draft_gpu_layers)
         engine = BatchEngine(native, 1, load.n_ctx, load.n_threads, n_batch=load.n_batch, type_k=load.type_k,
                              type_v=load.type_v, flash_attn="on" if load.flash_attn else "off",
                              op_offload=load.op_offload, threaded=False, drafter=drafter)

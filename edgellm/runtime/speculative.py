@@ -1,7 +1,7 @@
 """Speculative decoding: a small draft model proposes the next tokens, the target verifies them.
 
 As llama.cpp's speculative decoding does it: the draft (same vocabulary) guesses up to ``draft_max``
-tokens greedily, stopping early where its own top token is less likely than ``P_MIN``; the
+tokens greedily, stopping early where its own top token is less likely than ``p_min``; the
 target evaluates the sampled token and the guesses in one batch and samples at each position with
 its own sampler, keeping guesses while they equal what it sampled. Every token is therefore drawn
 from the target's distribution (the guesses only decide how many positions one decode computes):
@@ -19,10 +19,10 @@ from edgellm.errors import EngineError, UsageError
 from edgellm.runtime.native import NativeContext, NativeModel
 from edgellm.runtime.text import common_prefix
 
-#: a guess the draft is less sure of than this ends the guessing (llama.cpp's default --draft-p-min)
-P_MIN = 0.75
 #: the draft's top token's probability is taken among this many likeliest (llama.cpp's draft top-k)
 TOP_K = 10
+#: most steps a draft sits out after declining to guess
+MAX_REST = 8
 #: llama.cpp's limits for a compatible draft: vocabulary sizes this close, token texts equal from here
 MAX_VOCAB_DIFFERENCE = 128
 CHECK_FROM_TOKEN = 5
@@ -32,18 +32,21 @@ class Drafter:
     """A loaded draft model and its context, with one cached sequence per slot of the engine."""
 
     def __init__(self, model: NativeModel, n_parallel: int, n_ctx: int, n_batch: int, n_threads: int,
-                 draft_max: int) -> None:
+                 draft_max: int, p_min: float) -> None:
         import llama_cpp
 
         self._lib = llama_cpp
         self.model = model
         self.draft_max = draft_max
+        self.p_min = p_min
         self.n_batch = n_batch
         self.ctx: NativeContext = model.context(n_ctx=n_ctx * n_parallel, n_batch=n_batch, n_ubatch=min(512, n_batch),
                                                 n_threads=n_threads, n_seq_max=n_parallel, swa_full=True)
         self._mem = llama_cpp.llama_get_memory(self.ctx.ptr)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._cached: list[list[int]] = [[] for _ in range(n_parallel)]
+        self._rest = [0] * n_parallel  # steps a sequence's draft sits out after declining to guess
+        self._backoff = [0] * n_parallel
         self.n_vocab = model.n_vocab
 
     def propose(self, seq_id: int, tokens: Sequence[int], n_max: int) -> list[int]:
@@ -52,6 +55,9 @@ class Drafter:
         import numpy as np
 
         if n_max <= 0:
+            return []
+        if self._rest[seq_id]:
+            self._rest[seq_id] -= 1
             return []
         cached = self._cached[seq_id]
         keep = min(common_prefix(cached, tokens), len(tokens) - 1)  # the last token is evaluated for its logits
@@ -64,12 +70,17 @@ class Drafter:
             logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
             best = int(logits.argmax())
             top = np.partition(logits, -TOP_K)[-TOP_K:]  # its probability among the likeliest, as llama.cpp's draft sampler sees it
-            if 1.0 / float(np.exp(top - logits[best]).sum()) < P_MIN:
+            if 1.0 / float(np.exp(top - logits[best]).sum()) < self.p_min:
                 break
             guesses.append(best)
             if len(guesses) == n_max:
                 break
             self._decode(seq_id, [best])
+        # Unsure here: sit out the next 1, 2, 4, then 8 steps while it stays unsure. Catching up
+        # later takes one decode for all the tokens missed, so a stretch the draft cannot guess
+        # costs a fraction of a decode per token instead of one.
+        self._backoff[seq_id] = 0 if guesses else min(2 * self._backoff[seq_id] or 1, MAX_REST)
+        self._rest[seq_id] = self._backoff[seq_id]
         return guesses
 
     def _decode(self, seq_id: int, tokens: Sequence[int]) -> None:
@@ -117,12 +128,12 @@ def check_compatible(target: NativeModel, draft: NativeModel) -> None:
 
 
 def load_drafter(path: str | Path, target: NativeModel, n_parallel: int, n_ctx: int, n_batch: int, n_threads: int,
-                 draft_max: int, n_gpu_layers: int = 0) -> Drafter:
+                 draft_max: int = 16, p_min: float = 0.75, n_gpu_layers: int = 0) -> Drafter:
     """Load a draft model for ``target``, checked to share its vocabulary."""
     draft = NativeModel(path, n_gpu_layers)
     try:
         check_compatible(target, draft)
-        return Drafter(draft, n_parallel, n_ctx, n_batch, n_threads, draft_max)
+        return Drafter(draft, n_parallel, n_ctx, n_batch, n_threads, draft_max, p_min)
     except BaseException:
         draft.close()
         raise

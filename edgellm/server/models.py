@@ -132,7 +132,7 @@ class ModelPool:
         try:
             if draft is not None:
                 drafter = load_drafter(load.draft, native, self.parallel, per_slot, n_batch, threads, load.draft_max,
-                                       draft.n_gpu_layers)
+                                       load.draft_p_min, draft.n_gpu_layers)
             engine = BatchEngine(
                 native, self.parallel, per_slot, threads, n_batch=n_batch, type_k=plan.type_k, type_v=plan.type_v,
                 flash_attn="on" if plan.flash_attn else "off", max_queue=self.max_queue, op_offload=plan.op_offload,
