@@ -89,6 +89,7 @@ class BatchEngine:
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.slots = [_Slot(i) for i in range(n_parallel)]
         self.drafter = drafter
+        self.n_vocab = model.n_vocab
         self.max_queue = max_queue
         self._queue: deque[GenerationRequest] = deque()
         self.broken: BaseException | None = None  # set by abandon()
@@ -199,8 +200,14 @@ class BatchEngine:
             slot.answer = Answer(self.model.piece, self.model.is_end, request.sampling, len(request.prompt), keep,
                                  min(max_tokens, room) if max_tokens > 0 else room)
 
-    def _make_sampler(self, request: GenerationRequest) -> int:
+    def _make_sampler(self, request: GenerationRequest) -> int | None:
+        """llama.cpp's sampler chain for the request, or None for plain greedy decoding, which
+        takes the largest logit itself: the same token without copying the whole vocabulary into
+        llama.cpp's candidate array at every step."""
         lib, s = self._lib, request.sampling
+        if s.temperature <= 0 and not s.grammar and s.repeat_penalty == 1.0 and not s.presence_penalty \
+                and not s.frequency_penalty:
+            return None
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         if s.grammar:
             grammar = lib.llama_sampler_init_grammar(self.model.vocab, s.grammar.encode(), b"root")
@@ -283,7 +290,7 @@ class BatchEngine:
         top, taken = request.sampling.logprobs, 0
         for i in range(len(drafts) + 1):
             index = slot.batch_index + i
-            token = self._lib.llama_sampler_sample(slot.sampler, self.ctx.ptr, index)
+            token = self._sample_one(slot.sampler, index)
             chunk, ended = answer.add(token, self._logprob(index, token, top) if top is not None else None)
             if chunk:
                 request.emit(chunk)
@@ -300,6 +307,14 @@ class BatchEngine:
             self._finish(slot, ended)
         else:
             slot.next_token = token
+
+    def _sample_one(self, sampler: int | None, index: int) -> int:
+        if sampler is not None:
+            return self._lib.llama_sampler_sample(sampler, self.ctx.ptr, index)
+        import numpy as np
+
+        logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.ctx.ptr, index), shape=(self.n_vocab,))
+        return int(logits.argmax())  # the first of equal maxima, as llama.cpp's greedy sampler
 
     def _logprob(self, index: int, token: int, top: int) -> TokenLogprob:
         import numpy as np

@@ -9,13 +9,14 @@ LoadError with the cause llama.cpp logged.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from edgellm.errors import LoadError
 from edgellm.options import KV_TYPES
 from edgellm.runtime.text import PieceTable
 from edgellm.system import llamalog
+from edgellm.system.devices import cpu_threadpool
 
 FLASH_ATTN_TYPES = {"auto": -1, "off": 0, "on": 1}
 
@@ -189,6 +190,7 @@ class NativeContext:
             raise LoadError(f"llama.cpp could not create a context for {model.path.name}: {cause}")
         self.n_batch = n_batch
         self._one = (lib.llama_token * 1)()
+        self._free_pool = _attach_threadpool(self.ptr, n_threads)
         if model.lora:
             adapters = (lib.llama_adapter_lora_p_ctypes * 1)(model.lora)
             scales = (ctypes.c_float * 1)(model.lora_scale)
@@ -264,9 +266,27 @@ class NativeContext:
         if self.ptr:
             self._lib.llama_free(self.ptr)
             self.ptr = None
+            if self._free_pool is not None:
+                self._free_pool()
 
     def __enter__(self) -> NativeContext:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _attach_threadpool(ctx: int, n_threads: int) -> Callable[[], None] | None:
+    """Give the context a persistent CPU thread pool (llama.cpp's tools do the same; without one,
+    ggml starts its threads anew for every token). Returns what frees it, once the context is."""
+    import llama_cpp.llama_cpp as binding
+
+    made = cpu_threadpool(n_threads)
+    if made is None:
+        return None
+    pool, free = made
+    attach = binding._lib.llama_attach_threadpool
+    attach.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    attach.restype = None
+    attach(ctx, pool, None)  # the same pool for batches
+    return free

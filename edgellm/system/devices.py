@@ -8,6 +8,7 @@ planner (free memory per device).
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -170,3 +171,51 @@ def supports_mul_mat(device: str, weight_type: int, rows: int, cols: int, n_toke
         return bool(lib.ggml_backend_dev_supports_op(dev, ops.ggml_mul_mat(ctx, weight, inputs)))
     finally:
         ops.ggml_free(ctx)
+
+
+class _ThreadpoolParams(ctypes.Structure):
+    """ggml.h's ``struct ggml_threadpool_params``."""
+
+    _fields_ = [("cpumask", ctypes.c_bool * 512), ("n_threads", ctypes.c_int), ("prio", ctypes.c_int),
+                ("poll", ctypes.c_uint32), ("strict_cpu", ctypes.c_bool), ("paused", ctypes.c_bool)]
+
+
+@cache
+def _threadpool_functions() -> tuple[Callable, Callable, Callable] | None:
+    """(params_init, new, free) from the CPU backend in use, as llama.cpp's tools take them; None
+    without a CPU backend."""
+    lib = _ggml()
+    lib.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    lib.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    lib.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+    dev = lib.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+    reg = lib.ggml_backend_dev_backend_reg(dev) if dev else None
+    new = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_threadpool_new") if reg else None
+    free = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_threadpool_free") if reg else None
+    if not (new and free):
+        return None
+    base = shipped_library("libggml-base")
+    base.ggml_threadpool_params_init.argtypes = [ctypes.POINTER(_ThreadpoolParams), ctypes.c_int]
+    base.ggml_threadpool_params_init.restype = None
+    return (base.ggml_threadpool_params_init,
+            ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(_ThreadpoolParams))(new),
+            ctypes.CFUNCTYPE(None, ctypes.c_void_p)(free))
+
+
+def cpu_threadpool(n_threads: int) -> tuple[int, Callable[[], None]] | None:
+    """A persistent pool of CPU threads for a llama.cpp context, and the function that frees it.
+
+    Without one, ggml starts and joins its threads for every graph it computes: every token. Its
+    threads poll briefly for the next graph (ggml's default level, 50), as llama-bench's and
+    llama-server's do."""
+    functions = _threadpool_functions()
+    if functions is None:
+        return None
+    init, new, free = functions
+    params = _ThreadpoolParams()
+    init(ctypes.byref(params), n_threads)
+    pool = new(ctypes.byref(params))
+    if not pool:
+        return None
+    return pool, lambda: free(pool)
