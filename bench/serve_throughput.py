@@ -3,7 +3,7 @@ llama.cpp's `llama-server --parallel N` and llama-cpp-python's own server, same 
 lengths, in one run; and the time to first token of a conversation's second turn with and without
 the prompt cache.
 
-usage: python bench/serve_throughput.py [MODEL.gguf] [-n 128] [--streams 1,2,4,8] [-t THREADS]
+usage: python bench/serve_throughput.py [MODEL.gguf] [-n 128] [--streams 1,2,4,8] [-r 3] [-t THREADS]
        [--gpu-layers N] [--llama-server PATH] [--vram]   (--vram: nvidia-smi's memory.used once loaded)
        (llama-cpp-python's server needs: pip install sse-starlette starlette-context pydantic-settings)
 """
@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -95,6 +96,7 @@ def main() -> None:
     ap.add_argument("model", nargs="?", default=None)
     ap.add_argument("-n", type=int, default=128)
     ap.add_argument("--streams", default="1,2,4,8")
+    ap.add_argument("-r", type=int, default=3, help="alternating runs per server and stream count")
     ap.add_argument("-t", "--threads", type=int, default=physical_cores())
     ap.add_argument("--gpu-layers", "-ngl", type=int, default=0)
     ap.add_argument("--llama-server", help="llama-server to compare with (default: the reference build)")
@@ -119,28 +121,39 @@ def main() -> None:
                                          "--n_ctx", str(ctx), "--n_threads", str(args.threads), "--flash_attn", "true"]
 
     table: dict[str, dict[int, float]] = {}
+    ratios: dict[int, float] = {}
     for n in counts:
-        for name, port, cmd in servers(n):
-            base = f"http://127.0.0.1:{port}"
-            try:
-                proc = start(cmd, base + ("/v1/models" if name == "llama_cpp.server" else "/health"), env)
-            except RuntimeError as exc:
-                print(f"{name}: skipped ({str(exc).strip().splitlines()[-1][:160]})", file=sys.stderr)
-                continue
-            try:
+        running = {}
+        try:
+            for name, port, cmd in servers(n):  # side by side, idle while another is measured
+                base = f"http://127.0.0.1:{port}"
+                try:
+                    running[name] = (base, start(cmd, base + ("/v1/models" if name == "llama_cpp.server" else "/health"),
+                                                 env))
+                except RuntimeError as exc:
+                    print(f"{name}: skipped ({str(exc).strip().splitlines()[-1][:160]})", file=sys.stderr)
+                    continue
                 aggregate(base, 1, 8)  # warm-up
                 if args.vram:
                     print(f"{name} --parallel {n}: {vram_used()} MiB of VRAM in use after loading", file=sys.stderr)
-                table.setdefault(name, {})[n] = aggregate(base, n, args.n)
-            finally:
+            runs: dict[str, list[float]] = {name: [] for name in running}
+            for _ in range(args.r):  # alternating, so a busy neighbour slows every server alike
+                for name, (base, _proc) in running.items():
+                    runs[name].append(aggregate(base, n, args.n))
+        finally:
+            for _base, proc in running.values():
                 proc.terminate()
                 proc.wait(timeout=30)
-    print(f"aggregate generated tokens/s, {args.n} tokens per stream, {args.threads} threads, model {os.path.basename(model)}")
+        for name, values in runs.items():
+            table.setdefault(name, {})[n] = statistics.median(values)
+        if "edgellm" in runs and "llama-server" in runs:
+            ratios[n] = statistics.median(a / b for a, b in zip(runs["edgellm"], runs["llama-server"]))
+    print(f"aggregate generated tokens/s, {args.n} tokens per stream, {args.threads} threads, model "
+          f"{os.path.basename(model)}, median of {args.r} alternating runs")
     print(f"{'streams':>8} " + " ".join(f"{name:>17}" for name in table) + f" {'edgellm/llama-server':>21}")
     for n in counts:
         row = " ".join(f"{table[name].get(n, float('nan')):17.1f}" for name in table)
-        ratio = table.get("edgellm", {}).get(n, 0) / table.get("llama-server", {}).get(n, float("nan"))
-        print(f"{n:>8} {row} {ratio:21.3f}")
+        print(f"{n:>8} {row} {ratios.get(n, float('nan')):21.3f}")
 
     # time to first token of a second turn, with the first turn in the prompt cache and without
     system = "You are a careful assistant. " * 120

@@ -80,8 +80,10 @@ def create_app(pool: ModelPool, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="edgellm", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.pool = pool
     app.state.config = config
-    app.middleware("http")(guard)
-    app.middleware("http")(log)
+    # plain ASGI wrappers, not BaseHTTPMiddleware: that one passes every streamed event through
+    # extra tasks and memory streams, a cost paid for every token of every stream
+    app.add_middleware(Guard)
+    app.add_middleware(AccessLog)
     # outermost, so that a browser's preflight is answered before the API key is asked for (it never
     # carries one) and every answer, errors included, carries the CORS headers
     app.add_middleware(BodyLimit, limit=config.max_body)
@@ -96,23 +98,51 @@ def create_app(pool: ModelPool, config: ServerConfig) -> FastAPI:
     return app
 
 
-async def guard(request: Request, call_next):
-    config: ServerConfig = request.app.state.config
-    if config.loopback_only and _host_name(request.headers.get("host", "")) not in LOOPBACK_NAMES:
-        return error_body(403, "this server answers only requests addressed to a loopback name", "host_not_allowed")
-    if config.api_key and request.url.path != "/health":
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
-            return error_body(401, "missing or wrong API key (Authorization: Bearer KEY)", "invalid_api_key")
-    return await call_next(request)
+class Guard:
+    """Who may ask: a Host that is a loopback name while serving on loopback (no DNS rebinding),
+    and the API key when one is set (/health answers without it)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            config: ServerConfig = scope["app"].state.config
+            headers = dict(scope.get("headers") or ())
+            host = headers.get(b"host", b"").decode("latin-1")
+            if config.loopback_only and _host_name(host) not in LOOPBACK_NAMES:
+                refusal = error_body(403, "this server answers only requests addressed to a loopback name",
+                                     "host_not_allowed")
+                return await refusal(scope, receive, send)
+            if config.api_key and scope["path"] != "/health":
+                given = headers.get(b"authorization", b"")
+                if not hmac.compare_digest(given, f"Bearer {config.api_key}".encode()):
+                    refusal = error_body(401, "missing or wrong API key (Authorization: Bearer KEY)", "invalid_api_key")
+                    return await refusal(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
-async def log(request: Request, call_next):
-    start = time.perf_counter()
-    response = await call_next(request)
-    print(f"{request.method} {request.url.path} {response.status_code} {(time.perf_counter() - start) * 1000:.0f}ms",
-          file=sys.stderr, flush=True)
-    return response
+class AccessLog:
+    """One line per request on stderr: method, path, status, and the time until the answer ended."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+
+        async def logged_send(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, logged_send)
+        finally:
+            print(f"{scope['method']} {scope['path']} {status[0]} {(time.perf_counter() - start) * 1000:.0f}ms",
+                  file=sys.stderr, flush=True)
 
 
 async def health(request: Request) -> dict:

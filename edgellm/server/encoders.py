@@ -32,6 +32,16 @@ class Encoder:
         self.model = model
         self.n_prompt = n_prompt
         self.logprobs = logprobs
+        # the event of a plain token, which is nearly every event, split around its text
+        head = json.dumps(self.event(Chunk("\0"), False), ensure_ascii=False)
+        self._around = tuple(part.encode() for part in head.split(json.dumps("\0")))
+
+    def sse(self, chunk: Chunk, first: bool) -> bytes:
+        """One server-sent event of the stream. A plain token's is the same JSON as event() gives,
+        put together around the token's text, since it is written for every token of every stream."""
+        if first or chunk.finish_reason or chunk.logprobs is not None or not chunk.text or len(self._around) != 2:
+            return _sse(self.event(chunk, first))
+        return b"data: " + self._around[0] + json.dumps(chunk.text, ensure_ascii=False).encode() + self._around[1] + b"\n\n"
 
     def usage(self, last: Chunk) -> dict:
         done = last.timings.generated_tokens
@@ -119,7 +129,7 @@ async def _events(encoder: Encoder, chunk: Chunk, chunks: AsyncIterator[Chunk], 
     first = True
     try:  # a client that goes away cancels this generator; closing `chunks` frees its slot
         while True:
-            yield _sse(encoder.event(chunk, first))
+            yield encoder.sse(chunk, first)
             first = False
             if chunk.finish_reason:
                 if include_usage:

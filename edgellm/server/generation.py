@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -80,11 +82,39 @@ def generation(served: Served, body: Any, prompt: list[int], max_tokens: int | N
     return GenerationRequest(prompt=prompt, sampling=sampling, emit=lambda _: None)  # emit: set by chunks()
 
 
+class Mailbox:
+    """Hands the engine thread's Chunks to the event loop, waking the loop once for all that
+    arrived since it last looked instead of once per token per stream: one step of the engine
+    emits a token for every stream, and each wake-up costs the loop a system call and a turn."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, Any]] = []
+
+    def post(self, queue: asyncio.Queue, item: Any) -> None:
+        with self._lock:
+            self._pending.append((queue, item))
+            if len(self._pending) > 1:
+                return  # a wake-up is already on its way
+        self._loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, item in pending:
+            queue.put_nowait(item)
+
+
+_mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = weakref.WeakKeyDictionary()
+
+
 async def chunks(gen: GenerationRequest, served: Served) -> AsyncIterator[Chunk]:
     """Submit to the engine and yield its Chunks; leaving early (a client gone) frees the slot."""
     loop = asyncio.get_running_loop()
+    mailbox = _mailboxes.get(loop) or _mailboxes.setdefault(loop, Mailbox(loop))
     queue: asyncio.Queue = asyncio.Queue()
-    gen.emit = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)
+    gen.emit = lambda item: mailbox.post(queue, item)
     served.engine.submit(gen)
     try:
         while True:
