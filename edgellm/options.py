@@ -120,6 +120,7 @@ class SamplingOptions:
     seed: int = -1  # -1: random; the same seed gives the same answer
     grammar: str | None = None  # GBNF (root rule "root") every answer must follow: JSON, a JSON schema
     logprobs: int | None = None  # None: off; n: each token's log-probability and the n likeliest others
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias) added to its logit (-100 bans, 100 forces)
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -137,6 +138,8 @@ class SamplingOptions:
                 raise UsageError(f"{name.replace('_', ' ')} must be in [-2, 2], got {getattr(self, name)}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise UsageError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if any(not -100 <= bias <= 100 for _, bias in self.logit_bias):
+            raise UsageError("a logit bias must be in [-100, 100]")
         if self.max_tokens == 0 or self.max_tokens < -1:
             raise UsageError(f"max tokens must be positive or -1, got {self.max_tokens}")
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))

@@ -232,7 +232,11 @@ BAD = [
     ({"messages": QUESTION, "max_tokens": -1}, {}, 400, "max_tokens"),
     ({"messages": QUESTION, "n": 2}, {}, 400, "n:"),
     ({"messages": QUESTION, "top_k": -1}, {}, 400, "top_k"),
-    ({"messages": QUESTION, "logit_bias": {"1": 5}}, {}, 400, "logit_bias"),
+    ({"messages": QUESTION, "logit_bias": {"one": 5}}, {}, 400, "logit_bias keys are token ids"),
+    ({"messages": QUESTION, "logit_bias": {"99999999": 5}}, {}, 400, "outside the vocabulary of 49152"),
+    ({"messages": QUESTION, "logit_bias": {"1": 500}}, {}, 400, "in [-100, 100]"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]}, {}, 400,
+     "read text only; a message has a 'image_url' part"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, {}, 400, "role"),
     ({"messages": QUESTION}, {"Host": "evil.example:8080"}, 403, "host_not_allowed"),
 ]
@@ -255,6 +259,30 @@ def test_oversized_body_is_refused_before_it_is_read(server: Server) -> None:
         reply = _read_until(sock, b"}}").decode()
     assert reply.startswith("HTTP/1.1 413")
     assert '"code":"body_too_large"' in reply
+
+
+def test_logit_bias_bans_and_forces_tokens(server: Server, tokenizer) -> None:
+    client = server.client()
+    ask = {"model": server.name, "messages": QUESTION, "temperature": 0, "max_tokens": 16}
+    assert "Berlin" in client.chat.completions.create(**ask).choices[0].message.content
+    banned = {str(t): -100 for t in tokenizer.tokenize(" Berlin", add_special=False)[:1]}
+    banned.update({str(t): -100 for t in tokenizer.tokenize("Berlin", add_special=False)[:1]})
+    assert "Berlin" not in client.chat.completions.create(**ask, logit_bias=banned).choices[0].message.content
+    forced = tokenizer.tokenize(" banana", add_special=False)[0]
+    text = client.completions.create(model=server.name, prompt="Fruit:", max_tokens=4, temperature=0,
+                                     logit_bias={str(forced): 100}).choices[0].text
+    assert text == " banana" * 4
+
+
+def test_model_lookup_and_routes_without_v1(server: Server) -> None:
+    status, body, _ = server.raw(f"/v1/models/{server.name}")
+    assert status == 200 and body["id"] == server.name and body["object"] == "model"
+    status, body, _ = server.raw("/v1/models/nosuch")
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    status, body, _ = server.raw("/chat/completions", {"messages": QUESTION, "max_tokens": 4, "temperature": 0})
+    assert status == 200 and body["object"] == "chat.completion"
+    assert server.raw("/models")[1]["data"][0]["id"] == server.name
+    assert server.raw("/v1/health")[:2] == (200, {"status": "ok"})
 
 
 def test_token_ids_outside_the_vocabulary(server: Server) -> None:

@@ -206,9 +206,15 @@ class BatchEngine:
         llama.cpp's candidate array at every step."""
         lib, s = self._lib, request.sampling
         if s.temperature <= 0 and not s.grammar and s.repeat_penalty == 1.0 and not s.presence_penalty \
-                and not s.frequency_penalty:
+                and not s.frequency_penalty and not s.logit_bias:
             return None
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if s.logit_bias:
+            if any(not 0 <= token < self.n_vocab for token, _ in s.logit_bias):
+                lib.llama_sampler_free(chain)
+                raise UsageError(f"a logit bias names a token outside the vocabulary of {self.n_vocab}")
+            biases = (lib.llama_logit_bias * len(s.logit_bias))(*(lib.llama_logit_bias(t, b) for t, b in s.logit_bias))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_logit_bias(self.n_vocab, len(biases), biases))
         if s.grammar:
             grammar = lib.llama_sampler_init_grammar(self.model.vocab, s.grammar.encode(), b"root")
             if not grammar:

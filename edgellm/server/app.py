@@ -94,6 +94,8 @@ def create_app(pool: ModelPool, config: ServerConfig) -> FastAPI:
     for kind, handler in ERROR_HANDLERS.items():
         app.add_exception_handler(kind, handler)
     app.get("/health")(health)
+    app.get("/v1/health")(health)
+    app.include_router(openai.router, prefix="/v1")
     app.include_router(openai.router)
     return app
 

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
-from edgellm.errors import UsageError
+from edgellm.errors import UsageError, brief
 from edgellm.options import SamplingOptions
 from edgellm.runtime.batch import GenerationRequest
 from edgellm.runtime.chunks import Chunk
@@ -61,8 +61,6 @@ def generation(served: Served, body: Any, prompt: list[int], max_tokens: int | N
         raise UsageError(
             f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds the {n_ctx}-token context"
         )
-    if body.logit_bias:
-        raise UsageError("logit_bias is not supported")
     sampling = replace(
         defaults,
         temperature=defaults.temperature if body.temperature is None else body.temperature,
@@ -78,6 +76,7 @@ def generation(served: Served, body: Any, prompt: list[int], max_tokens: int | N
         frequency_penalty=body.frequency_penalty,
         grammar=grammar,
         logprobs=logprobs,
+        logit_bias=_logit_bias(body.logit_bias),
     )
     return GenerationRequest(prompt=prompt, sampling=sampling, emit=lambda _: None)  # emit: set by chunks()
 
@@ -107,6 +106,16 @@ class Mailbox:
 
 
 _mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = weakref.WeakKeyDictionary()
+
+
+def _logit_bias(given: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``{"token id": bias}``; ids outside the vocabulary are refused by the engine."""
+    out = []
+    for key, bias in (given or {}).items():
+        if not key.lstrip("-").isdigit():
+            raise UsageError(f"logit_bias keys are token ids, got {brief(key)}")
+        out.append((int(key), float(bias)))
+    return tuple(out)
 
 
 async def chunks(gen: GenerationRequest, served: Served) -> AsyncIterator[Chunk]:

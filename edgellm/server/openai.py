@@ -10,17 +10,31 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from edgellm.errors import ModelNotFoundError, brief
 from edgellm.server.encoders import ChatEncoder, TextEncoder, respond
 from edgellm.server.generation import chat_prompt, chunks, generation, grammar_for, text_prompt
 from edgellm.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
-router = APIRouter(prefix="/v1")
+#: mounted at /v1 and at the root, as OpenAI clients configured with either base URL call it
+router = APIRouter()
+
+
+def _model_object(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "edgellm"}
 
 
 @router.get("/models")
 async def models(request: Request) -> dict:
     names = await asyncio.to_thread(request.app.state.pool.names)
-    return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "edgellm"} for n in names]}
+    return {"object": "list", "data": [_model_object(n) for n in names]}
+
+
+@router.get("/models/{name:path}")
+async def model(name: str, request: Request) -> dict:
+    names = await asyncio.to_thread(request.app.state.pool.names)
+    if name not in names:
+        raise ModelNotFoundError(f"model {brief(name)} is not served here", hint="GET /v1/models lists them")
+    return _model_object(name)
 
 
 @router.post("/chat/completions")

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
+from edgellm.errors import UsageError, brief
+
 #: bounds on one request's work, so that no request can hold the server for everyone else
 MAX_MESSAGES = 4096
 MAX_EMBED_INPUTS = 256
@@ -19,8 +21,8 @@ class _Body(BaseModel):
 
 
 class ContentPart(_Body):
-    type: Literal["text"]
-    text: StrictStr
+    type: Annotated[StrictStr, Field(max_length=MAX_NAME)]
+    text: StrictStr | None = None
 
 
 class ChatMessage(_Body):
@@ -28,9 +30,14 @@ class ChatMessage(_Body):
     content: StrictStr | Annotated[list[ContentPart], Field(max_length=MAX_MESSAGES)] | None = None
 
     def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
+        """The message's text; a part of another kind (an image, audio, a file) is refused by name."""
+        if not isinstance(self.content, list):
+            return self.content or ""
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise UsageError(f"the served models read text only; a message has a {brief(part.type)} part",
+                                 hint="send text parts, or use a model server with vision for images")
+        return "".join(part.text for part in self.content)
 
 
 class StreamOptions(_Body):
@@ -64,7 +71,7 @@ class _Sampling(_Body):
     stream_options: StreamOptions | None = None
     n: StrictInt = Field(1, ge=1, le=1)
     ignore_eos: StrictBool = False  # llama-server's extension: always generate max_tokens (benchmarks)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: Annotated[dict[str, float], Field(max_length=1024)] | None = None
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
