@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from edgellm.cli.common import (
@@ -45,6 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verbose", "-v", action="store_true", help="print timings after the answer")
     p.add_argument("--logprobs", type=int, metavar="N",
                    help="with --json: each token's log-probability and the N likeliest alternatives (0-20)")
+    p.add_argument("--tools", metavar="FILE|JSON",
+                   help="functions the model may call (OpenAI's tools list); its calls are printed as JSON lines")
+    p.add_argument("--tool-choice", default="auto", metavar="auto|required|NAME",
+                   help="with --tools: let the model choose, make it call one, or call this one (default auto)")
     add_model_options(p)
     p.set_defaults(func=cmd_run, trailing_words="prompt")
 
@@ -124,16 +129,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("no prompt given", hint='pass it as an argument or pipe it: echo "hi" | edgellm run MODEL')
     if args.logprobs is not None and not args.json:
         raise UsageError("--logprobs shows in the --json output", hint="add --json")
+    tools = _tools(args)
     name, model, settings = _load(args)
     sampling = sampling_from_args(args, settings)
+    fmt = model.template.tool_format
+    if tools and args.tool_choice != "auto":
+        from edgellm.runtime.tools import call_grammar
+
+        sampling = replace(sampling, grammar=call_grammar(fmt, tools, None if args.tool_choice == "required"
+                                                           else args.tool_choice))
     with model, _ctrl_c_cancels() as cancelled:
         if args.raw:
             chunks = model.complete(prompt, sampling, cancelled)
         else:
             messages = ([Message("system", args.system)] if args.system else []) + [Message("user", prompt)]
-            chunks = model.chat(messages, sampling, cancelled)
+            chunks = model.chat(messages, sampling, cancelled, tools)
         logprobs: list = []
-        text, last = _stream_to(None if args.json else sys.stdout, chunks, logprobs)
+        text, last = _stream_to(None if args.json or tools else sys.stdout, chunks, logprobs)
+        calls = []
+        if tools:
+            text, calls = fmt.parse(text)
+            if not args.json:
+                for call in calls:
+                    print(json.dumps({"name": call.name, "arguments": json.loads(call.arguments)}, ensure_ascii=False))
+                sys.stdout.write(text)
         if args.json:
             result = {
                 "model": name,
@@ -143,16 +162,42 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "completion_tokens": last.timings.generated_tokens,
                 "timings": last.timings.as_dict(),
             }
+            if tools:
+                result["tool_calls"] = [{"name": c.name, "arguments": json.loads(c.arguments)} for c in calls]
             if args.logprobs is not None:
                 result["logprobs"] = [{"token": lp.text, "logprob": lp.logprob,
                                        "top": [{"token": t, "logprob": p} for _, t, p in lp.top]} for lp in logprobs]
             print(json.dumps(result, ensure_ascii=False, indent=2))
             return 0
-        if not text.endswith("\n"):
+        if (text or not calls) and not text.endswith("\n"):
             sys.stdout.write("\n")
         if args.verbose:
             print(_stats_line(last.timings), file=sys.stderr)
     return 130 if last.finish_reason == "cancelled" else 0
+
+
+def _tools(args: argparse.Namespace) -> list:
+    """``--tools``: OpenAI's list of function tools, inline or in a file, checked."""
+    if args.tools is None:
+        if args.tool_choice != "auto":
+            raise UsageError("--tool-choice needs --tools")
+        return []
+    from edgellm.cli.common import json_argument
+    from edgellm.runtime.tools import Tool, check_tools
+
+    given = json_argument(args.tools, "--tools")
+    if not isinstance(given, list) or not given:
+        raise UsageError("--tools takes a JSON list of tools, as OpenAI's API does")
+    tools = []
+    for item in given:
+        function = item.get("function", item) if isinstance(item, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise UsageError("each tool needs a function with a name", hint='{"type": "function", "function": {...}}')
+        tools.append(Tool(function["name"], str(function.get("description", "")), function.get("parameters")))
+    check_tools(tools)
+    if args.tool_choice not in ("auto", "required") and args.tool_choice not in {t.name for t in tools}:
+        raise UsageError(f"--tool-choice {args.tool_choice!r} is not among the tools")
+    return tools
 
 
 class ChatSession:

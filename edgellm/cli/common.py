@@ -92,12 +92,12 @@ def sampling_from_args(args: argparse.Namespace, settings: Settings) -> Sampling
     if getattr(args, "json_schema", None) is not None:
         from edgellm.runtime.grammar import json_grammar
 
-        schema = _json_argument(args.json_schema, "--json-schema")
+        schema = json_argument(args.json_schema, "--json-schema")
         grammar = json_grammar(schema or None)
     return replace(settings.sampling, grammar=grammar, logprobs=getattr(args, "logprobs", None))
 
 
-def _json_argument(value: str, option: str) -> Any:
+def json_argument(value: str, option: str) -> Any:
     """A JSON value given inline or as a file name; a clear error for either gone wrong."""
     import json
 

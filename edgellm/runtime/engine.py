@@ -27,6 +27,7 @@ from edgellm.runtime.chunks import Chunk
 from edgellm.runtime.native import NativeModel
 from edgellm.runtime.speculative import load_drafter
 from edgellm.runtime.templates import ChatTemplate, Message
+from edgellm.runtime.tools import Tool
 from edgellm.system import llamalog
 from edgellm.system.hardware import physical_cores
 
@@ -165,9 +166,9 @@ class Model:
         """Tokens for text, special tokens parsed; BOS added once, as the vocabulary wants."""
         return self.native.prompt_tokens(text) if add_special else self.native.tokenize(text, False, True)
 
-    def render(self, messages: Sequence[Message]) -> str:
+    def render(self, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> str:
         """The prompt text the chat template makes of a conversation, ready for an answer."""
-        return self.template.render(messages, True, self.bos_text, self.eos_text)
+        return self.template.render(messages, True, self.bos_text, self.eos_text, tools)
 
     def is_end(self, token: int) -> bool:
         return self.native.is_end(token)
@@ -178,9 +179,11 @@ class Model:
         messages: Sequence[Message],
         sampling: SamplingOptions,
         cancel: Callable[[], bool] | None = None,
+        tools: Sequence[Tool] = (),
     ) -> Iterator[Chunk]:
-        """Answer the conversation as the assistant; earlier turns reuse the KV cache."""
-        prompt = self.render(messages)
+        """Answer the conversation as the assistant; earlier turns reuse the KV cache. ``tools``
+        are offered to the model (``template.tool_format.parse`` finds its calls in the answer)."""
+        prompt = self.render(messages, tools)
         if self.template.stops:
             sampling = replace(sampling, stop=sampling.stop + self.template.stops)
         return self.generate(self.tokenize(prompt), sampling, cancel)

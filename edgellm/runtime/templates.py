@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from edgellm.errors import TemplateError
 from edgellm.runtime import sandbox
 from edgellm.runtime.jinja import CompiledTemplate
+from edgellm.runtime.tools import Tool, ToolCall, ToolFormat, format_for
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -34,6 +36,8 @@ FALLBACK_STOPS = ("\nUser:",)
 class Message:
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
     def as_dict(self) -> dict[str, str]:
         return {"role": self.role, "content": self.content}
@@ -55,19 +59,47 @@ class ChatTemplate:
         add_generation_prompt: bool = True,
         bos_token: str = "",
         eos_token: str = "",
+        tools: Sequence[Tool] = (),
     ) -> str:
-        """The prompt text for ``messages``, rendered in the memory-capped sandbox process."""
+        """The prompt text for ``messages``, rendered in the memory-capped sandbox process.
+        ``tools`` reach the template as its ``tools`` variable (as Hugging Face templates expect);
+        a template that does not render tools gets them described in the system message."""
+        if tools:
+            fmt = format_for(self.source)
+            described = fmt.system_prompt(list(tools))
+            if described:
+                messages = _with_system(list(messages), described)
         data = [_plain_message(m) for m in messages]
-        return sandbox.render(self.source, self.origin, messages=data,
-                              add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token)
+        extra = {"tools": [t.as_dict() for t in tools]} if tools else {}
+        return sandbox.render(self.source, self.origin, messages=data, add_generation_prompt=add_generation_prompt,
+                              bos_token=bos_token, eos_token=eos_token, **extra)
+
+    @property
+    def tool_format(self) -> ToolFormat:
+        return format_for(self.source)
 
 
-def _plain_message(m: Message | Mapping[str, str]) -> dict[str, str]:
-    """Templates receive only plain strings, whatever the caller passed."""
+def _with_system(messages: list, text: str) -> list:
+    """``text`` added to the system message, or as one before the conversation."""
+    first = messages[0] if messages else None
+    role = first.role if isinstance(first, Message) else (first or {}).get("role")
+    if role == "system":
+        content = first.content if isinstance(first, Message) else first.get("content") or ""
+        return [Message("system", f"{content}\n\n{text}" if content else text), *messages[1:]]
+    return [Message("system", text), *messages]
+
+
+def _plain_message(m: Message | Mapping[str, str]) -> dict[str, Any]:
+    """Templates receive only plain data (strings, and a call's JSON), whatever the caller passed."""
     role, content = (m.role, m.content) if isinstance(m, Message) else (m.get("role"), m.get("content"))
     if role not in ROLES:
         raise TemplateError(f"unknown message role {role!r}", hint="use one of " + ", ".join(ROLES))
     if not isinstance(content, str):
         raise TemplateError(f"message content must be text, got {type(content).__name__}")
-    return {"role": str(role), "content": content}
+    plain: dict[str, Any] = {"role": str(role), "content": content}
+    if isinstance(m, Message) and m.tool_calls:
+        plain["tool_calls"] = [call.as_template() for call in m.tool_calls]
+    if isinstance(m, Message) and m.tool_call_id is not None:
+        plain["tool_call_id"] = m.tool_call_id
+    return plain
 

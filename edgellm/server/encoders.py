@@ -16,6 +16,7 @@ from fastapi.responses import StreamingResponse
 
 from edgellm.errors import EdgeLLMError
 from edgellm.runtime.chunks import Chunk, TokenLogprob
+from edgellm.runtime.tools import ToolCall, ToolFormat
 from edgellm.server.bodies import error_payload
 
 
@@ -25,6 +26,9 @@ class Encoder:
     prefix = ""
     object = ""
     chunk_object = ""
+
+    #: the answer is parsed into tool calls once whole (streamed as one piece then), or None
+    tool_format: ToolFormat | None = None
 
     def __init__(self, model: str, n_prompt: int, logprobs: bool) -> None:
         self.id = self.prefix + uuid.uuid4().hex[:24]
@@ -73,6 +77,32 @@ class Encoder:
 class ChatEncoder(Encoder):
     prefix, object, chunk_object = "chatcmpl-", "chat.completion", "chat.completion.chunk"
 
+    def __init__(self, model: str, n_prompt: int, logprobs: bool, tool_format: ToolFormat | None = None) -> None:
+        super().__init__(model, n_prompt, logprobs)
+        self.tool_format = tool_format
+
+    def body(self, text: str, entries: list[TokenLogprob], last: Chunk) -> dict:
+        result = super().body(text, entries, last)
+        if self.tool_format is not None:
+            content, calls = self.tool_format.parse(text)
+            if calls:
+                choice = result["choices"][0]
+                choice["message"] = {"role": "assistant", "content": content or None,
+                                     "tool_calls": [_call(c) for c in calls]}
+                choice["finish_reason"] = "tool_calls"
+        return result
+
+    def whole_events(self, body: dict) -> list[bytes]:
+        """A whole answer as the stream of a tool-calling request: its text and calls in one
+        delta, then the finish reason (clients assemble tool calls from their deltas by index)."""
+        message, choice = body["choices"][0]["message"], body["choices"][0]
+        delta: dict[str, Any] = {"role": "assistant", "content": message["content"]}
+        if message.get("tool_calls"):
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
+        first = {"index": 0, "finish_reason": None, "delta": delta, "logprobs": choice["logprobs"]}
+        last = {"index": 0, "finish_reason": choice["finish_reason"], "delta": {}, "logprobs": None}
+        return [_sse(self.envelope(self.chunk_object, [first])), _sse(self.envelope(self.chunk_object, [last]))]
+
     def whole(self, text: str) -> dict:
         return {"message": {"role": "assistant", "content": text}}
 
@@ -108,14 +138,19 @@ class TextEncoder(Encoder):
 
 async def respond(encoder: Encoder, chunks: AsyncIterator[Chunk], stream: bool, include_usage: bool = False):
     """The whole answer as one body, or a server-sent event stream of it."""
-    if not stream:
+    if not stream or encoder.tool_format is not None:
         pieces, entries, last = [], [], None
         async for chunk in chunks:
             pieces.append(chunk.text)
             if chunk.logprobs:
                 entries.append(chunk.logprobs)
             last = chunk
-        return encoder.body("".join(pieces), entries, last)
+        body = encoder.body("".join(pieces), entries, last)
+        if not stream:
+            return body
+        usage = [_sse({**encoder.envelope(encoder.chunk_object, []), "usage": body["usage"]})] if include_usage else []
+        events = [*encoder.whole_events(body), *usage, b"data: [DONE]\n\n"]
+        return StreamingResponse(iter(events), media_type="text/event-stream")
     first = await anext(chunks)  # errors before the first token still become an HTTP error
     return StreamingResponse(_events(encoder, first, chunks, include_usage), media_type="text/event-stream")
 
@@ -143,3 +178,7 @@ async def _events(encoder: Encoder, chunk: Chunk, chunks: AsyncIterator[Chunk], 
                 return
     finally:
         await chunks.aclose()
+
+
+def _call(call: ToolCall) -> dict:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}

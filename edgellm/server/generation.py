@@ -15,14 +15,34 @@ from edgellm.runtime.batch import GenerationRequest
 from edgellm.runtime.chunks import Chunk
 from edgellm.runtime.grammar import json_grammar
 from edgellm.runtime.templates import Message
+from edgellm.runtime.tools import Tool, ToolCall, ToolFormat, call_grammar, check_tools
 from edgellm.server.models import Served
 
 
-def chat_prompt(served: Served, messages: list) -> list[int]:
-    """The prompt tokens of a conversation through the model's template (in a worker thread: a long
-    conversation takes a while to render and tokenize)."""
-    turns = [Message("system" if m.role == "developer" else m.role, m.text()) for m in messages]
-    return served.native.prompt_tokens(served.template.render(turns, True, served.native.bos_text, served.native.eos_text))
+def chat_prompt(served: Served, messages: list, tools: list[Tool] = ()) -> list[int]:
+    """The prompt tokens of a conversation through the model's template, with the tools offered
+    and the earlier calls and their results (in a worker thread: a long conversation takes a
+    while to render and tokenize)."""
+    turns = [Message("system" if m.role == "developer" else m.role, m.text(),
+                     tuple(ToolCall(c.function.name, c.function.arguments, c.id) for c in m.tool_calls or ()),
+                     m.tool_call_id) for m in messages]
+    text = served.template.render(turns, True, served.native.bos_text, served.native.eos_text, tools)
+    return served.native.prompt_tokens(text)
+
+
+def tools_for(body: Any, template_format: ToolFormat) -> tuple[list[Tool], str | None]:
+    """The tools a chat request offers, and the grammar its ``tool_choice`` forces: "required" or
+    a named function is always a valid call; "auto" lets the model choose; "none" offers none."""
+    if not body.tools or body.tool_choice == "none":
+        return [], None
+    tools = [Tool(t.function.name, t.function.description, t.function.parameters) for t in body.tools]
+    check_tools(tools)
+    choice = body.tool_choice
+    if choice is None or choice == "auto":
+        return tools, None
+    if body.response_format is not None and body.response_format.type != "text":
+        raise UsageError("a forced tool call and response_format cannot both shape the answer")
+    return tools, call_grammar(template_format, tools, None if choice == "required" else choice.function.name)
 
 
 def text_prompt(served: Served, prompt: str | list) -> list[int]:

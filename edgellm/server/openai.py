@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 
 from edgellm.errors import ModelNotFoundError, brief
 from edgellm.server.encoders import ChatEncoder, TextEncoder, respond
-from edgellm.server.generation import chat_prompt, chunks, generation, grammar_for, text_prompt
+from edgellm.server.generation import chat_prompt, chunks, generation, grammar_for, text_prompt, tools_for
 from edgellm.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 #: mounted at /v1 and at the root, as OpenAI clients configured with either base URL call it
@@ -40,11 +40,13 @@ async def model(name: str, request: Request) -> dict:
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     served = await asyncio.to_thread(request.app.state.pool.get, body.model)
-    prompt = await asyncio.to_thread(chat_prompt, served, body.messages)
+    fmt = served.template.tool_format
+    tools, forced = tools_for(body, fmt)
+    prompt = await asyncio.to_thread(chat_prompt, served, body.messages, tools)
     top = (body.top_logprobs or 0) if body.logprobs else None
     gen = generation(served, body, prompt, body.max_completion_tokens or body.max_tokens,
-                     request.app.state.config.defaults, grammar_for(body.response_format), top)
-    encoder = ChatEncoder(served.name, len(prompt), top is not None)
+                     request.app.state.config.defaults, forced or grammar_for(body.response_format), top)
+    encoder = ChatEncoder(served.name, len(prompt), top is not None, fmt if tools else None)
     return await respond(encoder, chunks(gen, served), body.stream, _include_usage(body))
 
 

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from edgellm.errors import UsageError, brief
+from edgellm.runtime.tools import MAX_TOOLS
 
 #: bounds on one request's work, so that no request can hold the server for everyone else
 MAX_MESSAGES = 4096
@@ -25,9 +26,24 @@ class ContentPart(_Body):
     text: StrictStr | None = None
 
 
+class CalledFunction(_Body):
+    name: Annotated[StrictStr, Field(max_length=MAX_NAME)]
+    arguments: StrictStr = "{}"
+
+
+class ToolCallIn(_Body):
+    """An earlier call of the assistant's, in the history."""
+
+    id: Annotated[StrictStr, Field(max_length=MAX_NAME)] = ""
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | Annotated[list[ContentPart], Field(max_length=MAX_MESSAGES)] | None = None
+    tool_calls: Annotated[list[ToolCallIn], Field(max_length=MAX_TOOLS)] | None = None
+    tool_call_id: Annotated[StrictStr, Field(max_length=MAX_NAME)] | None = None
 
     def text(self) -> str:
         """The message's text; a part of another kind (an image, audio, a file) is refused by name."""
@@ -38,6 +54,26 @@ class ChatMessage(_Body):
                 raise UsageError(f"the served models read text only; a message has a {brief(part.type)} part",
                                  hint="send text parts, or use a model server with vision for images")
         return "".join(part.text for part in self.content)
+
+
+class FunctionDef(_Body):
+    name: Annotated[StrictStr, Field(max_length=64)]
+    description: StrictStr = ""
+    parameters: dict[str, Any] | None = None
+
+
+class ToolDef(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Body):
+    name: Annotated[StrictStr, Field(max_length=64)]
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Body):
@@ -85,6 +121,9 @@ class ChatCompletionRequest(_Sampling):
     response_format: ResponseFormat | None = None
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    tools: Annotated[list[ToolDef], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
 
 
 class CompletionRequest(_Sampling):

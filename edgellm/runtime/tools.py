@@ -1,0 +1,220 @@
+"""Tool calling: the tools reach the chat template, the model's answer comes back as calls.
+
+Models are trained to call tools in their own format, which their chat template shows: Hermes and
+Qwen wrap a JSON call in ``<tool_call>`` tags, Mistral writes ``[TOOL_CALLS]`` and a JSON list,
+Llama 3.x a bare JSON object with ``parameters``. Each is a ``ToolFormat`` in the registry, picked
+from the template; a template with no tool support gets the tools described in the system message
+and answers in a generic JSON format. A call that must happen (``tool_choice`` "required", or a
+function named) is generated under a grammar made from the functions' JSON schemas, so even a
+small model produces a valid call; with "auto" the model decides and its answer is parsed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from edgellm.errors import UsageError, brief
+
+#: most tools one request may offer (each becomes grammar rules and prompt text)
+MAX_TOOLS = 128
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A function the model may call: its name, what it does, and its parameters' JSON schema."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """As chat templates and OpenAI clients know it."""
+        return {"type": "function", "function": {"name": self.name, "description": self.description,
+                                                 "parameters": self.parameters or {"type": "object", "properties": {}}}}
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call the model made: ``arguments`` is JSON text, as the OpenAI API carries it."""
+
+    name: str
+    arguments: str
+    id: str = ""
+
+    @classmethod
+    def new(cls, name: str, arguments: Any) -> ToolCall:
+        text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+        return cls(name, text, "call_" + uuid.uuid4().hex[:24])
+
+    def as_template(self) -> dict[str, Any]:
+        """As chat templates expect a call in the history (arguments as an object)."""
+        try:
+            arguments = json.loads(self.arguments)
+        except json.JSONDecodeError:
+            arguments = self.arguments
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": arguments}}
+
+
+class ToolFormat:
+    """How one family of models writes calls."""
+
+    name = ""
+    arguments_key = "arguments"
+
+    def detect(self, template: str) -> bool:
+        raise NotImplementedError
+
+    def system_prompt(self, tools: list[Tool]) -> str | None:
+        """Text describing the tools, for templates that do not render them themselves."""
+        return None
+
+    def wrap(self, call_rule: str) -> str:
+        """The grammar's root around one call (the rule ``call``)."""
+        raise NotImplementedError
+
+    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+        """(the text that is not a call, the calls) of an answer."""
+        raise NotImplementedError
+
+    def _calls(self, objects: list[Any]) -> list[ToolCall]:
+        calls = []
+        for obj in objects:
+            if isinstance(obj, dict) and isinstance(obj.get("name"), str):
+                calls.append(ToolCall.new(obj["name"], obj.get(self.arguments_key, {})))
+        return calls
+
+
+FORMATS: list[ToolFormat] = []
+
+
+def register(cls: type[ToolFormat]) -> type[ToolFormat]:
+    FORMATS.append(cls())
+    return cls
+
+
+@register
+class Hermes(ToolFormat):
+    """``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``: Hermes, Qwen 2.5 and 3, SmolLM3."""
+
+    name = "hermes"
+    _CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+    def detect(self, template: str) -> bool:
+        return "<tool_call>" in template
+
+    def wrap(self, call_rule: str) -> str:
+        return f'root ::= "<tool_call>\\n" {call_rule} "\\n</tool_call>"'
+
+    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+        bodies = self._CALL.findall(text)
+        calls = self._calls([_loads(body) for body in bodies])
+        return (self._CALL.sub("", text).strip() if calls else text), calls
+
+
+@register
+class Mistral(ToolFormat):
+    """``[TOOL_CALLS][{"name": ..., "arguments": {...}}]``: Mistral's instruct models."""
+
+    name = "mistral"
+
+    def detect(self, template: str) -> bool:
+        return "[TOOL_CALLS]" in template
+
+    def wrap(self, call_rule: str) -> str:
+        return f'root ::= "[TOOL_CALLS][" {call_rule} "]"'
+
+    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+        head, marker, rest = text.partition("[TOOL_CALLS]")
+        if not marker:
+            return text, []
+        found = _loads(rest.strip())
+        calls = self._calls(found if isinstance(found, list) else [found])
+        return (head.strip() if calls else text), calls
+
+
+@register
+class Llama3(ToolFormat):
+    """A bare ``{"name": ..., "parameters": {...}}``: Llama 3.1 to 3.3."""
+
+    name = "llama3"
+    arguments_key = "parameters"
+
+    def detect(self, template: str) -> bool:
+        return "<|python_tag|>" in template or ("ipython" in template and "parameters" in template)
+
+    def wrap(self, call_rule: str) -> str:
+        return f"root ::= {call_rule}"
+
+    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+        body = text.strip().removeprefix("<|python_tag|>")
+        calls = self._calls([_loads(body)]) if body.startswith("{") else []
+        return ("" if calls else text), calls
+
+
+class Generic(ToolFormat):
+    """For templates that know no tools: the tools are described in the system message, and a
+    call is the JSON object ``{"tool_calls": [{"name": ..., "arguments": {...}}]}``."""
+
+    name = "generic"
+
+    def detect(self, template: str) -> bool:
+        return True
+
+    def system_prompt(self, tools: list[Tool]) -> str:
+        listed = "\n".join(json.dumps(t.as_dict()["function"], ensure_ascii=False) for t in tools)
+        return ("You can call these functions:\n" + listed + '\nTo call one, answer only with JSON: '
+                '{"tool_calls": [{"name": "<function name>", "arguments": {<its arguments>}}]}')
+
+    def wrap(self, call_rule: str) -> str:
+        return f'root ::= "{{\\"tool_calls\\": [" {call_rule} "]}}"'
+
+    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+        found = _loads(text.strip()) if text.strip().startswith("{") else None
+        calls = self._calls(found["tool_calls"]) if isinstance(found, dict) and isinstance(
+            found.get("tool_calls"), list) else []
+        return ("" if calls else text), calls
+
+
+GENERIC = Generic()
+
+
+def format_for(template: str) -> ToolFormat:
+    """The format the model's chat template shows it calls tools in; generic when it shows none."""
+    return next((f for f in FORMATS if f.detect(template)), GENERIC)
+
+
+def call_grammar(fmt: ToolFormat, tools: list[Tool], name: str | None = None) -> str:
+    """GBNF for exactly one call in ``fmt``, of the function ``name`` or any of ``tools``, its
+    arguments following the function's JSON schema."""
+    from edgellm.runtime.grammar import json_grammar
+
+    chosen = [t for t in tools if name is None or t.name == name]
+    if not chosen:
+        raise UsageError(f"tool_choice names {brief(name)}, which is not among the tools")
+    schema = {"oneOf": [{"type": "object", "properties": {"name": {"const": t.name},
+                                                           fmt.arguments_key: t.parameters or {"type": "object"}},
+                         "required": ["name", fmt.arguments_key]} for t in chosen]}
+    rules = json_grammar(schema).replace("root ::=", "call ::=", 1)
+    return fmt.wrap("call") + "\n" + rules
+
+
+def check_tools(tools: list[Tool]) -> None:
+    if len(tools) > MAX_TOOLS:
+        raise UsageError(f"{len(tools)} tools, more than the {MAX_TOOLS} one request may offer")
+    names = [t.name for t in tools]
+    if len(set(names)) != len(names):
+        raise UsageError("two tools have the same name")
+    for tool in tools:
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", tool.name):
+            raise UsageError(f"tool name {brief(tool.name)} must be 1-64 letters, digits, _ . : or -")
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return None

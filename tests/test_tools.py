@@ -1,0 +1,143 @@
+"""Tool calling through a real `edgellm serve` and the real openai client, with the bundled SmolLM2:
+its own template (no tool support: the tools are described in the system message, the generic
+format) and a Hermes-style template (tools rendered by the template, ``<tool_call>`` tags)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.test_server import Server
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Berlin", "Rome"]},
+                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"]}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The time in a timezone.",
+    "parameters": {"type": "object", "properties": {"timezone": {"type": "string", "maxLength": 24}},
+                   "required": ["timezone"]}}}
+ASK = [{"role": "user", "content": "What is the weather in Berlin right now?"}]
+
+HERMES = """{%- if tools %}<|im_start|>system
+You may call functions. Signatures:
+<tools>
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+</tools>
+Answer a call as <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>
+{% endif %}
+{%- for m in messages %}
+{%- if m.role == "assistant" and m.tool_calls %}<|im_start|>assistant
+{%- for c in m.tool_calls %}
+<tool_call>{{ {"name": c.function.name, "arguments": c.function.arguments} | tojson }}</tool_call>
+{%- endfor %}<|im_end|>
+{% elif m.role == "tool" %}<|im_start|>user
+<tool_response>{{ m.content }}</tool_response><|im_end|>
+{% else %}<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+@pytest.fixture(scope="module", params=["own template", "hermes template"])
+def server(request, tmp_path_factory: pytest.TempPathFactory, smollm2: Path):
+    extra = []
+    if request.param == "hermes template":
+        template = tmp_path_factory.mktemp("tpl") / "hermes.jinja"
+        template.write_text(HERMES)
+        extra = ["--template", str(template)]
+    s = Server(tmp_path_factory.mktemp("home"), smollm2, "--parallel", "2", *extra)
+    yield s
+    s.stop()
+
+
+def _valid(call, name: str, tool: dict) -> dict:
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == name
+    arguments = json.loads(call.function.arguments)
+    schema = tool["function"]["parameters"]
+    assert set(arguments) == set(schema["required"])
+    for key, value in arguments.items():
+        spec = schema["properties"][key]
+        assert value in spec["enum"] if "enum" in spec else isinstance(value, str)
+    return arguments
+
+
+def test_a_required_call_is_valid(server: Server) -> None:
+    reply = server.client().chat.completions.create(model=server.name, messages=ASK, tools=[WEATHER, TIME],
+                                                    tool_choice="required", temperature=0, max_tokens=96)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    _valid(call, call.function.name, WEATHER if call.function.name == "get_weather" else TIME)
+
+
+def test_a_named_call_streams_as_deltas(server: Server) -> None:
+    stream = server.client().chat.completions.create(
+        model=server.name, messages=ASK, tools=[WEATHER, TIME], temperature=0, max_tokens=96, stream=True,
+        tool_choice={"type": "function", "function": {"name": "get_time"}})
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in stream:
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            for delta in choice.delta.tool_calls or ():
+                entry = calls.setdefault(delta.index, {"name": "", "arguments": "", "id": delta.id})
+                entry["name"] += delta.function.name or ""
+                entry["arguments"] += delta.function.arguments or ""
+    assert finish == "tool_calls" and list(calls) == [0]
+    assert calls[0]["name"] == "get_time" and calls[0]["id"].startswith("call_")
+    assert set(json.loads(calls[0]["arguments"])) == {"timezone"}
+
+
+def test_a_tool_round_trip_completes(server: Server) -> None:
+    client = server.client()
+    first = client.chat.completions.create(model=server.name, messages=ASK, tools=[WEATHER], tool_choice="required",
+                                           temperature=0, max_tokens=96)
+    call = first.choices[0].message.tool_calls[0]
+    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+               {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "sunny"}'}]
+    final = client.chat.completions.create(model=server.name, messages=history, tools=[WEATHER], temperature=0,
+                                           max_tokens=32)
+    assert final.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert final.choices[0].message.content or final.choices[0].message.tool_calls
+
+
+def test_tool_choice_none_and_bad_tools(server: Server) -> None:
+    plain = server.client().chat.completions.create(model=server.name, messages=ASK, tools=[WEATHER],
+                                                    tool_choice="none", temperature=0, max_tokens=8)
+    assert plain.choices[0].message.tool_calls is None and plain.choices[0].finish_reason != "tool_calls"
+    bad = [
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nosuch"}}}, "not among the tools"),
+        ({"tools": [WEATHER, WEATHER], "tool_choice": "required"}, "same name"),
+        ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "cannot both"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}], "tool_choice": "auto"}, "must be 1-64"),
+    ]
+    for extra, needle in bad:
+        status, body, _ = server.raw("/v1/chat/completions", {"messages": ASK, **extra})
+        assert status == 400 and needle in body["error"]["message"], body
+
+
+def test_run_prints_the_calls(cli, smollm2: Path, tmp_path: Path) -> None:
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([WEATHER, TIME]))
+    done = cli("run", str(smollm2), "--tools", str(tools), "--tool-choice", "get_weather", "-n", "96",
+               "--temperature", "0", "What is the weather in Rome?")
+    assert done.returncode == 0, done.stderr
+    (line,) = done.stdout.splitlines()
+    call = json.loads(line)
+    assert call["name"] == "get_weather" and call["arguments"]["city"] in ("Paris", "Berlin", "Rome")
+    as_json = cli("run", str(smollm2), "--tools", str(tools), "--tool-choice", "required", "--json", "-n", "96",
+                  "--temperature", "0", "What is the weather in Rome?")
+    assert json.loads(as_json.stdout)["tool_calls"][0]["name"] in ("get_weather", "get_time")
+    for args, needle in ((["--tool-choice", "required"], "--tool-choice needs --tools"),
+                         (["--tools", "[]"], "a JSON list of tools"),
+                         (["--tools", str(tools), "--tool-choice", "nosuch"], "'nosuch' is not among the tools")):
+        bad = cli("run", str(smollm2), *args, "hi")
+        assert bad.returncode == 2 and needle in bad.stderr and len(bad.stderr.splitlines()) == 1
