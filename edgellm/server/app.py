@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgellm.errors import EdgeLLMError, QueueFullError
 from edgellm.options import SamplingOptions
-from edgellm.server import openai
+from edgellm.server import anthropic, openai
 from edgellm.server.bodies import error_body
 from edgellm.server.models import ModelPool
 
@@ -95,8 +95,9 @@ def create_app(pool: ModelPool, config: ServerConfig) -> FastAPI:
         app.add_exception_handler(kind, handler)
     app.get("/health")(health)
     app.get("/v1/health")(health)
-    app.include_router(openai.router, prefix="/v1")
-    app.include_router(openai.router)
+    for router in (openai.router, anthropic.router):
+        app.include_router(router, prefix="/v1")
+        app.include_router(router)
     return app
 
 

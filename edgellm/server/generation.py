@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -26,6 +26,11 @@ def chat_prompt(served: Served, messages: list, tools: list[Tool] = ()) -> list[
     turns = [Message("system" if m.role == "developer" else m.role, m.text(),
                      tuple(ToolCall(c.function.name, c.function.arguments, c.id) for c in m.tool_calls or ()),
                      m.tool_call_id) for m in messages]
+    return render_prompt(served, turns, tools)
+
+
+def render_prompt(served: Served, turns: list[Message], tools: Sequence[Tool] = ()) -> list[int]:
+    """The prompt tokens of a conversation through the model's template, whichever API it came by."""
     text = served.template.render(turns, True, served.native.bos_text, served.native.eos_text, tools)
     return served.native.prompt_tokens(text)
 
@@ -73,14 +78,7 @@ def grammar_for(fmt: Any) -> str | None:
 
 def generation(served: Served, body: Any, prompt: list[int], max_tokens: int | None, defaults: SamplingOptions,
                grammar: str | None, logprobs: int | None) -> GenerationRequest:
-    """The engine request for an API body, every sampling field checked against this model."""
-    n_ctx = served.engine.n_ctx
-    if len(prompt) >= n_ctx:
-        raise UsageError(f"the prompt is {len(prompt)} tokens, which does not fit the {n_ctx}-token context")
-    if max_tokens is not None and len(prompt) + max_tokens > n_ctx:
-        raise UsageError(
-            f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds the {n_ctx}-token context"
-        )
+    """The engine request for an OpenAI body, every sampling field checked against this model."""
     sampling = replace(
         defaults,
         temperature=defaults.temperature if body.temperature is None else body.temperature,
@@ -98,6 +96,18 @@ def generation(served: Served, body: Any, prompt: list[int], max_tokens: int | N
         logprobs=logprobs,
         logit_bias=_logit_bias(body.logit_bias),
     )
+    return request_for(served, prompt, sampling)
+
+
+def request_for(served: Served, prompt: list[int], sampling: SamplingOptions) -> GenerationRequest:
+    """The engine request for a prompt, refused when it and the answer's length cannot fit."""
+    n_ctx = served.engine.n_ctx
+    if len(prompt) >= n_ctx:
+        raise UsageError(f"the prompt is {len(prompt)} tokens, which does not fit the {n_ctx}-token context")
+    if sampling.max_tokens > 0 and len(prompt) + sampling.max_tokens > n_ctx:
+        raise UsageError(
+            f"the prompt ({len(prompt)} tokens) plus max_tokens ({sampling.max_tokens}) exceeds the {n_ctx}-token context"
+        )
     return GenerationRequest(prompt=prompt, sampling=sampling, emit=lambda _: None)  # emit: set by chunks()
 
 

@@ -17,21 +17,21 @@ MAX_EMBED_INPUTS = 256
 MAX_NAME = 256
 
 
-class _Body(BaseModel):
+class Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class ContentPart(_Body):
+class ContentPart(Body):
     type: Annotated[StrictStr, Field(max_length=MAX_NAME)]
     text: StrictStr | None = None
 
 
-class CalledFunction(_Body):
+class CalledFunction(Body):
     name: Annotated[StrictStr, Field(max_length=MAX_NAME)]
     arguments: StrictStr = "{}"
 
 
-class ToolCallIn(_Body):
+class ToolCallIn(Body):
     """An earlier call of the assistant's, in the history."""
 
     id: Annotated[StrictStr, Field(max_length=MAX_NAME)] = ""
@@ -39,7 +39,7 @@ class ToolCallIn(_Body):
     function: CalledFunction
 
 
-class ChatMessage(_Body):
+class ChatMessage(Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | Annotated[list[ContentPart], Field(max_length=MAX_MESSAGES)] | None = None
     tool_calls: Annotated[list[ToolCallIn], Field(max_length=MAX_TOOLS)] | None = None
@@ -56,42 +56,42 @@ class ChatMessage(_Body):
         return "".join(part.text for part in self.content)
 
 
-class FunctionDef(_Body):
+class FunctionDef(Body):
     name: Annotated[StrictStr, Field(max_length=64)]
     description: StrictStr = ""
     parameters: dict[str, Any] | None = None
 
 
-class ToolDef(_Body):
+class ToolDef(Body):
     type: Literal["function"]
     function: FunctionDef
 
 
-class NamedFunction(_Body):
+class NamedFunction(Body):
     name: Annotated[StrictStr, Field(max_length=64)]
 
 
-class NamedToolChoice(_Body):
+class NamedToolChoice(Body):
     type: Literal["function"]
     function: NamedFunction
 
 
-class StreamOptions(_Body):
+class StreamOptions(Body):
     include_usage: StrictBool = False
 
 
-class JSONSchemaFormat(_Body):
+class JSONSchemaFormat(Body):
     name: StrictStr = "response"
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
     strict: StrictBool | None = None
 
 
-class ResponseFormat(_Body):
+class ResponseFormat(Body):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
 
 
-class _Sampling(_Body):
+class _Sampling(Body):
     model: Annotated[StrictStr, Field(max_length=MAX_NAME)] | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -133,7 +133,7 @@ class CompletionRequest(_Sampling):
     echo: StrictBool = False
 
 
-class EmbeddingRequest(_Body):
+class EmbeddingRequest(Body):
     model: Annotated[StrictStr, Field(max_length=MAX_NAME)] | None = None
     input: (Annotated[StrictStr, Field(min_length=1)]
             | Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_EMBED_INPUTS)])

@@ -1,0 +1,236 @@
+"""Anthropic's Messages API (``POST /v1/messages``, streamed or not, and ``count_tokens``), so the
+anthropic SDK and the tools built on it talk to a local model: text, system prompts, stop
+sequences, and tools (``tool_use`` and ``tool_result`` blocks) on the same engine and templates
+as the OpenAI routes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import Field, StrictBool, StrictInt, StrictStr
+
+from edgellm.errors import EdgeLLMError, UsageError, brief
+from edgellm.runtime.chunks import Chunk
+from edgellm.runtime.templates import Message
+from edgellm.runtime.tools import MAX_TOOLS, Tool, ToolCall, ToolFormat, call_grammar, check_tools
+from edgellm.server.generation import chunks, render_prompt, request_for
+from edgellm.server.schemas import MAX_MESSAGES, MAX_NAME, Body
+
+router = APIRouter()
+
+
+class Block(Body):
+    type: Annotated[StrictStr, Field(max_length=MAX_NAME)]
+    text: StrictStr | None = None
+    id: Annotated[StrictStr, Field(max_length=MAX_NAME)] | None = None  # tool_use
+    name: Annotated[StrictStr, Field(max_length=MAX_NAME)] | None = None
+    input: dict[str, Any] | None = None
+    tool_use_id: Annotated[StrictStr, Field(max_length=MAX_NAME)] | None = None  # tool_result
+    content: StrictStr | list[Block] | None = None
+
+
+class AnthropicMessage(Body):
+    role: Literal["user", "assistant"]
+    content: StrictStr | Annotated[list[Block], Field(max_length=MAX_MESSAGES)]
+
+
+class AnthropicTool(Body):
+    name: Annotated[StrictStr, Field(max_length=64)]
+    description: StrictStr = ""
+    input_schema: dict[str, Any] | None = None
+
+
+class AnthropicToolChoice(Body):
+    type: Literal["auto", "any", "tool", "none"]
+    name: Annotated[StrictStr, Field(max_length=64)] | None = None
+
+
+class MessagesRequest(Body):
+    model: Annotated[StrictStr, Field(max_length=MAX_NAME)] | None = None
+    messages: Annotated[list[AnthropicMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_tokens: StrictInt = Field(ge=1, le=1 << 20)
+    system: StrictStr | list[Block] | None = None
+    temperature: float | None = Field(None, ge=0, le=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: StrictInt | None = Field(None, ge=0, le=100_000)
+    stop_sequences: Annotated[list[StrictStr], Field(max_length=16)] | None = None
+    stream: StrictBool = False
+    tools: Annotated[list[AnthropicTool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: AnthropicToolChoice | None = None
+
+
+class CountTokensRequest(Body):
+    model: Annotated[StrictStr, Field(max_length=MAX_NAME)] | None = None
+    messages: Annotated[list[AnthropicMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    system: StrictStr | list[Block] | None = None
+    tools: Annotated[list[AnthropicTool], Field(max_length=MAX_TOOLS)] | None = None
+
+
+def _text(content: str | list[Block] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = []
+    for block in content:
+        if block.type != "text" or block.text is None:
+            raise UsageError(f"a {brief(block.type)} block cannot stand here; the served models read text only")
+        parts.append(block.text)
+    return "".join(parts)
+
+
+def _turns(body: MessagesRequest | CountTokensRequest) -> list[Message]:
+    """Anthropic's conversation as the runtime's messages: tool_use blocks become the assistant's
+    calls, tool_result blocks the tool turns that answer them."""
+    turns = [Message("system", _text(body.system))] if body.system else []
+    for message in body.messages:
+        if isinstance(message.content, str):
+            turns.append(Message(message.role, message.content))
+            continue
+        text, calls = [], []
+        for block in message.content:
+            if block.type == "text" and block.text is not None:
+                text.append(block.text)
+            elif block.type == "tool_use" and message.role == "assistant" and block.name:
+                calls.append(ToolCall(block.name, json.dumps(block.input or {}), block.id or ""))
+            elif block.type == "tool_result" and message.role == "user":
+                turns.append(Message("tool", _text(block.content), tool_call_id=block.tool_use_id))
+            else:
+                raise UsageError(f"a {brief(block.type)} block cannot stand in a {message.role} message here; "
+                                 "the served models read text and tool blocks only")
+        if text or calls:
+            turns.append(Message(message.role, "".join(text), tuple(calls)))
+    return turns
+
+
+def _tools(body: MessagesRequest | CountTokensRequest) -> list[Tool]:
+    tools = [Tool(t.name, t.description, t.input_schema) for t in body.tools or ()]
+    check_tools(tools)
+    return tools
+
+
+@router.post("/messages/count_tokens")
+async def count_tokens(body: CountTokensRequest, request: Request) -> dict:
+    served = await asyncio.to_thread(request.app.state.pool.get, body.model)
+    prompt = await asyncio.to_thread(render_prompt, served, _turns(body), _tools(body))
+    return {"input_tokens": len(prompt)}
+
+
+@router.post("/messages")
+async def messages(body: MessagesRequest, request: Request):
+    served = await asyncio.to_thread(request.app.state.pool.get, body.model)
+    choice = body.tool_choice.type if body.tool_choice else "auto"
+    tools = [] if choice == "none" else _tools(body)
+    fmt = served.template.tool_format
+    grammar = None
+    if tools and choice in ("any", "tool"):
+        grammar = call_grammar(fmt, tools, body.tool_choice.name if choice == "tool" else None)
+    prompt = await asyncio.to_thread(render_prompt, served, _turns(body), tools)
+    defaults = request.app.state.config.defaults
+    sampling = replace(
+        defaults, max_tokens=body.max_tokens, stop=tuple(body.stop_sequences or ()), grammar=grammar,
+        temperature=defaults.temperature if body.temperature is None else body.temperature,
+        top_p=body.top_p or defaults.top_p, top_k=defaults.top_k if body.top_k is None else body.top_k,
+    )
+    gen = request_for(served, prompt, sampling)
+    reply = Reply(served.name, len(prompt), fmt if tools else None)
+    stream = chunks(gen, served)
+    if not body.stream:
+        return reply.whole(await _gather(stream))
+    first = await anext(stream)  # errors before the first token still become an HTTP error
+    return StreamingResponse(reply.events(first, stream), media_type="text/event-stream")
+
+
+async def _gather(stream: AsyncIterator[Chunk]) -> list[Chunk]:
+    return [chunk async for chunk in stream]
+
+
+_STOP_REASONS = {"length": "max_tokens", "cancelled": "end_turn"}
+
+
+class Reply:
+    """One answer in Anthropic's shapes: a message object, or its stream of events."""
+
+    def __init__(self, model: str, n_prompt: int, tool_format: ToolFormat | None) -> None:
+        self.id = "msg_" + uuid.uuid4().hex[:24]
+        self.model, self.n_prompt, self.tool_format = model, n_prompt, tool_format
+
+    def message(self, text: str, last: Chunk) -> dict:
+        content: list[dict] = []
+        # which stop sequence ended an answer is not known here; it is reported as the end of a turn
+        stop_reason, stop_sequence = _STOP_REASONS.get(last.finish_reason or "", "end_turn"), None
+        calls = []
+        if self.tool_format is not None:
+            text, calls = self.tool_format.parse(text)
+        if text:
+            content.append({"type": "text", "text": text})
+        for call in calls:
+            content.append({"type": "tool_use", "id": "toolu_" + call.id.removeprefix("call_"), "name": call.name,
+                            "input": json.loads(call.arguments)})
+        if calls:
+            stop_reason, stop_sequence = "tool_use", None
+        return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
+                "stop_reason": stop_reason, "stop_sequence": stop_sequence,
+                "usage": {"input_tokens": self.n_prompt, "output_tokens": last.timings.generated_tokens}}
+
+    def whole(self, got: list[Chunk]) -> dict:
+        return self.message("".join(c.text for c in got), got[-1])
+
+    async def events(self, first: Chunk, stream: AsyncIterator[Chunk]) -> AsyncIterator[bytes]:
+        """message_start, then a text block streamed by deltas (or, for a tool-calling request,
+        the whole answer's blocks once it is complete), message_delta and message_stop."""
+        start = {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
+                 "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": self.n_prompt, "output_tokens": 0}}
+        try:
+            yield _event("message_start", {"type": "message_start", "message": start})
+            got = [first]
+            if self.tool_format is None:
+                yield _event("content_block_start", {"type": "content_block_start", "index": 0,
+                                                     "content_block": {"type": "text", "text": ""}})
+            chunk = first
+            while True:
+                if self.tool_format is None and chunk.text:
+                    yield _event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                         "delta": {"type": "text_delta", "text": chunk.text}})
+                if chunk.finish_reason:
+                    break
+                try:
+                    chunk = await anext(stream)
+                except EdgeLLMError as exc:  # too late for an HTTP status: an error event, as Anthropic sends
+                    yield _event("error", {"type": "error", "error": {"type": "api_error", "message": str(exc)}})
+                    return
+                got.append(chunk)
+            final = self.whole(got)
+            if self.tool_format is None:
+                yield _event("content_block_stop", {"type": "content_block_stop", "index": 0})
+            else:
+                for index, block in enumerate(final["content"]):
+                    yield from_block(index, block)
+            yield _event("message_delta", {"type": "message_delta",
+                                           "delta": {"stop_reason": final["stop_reason"],
+                                                     "stop_sequence": final["stop_sequence"]},
+                                           "usage": {"output_tokens": final["usage"]["output_tokens"]}})
+            yield _event("message_stop", {"type": "message_stop"})
+        finally:
+            await stream.aclose()
+
+
+def from_block(index: int, block: dict) -> bytes:
+    """A finished content block as start, one delta and stop events."""
+    if block["type"] == "text":
+        opened, delta = {"type": "text", "text": ""}, {"type": "text_delta", "text": block["text"]}
+    else:
+        opened = {**block, "input": {}}
+        delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)}
+    return (_event("content_block_start", {"type": "content_block_start", "index": index, "content_block": opened})
+            + _event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+            + _event("content_block_stop", {"type": "content_block_stop", "index": index}))
+
+
+def _event(kind: str, data: dict) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
