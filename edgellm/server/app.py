@@ -21,8 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgellm.errors import EdgeLLMError, QueueFullError
 from edgellm.options import SamplingOptions
-from edgellm.server import anthropic, openai
-from edgellm.server.bodies import error_body
+from edgellm.server import anthropic, ollama, openai
+from edgellm.server.bodies import error_for
 from edgellm.server.models import ModelPool
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
@@ -51,7 +51,7 @@ class BodyLimit:
         state = {"read": 0, "refused": False}
 
         def too_large() -> JSONResponse:
-            return error_body(413, f"request body over {self.limit} bytes", "body_too_large")
+            return error_for(scope["path"], 413, f"request body over {self.limit} bytes", "body_too_large")
 
         length = dict(scope.get("headers") or ()).get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.limit:
@@ -98,6 +98,7 @@ def create_app(pool: ModelPool, config: ServerConfig) -> FastAPI:
     for router in (openai.router, anthropic.router):
         app.include_router(router, prefix="/v1")
         app.include_router(router)
+    app.include_router(ollama.router)
     return app
 
 
@@ -114,13 +115,14 @@ class Guard:
             headers = dict(scope.get("headers") or ())
             host = headers.get(b"host", b"").decode("latin-1")
             if config.loopback_only and _host_name(host) not in LOOPBACK_NAMES:
-                refusal = error_body(403, "this server answers only requests addressed to a loopback name",
-                                     "host_not_allowed")
+                refusal = error_for(scope["path"], 403, "this server answers only requests addressed to a loopback name",
+                                    "host_not_allowed")
                 return await refusal(scope, receive, send)
             if config.api_key and scope["path"] != "/health":
                 given = headers.get(b"authorization", b"")
                 if not hmac.compare_digest(given, f"Bearer {config.api_key}".encode()):
-                    refusal = error_body(401, "missing or wrong API key (Authorization: Bearer KEY)", "invalid_api_key")
+                    refusal = error_for(scope["path"], 401, "missing or wrong API key (Authorization: Bearer KEY)",
+                                        "invalid_api_key")
                     return await refusal(scope, receive, send)
         await self.app(scope, receive, send)
 
@@ -153,26 +155,27 @@ async def health(request: Request) -> dict:
     return {"status": "degraded", "error": failure} if failure else {"status": "ok"}
 
 
-async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """Unknown routes, wrong methods, unreadable bodies: OpenAI error bodies too."""
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes, wrong methods, unreadable bodies: error bodies too."""
     codes = {404: "not_found", 405: "method_not_allowed"}
-    return error_body(exc.status_code, str(exc.detail), codes.get(exc.status_code, "invalid_request"),
-                      headers=getattr(exc, "headers", None))
+    return error_for(request.url.path, exc.status_code, str(exc.detail), codes.get(exc.status_code, "invalid_request"),
+                     headers=getattr(exc, "headers", None))
 
 
-async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    return error_body(400, f"{where}: {first.get('msg')}" if where else str(first.get("msg")), "invalid_request")
+    message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+    return error_for(request.url.path, 400, message, "invalid_request")
 
 
-async def _known(_request: Request, exc: EdgeLLMError) -> JSONResponse:
+async def _known(request: Request, exc: EdgeLLMError) -> JSONResponse:
     headers = {"Retry-After": "2"} if isinstance(exc, QueueFullError) else None
-    return error_body(exc.http_status, str(exc), exc.code, headers=headers)
+    return error_for(request.url.path, exc.http_status, str(exc), exc.code, headers=headers)
 
 
-async def _unknown(_request: Request, exc: Exception) -> JSONResponse:
-    return error_body(500, f"internal error: {type(exc).__name__}", "internal_error")
+async def _unknown(request: Request, exc: Exception) -> JSONResponse:
+    return error_for(request.url.path, 500, f"internal error: {type(exc).__name__}", "internal_error")
 
 
 #: every failure becomes an OpenAI error body; the error table (errors.SHOWN) gives ours their status

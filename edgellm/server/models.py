@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from edgellm.config import Settings
 from edgellm.errors import EdgeLLMError, LoadError, ModelNotFoundError, brief
 from edgellm.gguf.header import GGUFHeader, check_lora, read_header
-from edgellm.models import BUNDLED_NAME, load_options, resolve, store_for
+from edgellm.models import BUNDLED_NAME, ResolvedModel, load_options, resolve, store_for
 from edgellm.models.store import NAME_RE
 from edgellm.options import default_context
 from edgellm.plan.fit import Plan, fit_with_draft
@@ -80,6 +80,14 @@ class ModelPool:
     def _reap(self) -> None:
         while not self._stop.wait(min(max(self.keep_alive / 4, 0.5), 10)):
             self.unload_idle()
+
+    def describe(self, name: str | None) -> ResolvedModel:
+        """A served model's file and header, without loading it."""
+        return self.fixed or resolve(self._key(name), self.settings, store_only=True)
+
+    def loaded(self) -> list[Served]:
+        with self._lock:
+            return list(self._loaded.values())
 
     def names(self) -> list[str]:
         if self.fixed:

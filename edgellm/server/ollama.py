@@ -1,0 +1,266 @@
+"""Ollama's API, so the many apps that only speak Ollama use edgellm unchanged: chat and generate
+(streamed as newline-delimited JSON by default, as Ollama does), embeddings, the model list, a
+model's details, the loaded models and the version. Models are named by their store names."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import Field, StrictBool, StrictInt, StrictStr
+
+from edgellm import __version__
+from edgellm.errors import EdgeLLMError, UsageError
+from edgellm.runtime.chunks import Chunk
+from edgellm.runtime.grammar import json_grammar
+from edgellm.runtime.templates import Message
+from edgellm.runtime.tools import MAX_TOOLS, Tool, ToolCall, check_tools
+from edgellm.server.generation import chunks, render_prompt, request_for
+from edgellm.server.schemas import MAX_EMBED_INPUTS, MAX_MESSAGES, MAX_NAME, Body, ToolDef
+
+router = APIRouter(prefix="/api")
+
+#: the Ollama API version these routes follow (apps check it before using newer fields)
+OLLAMA_VERSION = "0.9.0"
+
+
+class Options(Body):
+    """The ``options`` Ollama takes that mean something here; the rest (num_ctx, num_gpu, ...) are
+    the server's own settings and are ignored, as unknown fields are."""
+
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_k: StrictInt | None = Field(None, ge=0, le=100_000)
+    top_p: float | None = Field(None, gt=0, le=1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    seed: StrictInt | None = None
+    num_predict: StrictInt | None = Field(None, ge=-2, le=1 << 20)
+    stop: Annotated[list[StrictStr], Field(max_length=16)] | None = None
+    repeat_penalty: float | None = Field(None, gt=0, le=10)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+
+
+class CalledFunction(Body):
+    name: Annotated[StrictStr, Field(max_length=MAX_NAME)]
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class OllamaToolCall(Body):
+    function: CalledFunction
+
+
+class OllamaMessage(Body):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: StrictStr = ""
+    images: list[StrictStr] | None = None
+    tool_calls: Annotated[list[OllamaToolCall], Field(max_length=MAX_TOOLS)] | None = None
+
+
+class _Generating(Body):
+    model: Annotated[StrictStr, Field(max_length=MAX_NAME)]
+    stream: StrictBool = True
+    format: Literal["json"] | dict[str, Any] | None = None
+    options: Options = Field(default_factory=Options)
+    keep_alive: StrictStr | StrictInt | None = None
+
+
+class ChatRequest(_Generating):
+    messages: Annotated[list[OllamaMessage], Field(max_length=MAX_MESSAGES)] = Field(default_factory=list)
+    tools: Annotated[list[ToolDef], Field(max_length=MAX_TOOLS)] | None = None
+
+
+class GenerateRequest(_Generating):
+    prompt: StrictStr = ""
+    system: StrictStr | None = None
+    raw: StrictBool = False
+    images: list[StrictStr] | None = None
+
+
+class EmbedRequest(Body):
+    model: Annotated[StrictStr, Field(max_length=MAX_NAME)]
+    input: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
+
+
+class NamedRequest(Body):
+    model: Annotated[StrictStr, Field(max_length=MAX_NAME)] | None = None
+    name: Annotated[StrictStr, Field(max_length=MAX_NAME)] | None = None
+
+
+@router.get("/version")
+async def version() -> dict:
+    return {"version": OLLAMA_VERSION, "edgellm": __version__}
+
+
+@router.get("/tags")
+async def tags(request: Request) -> dict:
+    pool = request.app.state.pool
+    models = await asyncio.to_thread(lambda: [_model(pool.describe(name)) for name in pool.names()])
+    return {"models": models}
+
+
+@router.post("/show")
+async def show(body: NamedRequest, request: Request) -> dict:
+    pool = request.app.state.pool
+    model = await asyncio.to_thread(pool.describe, body.model or body.name)
+    header = model.header
+    info = {"general.architecture": header.architecture, "general.parameter_count": header.parameter_count,
+            f"{header.architecture}.context_length": header.context_length}
+    return {"modelfile": "", "parameters": "", "template": header.chat_template or "", "details": _details(model),
+            "model_info": info, "capabilities": ["completion"], "modified_at": _modified(model)}
+
+
+@router.get("/ps")
+async def ps(request: Request) -> dict:
+    loaded = request.app.state.pool.loaded()
+    return {"models": [{**_model_of(s.name, s.header, s.plan.memory.total), "size_vram": s.plan.memory.gpu,
+                        "context_length": s.engine.n_ctx, "expires_at": _iso(time.time() + 300)} for s in loaded]}
+
+
+@router.post("/embed")
+async def embed(body: EmbedRequest, request: Request) -> dict:
+    started = time.perf_counter_ns()
+    served = await asyncio.to_thread(request.app.state.pool.get, body.model)
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    vectors = await asyncio.to_thread(served.engine.embed, texts)
+    return {"model": served.name, "embeddings": [v for v, _ in vectors], "total_duration": time.perf_counter_ns() - started,
+            "load_duration": 0, "prompt_eval_count": sum(n for _, n in vectors)}
+
+
+@router.post("/chat")
+async def chat(body: ChatRequest, request: Request):
+    served = await asyncio.to_thread(request.app.state.pool.get, body.model)
+    tools = [Tool(t.function.name, t.function.description, t.function.parameters) for t in body.tools or ()]
+    check_tools(tools)
+    turns = [_turn(m) for m in body.messages]
+    if not turns:  # Ollama loads the model for an empty chat and says it is done
+        return {"model": served.name, "created_at": _iso(time.time()), "message": {"role": "assistant", "content": ""},
+                "done": True, "done_reason": "load"}
+    prompt = await asyncio.to_thread(render_prompt, served, turns, tools)
+    return await _answer(request, served, prompt, body, "message", served.template.tool_format if tools else None)
+
+
+@router.post("/generate")
+async def generate(body: GenerateRequest, request: Request):
+    served = await asyncio.to_thread(request.app.state.pool.get, body.model)
+    if body.images:
+        raise UsageError("the served models read text only; this request has images")
+    if body.raw:
+        prompt = await asyncio.to_thread(served.native.tokenize, body.prompt, True)
+    else:
+        turns = ([Message("system", body.system)] if body.system else []) + [Message("user", body.prompt)]
+        prompt = await asyncio.to_thread(render_prompt, served, turns)
+    return await _answer(request, served, prompt, body, "response", None)
+
+
+def _turn(message: OllamaMessage) -> Message:
+    if message.images:
+        raise UsageError("the served models read text only; a message has images")
+    calls = tuple(ToolCall.new(c.function.name, c.function.arguments) for c in message.tool_calls or ())
+    return Message(message.role, message.content, calls)
+
+
+async def _answer(request: Request, served, prompt: list[int], body: _Generating, field: str, tool_format):
+    options, defaults = body.options, request.app.state.config.defaults
+    grammar = None
+    if body.format is not None:
+        grammar = json_grammar(None if body.format == "json" else body.format)
+    predict = options.num_predict if options.num_predict not in (None, -2) else -1
+    sampling = replace(
+        defaults, max_tokens=predict if predict > 0 else -1, grammar=grammar, stop=tuple(options.stop or ()),
+        **{k: v for k, v in options.model_dump(exclude={"num_predict", "stop"}).items() if v is not None},
+    )
+    gen = request_for(served, prompt, sampling)
+    reply = _Reply(served.name, len(prompt), field, tool_format)
+    stream = chunks(gen, served)
+    if not body.stream:
+        got = [chunk async for chunk in stream]
+        return reply.final("".join(c.text for c in got), got[-1])
+    first = await anext(stream)  # errors before the first token still become an HTTP error
+    return StreamingResponse(reply.lines(first, stream), media_type="application/x-ndjson")
+
+
+class _Reply:
+    """One answer as Ollama writes it: a line per piece, then the last with counts and durations."""
+
+    def __init__(self, model: str, n_prompt: int, field: str, tool_format) -> None:
+        self.model, self.n_prompt, self.field, self.tool_format = model, n_prompt, field, tool_format
+        self.started = time.perf_counter_ns()
+
+    def _piece(self, text: str) -> dict:
+        return {"role": "assistant", "content": text} if self.field == "message" else text
+
+    def line(self, text: str) -> dict:
+        return {"model": self.model, "created_at": _iso(time.time()), self.field: self._piece(text), "done": False}
+
+    def final(self, text: str, last: Chunk) -> dict:
+        t = last.timings
+        piece = self._piece(text)
+        if self.tool_format is not None and self.field == "message":
+            content, calls = self.tool_format.parse(text)
+            if calls:
+                piece = {"role": "assistant", "content": content,
+                         "tool_calls": [{"function": {"name": c.name, "arguments": json.loads(c.arguments)}}
+                                        for c in calls]}
+        return {"model": self.model, "created_at": _iso(time.time()), self.field: piece, "done": True,
+                "done_reason": "length" if last.finish_reason == "length" else "stop",
+                "total_duration": time.perf_counter_ns() - self.started, "load_duration": 0,
+                "prompt_eval_count": t.prompt_tokens - t.cached_tokens, "prompt_eval_duration": int(t.prompt_ms * 1e6),
+                "eval_count": t.generated_tokens, "eval_duration": int(t.generate_ms * 1e6)}
+
+    async def lines(self, first: Chunk, stream: AsyncIterator[Chunk]) -> AsyncIterator[bytes]:
+        """Each piece as it comes; a tool-calling answer is held back and sent whole in the last line."""
+        pieces, chunk = [], first
+        try:
+            while True:
+                pieces.append(chunk.text)
+                if chunk.finish_reason:
+                    text = "".join(pieces) if self.tool_format is not None else ""
+                    if self.tool_format is None and chunk.text:
+                        yield _ndjson(self.line(chunk.text))
+                    yield _ndjson(self.final(text, chunk))
+                    return
+                if self.tool_format is None and chunk.text:
+                    yield _ndjson(self.line(chunk.text))
+                try:
+                    chunk = await anext(stream)
+                except EdgeLLMError as exc:  # too late for an HTTP status: an error line, as Ollama sends
+                    yield _ndjson({"error": str(exc)})
+                    return
+        finally:
+            await stream.aclose()
+
+
+def _ndjson(data: dict) -> bytes:
+    return (json.dumps(data, ensure_ascii=False) + "\n").encode()
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _details(model) -> dict:
+    header = model.header
+    return {"format": "gguf", "family": header.architecture, "families": [header.architecture],
+            "parameter_size": f"{header.parameter_count / 1e6:.0f}M" if header.parameter_count < 1e9
+            else f"{header.parameter_count / 1e9:.1f}B", "quantization_level": header.quantization}
+
+
+def _modified(model) -> str:
+    return _iso(model.path.stat().st_mtime)
+
+
+def _model(model) -> dict:
+    return {**_model_of(model.name, model.header, model.header.file_size), "modified_at": _modified(model),
+            "details": _details(model)}
+
+
+def _model_of(name: str, header, size: int) -> dict:
+    return {"name": name, "model": name, "size": size, "digest": "", "details": {
+        "format": "gguf", "family": header.architecture, "quantization_level": header.quantization}}

@@ -1,0 +1,84 @@
+"""Ollama's API through a real `edgellm serve` (the whole store, by name) and the real ollama client."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.test_server import Server
+from tests.test_tools import WEATHER
+
+NAME = "smollm2-135m-instruct"
+QUESTION = [{"role": "user", "content": "What is the capital of Germany?"}]
+GREEDY = {"temperature": 0, "num_predict": 24}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    s = Server(tmp_path_factory.mktemp("home"), None, "--parallel", "2")
+    yield s
+    s.stop()
+
+
+@pytest.fixture()
+def client(server: Server):
+    import ollama
+
+    return ollama.Client(host=server.base)
+
+
+def test_chat_whole_and_streamed(client) -> None:
+    whole = client.chat(model=NAME, messages=QUESTION, options=GREEDY)
+    assert whole.done and whole.message.role == "assistant" and "Berlin" in whole.message.content
+    assert whole.prompt_eval_count > 10 and 0 < whole.eval_count <= 24 and whole.done_reason in ("stop", "length")
+    parts = list(client.chat(model=NAME, messages=QUESTION, options=GREEDY, stream=True))
+    assert [p.done for p in parts] == [False] * (len(parts) - 1) + [True]
+    assert "".join(p.message.content for p in parts) == whole.message.content
+    assert parts[-1].eval_count == whole.eval_count
+
+
+def test_generate_and_json_format(client) -> None:
+    answer = client.generate(model=NAME, prompt="What is the capital of Germany?", options=GREEDY)
+    assert answer.done and "Berlin" in answer.response
+    streamed = "".join(p.response for p in client.generate(model=NAME, prompt="What is the capital of Germany?",
+                                                            options=GREEDY, stream=True))
+    assert streamed == answer.response
+    schema = {"type": "object", "properties": {"capital": {"enum": ["Paris", "Berlin"]}}, "required": ["capital"]}
+    shaped = client.chat(model=NAME, messages=QUESTION, format=schema, options={"temperature": 0, "num_predict": 32})
+    assert json.loads(shaped.message.content) == {"capital": "Berlin"}
+
+
+def test_list_show_ps_version_embed(client, server: Server) -> None:
+    client.chat(model=NAME, messages=QUESTION, options={"num_predict": 1})
+    listed = client.list().models
+    assert [m.model for m in listed] == [NAME] and listed[0].size > 50 << 20
+    assert listed[0].details.family == "llama" and listed[0].details.quantization_level == "Q4_1"
+    shown = client.show(NAME)
+    assert "im_start" in shown.template and shown.modelinfo["general.architecture"] == "llama"
+    assert [m.model for m in client.ps().models] == [NAME]
+    assert server.raw("/api/version")[1]["version"]
+    vectors = client.embed(model=NAME, input=["The sky is blue.", "The sky is blue."]).embeddings
+    assert len(vectors) == 2 and len(vectors[0]) == 576 and vectors[0] == pytest.approx(vectors[1], abs=1e-5)
+
+
+def test_tools_come_back_as_calls(client) -> None:
+    import ollama
+
+    reply = client.chat(model=NAME, messages=[{"role": "user", "content": "What is the weather in Rome?"}],
+                        tools=[WEATHER], options={"temperature": 0, "num_predict": 96})
+    calls = reply.message.tool_calls or []
+    assert all(c.function.name == "get_weather" for c in calls)  # "auto": the model may answer in words
+    with pytest.raises(ollama.ResponseError) as missing:
+        client.chat(model="nosuch", messages=QUESTION)
+    assert missing.value.status_code == 404 and "not in the store" in missing.value.error
+
+
+def test_errors_are_ollama_bodies(server: Server) -> None:
+    status, body, _ = server.raw("/api/chat", {"model": NAME, "messages": [{"role": "wizard", "content": "x"}]})
+    assert status == 400 and isinstance(body["error"], str) and "role" in body["error"]
+    status, body, _ = server.raw("/api/generate", {"model": NAME, "prompt": "hi", "images": ["AAAA"]})
+    assert status == 400 and "read text only" in body["error"]
+    status, body, _ = server.raw("/api/nosuch")
+    assert status == 404 and set(body) == {"error"}
