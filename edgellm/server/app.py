@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgellm.errors import EdgeLLMError, QueueFullError
 from edgellm.options import SamplingOptions
-from edgellm.server import anthropic, ollama, openai
+from edgellm.server import anthropic, ollama, openai, responses
 from edgellm.server.bodies import error_for
 from edgellm.server.models import ModelPool
 
@@ -95,7 +95,7 @@ def create_app(pool: ModelPool, config: ServerConfig) -> FastAPI:
         app.add_exception_handler(kind, handler)
     app.get("/health")(health)
     app.get("/v1/health")(health)
-    for router in (openai.router, anthropic.router):
+    for router in (openai.router, responses.router, anthropic.router):
         app.include_router(router, prefix="/v1")
         app.include_router(router)
     app.include_router(ollama.router)

@@ -1,0 +1,255 @@
+"""OpenAI's Responses API (``POST /v1/responses``, streamed or not): text, instructions, function
+tools with their calls and outputs, JSON formats, and ``previous_response_id`` (a conversation kept
+in memory for the server's life, its oldest forgotten past ``MAX_KEPT``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import Field, StrictBool, StrictInt, StrictStr
+
+from edgellm.errors import EdgeLLMError, ModelNotFoundError, UsageError, brief
+from edgellm.runtime.chunks import Chunk
+from edgellm.runtime.grammar import json_grammar
+from edgellm.runtime.templates import Message
+from edgellm.runtime.tools import MAX_TOOLS, Tool, ToolCall, call_grammar, check_tools
+from edgellm.server.generation import chunks, render_prompt, request_for
+from edgellm.server.schemas import MAX_MESSAGES, MAX_NAME, Body
+
+router = APIRouter()
+
+#: conversations kept for ``previous_response_id``
+MAX_KEPT = 1024
+
+
+class Part(Body):
+    type: Annotated[StrictStr, Field(max_length=MAX_NAME)]
+    text: StrictStr | None = None
+
+
+class Item(Body):
+    """One input item: a message (role and content), a function call, or a call's output."""
+
+    type: Literal["message", "function_call", "function_call_output"] = "message"
+    role: Literal["system", "developer", "user", "assistant"] | None = None
+    content: StrictStr | Annotated[list[Part], Field(max_length=MAX_MESSAGES)] | None = None
+    call_id: Annotated[StrictStr, Field(max_length=MAX_NAME)] | None = None
+    name: Annotated[StrictStr, Field(max_length=MAX_NAME)] | None = None
+    arguments: StrictStr | None = None
+    output: StrictStr | None = None
+
+
+class FunctionTool(Body):
+    type: Literal["function"]
+    name: Annotated[StrictStr, Field(max_length=64)]
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class NamedTool(Body):
+    type: Literal["function"]
+    name: Annotated[StrictStr, Field(max_length=64)]
+
+
+class TextFormat(Body):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+
+
+class TextOptions(Body):
+    format: TextFormat = Field(default_factory=TextFormat)
+
+
+class ResponsesRequest(Body):
+    model: Annotated[StrictStr, Field(max_length=MAX_NAME)] | None = None
+    input: StrictStr | Annotated[list[Item], Field(max_length=MAX_MESSAGES)]
+    instructions: StrictStr | None = None
+    tools: Annotated[list[FunctionTool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedTool | None = None
+    max_output_tokens: StrictInt | None = Field(None, ge=1, le=1 << 20)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stream: StrictBool = False
+    previous_response_id: Annotated[StrictStr, Field(max_length=MAX_NAME)] | None = None
+    text: TextOptions | None = None
+
+
+class Kept:
+    """The conversations earlier responses ended, by response id."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._turns: OrderedDict[str, list[Message]] = OrderedDict()
+
+    def get(self, response_id: str) -> list[Message]:
+        with self._lock:
+            turns = self._turns.get(response_id)
+        if turns is None:
+            raise ModelNotFoundError(f"previous_response_id {brief(response_id)} is not known here",
+                                     hint="responses are kept in memory while the server runs")
+        return turns
+
+    def put(self, response_id: str, turns: list[Message]) -> None:
+        with self._lock:
+            self._turns[response_id] = turns
+            while len(self._turns) > MAX_KEPT:
+                self._turns.popitem(last=False)
+
+
+KEPT = Kept()
+
+
+def _text(content: str | list[Part] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    for part in content:
+        if part.type not in ("input_text", "output_text", "text") or part.text is None:
+            raise UsageError(f"the served models read text only; an input has a {brief(part.type)} part")
+    return "".join(part.text for part in content)
+
+
+def _turns(body: ResponsesRequest) -> list[Message]:
+    turns = list(KEPT.get(body.previous_response_id)) if body.previous_response_id else []
+    if body.instructions:
+        turns = [m for m in turns if m.role != "system"]
+        turns.insert(0, Message("system", body.instructions))
+    if isinstance(body.input, str):
+        return [*turns, Message("user", body.input)]
+    for item in body.input:
+        if item.type == "message":
+            role = "system" if item.role == "developer" else item.role or "user"
+            turns.append(Message(role, _text(item.content)))
+        elif item.type == "function_call":
+            turns.append(Message("assistant", "", (ToolCall(item.name or "", item.arguments or "{}", item.call_id or ""),)))
+        else:
+            turns.append(Message("tool", item.output or "", tool_call_id=item.call_id))
+    return turns
+
+
+def _grammar(body: ResponsesRequest, tools: list[Tool], fmt) -> str | None:
+    choice = body.tool_choice
+    if tools and (choice == "required" or isinstance(choice, NamedTool)):
+        return call_grammar(fmt, tools, choice.name if isinstance(choice, NamedTool) else None)
+    text_format = body.text.format if body.text else None
+    if text_format is None or text_format.type == "text":
+        return None
+    return json_grammar(text_format.schema_ if text_format.type == "json_schema" else None)
+
+
+@router.post("/responses")
+async def responses(body: ResponsesRequest, request: Request):
+    served = await asyncio.to_thread(request.app.state.pool.get, body.model)
+    tools = [] if body.tool_choice == "none" else [
+        Tool(t.name, t.description or "", t.parameters) for t in body.tools or ()]
+    check_tools(tools)
+    fmt = served.template.tool_format
+    turns = _turns(body)
+    prompt = await asyncio.to_thread(render_prompt, served, turns, tools)
+    defaults = request.app.state.config.defaults
+    sampling = replace(defaults, max_tokens=body.max_output_tokens or -1, grammar=_grammar(body, tools, fmt),
+                       temperature=defaults.temperature if body.temperature is None else body.temperature,
+                       top_p=body.top_p or defaults.top_p)
+    gen = request_for(served, prompt, sampling)
+    reply = Reply(served.name, body, len(prompt), turns, fmt if tools else None)
+    stream = chunks(gen, served)
+    if not body.stream:
+        got = [chunk async for chunk in stream]
+        return reply.finish("".join(c.text for c in got), got[-1])
+    first = await anext(stream)  # errors before the first token still become an HTTP error
+    return StreamingResponse(reply.events(first, stream), media_type="text/event-stream")
+
+
+class Reply:
+    """One response: the object, and the events that stream it."""
+
+    def __init__(self, model: str, body: ResponsesRequest, n_prompt: int, turns: list[Message], tool_format) -> None:
+        self.id = "resp_" + uuid.uuid4().hex[:24]
+        self.message_id = "msg_" + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.model, self.body, self.n_prompt, self.turns, self.tool_format = model, body, n_prompt, turns, tool_format
+        self._sequence = 0
+
+    def response(self, status: str, output: list[dict], usage: dict | None = None, reason: str | None = None) -> dict:
+        body = self.body
+        choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedTool) else body.tool_choice or "auto"
+        return {"id": self.id, "object": "response", "created_at": self.created, "status": status, "model": self.model,
+                "output": output, "usage": usage, "error": None,
+                "incomplete_details": {"reason": reason} if reason else None, "instructions": body.instructions,
+                "tools": [t.model_dump(by_alias=True) for t in body.tools or ()], "tool_choice": choice,
+                "parallel_tool_calls": True, "temperature": body.temperature, "top_p": body.top_p,
+                "max_output_tokens": body.max_output_tokens, "previous_response_id": body.previous_response_id,
+                "text": {"format": {"type": body.text.format.type if body.text else "text"}}, "metadata": {}}
+
+    def message_item(self, text: str, status: str) -> dict:
+        content = [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" or text else []
+        return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": content}
+
+    def finish(self, text: str, last: Chunk) -> dict:
+        """The completed response; its conversation is kept for a later ``previous_response_id``."""
+        calls = []
+        if self.tool_format is not None:
+            text, calls = self.tool_format.parse(text)
+        output = [self.message_item(text, "completed")] if text or not calls else []
+        output += [{"type": "function_call", "id": "fc_" + c.id.removeprefix("call_"), "call_id": c.id,
+                    "name": c.name, "arguments": c.arguments, "status": "completed"} for c in calls]
+        done = last.timings.generated_tokens
+        usage = {"input_tokens": self.n_prompt, "input_tokens_details": {"cached_tokens": last.timings.cached_tokens},
+                 "output_tokens": done, "output_tokens_details": {"reasoning_tokens": 0},
+                 "total_tokens": self.n_prompt + done}
+        KEPT.put(self.id, [*self.turns, Message("assistant", text, tuple(calls))])
+        incomplete = last.finish_reason == "length"
+        return self.response("incomplete" if incomplete else "completed", output, usage,
+                             "max_output_tokens" if incomplete else None)
+
+    def _event(self, kind: str, **data: Any) -> bytes:
+        self._sequence += 1
+        payload = {"type": kind, "sequence_number": self._sequence, **data}
+        return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
+
+    async def events(self, first: Chunk, stream: AsyncIterator[Chunk]) -> AsyncIterator[bytes]:
+        """created, the message item with its text deltas (a tool-calling answer: its items once it
+        is whole), then completed."""
+        ids = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
+        pieces, chunk = [], first
+        try:
+            yield self._event("response.created", response=self.response("in_progress", []))
+            yield self._event("response.in_progress", response=self.response("in_progress", []))
+            if self.tool_format is None:
+                yield self._event("response.output_item.added", output_index=0,
+                                  item=self.message_item("", "in_progress"))
+                yield self._event("response.content_part.added", item_id=self.message_id, output_index=0,
+                                  content_index=0, part={"type": "output_text", "text": "", "annotations": []})
+            while True:
+                pieces.append(chunk.text)
+                if self.tool_format is None and chunk.text:
+                    yield self._event("response.output_text.delta", **ids, delta=chunk.text, logprobs=[])
+                if chunk.finish_reason:
+                    break
+                try:
+                    chunk = await anext(stream)
+                except EdgeLLMError as exc:  # too late for an HTTP status: an error event
+                    yield self._event("error", code=exc.code, message=str(exc), param=None)
+                    return
+            final = self.finish("".join(pieces), chunk)
+            for index, item in enumerate(final["output"]):
+                if item["type"] == "message" and self.tool_format is None:
+                    text = item["content"][0]["text"]
+                    yield self._event("response.output_text.done", **ids, text=text, logprobs=[])
+                    yield self._event("response.content_part.done", item_id=self.message_id, output_index=0,
+                                      content_index=0, part=item["content"][0])
+                else:
+                    yield self._event("response.output_item.added", output_index=index, item=item)
+                yield self._event("response.output_item.done", output_index=index, item=item)
+            yield self._event("response.completed", response=final)
+        finally:
+            await stream.aclose()
