@@ -101,14 +101,22 @@ def _stats_line(timings) -> str:
     return " · ".join(parts)
 
 
-def _stream_to(out, chunks, logprobs: list | None = None) -> tuple[str, object]:
+def _stream_to(out, chunks, logprobs: list | None = None, thoughts: list | None = None) -> tuple[str, object]:
     """Print chunks as they come (unless ``out`` is None); return the full text and the final chunk.
-    Each token's log-probabilities, when asked for, go to ``logprobs``."""
+    Each token's log-probabilities, when asked for, go to ``logprobs``; a reasoning model's
+    thinking to ``thoughts``, and shown dimmed on stderr while the answer goes to ``out``."""
     pieces = []
     last = None
+    dim = sys.stderr.isatty()
     for chunk in chunks:
         if chunk.logprobs is not None and logprobs is not None:
             logprobs.append(chunk.logprobs)
+        if chunk.reasoning:
+            if thoughts is not None:
+                thoughts.append(chunk.reasoning)
+            if out is not None:
+                sys.stderr.write(f"\x1b[2m{chunk.reasoning}\x1b[0m" if dim else chunk.reasoning)
+                sys.stderr.flush()
         if chunk.text:
             if out is not None:
                 out.write(chunk.text)
@@ -145,7 +153,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             messages = ([Message("system", args.system)] if args.system else []) + [Message("user", prompt)]
             chunks = model.chat(messages, sampling, cancelled, tools)
         logprobs: list = []
-        text, last = _stream_to(None if args.json or tools else sys.stdout, chunks, logprobs)
+        thoughts: list = []
+        text, last = _stream_to(None if args.json or tools else sys.stdout, chunks, logprobs, thoughts)
         calls = []
         if tools:
             text, calls = fmt.parse(text)
@@ -162,6 +171,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "completion_tokens": last.timings.generated_tokens,
                 "timings": last.timings.as_dict(),
             }
+            if thoughts:
+                result["reasoning"] = "".join(thoughts)
             if tools:
                 result["tool_calls"] = [{"name": c.name, "arguments": json.loads(c.arguments)} for c in calls]
             if args.logprobs is not None:

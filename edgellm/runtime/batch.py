@@ -23,7 +23,7 @@ from edgellm.errors import EdgeLLMError, EngineError, QueueFullError, UsageError
 from edgellm.options import DEFAULT_SEED, SamplingOptions
 from edgellm.runtime.chunks import Chunk, TokenLogprob
 from edgellm.runtime.native import NativeContext, NativeModel
-from edgellm.runtime.text import Answer, common_prefix
+from edgellm.runtime.text import Answer, ThinkSplitter, common_prefix
 
 if TYPE_CHECKING:
     from edgellm.runtime.speculative import Drafter
@@ -34,6 +34,8 @@ class GenerationRequest:
     prompt: list[int]
     sampling: SamplingOptions
     emit: Callable[[Chunk | BaseException], None]
+    reasoning: bool = False  # split <think>…</think> into Chunk.reasoning (chat answers)
+    thinking: bool = False  # and the prompt already opened the block
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -198,7 +200,8 @@ class BatchEngine:
             room = self.n_ctx - len(request.prompt)
             max_tokens = request.sampling.max_tokens
             slot.answer = Answer(self.model.piece, self.model.is_end, request.sampling, len(request.prompt), keep,
-                                 min(max_tokens, room) if max_tokens > 0 else room)
+                                 min(max_tokens, room) if max_tokens > 0 else room,
+                                 ThinkSplitter(request.thinking) if request.reasoning else None)
 
     def _make_sampler(self, request: GenerationRequest) -> int | None:
         """llama.cpp's sampler chain for the request, or None for plain greedy decoding, which

@@ -72,3 +72,4 @@ class Chunk:
     finish_reason: str | None = None
     timings: Timings | None = None
     logprobs: TokenLogprob | None = None
+    reasoning: str = ""  # a reasoning model's thinking, split from its answer (``<think>…</think>``)

@@ -27,6 +27,7 @@ from edgellm.runtime.chunks import Chunk
 from edgellm.runtime.native import NativeModel
 from edgellm.runtime.speculative import load_drafter
 from edgellm.runtime.templates import ChatTemplate, Message
+from edgellm.runtime.text import opens_thinking
 from edgellm.runtime.tools import Tool
 from edgellm.system import llamalog
 from edgellm.system.hardware import physical_cores
@@ -186,7 +187,7 @@ class Model:
         prompt = self.render(messages, tools)
         if self.template.stops:
             sampling = replace(sampling, stop=sampling.stop + self.template.stops)
-        return self.generate(self.tokenize(prompt), sampling, cancel)
+        return self.generate(self.tokenize(prompt), sampling, cancel, reasoning=True)
 
     def complete(
         self, prompt: str, sampling: SamplingOptions, cancel: Callable[[], bool] | None = None
@@ -199,7 +200,9 @@ class Model:
         tokens: Sequence[int],
         sampling: SamplingOptions,
         cancel: Callable[[], bool] | None = None,
+        reasoning: bool = False,
     ) -> Iterator[Chunk]:
+        """Answer a prompt of tokens; ``reasoning`` splits a ``<think>`` block into Chunk.reasoning."""
         tokens = list(tokens)
         n_ctx = self.n_ctx
         if not tokens:
@@ -209,14 +212,14 @@ class Model:
                 f"the prompt is {len(tokens)} tokens, which does not fit the {n_ctx}-token context",
                 hint="use a larger --ctx, or start a new conversation",
             )
-        return self._stream(tokens, sampling, cancel)
+        request = GenerationRequest(tokens, sampling, lambda _: None, reasoning=reasoning,
+                                    thinking=reasoning and opens_thinking(self.piece, tokens))
+        return self._stream(request, cancel)
 
-    def _stream(
-        self, tokens: list[int], sampling: SamplingOptions, cancel: Callable[[], bool] | None
-    ) -> Iterator[Chunk]:
+    def _stream(self, request: GenerationRequest, cancel: Callable[[], bool] | None) -> Iterator[Chunk]:
         """Advance the engine in this thread, a token a step, checking ``cancel`` after each."""
         out: list[Chunk | BaseException] = []
-        request = GenerationRequest(tokens, sampling, out.append)
+        request.emit = out.append
         self._engine.submit(request)
         done = False
         try:

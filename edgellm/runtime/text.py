@@ -74,6 +74,66 @@ class StopScanner:
         return text
 
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+class ThinkSplitter:
+    """Splits a reasoning model's ``<think>…</think>`` from its answer as the text streams in
+    (Qwen3, DeepSeek-R1 distills), holding back what could be the start of a tag. ``thinking``:
+    the prompt already opened the block (templates that end their generation prompt with it)."""
+
+    def __init__(self, thinking: bool = False) -> None:
+        self.state = "inside" if thinking else "start"  # start: the answer may still open a block
+        self.held = ""
+        self._trim = thinking  # the newlines around a tag are the tag's, not the text's
+
+    def feed(self, text: str) -> tuple[str, str]:
+        """(answer text, reasoning text) of the text so far."""
+        buf, self.held = self.held + text, ""
+        answer, reasoning = "", ""
+        while buf:
+            if self.state == "start":
+                stripped = buf.lstrip()
+                if stripped.startswith(THINK_OPEN):
+                    self.state, self._trim, buf = "inside", True, stripped[len(THINK_OPEN):]
+                    continue
+                if THINK_OPEN.startswith(stripped):
+                    self.held = buf
+                    break
+                self.state = "after"
+            elif self.state == "inside":
+                if self._trim:
+                    buf = buf.lstrip("\n")
+                    self._trim = not buf
+                    continue
+                end = buf.find(THINK_CLOSE)
+                if end >= 0:
+                    reasoning += buf[:end]
+                    self.state, self._trim, buf = "after", True, buf[end + len(THINK_CLOSE):]
+                    continue
+                keep = next((k for k in range(min(len(THINK_CLOSE) - 1, len(buf)), 0, -1)
+                             if buf.endswith(THINK_CLOSE[:k])), 0)
+                reasoning, self.held = reasoning + buf[: len(buf) - keep], buf[len(buf) - keep:]
+                break
+            else:
+                if self._trim:
+                    buf = buf.lstrip()
+                    self._trim = not buf
+                answer += buf
+                break
+        return answer, reasoning
+
+    def flush(self) -> tuple[str, str]:
+        held, self.held = self.held, ""
+        return ("", held) if self.state == "inside" else (held, "")
+
+
+def opens_thinking(piece: Callable[[int], bytes], prompt: Sequence[int]) -> bool:
+    """Whether a rendered prompt ends inside a ``<think>`` block its template opened."""
+    tail = b"".join(piece(t) for t in prompt[-8:]).decode("utf-8", errors="replace")
+    return tail.rstrip().endswith(THINK_OPEN)
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """How many tokens two sequences share from the start: what a KV cache can reuse. Found by
     comparing slices (in C) and halving, as it runs every step on whole contexts."""
@@ -106,12 +166,15 @@ class Answer:
         prompt_tokens: int,
         cached_tokens: int,
         limit: int,
+        reasoning: ThinkSplitter | None = None,
     ) -> None:
+        """``reasoning``: split a reasoning model's thinking from its answer (Chunk.reasoning)."""
         self._piece = piece
         self._is_end = is_end
         self._ignore_eos = sampling.ignore_eos
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._scanner = StopScanner(sampling.stop)
+        self._reasoning = reasoning
         self._hit_stop = False
         self.prompt_tokens = prompt_tokens
         self.cached_tokens = cached_tokens
@@ -132,7 +195,10 @@ class Answer:
             return None, "stop"
         self.generated += 1
         text, stopped = self._scanner.feed(self._decoder.decode(self._piece(token)))
-        chunk = Chunk(text, token, logprobs=logprobs) if text or stopped or logprobs else None
+        thought = ""
+        if self._reasoning is not None:
+            text, thought = self._reasoning.feed(text)
+        chunk = Chunk(text, token, logprobs=logprobs, reasoning=thought) if text or thought or stopped or logprobs else None
         if stopped:
             self._hit_stop = True
             return chunk, "stop"
@@ -141,6 +207,11 @@ class Answer:
     def finish(self, reason: str) -> Chunk:
         # text held back as a possible stop string is real text unless a stop string matched
         tail = "" if self._hit_stop else self._scanner.flush() + self._decoder.decode(b"", final=True)
+        thought = ""
+        if self._reasoning is not None:
+            tail, thought = self._reasoning.feed(tail)
+            rest, more = self._reasoning.flush()
+            tail, thought = tail + rest, thought + more
         timings = Timings(
             prompt_tokens=self.prompt_tokens,
             cached_tokens=self.cached_tokens,
@@ -151,4 +222,4 @@ class Answer:
             draft_tokens=self.draft_tokens,
             draft_accepted=self.draft_accepted,
         )
-        return Chunk(tail, finish_reason=reason, timings=timings)
+        return Chunk(tail, finish_reason=reason, timings=timings, reasoning=thought)

@@ -43,7 +43,8 @@ class Encoder:
     def sse(self, chunk: Chunk, first: bool) -> bytes:
         """One server-sent event of the stream. A plain token's is the same JSON as event() gives,
         put together around the token's text, since it is written for every token of every stream."""
-        if first or chunk.finish_reason or chunk.logprobs is not None or not chunk.text or len(self._around) != 2:
+        if (first or chunk.finish_reason or chunk.logprobs is not None or not chunk.text or chunk.reasoning
+                or len(self._around) != 2):
             return _sse(self.event(chunk, first))
         return b"data: " + self._around[0] + json.dumps(chunk.text, ensure_ascii=False).encode() + self._around[1] + b"\n\n"
 
@@ -54,8 +55,8 @@ class Encoder:
     def envelope(self, obj: str, choices: list[dict]) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
 
-    def body(self, text: str, entries: list[TokenLogprob], last: Chunk) -> dict:
-        choice = {"index": 0, "finish_reason": last.finish_reason, **self.whole(text),
+    def body(self, text: str, entries: list[TokenLogprob], last: Chunk, reasoning: str = "") -> dict:
+        choice = {"index": 0, "finish_reason": last.finish_reason, **self.whole(text, reasoning),
                   "logprobs": self.logprob_block(entries) if self.logprobs else None}
         return {**self.envelope(self.object, [choice]), "usage": self.usage(last), "timings": last.timings.as_dict()}
 
@@ -64,7 +65,7 @@ class Encoder:
                   "logprobs": self.logprob_block([chunk.logprobs]) if self.logprobs and chunk.logprobs else None}
         return self.envelope(self.chunk_object, [choice])
 
-    def whole(self, text: str) -> dict:
+    def whole(self, text: str, reasoning: str) -> dict:
         raise NotImplementedError
 
     def piece(self, chunk: Chunk, first: bool) -> dict:
@@ -81,14 +82,13 @@ class ChatEncoder(Encoder):
         super().__init__(model, n_prompt, logprobs)
         self.tool_format = tool_format
 
-    def body(self, text: str, entries: list[TokenLogprob], last: Chunk) -> dict:
-        result = super().body(text, entries, last)
+    def body(self, text: str, entries: list[TokenLogprob], last: Chunk, reasoning: str = "") -> dict:
+        result = super().body(text, entries, last, reasoning)
         if self.tool_format is not None:
             content, calls = self.tool_format.parse(text)
             if calls:
                 choice = result["choices"][0]
-                choice["message"] = {"role": "assistant", "content": content or None,
-                                     "tool_calls": [_call(c) for c in calls]}
+                choice["message"].update(content=content or None, tool_calls=[_call(c) for c in calls])
                 choice["finish_reason"] = "tool_calls"
         return result
 
@@ -97,19 +97,26 @@ class ChatEncoder(Encoder):
         delta, then the finish reason (clients assemble tool calls from their deltas by index)."""
         message, choice = body["choices"][0]["message"], body["choices"][0]
         delta: dict[str, Any] = {"role": "assistant", "content": message["content"]}
+        if message.get("reasoning_content"):
+            delta["reasoning_content"] = message["reasoning_content"]
         if message.get("tool_calls"):
             delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
         first = {"index": 0, "finish_reason": None, "delta": delta, "logprobs": choice["logprobs"]}
         last = {"index": 0, "finish_reason": choice["finish_reason"], "delta": {}, "logprobs": None}
         return [_sse(self.envelope(self.chunk_object, [first])), _sse(self.envelope(self.chunk_object, [last]))]
 
-    def whole(self, text: str) -> dict:
-        return {"message": {"role": "assistant", "content": text}}
+    def whole(self, text: str, reasoning: str) -> dict:
+        message = {"role": "assistant", "content": text}
+        if reasoning:
+            message["reasoning_content"] = reasoning  # llama-server's and DeepSeek's field
+        return {"message": message}
 
     def piece(self, chunk: Chunk, first: bool) -> dict:
-        if first:
-            return {"delta": {"role": "assistant", "content": chunk.text}}
-        return {"delta": {"content": chunk.text} if chunk.text else {}}
+        delta: dict[str, Any] = {"role": "assistant", "content": chunk.text} if first else (
+            {"content": chunk.text} if chunk.text else {})
+        if chunk.reasoning:
+            delta["reasoning_content"] = chunk.reasoning
+        return {"delta": delta}
 
     def logprob_block(self, entries: list[TokenLogprob]) -> dict:
         return {"content": [{
@@ -121,7 +128,7 @@ class ChatEncoder(Encoder):
 class TextEncoder(Encoder):
     prefix, object, chunk_object = "cmpl-", "text_completion", "text_completion"
 
-    def whole(self, text: str) -> dict:
+    def whole(self, text: str, reasoning: str) -> dict:
         return {"text": text}
 
     def piece(self, chunk: Chunk, first: bool) -> dict:
@@ -139,13 +146,14 @@ class TextEncoder(Encoder):
 async def respond(encoder: Encoder, chunks: AsyncIterator[Chunk], stream: bool, include_usage: bool = False):
     """The whole answer as one body, or a server-sent event stream of it."""
     if not stream or encoder.tool_format is not None:
-        pieces, entries, last = [], [], None
+        pieces, thoughts, entries, last = [], [], [], None
         async for chunk in chunks:
             pieces.append(chunk.text)
+            thoughts.append(chunk.reasoning)
             if chunk.logprobs:
                 entries.append(chunk.logprobs)
             last = chunk
-        body = encoder.body("".join(pieces), entries, last)
+        body = encoder.body("".join(pieces), entries, last, "".join(thoughts))
         if not stream:
             return body
         usage = [_sse({**encoder.envelope(encoder.chunk_object, []), "usage": body["usage"]})] if include_usage else []

@@ -15,6 +15,7 @@ from edgellm.runtime.batch import GenerationRequest
 from edgellm.runtime.chunks import Chunk
 from edgellm.runtime.grammar import json_grammar
 from edgellm.runtime.templates import Message
+from edgellm.runtime.text import opens_thinking
 from edgellm.runtime.tools import Tool, ToolCall, ToolFormat, call_grammar, check_tools
 from edgellm.server.models import Served
 
@@ -77,7 +78,7 @@ def grammar_for(fmt: Any) -> str | None:
 
 
 def generation(served: Served, body: Any, prompt: list[int], max_tokens: int | None, defaults: SamplingOptions,
-               grammar: str | None, logprobs: int | None) -> GenerationRequest:
+               grammar: str | None, logprobs: int | None, reasoning: bool = False) -> GenerationRequest:
     """The engine request for an OpenAI body, every sampling field checked against this model."""
     sampling = replace(
         defaults,
@@ -96,11 +97,13 @@ def generation(served: Served, body: Any, prompt: list[int], max_tokens: int | N
         logprobs=logprobs,
         logit_bias=_logit_bias(body.logit_bias),
     )
-    return request_for(served, prompt, sampling)
+    return request_for(served, prompt, sampling, reasoning)
 
 
-def request_for(served: Served, prompt: list[int], sampling: SamplingOptions) -> GenerationRequest:
-    """The engine request for a prompt, refused when it and the answer's length cannot fit."""
+def request_for(served: Served, prompt: list[int], sampling: SamplingOptions, reasoning: bool = True
+                ) -> GenerationRequest:
+    """The engine request for a prompt, refused when it and the answer's length cannot fit.
+    ``reasoning``: a reasoning model's ``<think>`` block comes apart from its answer."""
     n_ctx = served.engine.n_ctx
     if len(prompt) >= n_ctx:
         raise UsageError(f"the prompt is {len(prompt)} tokens, which does not fit the {n_ctx}-token context")
@@ -108,7 +111,9 @@ def request_for(served: Served, prompt: list[int], sampling: SamplingOptions) ->
         raise UsageError(
             f"the prompt ({len(prompt)} tokens) plus max_tokens ({sampling.max_tokens}) exceeds the {n_ctx}-token context"
         )
-    return GenerationRequest(prompt=prompt, sampling=sampling, emit=lambda _: None)  # emit: set by chunks()
+    thinking = reasoning and opens_thinking(served.native.piece, prompt)
+    return GenerationRequest(prompt=prompt, sampling=sampling, emit=lambda _: None,  # emit: set by chunks()
+                             reasoning=reasoning, thinking=thinking)
 
 
 class Mailbox:

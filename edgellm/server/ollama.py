@@ -176,12 +176,12 @@ async def _answer(request: Request, served, prompt: list[int], body: _Generating
         defaults, max_tokens=predict if predict > 0 else -1, grammar=grammar, stop=tuple(options.stop or ()),
         **{k: v for k, v in options.model_dump(exclude={"num_predict", "stop"}).items() if v is not None},
     )
-    gen = request_for(served, prompt, sampling)
+    gen = request_for(served, prompt, sampling, reasoning=not getattr(body, "raw", False))
     reply = _Reply(served.name, len(prompt), field, tool_format)
     stream = chunks(gen, served)
     if not body.stream:
         got = [chunk async for chunk in stream]
-        return reply.final("".join(c.text for c in got), got[-1])
+        return reply.final("".join(c.text for c in got), got[-1], "".join(c.reasoning for c in got))
     first = await anext(stream)  # errors before the first token still become an HTTP error
     return StreamingResponse(reply.lines(first, stream), media_type="application/x-ndjson")
 
@@ -196,12 +196,18 @@ class _Reply:
     def _piece(self, text: str) -> dict:
         return {"role": "assistant", "content": text} if self.field == "message" else text
 
-    def line(self, text: str) -> dict:
-        return {"model": self.model, "created_at": _iso(time.time()), self.field: self._piece(text), "done": False}
+    def line(self, text: str, thinking: str = "") -> dict:
+        piece = self._piece(text)
+        if thinking:  # a reasoning model's <think> block, as Ollama reports it
+            piece = {**piece, "thinking": thinking} if self.field == "message" else piece
+        line = {"model": self.model, "created_at": _iso(time.time()), self.field: piece, "done": False}
+        return {**line, "thinking": thinking} if thinking and self.field == "response" else line
 
-    def final(self, text: str, last: Chunk) -> dict:
+    def final(self, text: str, last: Chunk, thinking: str = "") -> dict:
         t = last.timings
         piece = self._piece(text)
+        if thinking and self.field == "message":
+            piece = {**piece, "thinking": thinking}
         if self.tool_format is not None and self.field == "message":
             content, calls = self.tool_format.parse(text)
             if calls:
@@ -222,12 +228,12 @@ class _Reply:
                 pieces.append(chunk.text)
                 if chunk.finish_reason:
                     text = "".join(pieces) if self.tool_format is not None else ""
-                    if self.tool_format is None and chunk.text:
-                        yield _ndjson(self.line(chunk.text))
+                    if self.tool_format is None and (chunk.text or chunk.reasoning):
+                        yield _ndjson(self.line(chunk.text, chunk.reasoning))
                     yield _ndjson(self.final(text, chunk))
                     return
-                if self.tool_format is None and chunk.text:
-                    yield _ndjson(self.line(chunk.text))
+                if self.tool_format is None and (chunk.text or chunk.reasoning):
+                    yield _ndjson(self.line(chunk.text, chunk.reasoning))
                 try:
                     chunk = await anext(stream)
                 except EdgeLLMError as exc:  # too late for an HTTP status: an error line, as Ollama sends

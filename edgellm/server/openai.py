@@ -45,7 +45,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     prompt = await asyncio.to_thread(chat_prompt, served, body.messages, tools)
     top = (body.top_logprobs or 0) if body.logprobs else None
     gen = generation(served, body, prompt, body.max_completion_tokens or body.max_tokens,
-                     request.app.state.config.defaults, forced or grammar_for(body.response_format), top)
+                     request.app.state.config.defaults, forced or body.grammar or grammar_for(body.response_format), top,
+                     reasoning=body.reasoning_format != "none")
     encoder = ChatEncoder(served.name, len(prompt), top is not None, fmt if tools else None)
     return await respond(encoder, chunks(gen, served), body.stream, _include_usage(body))
 

@@ -124,6 +124,9 @@ class ChatCompletionRequest(_Sampling):
     tools: Annotated[list[ToolDef], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool = True
+    # llama-server's: "none" leaves a reasoning model's <think> block in the content
+    reasoning_format: Literal["none", "auto", "deepseek"] = "auto"
+    grammar: Annotated[StrictStr, Field(max_length=1 << 20)] | None = None  # llama-server's: a GBNF grammar
 
 
 class CompletionRequest(_Sampling):
