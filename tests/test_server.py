@@ -230,7 +230,7 @@ BAD = [
     ({"messages": QUESTION, "model": "nosuch"}, {}, 404, "model_not_found"),
     ({"messages": QUESTION, "max_tokens": 5000}, {}, 400, "exceeds the 1024-token context"),
     ({"messages": QUESTION, "max_tokens": -1}, {}, 400, "max_tokens"),
-    ({"messages": QUESTION, "n": 2}, {}, 400, "n:"),
+    ({"messages": QUESTION, "n": 17}, {}, 400, "n:"),
     ({"messages": QUESTION, "top_k": -1}, {}, 400, "top_k"),
     ({"messages": QUESTION, "logit_bias": {"one": 5}}, {}, 400, "logit_bias keys are token ids"),
     ({"messages": QUESTION, "logit_bias": {"99999999": 5}}, {}, 400, "outside the vocabulary of 49152"),
@@ -272,6 +272,31 @@ def test_logit_bias_bans_and_forces_tokens(server: Server, tokenizer) -> None:
     text = client.completions.create(model=server.name, prompt="Fruit:", max_tokens=4, temperature=0,
                                      logit_bias={str(forced): 100}).choices[0].text
     assert text == " banana" * 4
+
+
+def test_several_choices(server: Server) -> None:
+    """n answers to one chat, streamed or not, and a list of prompts in a completion: a choice each."""
+    client = server.client()
+    several = client.chat.completions.create(model=server.name, messages=QUESTION, n=3, temperature=0.9, seed=5,
+                                             max_tokens=12)
+    assert [c.index for c in several.choices] == [0, 1, 2] and all(c.message.content for c in several.choices)
+    assert 3 <= several.usage.completion_tokens <= 36
+    texts: dict[int, str] = {}
+    finished = set()
+    for chunk in client.chat.completions.create(model=server.name, messages=QUESTION, n=2, temperature=0, max_tokens=12,
+                                                stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert finished == {0, 1} and texts[0] == texts[1] and "Berlin" in texts[0]
+    prompts = ["The capital of France is", "The capital of Italy is"]
+    both = client.completions.create(model=server.name, prompt=prompts, max_tokens=4, temperature=0)
+    alone = [client.completions.create(model=server.name, prompt=p, max_tokens=4, temperature=0).choices[0].text
+             for p in prompts]
+    assert [c.text for c in both.choices] == alone and [c.index for c in both.choices] == [0, 1]
+    status, body, _ = server.raw("/v1/completions", {"prompt": ["a"] * 9, "n": 2})
+    assert status == 400 and "more than 16 answers" in body["error"]["message"]
 
 
 def test_model_lookup_and_routes_without_v1(server: Server) -> None:

@@ -6,10 +6,12 @@ event and log-probabilities look like.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import StreamingResponse
@@ -40,28 +42,33 @@ class Encoder:
         head = json.dumps(self.event(Chunk("\0"), False), ensure_ascii=False)
         self._around = tuple(part.encode() for part in head.split(json.dumps("\0")))
 
-    def sse(self, chunk: Chunk, first: bool) -> bytes:
+    def sse(self, chunk: Chunk, first: bool, index: int = 0) -> bytes:
         """One server-sent event of the stream. A plain token's is the same JSON as event() gives,
         put together around the token's text, since it is written for every token of every stream."""
-        if (first or chunk.finish_reason or chunk.logprobs is not None or not chunk.text or chunk.reasoning
+        if (first or index or chunk.finish_reason or chunk.logprobs is not None or not chunk.text or chunk.reasoning
                 or len(self._around) != 2):
-            return _sse(self.event(chunk, first))
+            return _sse(self.event(chunk, first, index))
         return b"data: " + self._around[0] + json.dumps(chunk.text, ensure_ascii=False).encode() + self._around[1] + b"\n\n"
 
-    def usage(self, last: Chunk) -> dict:
-        done = last.timings.generated_tokens
+    def usage(self, *lasts: Chunk) -> dict:
+        done = sum(last.timings.generated_tokens for last in lasts)
         return {"prompt_tokens": self.n_prompt, "completion_tokens": done, "total_tokens": self.n_prompt + done}
 
     def envelope(self, obj: str, choices: list[dict]) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
 
-    def body(self, text: str, entries: list[TokenLogprob], last: Chunk, reasoning: str = "") -> dict:
-        choice = {"index": 0, "finish_reason": last.finish_reason, **self.whole(text, reasoning),
-                  "logprobs": self.logprob_block(entries) if self.logprobs else None}
-        return {**self.envelope(self.object, [choice]), "usage": self.usage(last), "timings": last.timings.as_dict()}
+    def body(self, answers: list[Gathered]) -> dict:
+        """The whole response: one choice per answer (``n``, or a list of prompts)."""
+        choices = [self.choice(i, a) for i, a in enumerate(answers)]
+        lasts = [a.last for a in answers]
+        return {**self.envelope(self.object, choices), "usage": self.usage(*lasts), "timings": lasts[0].timings.as_dict()}
 
-    def event(self, chunk: Chunk, first: bool) -> dict:
-        choice = {"index": 0, "finish_reason": chunk.finish_reason, **self.piece(chunk, first),
+    def choice(self, index: int, answer: Gathered) -> dict:
+        return {"index": index, "finish_reason": answer.last.finish_reason, **self.whole(answer.text, answer.reasoning),
+                "logprobs": self.logprob_block(answer.entries) if self.logprobs else None}
+
+    def event(self, chunk: Chunk, first: bool, index: int = 0) -> dict:
+        choice = {"index": index, "finish_reason": chunk.finish_reason, **self.piece(chunk, first),
                   "logprobs": self.logprob_block([chunk.logprobs]) if self.logprobs and chunk.logprobs else None}
         return self.envelope(self.chunk_object, [choice])
 
@@ -82,28 +89,30 @@ class ChatEncoder(Encoder):
         super().__init__(model, n_prompt, logprobs)
         self.tool_format = tool_format
 
-    def body(self, text: str, entries: list[TokenLogprob], last: Chunk, reasoning: str = "") -> dict:
-        result = super().body(text, entries, last, reasoning)
+    def choice(self, index: int, answer: Gathered) -> dict:
+        choice = super().choice(index, answer)
         if self.tool_format is not None:
-            content, calls = self.tool_format.parse(text)
+            content, calls = self.tool_format.parse(answer.text)
             if calls:
-                choice = result["choices"][0]
                 choice["message"].update(content=content or None, tool_calls=[_call(c) for c in calls])
                 choice["finish_reason"] = "tool_calls"
-        return result
+        return choice
 
     def whole_events(self, body: dict) -> list[bytes]:
-        """A whole answer as the stream of a tool-calling request: its text and calls in one
-        delta, then the finish reason (clients assemble tool calls from their deltas by index)."""
-        message, choice = body["choices"][0]["message"], body["choices"][0]
-        delta: dict[str, Any] = {"role": "assistant", "content": message["content"]}
-        if message.get("reasoning_content"):
-            delta["reasoning_content"] = message["reasoning_content"]
-        if message.get("tool_calls"):
-            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
-        first = {"index": 0, "finish_reason": None, "delta": delta, "logprobs": choice["logprobs"]}
-        last = {"index": 0, "finish_reason": choice["finish_reason"], "delta": {}, "logprobs": None}
-        return [_sse(self.envelope(self.chunk_object, [first])), _sse(self.envelope(self.chunk_object, [last]))]
+        """Whole answers as the stream of a tool-calling request: each one's text and calls in one
+        delta, then its finish reason (clients assemble tool calls from their deltas by index)."""
+        events = []
+        for choice in body["choices"]:
+            message = choice["message"]
+            delta: dict[str, Any] = {"role": "assistant", "content": message["content"]}
+            if message.get("reasoning_content"):
+                delta["reasoning_content"] = message["reasoning_content"]
+            if message.get("tool_calls"):
+                delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
+            first = {"index": choice["index"], "finish_reason": None, "delta": delta, "logprobs": choice["logprobs"]}
+            last = {"index": choice["index"], "finish_reason": choice["finish_reason"], "delta": {}, "logprobs": None}
+            events += [_sse(self.envelope(self.chunk_object, [first])), _sse(self.envelope(self.chunk_object, [last]))]
+        return events
 
     def whole(self, text: str, reasoning: str) -> dict:
         message = {"role": "assistant", "content": text}
@@ -143,24 +152,78 @@ class TextEncoder(Encoder):
         }
 
 
-async def respond(encoder: Encoder, chunks: AsyncIterator[Chunk], stream: bool, include_usage: bool = False):
-    """The whole answer as one body, or a server-sent event stream of it."""
+@dataclass(frozen=True)
+class Gathered:
+    """One answer, whole."""
+
+    text: str
+    entries: list[TokenLogprob]
+    last: Chunk
+    reasoning: str
+
+
+async def gather(chunks: AsyncIterator[Chunk]) -> Gathered:
+    pieces, thoughts, entries, last = [], [], [], None
+    async for chunk in chunks:
+        pieces.append(chunk.text)
+        thoughts.append(chunk.reasoning)
+        if chunk.logprobs:
+            entries.append(chunk.logprobs)
+        last = chunk
+    return Gathered("".join(pieces), entries, last, "".join(thoughts))
+
+
+async def respond(encoder: Encoder, streams: list[AsyncIterator[Chunk]], stream: bool, include_usage: bool = False):
+    """The whole answers as one body, or a server-sent event stream of them (``streams``: one
+    per choice, answered side by side by the engine)."""
     if not stream or encoder.tool_format is not None:
-        pieces, thoughts, entries, last = [], [], [], None
-        async for chunk in chunks:
-            pieces.append(chunk.text)
-            thoughts.append(chunk.reasoning)
-            if chunk.logprobs:
-                entries.append(chunk.logprobs)
-            last = chunk
-        body = encoder.body("".join(pieces), entries, last, "".join(thoughts))
+        try:
+            body = encoder.body(list(await asyncio.gather(*(gather(s) for s in streams))))
+        finally:
+            for s in streams:
+                await s.aclose()
         if not stream:
             return body
         usage = [_sse({**encoder.envelope(encoder.chunk_object, []), "usage": body["usage"]})] if include_usage else []
         events = [*encoder.whole_events(body), *usage, b"data: [DONE]\n\n"]
         return StreamingResponse(iter(events), media_type="text/event-stream")
-    first = await anext(chunks)  # errors before the first token still become an HTTP error
-    return StreamingResponse(_events(encoder, first, chunks, include_usage), media_type="text/event-stream")
+    if len(streams) > 1:
+        return StreamingResponse(_merged(encoder, streams, include_usage), media_type="text/event-stream")
+    first = await anext(streams[0])  # errors before the first token still become an HTTP error
+    return StreamingResponse(_events(encoder, first, streams[0], include_usage), media_type="text/event-stream")
+
+
+async def _merged(encoder: Encoder, streams: list[AsyncIterator[Chunk]], include_usage: bool) -> AsyncIterator[bytes]:
+    """Several answers' events interleaved as their tokens come, each choice by its index."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, chunks: AsyncIterator[Chunk]) -> None:
+        try:
+            async for chunk in chunks:
+                await queue.put((index, chunk))
+        except EdgeLLMError as exc:
+            await queue.put((index, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    started, lasts = set(), {}
+    try:
+        while len(lasts) < len(streams):
+            index, item = await queue.get()
+            if isinstance(item, EdgeLLMError):  # too late for an HTTP status: an error event
+                yield _sse(error_payload(str(item), item.code, "server_error"))
+                return
+            yield encoder.sse(item, index not in started, index)
+            started.add(index)
+            if item.finish_reason:
+                lasts[index] = item
+        if include_usage:
+            yield _sse({**encoder.envelope(encoder.chunk_object, []), "usage": encoder.usage(*lasts.values())})
+        yield b"data: [DONE]\n\n"
+    finally:
+        for task in tasks:
+            task.cancel()
+        for s in streams:
+            await s.aclose()
 
 
 def _sse(data: dict) -> bytes:

@@ -51,19 +51,19 @@ def tools_for(body: Any, template_format: ToolFormat) -> tuple[list[Tool], str |
     return tools, call_grammar(template_format, tools, None if choice == "required" else choice.function.name)
 
 
-def text_prompt(served: Served, prompt: str | list) -> list[int]:
-    """A completion request's prompt: a text, one text in a list, or token ids (checked)."""
+def text_prompts(served: Served, prompt: str | list) -> list[list[int]]:
+    """A completion request's prompts: a text, a list of texts (a choice each), token ids (checked)."""
     if isinstance(prompt, str):
-        return served.native.tokenize(prompt, True)
+        return [served.native.tokenize(prompt, True)]
     if prompt and isinstance(prompt[0], int):
         n_vocab = served.native.n_vocab
         bad = [t for t in prompt if not 0 <= t < n_vocab]
         if bad:
             raise UsageError(f"prompt token id {bad[0]} is outside the vocabulary of {n_vocab} tokens")
-        return list(prompt)
-    if len(prompt) == 1:
-        return served.native.tokenize(prompt[0], add_special=True)
-    raise UsageError("only one prompt per request is supported")
+        return [list(prompt)]
+    if not prompt:
+        raise UsageError("the prompt list is empty")
+    return [served.native.tokenize(text, add_special=True) for text in prompt]
 
 
 def grammar_for(fmt: Any) -> str | None:
@@ -78,8 +78,10 @@ def grammar_for(fmt: Any) -> str | None:
 
 
 def generation(served: Served, body: Any, prompt: list[int], max_tokens: int | None, defaults: SamplingOptions,
-               grammar: str | None, logprobs: int | None, reasoning: bool = False) -> GenerationRequest:
-    """The engine request for an OpenAI body, every sampling field checked against this model."""
+               grammar: str | None, logprobs: int | None, reasoning: bool = False, choice: int = 0
+               ) -> GenerationRequest:
+    """The engine request for an OpenAI body, every sampling field checked against this model;
+    ``choice``: which of ``n`` answers (a given seed moves on by one for each)."""
     sampling = replace(
         defaults,
         temperature=defaults.temperature if body.temperature is None else body.temperature,
@@ -90,7 +92,7 @@ def generation(served: Served, body: Any, prompt: list[int], max_tokens: int | N
         max_tokens=max_tokens or -1,
         stop=body.stops(),
         ignore_eos=body.ignore_eos,
-        seed=-1 if body.seed is None else body.seed,
+        seed=-1 if body.seed is None else body.seed + choice,
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         grammar=grammar,

@@ -10,10 +10,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from edgellm.errors import ModelNotFoundError, brief
+from edgellm.errors import ModelNotFoundError, UsageError, brief
 from edgellm.server.encoders import ChatEncoder, TextEncoder, respond
-from edgellm.server.generation import chat_prompt, chunks, generation, grammar_for, text_prompt, tools_for
-from edgellm.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from edgellm.server.generation import chat_prompt, chunks, generation, grammar_for, text_prompts, tools_for
+from edgellm.server.schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 #: mounted at /v1 and at the root, as OpenAI clients configured with either base URL call it
 router = APIRouter()
@@ -44,20 +44,23 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     tools, forced = tools_for(body, fmt)
     prompt = await asyncio.to_thread(chat_prompt, served, body.messages, tools)
     top = (body.top_logprobs or 0) if body.logprobs else None
-    gen = generation(served, body, prompt, body.max_completion_tokens or body.max_tokens,
-                     request.app.state.config.defaults, forced or body.grammar or grammar_for(body.response_format), top,
-                     reasoning=body.reasoning_format != "none")
+    gens = [generation(served, body, prompt, body.max_completion_tokens or body.max_tokens,
+                       request.app.state.config.defaults, forced or body.grammar or grammar_for(body.response_format),
+                       top, reasoning=body.reasoning_format != "none", choice=i) for i in range(body.n)]
     encoder = ChatEncoder(served.name, len(prompt), top is not None, fmt if tools else None)
-    return await respond(encoder, chunks(gen, served), body.stream, _include_usage(body))
+    return await respond(encoder, [chunks(gen, served) for gen in gens], body.stream, _include_usage(body))
 
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request):
     served = await asyncio.to_thread(request.app.state.pool.get, body.model)
-    prompt = await asyncio.to_thread(text_prompt, served, body.prompt)
-    gen = generation(served, body, prompt, body.max_tokens, request.app.state.config.defaults, None, body.logprobs)
-    encoder = TextEncoder(served.name, len(prompt), body.logprobs is not None)
-    return await respond(encoder, chunks(gen, served), body.stream, _include_usage(body))
+    prompts = await asyncio.to_thread(text_prompts, served, body.prompt)
+    if len(prompts) * body.n > MAX_CHOICES:
+        raise UsageError(f"{len(prompts)} prompts times n={body.n} is more than {MAX_CHOICES} answers in one request")
+    gens = [generation(served, body, prompt, body.max_tokens, request.app.state.config.defaults, None, body.logprobs,
+                       choice=i) for prompt in prompts for i in range(body.n)]
+    encoder = TextEncoder(served.name, sum(map(len, prompts)), body.logprobs is not None)
+    return await respond(encoder, [chunks(gen, served) for gen in gens], body.stream, _include_usage(body))
 
 
 @router.post("/embeddings")

@@ -15,6 +15,7 @@ from edgellm.runtime.tools import MAX_TOOLS
 MAX_MESSAGES = 4096
 MAX_EMBED_INPUTS = 256
 MAX_NAME = 256
+MAX_CHOICES = 16  # answers one request may ask for: n, or a list of prompts (times n)
 
 
 class Body(BaseModel):
@@ -105,7 +106,7 @@ class _Sampling(Body):
     stop: StrictStr | list[StrictStr] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: StrictInt = Field(1, ge=1, le=1)
+    n: StrictInt = Field(1, ge=1, le=MAX_CHOICES)
     ignore_eos: StrictBool = False  # llama-server's extension: always generate max_tokens (benchmarks)
     logit_bias: Annotated[dict[str, float], Field(max_length=1024)] | None = None
 
@@ -130,7 +131,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: StrictStr | list[StrictInt] | list[StrictStr]
+    prompt: StrictStr | list[StrictInt] | Annotated[list[StrictStr], Field(max_length=MAX_CHOICES)]
     max_tokens: StrictInt | None = Field(16, ge=1, le=1 << 20)
     logprobs: StrictInt | None = Field(None, ge=0, le=20)
     echo: StrictBool = False
