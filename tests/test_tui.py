@@ -83,6 +83,36 @@ def test_library_chat_stream_and_stop(home: Path) -> None:
     run(body())
 
 
+def test_a_reasoning_models_thinking_is_shown_apart_and_folded(home: Path) -> None:
+    """The model is made to think by a grammar (no reasoning model ships on PyPI): the app shows
+    the thinking dimmed in a "thinking" fold, folded once the answer comes, and not in the answer."""
+    from dataclasses import replace
+
+    from textual.widgets import Collapsible, Input, Markdown, Static
+
+    from tests.test_reasoning import GRAMMAR, THOUGHT
+
+    async def body() -> None:
+        app = _app(home)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await _library(pilot)
+            await pilot.press("enter")
+            prompt = app.screen.query_one("#prompt", Input)
+            await _wait(pilot, lambda: not prompt.disabled)
+            settings = Settings.resolve({"temperature": 0, "max_tokens": 64})
+            app.settings = replace(settings, sampling=replace(settings.sampling, grammar=GRAMMAR))
+            prompt.value = "What is the capital of Germany?"
+            await pilot.press("enter")
+            await _wait(pilot, lambda: not app.screen.generating)
+            fold = app.screen.query_one(Collapsible)
+            assert fold.title == "thinking" and fold.collapsed
+            assert str(fold.query_one(".thinking", Static).render()).strip() == THOUGHT
+            answer = app.screen.query(Markdown).last()._markdown
+            assert "<think>" not in answer and answer.endswith(".")
+
+    run(body())
+
+
 def test_settings_estimate_changes_with_the_kv_type_and_runs_the_load_checks(home: Path) -> None:
     from textual.widgets import Input, Label, Select
 

@@ -29,8 +29,10 @@ class Done(Message):
 
 
 class AnswerSoFar(Message):
-    """An answer's text so far, as it streams (sent a few times a second, not per token)."""
+    """An answer's text so far, and a reasoning model's thinking, as it streams (sent a few times a
+    second, not per token)."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, reasoning: str = "") -> None:
         super().__init__()
         self.text = text
+        self.reasoning = reasoning

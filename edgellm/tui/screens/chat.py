@@ -10,7 +10,7 @@ from textual import work
 from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Footer, Input, Markdown, Static
+from textual.widgets import Collapsible, Footer, Input, Markdown, Static
 
 from edgellm.runtime.templates import Message
 from edgellm.tui.conversations import Conversations
@@ -33,6 +33,8 @@ class ChatScreen(Screen):
         self.model_name = model_name
         self.model = None
         self._answer: Markdown | None = None  # the answer being streamed into
+        self._thinking: Collapsible | None = None  # and its thinking, for a reasoning model
+        self._thought = Static("", classes="thinking")
         self.history: list[Message] = []
         self.stop = threading.Event()
         self.idle = threading.Event()  # no answer being generated: the model may be closed
@@ -118,22 +120,24 @@ class ChatScreen(Screen):
         self.stop.clear()
         self.idle.clear()
         self.generating = True
-        self._answer = answer
+        self._answer, self._thinking = answer, None
         self._generate()
 
     @work(thread=True, exclusive=True, group="generate")
     def _generate(self) -> None:
         pieces: list[str] = []
+        thoughts: list[str] = []
         last_draw = 0.0
         final = None
         try:
             for chunk in self.model.chat(self.history, self.app.settings.sampling, cancel=self.stop.is_set):
                 pieces.append(chunk.text)
+                thoughts.append(chunk.reasoning)
                 final = chunk
                 now = time.monotonic()
                 if now - last_draw >= UPDATE_EVERY or chunk.finish_reason:
                     last_draw = now
-                    self.post_message(AnswerSoFar("".join(pieces)))
+                    self.post_message(AnswerSoFar("".join(pieces), "".join(thoughts)))
         except Exception as exc:
             self.post_message(Done("answer", error=exc))
             return
@@ -144,6 +148,13 @@ class ChatScreen(Screen):
     def on_answer_so_far(self, message: AnswerSoFar) -> None:
         if not self.is_attached or self._answer is None:
             return
+        if message.reasoning:  # a reasoning model's thinking: dimmed, folded away once the answer starts
+            if self._thinking is None:
+                self._thought = Static("", classes="thinking")
+                self._thinking = Collapsible(self._thought, title="thinking", collapsed=False)
+                self.query_one("#transcript", VerticalScroll).mount(self._thinking, before=self._answer)
+            self._thought.update(Text(message.reasoning))
+            self._thinking.collapsed = bool(message.text)
         self._answer.update(message.text)
         self.query_one("#transcript", VerticalScroll).scroll_end(animate=False)
 
