@@ -119,6 +119,7 @@ class SamplingOptions:
     frequency_penalty: float = 0.0  # and by this much more per time it occurred
     seed: int = -1  # -1: random; the same seed gives the same answer
     grammar: str | None = None  # GBNF (root rule "root") every answer must follow: JSON, a JSON schema
+    grammar_triggers: tuple[str, ...] = ()  # lazy: the grammar holds from the first match of these regexes on
     logprobs: int | None = None  # None: off; n: each token's log-probability and the n likeliest others
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias) added to its logit (-100 bans, 100 forces)
 

@@ -141,3 +141,35 @@ def test_run_prints_the_calls(cli, smollm2: Path, tmp_path: Path) -> None:
                          (["--tools", str(tools), "--tool-choice", "nosuch"], "'nosuch' is not among the tools")):
         bad = cli("run", str(smollm2), *args, "hi")
         assert bad.returncode == 2 and needle in bad.stderr and len(bad.stderr.splitlines()) == 1
+
+
+def test_chat_prints_the_calls_each_turn(cli, smollm2: Path, tmp_path: Path) -> None:
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([WEATHER]))
+    done = cli("chat", str(smollm2), "--tools", str(tools), "--tool-choice", "required", "-n", "96", "--temperature", "0",
+               input="What is the weather in Rome?\nAnd in Paris?\n")
+    assert done.returncode == 0, done.stderr
+    calls = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(calls) == 2 and all(c["name"] == "get_weather" for c in calls)
+
+
+def test_auto_holds_a_begun_call_to_the_schema(model) -> None:
+    """"auto" is a lazy grammar: the text is free until the model writes the call marker, and from
+    there the call follows the schema. The model copies an example call for Paris; the schema
+    allows only Rome or Oslo, and the call it writes names one of them."""
+    from edgellm.options import SamplingOptions
+    from edgellm.runtime.tools import FORMATS, Tool, call_grammar
+
+    hermes = next(f for f in FORMATS if f.name == "hermes")
+    tool = Tool("get_weather", "", {"type": "object", "properties": {"city": {"enum": ["Rome", "Oslo"]}},
+                                    "required": ["city"]})
+    example = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    prompt = f"Example 1:\n{example}\nExample 2:\n{example}\nExample 3:\n"
+    free = "".join(c.text for c in model.complete(prompt, SamplingOptions(temperature=0, max_tokens=40)))
+    _, free_calls = hermes.parse(free)
+    assert json.loads(free_calls[0].arguments)["city"] not in ("Rome", "Oslo")
+    sampling = SamplingOptions(temperature=0, max_tokens=40, grammar=call_grammar(hermes, [tool]),
+                               grammar_triggers=hermes.triggers)
+    text = "".join(c.text for c in model.complete(prompt, sampling))
+    _, calls = hermes.parse(text)
+    assert calls and json.loads(calls[0].arguments)["city"] in ("Rome", "Oslo")

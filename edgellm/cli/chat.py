@@ -34,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="chat with a model in the terminal")
     p.add_argument("model", nargs="?", metavar="MODEL", help="store name or .gguf path (default: the bundled SmolLM2)")
     p.add_argument("--system", metavar="TEXT", help="system prompt")
+    _add_tool_options(p)
     add_model_options(p)
     p.set_defaults(func=cmd_chat)
 
@@ -46,12 +47,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verbose", "-v", action="store_true", help="print timings after the answer")
     p.add_argument("--logprobs", type=int, metavar="N",
                    help="with --json: each token's log-probability and the N likeliest alternatives (0-20)")
+    _add_tool_options(p)
+    add_model_options(p)
+    p.set_defaults(func=cmd_run, trailing_words="prompt")
+
+
+def _add_tool_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tools", metavar="FILE|JSON",
                    help="functions the model may call (OpenAI's tools list); its calls are printed as JSON lines")
     p.add_argument("--tool-choice", default="auto", metavar="auto|required|NAME",
                    help="with --tools: let the model choose, make it call one, or call this one (default auto)")
-    add_model_options(p)
-    p.set_defaults(func=cmd_run, trailing_words="prompt")
 
 
 def _load(args: argparse.Namespace):
@@ -139,13 +144,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--logprobs shows in the --json output", hint="add --json")
     tools = _tools(args)
     name, model, settings = _load(args)
-    sampling = sampling_from_args(args, settings)
+    sampling = _tool_sampling(args, tools, model, sampling_from_args(args, settings))
     fmt = model.template.tool_format
-    if tools and args.tool_choice != "auto":
-        from edgellm.runtime.tools import call_grammar
-
-        sampling = replace(sampling, grammar=call_grammar(fmt, tools, None if args.tool_choice == "required"
-                                                           else args.tool_choice))
     with model, _ctrl_c_cancels() as cancelled:
         if args.raw:
             chunks = model.complete(prompt, sampling, cancelled)
@@ -159,8 +159,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if tools:
             text, calls = fmt.parse(text)
             if not args.json:
-                for call in calls:
-                    print(json.dumps({"name": call.name, "arguments": json.loads(call.arguments)}, ensure_ascii=False))
+                _print_calls(calls)
                 sys.stdout.write(text)
         if args.json:
             result = {
@@ -185,6 +184,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.verbose:
             print(_stats_line(last.timings), file=sys.stderr)
     return 130 if last.finish_reason == "cancelled" else 0
+
+
+def _tool_sampling(args: argparse.Namespace, tools: list, model, sampling):
+    """With ``--tool-choice required`` or a name, answers are calls, under a grammar; with auto, a
+    call the model begins is valid (the grammar waits for the format's marker)."""
+    if not tools:
+        return sampling
+    from edgellm.runtime.tools import call_grammar
+
+    fmt = model.template.tool_format
+    if args.tool_choice == "auto":
+        return replace(sampling, grammar=call_grammar(fmt, tools), grammar_triggers=fmt.triggers)
+    name = None if args.tool_choice == "required" else args.tool_choice
+    return replace(sampling, grammar=call_grammar(fmt, tools, name))
+
+
+def _print_calls(calls: list) -> None:
+    for call in calls:
+        print(json.dumps({"name": call.name, "arguments": json.loads(call.arguments)}, ensure_ascii=False))
 
 
 def _tools(args: argparse.Namespace) -> list:
@@ -214,11 +232,12 @@ def _tools(args: argparse.Namespace) -> list:
 class ChatSession:
     """The conversation: history, system prompt and the slash commands."""
 
-    def __init__(self, model, model_name: str, sampling, system: str | None) -> None:
+    def __init__(self, model, model_name: str, sampling, system: str | None, tools: list | None = None) -> None:
         self.model = model
         self.model_name = model_name
         self.sampling = sampling
         self.system = system
+        self.tools = tools or []  # offered to the model each turn; its calls are printed as JSON lines
         self.history: list = []
 
     def messages(self) -> list:
@@ -269,12 +288,18 @@ class ChatSession:
         self.history.append(Message("user", text))
         try:
             with _ctrl_c_cancels() as cancelled:
-                reply, last = _stream_to(out, self.model.chat(self.messages(), self.sampling, cancelled))
+                answer = self.model.chat(self.messages(), self.sampling, cancelled, self.tools)
+                reply, last = _stream_to(None if self.tools else out, answer)
         except EdgeLLMError:
             self.history.pop()
             raise
+        calls = ()
+        if self.tools:
+            reply, calls = self.model.template.tool_format.parse(reply)
+            _print_calls(calls)
+            out.write(reply)
         out.write("\n")
-        self.history.append(Message("assistant", reply))
+        self.history.append(Message("assistant", reply, tuple(calls)))
         return last
 
 
@@ -283,6 +308,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     err = Console(stderr=True, highlight=False)
+    tools = _tools(args)
     name, model, settings = _load(args)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -298,7 +324,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         f"flash-attn {'on' if load.flash_attn else 'off'} · {where} · {load.n_threads} threads{memory} · "
         "/help for commands[/dim]"
     )
-    session = ChatSession(model, name, sampling_from_args(args, settings), args.system)
+    session = ChatSession(model, name, _tool_sampling(args, tools, model, sampling_from_args(args, settings)),
+                          args.system, tools)
     with model:
         while True:
             try:

@@ -13,6 +13,7 @@ receives Chunks (the same streaming contract as the single-sequence runtime) or 
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -218,8 +219,13 @@ class BatchEngine:
                 raise UsageError(f"a logit bias names a token outside the vocabulary of {self.n_vocab}")
             biases = (lib.llama_logit_bias * len(s.logit_bias))(*(lib.llama_logit_bias(t, b) for t, b in s.logit_bias))
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_logit_bias(self.n_vocab, len(biases), biases))
-        if s.grammar:
+        if s.grammar and s.grammar_triggers:  # lazy: free text until a trigger, then the grammar
+            patterns = (ctypes.c_char_p * len(s.grammar_triggers))(*(p.encode() for p in s.grammar_triggers))
+            grammar = lib.llama_sampler_init_grammar_lazy_patterns(
+                self.model.vocab, s.grammar.encode(), b"root", patterns, len(patterns), None, 0)
+        elif s.grammar:
             grammar = lib.llama_sampler_init_grammar(self.model.vocab, s.grammar.encode(), b"root")
+        if s.grammar:
             if not grammar:
                 lib.llama_sampler_free(chain)
                 raise UsageError("the response format could not be turned into a grammar")

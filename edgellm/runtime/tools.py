@@ -6,7 +6,9 @@ Llama 3.x a bare JSON object with ``parameters``. Each is a ``ToolFormat`` in th
 from the template; a template with no tool support gets the tools described in the system message
 and answers in a generic JSON format. A call that must happen (``tool_choice`` "required", or a
 function named) is generated under a grammar made from the functions' JSON schemas, so even a
-small model produces a valid call; with "auto" the model decides and its answer is parsed.
+small model produces a valid call. With "auto" the model decides: the same grammar waits, lazily,
+for the format's marker (llama.cpp's lazy grammar), so text stays free and a call, once begun, is
+valid.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class ToolFormat:
 
     name = ""
     arguments_key = "arguments"
+    #: regexes whose first match starts a call (the lazy grammar holds from there)
+    triggers: tuple[str, ...] = ()
 
     def detect(self, template: str) -> bool:
         raise NotImplementedError
@@ -101,13 +105,14 @@ class Hermes(ToolFormat):
     """``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``: Hermes, Qwen 2.5 and 3, SmolLM3."""
 
     name = "hermes"
+    triggers = ("<tool_call>",)
     _CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
     def detect(self, template: str) -> bool:
         return "<tool_call>" in template
 
     def wrap(self, call_rule: str) -> str:
-        return f'root ::= "<tool_call>\\n" {call_rule} "\\n</tool_call>"'
+        return f'root ::= "<tool_call>" tc-ws {call_rule} tc-ws "</tool_call>"'
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         bodies = self._CALL.findall(text)
@@ -120,12 +125,13 @@ class Mistral(ToolFormat):
     """``[TOOL_CALLS][{"name": ..., "arguments": {...}}]``: Mistral's instruct models."""
 
     name = "mistral"
+    triggers = (r"\[TOOL_CALLS\]",)
 
     def detect(self, template: str) -> bool:
         return "[TOOL_CALLS]" in template
 
     def wrap(self, call_rule: str) -> str:
-        return f'root ::= "[TOOL_CALLS][" {call_rule} "]"'
+        return f'root ::= "[TOOL_CALLS]" tc-ws "[" tc-ws {call_rule} tc-ws "]"'
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         head, marker, rest = text.partition("[TOOL_CALLS]")
@@ -142,12 +148,13 @@ class Llama3(ToolFormat):
 
     name = "llama3"
     arguments_key = "parameters"
+    triggers = (r'^\s*\{\s*"name"',)
 
     def detect(self, template: str) -> bool:
         return "<|python_tag|>" in template or ("ipython" in template and "parameters" in template)
 
     def wrap(self, call_rule: str) -> str:
-        return f"root ::= {call_rule}"
+        return f"root ::= tc-ws {call_rule}"
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         body = text.strip().removeprefix("<|python_tag|>")
@@ -160,6 +167,7 @@ class Generic(ToolFormat):
     call is the JSON object ``{"tool_calls": [{"name": ..., "arguments": {...}}]}``."""
 
     name = "generic"
+    triggers = (r'\{\s*"tool_calls"',)
 
     def detect(self, template: str) -> bool:
         return True
@@ -170,7 +178,7 @@ class Generic(ToolFormat):
                 '{"tool_calls": [{"name": "<function name>", "arguments": {<its arguments>}}]}')
 
     def wrap(self, call_rule: str) -> str:
-        return f'root ::= "{{\\"tool_calls\\": [" {call_rule} "]}}"'
+        return f'root ::= "{{" tc-ws "\\"tool_calls\\"" tc-ws ":" tc-ws "[" tc-ws {call_rule} tc-ws "]" tc-ws "}}"'
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         found = _loads(text.strip()) if text.strip().startswith("{") else None
@@ -199,7 +207,9 @@ def call_grammar(fmt: ToolFormat, tools: list[Tool], name: str | None = None) ->
                                                            fmt.arguments_key: t.parameters or {"type": "object"}},
                          "required": ["name", fmt.arguments_key]} for t in chosen]}
     rules = json_grammar(schema).replace("root ::=", "call ::=", 1)
-    return fmt.wrap("call") + "\n" + rules
+    # the markers around a call take any whitespace: a lazy grammar replays the text of the token
+    # that completed the marker, which a model may end with a newline
+    return fmt.wrap("call") + '\ntc-ws ::= [ \\t\\n]*\n' + rules
 
 
 def check_tools(tools: list[Tool]) -> None:

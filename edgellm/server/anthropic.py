@@ -19,8 +19,8 @@ from pydantic import Field, StrictBool, StrictInt, StrictStr
 from edgellm.errors import EdgeLLMError, UsageError, brief
 from edgellm.runtime.chunks import Chunk
 from edgellm.runtime.templates import Message
-from edgellm.runtime.tools import MAX_TOOLS, Tool, ToolCall, ToolFormat, call_grammar, check_tools
-from edgellm.server.generation import chunks, render_prompt, request_for
+from edgellm.runtime.tools import MAX_TOOLS, Tool, ToolCall, ToolFormat, check_tools
+from edgellm.server.generation import chunks, render_prompt, request_for, tool_grammar
 from edgellm.server.schemas import MAX_MESSAGES, MAX_NAME, Body
 
 router = APIRouter()
@@ -127,13 +127,15 @@ async def messages(body: MessagesRequest, request: Request):
     choice = body.tool_choice.type if body.tool_choice else "auto"
     tools = [] if choice == "none" else _tools(body)
     fmt = served.template.tool_format
-    grammar = None
-    if tools and choice in ("any", "tool"):
-        grammar = call_grammar(fmt, tools, body.tool_choice.name if choice == "tool" else None)
+    grammar, triggers = None, ()
+    if tools:
+        grammar, triggers = tool_grammar(fmt, tools, {"any": "required", "tool": body.tool_choice.name if
+                                                      body.tool_choice else None}.get(choice, "auto"))
     prompt = await asyncio.to_thread(render_prompt, served, _turns(body), tools)
     defaults = request.app.state.config.defaults
     sampling = replace(
         defaults, max_tokens=body.max_tokens, stop=tuple(body.stop_sequences or ()), grammar=grammar,
+        grammar_triggers=triggers,
         temperature=defaults.temperature if body.temperature is None else body.temperature,
         top_p=body.top_p or defaults.top_p, top_k=defaults.top_k if body.top_k is None else body.top_k,
     )

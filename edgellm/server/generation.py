@@ -36,19 +36,30 @@ def render_prompt(served: Served, turns: list[Message], tools: Sequence[Tool] = 
     return served.native.prompt_tokens(text)
 
 
-def tools_for(body: Any, template_format: ToolFormat) -> tuple[list[Tool], str | None]:
-    """The tools a chat request offers, and the grammar its ``tool_choice`` forces: "required" or
-    a named function is always a valid call; "auto" lets the model choose; "none" offers none."""
+def tools_for(body: Any, template_format: ToolFormat) -> tuple[list[Tool], str | None, tuple[str, ...]]:
+    """The tools a chat request offers, the grammar its ``tool_choice`` puts the answer under and
+    that grammar's triggers: "required" or a named function is always a valid call; "auto" lets
+    the model choose, and a call it begins is valid (a lazy grammar); "none" offers none."""
     if not body.tools or body.tool_choice == "none":
-        return [], None
+        return [], None, ()
     tools = [Tool(t.function.name, t.function.description, t.function.parameters) for t in body.tools]
     check_tools(tools)
-    choice = body.tool_choice
-    if choice is None or choice == "auto":
-        return tools, None
-    if body.response_format is not None and body.response_format.type != "text":
+    shaped = body.response_format is not None and body.response_format.type != "text"
+    grammar, triggers = tool_grammar(template_format, tools, body.tool_choice if isinstance(body.tool_choice, str)
+                                     else body.tool_choice.function.name if body.tool_choice else None)
+    if triggers and shaped:
+        return tools, None, ()  # the response format shapes the answer; calls are still parsed
+    if shaped:
         raise UsageError("a forced tool call and response_format cannot both shape the answer")
-    return tools, call_grammar(template_format, tools, None if choice == "required" else choice.function.name)
+    return tools, grammar, triggers
+
+
+def tool_grammar(fmt: ToolFormat, tools: list[Tool], choice: str | None) -> tuple[str, tuple[str, ...]]:
+    """(grammar, triggers) for a ``tool_choice``: "required" or a function's name force a call
+    from the first token; "auto" (or None) waits for the format's marker, lazily."""
+    if choice in (None, "auto"):
+        return call_grammar(fmt, tools), fmt.triggers
+    return call_grammar(fmt, tools, None if choice == "required" else choice), ()
 
 
 def text_prompts(served: Served, prompt: str | list) -> list[list[int]]:
@@ -78,8 +89,8 @@ def grammar_for(fmt: Any) -> str | None:
 
 
 def generation(served: Served, body: Any, prompt: list[int], max_tokens: int | None, defaults: SamplingOptions,
-               grammar: str | None, logprobs: int | None, reasoning: bool = False, choice: int = 0
-               ) -> GenerationRequest:
+               grammar: str | None, logprobs: int | None, reasoning: bool = False, choice: int = 0,
+               triggers: tuple[str, ...] = ()) -> GenerationRequest:
     """The engine request for an OpenAI body, every sampling field checked against this model;
     ``choice``: which of ``n`` answers (a given seed moves on by one for each)."""
     sampling = replace(
@@ -96,6 +107,7 @@ def generation(served: Served, body: Any, prompt: list[int], max_tokens: int | N
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         grammar=grammar,
+        grammar_triggers=triggers if grammar else (),
         logprobs=logprobs,
         logit_bias=_logit_bias(body.logit_bias),
     )

@@ -22,7 +22,7 @@ from edgellm.runtime.chunks import Chunk
 from edgellm.runtime.grammar import json_grammar
 from edgellm.runtime.templates import Message
 from edgellm.runtime.tools import MAX_TOOLS, Tool, ToolCall, check_tools
-from edgellm.server.generation import chunks, render_prompt, request_for
+from edgellm.server.generation import chunks, render_prompt, request_for, tool_grammar
 from edgellm.server.schemas import MAX_EMBED_INPUTS, MAX_MESSAGES, MAX_NAME, Body, ToolDef
 
 router = APIRouter(prefix="/api")
@@ -143,7 +143,8 @@ async def chat(body: ChatRequest, request: Request):
         return {"model": served.name, "created_at": _iso(time.time()), "message": {"role": "assistant", "content": ""},
                 "done": True, "done_reason": "load"}
     prompt = await asyncio.to_thread(render_prompt, served, turns, tools)
-    return await _answer(request, served, prompt, body, "message", served.template.tool_format if tools else None)
+    return await _answer(request, served, prompt, body, "message", served.template.tool_format if tools else None,
+                         tools)
 
 
 @router.post("/generate")
@@ -166,14 +167,18 @@ def _turn(message: OllamaMessage) -> Message:
     return Message(message.role, message.content, calls)
 
 
-async def _answer(request: Request, served, prompt: list[int], body: _Generating, field: str, tool_format):
+async def _answer(request: Request, served, prompt: list[int], body: _Generating, field: str, tool_format,
+                  tools: list[Tool] = ()):
     options, defaults = body.options, request.app.state.config.defaults
-    grammar = None
+    grammar, triggers = None, ()
     if body.format is not None:
         grammar = json_grammar(None if body.format == "json" else body.format)
+    elif tools:  # Ollama lets the model choose: a call it begins is valid
+        grammar, triggers = tool_grammar(tool_format, list(tools), "auto")
     predict = options.num_predict if options.num_predict not in (None, -2) else -1
     sampling = replace(
-        defaults, max_tokens=predict if predict > 0 else -1, grammar=grammar, stop=tuple(options.stop or ()),
+        defaults, max_tokens=predict if predict > 0 else -1, grammar=grammar, grammar_triggers=triggers,
+        stop=tuple(options.stop or ()),
         **{k: v for k, v in options.model_dump(exclude={"num_predict", "stop"}).items() if v is not None},
     )
     gen = request_for(served, prompt, sampling, reasoning=not getattr(body, "raw", False))

@@ -22,8 +22,8 @@ from edgellm.errors import EdgeLLMError, ModelNotFoundError, UsageError, brief
 from edgellm.runtime.chunks import Chunk
 from edgellm.runtime.grammar import json_grammar
 from edgellm.runtime.templates import Message
-from edgellm.runtime.tools import MAX_TOOLS, Tool, ToolCall, call_grammar, check_tools
-from edgellm.server.generation import chunks, render_prompt, request_for
+from edgellm.runtime.tools import MAX_TOOLS, Tool, ToolCall, check_tools
+from edgellm.server.generation import chunks, render_prompt, request_for, tool_grammar
 from edgellm.server.schemas import MAX_MESSAGES, MAX_NAME, Body
 
 router = APIRouter()
@@ -136,14 +136,15 @@ def _turns(body: ResponsesRequest) -> list[Message]:
     return turns
 
 
-def _grammar(body: ResponsesRequest, tools: list[Tool], fmt) -> str | None:
+def _grammar(body: ResponsesRequest, tools: list[Tool], fmt) -> tuple[str | None, tuple[str, ...]]:
+    """(grammar, lazy triggers): a forced call, else the text format, else a lazily valid call."""
     choice = body.tool_choice
     if tools and (choice == "required" or isinstance(choice, NamedTool)):
-        return call_grammar(fmt, tools, choice.name if isinstance(choice, NamedTool) else None)
+        return tool_grammar(fmt, tools, choice.name if isinstance(choice, NamedTool) else "required")
     text_format = body.text.format if body.text else None
-    if text_format is None or text_format.type == "text":
-        return None
-    return json_grammar(text_format.schema_ if text_format.type == "json_schema" else None)
+    if text_format is not None and text_format.type != "text":
+        return json_grammar(text_format.schema_ if text_format.type == "json_schema" else None), ()
+    return tool_grammar(fmt, tools, "auto") if tools else (None, ())
 
 
 @router.post("/responses")
@@ -156,7 +157,8 @@ async def responses(body: ResponsesRequest, request: Request):
     turns = _turns(body)
     prompt = await asyncio.to_thread(render_prompt, served, turns, tools)
     defaults = request.app.state.config.defaults
-    sampling = replace(defaults, max_tokens=body.max_output_tokens or -1, grammar=_grammar(body, tools, fmt),
+    grammar, triggers = _grammar(body, tools, fmt)
+    sampling = replace(defaults, max_tokens=body.max_output_tokens or -1, grammar=grammar, grammar_triggers=triggers,
                        temperature=defaults.temperature if body.temperature is None else body.temperature,
                        top_p=body.top_p or defaults.top_p)
     gen = request_for(served, prompt, sampling)
