@@ -158,7 +158,7 @@ def test_auto_holds_a_begun_call_to_the_schema(model) -> None:
     there the call follows the schema. The model copies an example call for Paris; the schema
     allows only Rome or Oslo, and the call it writes names one of them."""
     from edgellm.options import SamplingOptions
-    from edgellm.runtime.tools import FORMATS, Tool, call_grammar
+    from edgellm.runtime.tools import FORMATS, Tool, tool_grammar
 
     hermes = next(f for f in FORMATS if f.name == "hermes")
     tool = Tool("get_weather", "", {"type": "object", "properties": {"city": {"enum": ["Rome", "Oslo"]}},
@@ -168,8 +168,8 @@ def test_auto_holds_a_begun_call_to_the_schema(model) -> None:
     free = "".join(c.text for c in model.complete(prompt, SamplingOptions(temperature=0, max_tokens=40)))
     _, free_calls = hermes.parse(free)
     assert json.loads(free_calls[0].arguments)["city"] not in ("Rome", "Oslo")
-    sampling = SamplingOptions(temperature=0, max_tokens=40, grammar=call_grammar(hermes, [tool]),
-                               grammar_triggers=hermes.triggers)
+    grammar, triggers = tool_grammar(hermes, [tool], "auto")
+    sampling = SamplingOptions(temperature=0, max_tokens=40, grammar=grammar, grammar_triggers=triggers)
     text = "".join(c.text for c in model.complete(prompt, sampling))
     _, calls = hermes.parse(text)
     assert calls and json.loads(calls[0].arguments)["city"] in ("Rome", "Oslo")

@@ -191,13 +191,10 @@ def _tool_sampling(args: argparse.Namespace, tools: list, model, sampling):
     call the model begins is valid (the grammar waits for the format's marker)."""
     if not tools:
         return sampling
-    from edgellm.runtime.tools import call_grammar
+    from edgellm.runtime.tools import tool_grammar
 
-    fmt = model.template.tool_format
-    if args.tool_choice == "auto":
-        return replace(sampling, grammar=call_grammar(fmt, tools), grammar_triggers=fmt.triggers)
-    name = None if args.tool_choice == "required" else args.tool_choice
-    return replace(sampling, grammar=call_grammar(fmt, tools, name))
+    grammar, triggers = tool_grammar(model.template.tool_format, tools, args.tool_choice)
+    return replace(sampling, grammar=grammar, grammar_triggers=triggers)
 
 
 def _print_calls(calls: list) -> None:

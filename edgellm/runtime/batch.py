@@ -13,11 +13,11 @@ receives Chunks (the same streaming contract as the single-sequence runtime) or 
 
 from __future__ import annotations
 
-import ctypes
+import re
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from edgellm.errors import EdgeLLMError, EngineError, QueueFullError, UsageError
@@ -51,6 +51,7 @@ class _Slot:
     drafts: list[int] = field(default_factory=list)  # the draft's guesses, evaluated after next_token
     batch_index: int = -1
     answer: Answer | None = None
+    lazy: tuple[bytes, list] | None = None  # a lazy grammar's text so far and triggers, until one matches
 
 
 class BatchEngine:
@@ -185,7 +186,7 @@ class BatchEngine:
             if request.cancelled.is_set():
                 continue
             try:
-                sampler = self._make_sampler(request)
+                sampler = self._make_sampler(request.sampling, check_lazy=True)
             except EdgeLLMError as exc:  # this request's problem (a grammar llama.cpp refused), not the engine's
                 request.emit(exc)
                 continue
@@ -197,6 +198,8 @@ class BatchEngine:
             slot.request = request
             slot.sampler = sampler
             slot.next_token = None
+            s = request.sampling
+            slot.lazy = (b"", [re.compile(t) for t in s.grammar_triggers]) if s.grammar and s.grammar_triggers else None
             # the answer ends at max_tokens, or when the sequence's share of the context is full
             room = self.n_ctx - len(request.prompt)
             max_tokens = request.sampling.max_tokens
@@ -204,13 +207,19 @@ class BatchEngine:
                                  min(max_tokens, room) if max_tokens > 0 else room,
                                  ThinkSplitter(request.thinking) if request.reasoning else None)
 
-    def _make_sampler(self, request: GenerationRequest) -> int | None:
-        """llama.cpp's sampler chain for the request, or None for plain greedy decoding, which
+    def _make_sampler(self, s: SamplingOptions, check_lazy: bool = False) -> int | None:
+        """llama.cpp's sampler chain for the options, or None for plain greedy decoding, which
         takes the largest logit itself: the same token without copying the whole vocabulary into
-        llama.cpp's candidate array at every step."""
-        lib, s = self._lib, request.sampling
-        if s.temperature <= 0 and not s.grammar and s.repeat_penalty == 1.0 and not s.presence_penalty \
-                and not s.frequency_penalty and not s.logit_bias:
+        llama.cpp's candidate array at every step. ``check_lazy``: a lazy grammar, which starts
+        later, is checked now."""
+        lib = self._lib
+        if check_lazy and s.grammar and s.grammar_triggers:
+            probe = lib.llama_sampler_init_grammar(self.model.vocab, s.grammar.encode(), b"root")
+            if not probe:
+                raise UsageError("the response format could not be turned into a grammar")
+            lib.llama_sampler_free(probe)
+        if s.temperature <= 0 and (not s.grammar or s.grammar_triggers) and s.repeat_penalty == 1.0 \
+                and not s.presence_penalty and not s.frequency_penalty and not s.logit_bias:
             return None
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         if s.logit_bias:
@@ -219,13 +228,8 @@ class BatchEngine:
                 raise UsageError(f"a logit bias names a token outside the vocabulary of {self.n_vocab}")
             biases = (lib.llama_logit_bias * len(s.logit_bias))(*(lib.llama_logit_bias(t, b) for t, b in s.logit_bias))
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_logit_bias(self.n_vocab, len(biases), biases))
-        if s.grammar and s.grammar_triggers:  # lazy: free text until a trigger, then the grammar
-            patterns = (ctypes.c_char_p * len(s.grammar_triggers))(*(p.encode() for p in s.grammar_triggers))
-            grammar = lib.llama_sampler_init_grammar_lazy_patterns(
-                self.model.vocab, s.grammar.encode(), b"root", patterns, len(patterns), None, 0)
-        elif s.grammar:
+        if s.grammar and not s.grammar_triggers:  # a lazy grammar waits: _watch() starts it
             grammar = lib.llama_sampler_init_grammar(self.model.vocab, s.grammar.encode(), b"root")
-        if s.grammar:
             if not grammar:
                 lib.llama_sampler_free(chain)
                 raise UsageError("the response format could not be turned into a grammar")
@@ -309,6 +313,8 @@ class BatchEngine:
             chunk, ended = answer.add(token, self._logprob(index, token, top) if top is not None else None)
             if chunk:
                 request.emit(chunk)
+            if slot.lazy is not None:
+                self._watch(slot, token)
             taken += 1
             guessed = i < len(drafts) and token == drafts[i]
             answer.draft_accepted += guessed
@@ -322,6 +328,29 @@ class BatchEngine:
             self._finish(slot, ended)
         else:
             slot.next_token = token
+
+    def _watch(self, slot: _Slot, token: int) -> None:
+        """A lazy grammar (tool calls with tool_choice auto): the text is free until one of the
+        triggers appears, and from then on the grammar holds. It starts only at a clean boundary
+        (nothing but whitespace after the trigger): llama.cpp aborts the whole process when text it
+        is made to replay does not fit a grammar, so a call begun mid-token is left free (and, if
+        it is not valid, reaches the caller as text)."""
+        seen, triggers = slot.lazy
+        seen += self.model.piece(token)
+        text = seen.decode("utf-8", errors="ignore")
+        match = next((m for m in (t.search(text) for t in triggers) if m), None)
+        if match is None:
+            slot.lazy = (seen, triggers)
+            return
+        slot.lazy = None
+        if text[match.end():].strip():
+            return
+        try:
+            sampler = self._make_sampler(replace(slot.request.sampling, grammar_triggers=()))
+        except EdgeLLMError:
+            return  # checked when the request came in; stay free rather than fail the answer
+        self._free_sampler(slot)
+        slot.sampler = sampler
 
     def _sample_one(self, sampler: int | None, index: int) -> int:
         if sampler is not None:
@@ -356,6 +385,7 @@ class BatchEngine:
         slot.answer = None
         slot.pending = []
         slot.next_token = None
+        slot.lazy = None
         self._free_sampler(slot)
 
     def _free_sampler(self, slot: _Slot) -> None:

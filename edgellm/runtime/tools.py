@@ -6,9 +6,9 @@ Llama 3.x a bare JSON object with ``parameters``. Each is a ``ToolFormat`` in th
 from the template; a template with no tool support gets the tools described in the system message
 and answers in a generic JSON format. A call that must happen (``tool_choice`` "required", or a
 function named) is generated under a grammar made from the functions' JSON schemas, so even a
-small model produces a valid call. With "auto" the model decides: the same grammar waits, lazily,
-for the format's marker (llama.cpp's lazy grammar), so text stays free and a call, once begun, is
-valid.
+small model produces a valid call. With "auto" the model decides: a grammar for what follows the
+format's marker waits until the model writes the marker (a lazy grammar), so text stays free and a
+call, once begun, is valid.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class ToolFormat:
 
     name = ""
     arguments_key = "arguments"
-    #: regexes whose first match starts a call (the lazy grammar holds from there)
+    #: regexes whose first match starts a call; what follows is rest()'s (none: no lazy grammar)
     triggers: tuple[str, ...] = ()
 
     def detect(self, template: str) -> bool:
@@ -78,6 +78,10 @@ class ToolFormat:
 
     def wrap(self, call_rule: str) -> str:
         """The grammar's root around one call (the rule ``call``)."""
+        raise NotImplementedError
+
+    def rest(self, call_rule: str) -> str:
+        """The root for what follows a trigger, up to the end of the call."""
         raise NotImplementedError
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
@@ -114,6 +118,9 @@ class Hermes(ToolFormat):
     def wrap(self, call_rule: str) -> str:
         return f'root ::= "<tool_call>" tc-ws {call_rule} tc-ws "</tool_call>"'
 
+    def rest(self, call_rule: str) -> str:
+        return f'root ::= tc-ws {call_rule} tc-ws "</tool_call>"'
+
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         bodies = self._CALL.findall(text)
         calls = self._calls([_loads(body) for body in bodies])
@@ -133,6 +140,9 @@ class Mistral(ToolFormat):
     def wrap(self, call_rule: str) -> str:
         return f'root ::= "[TOOL_CALLS]" tc-ws "[" tc-ws {call_rule} tc-ws "]"'
 
+    def rest(self, call_rule: str) -> str:
+        return f'root ::= tc-ws "[" tc-ws {call_rule} tc-ws "]"'
+
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         head, marker, rest = text.partition("[TOOL_CALLS]")
         if not marker:
@@ -147,8 +157,7 @@ class Llama3(ToolFormat):
     """A bare ``{"name": ..., "parameters": {...}}``: Llama 3.1 to 3.3."""
 
     name = "llama3"
-    arguments_key = "parameters"
-    triggers = (r'^\s*\{\s*"name"',)
+    arguments_key = "parameters"  # a bare JSON call has no marker to wait for: "auto" is parsed only
 
     def detect(self, template: str) -> bool:
         return "<|python_tag|>" in template or ("ipython" in template and "parameters" in template)
@@ -167,7 +176,7 @@ class Generic(ToolFormat):
     call is the JSON object ``{"tool_calls": [{"name": ..., "arguments": {...}}]}``."""
 
     name = "generic"
-    triggers = (r'\{\s*"tool_calls"',)
+    triggers = (r'\{\s*"tool_calls"\s*:',)
 
     def detect(self, template: str) -> bool:
         return True
@@ -179,6 +188,9 @@ class Generic(ToolFormat):
 
     def wrap(self, call_rule: str) -> str:
         return f'root ::= "{{" tc-ws "\\"tool_calls\\"" tc-ws ":" tc-ws "[" tc-ws {call_rule} tc-ws "]" tc-ws "}}"'
+
+    def rest(self, call_rule: str) -> str:
+        return f'root ::= tc-ws "[" tc-ws {call_rule} tc-ws "]" tc-ws "}}"'
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         found = _loads(text.strip()) if text.strip().startswith("{") else None
@@ -195,9 +207,19 @@ def format_for(template: str) -> ToolFormat:
     return next((f for f in FORMATS if f.detect(template)), GENERIC)
 
 
-def call_grammar(fmt: ToolFormat, tools: list[Tool], name: str | None = None) -> str:
+def tool_grammar(fmt: ToolFormat, tools: list[Tool], choice: str | None) -> tuple[str | None, tuple[str, ...]]:
+    """(grammar, lazy triggers) for a ``tool_choice``: "required" or a function's name force a
+    call from the first token; "auto" (or None) waits for the format's marker, where it has one."""
+    if choice not in (None, "auto"):
+        return call_grammar(fmt, tools, None if choice == "required" else choice), ()
+    if not fmt.triggers:
+        return None, ()
+    return call_grammar(fmt, tools, after_trigger=True), fmt.triggers
+
+
+def call_grammar(fmt: ToolFormat, tools: list[Tool], name: str | None = None, after_trigger: bool = False) -> str:
     """GBNF for exactly one call in ``fmt``, of the function ``name`` or any of ``tools``, its
-    arguments following the function's JSON schema."""
+    arguments following the function's JSON schema; ``after_trigger``: from after the marker."""
     from edgellm.runtime.grammar import json_grammar
 
     chosen = [t for t in tools if name is None or t.name == name]
@@ -209,7 +231,7 @@ def call_grammar(fmt: ToolFormat, tools: list[Tool], name: str | None = None) ->
     rules = json_grammar(schema).replace("root ::=", "call ::=", 1)
     # the markers around a call take any whitespace: a lazy grammar replays the text of the token
     # that completed the marker, which a model may end with a newline
-    return fmt.wrap("call") + '\ntc-ws ::= [ \\t\\n]*\n' + rules
+    return (fmt.rest("call") if after_trigger else fmt.wrap("call")) + '\ntc-ws ::= [ \\t\\n]*\n' + rules
 
 
 def check_tools(tools: list[Tool]) -> None:

@@ -16,7 +16,7 @@ from edgellm.runtime.chunks import Chunk
 from edgellm.runtime.grammar import json_grammar
 from edgellm.runtime.templates import Message
 from edgellm.runtime.text import opens_thinking
-from edgellm.runtime.tools import Tool, ToolCall, ToolFormat, call_grammar, check_tools
+from edgellm.runtime.tools import Tool, ToolCall, ToolFormat, check_tools, tool_grammar
 from edgellm.server.models import Served
 
 
@@ -38,28 +38,20 @@ def render_prompt(served: Served, turns: list[Message], tools: Sequence[Tool] = 
 
 def tools_for(body: Any, template_format: ToolFormat) -> tuple[list[Tool], str | None, tuple[str, ...]]:
     """The tools a chat request offers, the grammar its ``tool_choice`` puts the answer under and
-    that grammar's triggers: "required" or a named function is always a valid call; "auto" lets
-    the model choose, and a call it begins is valid (a lazy grammar); "none" offers none."""
+    that grammar's lazy triggers: "required" or a named function is always a valid call; "auto"
+    lets the model choose, and a call it begins is valid; "none" offers none."""
     if not body.tools or body.tool_choice == "none":
         return [], None, ()
     tools = [Tool(t.function.name, t.function.description, t.function.parameters) for t in body.tools]
     check_tools(tools)
+    choice = body.tool_choice if isinstance(body.tool_choice, str | None) else body.tool_choice.function.name
     shaped = body.response_format is not None and body.response_format.type != "text"
-    grammar, triggers = tool_grammar(template_format, tools, body.tool_choice if isinstance(body.tool_choice, str)
-                                     else body.tool_choice.function.name if body.tool_choice else None)
-    if triggers and shaped:
+    if choice in (None, "auto") and shaped:
         return tools, None, ()  # the response format shapes the answer; calls are still parsed
-    if shaped:
+    if choice not in (None, "auto") and shaped:
         raise UsageError("a forced tool call and response_format cannot both shape the answer")
+    grammar, triggers = tool_grammar(template_format, tools, choice)
     return tools, grammar, triggers
-
-
-def tool_grammar(fmt: ToolFormat, tools: list[Tool], choice: str | None) -> tuple[str, tuple[str, ...]]:
-    """(grammar, triggers) for a ``tool_choice``: "required" or a function's name force a call
-    from the first token; "auto" (or None) waits for the format's marker, lazily."""
-    if choice in (None, "auto"):
-        return call_grammar(fmt, tools), fmt.triggers
-    return call_grammar(fmt, tools, None if choice == "required" else choice), ()
 
 
 def text_prompts(served: Served, prompt: str | list) -> list[list[int]]:

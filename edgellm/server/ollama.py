@@ -21,8 +21,8 @@ from edgellm.errors import EdgeLLMError, UsageError
 from edgellm.runtime.chunks import Chunk
 from edgellm.runtime.grammar import json_grammar
 from edgellm.runtime.templates import Message
-from edgellm.runtime.tools import MAX_TOOLS, Tool, ToolCall, check_tools
-from edgellm.server.generation import chunks, render_prompt, request_for, tool_grammar
+from edgellm.runtime.tools import MAX_TOOLS, Tool, ToolCall, check_tools, tool_grammar
+from edgellm.server.generation import chunks, render_prompt, request_for
 from edgellm.server.schemas import MAX_EMBED_INPUTS, MAX_MESSAGES, MAX_NAME, Body, ToolDef
 
 router = APIRouter(prefix="/api")

@@ -41,14 +41,14 @@ async def model(name: str, request: Request) -> dict:
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     served = await asyncio.to_thread(request.app.state.pool.get, body.model)
     fmt = served.template.tool_format
-    tools, tool_grammar, triggers = tools_for(body, fmt)
+    tools, call_rules, triggers = tools_for(body, fmt)
     prompt = await asyncio.to_thread(chat_prompt, served, body.messages, tools)
     top = (body.top_logprobs or 0) if body.logprobs else None
-    forced = None if triggers else tool_grammar
-    grammar = forced or body.grammar or grammar_for(body.response_format) or tool_grammar
+    forced = None if triggers else call_rules
+    grammar = forced or body.grammar or grammar_for(body.response_format) or call_rules
     gens = [generation(served, body, prompt, body.max_completion_tokens or body.max_tokens,
                        request.app.state.config.defaults, grammar, top, reasoning=body.reasoning_format != "none",
-                       choice=i, triggers=triggers if grammar is tool_grammar else ()) for i in range(body.n)]
+                       choice=i, triggers=triggers if grammar is call_rules else ()) for i in range(body.n)]
     encoder = ChatEncoder(served.name, len(prompt), top is not None, fmt if tools else None)
     return await respond(encoder, [chunks(gen, served) for gen in gens], body.stream, _include_usage(body))
 
