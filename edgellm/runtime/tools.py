@@ -76,13 +76,17 @@ class ToolFormat:
         """Text describing the tools, for templates that do not render them themselves."""
         return None
 
-    def wrap(self, call_rule: str) -> str:
-        """The grammar's root around one call (the rule ``call``)."""
-        raise NotImplementedError
+    #: GBNF for the marker that starts a call, and for what follows it around the rule ``call``
+    head = ""
+    body = "tc-ws call"
 
-    def rest(self, call_rule: str) -> str:
-        """The root for what follows a trigger, up to the end of the call."""
-        raise NotImplementedError
+    def wrap(self) -> str:
+        """The grammar's root: one call, marker and all."""
+        return "root ::= " + " ".join(part for part in (self.head, self.body) if part)
+
+    def rest(self) -> str:
+        """The root for what follows the marker (a trigger), up to the end of the call."""
+        return "root ::= " + self.body
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """(the text that is not a call, the calls) of an answer."""
@@ -115,11 +119,8 @@ class Hermes(ToolFormat):
     def detect(self, template: str) -> bool:
         return "<tool_call>" in template
 
-    def wrap(self, call_rule: str) -> str:
-        return f'root ::= "<tool_call>" tc-ws {call_rule} tc-ws "</tool_call>"'
-
-    def rest(self, call_rule: str) -> str:
-        return f'root ::= tc-ws {call_rule} tc-ws "</tool_call>"'
+    head = '"<tool_call>"'
+    body = 'tc-ws call tc-ws "</tool_call>"'
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         bodies = self._CALL.findall(text)
@@ -137,11 +138,8 @@ class Mistral(ToolFormat):
     def detect(self, template: str) -> bool:
         return "[TOOL_CALLS]" in template
 
-    def wrap(self, call_rule: str) -> str:
-        return f'root ::= "[TOOL_CALLS]" tc-ws "[" tc-ws {call_rule} tc-ws "]"'
-
-    def rest(self, call_rule: str) -> str:
-        return f'root ::= tc-ws "[" tc-ws {call_rule} tc-ws "]"'
+    head = '"[TOOL_CALLS]"'
+    body = 'tc-ws "[" tc-ws call tc-ws "]"'
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         head, marker, rest = text.partition("[TOOL_CALLS]")
@@ -162,8 +160,6 @@ class Llama3(ToolFormat):
     def detect(self, template: str) -> bool:
         return "<|python_tag|>" in template or ("ipython" in template and "parameters" in template)
 
-    def wrap(self, call_rule: str) -> str:
-        return f"root ::= tc-ws {call_rule}"
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         body = text.strip().removeprefix("<|python_tag|>")
@@ -186,11 +182,8 @@ class Generic(ToolFormat):
         return ("You can call these functions:\n" + listed + '\nTo call one, answer only with JSON: '
                 '{"tool_calls": [{"name": "<function name>", "arguments": {<its arguments>}}]}')
 
-    def wrap(self, call_rule: str) -> str:
-        return f'root ::= "{{" tc-ws "\\"tool_calls\\"" tc-ws ":" tc-ws "[" tc-ws {call_rule} tc-ws "]" tc-ws "}}"'
-
-    def rest(self, call_rule: str) -> str:
-        return f'root ::= tc-ws "[" tc-ws {call_rule} tc-ws "]" tc-ws "}}"'
+    head = '"{" tc-ws "\\"tool_calls\\"" tc-ws ":"'
+    body = 'tc-ws "[" tc-ws call tc-ws "]" tc-ws "}"'
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         found = _loads(text.strip()) if text.strip().startswith("{") else None
@@ -231,7 +224,7 @@ def call_grammar(fmt: ToolFormat, tools: list[Tool], name: str | None = None, af
     rules = json_grammar(schema).replace("root ::=", "call ::=", 1)
     # the markers around a call take any whitespace: a lazy grammar replays the text of the token
     # that completed the marker, which a model may end with a newline
-    return (fmt.rest("call") if after_trigger else fmt.wrap("call")) + '\ntc-ws ::= [ \\t\\n]*\n' + rules
+    return (fmt.rest() if after_trigger else fmt.wrap()) + '\ntc-ws ::= [ \\t\\n]*\n' + rules
 
 
 def check_tools(tools: list[Tool]) -> None:
