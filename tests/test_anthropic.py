@@ -83,3 +83,37 @@ def test_errors_have_the_right_status(client, server: Server) -> None:
                                                                        "data": "AAAA"}}]}])
     status, body, _ = server.raw("/v1/messages", {"messages": QUESTION})
     assert status == 400 and "max_tokens" in json.dumps(body)
+
+
+def test_a_stop_sequence_is_named(client, server: Server) -> None:
+    reply = client.messages.create(model=server.name, max_tokens=24, messages=QUESTION, extra_body=GREEDY,
+                                   stop_sequences=["Berlin"])
+    assert reply.stop_reason == "stop_sequence" and reply.stop_sequence == "Berlin"
+    assert "Berlin" not in reply.content[0].text
+
+
+THINKING = """{%- for m in messages %}<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endfor %}<|im_start|>assistant
+<think>
+"""
+
+
+def test_thinking_blocks(tmp_path: Path, smollm2: Path) -> None:
+    """A template that opens a <think> block for the answer: what the model writes is its thinking
+    (SmolLM2 never closes the block), as a thinking block, whole and streamed."""
+    import anthropic
+
+    template = tmp_path / "thinking.jinja"
+    template.write_text(THINKING)
+    server = Server(tmp_path / "home", smollm2, "--template", str(template))
+    try:
+        client = anthropic.Anthropic(base_url=server.base, api_key="unused", max_retries=0)
+        reply = client.messages.create(model=server.name, max_tokens=16, messages=QUESTION, extra_body=GREEDY)
+        assert [b.type for b in reply.content] == ["thinking"] and reply.content[0].thinking.strip()
+        with client.messages.stream(model=server.name, max_tokens=16, messages=QUESTION, extra_body=GREEDY) as stream:
+            final = stream.get_final_message()
+        assert [b.type for b in final.content] == ["thinking"]
+        assert final.content[0].thinking == reply.content[0].thinking
+    finally:
+        server.stop()

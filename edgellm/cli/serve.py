@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from edgellm.cli.common import add_model_options, hardware_for, settings_from_args
+from edgellm.cli.common import add_model_options, hardware_for, read_template, settings_from_args
 from edgellm.errors import UsageError
 from edgellm.net import is_loopback
 
@@ -40,7 +40,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not loopback:
         print(f"warning: serving on {args.host}: anyone who can reach it can use your models"
               + ("" if (args.api_key or os.environ.get("EDGELLM_API_KEY")) else "; consider --api-key"), file=sys.stderr)
-    pool = ModelPool(settings, args.model, args.parallel, args.keep_alive, hardware_for(settings), args.max_queue)
+    pool = ModelPool(settings, args.model, args.parallel, args.keep_alive, hardware_for(settings), args.max_queue,
+                     read_template(args))
     config = ServerConfig(
         api_key=args.api_key or os.environ.get("EDGELLM_API_KEY") or None,
         cors_origins=tuple(args.cors_origin),

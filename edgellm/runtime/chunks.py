@@ -73,3 +73,4 @@ class Chunk:
     timings: Timings | None = None
     logprobs: TokenLogprob | None = None
     reasoning: str = ""  # a reasoning model's thinking, split from its answer (``<think>…</think>``)
+    stop: str | None = None  # on the last chunk: the stop string that ended the answer, if one did

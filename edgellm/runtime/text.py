@@ -51,15 +51,17 @@ class StopScanner:
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = tuple(s for s in stops if s)
         self.held = ""
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, text: str) -> tuple[str, bool]:
         buf = self.held + text
         if not self.stops:
             return buf, False
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for i, s in ((buf.find(s), s) for s in self.stops) if i >= 0]
         if hits:
             self.held = ""
-            return buf[: min(hits)], True
+            at, self.matched = min(hits)
+            return buf[:at], True
         keep = 0
         for stop in self.stops:
             for k in range(min(len(stop) - 1, len(buf)), keep, -1):
@@ -222,4 +224,5 @@ class Answer:
             draft_tokens=self.draft_tokens,
             draft_accepted=self.draft_accepted,
         )
-        return Chunk(tail, finish_reason=reason, timings=timings, reasoning=thought)
+        stop = self._scanner.matched if self._hit_stop else None
+        return Chunk(tail, finish_reason=reason, timings=timings, reasoning=thought, stop=stop)

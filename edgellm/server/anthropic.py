@@ -162,10 +162,10 @@ class Reply:
         self.id = "msg_" + uuid.uuid4().hex[:24]
         self.model, self.n_prompt, self.tool_format = model, n_prompt, tool_format
 
-    def message(self, text: str, last: Chunk) -> dict:
-        content: list[dict] = []
-        # which stop sequence ended an answer is not known here; it is reported as the end of a turn
-        stop_reason, stop_sequence = _STOP_REASONS.get(last.finish_reason or "", "end_turn"), None
+    def message(self, text: str, last: Chunk, thought: str = "") -> dict:
+        content: list[dict] = [{"type": "thinking", "thinking": thought, "signature": ""}] if thought else []
+        stop_reason = "stop_sequence" if last.stop else _STOP_REASONS.get(last.finish_reason or "", "end_turn")
+        stop_sequence = last.stop
         calls = []
         if self.tool_format is not None:
             text, calls = self.tool_format.parse(text)
@@ -181,24 +181,25 @@ class Reply:
                 "usage": {"input_tokens": self.n_prompt, "output_tokens": last.timings.generated_tokens}}
 
     def whole(self, got: list[Chunk]) -> dict:
-        return self.message("".join(c.text for c in got), got[-1])
+        return self.message("".join(c.text for c in got), got[-1], "".join(c.reasoning for c in got))
 
     async def events(self, first: Chunk, stream: AsyncIterator[Chunk]) -> AsyncIterator[bytes]:
-        """message_start, then a text block streamed by deltas (or, for a tool-calling request,
-        the whole answer's blocks once it is complete), message_delta and message_stop."""
+        """message_start, then a thinking block and a text block streamed by deltas as they come
+        (for a tool-calling request, the whole answer's blocks once it is complete), message_delta
+        and message_stop."""
         start = {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
                  "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": self.n_prompt, "output_tokens": 0}}
+        blocks = _Blocks()
         try:
             yield _event("message_start", {"type": "message_start", "message": start})
             got = [first]
-            if self.tool_format is None:
-                yield _event("content_block_start", {"type": "content_block_start", "index": 0,
-                                                     "content_block": {"type": "text", "text": ""}})
             chunk = first
             while True:
-                if self.tool_format is None and chunk.text:
-                    yield _event("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                         "delta": {"type": "text_delta", "text": chunk.text}})
+                if self.tool_format is None:
+                    if chunk.reasoning:
+                        yield blocks.delta("thinking", {"type": "thinking_delta", "thinking": chunk.reasoning})
+                    if chunk.text:
+                        yield blocks.delta("text", {"type": "text_delta", "text": chunk.text})
                 if chunk.finish_reason:
                     break
                 try:
@@ -209,7 +210,7 @@ class Reply:
                 got.append(chunk)
             final = self.whole(got)
             if self.tool_format is None:
-                yield _event("content_block_stop", {"type": "content_block_stop", "index": 0})
+                yield blocks.close()
             else:
                 for index, block in enumerate(final["content"]):
                     yield from_block(index, block)
@@ -222,13 +223,40 @@ class Reply:
             await stream.aclose()
 
 
+class _Blocks:
+    """The content blocks of a stream: a block opens when its first delta comes, the one before
+    it closing then."""
+
+    _OPEN = {"text": {"type": "text", "text": ""}, "thinking": {"type": "thinking", "thinking": "", "signature": ""}}
+
+    def __init__(self) -> None:
+        self.index, self.kind = -1, None
+
+    def delta(self, kind: str, delta: dict) -> bytes:
+        out = b""
+        if kind != self.kind:
+            out = self.close()
+            self.index, self.kind = self.index + 1, kind
+            out += _event("content_block_start", {"type": "content_block_start", "index": self.index,
+                                                  "content_block": self._OPEN[kind]})
+        return out + _event("content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta})
+
+    def close(self) -> bytes:
+        if self.kind is None:
+            return b""
+        self.kind = None
+        return _event("content_block_stop", {"type": "content_block_stop", "index": self.index})
+
+
 def from_block(index: int, block: dict) -> bytes:
     """A finished content block as start, one delta and stop events."""
-    if block["type"] == "text":
-        opened, delta = {"type": "text", "text": ""}, {"type": "text_delta", "text": block["text"]}
-    else:
+    if block["type"] == "tool_use":
         opened = {**block, "input": {}}
         delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)}
+    else:
+        kind = block["type"]
+        opened = _Blocks._OPEN[kind]
+        delta = {"type": f"{kind}_delta", kind: block[kind]}
     return (_event("content_block_start", {"type": "content_block_start", "index": index, "content_block": opened})
             + _event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
             + _event("content_block_stop", {"type": "content_block_stop", "index": index}))

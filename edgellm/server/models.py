@@ -48,8 +48,10 @@ class Served:
 class ModelPool:
     def __init__(
         self, settings: Settings, model: str | None, parallel: int, keep_alive: float, hardware: Hardware,
-        max_queue: int = 64,
+        max_queue: int = 64, template: str | None = None,
     ) -> None:
+        """``template``: a chat template every served model uses instead of its own (--template)."""
+        self.template = ChatTemplate(template, origin="--template") if template is not None else None
         self.settings = settings
         self.max_queue = max_queue
         self.fixed = resolve(model, settings) if model else None  # validates the file at start-up
@@ -151,7 +153,8 @@ class ModelPool:
                 drafter.close()
             native.close()
             raise
-        return Served(model.name, model.header, native, engine, ChatTemplate(model.header.chat_template), plan,
+        template = self.template or ChatTemplate(model.header.chat_template)
+        return Served(model.name, model.header, native, engine, template, plan,
                       time.monotonic(), draft.cpu if draft else 0)
 
     def _make_room(self, needed: int, budget: int) -> None:
