@@ -1,10 +1,9 @@
-"""The HTTP server: an ASGI app over a ModelPool, with its state on the app; the API's routes
-live in their own modules (openai.py) and read that state.
+"""The HTTP server: an ASGI app over a ModelPool, with its state on the app; each API's routes
+live in their own module and read that state (openai.py, responses.py, anthropic.py, ollama.py).
 
 Here is what every request passes: the loopback Host check, the API key, the body size limit,
-CORS, and the error handlers that make every failure an OpenAI error body
-(``{"error": {"message", "type", "code"}}``) with a 4xx/5xx status, never a stack trace, while the
-server keeps serving.
+CORS, and the error handlers that make every failure an error body in the shape its API's clients
+read (bodies.py) with a 4xx/5xx status, never a stack trace, while the server keeps serving.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from edgellm.server.bodies import error_for
 from edgellm.server.models import ModelPool
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
+HEALTH = ("/health", "/v1/health")  # answered without the API key, as llama-server's
 MAX_BODY = 4 << 20
 
 
@@ -93,8 +93,8 @@ def create_app(pool: ModelPool, config: ServerConfig) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"], allow_headers=["*"])
     for kind, handler in ERROR_HANDLERS.items():
         app.add_exception_handler(kind, handler)
-    app.get("/health")(health)
-    app.get("/v1/health")(health)
+    for path in HEALTH:
+        app.get(path)(health)
     for router in (openai.router, responses.router, anthropic.router):
         app.include_router(router, prefix="/v1")
         app.include_router(router)
@@ -118,7 +118,7 @@ class Guard:
                 refusal = error_for(scope["path"], 403, "this server answers only requests addressed to a loopback name",
                                     "host_not_allowed")
                 return await refusal(scope, receive, send)
-            if config.api_key and scope["path"] != "/health":
+            if config.api_key and scope["path"] not in HEALTH:
                 given = headers.get(b"authorization", b"")
                 if not hmac.compare_digest(given, f"Bearer {config.api_key}".encode()):
                     refusal = error_for(scope["path"], 401, "missing or wrong API key (Authorization: Bearer KEY)",

@@ -68,13 +68,13 @@ class SettingsScreen(ModalScreen[bool]):
     @work(thread=True, exclusive=True, group="estimate")
     def _estimate(self, _values: dict) -> None:
         from edgellm.errors import EdgeLLMError
-        from edgellm.models import resolve
+        from edgellm.models import load_options, resolve
         from edgellm.plan.fit import fit
         from edgellm.runtime.engine import resolve_load
 
         try:
             settings = self._settings()
-            load = settings.load
+            load = load_options(settings)  # a draft model named by its store name, as a file
             header = resolve(self.model_name, settings).header
             resolve_load(header, load, self.app.hardware)  # the checks loading makes: refused here first
             plan = fit(header, self.app.hardware, n_ctx=load.n_ctx, type_k=load.type_k, type_v=load.type_v,
