@@ -20,13 +20,26 @@ from edgellm.options import LoadOptions, SamplingOptions, parse_endpoints, parse
 ENV_PREFIX = "EDGELLM_"
 
 
+def _int(value: Any) -> int:
+    """A whole number, said so plainly when it is not (not Python's "invalid literal for int()")."""
+    if isinstance(value, bool):
+        raise ValueError("not a whole number")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError("not a whole number") from None
+
+
 def _gpu_layers(value: Any) -> int | None:
     """``auto``: as many as fit (None, for the planner); ``all``: every layer (-1)."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return None
     if isinstance(value, str) and value.strip().lower() in ("all", "max"):
         return -1
-    n = int(value)
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ValueError("not a layer count, all or auto") from None
     if n < -1:
         raise ValueError("must be a layer count, all or auto")
     return n
@@ -36,7 +49,7 @@ def _ctx(value: Any) -> int:
     """``auto`` (0): the longest context that fits, up to the trained length."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return 0
-    return int(value)
+    return _int(value)
 
 
 def _size(value: Any) -> int:
@@ -85,8 +98,8 @@ def _flash_attn(value: Any) -> str:
 _SPEC: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "model": ("", "model", str),
     "ctx": ("load", "n_ctx", _ctx),
-    "batch": ("load", "n_batch", int),
-    "threads": ("load", "n_threads", int),
+    "batch": ("load", "n_batch", _int),
+    "threads": ("load", "n_threads", _int),
     "gpu_layers": ("load", "n_gpu_layers", _gpu_layers),
     "flash_attn": ("load", "flash_attn", _flash_attn),
     "kv_type_k": ("load", "type_k", str),
@@ -97,16 +110,16 @@ _SPEC: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "rpc": ("load", "rpc", _rpc),
     "tensor_split": ("load", "tensor_split", _floats),
     "draft": ("load", "draft", str),
-    "draft_max": ("load", "draft_max", int),
+    "draft_max": ("load", "draft_max", _int),
     "draft_p_min": ("load", "draft_p_min", float),
     "temperature": ("sampling", "temperature", float),
-    "top_k": ("sampling", "top_k", int),
+    "top_k": ("sampling", "top_k", _int),
     "top_p": ("sampling", "top_p", float),
     "min_p": ("sampling", "min_p", float),
     "repeat_penalty": ("sampling", "repeat_penalty", float),
-    "max_tokens": ("sampling", "max_tokens", int),
+    "max_tokens": ("sampling", "max_tokens", _int),
     "stop": ("sampling", "stop", _stop),
-    "seed": ("sampling", "seed", int),
+    "seed": ("sampling", "seed", _int),
     "presence_penalty": ("sampling", "presence_penalty", float),
     "frequency_penalty": ("sampling", "frequency_penalty", float),
     "gpu_memory": ("", "gpu_memory", _size),

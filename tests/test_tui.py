@@ -143,6 +143,36 @@ def test_settings_estimate_changes_with_the_kv_type_and_runs_the_load_checks(hom
     run(body())
 
 
+def test_a_long_verdict_is_shown_whole_at_80x24(home: Path, monkeypatch) -> None:
+    """A verdict longer than the dialog wraps instead of being cut, and a bad value says what is
+    wrong with it once, by the field's name (#20's bug 5)."""
+    from textual.geometry import Region
+    from textual.widgets import Input, Label
+
+    monkeypatch.setenv("EDGELLM_RAM", "300M")  # less than the model needs at any context
+
+    def shown(label: Label) -> str:
+        lines = label.render_lines(Region(0, 0, label.size.width, label.size.height))
+        return "".join(strip.text for strip in lines).replace(" ", "")
+
+    async def body() -> None:
+        app = _app(home)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await _library(pilot)
+            await pilot.press("s")
+            estimate = app.screen.query_one("#estimate", Label)
+            await _wait(pilot, lambda: "does not fit" in str(estimate.render()))
+            verdict = str(estimate.render())
+            assert len(verdict) > estimate.size.width and estimate.size.height > 1
+            assert shown(estimate) == verdict.replace(" ", "")  # every word on screen
+            app.screen.query_one("#gpu_layers", Input).value = "abc"
+            await _wait(pilot, lambda: "abc" in str(estimate.render()))
+            assert str(estimate.render()) == (
+                "invalid: GPU layers: invalid value 'abc' for gpu_layers: not a layer count, all or auto")
+
+    run(body())
+
+
 def test_delete_with_confirmation_and_bad_import(home: Path, tmp_path: Path) -> None:
     from textual.widgets import Input
 

@@ -16,6 +16,11 @@ from edgellm.tui.messages import Done
 KV_CHOICES = [(name, name) for name in ("auto", *KV_TYPES)]
 
 
+#: each setting's field, as an error names it
+FIELDS = {"ctx": "Context", "gpu_layers": "GPU layers", "kv_type_k": "K cache type", "kv_type_v": "V cache type",
+          "flash_attn": "Flash attention"}
+
+
 class SettingsScreen(ModalScreen[bool]):
     BINDINGS = [("escape", "dismiss(False)", "Cancel")]
 
@@ -57,7 +62,8 @@ class SettingsScreen(ModalScreen[bool]):
     def _settings(self):
         from edgellm.config import Settings
 
-        resolved = Settings._build(self.app.settings.home, {k: (v, k) for k, v in self._values().items() if v is not None})
+        resolved = Settings._build(self.app.settings.home,
+                                   {k: (v, FIELDS[k]) for k, v in self._values().items() if v is not None})
         return replace(self.app.settings, load=resolved.load)
 
     @on(Input.Changed)
@@ -67,7 +73,7 @@ class SettingsScreen(ModalScreen[bool]):
 
     @work(thread=True, exclusive=True, group="estimate")
     def _estimate(self, _values: dict) -> None:
-        from edgellm.errors import EdgeLLMError
+        from edgellm.errors import ConfigError, EdgeLLMError
         from edgellm.models import load_options, resolve
         from edgellm.plan.fit import fit
         from edgellm.runtime.engine import resolve_load
@@ -81,7 +87,9 @@ class SettingsScreen(ModalScreen[bool]):
                        n_gpu_layers=load.n_gpu_layers, flash_attn=load.flash_attn)
             text = ("fits: " + plan.summary()) if plan.fits else "will not fit: " + plan.reason
             warn = not plan.fits
-        except EdgeLLMError as exc:
+        except ConfigError as exc:  # a value the fields cannot hold
+            text, warn = f"invalid: {exc}", True
+        except EdgeLLMError as exc:  # settings a load would refuse
             text, warn = f"will not load: {exc}", True
         except Exception as exc:
             text, warn = f"invalid: {exc}", True
