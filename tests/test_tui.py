@@ -324,6 +324,41 @@ def test_get_a_model_from_the_hub_stand_in(home: Path, tmp_path: Path, smollm2: 
         hub.close()
 
 
+def test_a_download_that_will_not_fit_says_so_first(home: Path, tmp_path: Path, smollm2: Path, monkeypatch) -> None:
+    """With less RAM than the model needs, the app warns, from the remote header alone, before the
+    download lands (#20's bug 8): it still downloads, for a machine it may fit."""
+    from textual.widgets import DataTable, Input
+
+    from tests.hubstandin import HubStandIn
+
+    hub = HubStandIn()
+    hub.add("test/big-GGUF", {"m-Q4_1.gguf": smollm2})
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("EDGELLM_RAM", "300M")
+
+    async def body() -> None:
+        app = _app(home)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await _library(pilot)
+            await pilot.press("g")
+            app.screen.query_one("#source", Input).value = "test/big-GGUF"
+            await pilot.press("enter")
+            files = app.screen.query_one("#files", DataTable)
+            await _wait(pilot, lambda: files.row_count == 1)
+            files.focus()
+            await pilot.press("enter")
+            await _wait(pilot, lambda: any("added big-q4_1" in n.message for n in app._notifications))
+            messages = [n.message for n in app._notifications]
+            warned = next(i for i, m in enumerate(messages) if m.startswith("this will not fit this machine"))
+            assert "RAM" in messages[warned] and warned < messages.index("added big-q4_1")
+
+    try:
+        run(body())
+    finally:
+        hub.close()
+
+
 def test_convert_a_folder_with_a_lora_then_quantize_from_the_library(
     home: Path, smollm2_hf: Path, smollm2_adapter: Path
 ) -> None:

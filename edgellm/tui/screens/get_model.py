@@ -92,6 +92,11 @@ class GetModelScreen(Screen):
             self.app.imported(message)
             if message.error is None:
                 self._status(f"imported {message.result.name}")
+        elif message.what == "plan":  # before a download: whether it will fit this machine
+            plan = message.result
+            if not plan.fits:
+                self.app.notify(f"this will not fit this machine: {plan.reason}; downloading anyway (Esc stops)",
+                                severity="warning", timeout=10)
         elif message.what in ("inspect", "list"):
             if message.error is not None:
                 self.app.report(message.error)
@@ -172,10 +177,17 @@ class GetModelScreen(Screen):
             self.app.notify(f"added {entry.name}")
 
     def _pull(self, ref: str) -> None:
-        from edgellm.workflows import pull_gguf
+        from edgellm.workflows import plan_remote_gguf, pull_gguf
 
         job = self._begin(f"downloading {ref}")
-        self._run(ref, lambda: pull_gguf(ref, self.app.store, job))
+        store, hardware = self.app.store, self.app.hardware
+
+        def pull():
+            # the verdict first, from the remote header alone, as `edgellm pull` gives it
+            self.post_message(Done("plan", plan_remote_gguf(ref, store, hardware)[1]))
+            return pull_gguf(ref, store, job)
+
+        self._run(ref, pull)
 
     def _convert(self, quant: str | None, lora: str) -> None:
         from edgellm.workflows import pull_and_convert
@@ -183,9 +195,15 @@ class GetModelScreen(Screen):
         job = self._begin(f"converting{' and quantizing to ' + quant if quant else ''}")
         store, keep, adapters = self.app.store, self.app.settings.checkpoints_dir, [lora] if lora else []
         if self.folder is None:
-            repo, listing = self.repo, self.listing
-            self._run("conversion", lambda: pull_and_convert(repo, listing, store, keep, job, quant=quant,
-                                                             lora=adapters)[1])
+            from edgellm.workflows import plan_checkpoint
+
+            repo, listing, hardware = self.repo, self.listing, self.app.hardware
+
+            def pull():
+                self.post_message(Done("plan", plan_checkpoint(repo, listing, store, hardware, quant or "F16")))
+                return pull_and_convert(repo, listing, store, keep, job, quant=quant, lora=adapters)[1]
+
+            self._run("conversion", pull)
         else:
             folder = self.folder
             self._run("conversion", lambda: _convert_folder(folder, store, keep, job, quant, adapters))
