@@ -7,6 +7,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
+
 from edgellm.config import Settings
 
 
@@ -34,6 +36,18 @@ def _app(home: Path):
     from edgellm.tui import make_app
 
     return make_app(Settings.resolve())
+
+
+@pytest.fixture()
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The Hugging Face Hub stand-in, where huggingface_hub (and so the app) looks for it."""
+    from tests.hubstandin import HubStandIn
+
+    stand_in = HubStandIn()
+    monkeypatch.setenv("HF_ENDPOINT", stand_in.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    yield stand_in
+    stand_in.close()
 
 
 def test_library_chat_stream_and_stop(home: Path) -> None:
@@ -285,15 +299,10 @@ def test_model_strings_are_shown_as_text_not_markup(home: Path, tmp_path: Path) 
     run(body())
 
 
-def test_get_a_model_from_the_hub_stand_in(home: Path, tmp_path: Path, smollm2: Path, monkeypatch) -> None:
+def test_get_a_model_from_the_hub_stand_in(home: Path, hub, smollm2: Path) -> None:
     from textual.widgets import DataTable, Input
 
-    from tests.hubstandin import HubStandIn
-
-    hub = HubStandIn()
     hub.add("test/two-quants-GGUF", {"m-Q4_1.gguf": smollm2, "m-Q8_0.gguf": smollm2})
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
 
     async def body() -> None:
         app = _app(home)
@@ -318,23 +327,15 @@ def test_get_a_model_from_the_hub_stand_in(home: Path, tmp_path: Path, smollm2: 
             await _wait(pilot, lambda: table.row_count == 2)
         assert (home / "models" / "two-quants-q4_1" / "manifest.json").exists()
 
-    try:
-        run(body())
-    finally:
-        hub.close()
+    run(body())
 
 
-def test_a_download_that_will_not_fit_says_so_first(home: Path, tmp_path: Path, smollm2: Path, monkeypatch) -> None:
+def test_a_download_that_will_not_fit_says_so_first(home: Path, hub, smollm2: Path, monkeypatch) -> None:
     """With less RAM than the model needs, the app warns, from the remote header alone, before the
     download lands (#20's bug 8): it still downloads, for a machine it may fit."""
     from textual.widgets import DataTable, Input
 
-    from tests.hubstandin import HubStandIn
-
-    hub = HubStandIn()
     hub.add("test/big-GGUF", {"m-Q4_1.gguf": smollm2})
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("EDGELLM_RAM", "300M")
 
     async def body() -> None:
@@ -353,10 +354,7 @@ def test_a_download_that_will_not_fit_says_so_first(home: Path, tmp_path: Path, 
             warned = next(i for i, m in enumerate(messages) if m.startswith("this will not fit this machine"))
             assert "RAM" in messages[warned] and warned < messages.index("added big-q4_1")
 
-    try:
-        run(body())
-    finally:
-        hub.close()
+    run(body())
 
 
 def test_convert_a_folder_with_a_lora_then_quantize_from_the_library(
@@ -439,16 +437,10 @@ def test_reopen_a_saved_conversation(home: Path) -> None:
     run(body())
 
 
-def test_convert_a_safetensors_repo_from_the_hub_stand_in(home: Path, tmp_path: Path, smollm2_hf: Path,
-                                                          monkeypatch) -> None:
+def test_convert_a_safetensors_repo_from_the_hub_stand_in(home: Path, hub, smollm2_hf: Path) -> None:
     from textual.widgets import DataTable, Input
 
-    from tests.hubstandin import HubStandIn
-
-    hub = HubStandIn()
     hub.add("test/SmolLM2-135M-Instruct", {p.name: p for p in smollm2_hf.iterdir()})
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
 
     async def body() -> None:
         app = _app(home)
@@ -467,7 +459,4 @@ def test_convert_a_safetensors_repo_from_the_hub_stand_in(home: Path, tmp_path: 
         assert (home / "models" / "smollm2-135m-instruct-q4_k_m" / "manifest.json").exists()
         assert (home / "checkpoints" / "smollm2-135m-instruct").is_symlink()
 
-    try:
-        run(body())
-    finally:
-        hub.close()
+    run(body())
