@@ -21,7 +21,7 @@ from edgellm.runtime.chunks import Chunk
 from edgellm.runtime.templates import Message
 from edgellm.runtime.tools import MAX_TOOLS, Tool, ToolCall, ToolFormat, check_tools, tool_grammar
 from edgellm.server.generation import chunks, render_prompt, request_for
-from edgellm.server.schemas import MAX_MESSAGES, MAX_NAME, Body
+from edgellm.server.schemas import MAX_MESSAGES, MAX_NAME, Body, text_of
 
 router = APIRouter()
 
@@ -73,21 +73,10 @@ class CountTokensRequest(Body):
     tools: Annotated[list[AnthropicTool], Field(max_length=MAX_TOOLS)] | None = None
 
 
-def _text(content: str | list[Block] | None) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    parts = []
-    for block in content:
-        if block.type != "text" or block.text is None:
-            raise UsageError(f"a {brief(block.type)} block cannot stand here; the served models read text only")
-        parts.append(block.text)
-    return "".join(parts)
-
-
 def _turns(body: MessagesRequest | CountTokensRequest) -> list[Message]:
     """Anthropic's conversation as the runtime's messages: tool_use blocks become the assistant's
     calls, tool_result blocks the tool turns that answer them."""
-    turns = [Message("system", _text(body.system))] if body.system else []
+    turns = [Message("system", text_of(body.system, ("text",), "the system prompt"))] if body.system else []
     for message in body.messages:
         if isinstance(message.content, str):
             turns.append(Message(message.role, message.content))
@@ -99,7 +88,8 @@ def _turns(body: MessagesRequest | CountTokensRequest) -> list[Message]:
             elif block.type == "tool_use" and message.role == "assistant" and block.name:
                 calls.append(ToolCall(block.name, json.dumps(block.input or {}), block.id or ""))
             elif block.type == "tool_result" and message.role == "user":
-                turns.append(Message("tool", _text(block.content), tool_call_id=block.tool_use_id))
+                turns.append(Message("tool", text_of(block.content, ("text",), "a tool result"),
+                                     tool_call_id=block.tool_use_id))
             else:
                 raise UsageError(f"a {brief(block.type)} block cannot stand in a {message.role} message here; "
                                  "the served models read text and tool blocks only")

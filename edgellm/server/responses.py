@@ -18,13 +18,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import Field, StrictBool, StrictInt, StrictStr
 
-from edgellm.errors import EdgeLLMError, ModelNotFoundError, UsageError, brief
+from edgellm.errors import EdgeLLMError, ModelNotFoundError, brief
 from edgellm.runtime.chunks import Chunk
 from edgellm.runtime.grammar import json_grammar
 from edgellm.runtime.templates import Message
 from edgellm.runtime.tools import MAX_TOOLS, Tool, ToolCall, check_tools, tool_grammar
 from edgellm.server.generation import chunks, render_prompt, request_for
-from edgellm.server.schemas import MAX_MESSAGES, MAX_NAME, Body
+from edgellm.server.schemas import MAX_MESSAGES, MAX_NAME, Body, text_of
 
 router = APIRouter()
 
@@ -109,15 +109,6 @@ class Kept:
 KEPT = Kept()
 
 
-def _text(content: str | list[Part] | None) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    for part in content:
-        if part.type not in ("input_text", "output_text", "text") or part.text is None:
-            raise UsageError(f"the served models read text only; an input has a {brief(part.type)} part")
-    return "".join(part.text for part in content)
-
-
 def _turns(body: ResponsesRequest) -> list[Message]:
     turns = list(KEPT.get(body.previous_response_id)) if body.previous_response_id else []
     if body.instructions:
@@ -128,7 +119,7 @@ def _turns(body: ResponsesRequest) -> list[Message]:
     for item in body.input:
         if item.type == "message":
             role = "system" if item.role == "developer" else item.role or "user"
-            turns.append(Message(role, _text(item.content)))
+            turns.append(Message(role, text_of(item.content, ("input_text", "output_text", "text"), "an input")))
         elif item.type == "function_call":
             turns.append(Message("assistant", "", (ToolCall(item.name or "", item.arguments or "{}", item.call_id or ""),)))
         else:

@@ -27,6 +27,18 @@ class ContentPart(Body):
     text: StrictStr | None = None
 
 
+def text_of(content: str | list | None, kinds: tuple[str, ...], where: str) -> str:
+    """The text of a message's content in any API: a string, or parts of the ``kinds`` that hold
+    text; a part of another kind (an image, audio, a file) is refused by name."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    for part in content:
+        if part.type not in kinds or part.text is None:
+            raise UsageError(f"the served models read text only; {where} has a {brief(part.type)} part",
+                             hint="send text parts, or use a model server with vision for images")
+    return "".join(part.text for part in content)
+
+
 class CalledFunction(Body):
     name: Annotated[StrictStr, Field(max_length=MAX_NAME)]
     arguments: StrictStr = "{}"
@@ -47,14 +59,7 @@ class ChatMessage(Body):
     tool_call_id: Annotated[StrictStr, Field(max_length=MAX_NAME)] | None = None
 
     def text(self) -> str:
-        """The message's text; a part of another kind (an image, audio, a file) is refused by name."""
-        if not isinstance(self.content, list):
-            return self.content or ""
-        for part in self.content:
-            if part.type != "text" or part.text is None:
-                raise UsageError(f"the served models read text only; a message has a {brief(part.type)} part",
-                                 hint="send text parts, or use a model server with vision for images")
-        return "".join(part.text for part in self.content)
+        return text_of(self.content, ("text",), "a message")
 
 
 class FunctionDef(Body):
