@@ -18,6 +18,7 @@ from pydantic import Field, StrictBool, StrictInt, StrictStr
 
 from edgellm import __version__
 from edgellm.errors import EdgeLLMError, UsageError
+from edgellm.gguf.header import format_params
 from edgellm.runtime.chunks import Chunk
 from edgellm.runtime.grammar import json_grammar
 from edgellm.runtime.templates import Message
@@ -112,15 +113,16 @@ async def show(body: NamedRequest, request: Request) -> dict:
     header = model.header
     info = {"general.architecture": header.architecture, "general.parameter_count": header.parameter_count,
             f"{header.architecture}.context_length": header.context_length}
-    return {"modelfile": "", "parameters": "", "template": header.chat_template or "", "details": _details(model),
+    return {"modelfile": "", "parameters": "", "template": header.chat_template or "", "details": _details(header),
             "model_info": info, "capabilities": ["completion"], "modified_at": _modified(model)}
 
 
 @router.get("/ps")
 async def ps(request: Request) -> dict:
-    loaded = request.app.state.pool.loaded()
+    pool = request.app.state.pool
     return {"models": [{**_model_of(s.name, s.header, s.plan.memory.total), "size_vram": s.plan.memory.gpu,
-                        "context_length": s.engine.n_ctx, "expires_at": _iso(time.time() + 300)} for s in loaded]}
+                        "context_length": s.engine.n_ctx, "expires_at": _expires(s.last_used, pool.keep_alive)}
+                       for s in pool.loaded()]}
 
 
 @router.post("/embed")
@@ -256,11 +258,16 @@ def _iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _details(model) -> dict:
-    header = model.header
+def _expires(last_used: float, keep_alive: float) -> str:
+    """When the pool unloads an idle model (``last_used`` on the monotonic clock; -1: never)."""
+    if keep_alive < 0:
+        return "9999-12-31T23:59:59Z"
+    return _iso(time.time() + max(keep_alive - (time.monotonic() - last_used), 0))
+
+
+def _details(header) -> dict:
     return {"format": "gguf", "family": header.architecture, "families": [header.architecture],
-            "parameter_size": f"{header.parameter_count / 1e6:.0f}M" if header.parameter_count < 1e9
-            else f"{header.parameter_count / 1e9:.1f}B", "quantization_level": header.quantization}
+            "parameter_size": format_params(header.parameter_count), "quantization_level": header.quantization}
 
 
 def _modified(model) -> str:
@@ -268,10 +275,8 @@ def _modified(model) -> str:
 
 
 def _model(model) -> dict:
-    return {**_model_of(model.name, model.header, model.header.file_size), "modified_at": _modified(model),
-            "details": _details(model)}
+    return {**_model_of(model.name, model.header, model.header.file_size), "modified_at": _modified(model)}
 
 
 def _model_of(name: str, header, size: int) -> dict:
-    return {"name": name, "model": name, "size": size, "digest": "", "details": {
-        "format": "gguf", "family": header.architecture, "quantization_level": header.quantization}}
+    return {"name": name, "model": name, "size": size, "digest": "", "details": _details(header)}
