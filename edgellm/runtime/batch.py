@@ -13,6 +13,7 @@ receives Chunks (the same streaming contract as the single-sequence runtime) or 
 
 from __future__ import annotations
 
+import codecs
 import re
 import threading
 from collections import deque
@@ -51,7 +52,26 @@ class _Slot:
     drafts: list[int] = field(default_factory=list)  # the draft's guesses, evaluated after next_token
     batch_index: int = -1
     answer: Answer | None = None
-    lazy: tuple[bytes, list] | None = None  # a lazy grammar's text so far and triggers, until one matches
+    lazy: _Watch | None = None  # a lazy grammar's watch for its triggers, until one matches
+
+
+class _Watch:
+    """The text an answer writes, watched for the first match of a lazy grammar's triggers. The
+    text is decoded as it comes and only its end searched, as this runs for every token."""
+
+    LOOKBACK = 256  # characters before the newest piece a trigger may begin in
+
+    def __init__(self, triggers: Sequence[str]) -> None:
+        self.triggers = [re.compile(t) for t in triggers]
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
+        self.text = ""
+
+    def see(self, piece: bytes) -> str | None:
+        """Take the next token's bytes: the text after a trigger once one has matched, else None."""
+        start = max(len(self.text) - self.LOOKBACK, 0)
+        self.text += self.decoder.decode(piece)
+        match = next((m for m in (t.search(self.text, start) for t in self.triggers) if m), None)
+        return None if match is None else self.text[match.end():]
 
 
 class BatchEngine:
@@ -199,7 +219,7 @@ class BatchEngine:
             slot.sampler = sampler
             slot.next_token = None
             s = request.sampling
-            slot.lazy = (b"", [re.compile(t) for t in s.grammar_triggers]) if s.grammar and s.grammar_triggers else None
+            slot.lazy = _Watch(s.grammar_triggers) if s.grammar and s.grammar_triggers else None
             # the answer ends at max_tokens, or when the sequence's share of the context is full
             room = self.n_ctx - len(request.prompt)
             max_tokens = request.sampling.max_tokens
@@ -335,15 +355,11 @@ class BatchEngine:
         (nothing but whitespace after the trigger): llama.cpp aborts the whole process when text it
         is made to replay does not fit a grammar, so a call begun mid-token is left free (and, if
         it is not valid, reaches the caller as text)."""
-        seen, triggers = slot.lazy
-        seen += self.model.piece(token)
-        text = seen.decode("utf-8", errors="ignore")
-        match = next((m for m in (t.search(text) for t in triggers) if m), None)
-        if match is None:
-            slot.lazy = (seen, triggers)
+        tail = slot.lazy.see(self.model.piece(token))
+        if tail is None:
             return
         slot.lazy = None
-        if text[match.end():].strip():
+        if tail.strip():
             return
         try:
             sampler = self._make_sampler(replace(slot.request.sampling, grammar_triggers=()))

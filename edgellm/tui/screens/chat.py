@@ -34,7 +34,7 @@ class ChatScreen(Screen):
         self.model = None
         self._answer: Markdown | None = None  # the answer being streamed into
         self._thinking: Collapsible | None = None  # and its thinking, for a reasoning model
-        self._thought = Static("", classes="thinking")
+        self._thought: Static | None = None  # the text inside it
         self.history: list[Message] = []
         self.stop = threading.Event()
         self.idle = threading.Event()  # no answer being generated: the model may be closed
