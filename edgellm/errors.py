@@ -108,6 +108,10 @@ class QuantizeError(EdgeLLMError):
     """llama.cpp could not quantize the model."""
 
 
+class ImatrixError(EdgeLLMError):
+    """An importance matrix could not be computed, or a file is not one llama.cpp could use."""
+
+
 class Cancelled(EdgeLLMError):
     """The user stopped long work (a download, conversion, quantization); nothing half-done is kept."""
 
@@ -146,6 +150,7 @@ SHOWN: dict[type[EdgeLLMError], Shown] = {
     HubError: Shown(1, 502, "hub_error"),
     HubUnreachableError: Shown(1, 504, "hub_unreachable"),
     QuantizeError: Shown(1, 500, "quantize_error"),
+    ImatrixError: Shown(1, 400, "invalid_imatrix"),
     Cancelled: Shown(130, 499, "cancelled"),
     MissingDependencyError: Shown(1, 500, "missing_dependency"),
 }

@@ -5,11 +5,13 @@ The types themselves (names, bits per weight, cost) are the table in ``gguf/quan
 
 from __future__ import annotations
 
+import ctypes
 import re
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,17 @@ class QuantizeResult:
     size_after: int
     seconds: float
     tensors: int
+    #: (tensor, type wanted, type written) for each tensor whose rows the wanted type's blocks do
+    #: not divide (576-wide rows and 256-weight K/IQ blocks), as llama.cpp's log reports them
+    fallbacks: tuple[tuple[str, str, str], ...] = ()
+
+    def fallback_summary(self) -> str:
+        """``180 of 211 tensors fell back: q2_K -> q4_0 (150), q3_K -> q4_0 (30)``, or ``""``."""
+        if not self.fallbacks:
+            return ""
+        pairs = Counter(f"{wanted} -> {used}" for _, wanted, used in self.fallbacks)
+        counts = ", ".join(f"{pair} ({n})" for pair, n in pairs.most_common())
+        return f"{len(self.fallbacks)} of {self.tensors} tensors fell back (rows not a multiple of the block): {counts}"
 
 
 def ggml_type_id(name: str) -> int:
@@ -53,20 +66,27 @@ def base_name(name: str) -> str:
     return match.group(1) if match and is_quant_suffix(match.group(2)) else name
 
 
-def quantized_name(model_name: str, qtype: QuantType) -> str:
-    """The store name a quantization gets: ``smollm2-f16`` + Q4_K_M -> ``smollm2-q4_k_m``."""
-    return f"{base_name(model_name.lower())}-{qtype.name.lower()}"
+def quantized_name(model_name: str, qtype: QuantType, imatrix: bool = False) -> str:
+    """The store name a quantization gets: ``smollm2-f16`` + Q4_K_M -> ``smollm2-q4_k_m``, and
+    ``smollm2-q4_k_m-imat`` when an importance matrix guided it (both can live side by side)."""
+    return f"{base_name(model_name.lower())}-{qtype.name.lower()}" + ("-imat" if imatrix else "")
+
+
+def quantization_source(model_name: str, qtype: QuantType, imatrix: Path | None = None) -> str:
+    """What a store entry records as its origin: the model, the type, and the imatrix file if any."""
+    return f"quantize:{model_name}:{qtype.name}" + (f"+imatrix:{Path(imatrix).resolve()}" if imatrix else "")
 
 
 def quantize_to_store(store, model_name: str, header: GGUFHeader, qtype: QuantType, name: str | None = None,
                       source: str | None = None, **options) -> tuple[QuantizeResult, object]:
-    """Quantize into a new store entry, ``<model>-<type>`` unless ``name``; options as quantize().
-    ``source`` records where the model came from (default: the model quantized)."""
+    """Quantize into a new store entry, ``<model>-<type>[-imat]`` unless ``name``; options as
+    quantize(). ``source`` records where the model came from (default: the model quantized)."""
     done: list[QuantizeResult] = []
+    imatrix = options.get("imatrix")
     entry = store.create(
-        name or quantized_name(model_name, qtype),
+        name or quantized_name(model_name, qtype, imatrix is not None),
         f"{base_name(header.path.stem)}-{qtype.name}.gguf",
-        source or f"quantize:{model_name}:{qtype.name}",
+        source or quantization_source(model_name, qtype, imatrix),
         lambda dest: done.append(quantize(header, qtype, dest, **options)),
         expected_size=estimated_size(header, qtype),
     )
@@ -78,11 +98,23 @@ def estimated_size(header: GGUFHeader, qtype: QuantType) -> int:
     return int(header.parameter_count * qtype.bpw / 8 * 1.1) + (16 << 20)
 
 
-def check_request(header: GGUFHeader, qtype: QuantType, output: Path, allow_requantize: bool) -> None:
+def require_imatrix(qtype: QuantType, has_imatrix: bool) -> None:
+    """Refuse a type llama.cpp can only write with an importance matrix, saying how to make one."""
+    if qtype.needs_imatrix and not has_imatrix:
+        raise UsageError(
+            f"{qtype.name} needs an importance matrix: without one its 1-3 bit weights lose too much",
+            hint="pass --calibration to make one from edgellm's calibration text (or --calibration FILE), or "
+                 "make one with `edgellm imatrix MODEL -o FILE` and pass --imatrix FILE",
+        )
+
+
+def check_request(header: GGUFHeader, qtype: QuantType, output: Path, allow_requantize: bool,
+                  has_imatrix: bool = False) -> None:
     """Every refusal that can be decided before llama.cpp starts writing."""
     src = header.path
     if output.exists() and output.resolve() == src.resolve():
         raise UsageError(f"the output {output} is the input itself", hint="choose another -o path")
+    require_imatrix(qtype, has_imatrix)
     if is_quantized(header) and not allow_requantize:
         raise UsageError(
             f"{src.name} is already quantized ({header.quantization}); quantizing it again loses more quality",
@@ -97,6 +129,79 @@ def check_request(header: GGUFHeader, qtype: QuantType, output: Path, allow_requ
         )
 
 
+def parse_tensor_type(text: str) -> tuple[str, str]:
+    """``PATTERN=TYPE`` as llama-quantize's --tensor-type takes it (``attn_v=q8_0``,
+    ``blk\\.1[0-9]\\.ffn_down=q6_k``): the pattern lower-cased, searched in each tensor's name."""
+    pattern, sep, type_name = text.partition("=")
+    if not sep or not pattern or not type_name:
+        raise UsageError(f"--tensor-type {text!r} is not PATTERN=TYPE", hint="for example attn_v=q8_0")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise UsageError(f"--tensor-type {text!r}: the pattern is not a regular expression ({exc})") from None
+    ggml_type_id(type_name)
+    return pattern.lower(), type_name
+
+
+class _NativeParams:
+    """llama_model_quantize_params, with the arrays its pointers point into kept alive beside it."""
+
+    def __init__(self, qtype: QuantType, threads: int, allow_requantize: bool, leave_output_tensor: bool,
+                 pure: bool, output_tensor_type: str | None, token_embedding_type: str | None,
+                 imatrix: Path | None, tensor_types: Sequence[tuple[str, str]]) -> None:
+        import llama_cpp
+
+        self.params = params = llama_cpp.llama_model_quantize_default_params()
+        params.nthread = threads
+        params.ftype = qtype.ftype
+        params.allow_requantize = allow_requantize
+        params.quantize_output_tensor = not leave_output_tensor
+        params.pure = pure
+        if output_tensor_type:
+            params.output_tensor_type = ggml_type_id(output_tensor_type)
+        if token_embedding_type:
+            params.token_embedding_type = ggml_type_id(token_embedding_type)
+        self._alive: list[object] = []
+        if imatrix is not None:
+            self._set_imatrix(llama_cpp, imatrix)
+        if tensor_types:
+            overrides = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()  # NULL-ended
+            for slot, (pattern, type_name) in zip(overrides, tensor_types):
+                slot.pattern, slot.type = pattern.encode(), ggml_type_id(type_name)
+            self._alive.append(overrides)
+            params.tt_overrides = overrides
+
+    def _set_imatrix(self, llama_cpp, path: Path) -> None:
+        """Each weight's mean squared activations, and the keys llama-quantize records with them
+        (file, dataset, entries, chunks), so the output is byte for byte llama-quantize's."""
+        from edgellm.imatrix import load_imatrix
+
+        matrix = load_imatrix(path)
+        rows = matrix.normalized()
+        entries = (llama_cpp.llama_model_imatrix_data * (len(rows) + 1))()
+        for slot, (name, values) in zip(entries, rows.items()):
+            slot.name = name.encode()
+            slot.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            slot.size = values.size
+        self._alive += [entries, rows]
+        self.params.imatrix = entries
+        keys = [("quantize.imatrix.file", str(path))]
+        if matrix.datasets:
+            keys.append(("quantize.imatrix.dataset", matrix.datasets[0]))
+        keys.append(("quantize.imatrix.entries_count", len(rows)))
+        if matrix.chunk_count > 0:
+            keys.append(("quantize.imatrix.chunks_count", matrix.chunk_count))
+        overrides = (llama_cpp.llama_model_kv_override * (len(keys) + 1))()
+        for slot, (key, value) in zip(overrides, keys):
+            slot.key = key.encode()
+            if isinstance(value, int):
+                slot.tag, slot.value.val_i64 = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, value
+            else:  # llama-quantize keeps the first 127 bytes
+                slot.tag, slot.value.val_str = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, value.encode()[:127]
+        self._alive.append(overrides)
+        self.params.kv_overrides = overrides
+
+
 def quantize(
     header: GGUFHeader,
     qtype: QuantType,
@@ -108,11 +213,15 @@ def quantize(
     pure: bool = False,
     output_tensor_type: str | None = None,
     token_embedding_type: str | None = None,
+    imatrix: Path | None = None,
+    tensor_types: Sequence[tuple[str, str]] = (),
     on_tensor: Callable[[int, int, str], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> QuantizeResult:
     """Write ``header.path`` quantized to ``qtype`` at ``output`` with llama.cpp's own quantizer.
 
+    ``imatrix`` is an importance-matrix file (edgellm's or llama-imatrix's) the quantizer weighs
+    each weight's columns by; ``tensor_types`` are (pattern, type) pairs from parse_tensor_type.
     The file appears at ``output`` only when complete and valid. llama.cpp's quantizer cannot be
     interrupted, so it runs in a daemon thread: Ctrl-C in the caller's thread removes the
     temporary file at once, and the thread's remaining writes go to a file nobody can see.
@@ -123,24 +232,21 @@ def quantize(
     from edgellm.system.hardware import physical_cores
 
     output = Path(output)
-    check_request(header, qtype, output, allow_requantize)
+    check_request(header, qtype, output, allow_requantize, has_imatrix=imatrix is not None)
     import llama_cpp
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.nthread = threads or physical_cores()
-    params.ftype = qtype.ftype
-    params.allow_requantize = allow_requantize
-    params.quantize_output_tensor = not leave_output_tensor
-    params.pure = pure
-    if output_tensor_type:
-        params.output_tensor_type = ggml_type_id(output_tensor_type)
-    if token_embedding_type:
-        params.token_embedding_type = ggml_type_id(token_embedding_type)
+    native = _NativeParams(qtype, threads or physical_cores(), allow_requantize, leave_output_tensor, pure,
+                           output_tensor_type, token_embedding_type, imatrix, tensor_types)
+    params = native.params
+
+    fallbacks: list[tuple[str, str, str]] = []
 
     def follow(line: str) -> None:
         match = _TENSOR_LINE.match(line)
         if match and on_tensor:
             on_tensor(int(match.group(1)), int(match.group(2)), match.group(3))
+        if fallback := _FALLBACK_LINE.search(line):
+            fallbacks.append(fallback.groups())
 
     start = time.perf_counter()
     position = llamalog.mark()
@@ -162,9 +268,10 @@ def quantize(
             cause = llamalog.last_error(position) or "see EDGELLM_LLAMA_LOG=1"
             raise QuantizeError(f"llama.cpp could not quantize {header.path.name}: {cause}")
         written = read_header(tmp)
-    return QuantizeResult(
-        header.path, output, qtype, header.file_size, written.file_size, time.perf_counter() - start, len(written.tensors)
-    )
+    return QuantizeResult(header.path, output, qtype, header.file_size, written.file_size,
+                          time.perf_counter() - start, len(written.tensors), tuple(fallbacks))
 
 
 _TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
+_FALLBACK_LINE = re.compile(r"(\S+)\s+- ncols\s+\d+ not divisible by \d+ \(required for type\s+(\S+)\)"
+                            r".*-> falling back to\s+(\S+)")

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from edgellm.eval import EvalResult
     from edgellm.gguf.header import GGUFHeader
     from edgellm.gguf.quant_types import QuantType
+    from edgellm.imatrix import ImportanceMatrix
     from edgellm.models.hub import GGUFChoice, RepoListing
     from edgellm.models.store import ModelEntry, Store
     from edgellm.plan.fit import Plan
@@ -196,41 +197,126 @@ def gguf_of(source: Path, store: Store, job: Job) -> Iterator[tuple[str, Path]]:
         yield name, result.path
 
 
+# -- importance matrices ----------------------------------------------------------------------------
+def make_imatrix(model_path: Path, text: str, output: Path, job: Job, *, dataset: str = "", n_ctx: int = 512,
+                 chunks: int | None = None, threads: int | None = None,
+                 process_output: bool = False) -> ImportanceMatrix:
+    """The importance matrix of the model at ``model_path`` on ``text``, saved at ``output`` in
+    llama-imatrix's format; progress in tokens, with the rate in the step's detail."""
+    from edgellm.imatrix import compute_imatrix
+
+    def progress(done: int, total: int, rate: float) -> None:
+        job.step("importance matrix", done * n_ctx, total * n_ctx, "tokens", f"{rate:.0f} tok/s")
+
+    matrix = compute_imatrix(model_path, text, n_ctx=n_ctx, chunks=chunks, threads=threads, dataset=dataset,
+                             process_output=process_output, on_progress=progress, cancel=job.cancel)
+    matrix.save(output)
+    return matrix
+
+
+def calibrated_imatrix(store: Store, model_name: str, model_path: Path, job: Job, *, text: str | None = None,
+                       dataset: str = "", n_ctx: int = 512, chunks: int | None = None,
+                       threads: int | None = None) -> Path:
+    """An importance matrix of a model on a calibration text (edgellm's own unless ``text``), made
+    once and kept in the store's ``.imatrix`` folder for every later quantization of that model
+    (a sweep quantizes to several types from one matrix)."""
+    import hashlib
+
+    from edgellm.imatrix import calibration_text
+
+    if text is None:
+        text, dataset = calibration_text(), "edgellm calibration text"
+    key = f"{model_name}\0{Path(model_path).stat().st_size}\0{n_ctx}\0{chunks}\0{text}"
+    path = store.root / ".imatrix" / f"{model_name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.gguf"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make_imatrix(model_path, text, path, job, dataset=dataset, n_ctx=n_ctx, chunks=chunks, threads=threads)
+    return path
+
+
 # -- the quantization sweep --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SweepRow:
     """One model of a sweep: its size, quality against the base, and decode speed."""
 
     label: str
+    quant: str  # the type, or "base"
+    imatrix: bool
     size: int
     bits_per_weight: float
     quality: EvalResult
     tokens_per_second: float
 
+    def as_dict(self) -> dict[str, Any]:
+        q = self.quality
+        return {"type": self.quant, "imatrix": self.imatrix, "size": self.size,
+                "bits_per_weight": round(self.bits_per_weight, 4), "perplexity": q.perplexity,
+                "perplexity_stderr": q.perplexity_stderr, "kl_divergence": q.kl_mean,
+                "top1_agreement": q.top1_agreement, "tokens_per_second": round(self.tokens_per_second, 2)}
+
 
 def sweep(store: Store, model_name: str, header: GGUFHeader, types: Sequence[QuantType], text: str, job: Job, *,
-          n_ctx: int = 512, threads: int | None = None, chunks: int | None = None,
+          n_ctx: int = 512, threads: int | None = None, chunks: int | None = None, imatrix: Path | None = None,
           **options: Any) -> list[SweepRow]:
-    """Quantize to each type (or reuse the store's ``<model>-<type>``), then measure every model's
-    size, perplexity and KL divergence against the base on ``text``, and its decode speed."""
+    """Quantize to each type (or reuse the store's model made the same way), then measure every
+    model's size, perplexity and KL divergence against the base on ``text``, and its decode speed.
+    With ``imatrix`` each type is made twice, with and without it (once, with it, for the types
+    that need one), so the ladder shows what the importance matrix buys. The rows are also kept
+    in the store (``sweep_figures`` reads them) for the app to show beside each type."""
     from edgellm.bench import plan_cases, run_cases
+    from edgellm.errors import ModelExistsError
     from edgellm.eval import evaluate
     from edgellm.gguf.header import read_header
-    from edgellm.quantize import quantized_name
+    from edgellm.quantize import quantization_source, quantized_name, require_imatrix
 
-    paths = [("base " + header.quantization, header.path)]
+    variants = []
     for qtype in types:
-        name = quantized_name(model_name, qtype)
-        if store.exists(name):
-            entry = store.get(name)
-        else:
-            _, entry = quantize_into_store(store, model_name, header, qtype, job, threads=threads, **options)
-        paths.append((qtype.name, entry.gguf_path))
+        require_imatrix(qtype, imatrix is not None)
+        variants += [(qtype, None)] if not qtype.needs_imatrix else []
+        variants += [(qtype, imatrix)] if imatrix is not None else []
+    paths = [("base " + header.quantization, "base", False, header.path)]
+    for qtype, matrix in variants:
+        name = quantized_name(model_name, qtype, matrix is not None)
+        if not store.exists(name):
+            _, entry = quantize_into_store(store, model_name, header, qtype, job, threads=threads, imatrix=matrix,
+                                           **options)
+        elif (entry := store.get(name)).manifest.source != quantization_source(model_name, qtype, matrix):
+            raise ModelExistsError(f"the store's {name} was made another way ({entry.manifest.source})",
+                                   hint=f"remove it (edgellm rm {name}) and sweep again")
+        paths.append((qtype.name + (" +imat" if matrix else ""), qtype.name, matrix is not None, entry.gguf_path))
     rows = []
-    for i, (label, path) in enumerate(paths):
+    for i, (label, quant, guided, path) in enumerate(paths):
         job.step("evaluate", i, len(paths), "models", label)
         quality = evaluate(path, text, n_ctx, header.path, threads, chunks)
         speed = next(run_cases(plan_cases([path], [0], [64], [threads] if threads else []), repetitions=2))
         size = read_header(path).file_size
-        rows.append(SweepRow(label, size, size * 8 / header.parameter_count, quality, speed.avg_ts))
+        rows.append(SweepRow(label, quant, guided, size, size * 8 / header.parameter_count, quality, speed.avg_ts))
+    _keep_figures(store, model_name, rows)
     return rows
+
+
+def _keep_figures(store: Store, model_name: str, rows: Sequence[SweepRow]) -> None:
+    import json
+
+    from edgellm.fsutil import atomic_path
+
+    folder = store.root / ".sweeps"
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / f"{model_name}.json") as tmp:
+        tmp.write_text(json.dumps([row.as_dict() for row in rows], indent=1))
+
+
+def sweep_figures(store: Store, model_name: str) -> dict[tuple[str, bool], dict[str, Any]]:
+    """The last sweep's figures for a model, by (type, imatrix); empty when there was none or the
+    file is not one a sweep wrote (it is only data: anything odd is ignored)."""
+    import json
+
+    try:
+        rows = json.loads((store.root / ".sweeps" / f"{model_name}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    figures = {}
+    for row in rows if isinstance(rows, list) else []:
+        if isinstance(row, dict) and isinstance(row.get("type"), str) and isinstance(row.get("imatrix"), bool):
+            figures[(row["type"], row["imatrix"])] = row
+    return figures

@@ -50,6 +50,31 @@ def smollm2_adapter(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) 
     return peft_adapter(smollm2_hf, tmp_path_factory.mktemp("lora") / "cats-adapter")
 
 
+@pytest.fixture(scope="session")
+def smollm2_f16(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 F16 made by our converter from the HF checkpoint, as a user would make it."""
+    from edgellm.convert import convert
+
+    return convert(smollm2_hf, tmp_path_factory.mktemp("f16") / "SmolLM2-135M-Instruct-F16.gguf", "f16").path
+
+
+@pytest.fixture(scope="session")
+def english(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """CPython's own documentation (``pydoc_data.topics`` ships with every Python): evaluation text."""
+    import pydoc_data.topics
+
+    path = tmp_path_factory.mktemp("text") / "python-docs.txt"
+    topics = pydoc_data.topics.topics
+    path.write_text("\n\n".join(topics[k] for k in sorted(topics)), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def f16_in_store(cli, smollm2_f16: Path) -> str:
+    assert cli("import", str(smollm2_f16), "--name", "smol-f16").returncode == 0
+    return "smol-f16"
+
+
 @pytest.fixture()
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty EDGELLM_HOME for one test; no EDGELLM_* setting leaks in from outside."""

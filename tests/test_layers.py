@@ -28,6 +28,7 @@ LAYERS = {
     "edgellm.runtime": 3,
     "edgellm.bench": 3,
     "edgellm.eval": 3,
+    "edgellm.imatrix": 3,
     "edgellm.models": 4,
     "edgellm.convert": 4,
     "edgellm.quantize": 4,

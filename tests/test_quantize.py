@@ -24,30 +24,6 @@ from tests.conftest import tree
 BPW_BOUNDS = {"Q8_0": (8.0, 9.0), "Q4_K_M": (4.5, 7.0), "Q2_K": (3.0, 6.0)}
 
 
-@pytest.fixture(scope="session")
-def smollm2_f16(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2 F16 made by our converter from the HF checkpoint, as a user would make it."""
-    from edgellm.convert import convert
-
-    return convert(smollm2_hf, tmp_path_factory.mktemp("f16") / "SmolLM2-135M-Instruct-F16.gguf", "f16").path
-
-
-@pytest.fixture(scope="session")
-def english(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import pydoc_data.topics
-
-    path = tmp_path_factory.mktemp("text") / "python-docs.txt"
-    topics = pydoc_data.topics.topics
-    path.write_text("\n\n".join(topics[k] for k in sorted(topics)), encoding="utf-8")
-    return path
-
-
-@pytest.fixture()
-def f16_in_store(cli, smollm2_f16: Path) -> str:
-    assert cli("import", str(smollm2_f16), "--name", "smol-f16").returncode == 0
-    return "smol-f16"
-
-
 @pytest.mark.slow
 def test_quantize_ladder_types_sizes_chat_and_quality(cli, home: Path, f16_in_store: str, english: Path) -> None:
     params = read_header(home / "models" / "smol-f16" / "SmolLM2-135M-Instruct-F16.gguf").parameter_count
@@ -88,7 +64,7 @@ def test_sweep_prints_the_ladder(cli, f16_in_store: str, english: Path) -> None:
     r = cli("quantize", f16_in_store, "--sweep", "Q8_0,Q2_K", "--text", str(english), "--ctx", "128", "--chunks", "2")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
-    assert lines[0].split() == ["TYPE", "SIZE", "BITS/W", "PPL", "KL", "TOP-1", "TG", "T/S"]
+    assert lines[0].split() == ["TYPE", "IMATRIX", "SIZE", "BITS/W", "PPL", "KL", "TOP-1", "TG", "T/S"]
     rows = [line.split() for line in lines[1:]]
     assert [row[0] for row in rows] == ["base", "Q8_0", "Q2_K"]
     assert rows[0][-3] == "0.0000" and rows[0][-2] == "100.0%"  # the base against itself

@@ -1,4 +1,5 @@
-"""``edgellm quantize`` and ``edgellm eval``: make smaller models and measure what they lost."""
+"""``edgellm quantize``, ``edgellm imatrix`` and ``edgellm eval``: make smaller models, guided by
+what matters in them, and measure what they lost."""
 
 from __future__ import annotations
 
@@ -27,11 +28,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pure", action="store_true", help="every tensor in TYPE, no mixture")
     p.add_argument("--output-tensor-type", metavar="T", help="type for output.weight")
     p.add_argument("--token-embedding-type", metavar="T", help="type for token_embd.weight")
+    p.add_argument("--tensor-type", action="append", default=[], metavar="PATTERN=TYPE",
+                   help="type for the tensors whose name matches PATTERN, e.g. attn_v=q8_0 (repeatable)")
+    p.add_argument("--imatrix", type=Path, metavar="FILE",
+                   help="importance matrix (from `edgellm imatrix` or llama-imatrix); unlocks the IQ types")
+    p.add_argument("--calibration", nargs="?", const="", metavar="TEXT",
+                   help="make the importance matrix first, from TEXT (default: edgellm's calibration text)")
     p.add_argument("--sweep", metavar="T,...", help="quantize to each type and compare them (needs --text)")
     p.add_argument("--text", type=Path, metavar="FILE", help="text for --sweep's perplexity")
     p.add_argument("-c", "--ctx", type=int, default=512, metavar="N", help="context for --sweep's perplexity")
     p.add_argument("--chunks", type=int, metavar="N", help="evaluate at most N chunks of --text in --sweep")
+    p.add_argument("--json", action="store_true", help="print --sweep's ladder as JSON")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("imatrix", help="compute an importance matrix for the IQ quantization types")
+    p.add_argument("model", metavar="MODEL", help="store name or .gguf path (F16/BF16 is best)")
+    p.add_argument("--text", type=Path, metavar="FILE", help="calibration text (default: edgellm's own)")
+    p.add_argument("-c", "--ctx", type=int, default=512, metavar="N", help="tokens per chunk (default 512)")
+    p.add_argument("--chunks", type=int, metavar="N", help="use at most N chunks of the text")
+    p.add_argument("-o", "--output", type=Path, metavar="FILE", help="where to write it (default: MODEL.imatrix.gguf)")
+    p.add_argument("--process-output", action="store_true", help="include output.weight, as llama-imatrix can")
+    p.add_argument("-t", "--threads", type=int, metavar="N")
+    p.set_defaults(func=cmd_imatrix)
 
     p = sub.add_parser("eval", help="perplexity of a model on a text, and KL divergence against a base")
     p.add_argument("model", metavar="MODEL")
@@ -82,9 +100,40 @@ def _resolve_model(ref: str) -> Iterator[tuple]:
 
 
 def _quantize_options(args: argparse.Namespace) -> dict:
+    from edgellm.quantize import parse_tensor_type
+
     return {"threads": args.threads, "allow_requantize": args.allow_requantize,
             "leave_output_tensor": args.leave_output_tensor, "pure": args.pure,
-            "output_tensor_type": args.output_tensor_type, "token_embedding_type": args.token_embedding_type}
+            "output_tensor_type": args.output_tensor_type, "token_embedding_type": args.token_embedding_type,
+            "tensor_types": [parse_tensor_type(t) for t in args.tensor_type]}
+
+
+def _check_imatrix_options(args: argparse.Namespace, types: list) -> None:
+    """Refusals decided before any conversion or calibration starts."""
+    from edgellm.quantize import require_imatrix
+
+    if args.imatrix is not None and args.calibration is not None:
+        raise UsageError("--imatrix and --calibration both give the importance matrix; pass one")
+    if args.imatrix is not None:
+        from edgellm.imatrix import load_imatrix
+
+        load_imatrix(args.imatrix)  # a file that is not one is refused before anything is converted
+    for qtype in types:
+        require_imatrix(qtype, args.imatrix is not None or args.calibration is not None)
+
+
+def _imatrix_for(args: argparse.Namespace, settings, model) -> Path | None:
+    """--imatrix FILE as given, or the matrix --calibration makes (kept in the store for reuse)."""
+    from edgellm.models import store_for
+    from edgellm.workflows import calibrated_imatrix
+
+    if args.calibration is None:
+        return args.imatrix
+    text = _read_text(Path(args.calibration)) if args.calibration else None
+    print(f"measuring {model.name}'s activations on {args.calibration or 'the calibration text'}", file=sys.stderr)
+    return job_with_bar(lambda job: calibrated_imatrix(
+        store_for(settings), model.name, model.header.path, job, text=text, dataset=args.calibration,
+        threads=args.threads))
 
 
 def quantize_one(args: argparse.Namespace, settings, model, type_name: str):
@@ -94,12 +143,13 @@ def quantize_one(args: argparse.Namespace, settings, model, type_name: str):
     from edgellm.workflows import quantize_file, quantize_into_store
 
     qtype = quant_type(type_name)
+    options = {**_quantize_options(args), "imatrix": _imatrix_for(args, settings, model)}
 
     def run(job):
         if args.output:
-            return quantize_file(model.header, qtype, args.output, job, **_quantize_options(args)), None
+            return quantize_file(model.header, qtype, args.output, job, **options), None
         return quantize_into_store(store_for(settings), model.name, model.header, qtype, job, name=args.name,
-                                   **_quantize_options(args))
+                                   **options)
 
     return job_with_bar(run)
 
@@ -117,6 +167,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from edgellm.gguf.quant_types import quant_type
 
     qtype = quant_type(args.type)
+    _check_imatrix_options(args, [qtype])
+    _quantize_options(args)  # a bad --tensor-type is refused before anything is converted
     with _resolve_model(args.model) as (settings, model):
         print(
             f"quantizing {model.name} ({model.header.quantization}, {human_bytes(model.header.file_size)}) to {qtype.name}",
@@ -129,6 +181,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         f"{where}: {human_bytes(result.size_before)} -> {human_bytes(result.size_after)} "
         f"({bpw:.2f} bits/weight) in {result.seconds:.1f} s"
     )
+    if result.fallbacks:
+        print(result.fallback_summary(), file=sys.stderr)
     return 0
 
 
@@ -142,16 +196,41 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.output:
         raise UsageError("--sweep writes one model per type into the store; -o does not apply")
     types = [quant_type(t) for t in args.sweep.split(",") if t.strip()]
+    _check_imatrix_options(args, types)
     text = _read_text(args.text)
     options = {k: v for k, v in _quantize_options(args).items() if k != "threads"}
     with _resolve_model(args.model) as (settings, model):
+        imatrix = _imatrix_for(args, settings, model)
         rows = job_with_bar(lambda job: sweep(store_for(settings), model.name, model.header, types, text, job,
-                                              n_ctx=args.ctx, threads=args.threads, chunks=args.chunks, **options))
-    print(f"{'TYPE':12} {'SIZE':>10} {'BITS/W':>7} {'PPL':>9} {'KL':>8} {'TOP-1':>7} {'TG T/S':>8}")
+                                              n_ctx=args.ctx, threads=args.threads, chunks=args.chunks,
+                                              imatrix=imatrix, **options))
+    if args.json:
+        print(json.dumps([row.as_dict() for row in rows], indent=2))
+        return 0
+    print(f"{'TYPE':10} {'IMATRIX':>7} {'SIZE':>10} {'BITS/W':>7} {'PPL':>9} {'KL':>8} {'TOP-1':>7} {'TG T/S':>8}")
     for row in rows:
         q = row.quality
-        print(f"{row.label:12} {human_bytes(row.size):>10} {row.bits_per_weight:7.2f} {q.perplexity:9.3f} "
-              f"{q.kl_mean:8.4f} {q.top1_agreement:7.1%} {row.tokens_per_second:8.1f}")
+        print(f"{row.quant if row.quant != 'base' else row.label:10} {'yes' if row.imatrix else '-':>7} "
+              f"{human_bytes(row.size):>10} {row.bits_per_weight:7.2f} {q.perplexity:9.3f} {q.kl_mean:8.4f} "
+              f"{q.top1_agreement:7.1%} {row.tokens_per_second:8.1f}")
+    return 0
+
+
+def cmd_imatrix(args: argparse.Namespace) -> int:
+    from edgellm.config import Settings
+    from edgellm.imatrix import calibration_text
+    from edgellm.models import resolve
+    from edgellm.workflows import make_imatrix
+
+    text = _read_text(args.text) if args.text else calibration_text()
+    model = resolve(args.model, Settings.resolve())
+    output = args.output or Path(f"{model.name}.imatrix.gguf")
+    dataset = str(args.text) if args.text else "edgellm calibration text"
+    matrix = job_with_bar(lambda job: make_imatrix(model.path, text, output, job, dataset=dataset, n_ctx=args.ctx,
+                                                   chunks=args.chunks, threads=args.threads,
+                                                   process_output=args.process_output))
+    print(f"{output}: {len(matrix.sums)} weights, {matrix.chunk_count} chunks of {matrix.chunk_size} tokens "
+          f"from {dataset}")
     return 0
 
 

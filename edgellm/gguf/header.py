@@ -321,11 +321,13 @@ class _Cursor:
         return ArrayValue(item_type, count, values, start)
 
 
-def read_header(path: str | Path, full_size: int | None = None) -> GGUFHeader:
+def read_header(path: str | Path, full_size: int | None = None, model: bool = True) -> GGUFHeader:
     """Parse and validate a GGUF file's header; raise InvalidGGUFError naming the first problem.
 
     ``full_size`` is for a file that holds only the start of a GGUF (a remote header fetched with a
     range request): the header must lie within the bytes present, the tensors within ``full_size``.
+    ``model`` off reads a GGUF that holds data rather than a model (an importance matrix): no
+    architecture or vocabulary to check.
     """
     path = Path(path)
     try:
@@ -341,7 +343,7 @@ def read_header(path: str | Path, full_size: int | None = None) -> GGUFHeader:
                 raise TruncatedGGUFError(
                     f"{path.name}: truncated GGUF: {size} bytes is smaller than the 24-byte header", _INCOMPLETE)
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                return _parse(buf, size, path, full_size or size)
+                return _parse(buf, size, path, full_size or size, model)
     except FileNotFoundError:
         raise InvalidGGUFError(f"no such file: {path}") from None
     except IsADirectoryError:
@@ -368,7 +370,7 @@ def _not_gguf(path: Path, head: bytes) -> InvalidGGUFError:
     )
 
 
-def _parse(buf: mmap.mmap, size: int, path: Path, full_size: int) -> GGUFHeader:
+def _parse(buf: mmap.mmap, size: int, path: Path, full_size: int, model: bool = True) -> GGUFHeader:
     cur = _Cursor(buf, size, path)
     magic = bytes(buf[:4])
     if magic != GGUF_MAGIC:
@@ -452,8 +454,9 @@ def _parse(buf: mmap.mmap, size: int, path: Path, full_size: int) -> GGUFHeader:
         expected = _align(offset + nbytes, alignment)
 
     header = GGUFHeader(path, size, version, alignment, data_offset, metadata, tuple(tensors))
-    _check_model_metadata(header, cur)
-    _check_hyperparameters(header, cur)
+    if model:
+        _check_model_metadata(header, cur)
+        _check_hyperparameters(header, cur)
     return header
 
 

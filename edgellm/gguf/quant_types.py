@@ -20,7 +20,7 @@ class QuantType:
     ftype: int  # llama_ftype
     bpw: float
     note: str
-    needs_imatrix: bool = False
+    needs_imatrix: bool = False  # llama.cpp refuses it without an importance matrix
 
 
 _TYPES = [
@@ -43,29 +43,28 @@ _TYPES = [
     QuantType("F16", 1, 16.0, "14.00G, +0.0020 ppl @ Mistral-7B"),
     QuantType("BF16", 32, 16.0, "14.00G, -0.0050 ppl @ Mistral-7B"),
     QuantType("F32", 0, 32.0, "26.00G @ 7B"),
-    QuantType("IQ2_XXS", 19, 2.06, "2.06 bpw quantization", needs_imatrix=True),
-    QuantType("IQ2_XS", 20, 2.31, "2.31 bpw quantization", needs_imatrix=True),
-    QuantType("IQ2_S", 28, 2.50, "2.5 bpw quantization", needs_imatrix=True),
+    QuantType("IQ3_M", 27, 3.66, "3.66 bpw quantization mix"),
+    QuantType("IQ3_S", 26, 3.44, "3.44 bpw quantization"),
+    QuantType("IQ3_XS", 22, 3.30, "3.3 bpw quantization"),
+    QuantType("IQ3_XXS", 23, 3.06, "3.06 bpw quantization", needs_imatrix=True),
     QuantType("Q2_K_S", 21, 3.17, "2.96G, +3.1836 ppl @ Llama-3-8B", needs_imatrix=True),
-    QuantType("IQ1_S", 24, 1.56, "1.56 bpw quantization", needs_imatrix=True),
+    QuantType("IQ2_M", 29, 2.70, "2.7 bpw quantization", needs_imatrix=True),
+    QuantType("IQ2_S", 28, 2.50, "2.5 bpw quantization", needs_imatrix=True),
+    QuantType("IQ2_XS", 20, 2.31, "2.31 bpw quantization", needs_imatrix=True),
+    QuantType("IQ2_XXS", 19, 2.06, "2.06 bpw quantization", needs_imatrix=True),
     QuantType("IQ1_M", 31, 1.75, "1.75 bpw quantization", needs_imatrix=True),
+    QuantType("IQ1_S", 24, 1.56, "1.56 bpw quantization", needs_imatrix=True),
 ]
 QUANT_TYPES: dict[str, QuantType] = {t.name: t for t in _TYPES}
 _ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 
 
 def quant_type(name: str) -> QuantType:
-    """Look a type up case-insensitively; refuse unknown ones and those needing an imatrix."""
+    """Look a type up case-insensitively; refuse unknown ones."""
     key = _ALIASES.get(name.strip().upper(), name.strip().upper())
     found = QUANT_TYPES.get(key)
     if found is None:
-        usable = ", ".join(t.name for t in _TYPES if not t.needs_imatrix)
-        raise UsageError(f"unknown quantization type {name!r}", hint=f"choose one of {usable}")
-    if found.needs_imatrix:
-        raise UsageError(
-            f"{found.name} needs an importance matrix, which edgellm does not compute yet",
-            hint="choose a K-quant such as Q2_K or Q3_K_S instead",
-        )
+        raise UsageError(f"unknown quantization type {name!r}", hint=f"choose one of {', '.join(QUANT_TYPES)}")
     return found
 
 
@@ -79,5 +78,9 @@ def main_ggml_type(qtype: QuantType) -> tuple[int, str]:
     """The ggml tensor type (id, name) most of a model's weights get in this file type: Q4_K for
     Q4_K_M, IQ4_XS for itself; what a planned, not yet written, GGUF is sized with."""
     ids = {name: type_id for type_id, (name, _, _) in GGML_TYPES.items()}
-    name = qtype.name if qtype.name in ids else qtype.name.rsplit("_", 1)[0]
+    name = _MAIN_TYPES.get(qtype.name) or (qtype.name if qtype.name in ids else qtype.name.rsplit("_", 1)[0])
     return ids[name], name
+
+
+#: file types whose name is not their main tensor type's, nor that name with a size suffix
+_MAIN_TYPES = {"IQ3_M": "IQ3_S", "IQ3_XS": "IQ3_S", "IQ2_M": "IQ2_S"}

@@ -9,7 +9,7 @@ LoadError with the cause llama.cpp logged.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from edgellm.errors import LoadError
@@ -19,6 +19,9 @@ from edgellm.system import llamalog
 from edgellm.system.devices import cpu_threadpool
 
 FLASH_ATTN_TYPES = {"auto": -1, "off": 0, "on": 1}
+
+#: ggml's scheduler callback, given the address of a ``ggml_tensor`` and whether it only asks
+EvalCallback = Callable[[int, bool], bool]
 
 
 def _lib():
@@ -126,13 +129,16 @@ class NativeModel:
         swa_full: bool = False,
         embeddings: bool = False,
         op_offload: bool = True,
+        eval_callback: EvalCallback | None = None,
     ) -> NativeContext:
         """A context; ``swa_full`` keeps sliding-window layers' whole cache (for prompt reuse);
         ``embeddings`` makes it pool each sequence's hidden states into one vector (mean);
-        ``op_offload`` off keeps batches of host layers on the CPU (no GPU compute buffer)."""
+        ``op_offload`` off keeps batches of host layers on the CPU (no GPU compute buffer);
+        ``eval_callback(tensor, ask)`` is ggml's scheduler callback: asked about every graph node,
+        it sees the data of those it says yes to (how an importance matrix reads activations)."""
         return NativeContext(
             self, n_ctx, n_batch, n_ubatch, n_threads, type_k, type_v, flash_attn, n_seq_max, swa_full, embeddings,
-            op_offload,
+            op_offload, eval_callback,
         )
 
     def close(self) -> None:
@@ -164,6 +170,7 @@ class NativeContext:
         swa_full: bool,
         embeddings: bool,
         op_offload: bool = True,
+        eval_callback: EvalCallback | None = None,
     ) -> None:
         lib = self._lib = model._lib
         self.model = model
@@ -183,6 +190,10 @@ class NativeContext:
             params.embeddings = True
             params.pooling_type = lib.LLAMA_POOLING_TYPE_MEAN
         params.no_perf = True
+        if eval_callback is not None:
+            # kept on the context: llama.cpp calls it for as long as the context lives
+            self._eval_callback = lib.ggml_backend_sched_eval_callback(lambda t, ask, _: eval_callback(t, ask))
+            params.cb_eval = self._eval_callback
         position = llamalog.mark()
         self.ptr = lib.llama_init_from_model(model.ptr, params)
         if not self.ptr:
@@ -219,14 +230,36 @@ class NativeContext:
         """
         import numpy as np
 
-        lib = self._lib
         n_vocab = self.model.n_vocab
+        outs = [np.empty((len(seq) - first, n_vocab), dtype=np.float32) for seq in sequences]
+        filled = [0] * len(sequences)
+        for part in self._packed(sequences, first):
+            scored = [s for s, pos in part if pos >= first]
+            if scored:
+                ptr = self._lib.llama_get_logits(self.ptr)
+                rows = np.ctypeslib.as_array(ptr, shape=(len(scored) * n_vocab,)).reshape(len(scored), n_vocab)
+                row = 0
+                for s in dict.fromkeys(scored):
+                    n = scored.count(s)
+                    outs[s][filled[s] : filled[s] + n] = rows[row : row + n]
+                    filled[s] += n
+                    row += n
+        return outs
+
+    def evaluate(self, sequences: Sequence[Sequence[int]]) -> None:
+        """Evaluate sequences as logits() does, with every position's output computed and none
+        kept: the last layer then runs on every token, as an importance matrix needs."""
+        for _ in self._packed(sequences, 0):
+            pass
+
+    def _packed(self, sequences: Sequence[Sequence[int]], first: int) -> Iterator[list[tuple[int, int]]]:
+        """Decode the sequences in shared batches, outputs from position ``first``; yields each
+        decoded batch's (sequence, position) slots."""
+        lib = self._lib
         if len(sequences) > 1 and sum(map(len, sequences)) > self.n_batch:
             raise ValueError("sequences evaluated together must fit one batch")
         # (sequence, position) of every token, in the order the batch holds them
         slots = [(s, pos) for s, seq in enumerate(sequences) for pos in range(len(seq))]
-        outs = [np.empty((len(seq) - first, n_vocab), dtype=np.float32) for seq in sequences]
-        filled = [0] * len(sequences)
         batch = lib.llama_batch_init(self.n_batch, 0, 1)
         try:
             for start in range(0, len(slots), self.n_batch):
@@ -241,19 +274,9 @@ class NativeContext:
                 status = lib.llama_decode(self.ptr, batch)
                 if status != 0:
                     raise LoadError(f"llama_decode failed with status {status}")
-                scored = [s for s, pos in part if pos >= first]
-                if scored:
-                    ptr = lib.llama_get_logits(self.ptr)
-                    rows = np.ctypeslib.as_array(ptr, shape=(len(scored) * n_vocab,)).reshape(len(scored), n_vocab)
-                    row = 0
-                    for s in dict.fromkeys(scored):
-                        n = scored.count(s)
-                        outs[s][filled[s] : filled[s] + n] = rows[row : row + n]
-                        filled[s] += n
-                        row += n
+                yield part
         finally:
             lib.llama_batch_free(batch)
-        return outs
 
     def synchronize(self) -> None:
         self._lib.llama_synchronize(self.ptr)
