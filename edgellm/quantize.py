@@ -108,6 +108,15 @@ def require_imatrix(qtype: QuantType, has_imatrix: bool) -> None:
         )
 
 
+def refuse_requantize(header: GGUFHeader, allow_requantize: bool = False) -> None:
+    """Quantizing quantized weights again loses quality twice: refused unless asked for."""
+    if is_quantized(header) and not allow_requantize:
+        raise UsageError(
+            f"{header.path.name} is already quantized ({header.quantization}); quantizing it again loses more "
+            "quality", hint="start from an F16/BF16/F32 model, or pass --allow-requantize",
+        )
+
+
 def check_request(header: GGUFHeader, qtype: QuantType, output: Path, allow_requantize: bool,
                   has_imatrix: bool = False) -> None:
     """Every refusal that can be decided before llama.cpp starts writing."""
@@ -115,11 +124,7 @@ def check_request(header: GGUFHeader, qtype: QuantType, output: Path, allow_requ
     if output.exists() and output.resolve() == src.resolve():
         raise UsageError(f"the output {output} is the input itself", hint="choose another -o path")
     require_imatrix(qtype, has_imatrix)
-    if is_quantized(header) and not allow_requantize:
-        raise UsageError(
-            f"{src.name} is already quantized ({header.quantization}); quantizing it again loses more quality",
-            hint="start from an F16/BF16/F32 model, or pass --allow-requantize",
-        )
+    refuse_requantize(header, allow_requantize)
     needed = estimated_size(header, qtype)
     folder = output.parent if output.parent.exists() else Path.cwd()
     free = shutil.disk_usage(folder).free

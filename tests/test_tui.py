@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -371,6 +372,8 @@ def test_convert_a_folder_with_a_lora_then_quantize_from_the_library(
             # the bundled Q4_1 cannot be quantized again: said in the app, which carries on
             await pilot.press("k")
             assert isinstance(app.screen, QuantizeScreen)
+            warning = app.screen.query_one("#requantize")
+            assert warning.display and "already quantized (Q4_1)" in str(warning.render())  # said before a pick
             await pilot.press("enter")  # Q4_K_M, the default row
             await _wait(pilot, lambda: any("already quantized" in n.message for n in app._notifications))
             await pilot.press("escape")
@@ -398,6 +401,57 @@ def test_convert_a_folder_with_a_lora_then_quantize_from_the_library(
             await _wait(pilot, lambda: table.row_count == 3, timeout=120)
         quantized = home / "models" / f"{smollm2_hf.name}-cats-adapter-q8_0" / "manifest.json"
         assert '"quantization": "Q8_0"' in quantized.read_text()
+
+    run(body())
+
+
+def test_quantize_with_an_importance_matrix_shows_the_sweeps_figures_and_asks_for_a_free_name(
+        home: Path, cli, smollm2_f16: Path, english: Path) -> None:
+    from textual.widgets import Checkbox, DataTable, Input, Label
+
+    from edgellm.tui.screens.quantize import QuantizeScreen
+
+    assert cli("import", str(smollm2_f16), "--name", "smol-f16").returncode == 0
+    swept = cli("quantize", "smol-f16", "--sweep", "Q8_0", "--text", str(english), "--ctx", "128", "--chunks", "2",
+                "--json")
+    assert swept.returncode == 0, swept.stderr
+    q8_ppl = next(row["perplexity"] for row in json.loads(swept.stdout) if row["type"] == "Q8_0")
+
+    async def body() -> None:
+        app = _app(home)
+        async with app.run_test(size=(80, 24)) as pilot:
+            table = pilot.app.screen.query_one(DataTable)
+            await _wait(pilot, lambda: "smol-f16" in [str(key.value) for key in table.rows])
+            table.move_cursor(row=list(table.rows).index("smol-f16"))
+            await pilot.press("k")
+            assert isinstance(app.screen, QuantizeScreen)
+            types = app.screen.query_one("#types", DataTable)
+            listed = [str(key.value) for key in types.rows]
+            assert "Q8_0" in listed and "IQ2_XS" not in listed  # IQ types need the imatrix
+            assert types.get_row("Q8_0")[3] == f"{q8_ppl:.2f}"  # the sweep measured it
+            assert types.get_row("Q4_K_M")[3] == "-"
+            assert not app.screen.query_one("#requantize", Label).display  # F16: nothing to warn of
+            # Q8_0 is already in the library (the sweep made it): asked for another name, not failed at 100%
+            types.move_cursor(row=listed.index("Q8_0"))
+            await pilot.pause()
+            assert app.screen.query_one("#name", Input).placeholder == "smol-q8_0"
+            await pilot.press("enter")
+            assert "smol-q8_0 is already in the library" in str(app.screen.query_one("#quant-status").render())
+            assert app.screen.focused is app.screen.query_one("#name", Input)
+            # with the importance matrix: the IQ types appear, and the name says how it was made
+            app.screen.query_one("#imatrix", Checkbox).value = True
+            await pilot.pause()
+            listed = [str(key.value) for key in types.rows]
+            assert "IQ2_XS" in listed and "IQ3_XXS" in listed
+            types.move_cursor(row=listed.index("IQ3_XXS"))
+            await pilot.pause()
+            assert app.screen.query_one("#name", Input).placeholder == "smol-iq3_xxs-imat"
+            types.focus()
+            await pilot.press("enter")
+            await _wait(pilot, lambda: any("quantized smol-iq3_xxs-imat" in n.message for n in app._notifications),
+                        timeout=180)
+        assert len(list((home / "models" / ".imatrix").iterdir())) == 1
+        assert '"quantization": "IQ3_XXS"' in (home / "models" / "smol-iq3_xxs-imat" / "manifest.json").read_text()
 
     run(body())
 

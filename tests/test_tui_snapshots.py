@@ -64,12 +64,13 @@ def test_get_a_model(snap_compare, app) -> None:
     assert snap_compare(app, terminal_size=SIZE, run_before=ready)
 
 
-def test_quantize(snap_compare, app) -> None:
+@pytest.mark.parametrize("size", [SIZE, (80, 24)], ids=["110x30", "80x24"])
+def test_quantize(snap_compare, app, size) -> None:
     async def ready(pilot) -> None:
         await library_ready(pilot)
         await pilot.press("k")
 
-    assert snap_compare(app, terminal_size=SIZE, run_before=ready)
+    assert snap_compare(app, terminal_size=size, run_before=ready)
 
 
 def test_conversations(snap_compare, app, home: Path) -> None:
