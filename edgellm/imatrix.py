@@ -19,9 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgellm.errors import Cancelled, ImatrixError, InvalidGGUFError, UsageError
 from edgellm.fsutil import atomic_path
+
+if TYPE_CHECKING:
+    from edgellm.gguf.header import GGUFHeader
 
 #: tokens per decode, as llama-imatrix's default batch (it packs n_batch / n_ctx chunks in one)
 N_BATCH = 2048
@@ -336,13 +340,15 @@ def compute_imatrix(
     n_ctx: int = 512,
     chunks: int | None = None,
     threads: int | None = None,
+    n_gpu_layers: int = 0,
     dataset: str = "",
     process_output: bool = False,
     on_progress: Progress | None = None,
     cancel: threading.Event | None = None,
 ) -> ImportanceMatrix:
     """The importance matrix of the model at ``model_path`` on ``text``, in chunks of ``n_ctx``
-    tokens (at most ``chunks`` of them). ``dataset`` is recorded in the file as the text's name;
+    tokens (at most ``chunks`` of them), ``n_gpu_layers`` offloaded (-1: all; activations on a GPU
+    are copied back to be summed). ``dataset`` is recorded in the file as the text's name;
     ``process_output`` includes output.weight (llama-imatrix's --process-output)."""
     from edgellm.runtime.native import NativeModel
     from edgellm.system.hardware import physical_cores
@@ -351,7 +357,7 @@ def compute_imatrix(
         raise UsageError(f"--ctx must be at least {MIN_TOKENS} for an importance matrix, got {n_ctx}")
     threads = threads or physical_cores()
     collector = _Collector(process_output)
-    with NativeModel(model_path) as model:
+    with NativeModel(model_path, n_gpu_layers) as model:
         tokens = model.tokenize(text, add_special=True)
         if len(tokens) < 2 * n_ctx:
             raise UsageError(
@@ -383,6 +389,18 @@ def compute_imatrix(
     if not collector.sums:
         raise ImatrixError(f"{Path(model_path).name} has no weight multiplications edgellm could read")
     return ImportanceMatrix(collector.sums, collector.counts, [dataset] if dataset else [], n_chunks, n_ctx)
+
+
+def gpu_layers_for(header: GGUFHeader, n_ctx: int = 512, requested: int | None = None) -> int:
+    """``requested`` layers on the GPU (-1: all), or when None as many as the planner fits beside
+    the context an importance matrix evaluates in (n_batch / n_ctx chunks at once)."""
+    from edgellm.plan.fit import fit
+    from edgellm.system.hardware import probe
+
+    if requested is not None:
+        return requested
+    plan = fit(header, probe(), n_ctx=max(N_BATCH, n_ctx), n_ubatch=512)
+    return plan.n_gpu_layers if plan.fits else 0
 
 
 def calibration_text() -> str:

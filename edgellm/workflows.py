@@ -199,7 +199,7 @@ def gguf_of(source: Path, store: Store, job: Job) -> Iterator[tuple[str, Path]]:
 
 # -- importance matrices ----------------------------------------------------------------------------
 def make_imatrix(model_path: Path, text: str, output: Path, job: Job, *, dataset: str = "", n_ctx: int = 512,
-                 chunks: int | None = None, threads: int | None = None,
+                 chunks: int | None = None, threads: int | None = None, n_gpu_layers: int = 0,
                  process_output: bool = False) -> ImportanceMatrix:
     """The importance matrix of the model at ``model_path`` on ``text``, saved at ``output`` in
     llama-imatrix's format; progress in tokens, with the rate in the step's detail."""
@@ -208,8 +208,9 @@ def make_imatrix(model_path: Path, text: str, output: Path, job: Job, *, dataset
     def progress(done: int, total: int, rate: float) -> None:
         job.step("importance matrix", done * n_ctx, total * n_ctx, "tokens", f"{rate:.0f} tok/s")
 
-    matrix = compute_imatrix(model_path, text, n_ctx=n_ctx, chunks=chunks, threads=threads, dataset=dataset,
-                             process_output=process_output, on_progress=progress, cancel=job.cancel)
+    matrix = compute_imatrix(model_path, text, n_ctx=n_ctx, chunks=chunks, threads=threads,
+                             n_gpu_layers=n_gpu_layers, dataset=dataset, process_output=process_output,
+                             on_progress=progress, cancel=job.cancel)
     matrix.save(output)
     return matrix
 
@@ -222,7 +223,8 @@ def calibrated_imatrix(store: Store, model_name: str, model_path: Path, job: Job
     (a sweep quantizes to several types from one matrix)."""
     import hashlib
 
-    from edgellm.imatrix import calibration_text
+    from edgellm.gguf.header import read_header
+    from edgellm.imatrix import calibration_text, gpu_layers_for
 
     if text is None:
         text, dataset = calibration_text(), "edgellm calibration text"
@@ -230,7 +232,9 @@ def calibrated_imatrix(store: Store, model_name: str, model_path: Path, job: Job
     path = store.root / ".imatrix" / f"{model_name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.gguf"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        make_imatrix(model_path, text, path, job, dataset=dataset, n_ctx=n_ctx, chunks=chunks, threads=threads)
+        layers = gpu_layers_for(read_header(model_path), n_ctx)
+        make_imatrix(model_path, text, path, job, dataset=dataset, n_ctx=n_ctx, chunks=chunks, threads=threads,
+                     n_gpu_layers=layers)
     return path
 
 

@@ -133,3 +133,18 @@ def test_doctor_names_the_device_and_its_kv_pairs(cli) -> None:
     assert "q8_0/q8_0" in pairs and "bf16/f16" not in pairs
     text = cli("doctor").stdout
     assert re.search(r"KV on GPU +Vulkan0 runs flash attention for \d+ of 81 K/V pairs", text)
+
+
+def test_an_importance_matrix_reads_activations_off_the_device(smollm2: Path) -> None:
+    """Offloaded, each weight's inputs live in device memory: copied back, they sum as on the CPU."""
+    import numpy as np
+
+    from edgellm.imatrix import calibration_text, compute_imatrix
+
+    text = calibration_text()
+    on_cpu = compute_imatrix(smollm2, text, n_ctx=128, chunks=2, threads=2)
+    on_device = compute_imatrix(smollm2, text, n_ctx=128, chunks=2, threads=2, n_gpu_layers=-1)
+    assert sorted(on_device.sums) == sorted(on_cpu.sums)
+    for name, sums in on_cpu.sums.items():
+        assert on_device.counts[name].tolist() == on_cpu.counts[name].tolist()
+        assert np.abs(on_device.sums[name] - sums).max() <= 2e-2 * np.abs(sums).max(), name

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from edgellm.cli.common import job_with_bar
+from edgellm.cli.common import job_with_bar, settings_from_args
 from edgellm.errors import UsageError
 from edgellm.gguf.header import human_bytes
 
@@ -49,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", type=Path, metavar="FILE", help="where to write it (default: MODEL.imatrix.gguf)")
     p.add_argument("--process-output", action="store_true", help="include output.weight, as llama-imatrix can")
     p.add_argument("-t", "--threads", type=int, metavar="N")
+    p.add_argument("--gpu-layers", "-ngl", metavar="N|all|auto", help="layers to offload to the GPU (default auto)")
     p.set_defaults(func=cmd_imatrix)
 
     p = sub.add_parser("eval", help="perplexity of a model on a text, and KL divergence against a base")
@@ -217,17 +218,18 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_imatrix(args: argparse.Namespace) -> int:
-    from edgellm.config import Settings
-    from edgellm.imatrix import calibration_text
+    from edgellm.imatrix import calibration_text, gpu_layers_for
     from edgellm.models import resolve
     from edgellm.workflows import make_imatrix
 
     text = _read_text(args.text) if args.text else calibration_text()
-    model = resolve(args.model, Settings.resolve())
+    settings = settings_from_args(args)
+    model = resolve(args.model, settings)
     output = args.output or Path(f"{model.name}.imatrix.gguf")
     dataset = str(args.text) if args.text else "edgellm calibration text"
+    layers = gpu_layers_for(model.header, args.ctx, settings.load.n_gpu_layers)
     matrix = job_with_bar(lambda job: make_imatrix(model.path, text, output, job, dataset=dataset, n_ctx=args.ctx,
-                                                   chunks=args.chunks, threads=args.threads,
+                                                   chunks=args.chunks, threads=args.threads, n_gpu_layers=layers,
                                                    process_output=args.process_output))
     print(f"{output}: {len(matrix.sums)} weights, {matrix.chunk_count} chunks of {matrix.chunk_size} tokens "
           f"from {dataset}")
