@@ -74,7 +74,9 @@ def assert_same_answers(folder: Path, gguf: Path) -> float:
     ids = hf_ids(folder, PROMPTS)
     worst = 0.0
     for prompt, h, g in zip(PROMPTS, hf_logits(folder, ids), gguf_logits(gguf, ids)):
-        assert int(h.argmax()) == int(g.argmax()), prompt
+        # the same top token, unless transformers' best two are nearer than the tolerance (random
+        # weights make near ties): then llama.cpp's pick must be one of those
+        assert int(h.argmax()) == int(g.argmax()) or h[int(g.argmax())] > h.max() - TOLERANCE, prompt
         worst = max(worst, float(np.abs(h - g).max()))
     assert worst < TOLERANCE
     return worst
@@ -323,7 +325,14 @@ ARCH_CONFIGS = {
     "gemma": {"head_dim": 32, "tie_word_embeddings": True},
     "gemma2": {"head_dim": 32, "query_pre_attn_scalar": 32, "attn_logit_softcapping": 50.0,
                "final_logit_softcapping": 30.0, "sliding_window": 512, "tie_word_embeddings": True},
+    # mixtures of experts: one matrix per expert in the checkpoint, stacked per layer in the GGUF
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                  "shared_expert_intermediate_size": 128, "norm_topk_prob": False, "mlp_only_layers": []},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "head_dim": 32,
+                  "norm_topk_prob": True, "mlp_only_layers": []},
 }
+GGUF_ARCH = {"mistral": "llama", "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
 
 
 @pytest.mark.slow
@@ -347,7 +356,7 @@ def test_other_architectures_answer_like_transformers(smollm2_hf: Path, tmp_path
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(smollm2_hf / f, folder / f)
     out = convert(folder, tmp_path / "out.gguf", "f32")
-    assert out.arch == {"mistral": "llama"}.get(model_type, model_type)
+    assert out.arch == GGUF_ARCH.get(model_type, model_type)
     assert_same_answers(folder, out.path)
 
 

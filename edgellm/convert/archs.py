@@ -1,16 +1,21 @@
 """The architecture table: each family registered once, saying only what differs from Llama.
 
-An architecture turns a HF config into GGUF hyperparameters and HF tensor names into llama.cpp's
-(through ``gguf.TensorNameMap``), and may transform a tensor on its way through (the Q/K row
-order for llama.cpp's rope layout, Gemma's ``1 + weight`` norms) or add tensors llama.cpp wants
-and HF computes on the fly (rope frequency factors). Transforms never change a tensor's shape,
-so the whole file can be laid out before one weight is read.
+An architecture turns a HF config into GGUF hyperparameters and maps the checkpoint's tensors to
+llama.cpp's (names through ``gguf.TensorNameMap``). An output tensor may be made of several
+checkpoint tensors: a mixture-of-experts layer stores one matrix per expert, which llama.cpp
+wants stacked into one [n_expert, ...] tensor. Each output's shape is known from the inputs'
+shapes alone, so the whole file is laid out before one weight is read, and it is then made from
+its inputs one output at a time (one stacked tensor in memory, never the model). A tensor may
+also be transformed on its way through (the Q/K row order for llama.cpp's rope layout, Gemma's
+``1 + weight`` norms), and tensors llama.cpp wants but HF computes on the fly are added (rope
+frequency factors).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -37,6 +42,32 @@ def register(*hf_names: str) -> Callable[[type[Architecture]], type[Architecture
 
 def supported() -> str:
     return ", ".join(sorted(ARCHITECTURES))
+
+
+@dataclass(frozen=True)
+class Mapped:
+    """One output tensor: its GGUF name, the checkpoint tensors it is made of (in order), its shape
+    (numpy order), and how the inputs become it (None: the one input as it is)."""
+
+    name: str
+    sources: tuple[str, ...]
+    shape: tuple[int, ...]
+    combine: Callable[[Sequence[np.ndarray]], np.ndarray] | None = None
+
+
+def _stack(parts: Sequence[np.ndarray]) -> np.ndarray:
+    return np.stack(parts)
+
+
+#: ``model.layers.3.mlp.experts.7.gate_proj.weight`` (Qwen) or ``...block_sparse_moe.experts.7.w1.weight``
+_EXPERT = re.compile(r"^(.+\.experts)\.(\d+)\.([^.]+)\.weight$")
+MOE_FFN = (T.FFN_GATE_INP, T.FFN_GATE_EXP, T.FFN_UP_EXP, T.FFN_DOWN_EXP)
+SHARED_EXPERT = (T.FFN_GATE_INP_SHEXP, T.FFN_GATE_SHEXP, T.FFN_UP_SHEXP, T.FFN_DOWN_SHEXP)
+
+
+def _moe(per_block: tuple[T, ...]) -> tuple[T, ...]:
+    """A block's tensors with its feed-forward made of experts."""
+    return tuple(t for t in per_block if t not in (T.FFN_GATE, T.FFN_UP, T.FFN_DOWN)) + MOE_FFN
 
 
 @dataclass(frozen=True)
@@ -76,6 +107,10 @@ class Architecture:
         eps = self.config.get("rms_norm_eps", self.config.get("layer_norm_epsilon", 0.0))
         if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0:
             raise CheckpointError(f"config.json: the norm epsilon is {brief(eps)}, not a finite number of at least 0")
+        self.n_expert = self._int(("num_local_experts", "num_experts"), 0, 1 << 12, default=0)
+        if self.n_expert:
+            self.n_expert_used = self._int(("num_experts_per_tok",), 1, self.n_expert)
+            self.n_ff_expert = self._int(("moe_intermediate_size", "intermediate_size"), 1, 1 << 22)
         self.names = gguf.get_tensor_name_map(self.arch, self.n_layer)
 
     def _int(self, keys: tuple[str, ...], low: int, high: int, default: int | None = None) -> int:
@@ -107,6 +142,11 @@ class Architecture:
 
     def hyperparameters(self, w: gguf.GGUFWriter) -> None:
         c = self.config
+        if self.n_expert:
+            w.add_expert_count(self.n_expert)
+            w.add_expert_used_count(self.n_expert_used)
+            if c.get("moe_intermediate_size") is not None:
+                w.add_expert_feed_forward_length(self.n_ff_expert)
         w.add_context_length(int(self._get("max_position_embeddings", "n_positions", "max_sequence_length")))
         w.add_embedding_length(self.n_embd)
         w.add_block_count(self.n_layer)
@@ -138,6 +178,31 @@ class Architecture:
     def rope_type(self) -> str:
         return self.rope.get("rope_type") or self.rope.get("type") or "default"
 
+    def map_tensors(self, shapes: dict[str, tuple[int, ...]]) -> list[Mapped]:
+        """Every output tensor, from the checkpoint's tensor names and shapes: one for each HF
+        tensor, except experts, which are gathered per layer and weight into one stacked tensor
+        (all ``n_expert`` of them, of one shape, or the checkpoint is refused)."""
+        out, experts = [], {}
+        for hf_name, shape in shapes.items():
+            if match := _EXPERT.match(hf_name):
+                experts.setdefault((match.group(1), match.group(3)), {})[int(match.group(2))] = hf_name
+                continue
+            name = self.gguf_name(hf_name)
+            if name is not None:
+                out.append(Mapped(name, (hf_name,), shape))
+        for (prefix, weight), members in experts.items():
+            if sorted(members) != list(range(self.n_expert)):
+                raise CheckpointError(f"{prefix} holds experts {_ranges(sorted(members))}, but config.json says "
+                                      f"{self.n_expert}", hint="is the download complete?")
+            sources = tuple(members[i] for i in range(self.n_expert))
+            kinds = {shapes[s] for s in sources}
+            if len(kinds) != 1:
+                raise CheckpointError(f"the experts of {prefix}.*.{weight} differ in shape: {sorted(kinds)}")
+            name = self.gguf_name(f"{prefix}.{weight}.weight")
+            if name is not None:
+                out.append(Mapped(name, sources, (self.n_expert, *kinds.pop()), _stack))
+        return out
+
     def gguf_name(self, hf_name: str) -> str | None:
         """llama.cpp's name for a HF tensor, or None when it is skipped."""
         if hf_name.endswith(self.skipped):
@@ -153,6 +218,18 @@ class Architecture:
         if self.permute_qk and gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
             return _permute(data, self.n_head_kv)
         return data
+
+    def check_routing(self, normalizes: bool) -> None:
+        """Refuse a mixture-of-experts config whose routing llama.cpp's graph for this family does
+        not compute: it would load and answer wrongly."""
+        said = bool(self.config.get("norm_topk_prob", normalizes))
+        if said != normalizes:
+            raise CheckpointError(
+                f"config.json sets norm_topk_prob {str(said).lower()}; llama.cpp's {self.arch.name.lower()} "
+                f"{'always' if normalizes else 'never'} renormalizes the chosen experts' weights")
+        if self.config.get("mlp_only_layers") or self.config.get("decoder_sparse_step", 1) != 1:
+            raise CheckpointError("config.json makes some layers dense (mlp_only_layers, decoder_sparse_step); "
+                                  f"llama.cpp's {self.arch.name.lower()} has experts in every layer")
 
     def extras(self) -> list[Extra]:
         if self.rope_type() != "llama3":
@@ -176,11 +253,30 @@ class Architecture:
             "ffn_gate.weight": (ff, e), "ffn_down.weight": (e, ff), "ffn_up.weight": (ff, e),
             "attn_q_norm.weight": (self.head_dim,), "attn_k_norm.weight": (self.head_dim,),
         }
+        if self.n_expert:
+            n, ffe, shared = self.n_expert, self.n_ff_expert, self.config.get("shared_expert_intermediate_size")
+            shapes.update({
+                "ffn_gate_inp.weight": (n, e), "ffn_gate_exps.weight": (n, ffe, e), "ffn_up_exps.weight": (n, ffe, e),
+                "ffn_down_exps.weight": (n, e, ffe), "ffn_gate_inp_shexp.weight": (1, e),
+                "ffn_gate_shexp.weight": (shared, e), "ffn_up_shexp.weight": (shared, e),
+                "ffn_down_shexp.weight": (e, shared),
+            })
         if gguf_name == "output_norm.weight":
             return (e,)
         if gguf_name in ("token_embd.weight", "output.weight"):
             return (None, e)
         return shapes.get(gguf_name.split(".", 2)[-1]) if gguf_name.startswith("blk.") else None
+
+
+def _ranges(ids: list[int]) -> str:
+    """[0, 1, 2, 5] -> ``0-2, 5``: which experts a checkpoint holds, short."""
+    spans: list[list[int]] = []
+    for i in ids:
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in spans) or "none"
 
 
 def _permute(data: np.ndarray, n_head: int) -> np.ndarray:
@@ -230,6 +326,40 @@ class Qwen3(Architecture):
     arch = gguf.MODEL_ARCH.QWEN3
     permute_qk = False
     per_block = Architecture.per_block + (T.ATTN_Q_NORM, T.ATTN_K_NORM)
+
+
+@register("MixtralForCausalLM")
+class Mixtral(Architecture):
+    """Llama with experts (``block_sparse_moe``): llama.cpp's llama graph, top-k renormalized."""
+
+    per_block = _moe(Architecture.per_block)
+
+
+@register("Qwen2MoeForCausalLM")
+class Qwen2Moe(Qwen2):
+    """Experts beside one shared expert, whose output a sigmoid gate scales."""
+
+    arch = gguf.MODEL_ARCH.QWEN2MOE
+    per_block = _moe(Qwen2.per_block) + SHARED_EXPERT
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.check_routing(normalizes=False)
+
+    def hyperparameters(self, w: gguf.GGUFWriter) -> None:
+        super().hyperparameters(w)
+        shared = self._int(("shared_expert_intermediate_size",), 1, 1 << 22)
+        w.add_expert_shared_feed_forward_length(shared)
+
+
+@register("Qwen3MoeForCausalLM")
+class Qwen3Moe(Qwen3):
+    arch = gguf.MODEL_ARCH.QWEN3MOE
+    per_block = _moe(Qwen3.per_block)
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.check_routing(normalizes=True)
 
 
 @register("GemmaForCausalLM")

@@ -4,7 +4,8 @@ The whole file is laid out (header, metadata, tokenizer, every tensor's name, sh
 before a single weight is read, and every check that can fail does so then: a refusal costs
 nothing and leaves nothing. Weights then stream from the safetensors mmap through the
 architecture's transform (and any LoRA merge) into the writer, so peak memory stays near one
-tensor. The output is written to a temporary file and renamed into place only when complete.
+output tensor (a layer's experts stacked into one, for a mixture-of-experts model). The output
+is written to a temporary file and renamed into place only when complete.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from edgellm.convert.archs import Architecture, architecture_for
+from edgellm.convert.archs import Architecture, Mapped, architecture_for
 from edgellm.convert.checkpoint import Checkpoint, TensorRef, reading
 from edgellm.convert.lora import Merge
 from edgellm.convert.vocab import read_vocab
@@ -45,7 +46,8 @@ class PlannedTensor:
     name: str
     shape: tuple[int, ...]
     qtype: Q
-    source: TensorRef | None  # None: made from the config (Architecture.extras)
+    sources: tuple[TensorRef, ...]  # none: made from the config (Architecture.extras)
+    combine: Callable[..., np.ndarray] | None = None  # several sources into one (Mapped.combine)
     make: Callable[[], np.ndarray] | None = None
 
     @property
@@ -70,8 +72,9 @@ def outtype_for(name: str, ckpt: Checkpoint) -> Q:
 
 
 def _tensor_type(name: str, shape: tuple[int, ...], wanted: Q) -> Q:
-    """Norms, biases and other 1-D tensors stay f32 as llama.cpp expects; q8_0 needs rows of 32."""
-    if len(shape) == 1 or name.endswith("_norm.weight") or wanted == Q.F32:
+    """Norms, biases and other 1-D tensors stay f32 as llama.cpp expects, and so do the experts'
+    routers (as convert_hf_to_gguf.py and llama-quantize keep them); q8_0 needs rows of 32."""
+    if len(shape) == 1 or name.endswith("_norm.weight") or ".ffn_gate_inp" in name or wanted == Q.F32:
         return Q.F32
     if wanted == Q.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
         return Q.F16
@@ -86,29 +89,37 @@ def _order(name: str) -> tuple:
     return (0 if name.startswith("token_embd") else 2, 0, name)
 
 
-def plan_tensors(arch: Architecture, ckpt: Checkpoint, wanted: Q) -> list[PlannedTensor]:
-    planned: dict[str, PlannedTensor] = {}
-    for hf_name, ref in ckpt.tensors.items():
-        name = arch.gguf_name(hf_name)
-        if name is None:
-            continue
-        if name in planned:
-            raise CheckpointError(f"tensors {planned[name].source.name!r} and {hf_name!r} both map to {name}")
-        expected = arch.expected_shape(name)
+def mapped_tensors(arch: Architecture, shapes: dict[str, tuple[int, ...]]) -> list[Mapped]:
+    """The architecture's output tensors, each checked against the shape the config implies, and
+    no two inputs mapped to one name."""
+    seen: dict[str, Mapped] = {}
+    for mapped in arch.map_tensors(shapes):
+        source = mapped.sources[0] if len(mapped.sources) == 1 else f"{mapped.sources[0]} ..."
+        if mapped.name in seen:
+            raise CheckpointError(f"tensors {seen[mapped.name].sources[0]!r} and {source!r} both map to {mapped.name}")
+        expected = arch.expected_shape(mapped.name)
+        shape = mapped.shape
         if expected is not None and (
-            len(expected) != len(ref.shape) or any(e is not None and e != s for e, s in zip(expected, ref.shape))
+            len(expected) != len(shape) or any(e is not None and e != s for e, s in zip(expected, shape))
         ):
             shown = [e if e is not None else "*" for e in expected]
-            raise CheckpointError(
-                f"tensor {hf_name!r} has shape {list(ref.shape)} but the config implies {shown}"
-            )
-        planned[name] = PlannedTensor(name, ref.shape, _tensor_type(name, ref.shape, wanted), ref)
+            raise CheckpointError(f"tensor {source!r} makes {mapped.name} of shape {list(shape)} but the config "
+                                  f"implies {shown}")
+        seen[mapped.name] = mapped
+    return list(seen.values())
+
+
+def plan_tensors(arch: Architecture, ckpt: Checkpoint, wanted: Q) -> list[PlannedTensor]:
+    planned: dict[str, PlannedTensor] = {}
+    for m in mapped_tensors(arch, {name: ref.shape for name, ref in ckpt.tensors.items()}):
+        planned[m.name] = PlannedTensor(m.name, m.shape, _tensor_type(m.name, m.shape, wanted),
+                                        tuple(ckpt.tensors[s] for s in m.sources), m.combine)
     missing = sorted(arch.required() - planned.keys(), key=_order)
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise CheckpointError(f"the checkpoint lacks tensor {missing[0]}{more}", hint="is the download complete?")
     for extra in arch.extras():
-        planned[extra.name] = PlannedTensor(extra.name, extra.shape, Q.F32, None, extra.make)
+        planned[extra.name] = PlannedTensor(extra.name, extra.shape, Q.F32, (), make=extra.make)
     return sorted(planned.values(), key=lambda t: _order(t.name))
 
 
@@ -153,7 +164,7 @@ def convert(
         if ckpt.config.get("vocab_size") and int(ckpt.config["vocab_size"]) != n_vocab:
             raise CheckpointError(
                 f"config.json says vocab_size {ckpt.config['vocab_size']} but the embedding "
-                f"{embd.source.name!r} has {n_vocab} rows"
+                f"{embd.sources[0].name!r} has {n_vocab} rows"
             )
         vocab = read_vocab(ckpt.folder, n_vocab)
 
@@ -170,8 +181,11 @@ def convert(
 
 
         def make(t: PlannedTensor) -> np.ndarray:
-            data = t.make() if t.source is None else arch.transform(t.name, merge(t.source.name, t.source.numpy()))
-            return _encode(data, t.qtype)
+            if t.make is not None:
+                return _encode(t.make(), t.qtype)
+            parts = [merge(ref.name, ref.numpy()) for ref in t.sources]
+            data = t.combine(parts) if t.combine else parts[0]
+            return _encode(arch.transform(t.name, data), t.qtype)
 
         write_streamed(writer, output, [(t.name, t.nbytes, partial(make, t)) for t in tensors], progress, cancel)
         size = output.stat().st_size
@@ -221,10 +235,8 @@ def planned_header(config: dict, tensors: dict[str, tuple[int, ...]], target: st
     metadata: dict[str, Any] = {key: value.value for key, value in writer.kv_data[0].items()}
     type_id, type_name = main_ggml_type(qtype)
     infos, offset = [], 0
-    for hf_name, hf_shape in tensors.items():
-        name = arch.gguf_name(hf_name)
-        if name is None:
-            continue
+    for mapped in arch.map_tensors(tensors):
+        name, hf_shape = mapped.name, mapped.shape
         n = int(np.prod(hf_shape))
         flat = len(hf_shape) == 1
         nbytes = n * 4 if flat else int(n * qtype.bpw / 8)
