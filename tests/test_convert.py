@@ -408,3 +408,65 @@ def test_planned_header_is_what_the_converted_file_holds(converted, name: str) -
     after = ModelShape.from_header(read_header(gguf))
     assert before == after
     assert before.output_weight[1:] == after.output_weight[1:]  # the head's shape, for output offload
+
+
+def test_a_gguf_llama_cpp_cannot_load_is_never_written(cli, smollm2_hf: Path, tmp_path: Path) -> None:
+    """Phi-3 with a GPT-2-style BPE vocabulary, as Phi-4 ships, named like Phi-3: llama.cpp then
+    applies its Phi-3 SentencePiece token fix-ups by the model's name and fails on the missing
+    ``</s>``. Every check of ours passes; llama.cpp's own load of the finished file refuses it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = tmp_path / "tiny-phi3"
+    config = AutoConfig.for_model("phi3", vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_hf / f, folder / f)
+    out = tmp_path / "out.gguf"
+    r = cli("convert", str(folder), "-o", str(out))
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith("error: llama.cpp cannot load what this checkpoint converts to: ")
+    assert "vocabulary" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists() and list(tmp_path.glob("*.gguf*")) == []
+    renamed = cli("convert", str(folder), "-o", str(out), "--name", "tiny")  # the name llama.cpp keys on
+    assert renamed.returncode == 0, renamed.stderr
+
+
+def _tiny_moe(folder: Path, smollm2_hf: Path, **changes) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("qwen3_moe", **{**dict(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=True, mlp_only_layers=[]), **changes})
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_hf / f, folder / f)
+    return folder
+
+
+def test_experts_are_planned_whole_and_refused_when_incomplete(cli, smollm2_hf: Path, tmp_path: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    from edgellm.convert.core import planned_header
+
+    folder = _tiny_moe(tmp_path / "moe", smollm2_hf)
+    weights = load_file(str(folder / "model.safetensors"))
+    config = json.loads((folder / "config.json").read_text())
+    header = planned_header(config, {k: v.shape for k, v in weights.items()}, "F16")
+    tensors = {t.name: t for t in header.tensors}
+    assert tensors["blk.1.ffn_down_exps.weight"].shape == (32, 64, 4)  # ggml order: [n_ff, n_embd, n_expert]
+    assert header.metadata["qwen3moe.expert_count"] == 4 and header.metadata["qwen3moe.expert_used_count"] == 2
+    assert header.parameter_count == sum(v.size for v in weights.values())  # every expert counts in memory
+
+    del weights["model.layers.1.mlp.experts.2.up_proj.weight"]
+    save_file(weights, str(folder / "model.safetensors"))
+    r = cli("convert", str(folder), "-o", str(tmp_path / "x.gguf"))
+    assert r.returncode == 1 and "model.layers.1.mlp.experts.N.up_proj is there for experts 0-1, 3, but config.json says 4" in r.stderr
+
+    unnormalized = _tiny_moe(tmp_path / "moe2", smollm2_hf, norm_topk_prob=False)
+    r = cli("convert", str(unnormalized), "-o", str(tmp_path / "x.gguf"))
+    assert r.returncode == 1 and "norm_topk_prob false; llama.cpp's qwen3moe always renormalizes" in r.stderr
+    assert not (tmp_path / "x.gguf").exists()

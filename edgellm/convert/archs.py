@@ -192,8 +192,8 @@ class Architecture:
                 out.append(Mapped(name, (hf_name,), shape))
         for (prefix, weight), members in experts.items():
             if sorted(members) != list(range(self.n_expert)):
-                raise CheckpointError(f"{prefix} holds experts {_ranges(sorted(members))}, but config.json says "
-                                      f"{self.n_expert}", hint="is the download complete?")
+                raise CheckpointError(f"{prefix}.N.{weight} is there for experts {_ranges(sorted(members))}, but "
+                                      f"config.json says {self.n_expert}", hint="is the download complete?")
             sources = tuple(members[i] for i in range(self.n_expert))
             kinds = {shapes[s] for s in sources}
             if len(kinds) != 1:

@@ -103,8 +103,8 @@ def mapped_tensors(arch: Architecture, shapes: dict[str, tuple[int, ...]]) -> li
             len(expected) != len(shape) or any(e is not None and e != s for e, s in zip(expected, shape))
         ):
             shown = [e if e is not None else "*" for e in expected]
-            raise CheckpointError(f"tensor {source!r} makes {mapped.name} of shape {list(shape)} but the config "
-                                  f"implies {shown}")
+            made = "has" if len(mapped.sources) == 1 else f"and the rest make {mapped.name} of"
+            raise CheckpointError(f"tensor {source!r} {made} shape {list(shape)} but the config implies {shown}")
         seen[mapped.name] = mapped
     return list(seen.values())
 
@@ -187,10 +187,23 @@ def convert(
             data = t.combine(parts) if t.combine else parts[0]
             return _encode(arch.transform(t.name, data), t.qtype)
 
-        write_streamed(writer, output, [(t.name, t.nbytes, partial(make, t)) for t in tensors], progress, cancel)
+        write_streamed(writer, output, [(t.name, t.nbytes, partial(make, t)) for t in tensors], progress, cancel,
+                       check=_llama_cpp_loads)
         size = output.stat().st_size
     return ConvertResult(output, gguf.MODEL_ARCH_NAMES[arch.arch], qtype.name, len(tensors), size,
                          time.perf_counter() - start)
+
+
+def _llama_cpp_loads(path: Path) -> None:
+    """A GGUF llama.cpp cannot load (its vocabulary, a tensor's shape) is refused, never kept."""
+    from edgellm.errors import LoadError
+    from edgellm.runtime.native import check_loadable
+
+    try:
+        check_loadable(path)
+    except LoadError as exc:
+        raise CheckpointError(f"llama.cpp cannot load what this checkpoint converts to: {exc.message}",
+                              hint="no file was written; please report the checkpoint to edgellm") from None
 
 
 def _encode(data: np.ndarray, qtype: Q) -> np.ndarray:

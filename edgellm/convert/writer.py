@@ -30,9 +30,11 @@ class ConvertResult:
 
 def write_streamed(writer: gguf.GGUFWriter, output: Path,
                    tensors: Sequence[tuple[str, int, Callable[[], np.ndarray]]],
-                   progress: Progress | None = None, cancel: threading.Event | None = None) -> None:
+                   progress: Progress | None = None, cancel: threading.Event | None = None,
+                   check: Callable[[Path], None] | None = None) -> None:
     """Write a GGUF whose tensor infos are all added, making each tensor's data only when its
-    turn comes: one tensor in memory at a time, and no file at ``output`` unless all of it is."""
+    turn comes: one tensor in memory at a time, and no file at ``output`` unless all of it is
+    (and ``check(path)``, given the whole file before it is renamed into place, passes)."""
     total, done = sum(nbytes for _, nbytes, _ in tensors), 0
     with atomic_path(output) as tmp:
         writer.write_header_to_file(tmp)
@@ -48,3 +50,5 @@ def write_streamed(writer: gguf.GGUFWriter, output: Path,
                     progress(i + 1, len(tensors), done, total, name)
         finally:
             writer.close()
+        if check is not None:
+            check(tmp)

@@ -32,6 +32,22 @@ def _lib():
     return llama_cpp
 
 
+def check_loadable(path: str | Path) -> None:
+    """Have llama.cpp load a GGUF's hyperparameters, vocabulary and every tensor's shape, allocating
+    and reading no weights; LoadError with llama.cpp's own reason when it cannot (a file a
+    converter wrote that llama.cpp would refuse is then never kept)."""
+    lib = _lib()
+    params = lib.llama_model_default_params()
+    params.n_gpu_layers = 0
+    params.no_alloc = True
+    params.load_mode = 0  # LLAMA_LOAD_MODE_NONE: llama.cpp maps nothing when it allocates nothing
+    position = llamalog.mark()
+    model = lib.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise LoadError(llamalog.last_error(position) or "unknown error")
+    lib.llama_model_free(model)
+
+
 class NativeModel:
     """A loaded ``llama_model``; contexts are made from it as needed."""
 
