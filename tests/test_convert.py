@@ -331,8 +331,18 @@ ARCH_CONFIGS = {
                   "shared_expert_intermediate_size": 128, "norm_topk_prob": False, "mlp_only_layers": []},
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "head_dim": 32,
                   "norm_topk_prob": True, "mlp_only_layers": []},
+    "smollm3": {"num_hidden_layers": 4, "pad_token_id": 0},  # the fourth layer without rope
+    "olmo2": {},
+    "granite": {"attention_multiplier": 0.0625, "embedding_multiplier": 12.0, "residual_multiplier": 0.22,
+                "logits_scaling": 8.0},
+    "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2, "embedding_multiplier": 12.0,
+                   "residual_multiplier": 0.22, "logits_scaling": 8.0, "attention_multiplier": 0.0625},
+    "granitemoeshared": {"num_local_experts": 4, "num_experts_per_tok": 2, "shared_intermediate_size": 192,
+                         "embedding_multiplier": 12.0, "residual_multiplier": 0.22, "logits_scaling": 8.0,
+                         "attention_multiplier": 0.0625},
 }
-GGUF_ARCH = {"mistral": "llama", "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+GGUF_ARCH = {"mistral": "llama", "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
+             "granitemoe": "granitemoe", "granitemoeshared": "granitemoe"}
 
 
 @pytest.mark.slow

@@ -59,6 +59,17 @@ def _stack(parts: Sequence[np.ndarray]) -> np.ndarray:
     return np.stack(parts)
 
 
+def halves(hf_name: str, shape: tuple[int, ...], names: tuple[str, str]) -> list[Mapped]:
+    """A tensor whose second-to-last axis holds two matrices one after the other (a fused gate and
+    up projection), cut into the two outputs ``names``."""
+    n = shape[-2] // 2
+    if shape[-2] != 2 * n:
+        raise CheckpointError(f"tensor {hf_name!r} of shape {list(shape)} cannot hold two halves")
+    half = (*shape[:-2], n, shape[-1])
+    return [Mapped(names[0], (hf_name,), half, lambda parts: parts[0][..., :n, :]),
+            Mapped(names[1], (hf_name,), half, lambda parts: parts[0][..., n:, :])]
+
+
 #: ``model.layers.3.mlp.experts.7.gate_proj.weight`` (Qwen) or ``...block_sparse_moe.experts.7.w1.weight``
 _EXPERT = re.compile(r"^(.+\.experts)\.(\d+)\.([^.]+)\.weight$")
 MOE_FFN = (T.FFN_GATE_INP, T.FFN_GATE_EXP, T.FFN_UP_EXP, T.FFN_DOWN_EXP)
@@ -184,6 +195,9 @@ class Architecture:
         (all ``n_expert`` of them, of one shape, or the checkpoint is refused)."""
         out, experts = [], {}
         for hf_name, shape in shapes.items():
+            if (parts := self.split(hf_name, shape)) is not None:
+                out += parts
+                continue
             if match := _EXPERT.match(hf_name):
                 experts.setdefault((match.group(1), match.group(3)), {})[int(match.group(2))] = hf_name
                 continue
@@ -202,6 +216,10 @@ class Architecture:
             if name is not None:
                 out.append(Mapped(name, sources, (self.n_expert, *kinds.pop()), _stack))
         return out
+
+    def split(self, hf_name: str, shape: tuple[int, ...]) -> list[Mapped] | None:
+        """The outputs a fused checkpoint tensor is cut into, or None when it maps as it is."""
+        return None
 
     def gguf_name(self, hf_name: str) -> str | None:
         """llama.cpp's name for a HF tensor, or None when it is skipped."""
@@ -447,6 +465,92 @@ class Phi3(Architecture):
         if gguf_name.endswith("ffn_up.weight"):
             return (2 * ff, e)
         return super().expected_shape(gguf_name)
+
+
+@register("SmolLM3ForCausalLM")
+class SmolLM3(Architecture):
+    """Llama whose every fourth layer has no rotary embedding (NoPE): llama.cpp assumes that step."""
+
+    arch = gguf.MODEL_ARCH.SMOLLM3
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        pattern = config.get("no_rope_layers")
+        if pattern is not None and list(pattern) != [int((i + 1) % 4 != 0) for i in range(self.n_layer)]:
+            raise CheckpointError("config.json: no_rope_layers is not every fourth layer, the only pattern "
+                                  "llama.cpp's smollm3 runs")
+
+
+@register("Olmo2ForCausalLM")
+class Olmo2(Architecture):
+    """Norms after attention and the MLP instead of before, and Q/K norms over the whole projection."""
+
+    arch = gguf.MODEL_ARCH.OLMO2
+    permute_qk = False
+    per_block = (T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.ATTN_Q_NORM, T.ATTN_K_NORM, T.ATTN_POST_NORM,
+                 T.FFN_GATE, T.FFN_UP, T.FFN_DOWN, T.FFN_POST_NORM)
+
+    def expected_shape(self, gguf_name: str) -> tuple[int, ...] | None:
+        if gguf_name.endswith("attn_q_norm.weight"):
+            return (self.n_head * self.head_dim,)
+        if gguf_name.endswith("attn_k_norm.weight"):
+            return (self.n_head_kv * self.head_dim,)
+        return super().expected_shape(gguf_name)
+
+
+@register("GraniteForCausalLM")
+class Granite(Architecture):
+    """Llama with four scalars: embeddings, residuals, attention scores and logits are scaled."""
+
+    arch = gguf.MODEL_ARCH.GRANITE
+    _SCALES = (("attention_multiplier", "add_attention_scale"), ("embedding_multiplier", "add_embedding_scale"),
+               ("residual_multiplier", "add_residual_scale"), ("logits_scaling", "add_logit_scale"))
+
+    def hyperparameters(self, w: gguf.GGUFWriter) -> None:
+        super().hyperparameters(w)
+        for key, add in self._SCALES:
+            value = self.config.get(key)
+            if value is not None:
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                    raise CheckpointError(f"config.json: {key} is {brief(value)}, not a finite number")
+                getattr(w, add)(float(value))
+
+
+@register("GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM")
+class GraniteMoe(Granite):
+    """Granite with experts stored fused: ``input_linear`` holds each expert's gate and up
+    projections one after the other, cut apart here as llama.cpp keeps them; an optional shared
+    MLP is fused the same way."""
+
+    arch = gguf.MODEL_ARCH.GRANITE_MOE
+    per_block = _moe(Architecture.per_block)
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        if not self.n_expert:
+            raise CheckpointError("config.json: num_local_experts is missing or 0")
+        self.n_ff_expert = self._int(("intermediate_size",), 1, 1 << 22)
+        self.shared = self._int(("shared_intermediate_size",), 0, 1 << 22, default=0)
+        if self.shared:
+            self.per_block = self.per_block + (T.FFN_GATE_SHEXP, T.FFN_UP_SHEXP, T.FFN_DOWN_SHEXP)
+
+    def hyperparameters(self, w: gguf.GGUFWriter) -> None:
+        super().hyperparameters(w)
+        if self.shared:
+            w.add_expert_shared_feed_forward_length(self.shared)
+
+    def split(self, hf_name: str, shape: tuple[int, ...]) -> list[Mapped] | None:
+        bid = hf_name.split(".")[2] if hf_name.startswith("model.layers.") else None
+        if hf_name.endswith("block_sparse_moe.input_linear.weight"):
+            return halves(hf_name, shape, (f"blk.{bid}.ffn_gate_exps.weight", f"blk.{bid}.ffn_up_exps.weight"))
+        if hf_name.endswith("shared_mlp.input_linear.weight"):
+            return halves(hf_name, shape, (f"blk.{bid}.ffn_gate_shexp.weight", f"blk.{bid}.ffn_up_shexp.weight"))
+        return None
+
+    def expected_shape(self, gguf_name: str) -> tuple[int, ...] | None:
+        e, s = self.n_embd, self.shared
+        shapes = {"ffn_gate_shexp.weight": (s, e), "ffn_up_shexp.weight": (s, e), "ffn_down_shexp.weight": (e, s)}
+        return shapes.get(gguf_name.split(".", 2)[-1]) or super().expected_shape(gguf_name)
 
 
 def architecture_for(config: dict[str, Any]) -> Architecture:
