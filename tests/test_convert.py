@@ -12,6 +12,7 @@ import pytest
 
 from edgellm.convert import convert
 from edgellm.errors import Cancelled, CheckpointError
+from edgellm.gguf.header import read_header
 from edgellm.runtime.native import NativeModel
 from tests.conftest import tree
 from tests.hf_fixtures import shard, tiny_llama
@@ -421,26 +422,37 @@ def test_planned_header_is_what_the_converted_file_holds(converted, name: str) -
 
 
 def test_a_gguf_llama_cpp_cannot_load_is_never_written(cli, smollm2_hf: Path, tmp_path: Path) -> None:
-    """Phi-3 with a GPT-2-style BPE vocabulary, as Phi-4 ships, named like Phi-3: llama.cpp then
-    applies its Phi-3 SentencePiece token fix-ups by the model's name and fails on the missing
-    ``</s>``. Every check of ours passes; llama.cpp's own load of the finished file refuses it."""
+    """llama.cpp gives any model named like Phi-3 Phi-3's SentencePiece token quirks, and fails on
+    a GPT-2-style vocabulary without ``</s>``. A Llama so named passes every check of ours;
+    llama.cpp's own load of the finished file refuses it, and nothing is kept."""
+    folder = tiny_llama(tmp_path / "tiny-phi3", smollm2_hf)
+    out = tmp_path / "out.gguf"
+    r = cli("convert", str(folder), "-o", str(out))
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith("error: llama.cpp cannot load what this checkpoint converts to: ")
+    assert "error loading model vocabulary" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists() and list(tmp_path.glob("*.gguf*")) == []
+
+
+def test_phi3_with_a_gpt2_vocabulary_as_phi4_ships_converts(cli, smollm2_hf: Path, tmp_path: Path) -> None:
+    """Phi-4's shape: Phi-3's architecture, a GPT-2-style vocabulary; named like Phi-3 it used to
+    be written (exit 0) as a file llama.cpp could not load."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = tmp_path / "tiny-phi3"
     config = AutoConfig.for_model("phi3", vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(smollm2_hf / f, folder / f)
-    out = tmp_path / "out.gguf"
-    r = cli("convert", str(folder), "-o", str(out))
-    assert r.returncode == 1, r.stderr
-    assert r.stderr.startswith("error: llama.cpp cannot load what this checkpoint converts to: ")
-    assert "vocabulary" in r.stderr and "Traceback" not in r.stderr
-    assert not out.exists() and list(tmp_path.glob("*.gguf*")) == []
-    renamed = cli("convert", str(folder), "-o", str(out), "--name", "tiny")  # the name llama.cpp keys on
-    assert renamed.returncode == 0, renamed.stderr
+    out = tmp_path / "phi.gguf"
+    r = cli("convert", str(folder), "-o", str(out), "--outtype", "f32")
+    assert r.returncode == 0, r.stderr
+    assert read_header(out).metadata["general.name"] == "tiny-Phi 3"
+    assert_same_answers(folder, out)
+
 
 
 def _tiny_moe(folder: Path, smollm2_hf: Path, **changes) -> Path:

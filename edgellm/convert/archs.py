@@ -221,6 +221,10 @@ class Architecture:
         """The outputs a fused checkpoint tensor is cut into, or None when it maps as it is."""
         return None
 
+    def model_name(self, name: str, vocab_model: str) -> str:
+        """general.name as written (llama.cpp reads some model families' token quirks from it)."""
+        return name
+
     def gguf_name(self, hf_name: str) -> str | None:
         """llama.cpp's name for a HF tensor, or None when it is skipped."""
         if hf_name.endswith(self.skipped):
@@ -429,6 +433,12 @@ class Phi3(Architecture):
     def rope_dims(self) -> int:
         return int(self.rope.get("partial_rotary_factor", self.config.get("partial_rotary_factor", 1.0))
                    * self.n_embd) // self.n_head
+
+    def model_name(self, name: str, vocab_model: str) -> str:
+        """llama.cpp gives any model named "phi-3" or "phi3" Phi-3's SentencePiece token quirks and
+        fails on a vocabulary without ``</s>``; Phi-4 keeps Phi-3's architecture with a GPT-2-style
+        vocabulary, so such a checkpoint is named "Phi 3" for it instead."""
+        return re.sub(r"(?i)phi-?3", "Phi 3", name) if vocab_model != "llama" else name
 
     def rope_type(self) -> str:
         kind = super().rope_type()

@@ -124,9 +124,10 @@ def plan_tensors(arch: Architecture, ckpt: Checkpoint, wanted: Q) -> list[Planne
 
 
 def _metadata(writer: gguf.GGUFWriter, ckpt: Checkpoint, name: str | None, n_params: int,
-              source_repo: str | None) -> None:
+              source_repo: str | None, arch: Architecture, vocab_model: str) -> None:
     meta = gguf.Metadata.load(None, ckpt.folder, name or ckpt.config.get("_name_or_path") or ckpt.folder.name,
                               n_params)
+    meta.name = arch.model_name(meta.name, vocab_model) if meta.name else meta.name
     if meta.size_label is None:
         meta.size_label = gguf.size_label(n_params, 0, 0, 0)
     if source_repo:
@@ -170,7 +171,7 @@ def convert(
 
         writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[arch.arch])
         n_params = sum(int(np.prod(t.shape)) for t in tensors)
-        _metadata(writer, ckpt, name, n_params, source_repo)
+        _metadata(writer, ckpt, name, n_params, source_repo, arch, vocab.model)
         arch.hyperparameters(writer)
         writer.add_file_type(FILE_TYPES[qtype])
         if qtype == Q.Q8_0:
