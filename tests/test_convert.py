@@ -492,3 +492,33 @@ def test_experts_are_planned_whole_and_refused_when_incomplete(cli, smollm2_hf: 
     r = cli("convert", str(unnormalized), "-o", str(tmp_path / "x.gguf"))
     assert r.returncode == 1 and "norm_topk_prob false; llama.cpp's qwen3moe always renormalizes" in r.stderr
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_mistral3s_text_model_converts_and_answers_like_transformers(smollm2_hf: Path, tmp_path: Path) -> None:
+    """Mistral Small 3.x ships as Mistral3ForConditionalGeneration: a Mistral beside a Pixtral vision
+    tower. The text model is converted; the vision tower is left for llama.cpp's mmproj."""
+    import torch
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    text = MistralConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
+                         sliding_window=None, initializer_range=0.2, bos_token_id=1, eos_token_id=2)
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 image_size=32, patch_size=16)
+    config = Mistral3Config(text_config=text, vision_config=vision, image_token_index=10,
+                            vision_feature_layer=-1)
+    torch.manual_seed(0)
+    model = Mistral3ForConditionalGeneration(config).eval()
+    folder = tmp_path / "mistral-small"
+    model.save_pretrained(folder)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_hf / f, folder / f)
+    out = convert(folder, tmp_path / "out.gguf", "f32")
+    assert out.arch == "mistral3"
+    assert not any(t.name.startswith(("v.", "mm.")) for t in read_header(out.path).tensors)
+    ids = hf_ids(folder, PROMPTS)
+    with torch.no_grad():
+        expected = [model(input_ids=torch.tensor([seq])).logits[0, -1].numpy() for seq in ids]
+    for prompt, h, g in zip(PROMPTS, expected, gguf_logits(out.path, ids)):
+        assert int(h.argmax()) == int(g.argmax()) or h[int(g.argmax())] > h.max() - TOLERANCE, prompt
+        assert float(np.abs(h - g).max()) < TOLERANCE, prompt

@@ -290,6 +290,17 @@ class Architecture:
         return shapes.get(gguf_name.split(".", 2)[-1]) if gguf_name.startswith("blk.") else None
 
 
+def text_part(hf_name: str) -> str | None:
+    """A vision-language checkpoint's tensor by its text model's name (``model.language_model.`` in
+    transformers 5, ``language_model.model.`` before), or None for the vision tower and projector,
+    which are not ours to convert (llama.cpp keeps them in a separate mmproj file)."""
+    if hf_name.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                           "model.multi_modal_projector.")):
+        return None
+    return hf_name.replace("language_model.model.", "model.").replace("model.language_model.", "model.") \
+        .replace("language_model.lm_head.", "lm_head.")
+
+
 def _ranges(ids: list[int]) -> str:
     """[0, 1, 2, 5] -> ``0-2, 5``: which experts a checkpoint holds, short."""
     spans: list[list[int]] = []
@@ -415,12 +426,8 @@ class Gemma3(Gemma2):
     per_block = Gemma2.per_block + (T.ATTN_Q_NORM, T.ATTN_K_NORM)
 
     def gguf_name(self, hf_name: str) -> str | None:
-        # Gemma3ForConditionalGeneration nests the text model; its vision tower is not ours to convert
-        if hf_name.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
-                               "model.multi_modal_projector.")):
-            return None
-        return super().gguf_name(hf_name.replace("language_model.model.", "model.")
-                                 .replace("model.language_model.", "model."))
+        text = text_part(hf_name)
+        return super().gguf_name(text) if text is not None else None
 
 
 @register("Phi3ForCausalLM")
@@ -475,6 +482,24 @@ class Phi3(Architecture):
         if gguf_name.endswith("ffn_up.weight"):
             return (2 * ff, e)
         return super().expected_shape(gguf_name)
+
+
+@register("Mistral3ForConditionalGeneration")
+class Mistral3(Architecture):
+    """Mistral Small 3.x: a Mistral text model beside a Pixtral vision tower; the text part."""
+
+    arch = gguf.MODEL_ARCH.MISTRAL3
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        kind = config.get("model_type")
+        if kind not in ("mistral", "mistral3"):
+            raise CheckpointError(f"a Mistral 3 checkpoint whose text model is {brief(kind)}; edgellm converts "
+                                  "those with a Mistral text model (Mistral Small 3.x)")
+
+    def gguf_name(self, hf_name: str) -> str | None:
+        text = text_part(hf_name)
+        return super().gguf_name(text) if text is not None else None
 
 
 @register("SmolLM3ForCausalLM")
