@@ -341,9 +341,13 @@ ARCH_CONFIGS = {
     "granitemoeshared": {"num_local_experts": 4, "num_experts_per_tok": 2, "shared_intermediate_size": 192,
                          "embedding_multiplier": 12.0, "residual_multiplier": 0.22, "logits_scaling": 8.0,
                          "attention_multiplier": 0.0625},
+    # dense and expert layers interleaved, a shared expert, fused transposed experts, NoPE every fourth layer
+    "llama4_text": {"intermediate_size": 64, "intermediate_size_mlp": 256, "num_local_experts": 4,
+                    "num_experts_per_tok": 1, "interleave_moe_layer_step": 2, "num_hidden_layers": 4, "head_dim": 32,
+                    "pad_token_id": 0},
 }
 GGUF_ARCH = {"mistral": "llama", "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
-             "granitemoe": "granitemoe", "granitemoeshared": "granitemoe"}
+             "granitemoe": "granitemoe", "granitemoeshared": "granitemoe", "llama4_text": "llama4"}
 
 
 @pytest.mark.slow

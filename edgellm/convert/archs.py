@@ -161,7 +161,7 @@ class Architecture:
         w.add_context_length(int(self._get("max_position_embeddings", "n_positions", "max_sequence_length")))
         w.add_embedding_length(self.n_embd)
         w.add_block_count(self.n_layer)
-        w.add_feed_forward_length(int(self._get("intermediate_size", "n_inner")))
+        w.add_feed_forward_length(self.feed_forward_length)
         w.add_head_count(self.n_head)
         w.add_head_count_kv(self.n_head_kv)
         w.add_key_length(self.head_dim)
@@ -185,6 +185,11 @@ class Architecture:
     @property
     def rope_dims(self) -> int:
         return self.head_dim
+
+    @property
+    def feed_forward_length(self) -> int:
+        """The dense MLP's width."""
+        return int(self._get("intermediate_size", "n_inner"))
 
     def rope_type(self) -> str:
         return self.rope.get("rope_type") or self.rope.get("type") or "default"
@@ -500,6 +505,86 @@ class Mistral3(Architecture):
     def gguf_name(self, hf_name: str) -> str | None:
         text = text_part(hf_name)
         return super().gguf_name(text) if text is not None else None
+
+
+@register("Llama4ForConditionalGeneration", "Llama4ForCausalLM")
+class Llama4(Architecture):
+    """Llama 4's text model: dense and expert layers interleaved, each expert layer with a shared
+    expert; experts stored fused (gate and up side by side, each transposed), cut apart and
+    transposed here; every fourth layer without rope. llama.cpp fixes chunked attention at 8192
+    tokens and the attention temperature at 8192/0.1, so a config that differs is refused."""
+
+    arch = gguf.MODEL_ARCH.LLAMA4
+    permute_qk = False
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        c = config
+        self.step = self._int(("interleave_moe_layer_step",), 1, MAX_LAYERS, default=1)
+        dense = self._int(("intermediate_size_mlp",), 1, 1 << 22)
+        self.dense_ff = dense
+        fixed = {"attention_chunk_size": 8192, "floor_scale": 8192, "attn_scale": 0.1}
+        for key, value in fixed.items():
+            if c.get(key) is not None and c[key] != value:
+                raise CheckpointError(f"config.json: {key} is {brief(c[key])}; llama.cpp's llama4 fixes it at {value}")
+        pattern = c.get("no_rope_layers")
+        if pattern is not None and list(pattern) != [int((i + 1) % 4 != 0) for i in range(self.n_layer)]:
+            raise CheckpointError("config.json: no_rope_layers is not every fourth layer, the only pattern llama.cpp's "
+                                  "llama4 runs")
+        if self.n_expert and bool(c.get("use_qk_norm", True)) != (self.n_expert != 128):
+            raise CheckpointError("config.json: use_qk_norm disagrees with llama.cpp's llama4, which norms Q and K in "
+                                  "all but the 128-expert model")
+
+    @property
+    def feed_forward_length(self) -> int:
+        return self.dense_ff
+
+    def hyperparameters(self, w: gguf.GGUFWriter) -> None:
+        super().hyperparameters(w)
+        w.add_interleave_moe_layer_step(self.step)
+        if self.n_expert and self.config.get("moe_intermediate_size") is None:
+            w.add_expert_feed_forward_length(self.n_ff_expert)
+        if all(kind == "full_attention" for kind in self.config.get("layer_types") or ["chunked"]):
+            w.add_sliding_window(0)
+
+    def is_moe_layer(self, bid: int) -> bool:
+        return bool(self.n_expert) and (bid + 1) % self.step == 0
+
+    def required(self) -> set[str]:
+        out = {gguf.TENSOR_NAMES[T.TOKEN_EMBD] + ".weight", gguf.TENSOR_NAMES[T.OUTPUT_NORM] + ".weight"}
+        attention = (T.ATTN_NORM, T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.FFN_NORM)
+        for bid in range(self.n_layer):
+            ffn = MOE_FFN + (T.FFN_GATE_SHEXP, T.FFN_UP_SHEXP, T.FFN_DOWN_SHEXP) if self.is_moe_layer(bid) \
+                else (T.FFN_GATE, T.FFN_UP, T.FFN_DOWN)
+            out.update(gguf.TENSOR_NAMES[t].format(bid=bid) + ".weight" for t in attention + ffn)
+        return out
+
+    def gguf_name(self, hf_name: str) -> str | None:
+        text = text_part(hf_name)
+        if text is None or text.startswith(("vision_model.", "model.vision_model.")):
+            return None
+        return super().gguf_name(text)
+
+    def split(self, hf_name: str, shape: tuple[int, ...]) -> list[Mapped] | None:
+        text = text_part(hf_name)
+        if text is None or not text.endswith(("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj")):
+            return None
+        base = text.rsplit(".", 1)[0]
+        if text.endswith("down_proj"):  # [E, F, D] -> [E, D, F]
+            name = self.gguf_name(f"{base}.down_proj.weight")
+            return [Mapped(name, (hf_name,), (shape[0], shape[2], shape[1]), lambda p: p[0].swapaxes(-1, -2))]
+        n = shape[-1] // 2  # [E, D, 2F]: gate then up along the last axis
+        gate, up = self.gguf_name(f"{base}.gate_proj.weight"), self.gguf_name(f"{base}.up_proj.weight")
+        half = (shape[0], n, shape[1])
+        return [Mapped(gate, (hf_name,), half, lambda p: p[0][..., :n].swapaxes(-1, -2)),
+                Mapped(up, (hf_name,), half, lambda p: p[0][..., n:].swapaxes(-1, -2))]
+
+    def expected_shape(self, gguf_name: str) -> tuple[int, ...] | None:
+        e, f = self.n_embd, self.n_ff_expert
+        shared = {"ffn_gate_shexp.weight": (f, e), "ffn_up_shexp.weight": (f, e), "ffn_down_shexp.weight": (e, f),
+                  "ffn_gate.weight": (self.dense_ff, e), "ffn_up.weight": (self.dense_ff, e),
+                  "ffn_down.weight": (e, self.dense_ff)}
+        return shared.get(gguf_name.split(".", 2)[-1]) or super().expected_shape(gguf_name)
 
 
 @register("SmolLM3ForCausalLM")
