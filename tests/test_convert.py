@@ -345,8 +345,11 @@ ARCH_CONFIGS = {
     "llama4_text": {"intermediate_size": 64, "intermediate_size_mlp": 256, "num_local_experts": 4,
                     "num_experts_per_tok": 1, "interleave_moe_layer_step": 2, "num_hidden_layers": 4, "head_dim": 32,
                     "pad_token_id": 0},
+    # experts with biases, gate and up interleaved, attention sinks, sliding and full attention in turn
+    "gpt_oss": {"intermediate_size": 64, "num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 32,
+                "sliding_window": 128, "pad_token_id": 0},
 }
-GGUF_ARCH = {"mistral": "llama", "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
+GGUF_ARCH = {"gpt_oss": "gpt-oss", "mistral": "llama", "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
              "granitemoe": "granitemoe", "granitemoeshared": "granitemoe", "llama4_text": "llama4"}
 
 
@@ -502,7 +505,12 @@ def test_mistral3s_text_model_converts_and_answers_like_transformers(smollm2_hf:
     """Mistral Small 3.x ships as Mistral3ForConditionalGeneration: a Mistral beside a Pixtral vision
     tower. The text model is converted; the vision tower is left for llama.cpp's mmproj."""
     import torch
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+    from transformers import (
+        Mistral3Config,
+        Mistral3ForConditionalGeneration,
+        MistralConfig,
+        PixtralVisionConfig,
+    )
 
     text = MistralConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,

@@ -587,6 +587,59 @@ class Llama4(Architecture):
         return shared.get(gguf_name.split(".", 2)[-1]) or super().expected_shape(gguf_name)
 
 
+@register("GptOssForCausalLM")
+class GptOss(Architecture):
+    """gpt-oss: experts with biases, stored fused (gate and up interleaved column by column, each
+    transposed), attention sinks, every other layer a sliding window (as llama.cpp assumes)."""
+
+    arch = gguf.MODEL_ARCH.GPT_OSS
+    permute_qk = False
+    per_block = (T.ATTN_NORM, T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.ATTN_SINKS, T.ATTN_POST_NORM) + MOE_FFN
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        if not self.n_expert:
+            raise CheckpointError("config.json: num_local_experts is missing or 0")
+        self.window = self._int(("sliding_window",), 1, 1 << 30)
+        kinds = config.get("layer_types")
+        if kinds is not None and list(kinds) != [("sliding_attention", "full_attention")[i % 2]
+                                                 for i in range(self.n_layer)]:
+            raise CheckpointError("config.json: layer_types is not sliding and full attention in turn, the only "
+                                  "pattern llama.cpp's gpt-oss runs")
+
+    def hyperparameters(self, w: gguf.GGUFWriter) -> None:
+        super().hyperparameters(w)
+        w.add_sliding_window(self.window)
+        w.add_expert_feed_forward_length(self.n_ff_expert)
+
+    def gguf_name(self, hf_name: str) -> str | None:
+        return super().gguf_name(hf_name + ".weight" if hf_name.endswith("self_attn.sinks") else hf_name)
+
+    def split(self, hf_name: str, shape: tuple[int, ...]) -> list[Mapped] | None:
+        base, _, part = hf_name.rpartition(".")
+        if not base.endswith("mlp.experts"):
+            return None
+        names = {kind: {s: self.gguf_name(f"{base}.{kind}_proj.{s}") for s in ("weight", "bias")}
+                 for kind in ("gate", "up", "down")}
+        if part == "gate_up_proj":  # [E, D, 2F], gate and up alternating along the last axis
+            half = (shape[0], shape[2] // 2, shape[1])
+            return [Mapped(names["gate"]["weight"], (hf_name,), half, lambda p: p[0][..., ::2].swapaxes(-1, -2)),
+                    Mapped(names["up"]["weight"], (hf_name,), half, lambda p: p[0][..., 1::2].swapaxes(-1, -2))]
+        if part == "gate_up_proj_bias":  # [E, 2F]
+            half = (shape[0], shape[1] // 2)
+            return [Mapped(names["gate"]["bias"], (hf_name,), half, lambda p: p[0][..., ::2]),
+                    Mapped(names["up"]["bias"], (hf_name,), half, lambda p: p[0][..., 1::2])]
+        if part == "down_proj":  # [E, F, D] -> [E, D, F]
+            return [Mapped(names["down"]["weight"], (hf_name,), (shape[0], shape[2], shape[1]),
+                           lambda p: p[0].swapaxes(-1, -2))]
+        if part == "down_proj_bias":
+            return [Mapped(names["down"]["bias"], (hf_name,), shape)]
+        if part.endswith(("_blocks", "_scales")):
+            raise CheckpointError(f"{hf_name} is MXFP4-quantized, which edgellm does not convert yet",
+                                  hint="convert a bf16 release of the model")
+        return None
+
+
 @register("SmolLM3ForCausalLM")
 class SmolLM3(Architecture):
     """Llama whose every fourth layer has no rotary embedding (NoPE): llama.cpp assumes that step."""

@@ -72,9 +72,10 @@ def outtype_for(name: str, ckpt: Checkpoint) -> Q:
 
 
 def _tensor_type(name: str, shape: tuple[int, ...], wanted: Q) -> Q:
-    """Norms, biases and other 1-D tensors stay f32 as llama.cpp expects, and so do the experts'
-    routers (as convert_hf_to_gguf.py and llama-quantize keep them); q8_0 needs rows of 32."""
-    if len(shape) == 1 or name.endswith("_norm.weight") or ".ffn_gate_inp" in name or wanted == Q.F32:
+    """Norms, biases (an expert layer's are 2-D) and other 1-D tensors stay f32 as llama.cpp expects,
+    and so do the experts' routers (as convert_hf_to_gguf.py and llama-quantize keep them); q8_0
+    needs rows of 32."""
+    if len(shape) == 1 or name.endswith(("_norm.weight", ".bias")) or ".ffn_gate_inp" in name or wanted == Q.F32:
         return Q.F32
     if wanted == Q.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
         return Q.F16
