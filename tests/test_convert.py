@@ -534,3 +534,64 @@ def test_mistral3s_text_model_converts_and_answers_like_transformers(smollm2_hf:
     for prompt, h, g in zip(PROMPTS, expected, gguf_logits(out.path, ids)):
         assert int(h.argmax()) == int(g.argmax()) or h[int(g.argmax())] > h.max() - TOLERANCE, prompt
         assert float(np.abs(h - g).max()) < TOLERANCE, prompt
+
+
+def test_gpt_oss_mxfp4_experts_are_kept_or_dequantized(smollm2_hf: Path, tmp_path: Path) -> None:
+    """gpt-oss ships its experts in MXFP4 (blocks of 32 FP4 codes sharing a power-of-two scale).
+    Kept as llama.cpp's MXFP4 (the default) or dequantized (an explicit --outtype), the GGUF
+    answers as transformers does with those weights dequantized."""
+    import torch
+    from safetensors.numpy import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from edgellm.convert.archs import mxfp4_values
+
+    config = AutoConfig.for_model("gpt_oss", vocab_size=49152, hidden_size=128, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                  num_local_experts=4, num_experts_per_tok=2, sliding_window=128, pad_token_id=0,
+                                  initializer_range=0.2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    rng = np.random.default_rng(0)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    for layer in range(2):
+        prefix = f"model.layers.{layer}.mlp.experts."
+        for part, (rows, cols) in {"gate_up_proj": (128, 128), "down_proj": (128, 64)}.items():
+            blocks = rng.integers(0, 256, (4, rows, cols // 32, 16), dtype=np.uint8)
+            scales = rng.integers(121, 125, (4, rows, cols // 32), dtype=np.uint8)
+            weights = mxfp4_values(blocks, scales).swapaxes(-1, -2)  # as transformers stores them: [E, in, out]
+            state[prefix + part] = weights
+            with torch.no_grad():
+                getattr(model.model.layers[layer].mlp.experts, part).copy_(torch.from_numpy(weights))
+            del state[prefix + part]
+            state[prefix + part + "_blocks"], state[prefix + part + "_scales"] = blocks, scales
+    folder = tmp_path / "gpt-oss-mxfp4"
+    model.config.save_pretrained(folder)
+    saved = json.loads((folder / "config.json").read_text())  # as openai/gpt-oss-20b's config says it
+    saved.update(architectures=["GptOssForCausalLM"], quantization_config={"quant_method": "mxfp4"})
+    (folder / "config.json").write_text(json.dumps(saved))
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(folder / "model.safetensors"))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_hf / f, folder / f)
+    ids = hf_ids(folder, PROMPTS)
+    with torch.no_grad():
+        expected = [model(torch.tensor([seq])).logits[0, -1].numpy() for seq in ids]
+
+    # kept, the bytes are ggml's MXFP4 of exactly these weights (gguf-py's own dequantizer says so);
+    # llama.cpp then multiplies them by activations rounded to 8 bits (its MXFP4 x Q8_0 dot
+    # product), which moves these random-weight logits by up to 5% of their range
+    import gguf
+
+    kept = convert(folder, tmp_path / "auto.gguf", "auto").path
+    stored = next(t for t in gguf.GGUFReader(kept).tensors if t.name == "blk.0.ffn_gate_exps.weight")
+    values = gguf.quants.dequantize(np.asarray(stored.data), gguf.GGMLQuantizationType.MXFP4)
+    assert np.array_equal(values, model.model.layers[0].mlp.experts.gate_up_proj.detach().numpy()[..., ::2]
+                          .swapaxes(-1, -2))
+    for outtype, experts in (("auto", "MXFP4"), ("f32", "F32")):
+        out = convert(folder, tmp_path / f"{outtype}.gguf", outtype).path
+        types = {t.name: t.type_name for t in read_header(out).tensors}
+        assert types["blk.1.ffn_gate_exps.weight"] == types["blk.0.ffn_down_exps.weight"] == experts
+        for prompt, h, g in zip(PROMPTS, expected, gguf_logits(out, ids)):
+            tolerance = TOLERANCE if outtype == "f32" else 0.05 * float(np.abs(h).max())
+            assert int(h.argmax()) == int(g.argmax()) or h[int(g.argmax())] > h.max() - tolerance, prompt
+            assert float(np.abs(h - g).max()) < tolerance, (outtype, prompt, float(np.abs(h - g).max()))

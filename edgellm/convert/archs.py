@@ -47,12 +47,45 @@ def supported() -> str:
 @dataclass(frozen=True)
 class Mapped:
     """One output tensor: its GGUF name, the checkpoint tensors it is made of (in order), its shape
-    (numpy order), and how the inputs become it (None: the one input as it is)."""
+    (numpy order), and how the inputs become it (None: the one input as it is). A tensor the
+    checkpoint ships quantized in a type llama.cpp has (gpt-oss's MXFP4 experts) is kept in it:
+    ``combine`` then gives its bytes, ``quantized`` the type, and ``dequantize`` the float values
+    an explicit --outtype asks for instead."""
 
     name: str
     sources: tuple[str, ...]
     shape: tuple[int, ...]
     combine: Callable[[Sequence[np.ndarray]], np.ndarray] | None = None
+    quantized: gguf.GGMLQuantizationType | None = None
+    dequantize: Callable[[Sequence[np.ndarray]], np.ndarray] | None = None
+
+
+#: the sixteen values of an FP4 (E2M1) code
+FP4_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+
+
+def _fp4_codes(blocks: np.ndarray) -> np.ndarray:
+    """[..., 16] bytes -> [..., 32] codes: each byte holds two, the low nibble first."""
+    return np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], 32)
+
+
+def mxfp4_to_ggml(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Hugging Face's MXFP4 as ggml's ``block_mxfp4`` rows: per block of 32 its E8M0 scale byte,
+    then 16 bytes whose low nibbles hold codes 0-15 and high nibbles codes 16-31."""
+    codes = _fp4_codes(blocks)
+    packed = codes[..., :16] | (codes[..., 16:] << 4)
+    return np.concatenate([scales[..., None], packed], axis=-1).reshape(*blocks.shape[:-2], -1).astype(np.uint8)
+
+
+def mxfp4_values(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """MXFP4 dequantized: each code's value times 2^(scale - 127)."""
+    values = FP4_VALUES[_fp4_codes(blocks)] * np.ldexp(np.float32(1), scales.astype(np.int32) - 127)[..., None]
+    return values.reshape(*blocks.shape[:-2], -1)
+
+
+def _mxfp4(name: str, sources: tuple[str, str], shape: tuple[int, ...], rows: slice) -> Mapped:
+    return Mapped(name, sources, shape, lambda p: mxfp4_to_ggml(p[0][:, rows], p[1][:, rows]),
+                  gguf.GGMLQuantizationType.MXFP4, lambda p: mxfp4_values(p[0][:, rows], p[1][:, rows]))
 
 
 def _stack(parts: Sequence[np.ndarray]) -> np.ndarray:
@@ -200,7 +233,11 @@ class Architecture:
         (all ``n_expert`` of them, of one shape, or the checkpoint is refused)."""
         out, experts = [], {}
         for hf_name, shape in shapes.items():
-            if (parts := self.split(hf_name, shape)) is not None:
+            if (parts := self.split(hf_name, shapes)) is not None:
+                missing = [src for part in parts for src in part.sources if src not in shapes]
+                if missing:
+                    raise CheckpointError(f"the checkpoint has {hf_name} but lacks {missing[0]}",
+                                          hint="is the download complete?")
                 out += parts
                 continue
             if match := _EXPERT.match(hf_name):
@@ -222,8 +259,9 @@ class Architecture:
                 out.append(Mapped(name, sources, (self.n_expert, *kinds.pop()), _stack))
         return out
 
-    def split(self, hf_name: str, shape: tuple[int, ...]) -> list[Mapped] | None:
-        """The outputs a fused checkpoint tensor is cut into, or None when it maps as it is."""
+    def split(self, hf_name: str, shapes: dict[str, tuple[int, ...]]) -> list[Mapped] | None:
+        """The outputs a fused checkpoint tensor is cut into (none when it is read with another
+        tensor's), or None when it maps as it is."""
         return None
 
     def model_name(self, name: str, vocab_model: str) -> str:
@@ -565,8 +603,8 @@ class Llama4(Architecture):
             return None
         return super().gguf_name(text)
 
-    def split(self, hf_name: str, shape: tuple[int, ...]) -> list[Mapped] | None:
-        text = text_part(hf_name)
+    def split(self, hf_name: str, shapes: dict[str, tuple[int, ...]]) -> list[Mapped] | None:
+        text, shape = text_part(hf_name), shapes[hf_name]
         if text is None or not text.endswith(("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj")):
             return None
         base = text.rsplit(".", 1)[0]
@@ -615,8 +653,9 @@ class GptOss(Architecture):
     def gguf_name(self, hf_name: str) -> str | None:
         return super().gguf_name(hf_name + ".weight" if hf_name.endswith("self_attn.sinks") else hf_name)
 
-    def split(self, hf_name: str, shape: tuple[int, ...]) -> list[Mapped] | None:
+    def split(self, hf_name: str, shapes: dict[str, tuple[int, ...]]) -> list[Mapped] | None:
         base, _, part = hf_name.rpartition(".")
+        shape = shapes[hf_name]
         if not base.endswith("mlp.experts"):
             return None
         names = {kind: {s: self.gguf_name(f"{base}.{kind}_proj.{s}") for s in ("weight", "bias")}
@@ -634,9 +673,21 @@ class GptOss(Architecture):
                            lambda p: p[0].swapaxes(-1, -2))]
         if part == "down_proj_bias":
             return [Mapped(names["down"]["bias"], (hf_name,), shape)]
-        if part.endswith(("_blocks", "_scales")):
-            raise CheckpointError(f"{hf_name} is MXFP4-quantized, which edgellm does not convert yet",
-                                  hint="convert a bf16 release of the model")
+        if part.endswith("_scales"):
+            return []  # read with its blocks
+        if part in ("gate_up_proj_blocks", "down_proj_blocks"):
+            # MXFP4 as released: [E, rows, blocks, 16 bytes] beside [E, rows, blocks] scales, rows
+            # already the output dimension (gate and up alternating), so no transposition
+            scales = f"{base}.{part.replace('_blocks', '_scales')}"
+            if len(shape) != 4 or shape[3] != 16 or tuple(shapes.get(scales, ())) != shape[:3]:
+                raise CheckpointError(f"{hf_name} {list(shape)} and {scales} {list(shapes.get(scales, ()))} are not "
+                                      "MXFP4 blocks and their scales")
+            n, rows, cols = shape[0], shape[1], shape[2] * 32
+            if part == "down_proj_blocks":
+                return [_mxfp4(names["down"]["weight"], (hf_name, scales), (n, rows, cols), slice(None))]
+            half = (n, rows // 2, cols)
+            return [_mxfp4(names["gate"]["weight"], (hf_name, scales), half, slice(0, None, 2)),
+                    _mxfp4(names["up"]["weight"], (hf_name, scales), half, slice(1, None, 2))]
         return None
 
 
@@ -712,8 +763,8 @@ class GraniteMoe(Granite):
         if self.shared:
             w.add_expert_shared_feed_forward_length(self.shared)
 
-    def split(self, hf_name: str, shape: tuple[int, ...]) -> list[Mapped] | None:
-        bid = hf_name.split(".")[2] if hf_name.startswith("model.layers.") else None
+    def split(self, hf_name: str, shapes: dict[str, tuple[int, ...]]) -> list[Mapped] | None:
+        bid, shape = hf_name.split(".")[2] if hf_name.startswith("model.layers.") else None, shapes[hf_name]
         if hf_name.endswith("block_sparse_moe.input_linear.weight"):
             return halves(hf_name, shape, (f"blk.{bid}.ffn_gate_exps.weight", f"blk.{bid}.ffn_up_exps.weight"))
         if hf_name.endswith("shared_mlp.input_linear.weight"):

@@ -49,6 +49,7 @@ class PlannedTensor:
     sources: tuple[TensorRef, ...]  # none: made from the config (Architecture.extras)
     combine: Callable[..., np.ndarray] | None = None  # several sources into one (Mapped.combine)
     make: Callable[[], np.ndarray] | None = None
+    raw: bool = False  # combine gives the stored bytes (a type the checkpoint shipped, kept)
 
     @property
     def nbytes(self) -> int:
@@ -110,11 +111,17 @@ def mapped_tensors(arch: Architecture, shapes: dict[str, tuple[int, ...]]) -> li
     return list(seen.values())
 
 
-def plan_tensors(arch: Architecture, ckpt: Checkpoint, wanted: Q) -> list[PlannedTensor]:
+def plan_tensors(arch: Architecture, ckpt: Checkpoint, wanted: Q, keep_quantized: bool = True) -> list[PlannedTensor]:
+    """Every output tensor; one the checkpoint ships in a llama.cpp type stays in it unless
+    ``keep_quantized`` is off (an explicit --outtype), when it is dequantized to ``wanted``."""
     planned: dict[str, PlannedTensor] = {}
     for m in mapped_tensors(arch, {name: ref.shape for name, ref in ckpt.tensors.items()}):
-        planned[m.name] = PlannedTensor(m.name, m.shape, _tensor_type(m.name, m.shape, wanted),
-                                        tuple(ckpt.tensors[s] for s in m.sources), m.combine)
+        sources = tuple(ckpt.tensors[s] for s in m.sources)
+        if m.quantized is not None and keep_quantized:
+            planned[m.name] = PlannedTensor(m.name, m.shape, m.quantized, sources, m.combine, raw=True)
+        else:
+            planned[m.name] = PlannedTensor(m.name, m.shape, _tensor_type(m.name, m.shape, wanted), sources,
+                                            m.dequantize or m.combine)
     missing = sorted(arch.required() - planned.keys(), key=_order)
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -159,8 +166,11 @@ def convert(
     with Checkpoint.open(Path(source)) as ckpt, contextlib.closing(Merge(lora)) as merge, reading(ckpt.folder.name):
         arch = architecture_for(ckpt.config)
         qtype = outtype_for(outtype, ckpt)
-        tensors = plan_tensors(arch, ckpt, qtype)
+        tensors = plan_tensors(arch, ckpt, qtype, keep_quantized=outtype.lower() == "auto")
         merge.check(ckpt)
+        if lora and any(t.raw for t in tensors):
+            raise UsageError("LoRA adapters cannot be merged into experts kept in MXFP4",
+                             hint="convert with --outtype bf16 (or f16) to dequantize them first")
         embd = next(t for t in tensors if t.name == "token_embd.weight")
         n_vocab = embd.shape[0]
         if ckpt.config.get("vocab_size") and int(ckpt.config["vocab_size"]) != n_vocab:
@@ -185,6 +195,8 @@ def convert(
         def make(t: PlannedTensor) -> np.ndarray:
             if t.make is not None:
                 return _encode(t.make(), t.qtype)
+            if t.raw:
+                return t.combine([ref.numpy() for ref in t.sources])
             parts = [merge(ref.name, ref.numpy()) for ref in t.sources]
             data = t.combine(parts) if t.combine else parts[0]
             return _encode(arch.transform(t.name, data), t.qtype)
