@@ -15,7 +15,7 @@ from edgellm.errors import Cancelled, CheckpointError
 from edgellm.gguf.header import read_header
 from edgellm.runtime.native import NativeModel
 from tests.conftest import tree
-from tests.hf_fixtures import shard, tiny_llama
+from tests.hf_fixtures import shard, tiny_llama, tiny_moe
 
 PROMPTS = [
     "The capital of Germany is",
@@ -462,26 +462,12 @@ def test_phi3_with_a_gpt2_vocabulary_as_phi4_ships_converts(cli, smollm2_hf: Pat
 
 
 
-def _tiny_moe(folder: Path, smollm2_hf: Path, **changes) -> Path:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model("qwen3_moe", **{**dict(
-        vocab_size=49152, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
-        norm_topk_prob=True, mlp_only_layers=[]), **changes})
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2_hf / f, folder / f)
-    return folder
-
-
 def test_experts_are_planned_whole_and_refused_when_incomplete(cli, smollm2_hf: Path, tmp_path: Path) -> None:
     from safetensors.numpy import load_file, save_file
 
     from edgellm.convert.core import planned_header
 
-    folder = _tiny_moe(tmp_path / "moe", smollm2_hf)
+    folder = tiny_moe(tmp_path / "moe", smollm2_hf)
     weights = load_file(str(folder / "model.safetensors"))
     config = json.loads((folder / "config.json").read_text())
     header = planned_header(config, {k: v.shape for k, v in weights.items()}, "F16")
@@ -489,13 +475,21 @@ def test_experts_are_planned_whole_and_refused_when_incomplete(cli, smollm2_hf: 
     assert tensors["blk.1.ffn_down_exps.weight"].shape == (32, 64, 4)  # ggml order: [n_ff, n_embd, n_expert]
     assert header.metadata["qwen3moe.expert_count"] == 4 and header.metadata["qwen3moe.expert_used_count"] == 2
     assert header.parameter_count == sum(v.size for v in weights.values())  # every expert counts in memory
+    experts = sum(v.size for k, v in weights.items() if ".experts." in k)
+    assert header.active_parameter_count == header.parameter_count - experts // 2  # two of four per token
+    out = tmp_path / "moe.gguf"
+    assert cli("convert", str(folder), "-o", str(out)).returncode == 0
+    planned = cli("plan", str(out))
+    assert planned.returncode == 0, planned.stderr
+    active = header.active_parameter_count
+    assert f"{active / 1e6:.3g}M of {header.parameter_count / 1e6:.3g}M parameters active per token" in planned.stdout
 
     del weights["model.layers.1.mlp.experts.2.up_proj.weight"]
     save_file(weights, str(folder / "model.safetensors"))
     r = cli("convert", str(folder), "-o", str(tmp_path / "x.gguf"))
     assert r.returncode == 1 and "model.layers.1.mlp.experts.N.up_proj is there for experts 0-1, 3, but config.json says 4" in r.stderr
 
-    unnormalized = _tiny_moe(tmp_path / "moe2", smollm2_hf, norm_topk_prob=False)
+    unnormalized = tiny_moe(tmp_path / "moe2", smollm2_hf, norm_topk_prob=False)
     r = cli("convert", str(unnormalized), "-o", str(tmp_path / "x.gguf"))
     assert r.returncode == 1 and "norm_topk_prob false; llama.cpp's qwen3moe always renormalizes" in r.stderr
     assert not (tmp_path / "x.gguf").exists()

@@ -31,7 +31,19 @@ CASES = [  # ctx, K, V, flash attention, micro-batch, swa_full
 ]
 
 
-@pytest.mark.parametrize("which", ["smollm2", "gemma3"])
+@pytest.fixture(scope="module")
+def qwen3moe(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A mixture of experts (8 layers of 8 experts, two per token), converted to F16 by edgellm."""
+    from edgellm.convert import convert
+    from tests.hf_fixtures import tiny_moe
+
+    root = tmp_path_factory.mktemp("moe")
+    folder = tiny_moe(root / "moe", smollm2_hf, hidden_size=256, moe_intermediate_size=256, num_hidden_layers=8,
+                      num_experts=8, head_dim=64)
+    return convert(folder, root / "moe-f16.gguf", "f16").path
+
+
+@pytest.mark.parametrize("which", ["smollm2", "gemma3", "qwen3moe"])
 def test_estimates_within_5_percent_of_llama_cpp(which: str, request: pytest.FixtureRequest) -> None:
     path = request.getfixturevalue(which)
     shape = ModelShape.from_header(read_header(path))

@@ -68,6 +68,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "flash_attn": plan.flash_attn,
         "n_gpu_layers": plan.n_gpu_layers,
         "n_layers": shape.n_layer,
+        "parameters": plan.parameters,
+        "active_parameters": plan.active_parameters,
         "op_offload": plan.op_offload,
         "weights": asdict(m.weights),
         "kv_cache": asdict(m.kv),
@@ -82,7 +84,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return 0 if plan.fits else 1
-    _print_plan(data)
+    _print_plan({**data, "experts": plan.experts_note()})
     return 0 if plan.fits else 1
 
 
@@ -94,7 +96,7 @@ def _print_plan(d: dict) -> None:
     where = "CPU only" if d["n_gpu_layers"] == 0 else f"{d['n_gpu_layers']} of {d['n_layers'] + 1} layers (with output) on the GPU"
     console.print(
         f"[bold]{d['model']}[/bold]: ctx {d['n_ctx']} · KV {d['type_k']}/{d['type_v']} · "
-        f"flash attention {'on' if d['flash_attn'] else 'off'} · {where}"
+        f"flash attention {'on' if d['flash_attn'] else 'off'} · {where}{d['experts']}"
     )
     table = Table(box=None, header_style="bold")
     for title in ("", "RAM", "VRAM"):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from edgellm.gguf.header import GGUFHeader
+from edgellm.gguf.header import GGUFHeader, format_params
 from edgellm.options import DEFAULT_CTX, default_context, is_quantized_kv, uses_flash_attn
 from edgellm.plan.memory import CTX_PAD, MemoryEstimate, ModelShape, estimate, pad
 from edgellm.system.hardware import Hardware
@@ -39,13 +39,21 @@ class Plan:
     gpu_budget: int
     reason: str = ""
     op_offload: bool = True  # llama.cpp computes batches of host layers on the GPU (off: no GPU compute buffer)
+    parameters: int = 0
+    active_parameters: int = 0  # per token: a mixture of experts runs only the routed experts
 
     def summary(self) -> str:
         where = "CPU only" if self.n_gpu_layers == 0 else f"{self.n_gpu_layers} layers on GPU"
         return (
             f"ctx {self.n_ctx} · kv {self.type_k}/{self.type_v} · {where} · "
-            f"RAM {_mib(self.memory.cpu)} · VRAM {_mib(self.memory.gpu)}"
+            f"RAM {_mib(self.memory.cpu)} · VRAM {_mib(self.memory.gpu)}{self.experts_note()}"
         )
+
+    def experts_note(self) -> str:
+        """`` · 3.3B of 30.5B parameters active per token`` for a mixture of experts, else ``""``."""
+        if not self.active_parameters or self.active_parameters >= self.parameters:
+            return ""
+        return f" · {format_params(self.active_parameters)} of {format_params(self.parameters)} parameters active per token"
 
 
 def _mib(n: int) -> str:
@@ -146,6 +154,12 @@ def fit(
     """``None``/``"auto"`` values are chosen; the rest are kept (and checked). ``header`` may be a
     ModelShape already read from it (or a header planned, not read: convert.core.planned_header)."""
     shape = header if isinstance(header, ModelShape) else ModelShape.from_header(header)
+    plan = _fit(shape, hw, n_ctx, type_k, type_v, n_gpu_layers, flash_attn, n_ubatch, n_seq, swa_full)
+    return replace(plan, parameters=shape.n_params, active_parameters=shape.n_params_active)
+
+
+def _fit(shape: ModelShape, hw: Hardware, n_ctx: int | None, type_k: str, type_v: str, n_gpu_layers: int | None,
+         flash_attn: str, n_ubatch: int, n_seq: int, swa_full: bool) -> Plan:
     ram, gpu = _budgets(hw)
     trained = shape.n_ctx_train or DEFAULT_CTX
     ladder = KV_LADDER if "auto" in (type_k, type_v) else ((type_k, type_v),)

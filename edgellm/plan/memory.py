@@ -20,7 +20,7 @@ from edgellm.options import KV_TYPES
 CTX_PAD = 256  # llama.cpp rounds the KV cache up to a multiple of this many cells
 #: sliding-window attention: every n-th layer is global, the others see a window (llama.cpp's
 #: per-architecture swa patterns)
-SWA_PATTERNS = {"gemma2": 2, "gemma3": 6, "cohere2": 4, "llama4": 4}
+SWA_PATTERNS = {"gemma2": 2, "gemma3": 6, "cohere2": 4, "llama4": 4, "gpt-oss": 2}
 #: tensor types llama.cpp's CPU backend repacks into an extra interleaved copy (x86 with AVX2)
 REPACKED_TYPES = {"Q4_0", "Q4_K", "IQ4_NL"}
 _LAYER = re.compile(r"^blk\.(\d+)\.")
@@ -65,6 +65,9 @@ class ModelShape:
     output_weight: tuple[int, int, int] = field(default=(0, 0, 0), compare=False)
     #: (part, file offset, bytes) per tensor, part as in part_of(): where the file maps host tensors
     spans: tuple[tuple[int, int, int], ...] = field(default=(), repr=False, compare=False)
+    #: every parameter, and those one token passes through (fewer in a mixture of experts)
+    n_params: int = field(default=0, compare=False)
+    n_params_active: int = field(default=0, compare=False)
 
     @classmethod
     def from_header(cls, header: GGUFHeader) -> ModelShape:
@@ -95,6 +98,8 @@ class ModelShape:
             n_swa=n_swa,
             output_weight=(head.ggml_type, head.shape[0], head.shape[1]) if head and len(head.shape) == 2 else (0, 0, 0),
             spans=spans,
+            n_params=header.parameter_count,
+            n_params_active=header.active_parameter_count,
             **sizes,
         )
 
