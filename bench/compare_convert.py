@@ -64,6 +64,7 @@ def default_checkpoint(gemma: bool) -> Path:
 
 
 ARCHS = {
+    "mistral3": {},
     "smollm3": {"pad_token_id": 0},
     "olmo2": {},
     "granite": {"attention_multiplier": 0.0625, "embedding_multiplier": 12.0, "residual_multiplier": 0.22,
@@ -100,9 +101,17 @@ def make_checkpoint(model_type: str, folder: Path) -> None:
     tokenizer_from = default_checkpoint(False)
     base = dict(vocab_size=49152, hidden_size=576, intermediate_size=768, num_hidden_layers=8, num_attention_heads=9,
                 num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=False)
-    config = AutoConfig.for_model(model_type, **{**base, **ARCHS[model_type]})
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
+    if model_type == "mistral3":  # a Mistral beside a (small) Pixtral vision tower
+        from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralVisionConfig
+
+        text = AutoConfig.for_model("mistral", **{**base, "head_dim": 64, "sliding_window": None})
+        vision = PixtralVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)
+        model = Mistral3ForConditionalGeneration(Mistral3Config(text_config=text, vision_config=vision))
+        model.to(torch.bfloat16).save_pretrained(folder)
+    else:
+        config = AutoConfig.for_model(model_type, **{**base, **ARCHS[model_type]})
+        AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_from / f, folder / f)
 
