@@ -93,6 +93,29 @@ def quantize_to_store(store, model_name: str, header: GGUFHeader, qtype: QuantTy
     return done[0], entry
 
 
+def planned_size(header: GGUFHeader, qtype: QuantType, **options) -> int:
+    """The size of the file quantize() would write, from llama.cpp's quantizer itself in its dry run
+    (no weight read): every tensor's type as the real run picks it, fallbacks from rows the
+    type's blocks do not divide included, plus the header as the output copies it. Within a few
+    KiB of the real file; ``options`` as quantize() takes them."""
+    import llama_cpp
+
+    from edgellm.system import llamalog
+
+    native = _NativeParams(qtype, 1, True, options.get("leave_output_tensor", False), options.get("pure", False),
+                           options.get("output_tensor_type"), options.get("token_embedding_type"), None,
+                           options.get("tensor_types", ()))
+    native.params.dry_run = True
+    sizes: list[float] = []
+    position = llamalog.mark()
+    with llamalog.listen(lambda line: sizes.extend(float(m.group(1)) for m in [_QUANT_SIZE.search(line)] if m)):
+        status = llama_cpp.llama_model_quantize(str(header.path).encode(), b"", native.params)
+    if status != 0 or not sizes:
+        cause = llamalog.last_error(position) or "see EDGELLM_LLAMA_LOG=1"
+        raise QuantizeError(f"llama.cpp could not size {header.path.name} as {qtype.name}: {cause}")
+    return int(sizes[-1] * 2**20) + header.data_offset
+
+
 def estimated_size(header: GGUFHeader, qtype: QuantType) -> int:
     """A generous estimate of the output's size, for the disk-space check."""
     return int(header.parameter_count * qtype.bpw / 8 * 1.1) + (16 << 20)
@@ -278,5 +301,6 @@ def quantize(
 
 
 _TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
+_QUANT_SIZE = re.compile(r"quant size\s*=\s*([0-9.]+) MiB")
 _FALLBACK_LINE = re.compile(r"(\S+)\s+- ncols\s+\d+ not divisible by \d+ \(required for type\s+(\S+)\)"
                             r".*-> falling back to\s+(\S+)")

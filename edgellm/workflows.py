@@ -88,6 +88,15 @@ def plan_checkpoint(repo: str, listing: RepoListing, store: Store, hardware: Har
     return fit(planned_header(config, shapes, target), hardware)
 
 
+def conversion_sizes(config: dict, shapes: dict[str, tuple[int, ...]], targets: Sequence[str]) -> dict[str, int]:
+    """The size of the GGUF each target (F16, Q4_K_M, ...) would make of a checkpoint, from the
+    header conversion would write: its real parameter count, whatever the checkpoint's dtype
+    (an F32 checkpoint is not twice the size of its F16 conversion), 1-D tensors at f32."""
+    from edgellm.convert.core import planned_header
+
+    return {target: planned_header(config, shapes, target).file_size for target in targets}
+
+
 # -- download --------------------------------------------------------------------------------------
 def pull_gguf(ref: str, store: Store, job: Job, *, name: str | None = None, revision: str | None = None,
               on_choice: Callable[[GGUFChoice, bool], None] | None = None) -> ModelEntry:

@@ -61,8 +61,11 @@ def test_library_chat_stream_and_stop(home: Path) -> None:
         async with app.run_test(size=(120, 40)) as pilot:
             table = await _library(pilot)
             # cells a model provides are Text, never parsed as markup: compared as the text shown
-            assert [str(cell) for cell in table.get_row_at(0)[:4]] == ["smollm2-135m-instruct", "llama", "135M", "Q4_1"]
-            await _wait(pilot, lambda: table.get_row_at(0)[-1] == "yes")  # the planner's verdict
+            row = [str(cell) for cell in table.get_row_at(0)]
+            assert row[0] == "smollm2-135m-instruct" and row[2:] == ["Q4_1", "93.8 MiB", "135M", "llama", "8192"]
+            # the planner's verdict, with what the model needs (RAM only here: no GPU)
+            await _wait(pilot, lambda: str(table.get_row_at(0)[1]).startswith("yes "))
+            assert str(table.get_row_at(0)[1]).endswith(" MiB") and "+" not in str(table.get_row_at(0)[1])
             await pilot.press("enter")
             assert isinstance(app.screen, ChatScreen)
             prompt = app.screen.query_one("#prompt", Input)
@@ -384,12 +387,15 @@ def test_convert_a_folder_with_a_lora_then_quantize_from_the_library(
             files = app.screen.query_one("#files", DataTable)
             await _wait(pilot, lambda: files.row_count == 7)
             assert files.get_row_at(0)[0] == "AS IS" and files.get_row_at(4)[0] == "Q4_K_M"
-            assert "safetensors checkpoint (~" in str(app.screen.query_one("#status").render())
+            assert "safetensors checkpoint (~135M parameters)" in str(app.screen.query_one("#status").render())
+            shown = files.get_row_at(0)[1]  # the checkpoint is F32: its F16 conversion is half its bytes
             files.move_cursor(row=0)
             files.focus()
             await pilot.press("enter")
             name = f"{smollm2_hf.name}-cats-adapter-f16"
             await _wait(pilot, lambda: any(f"added {name}" in n.message for n in app._notifications), timeout=120)
+            made = json.loads((home / "models" / name / "manifest.json").read_text())["size"]
+            assert shown.startswith("~") and abs(float(shown[1:].split()[0]) * 2**20 / made - 1) < 0.02, shown
             await pilot.press("escape")
             table = app.screen.query_one(DataTable)
             await _wait(pilot, lambda: table.row_count == 2)
@@ -409,6 +415,7 @@ def test_quantize_with_an_importance_matrix_shows_the_sweeps_figures_and_asks_fo
         home: Path, cli, smollm2_f16: Path, english: Path) -> None:
     from textual.widgets import Checkbox, DataTable, Input, Label
 
+    from edgellm.gguf.header import human_bytes
     from edgellm.tui.screens.quantize import QuantizeScreen
 
     assert cli("import", str(smollm2_f16), "--name", "smol-f16").returncode == 0
@@ -435,6 +442,9 @@ def test_quantize_with_an_importance_matrix_shows_the_sweeps_figures_and_asks_fo
             types.move_cursor(row=listed.index("Q8_0"))
             await pilot.pause()
             assert app.screen.query_one("#name", Input).placeholder == "smol-q8_0"
+            await _wait(pilot, lambda: app.screen.measured)  # sizes from llama.cpp's dry run, not bits x params
+            made = json.loads((home / "models" / "smol-q8_0" / "manifest.json").read_text())["size"]
+            assert types.get_row("Q8_0")[2] == human_bytes(made)
             await pilot.press("enter")
             assert "smol-q8_0 is already in the library" in str(app.screen.query_one("#quant-status").render())
             assert app.screen.focused is app.screen.query_one("#name", Input)
@@ -512,5 +522,40 @@ def test_convert_a_safetensors_repo_from_the_hub_stand_in(home: Path, hub, smoll
                         timeout=120)
         assert (home / "models" / "smollm2-135m-instruct-q4_k_m" / "manifest.json").exists()
         assert (home / "checkpoints" / "smollm2-135m-instruct").is_symlink()
+
+    run(body())
+
+
+def test_every_key_is_reachable_at_80x24_through_help_and_the_palette(home: Path) -> None:
+    from textual.command import CommandPalette
+    from textual.widgets import DataTable
+
+    from edgellm.tui.screens.get_model import GetModelScreen
+    from edgellm.tui.screens.help import HelpScreen
+    from edgellm.tui.screens.library import LibraryScreen
+
+    async def body() -> None:
+        app = _app(home)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await _library(pilot)
+            library = app.screen
+            for key in ("question_mark", "f1"):
+                await pilot.press(key)
+                assert isinstance(app.screen, HelpScreen)
+                keys = app.screen.query_one(DataTable)
+                rows = {keys.get_row_at(i)[1]: keys.get_row_at(i)[0] for i in range(keys.row_count)}
+                # the keys the footer has no room for are here, with the rest
+                assert rows["Conversations"] == "h" and rows["Import a .gguf"] == "i" and rows["Refresh"] == "r"
+                assert rows["Delete"] == "d" and rows["Quit"] == "q"
+                await pilot.press("escape")
+                assert app.screen is library
+            await pilot.press("ctrl+p")
+            assert isinstance(app.screen, CommandPalette)
+            await pilot.press(*"get a model")
+            await pilot.pause(0.5)
+            await pilot.press("enter")
+            await _wait(pilot, lambda: isinstance(app.screen, GetModelScreen))
+            await pilot.press("escape")
+            assert isinstance(app.screen, LibraryScreen)
 
     run(body())

@@ -29,11 +29,20 @@ def app(home: Path, monkeypatch: pytest.MonkeyPatch):
 
 async def library_ready(pilot) -> None:
     table = await _library(pilot)
-    await _wait(pilot, lambda: table.get_row_at(0)[-1] != "…")  # the planner's verdict is in
+    await _wait(pilot, lambda: table.get_row_at(0)[1] != "…")  # the planner's verdict is in
 
 
-def test_library(snap_compare, app) -> None:
-    assert snap_compare(app, terminal_size=SIZE, run_before=library_ready)
+@pytest.mark.parametrize("size", [SIZE, (80, 24)], ids=["110x30", "80x24"])
+def test_library(snap_compare, app, size) -> None:
+    assert snap_compare(app, terminal_size=size, run_before=library_ready)
+
+
+def test_help(snap_compare, app) -> None:
+    async def ready(pilot) -> None:
+        await library_ready(pilot)
+        await pilot.press("question_mark")
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=ready)
 
 
 def test_chat(snap_compare, app) -> None:
@@ -69,6 +78,8 @@ def test_quantize(snap_compare, app, size) -> None:
     async def ready(pilot) -> None:
         await library_ready(pilot)
         await pilot.press("k")
+        while not pilot.app.screen.measured:  # each type's size, from llama.cpp's dry run
+            await pilot.pause(0.05)
 
     assert snap_compare(app, terminal_size=size, run_before=ready)
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 
 from textual import work
-from textual.app import App
+from textual.app import App, SystemCommand
+from textual.binding import Binding
 from textual.message_pump import MessagePump
+from textual.screen import Screen
 
 from edgellm.config import Settings
 from edgellm.errors import EdgeLLMError
@@ -18,6 +22,7 @@ from edgellm.tui.messages import Done
 class EdgeApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "edgellm"
+    BINDINGS = [Binding("question_mark,f1", "help", "Help", show=False, key_display="? F1")]
 
     def __init__(self, settings: Settings) -> None:
         super().__init__()
@@ -38,6 +43,23 @@ class EdgeApp(App):
         from edgellm.tui.screens.library import LibraryScreen
 
         self.push_screen(LibraryScreen())
+
+    def action_help(self) -> None:
+        from edgellm.tui.screens.help import HelpScreen
+
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen(self.screen))
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """The command palette (Ctrl+P): Textual's own commands, then every key of the screen
+        you are on by what it does ("Get a model", "Quantize", ...)."""
+        from edgellm.tui.screens.help import screen_keys
+
+        yield from super().get_system_commands(screen)
+        for key, what, action in screen_keys(screen):
+            if action != "help":
+                yield SystemCommand(what, f"key: {key}", partial(screen.run_action, action))
+        yield SystemCommand("Help", "the keys of this screen (? or F1)", self.action_help)
 
     def report(self, exc: BaseException) -> None:
         """The TUI's rendering of an error: a notification, and the app carries on."""

@@ -36,3 +36,12 @@ class AnswerSoFar(Message):
         super().__init__()
         self.text = text
         self.reasoning = reasoning
+
+
+class Sized(Message):
+    """What a worker measured of one row: the file a quantization type would write, in bytes."""
+
+    def __init__(self, key: str, size: int) -> None:
+        super().__init__()
+        self.key = key
+        self.size = size

@@ -68,23 +68,34 @@ class GetModelScreen(Screen):
         try:
             with Checkpoint.open(path) as ckpt:
                 architecture_for(ckpt.config)
-                n_params = sum(math.prod(ref.shape) for ref in ckpt.tensors.values())
+                config, shapes = ckpt.config, {name: ref.shape for name, ref in ckpt.tensors.items()}
+            found = self._sized(config, shapes)
         except Exception as exc:
             self.post_message(Done("inspect", error=exc))
         else:
-            self.post_message(Done("inspect", (None, None, path, n_params)))
+            self.post_message(Done("inspect", (None, None, path, *found)))
+
+    @staticmethod
+    def _sized(config: dict, shapes: dict) -> tuple[int, dict[str, int]]:
+        """(parameters, size per target) of a checkpoint's conversions."""
+        from edgellm.workflows import conversion_sizes
+
+        targets = {t: "F16" if t == "AS IS" else t for t in CONVERT_TARGETS}
+        sizes = conversion_sizes(config, shapes, sorted(set(targets.values())))
+        return sum(math.prod(shape) for shape in shapes.values()), {t: sizes[q] for t, q in targets.items()}
 
     @work(thread=True, exclusive=True, group="get")
     def _list(self, ref: str) -> None:
-        from edgellm.models.hub import list_repo, parse_ref
+        from edgellm.models.hub import list_repo, parse_ref, remote_checkpoint
 
         try:
             repo, _ = parse_ref(ref)
             listing = list_repo(repo, None, self.app.store)
+            found = self._sized(*remote_checkpoint(repo, listing, self.app.store)) if listing.is_checkpoint else None
         except Exception as exc:
             self.post_message(Done("list", error=exc))
         else:
-            self.post_message(Done("list", (repo, listing)))
+            self.post_message(Done("list", (repo, listing, found)))
 
     def on_done(self, message: Done) -> None:
         """Every worker's end, on the app's thread."""
@@ -107,10 +118,9 @@ class GetModelScreen(Screen):
         else:
             self._finish(message.result, message.error, message.what)
 
-    def _listed(self, repo: str, listing) -> None:
-        if listing.is_checkpoint:
-            weights = sum(f.size for f in listing.checkpoint if f.name.endswith(".safetensors"))
-            self._show_conversion(repo, listing, None, weights // 2)
+    def _listed(self, repo: str, listing, found: tuple[int, dict[str, int]] | None) -> None:
+        if found is not None:
+            self._show_conversion(repo, listing, None, *found)
         else:
             self._show(repo, listing.gguf, list(listing.refused))
 
@@ -125,8 +135,10 @@ class GetModelScreen(Screen):
                      else f"{repo} has no GGUF files{note}")
         table.focus()
 
-    def _show_conversion(self, repo: str | None, listing, folder: Path | None, n_params: int) -> None:
-        """A checkpoint to convert: each target with its bits per weight and estimated size."""
+    def _show_conversion(self, repo: str | None, listing, folder: Path | None, n_params: int,
+                         sizes: dict[str, int]) -> None:
+        """A checkpoint to convert: each target with its bits per weight and the size conversion
+        would write (a K-quant's share of fallback tensors is known only once converted: ~)."""
         from edgellm.gguf.quant_types import QUANT_TYPES
 
         self.repo, self.listing, self.folder = repo, listing, folder
@@ -135,7 +147,7 @@ class GetModelScreen(Screen):
         for target in CONVERT_TARGETS:
             bpw = 16.0 if target == "AS IS" else QUANT_TYPES[target].bpw
             detail = "f16/bf16, as converted" if target == "AS IS" else f"{bpw:.2f} bits/weight"
-            table.add_row(target, "~" + human_bytes(int(n_params * bpw / 8)), detail, key=target)
+            table.add_row(target, "~" + human_bytes(sizes[target]), detail, key=target)
         what = repo or str(folder)
         self._status(f"{what}: a safetensors checkpoint (~{n_params / 1e6:.0f}M parameters); pick what to convert it "
                      "to and press Enter")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
@@ -13,16 +14,18 @@ from edgellm.tui.messages import Done
 
 
 class LibraryScreen(Screen):
+    #: the footer shows the keys that fit 80 columns; ? (or F1) and Ctrl+P show them all
     BINDINGS = [
-        ("enter", "chat", "Chat"),
-        ("s", "settings", "Settings"),
-        ("k", "quantize", "Quantize"),
-        ("h", "history", "Conversations"),
-        ("g", "get_model", "Get a model"),
-        ("i", "import_model", "Import"),
-        ("d", "delete", "Delete"),
-        ("r", "refresh", "Refresh"),
-        ("q", "app.quit", "Quit"),
+        Binding("enter", "chat", "Chat"),
+        Binding("s", "settings", "Settings"),
+        Binding("k", "quantize", "Quantize"),
+        Binding("g", "get_model", "Get a model"),
+        Binding("d", "delete", "Delete"),
+        Binding("h", "history", "Conversations", show=False),
+        Binding("i", "import_model", "Import a .gguf", show=False),
+        Binding("r", "refresh", "Refresh", show=False),
+        Binding("question_mark,f1", "app.help", "Help", key_display="?"),
+        Binding("q", "app.quit", "Quit"),
     ]
 
     def compose(self) -> ComposeResult:
@@ -33,7 +36,10 @@ class LibraryScreen(Screen):
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
-        table.add_columns("NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "CTX", "FITS")
+        # FITS second: on a narrow terminal the verdict stays in view, the architecture scrolls off
+        for label, key in (("NAME", "name"), ("FITS", "fits"), ("QUANT", "quant"), ("SIZE", "size"),
+                           ("PARAMS", "params"), ("ARCH", "arch"), ("CTX", "ctx")):
+            table.add_column(label, key=key)
         if not self.app.store.list():  # a first start: offer the bundled model, as `edgellm chat` does
             from edgellm.models.bundled import ensure_bundled
 
@@ -51,8 +57,8 @@ class LibraryScreen(Screen):
         table.clear()
         for entry in self.app.store.list():
             m = entry.manifest  # the folder names the model; the rest is the manifest's (untrusted) data
-            table.add_row(entry.name, Text(m.architecture), format_params(m.parameters), Text(m.quantization),
-                          human_bytes(m.size), str(m.context_length or "-"), "…", key=entry.name)
+            table.add_row(entry.name, "…", Text(m.quantization), human_bytes(m.size), format_params(m.parameters),
+                          Text(m.architecture), str(m.context_length or "-"), key=entry.name)
         if current in table.rows:
             table.move_cursor(row=table.get_row_index(current))
         self._fill_fits()
@@ -68,7 +74,10 @@ class LibraryScreen(Screen):
             try:
                 plan = fit(read_header(entry.gguf_path), self.app.hardware, n_ctx=load.n_ctx, type_k=load.type_k,
                            type_v=load.type_v, n_gpu_layers=load.n_gpu_layers, flash_attn=load.flash_attn)
-                verdict = "yes" if plan.fits else "no"
+                # what it needs, in the memory it goes to: RAM, or RAM+VRAM when layers are offloaded
+                need = plan.memory
+                amount = human_bytes(need.cpu) + (f"+{human_bytes(need.gpu)}" if need.gpu else "")
+                verdict = f"{'yes' if plan.fits else 'no'} {amount}"
             except Exception:
                 verdict = "?"
             self.post_message(Done("fit", (entry.name, verdict)))
@@ -81,7 +90,7 @@ class LibraryScreen(Screen):
         name, verdict = message.result
         table = self.query_one(DataTable)
         if name in table.rows:
-            table.update_cell(name, table.ordered_columns[-1].key, verdict)
+            table.update_cell(name, "fits", verdict, update_width=True)
 
     def selected(self) -> str | None:
         table = self.query_one(DataTable)

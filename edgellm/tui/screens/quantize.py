@@ -14,14 +14,14 @@ from textual.screen import ModalScreen
 from textual.widgets import Checkbox, DataTable, Input, Label, ProgressBar
 
 from edgellm.gguf.header import human_bytes
-from edgellm.tui.messages import Done, JobStep
+from edgellm.tui.messages import Done, JobStep, Sized
 
 
-def quant_rows(n_params: int, current: str | None = None, imatrix: bool = False,
+def quant_rows(sizes: dict[str, int], current: str | None = None, imatrix: bool = False,
                figures: dict[tuple[str, bool], dict[str, Any]] | None = None) -> list[tuple[str, ...]]:
-    """(type, bits/weight, estimated size, perplexity, KL, note) for each type that can be made:
-    those that need an importance matrix only with one; the figures from the model's last sweep
-    with the same use of the imatrix, where it measured that type."""
+    """(type, bits/weight, size, perplexity, KL, note) for each type that can be made: those that
+    need an importance matrix only with one; the size llama.cpp's dry run gave (blank until it
+    has); the figures from the model's last sweep with the same use of the imatrix."""
     from edgellm.gguf.quant_types import QUANT_TYPES
 
     rows = []
@@ -30,7 +30,7 @@ def quant_rows(n_params: int, current: str | None = None, imatrix: bool = False,
             continue
         measured = (figures or {}).get((t.name, imatrix), {})
         ppl, kl = measured.get("perplexity"), measured.get("kl_divergence")
-        rows.append((t.name, f"{t.bpw:.2f}", human_bytes(int(n_params * t.bpw / 8)),
+        rows.append((t.name, f"{t.bpw:.2f}", human_bytes(sizes[t.name]) if t.name in sizes else "",
                      f"{ppl:.2f}" if isinstance(ppl, float) else "-", f"{kl:.3f}" if isinstance(kl, float) else "-",
                      t.note + (" (current)" if t.name == current else "")))
     return rows
@@ -47,6 +47,8 @@ class QuantizeScreen(ModalScreen[str | None]):
         self.model_name = model_name
         self.cancel = threading.Event()
         self.busy = False
+        self.measured = False  # every type's size is in (or could not be had)
+        self._sizing = threading.Lock()  # a dry run and a real quantization never overlap: they share llama.cpp's log
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
@@ -75,10 +77,37 @@ class QuantizeScreen(ModalScreen[str | None]):
         warning.update(f"already quantized ({self.header.quantization}): quantizing again loses more quality; "
                        "start from an F16 or BF16 model")
         table = self.query_one(DataTable)
-        table.add_columns("TYPE", "BITS/W", "EST. SIZE", "PPL", "KL", "NOTE")
+        self.sizes: dict[str, int] = {}
+        for label, key in (("TYPE", "type"), ("BITS/W", "bpw"), ("SIZE", "size"), ("PPL", "ppl"), ("KL", "kl"),
+                           ("NOTE", "note")):
+            table.add_column(label, key=key)
         self._fill("Q4_K_M")
         self.query_one(ProgressBar).display = False
         table.focus()
+        self._measure()
+
+    @work(thread=True, exclusive=True, group="sizes")
+    def _measure(self) -> None:
+        """Each type's size from llama.cpp's dry run (a few tens of ms each, no weight read)."""
+        from edgellm.gguf.quant_types import QUANT_TYPES
+        from edgellm.quantize import planned_size
+
+        for qtype in QUANT_TYPES.values():
+            with self._sizing:
+                if self.busy:
+                    return  # a quantization has started: it has the quantizer now
+                try:
+                    size = planned_size(self.header, qtype)
+                except Exception:  # a type this model cannot take: its size stays blank
+                    continue
+            self.post_message(Sized(qtype.name, size))
+        self.post_message(Done("sizes"))
+
+    def on_sized(self, message: Sized) -> None:
+        self.sizes[message.key] = message.size
+        table = self.query_one(DataTable)
+        if message.key in table.rows:
+            table.update_cell(message.key, "size", human_bytes(message.size), update_width=True)
 
     @property
     def with_imatrix(self) -> bool:
@@ -88,7 +117,7 @@ class QuantizeScreen(ModalScreen[str | None]):
         """The table for the imatrix choice, the cursor on ``keep`` where that type is listed."""
         table = self.query_one(DataTable)
         table.clear()
-        rows = quant_rows(self.header.parameter_count, self.header.quantization, self.with_imatrix, self.figures)
+        rows = quant_rows(self.sizes, self.header.quantization, self.with_imatrix, self.figures)
         for row in rows:
             table.add_row(*row, key=row[0])
         names = [row[0] for row in rows]
@@ -135,6 +164,8 @@ class QuantizeScreen(ModalScreen[str | None]):
 
         job = Job(lambda step: self.post_message(JobStep(step)), self.cancel)
         store = self.app.store
+        with self._sizing:  # a dry run in flight finishes first
+            pass
         try:
             refuse_requantize(self.header)  # before the calibration, not after it
             matrix = calibrated_imatrix(store, self.model_name, self.header.path, job) if imatrix else None
@@ -153,6 +184,9 @@ class QuantizeScreen(ModalScreen[str | None]):
         self.query_one("#quant-status", Label).update(f"{step.stage} {step.detail}".strip())
 
     def on_done(self, message: Done) -> None:
+        if message.what == "sizes":
+            self.measured = True
+            return
         self.busy = False
         if message.error is not None:
             self.app.report(message.error)
