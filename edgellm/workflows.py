@@ -122,6 +122,23 @@ def fetch_checkpoint(source: str | Path, store: Store, keep_in: Path, job: Job,
     return pull_checkpoint(repo, listing, store, keep_in, job.bytes_of(f"download {repo}"))
 
 
+def remove_model(store: Store, name: str) -> tuple[str, int]:
+    """Remove a model from the store, and a pulled model's copy in the Hub cache with it (the
+    bytes are freed, not left behind under ~/.cache). Returns (name, cache files removed)."""
+    from edgellm.errors import EdgeLLMError
+    from edgellm.models.hub import cached_copies
+
+    try:
+        copies = cached_copies(store.get(name))
+    except EdgeLLMError:  # a damaged model: its manifest cannot say where it came from
+        copies = []
+    removed = store.remove(name)
+    for path in copies:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return removed, len(copies)
+
+
 # -- convert, merge, quantize ------------------------------------------------------------------------
 def convert_checkpoint(store: Store, source: Path, job: Job, *, outtype: str = "auto", quant: str | None = None,
                        name: str | None = None, lora: Sequence[Path] = (), source_repo: str | None = None

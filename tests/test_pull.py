@@ -88,6 +88,23 @@ def test_pull_by_quant_verifies_and_registers(pull_cli, home: Path, smollm2: Pat
     assert again.returncode == 0
 
 
+def test_removing_a_pulled_model_frees_its_hub_cache_copy(pull_cli, tmp_path: Path, split_parts: list[Path]) -> None:
+    """A pull hard-links the Hub cache's file into the store; removing the model removes both, so
+    its bytes are really freed. Another repo's files in the cache stay."""
+    assert pull_cli("pull", "test/split-GGUF:Q4_1").returncode == 0
+    assert pull_cli("pull", f"{REPO}:q4_1").returncode == 0
+    cache = tmp_path / "hf" / "hub"
+    blobs = lambda repo: list((cache / f"models--{repo.replace('/', '--')}" / "blobs").iterdir())  # noqa: E731
+    assert len(blobs("test/split-GGUF")) == len(split_parts)
+    r = pull_cli("rm", "split-q4_1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "removed split-q4_1 and its copy in the Hugging Face cache"
+    assert blobs("test/split-GGUF") == []
+    assert not [p for p in (cache / "models--test--split-GGUF" / "snapshots").rglob("*") if p.is_symlink()]
+    assert len(blobs(REPO)) == 1  # the other pull's copy is untouched
+    assert pull_cli("rm", "smollm2-135m-instruct-q4_1").stdout.strip().endswith("Hugging Face cache")
+
+
 def test_split_model_is_fetched_as_a_set(pull_cli, home: Path, split_parts: list[Path]) -> None:
     r = pull_cli("pull", "test/split-GGUF:Q4_1")
     assert r.returncode == 0, r.stderr

@@ -496,7 +496,40 @@ def test_reopen_a_saved_conversation(home: Path) -> None:
             await pilot.press("enter")
             await _wait(pilot, lambda: not app.screen.generating)
             assert len(app.screen.history) == 4
+            await pilot.press("ctrl+b")  # back to the conversations, which show the two new messages
+            rows = app.screen.query_one("#conversations", DataTable)
+            assert rows.get_row_at(0)[1:3] == ["smollm2-135m-instruct", "4"]
         assert len(saved.load(cid)) == 4  # the same conversation goes on
+
+    run(body())
+
+
+def test_a_conversation_whose_model_was_deleted_can_still_be_read(home: Path) -> None:
+    from textual.widgets import DataTable, Input, Static
+
+    from edgellm.runtime.templates import Message
+    from edgellm.tui.conversations import Conversations
+    from edgellm.tui.screens.chat import ChatScreen
+
+    saved = Conversations(home / "conversations.db")
+    cid = saved.new("gone-model")
+    saved.save(cid, [Message("user", "What is 2 + 2?"), Message("assistant", "It is **4**.")])
+
+    async def body() -> None:
+        app = _app(home)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await _library(pilot)
+            await pilot.press("h")
+            rows = app.screen.query_one("#conversations", DataTable)
+            assert rows.get_row_at(0)[1] == "gone-model (deleted)"
+            await pilot.press("enter")
+            assert isinstance(app.screen, ChatScreen)
+            assert str(app.screen.query(Static).filter(".user").first().render()) == "What is 2 + 2?"
+            assert "no longer in the library" in str(app.screen.query_one("#status", Static).render())
+            prompt = app.screen.query_one("#prompt", Input)
+            await pilot.pause(0.3)
+            assert prompt.disabled and "read only" in prompt.placeholder
+            assert not app._notifications  # nothing failed: nothing was loaded
 
     run(body())
 
@@ -516,11 +549,17 @@ def test_convert_a_safetensors_repo_from_the_hub_stand_in(home: Path, hub, smoll
             files = app.screen.query_one("#files", DataTable)
             await _wait(pilot, lambda: files.row_count == 7)
             assert "safetensors checkpoint (~" in str(app.screen.query_one("#status").render())
+            said, show = [], app.screen._status  # every status line the screen shows along the way
+            app.screen._status = lambda text: (said.append(text), show(text))
             files.focus()
             await pilot.press("enter")  # the highlighted row: Q4_K_M
             await _wait(pilot, lambda: any("added smollm2-135m-instruct-q4_k_m" in n.message for n in app._notifications),
                         timeout=120)
         assert (home / "models" / "smollm2-135m-instruct-q4_k_m" / "manifest.json").exists()
+        # each stage by name, with its own amount: downloads in bytes, then tensors converted and quantized
+        assert any(line.startswith("download test/SmolLM2-135M-Instruct: ") and " of 5" in line for line in said)
+        assert any(line.startswith("convert: ") and " MiB of " in line for line in said)
+        assert any(line.startswith("quantize Q4_K_M: ") and " of 272 tensors · blk." in line for line in said)
         assert (home / "checkpoints" / "smollm2-135m-instruct").is_symlink()
 
     run(body())

@@ -159,6 +159,9 @@ def cmd_rm(args: argparse.Namespace) -> int:
     for name in args.models:  # all or nothing: check every name first (a damaged model may go too)
         if not store.exists(name):
             store.get(name)  # raises, naming the store's models
+    from edgellm.workflows import remove_model
+
     for name in args.models:
-        print(f"removed {store.remove(name)}")
+        removed, cached = remove_model(store, name)
+        print(f"removed {removed}" + (" and its copy in the Hugging Face cache" if cached else ""))
     return 0

@@ -307,6 +307,29 @@ def pull(
                             expected_size=choice.size)
 
 
+def cached_copies(entry: ModelEntry) -> list[Path]:
+    """The Hub cache's own copies of a pulled model's files: the blobs that are the same files (a
+    pull hard-links them into the store) and the snapshot links to those blobs. Removing the model
+    must remove them too, or its bytes stay on disk. Only exact links of the model's files are
+    named, so nothing else in the cache is touched."""
+    from huggingface_hub import constants
+
+    source = entry.manifest.source  # untrusted (a copied folder's manifest): a repo id, or nothing
+    match = re.match(r"^hf:([A-Za-z0-9][\w.-]*/[\w.-]+)@", source)
+    if not match or ".." in match.group(1):
+        return []
+    repo_dir = Path(constants.HF_HUB_CACHE) / ("models--" + match.group(1).replace("/", "--"))
+    ours = {(st.st_dev, st.st_ino) for f in entry.folder.iterdir()
+            if f.is_file() and not f.is_symlink() and (st := f.stat()).st_nlink > 1}
+    if not ours or not (repo_dir / "blobs").is_dir():
+        return []
+    blobs = [b for b in (repo_dir / "blobs").iterdir()
+             if b.is_file() and not b.is_symlink() and (b.stat().st_dev, b.stat().st_ino) in ours]
+    targets = {b.resolve() for b in blobs}
+    links = [link for link in (repo_dir / "snapshots").rglob("*") if link.is_symlink() and link.resolve() in targets]
+    return links + blobs
+
+
 def _range(repo: str, file: str, revision: str | None, start: int, end: int, store: Store) -> bytes:
     """Bytes ``start..end`` (inclusive) of a repo file, by an HTTP range request."""
     from huggingface_hub import get_session, hf_hub_url

@@ -24,11 +24,12 @@ class ChatScreen(Screen):
         ("escape", "stop", "Stop answer"),
         ("ctrl+n", "new_chat", "New chat"),
         ("ctrl+y", "copy_last", "Copy answer"),
-        ("ctrl+b", "back", "Library"),
+        ("ctrl+b", "back", "Back"),
     ]
 
-    def __init__(self, model_name: str, conversation: int | None = None) -> None:
-        """``conversation``: a saved conversation to reopen and go on with."""
+    def __init__(self, model_name: str, conversation: int | None = None, read_only: bool = False) -> None:
+        """``conversation``: a saved conversation to reopen and go on with; ``read_only``: only to
+        read (its model is no longer in the library), nothing is loaded."""
         super().__init__()
         self.model_name = model_name
         self.model = None
@@ -42,6 +43,7 @@ class ChatScreen(Screen):
         self.generating = False
         self.conversations: Conversations | None = None
         self.conversation = conversation
+        self.read_only = read_only
 
     def compose(self) -> ComposeResult:
         yield Static(f"edgellm · chat · {self.model_name}", id="title")
@@ -59,6 +61,10 @@ class ChatScreen(Screen):
                 transcript.mount(Static(m.content, classes="user") if m.role == "user"
                                  else Markdown(m.content, classes="assistant"))
             transcript.scroll_end(animate=False)
+        if self.read_only:
+            self._status(f"{self.model_name} is no longer in the library: this conversation can be read, not continued")
+            self.query_one("#prompt", Input).placeholder = "read only · Ctrl-B goes back"
+            return
         self._load()
 
     @work(thread=True, exclusive=True, group="model")

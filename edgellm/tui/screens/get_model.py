@@ -14,6 +14,7 @@ from textual.widgets import DataTable, Footer, Input, ProgressBar, Static
 
 from edgellm.gguf.header import human_bytes
 from edgellm.tui.messages import Done, JobStep
+from edgellm.tui.progress import StageClock
 from edgellm.workflows import Job
 
 #: what a checkpoint may be converted to here: as converted (f16/bf16), or quantized after
@@ -30,6 +31,7 @@ class GetModelScreen(Screen):
         self.folder: Path | None = None  # a local checkpoint being converted
         self.busy = False
         self.cancel = threading.Event()
+        self.clock = StageClock()  # download, convert, quantize: each labelled, with its own amount and speed
 
     def compose(self) -> ComposeResult:
         yield Static("edgellm · get a model", id="title")
@@ -175,7 +177,7 @@ class GetModelScreen(Screen):
         bar = self.query_one("#progress", ProgressBar)
         bar.display = True
         bar.update(total=step.total or None, progress=step.done)
-        self._status(f"{step.stage}{' ' + step.detail if step.detail and step.unit != 'bytes' else ''}…")
+        self._status(self.clock.describe(step))
 
     def _finish(self, entry=None, exc: BaseException | None = None, what: str = "") -> None:
         self.busy = False

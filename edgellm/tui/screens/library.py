@@ -153,9 +153,11 @@ class LibraryScreen(Screen):
 
         def confirmed(yes: bool | None) -> None:
             if yes:
+                from edgellm.workflows import remove_model
+
                 try:
-                    self.app.store.remove(name)
-                    self.app.notify(f"removed {name}")
+                    _, cached = remove_model(self.app.store, name)
+                    self.app.notify(f"removed {name}" + (" and its copy in the Hugging Face cache" if cached else ""))
                 except Exception as exc:
                     self.app.report(exc)
                 self.action_refresh()

@@ -15,6 +15,7 @@ from textual.widgets import Checkbox, DataTable, Input, Label, ProgressBar
 
 from edgellm.gguf.header import human_bytes
 from edgellm.tui.messages import Done, JobStep, Sized
+from edgellm.tui.progress import StageClock
 
 
 def quant_rows(sizes: dict[str, int], current: str | None = None, imatrix: bool = False,
@@ -48,6 +49,7 @@ class QuantizeScreen(ModalScreen[str | None]):
         self.cancel = threading.Event()
         self.busy = False
         self.measured = False  # every type's size is in (or could not be had)
+        self.clock = StageClock()
         self._sizing = threading.Lock()  # a dry run and a real quantization never overlap: they share llama.cpp's log
 
     def compose(self) -> ComposeResult:
@@ -181,7 +183,7 @@ class QuantizeScreen(ModalScreen[str | None]):
         bar = self.query_one(ProgressBar)
         bar.display = True
         bar.update(total=step.total, progress=step.done)
-        self.query_one("#quant-status", Label).update(f"{step.stage} {step.detail}".strip())
+        self.query_one("#quant-status", Label).update(self.clock.describe(step))
 
     def on_done(self, message: Done) -> None:
         if message.what == "sizes":
