@@ -15,13 +15,21 @@ from dataclasses import dataclass
 class EdgeLLMError(Exception):
     """Base class: an error we understand and can explain to the user."""
 
-    def __init__(self, message: str, hint: str | None = None) -> None:
+    def __init__(self, message: str, hint: str | None = None, app_hint: str | None = None) -> None:
+        """``hint`` says what to do, in the CLI's words (its flags); ``app_hint``, where the way out
+        differs in the terminal app (a setting, a dialog field), in the app's."""
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.app_hint = app_hint
 
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
+
+    def in_app(self) -> str:
+        """The error as the terminal app shows it: no flags the app does not have."""
+        hint = self.app_hint or self.hint
+        return f"{self.message} ({hint})" if hint else self.message
 
     @property
     def exit_code(self) -> int:

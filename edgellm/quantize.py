@@ -137,6 +137,7 @@ def refuse_requantize(header: GGUFHeader, allow_requantize: bool = False) -> Non
         raise UsageError(
             f"{header.path.name} is already quantized ({header.quantization}); quantizing it again loses more "
             "quality", hint="start from an F16/BF16/F32 model, or pass --allow-requantize",
+            app_hint="start from an F16 or BF16 model",
         )
 
 

@@ -154,9 +154,13 @@ def test_settings_estimate_changes_with_the_kv_type_and_runs_the_load_checks(hom
             app.screen.query_one("#ctx", Input).value = "100000000"
             await _wait(pilot, lambda: "will not load" in str(estimate.render()))
             assert "longer than the 8192 tokens" in str(estimate.render()) and "fits:" not in str(estimate.render())
+            # the way out in the app's words: a setting here, not a CLI flag the app does not have
+            assert "shorter context in the settings" in str(estimate.render()) and "--" not in str(estimate.render())
             app.screen.query_one("#ctx", Input).value = "2048"
             app.screen.query_one("#flash_attn", Select).value = "off"
             await _wait(pilot, lambda: "needs flash attention" in str(estimate.render()))
+            assert "flash attention to on or auto in the settings" in str(estimate.render())
+            assert "--" not in str(estimate.render())
 
     run(body())
 
@@ -379,6 +383,8 @@ def test_convert_a_folder_with_a_lora_then_quantize_from_the_library(
             assert warning.display and "already quantized (Q4_1)" in str(warning.render())  # said before a pick
             await pilot.press("enter")  # Q4_K_M, the default row
             await _wait(pilot, lambda: any("already quantized" in n.message for n in app._notifications))
+            refused = next(n.message for n in app._notifications if "already quantized" in n.message)
+            assert refused.endswith("(start from an F16 or BF16 model)") and "--" not in refused
             await pilot.press("escape")
             await pilot.press("g")
             app.screen.query_one("#source", Input).value = str(smollm2_hf)

@@ -209,7 +209,8 @@ class Store:
         """
         name = check_name(name)
         folder = self._folder(name)
-        exists = ModelExistsError(f"model {name!r} already exists", hint="choose another --name or `edgellm rm` it first")
+        exists = ModelExistsError(f"model {name!r} already exists", hint="choose another --name or `edgellm rm` it first",
+                                  app_hint="give it another name, or delete the one there (d in the library)")
         if folder.exists():
             raise exists
         self._check_space(expected_size)

@@ -66,11 +66,13 @@ def resolve_load(header: GGUFHeader, options: LoadOptions, hardware: Hardware | 
         raise UsageError(
             f"context {n_ctx} is longer than the {trained} tokens {header.path.name} was trained on",
             hint="answers degrade past it; pass --allow-long-context to use it anyway",
+            app_hint="answers degrade past it; choose a shorter context in the settings (s)",
         )
     if options.flash_attn == "off" and is_quantized_kv(options.type_v):
         raise UsageError(
             f"a quantized V cache ({options.type_v}) needs flash attention, which is turned off",
             hint="use --flash-attn on (or auto), or an f16 V cache",
+            app_hint="set flash attention to on or auto in the settings (s), or the V cache to f16",
         )
     type_k, type_v, n_gpu_layers, plan = options.type_k, options.type_v, options.n_gpu_layers, None
     n_batch = min(options.n_batch, n_ctx) if n_ctx else options.n_batch

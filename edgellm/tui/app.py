@@ -13,9 +13,9 @@ from textual.message_pump import MessagePump
 from textual.screen import Screen
 
 from edgellm.config import Settings
-from edgellm.errors import EdgeLLMError
 from edgellm.models import store_for
 from edgellm.models.store import Store
+from edgellm.tui.errors import described
 from edgellm.tui.messages import Done
 
 
@@ -63,7 +63,7 @@ class EdgeApp(App):
 
     def report(self, exc: BaseException) -> None:
         """The TUI's rendering of an error: a notification, and the app carries on."""
-        message = str(exc) if isinstance(exc, EdgeLLMError) else f"internal error: {type(exc).__name__}: {exc}"
+        message = described(exc)
         self.notify(message, severity="error", timeout=8)
 
     def imported(self, message: Done) -> None:

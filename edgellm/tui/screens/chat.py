@@ -95,7 +95,7 @@ class ChatScreen(Screen):
     def _failed(self, exc: BaseException) -> None:
         """The chat cannot go on: say why and the way out, instead of a prompt still 'loading'."""
         self.app.report(exc)
-        self._status(f"could not load {self.model_name}: {getattr(exc, 'message', exc)}")
+        self._status(f"could not load {self.model_name}: {getattr(exc, 'message', exc)}")  # the reason; the hint is in the notification
         self.query_one("#prompt", Input).placeholder = (
             f"{self.model_name} could not be loaded: Ctrl-B goes back to the library, where s changes its settings")
 

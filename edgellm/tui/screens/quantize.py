@@ -14,6 +14,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Checkbox, DataTable, Input, Label, ProgressBar
 
 from edgellm.gguf.header import human_bytes
+from edgellm.tui.errors import described
 from edgellm.tui.messages import Done, JobStep, Sized
 from edgellm.tui.progress import StageClock
 
@@ -192,7 +193,7 @@ class QuantizeScreen(ModalScreen[str | None]):
         self.busy = False
         if message.error is not None:
             self.app.report(message.error)
-            self.query_one("#quant-status", Label).update(str(message.error))
+            self.query_one("#quant-status", Label).update(described(message.error))
         else:
             self.app.notify(f"quantized {message.result.name}")
             self.dismiss(message.result.name)

@@ -88,9 +88,9 @@ class SettingsScreen(ModalScreen[bool]):
             text = ("fits: " + plan.summary()) if plan.fits else "will not fit: " + plan.reason
             warn = not plan.fits
         except ConfigError as exc:  # a value the fields cannot hold
-            text, warn = f"invalid: {exc}", True
+            text, warn = f"invalid: {exc.in_app()}", True
         except EdgeLLMError as exc:  # settings a load would refuse
-            text, warn = f"will not load: {exc}", True
+            text, warn = f"will not load: {exc.in_app()}", True
         except Exception as exc:
             text, warn = f"invalid: {exc}", True
         self.post_message(Done("estimate", (text, warn)))
