@@ -604,3 +604,52 @@ def test_every_key_is_reachable_at_80x24_through_help_and_the_palette(home: Path
             assert isinstance(app.screen, LibraryScreen)
 
     run(body())
+
+
+def test_conversations_can_be_searched_renamed_exported_and_deleted(home: Path) -> None:
+    from textual.widgets import DataTable, Input
+
+    from edgellm.runtime.templates import Message
+    from edgellm.tui.conversations import Conversations
+    from edgellm.tui.screens.dialogs import AskScreen
+
+    saved = Conversations(home / "conversations.db")
+    fruit = saved.new("smollm2-135m-instruct")
+    saved.save(fruit, [Message("user", "Remember the word banana."), Message("assistant", "I will remember **banana**.")])
+    other = saved.new("smollm2-135m-instruct")
+    saved.save(other, [Message("user", "What is 2 + 2?"), Message("assistant", "4")])
+
+    async def body() -> None:
+        app = _app(home)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await _library(pilot)
+            await pilot.press("h")
+            rows = app.screen.query_one("#conversations", DataTable)
+            assert rows.row_count == 2
+            await pilot.press("slash", *"BANANA", "enter")  # any message, any case
+            assert app.screen.query_one("#search", Input).value == "BANANA"
+            await _wait(pilot, lambda: rows.row_count == 1)
+            assert rows.get_row_at(0)[3] == "Remember the word banana."
+            await pilot.press("r")
+            assert isinstance(app.screen, AskScreen)
+            answer = app.screen.query_one("#answer", Input)
+            assert answer.value == "Remember the word banana."  # the current title, to edit
+            answer.value = "Fruit talk"
+            await pilot.press("enter")
+            await _wait(pilot, lambda: rows.get_row_at(0)[3] == "Fruit talk")
+            await pilot.press("e", "j")
+            exports = home / "exports"
+            await _wait(pilot, lambda: (exports / f"conversation-{fruit}.json").exists())
+            markdown = (exports / f"conversation-{fruit}.md").read_text()
+            assert markdown.startswith("# Fruit talk\n") and "## Assistant\n\nI will remember **banana**." in markdown
+            data = json.loads((exports / f"conversation-{fruit}.json").read_text())
+            assert data["title"] == "Fruit talk" and [m["role"] for m in data["messages"]] == ["user", "assistant"]
+            await pilot.press("d", "n")  # No is the answer unless y
+            assert rows.row_count == 1
+            await pilot.press("d", "y")
+            await _wait(pilot, lambda: rows.row_count == 0)
+            app.screen.query_one("#search", Input).value = ""
+            await _wait(pilot, lambda: rows.row_count == 1)  # the other one is still there
+        assert [cid for cid, *_ in saved.recent()] == [other]
+
+    run(body())

@@ -84,7 +84,8 @@ def test_quantize(snap_compare, app, size) -> None:
     assert snap_compare(app, terminal_size=size, run_before=ready)
 
 
-def test_conversations(snap_compare, app, home: Path) -> None:
+@pytest.mark.parametrize("size", [(80, 24), (140, 40)], ids=["80x24", "140x40"])
+def test_conversations(snap_compare, app, home: Path, size) -> None:
     from edgellm.runtime.templates import Message
     from edgellm.tui.conversations import Conversations
 
@@ -97,4 +98,4 @@ def test_conversations(snap_compare, app, home: Path) -> None:
         await library_ready(pilot)
         await pilot.press("h")
 
-    assert snap_compare(app, terminal_size=SIZE, run_before=ready)
+    assert snap_compare(app, terminal_size=size, run_before=ready)

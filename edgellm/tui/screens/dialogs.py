@@ -1,4 +1,4 @@
-"""Small modal screens: confirm an action, ask for a path."""
+"""Small modal screens: confirm an action, ask for a line of text (a path, a name)."""
 
 from __future__ import annotations
 
@@ -31,15 +31,19 @@ class ConfirmScreen(ModalScreen[bool]):
         self.dismiss(event.button.id == "yes")
 
 
-class ImportScreen(ModalScreen[str | None]):
-    """Ask for a local .gguf file to add to the store."""
+class AskScreen(ModalScreen[str | None]):
+    """Ask for one line (Enter answers, Esc or an empty line cancels)."""
 
     BINDINGS = [("escape", "dismiss(None)", "Cancel")]
 
+    def __init__(self, question: str, placeholder: str = "", value: str = "") -> None:
+        super().__init__()
+        self.question, self.placeholder, self.value = question, placeholder, value
+
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
-            yield Label("Path to a .gguf file to add to the store:")
-            yield Input(placeholder="~/Downloads/model.gguf", id="path")
+            yield Label(self.question)
+            yield Input(self.value, placeholder=self.placeholder, id="answer")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.dismiss(event.value.strip() or None)

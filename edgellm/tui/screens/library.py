@@ -173,10 +173,10 @@ class LibraryScreen(Screen):
         self.action_refresh()  # back from another screen: the store may have changed
 
     def action_import_model(self) -> None:
-        from edgellm.tui.screens.dialogs import ImportScreen
+        from edgellm.tui.screens.dialogs import AskScreen
 
         def chosen(path: str | None) -> None:
             if path:
                 self.app.import_file(path, self)
 
-        self.app.push_screen(ImportScreen(), chosen)
+        self.app.push_screen(AskScreen("Path to a .gguf file to add to the store:", "~/Downloads/model.gguf"), chosen)
