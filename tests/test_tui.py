@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -70,6 +71,7 @@ def test_library_chat_stream_and_stop(home: Path) -> None:
             assert isinstance(app.screen, ChatScreen)
             prompt = app.screen.query_one("#prompt", Input)
             await _wait(pilot, lambda: not prompt.disabled)
+            assert str(app.screen.query_one("#status", Static).render()).endswith("template: GGUF")
             app.settings = Settings.resolve({"temperature": 0, "max_tokens": 24})
             prompt.value = "What is the capital of Germany?"
             await pilot.press("enter")
@@ -79,6 +81,9 @@ def test_library_chat_stream_and_stop(home: Path) -> None:
             status_line = app.screen.query_one("#status", Static)
             status = str(status_line.render())
             assert "tok/s" in status and "context" in status and "kv f16/f16" in status
+            # under the answer, what it cost: tokens, speed, time to the first token
+            stats = [str(w.render()) for w in app.screen.query(".stats")]
+            assert len(stats) == 1 and re.fullmatch(r"\d+ tokens · [\d.]+ tok/s · first token \d+ ms", stats[0])
             # and a person sees it: on screen, above the footer rather than under it
             from textual.widgets import Footer
 
@@ -93,6 +98,7 @@ def test_library_chat_stream_and_stop(home: Path) -> None:
             await pilot.press("escape")
             await _wait(pilot, lambda: not app.screen.generating, timeout=10)
             assert "stopped" in str(app.screen.query_one("#status", Static).render())
+            assert str(app.screen.query(".stats").last().render()).endswith(" · stopped")  # marked where it stopped
             assert len(app.screen.history) == 4
         db = sqlite3.connect(home / "conversations.db")
         roles = [r for (r,) in db.execute("SELECT role FROM messages ORDER BY conversation, position")]
@@ -651,5 +657,28 @@ def test_conversations_can_be_searched_renamed_exported_and_deleted(home: Path) 
             app.screen.query_one("#search", Input).value = ""
             await _wait(pilot, lambda: rows.row_count == 1)  # the other one is still there
         assert [cid for cid, *_ in saved.recent()] == [other]
+
+    run(body())
+
+
+def test_a_model_without_a_chat_template_is_said_so(home: Path, gemma3: Path) -> None:
+    from textual.widgets import DataTable, Input, Static
+
+    from edgellm.models import store_for
+
+    store_for(Settings.resolve()).import_gguf(gemma3, "gemma3-base", link=True)
+
+    async def body() -> None:
+        app = _app(home)
+        async with app.run_test(size=(80, 24)) as pilot:
+            table = app.screen.query_one(DataTable)
+            await _wait(pilot, lambda: "gemma3-base" in [str(k.value) for k in table.rows])
+            table.move_cursor(row=table.get_row_index("gemma3-base"))
+            await pilot.press("enter")
+            prompt = app.screen.query_one("#prompt", Input)
+            await _wait(pilot, lambda: not prompt.disabled, timeout=120)
+            assert str(app.screen.query_one("#status", Static).render()).endswith("template: fallback")
+            assert any("gemma3-base has no chat template" in n.message and n.severity == "warning"
+                       for n in app._notifications)
 
     run(body())

@@ -103,7 +103,11 @@ class ChatScreen(Screen):
         self.model = model
         load = model.load_options
         where = "CPU" if not load.n_gpu_layers else f"{load.n_gpu_layers} GPU layers"
-        self._status(f"ready · ctx {load.n_ctx} · kv {load.type_k}/{load.type_v} · {where}")
+        template = model.template
+        self._status(f"ready · ctx {load.n_ctx} · kv {load.type_k}/{load.type_v} · {where} · template: {template.origin}")
+        if template.is_fallback:  # said once, not discovered from odd answers
+            self.app.notify(f"{self.model_name} has no chat template: messages go through a generic one, and a base "
+                            "model may just continue the text", severity="warning", timeout=10)
         prompt = self.query_one("#prompt", Input)
         prompt.disabled = False
         prompt.placeholder = "Message (Enter to send, Esc stops an answer)"
@@ -184,6 +188,10 @@ class ChatScreen(Screen):
         load = self.model.load_options
         used = t.prompt_tokens + t.generated_tokens
         note = " · stopped" if final.finish_reason == "cancelled" else ""
+        # under the answer, what it alone cost: kept in the transcript, answer by answer
+        stats = Static(Text(f"{t.generated_tokens} tokens · {speed} · first token {t.prompt_ms:.0f} ms{note}"),
+                       classes="stats")
+        self.query_one("#transcript", VerticalScroll).mount(stats, after=self._answer)
         self._status(f"{t.generated_tokens} tokens · {speed} · context {used}/{load.n_ctx} · "
                      f"kv {load.type_k}/{load.type_v} · GPU layers {load.n_gpu_layers}{note}")
 
