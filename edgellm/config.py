@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,7 @@ def _flash_attn(value: Any) -> str:
 # name -> (group, attribute, parser). ``group`` is the Settings attribute holding the value.
 _SPEC: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "model": ("", "model", str),
+    "system": ("", "system", str),
     "ctx": ("load", "n_ctx", _ctx),
     "batch": ("load", "n_batch", _int),
     "threads": ("load", "n_threads", _int),
@@ -144,6 +145,7 @@ class Settings:
     model: str | None = None
     gpu_memory: int | None = None  # free VRAM to plan for, instead of probing it
     ram: int | None = None  # free RAM to plan for, instead of probing it
+    system: str | None = None  # the system prompt a chat starts with
     load: LoadOptions = field(default_factory=LoadOptions)
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
 
@@ -196,6 +198,29 @@ class Settings:
         except EdgeLLMError as exc:
             raise ConfigError(exc.message, exc.hint) from None
         return cls(home=home, load=load, sampling=sampling, **groups[""])
+
+
+    def with_values(self, values: Mapping[str, Any], source: str,
+                    labels: Mapping[str, str] | None = None) -> Settings:
+        """These settings with some replaced (a model's preset), each parsed and checked as a value
+        of the config file is; ``source`` names where they came from in an error, or ``labels``
+        each setting's own place (a field of the app's settings dialog)."""
+        groups: dict[str, dict[str, Any]] = {"": {}, "load": {}, "sampling": {}}
+        for name, raw in values.items():
+            where = (labels or {}).get(name, source)
+            if name not in _SPEC:
+                raise ConfigError(f"{where}: unknown setting {name!r}")
+            group, attr, parse = _SPEC[name]
+            try:
+                groups[group][attr] = parse(raw)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{where}: invalid value {raw!r} for {name}: {exc}") from None
+        try:
+            load = replace(self.load, **groups["load"])
+            sampling = replace(self.sampling, **groups["sampling"])
+        except EdgeLLMError as exc:
+            raise ConfigError(f"{source}: {exc.message}", exc.hint) from None
+        return replace(self, load=load, sampling=sampling, **groups[""])
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:

@@ -22,6 +22,7 @@ LAYERS = {
     "edgellm.fsutil": 0,
     "edgellm.net": 0,
     "edgellm.config": 0,
+    "edgellm.presets": 0,
     "edgellm.gguf": 1,
     "edgellm.system": 1,
     "edgellm.plan": 2,

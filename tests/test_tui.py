@@ -43,11 +43,16 @@ def _app(home: Path):
 @pytest.fixture()
 def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """The Hugging Face Hub stand-in, where huggingface_hub (and so the app) looks for it."""
+    from huggingface_hub import constants
+
     from tests.hubstandin import HubStandIn
 
     stand_in = HubStandIn()
     monkeypatch.setenv("HF_ENDPOINT", stand_in.url)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    # huggingface_hub read HF_HOME when first imported (by an earlier test, in this process): its
+    # cache must move too, or the app's downloads land in the user's real Hub cache
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     yield stand_in
     stand_in.close()
 
@@ -549,14 +554,14 @@ def test_a_conversation_whose_model_was_deleted_can_still_be_read(home: Path) ->
 def test_convert_a_safetensors_repo_from_the_hub_stand_in(home: Path, hub, smollm2_hf: Path) -> None:
     from textual.widgets import DataTable, Input
 
-    hub.add("test/SmolLM2-135M-Instruct", {p.name: p for p in smollm2_hf.iterdir()})
+    hub.add("test/SmolLM2-Progress", {p.name: p for p in smollm2_hf.iterdir()})
 
     async def body() -> None:
         app = _app(home)
         async with app.run_test(size=(120, 40)) as pilot:
             await _library(pilot)
             await pilot.press("g")
-            app.screen.query_one("#source", Input).value = "test/SmolLM2-135M-Instruct"
+            app.screen.query_one("#source", Input).value = "test/SmolLM2-Progress"
             await pilot.press("enter")
             files = app.screen.query_one("#files", DataTable)
             await _wait(pilot, lambda: files.row_count == 7)
@@ -565,14 +570,14 @@ def test_convert_a_safetensors_repo_from_the_hub_stand_in(home: Path, hub, smoll
             app.screen._status = lambda text: (said.append(text), show(text))
             files.focus()
             await pilot.press("enter")  # the highlighted row: Q4_K_M
-            await _wait(pilot, lambda: any("added smollm2-135m-instruct-q4_k_m" in n.message for n in app._notifications),
+            await _wait(pilot, lambda: any("added smollm2-progress-q4_k_m" in n.message for n in app._notifications),
                         timeout=120)
-        assert (home / "models" / "smollm2-135m-instruct-q4_k_m" / "manifest.json").exists()
+        assert (home / "models" / "smollm2-progress-q4_k_m" / "manifest.json").exists()
         # each stage by name, with its own amount: downloads in bytes, then tensors converted and quantized
-        assert any(line.startswith("download test/SmolLM2-135M-Instruct: ") and " of 5" in line for line in said)
+        assert any(line.startswith("download test/SmolLM2-Progress: ") and " of 5" in line for line in said), said[:5]
         assert any(line.startswith("convert: ") and " MiB of " in line for line in said)
         assert any(line.startswith("quantize Q4_K_M: ") and " of 272 tensors · blk." in line for line in said)
-        assert (home / "checkpoints" / "smollm2-135m-instruct").is_symlink()
+        assert (home / "checkpoints" / "smollm2-progress").is_symlink()
 
     run(body())
 
@@ -679,6 +684,81 @@ def test_a_model_without_a_chat_template_is_said_so(home: Path, gemma3: Path) ->
             await _wait(pilot, lambda: not prompt.disabled, timeout=120)
             assert str(app.screen.query_one("#status", Static).render()).endswith("template: fallback")
             assert any("gemma3-base has no chat template" in n.message and n.severity == "warning"
+                       for n in app._notifications)
+
+    run(body())
+
+
+def test_a_models_preset_is_kept_across_restarts_and_is_its_own(home: Path, smollm2: Path) -> None:
+    from textual.widgets import Button, DataTable, Input, Static
+
+    from edgellm.models import store_for
+    from edgellm.presets import load_presets
+    from edgellm.tui.screens.chat import ChatScreen
+    from edgellm.tui.screens.settings import SettingsScreen
+
+    store = store_for(Settings.resolve())
+    for name in ("smollm2-135m-instruct", "other-copy"):
+        store.import_gguf(smollm2, name, link=True)
+
+    async def body() -> None:
+        app = _app(home)
+        async with app.run_test(size=(80, 24)) as pilot:
+            table = app.screen.query_one(DataTable)
+            await _wait(pilot, lambda: table.row_count == 2)
+            table.move_cursor(row=table.get_row_index("smollm2-135m-instruct"))
+            await pilot.press("s")
+            assert isinstance(app.screen, SettingsScreen)
+            for field, value in (("ctx", "2048"), ("system", "Answer in one word."), ("temperature", "0"),
+                                 ("max_tokens", "8")):
+                app.screen.query_one(f"#{field}", Input).value = value
+            await pilot.pause()
+            app.screen.query_one("#apply", Button).press()
+            await _wait(pilot, lambda: not isinstance(app.screen, SettingsScreen))
+        assert load_presets(home) == {"smollm2-135m-instruct": {"ctx": 2048, "system": "Answer in one word.",
+                                                                 "temperature": 0, "max_tokens": 8}}
+
+        app = _app(home)  # a restart: the preset is read back, for that model only
+        async with app.run_test(size=(80, 24)) as pilot:
+            table = app.screen.query_one(DataTable)
+            await _wait(pilot, lambda: table.row_count == 2)
+            table.move_cursor(row=table.get_row_index("other-copy"))
+            await pilot.press("s")
+            assert app.screen.query_one("#ctx", Input).value == ""  # the other model keeps the defaults
+            await pilot.press("escape")
+            table.move_cursor(row=table.get_row_index("smollm2-135m-instruct"))
+            await pilot.press("s")
+            assert app.screen.query_one("#system", Input).value == "Answer in one word."
+            await pilot.press("escape")
+            await pilot.press("enter")
+            assert isinstance(app.screen, ChatScreen)
+            prompt = app.screen.query_one("#prompt", Input)
+            await _wait(pilot, lambda: not prompt.disabled)
+            assert "ctx 2048" in str(app.screen.query_one("#status", Static).render())
+            prompt.value = "What is the capital of France?"
+            await pilot.press("enter")
+            await _wait(pilot, lambda: not app.screen.generating)
+            stats = str(app.screen.query(".stats").last().render())
+            assert int(stats.split()[0]) <= 8  # the preset's length limit
+
+    run(body())
+
+
+def test_a_broken_presets_file_is_said_so_not_crashed_on(home: Path) -> None:
+    from textual.widgets import Input
+
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "presets.toml").write_text('["smollm2-135m-instruct"]\nctx = "lots"\n')
+
+    async def body() -> None:
+        app = _app(home)
+        async with app.run_test(size=(80, 24)) as pilot:
+            table = await _library(pilot)
+            await _wait(pilot, lambda: str(table.get_row_at(0)[1]) == "?")  # no verdict, no crash
+            await pilot.press("enter")
+            prompt = app.screen.query_one("#prompt", Input)
+            await _wait(pilot, lambda: "could not be loaded" in prompt.placeholder)
+            assert any("presets.toml [smollm2-135m-instruct]: invalid value 'lots' for ctx" in n.message
                        for n in app._notifications)
 
     run(body())

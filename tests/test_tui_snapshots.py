@@ -30,6 +30,7 @@ def app(home: Path, monkeypatch: pytest.MonkeyPatch):
 async def library_ready(pilot) -> None:
     table = await _library(pilot)
     await _wait(pilot, lambda: table.get_row_at(0)[1] != "…")  # the planner's verdict is in
+    await pilot.pause()  # and the column has widened to it
 
 
 @pytest.mark.parametrize("size", [SIZE, (80, 24)], ids=["110x30", "80x24"])
@@ -55,14 +56,15 @@ def test_chat(snap_compare, app) -> None:
     assert snap_compare(app, terminal_size=SIZE, run_before=ready)
 
 
-def test_settings(snap_compare, app) -> None:
+@pytest.mark.parametrize("size", [(80, 24), (140, 40)], ids=["80x24", "140x40"])
+def test_settings(snap_compare, app, size) -> None:
     async def ready(pilot) -> None:
         await library_ready(pilot)
         await pilot.press("s")
         estimate = pilot.app.screen.query_one("#estimate")
         await _wait(pilot, lambda: "RAM" in str(estimate.render()))
 
-    assert snap_compare(app, terminal_size=(110, 44), run_before=ready)
+    assert snap_compare(app, terminal_size=size, run_before=ready)
 
 
 def test_get_a_model(snap_compare, app) -> None:

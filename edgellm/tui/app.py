@@ -39,6 +39,13 @@ class EdgeApp(App):
             self._hardware = probe(self.settings.gpu_memory, self.settings.ram)
         return self._hardware
 
+    def settings_for(self, model: str) -> Settings:
+        """The app's settings with ``model``'s preset (presets.toml) on top: what its chat loads and
+        samples with, and what the library judges its fit by."""
+        from edgellm.presets import FILE, preset_for
+
+        return self.settings.with_values(preset_for(self.settings.home, model), f"{FILE} [{model}]")
+
     def on_mount(self) -> None:
         from edgellm.tui.screens.library import LibraryScreen
 

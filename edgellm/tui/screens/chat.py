@@ -73,8 +73,9 @@ class ChatScreen(Screen):
         from edgellm.runtime.engine import load_model
 
         try:
-            resolved = resolve(self.model_name, self.app.settings)
-            model = load_model(resolved.path, load_options(self.app.settings), None, resolved.header,
+            settings = self.app.settings_for(self.model_name)
+            resolved = resolve(self.model_name, settings)
+            model = load_model(resolved.path, load_options(settings), None, resolved.header,
                                self.app.hardware)
         except Exception as exc:
             self.post_message(Done("load", error=exc))
@@ -140,7 +141,9 @@ class ChatScreen(Screen):
         last_draw = 0.0
         final = None
         try:
-            for chunk in self.model.chat(self.history, self.app.settings.sampling, cancel=self.stop.is_set):
+            settings = self.app.settings_for(self.model_name)  # as the preset is now (it may have changed)
+            system = [Message("system", settings.system)] if settings.system else []
+            for chunk in self.model.chat(system + self.history, settings.sampling, cancel=self.stop.is_set):
                 pieces.append(chunk.text)
                 thoughts.append(chunk.reasoning)
                 final = chunk

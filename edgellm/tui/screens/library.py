@@ -69,9 +69,9 @@ class LibraryScreen(Screen):
         from edgellm.gguf.header import read_header
         from edgellm.plan.fit import fit
 
-        load = self.app.settings.load
         for entry in self.app.store.list():
             try:
+                load = self.app.settings_for(entry.name).load  # the model's preset, if it has one
                 plan = fit(read_header(entry.gguf_path), self.app.hardware, n_ctx=load.n_ctx, type_k=load.type_k,
                            type_v=load.type_v, n_gpu_layers=load.n_gpu_layers, flash_attn=load.flash_attn)
                 # what it needs, in the memory it goes to: RAM, or RAM+VRAM when layers are offloaded

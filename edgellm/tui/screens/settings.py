@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from textual import on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
@@ -18,10 +16,38 @@ KV_CHOICES = [(name, name) for name in ("auto", *KV_TYPES)]
 
 #: each setting's field, as an error names it
 FIELDS = {"ctx": "Context", "gpu_layers": "GPU layers", "kv_type_k": "K cache type", "kv_type_v": "V cache type",
-          "flash_attn": "Flash attention"}
+          "flash_attn": "Flash attention", "system": "System prompt", "temperature": "Temperature",
+          "top_p": "Top-p", "max_tokens": "Max tokens"}
+SELECTS = {"kv_type_k": KV_CHOICES, "kv_type_v": KV_CHOICES, "flash_attn": [(m, m) for m in ("auto", "on", "off")]}
+
+
+def shown(settings, name: str) -> str:
+    """A setting as its field shows it."""
+    load, sampling = settings.load, settings.sampling
+    return {
+        "ctx": str(load.n_ctx) if load.n_ctx else ("auto" if load.n_ctx == 0 else ""),
+        "gpu_layers": "auto" if load.n_gpu_layers is None else ("all" if load.n_gpu_layers < 0 else str(load.n_gpu_layers)),
+        "kv_type_k": load.type_k, "kv_type_v": load.type_v, "flash_attn": load.flash_attn,
+        "system": settings.system or "", "temperature": f"{sampling.temperature:g}", "top_p": f"{sampling.top_p:g}",
+        "max_tokens": str(sampling.max_tokens),
+    }[name]
+
+
+def _typed(text: str) -> int | float | str:
+    """A field's text as the preset file keeps it: 2048 a number, q8_0 a word."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 class SettingsScreen(ModalScreen[bool]):
+    """A model's preset: how it loads (context, GPU layers, KV types, flash attention) and how it
+    answers (system prompt, temperature, top-p, length), kept across restarts in presets.toml.
+    What differs from the app's settings is saved; the estimate runs the checks a load runs."""
+
     BINDINGS = [("escape", "dismiss(False)", "Cancel")]
 
     def __init__(self, model_name: str) -> None:
@@ -29,19 +55,16 @@ class SettingsScreen(ModalScreen[bool]):
         self.model_name = model_name
 
     def compose(self) -> ComposeResult:
-        load = self.app.settings.load
+        current = self.app.settings_for(self.model_name)
         with Vertical(id="dialog"):
-            yield Label(f"Settings for {self.model_name}")
-            yield Label("Context (tokens, or auto)")
-            yield Input(str(load.n_ctx) if load.n_ctx else ("auto" if load.n_ctx == 0 else ""), placeholder="default", id="ctx")
-            yield Label("GPU layers (number, all or auto)")
-            yield Input("auto" if load.n_gpu_layers is None else str(load.n_gpu_layers), id="gpu_layers")
-            yield Label("K cache type")
-            yield Select(KV_CHOICES, value=load.type_k, allow_blank=False, id="kv_type_k")
-            yield Label("V cache type")
-            yield Select(KV_CHOICES, value=load.type_v, allow_blank=False, id="kv_type_v")
-            yield Label("Flash attention")
-            yield Select([(m, m) for m in ("auto", "on", "off")], value=load.flash_attn, allow_blank=False, id="flash_attn")
+            yield Label(f"Settings for {self.model_name} (kept for this model)")
+            for name, label in FIELDS.items():
+                with Horizontal(classes="field"):
+                    yield Label(label, classes="field-label")
+                    if name in SELECTS:
+                        yield Select(SELECTS[name], value=shown(current, name), allow_blank=False, id=name, compact=True)
+                    else:
+                        yield Input(shown(current, name), placeholder="default", id=name, compact=True)
             yield Label("", id="estimate")
             with Horizontal():
                 yield Button("Apply", id="apply", variant="primary")
@@ -51,20 +74,17 @@ class SettingsScreen(ModalScreen[bool]):
         self.estimate()
 
     def _values(self) -> dict:
-        return {
-            "ctx": self.query_one("#ctx", Input).value.strip() or None,
-            "gpu_layers": self.query_one("#gpu_layers", Input).value.strip() or None,
-            "kv_type_k": self.query_one("#kv_type_k", Select).value,
-            "kv_type_v": self.query_one("#kv_type_v", Select).value,
-            "flash_attn": self.query_one("#flash_attn", Select).value,
-        }
+        return {name: (self.query_one(f"#{name}", Select).value if name in SELECTS
+                       else self.query_one(f"#{name}", Input).value.strip()) for name in FIELDS}
+
+    def _changed(self) -> dict:
+        """The fields that differ from the app's own settings: what this model's preset holds."""
+        base = self.app.settings
+        return {name: value for name, value in self._values().items() if value != shown(base, name)}
 
     def _settings(self):
-        from edgellm.config import Settings
-
-        resolved = Settings._build(self.app.settings.home,
-                                   {k: (v, FIELDS[k]) for k, v in self._values().items() if v is not None})
-        return replace(self.app.settings, load=resolved.load)
+        values = {k: v for k, v in self._changed().items() if v != ""}
+        return self.app.settings.with_values(values, "settings", labels=FIELDS)
 
     @on(Input.Changed)
     @on(Select.Changed)
@@ -105,8 +125,12 @@ class SettingsScreen(ModalScreen[bool]):
         if event.button.id != "apply":
             self.dismiss(False)
             return
+        from edgellm.presets import save_preset
+
         try:
-            self.app.settings = self._settings()
+            self._settings()  # refused here if a value cannot be used, before anything is written
+            save_preset(self.app.settings.home, self.model_name,
+                        {name: _typed(value) for name, value in self._changed().items()})
         except Exception as exc:
             self.app.report(exc)
             return
