@@ -89,6 +89,12 @@ def test_library_chat_stream_and_stop(home: Path) -> None:
             # under the answer, what it cost: tokens, speed, time to the first token
             stats = [str(w.render()) for w in app.screen.query(".stats")]
             assert len(stats) == 1 and re.fullmatch(r"\d+ tokens · [\d.]+ tok/s · first token \d+ ms", stats[0])
+            # Ctrl+R answers the last question again, in place of the answer there was
+            await pilot.press("ctrl+r")
+            await _wait(pilot, lambda: not app.screen.generating)
+            assert len(app.screen.query(Markdown)) == 1 and len(app.screen.query(".stats")) == 1
+            assert [m.role for m in app.screen.history] == ["user", "assistant"]
+            assert "Berlin" in answers.last()._markdown
             # and a person sees it: on screen, above the footer rather than under it
             from textual.widgets import Footer
 

@@ -24,6 +24,7 @@ class ChatScreen(Screen):
         ("escape", "stop", "Stop answer"),
         ("ctrl+n", "new_chat", "New chat"),
         ("ctrl+y", "copy_last", "Copy answer"),
+        ("ctrl+r", "regenerate", "Regenerate"),
         ("ctrl+b", "back", "Back"),
     ]
 
@@ -122,12 +123,28 @@ class ChatScreen(Screen):
         if not text or self.model is None or self.generating:
             return
         event.input.value = ""
+        self.query_one("#transcript", VerticalScroll).mount(Static(text, classes="user"))
+        self.history.append(Message("user", text))
+        self._ask()
+
+    def action_regenerate(self) -> None:
+        """Answer the last question again: the last answer (and its thinking and figures) goes,
+        from the screen and the saved conversation alike."""
+        if self.model is None or self.generating or not self.history or self.history[-1].role != "assistant":
+            return
+        self.history.pop()
         transcript = self.query_one("#transcript", VerticalScroll)
-        transcript.mount(Static(text, classes="user"))
+        last_question = transcript.query(".user").last()
+        for widget in list(transcript.children)[list(transcript.children).index(last_question) + 1:]:
+            widget.remove()
+        self._ask()
+
+    def _ask(self) -> None:
+        """Generate an answer to the history as it stands, into a new answer widget."""
+        transcript = self.query_one("#transcript", VerticalScroll)
         answer = Markdown("", classes="assistant")
         transcript.mount(answer)
         transcript.scroll_end(animate=False)
-        self.history.append(Message("user", text))
         self.stop.clear()
         self.idle.clear()
         self.generating = True
