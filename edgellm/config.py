@@ -185,13 +185,7 @@ class Settings:
 
     @classmethod
     def _build(cls, home: Path, values: Mapping[str, tuple[Any, str]]) -> Settings:
-        groups: dict[str, dict[str, Any]] = {"": {}, "load": {}, "sampling": {}}
-        for name, (raw, source) in values.items():
-            group, attr, parse = _SPEC[name]
-            try:
-                groups[group][attr] = parse(raw)
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"{source}: invalid value {raw!r} for {name}: {exc}") from None
+        groups = _parsed(values)
         try:
             load = LoadOptions(**groups["load"])
             sampling = SamplingOptions(**groups["sampling"])
@@ -205,22 +199,29 @@ class Settings:
         """These settings with some replaced (a model's preset), each parsed and checked as a value
         of the config file is; ``source`` names where they came from in an error, or ``labels``
         each setting's own place (a field of the app's settings dialog)."""
-        groups: dict[str, dict[str, Any]] = {"": {}, "load": {}, "sampling": {}}
-        for name, raw in values.items():
-            where = (labels or {}).get(name, source)
-            if name not in _SPEC:
-                raise ConfigError(f"{where}: unknown setting {name!r}")
-            group, attr, parse = _SPEC[name]
-            try:
-                groups[group][attr] = parse(raw)
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"{where}: invalid value {raw!r} for {name}: {exc}") from None
+        unknown = next((name for name in values if name not in _SPEC), None)
+        if unknown is not None:
+            raise ConfigError(f"{(labels or {}).get(unknown, source)}: unknown setting {unknown!r}")
+        groups = _parsed({name: (raw, (labels or {}).get(name, source)) for name, raw in values.items()})
         try:
             load = replace(self.load, **groups["load"])
             sampling = replace(self.sampling, **groups["sampling"])
         except EdgeLLMError as exc:
             raise ConfigError(f"{source}: {exc.message}", exc.hint) from None
         return replace(self, load=load, sampling=sampling, **groups[""])
+
+
+def _parsed(values: Mapping[str, tuple[Any, str]]) -> dict[str, dict[str, Any]]:
+    """Each (raw value, where it came from) parsed into its group's attribute; a value that does
+    not parse is a ConfigError naming its source."""
+    groups: dict[str, dict[str, Any]] = {"": {}, "load": {}, "sampling": {}}
+    for name, (raw, source) in values.items():
+        group, attr, parse = _SPEC[name]
+        try:
+            groups[group][attr] = parse(raw)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{source}: invalid value {raw!r} for {name}: {exc}") from None
+    return groups
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
