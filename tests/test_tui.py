@@ -768,3 +768,29 @@ def test_a_broken_presets_file_is_said_so_not_crashed_on(home: Path) -> None:
                        for n in app._notifications)
 
     run(body())
+
+
+def test_code_blocks_of_the_last_answer_are_copied_one_at_a_time(home: Path) -> None:
+    from edgellm.runtime.templates import Message
+    from edgellm.tui.conversations import Conversations
+
+    answer = ("Two ways:\n\n```python\ndef add(a, b):\n    return a + b\n```\n\nor in a shell:\n\n"
+              "```sh\necho $((1 + 2))\n```\n")
+    saved = Conversations(home / "conversations.db")
+    cid = saved.new("smollm2-135m-instruct")
+    saved.save(cid, [Message("user", "How do I add two numbers?"), Message("assistant", answer)])
+
+    async def body() -> None:
+        app = _app(home)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await _library(pilot)
+            await pilot.press("h", "enter")
+            await pilot.press("ctrl+o")  # the last block first
+            assert app.clipboard == "echo $((1 + 2))\n"
+            assert app._notifications and "code block 2 of 2 copied (1 lines)" in list(app._notifications)[-1].message
+            await pilot.press("ctrl+o")  # then the one before it
+            assert app.clipboard == "def add(a, b):\n    return a + b\n"
+            await pilot.press("ctrl+o")  # and round again
+            assert app.clipboard == "echo $((1 + 2))\n"
+
+    run(body())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -19,11 +20,17 @@ from edgellm.tui.messages import AnswerSoFar, Done
 UPDATE_EVERY = 0.05  # seconds between redraws of a streaming answer
 
 
+def code_blocks(markdown: str) -> list[str]:
+    """The fenced code blocks of a Markdown answer, in order, without their fences."""
+    return [m.group(2) for m in re.finditer(r"^([`~]{3,})[^\n]*\n(.*?)^\1[ \t]*$", markdown, re.M | re.S)]
+
+
 class ChatScreen(Screen):
     BINDINGS = [
         ("escape", "stop", "Stop answer"),
         ("ctrl+n", "new_chat", "New chat"),
         ("ctrl+y", "copy_last", "Copy answer"),
+        ("ctrl+o", "copy_code", "Copy code"),  # not Ctrl+K: the prompt line deletes to its end with it
         ("ctrl+r", "regenerate", "Regenerate"),
         ("ctrl+b", "back", "Back"),
     ]
@@ -45,6 +52,7 @@ class ChatScreen(Screen):
         self.conversations: Conversations | None = None
         self.conversation = conversation
         self.read_only = read_only
+        self._code_turn = 0  # Ctrl+O: how many of the last answer's code blocks, from the end, were copied
 
     def compose(self) -> ComposeResult:
         yield Static(f"edgellm · chat · {self.model_name}", id="title")
@@ -200,6 +208,7 @@ class ChatScreen(Screen):
         if not self.is_attached:
             return
         self.history.append(Message("assistant", text))
+        self._code_turn = 0
         if self.conversation is None:
             self.conversation = self.conversations.new(self.model_name)
         self.conversations.save(self.conversation, self.history)
@@ -234,6 +243,20 @@ class ChatScreen(Screen):
         if answers:
             self.app.copy_to_clipboard(answers[-1])
             self.app.notify("answer copied")
+
+    def action_copy_code(self) -> None:
+        """Copy the last answer's code blocks one at a time: each press the one before, from the
+        last (the fences and language tag left out)."""
+        answers = [m.content for m in self.history if m.role == "assistant"]
+        blocks = code_blocks(answers[-1]) if answers else []
+        if not blocks:
+            self.app.notify("the last answer has no code block")
+            return
+        self._code_turn = self._code_turn % len(blocks) + 1
+        block = blocks[-self._code_turn]
+        self.app.copy_to_clipboard(block)
+        self.app.notify(f"code block {len(blocks) - self._code_turn + 1} of {len(blocks)} copied "
+                        f"({len(block.splitlines())} lines)")
 
     def action_back(self) -> None:
         self.stop.set()
