@@ -80,11 +80,17 @@ def plan_remote_gguf(ref: str, store: Store, hardware: Hardware, revision: str |
 def plan_checkpoint(repo: str, listing: RepoListing, store: Store, hardware: Hardware, target: str = "F16") -> Plan:
     """Whether a safetensors repo converted to ``target`` fits, from its config and tensor shapes
     (two small downloads): the planner sees the header conversion would write."""
-    from edgellm.convert.core import planned_header
     from edgellm.models.hub import remote_checkpoint
+
+    return plan_conversion(*remote_checkpoint(repo, listing, store), hardware, target)
+
+
+def plan_conversion(config: dict, shapes: dict[str, tuple[int, ...]], hardware: Hardware, target: str = "F16") -> Plan:
+    """Whether a checkpoint (its config and tensor shapes, already in hand) converted to ``target``
+    fits this machine."""
+    from edgellm.convert.core import planned_header
     from edgellm.plan.fit import fit
 
-    config, shapes = remote_checkpoint(repo, listing, store)
     return fit(planned_header(config, shapes, target), hardware)
 
 

@@ -28,6 +28,7 @@ class GetModelScreen(Screen):
         super().__init__()
         self.repo: str | None = None
         self.listing = None  # the Hub listing of a repo being converted
+        self.checkpoint: tuple[dict, dict] | None = None  # its config and tensor shapes, read with the listing
         self.folder: Path | None = None  # a local checkpoint being converted
         self.busy = False
         self.cancel = threading.Event()
@@ -93,11 +94,12 @@ class GetModelScreen(Screen):
         try:
             repo, _ = parse_ref(ref)
             listing = list_repo(repo, None, self.app.store)
-            found = self._sized(*remote_checkpoint(repo, listing, self.app.store)) if listing.is_checkpoint else None
+            checkpoint = remote_checkpoint(repo, listing, self.app.store) if listing.is_checkpoint else None
+            found = self._sized(*checkpoint) if checkpoint else None
         except Exception as exc:
             self.post_message(Done("list", error=exc))
         else:
-            self.post_message(Done("list", (repo, listing, found)))
+            self.post_message(Done("list", (repo, listing, checkpoint, found)))
 
     def on_done(self, message: Done) -> None:
         """Every worker's end, on the app's thread."""
@@ -120,7 +122,9 @@ class GetModelScreen(Screen):
         else:
             self._finish(message.result, message.error, message.what)
 
-    def _listed(self, repo: str, listing, found: tuple[int, dict[str, int]] | None) -> None:
+    def _listed(self, repo: str, listing, checkpoint: tuple[dict, dict] | None,
+                found: tuple[int, dict[str, int]] | None) -> None:
+        self.checkpoint = checkpoint
         if found is not None:
             self._show_conversion(repo, listing, None, *found)
         else:
@@ -209,12 +213,12 @@ class GetModelScreen(Screen):
         job = self._begin(f"converting{' and quantizing to ' + quant if quant else ''}")
         store, keep, adapters = self.app.store, self.app.settings.checkpoints_dir, [lora] if lora else []
         if self.folder is None:
-            from edgellm.workflows import plan_checkpoint
+            from edgellm.workflows import plan_conversion
 
-            repo, listing, hardware = self.repo, self.listing, self.app.hardware
+            repo, listing, checkpoint, hardware = self.repo, self.listing, self.checkpoint, self.app.hardware
 
-            def pull():
-                self.post_message(Done("plan", plan_checkpoint(repo, listing, store, hardware, quant or "F16")))
+            def pull():  # planned from the config and shapes the listing read: nothing fetched twice
+                self.post_message(Done("plan", plan_conversion(*checkpoint, hardware, quant or "F16")))
                 return pull_and_convert(repo, listing, store, keep, job, quant=quant, lora=adapters)[1]
 
             self._run("conversion", pull)
