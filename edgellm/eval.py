@@ -45,6 +45,26 @@ def _log_softmax(logits):
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
+def text_chunks(model, text: str, n_ctx: int, max_chunks: int | None, purpose: str) -> list[list[int]]:
+    """The text cut as llama.cpp's perplexity and imatrix tools cut it: tokenized once (BOS first
+    when the model adds one), chunks of ``n_ctx`` tokens, each starting with BOS in place of its
+    first token, at most ``max_chunks``. ``purpose`` names what needs them when the text is short."""
+    tokens = model.tokenize(text, add_special=True)
+    if len(tokens) < 2 * n_ctx:
+        raise UsageError(
+            f"the text is {len(tokens)} tokens; {purpose} with a context of {n_ctx} needs at least {2 * n_ctx}",
+            hint="use a longer text or a smaller --ctx",
+        )
+    n_chunks = len(tokens) // n_ctx
+    if max_chunks:
+        n_chunks = min(n_chunks, max_chunks)
+    chunks = [tokens[c * n_ctx : (c + 1) * n_ctx] for c in range(n_chunks)]
+    if model.bos is not None:
+        for chunk in chunks:
+            chunk[0] = model.bos
+    return chunks
+
+
 def evaluate(
     model_path: Path,
     text: str,
@@ -64,15 +84,8 @@ def evaluate(
     threads = threads or physical_cores()
     start_time = time.perf_counter()
     with NativeModel(model_path) as model:
-        tokens = model.tokenize(text, add_special=True)
-        if len(tokens) < 2 * n_ctx:
-            raise UsageError(
-                f"the text is {len(tokens)} tokens; perplexity with a context of {n_ctx} needs at least {2 * n_ctx}",
-                hint="use a longer text or a smaller --ctx",
-            )
-        n_chunks = len(tokens) // n_ctx
-        if max_chunks:
-            n_chunks = min(n_chunks, max_chunks)
+        chunks = text_chunks(model, text, n_ctx, max_chunks, "perplexity")
+        n_chunks = len(chunks)
         base = NativeModel(base_path) if base_path else None
         try:
             if base is not None and base.n_vocab != model.n_vocab:
@@ -93,12 +106,7 @@ def evaluate(
             )
             with model.context(**ctx_args) as ctx, (base.context(**ctx_args) if base else nullcontext()) as base_ctx:
                 for c0 in range(0, n_chunks, n_seq):
-                    group = []
-                    for c in range(c0, min(c0 + n_seq, n_chunks)):
-                        chunk = tokens[c * n_ctx : (c + 1) * n_ctx]
-                        if model.bos is not None:
-                            chunk[0] = model.bos
-                        group.append(chunk)
+                    group = chunks[c0 : c0 + n_seq]
                     ctx.clear()
                     logits = ctx.logits(group, first)
                     if base is not None:

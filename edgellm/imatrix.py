@@ -350,6 +350,7 @@ def compute_imatrix(
     tokens (at most ``chunks`` of them), ``n_gpu_layers`` offloaded (-1: all; activations on a GPU
     are copied back to be summed). ``dataset`` is recorded in the file as the text's name;
     ``process_output`` includes output.weight (llama-imatrix's --process-output)."""
+    from edgellm.eval import text_chunks
     from edgellm.runtime.native import NativeModel
     from edgellm.system.hardware import physical_cores
 
@@ -358,14 +359,8 @@ def compute_imatrix(
     threads = threads or physical_cores()
     collector = _Collector(process_output)
     with NativeModel(model_path, n_gpu_layers) as model:
-        tokens = model.tokenize(text, add_special=True)
-        if len(tokens) < 2 * n_ctx:
-            raise UsageError(
-                f"the text is {len(tokens)} tokens; an importance matrix with a context of {n_ctx} needs at least "
-                f"{2 * n_ctx}", hint="use a longer text or a smaller --ctx")
-        n_chunks = len(tokens) // n_ctx
-        if chunks:
-            n_chunks = min(n_chunks, chunks)
+        pieces = text_chunks(model, text, n_ctx, chunks, "an importance matrix")
+        n_chunks = len(pieces)
         n_seq = max(1, N_BATCH // n_ctx)
         with model.context(n_ctx=n_ctx * n_seq, n_batch=min(N_BATCH, n_ctx * n_seq), n_ubatch=512,
                            n_threads=threads, n_seq_max=n_seq, eval_callback=collector) as ctx:
@@ -373,12 +368,7 @@ def compute_imatrix(
             for c0 in range(0, n_chunks, n_seq):
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("importance matrix cancelled; no file was written")
-                group = []
-                for c in range(c0, min(c0 + n_seq, n_chunks)):
-                    chunk = tokens[c * n_ctx : (c + 1) * n_ctx]
-                    if model.bos is not None:
-                        chunk[0] = model.bos
-                    group.append(chunk)
+                group = pieces[c0 : c0 + n_seq]
                 ctx.clear()
                 ctx.evaluate(group)
                 if collector.error is not None:
