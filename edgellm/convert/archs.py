@@ -135,6 +135,8 @@ class Architecture:
     )
     #: rows of attn_q / attn_k are reordered for llama.cpp's (non-NeoX) rope
     permute_qk: ClassVar[bool] = True
+    #: a vision-language checkpoint: its text model's tensors are converted (see text_part)
+    multimodal: ClassVar[bool] = False
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
@@ -270,6 +272,8 @@ class Architecture:
 
     def gguf_name(self, hf_name: str) -> str | None:
         """llama.cpp's name for a HF tensor, or None when it is skipped."""
+        if self.multimodal and (hf_name := text_part(hf_name)) is None:
+            return None
         if hf_name.endswith(self.skipped):
             return None
         name = self.names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -283,6 +287,19 @@ class Architecture:
         if self.permute_qk and gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
             return _permute(data, self.n_head_kv)
         return data
+
+    def require_experts(self) -> None:
+        """A family that is only ever a mixture of experts: a config without them is not one."""
+        if not self.n_expert:
+            raise CheckpointError("config.json: num_local_experts is missing or 0")
+
+    def check_nope_every_fourth(self) -> None:
+        """A family whose every fourth layer has no rope (NoPE), the only pattern llama.cpp's graph
+        for it runs: a config that says otherwise is refused."""
+        pattern = self.config.get("no_rope_layers")
+        if pattern is not None and list(pattern) != [int((i + 1) % 4 != 0) for i in range(self.n_layer)]:
+            raise CheckpointError(f"config.json: no_rope_layers is not every fourth layer, the only pattern "
+                                  f"llama.cpp's {self.arch.name.lower()} runs")
 
     def check_routing(self, normalizes: bool) -> None:
         """Refuse a mixture-of-experts config whose routing llama.cpp's graph for this family does
@@ -337,8 +354,8 @@ def text_part(hf_name: str) -> str | None:
     """A vision-language checkpoint's tensor by its text model's name (``model.language_model.`` in
     transformers 5, ``language_model.model.`` before), or None for the vision tower and projector,
     which are not ours to convert (llama.cpp keeps them in a separate mmproj file)."""
-    if hf_name.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
-                           "model.multi_modal_projector.")):
+    if hf_name.startswith(("vision_tower.", "vision_model.", "multi_modal_projector.", "model.vision_tower.",
+                           "model.vision_model.", "model.multi_modal_projector.")):
         return None
     return hf_name.replace("language_model.model.", "model.").replace("model.language_model.", "model.") \
         .replace("language_model.lm_head.", "lm_head.")
@@ -467,10 +484,7 @@ class Gemma2(Gemma):
 class Gemma3(Gemma2):
     arch = gguf.MODEL_ARCH.GEMMA3
     per_block = Gemma2.per_block + (T.ATTN_Q_NORM, T.ATTN_K_NORM)
-
-    def gguf_name(self, hf_name: str) -> str | None:
-        text = text_part(hf_name)
-        return super().gguf_name(text) if text is not None else None
+    multimodal = True  # Gemma3ForConditionalGeneration nests the text model
 
 
 @register("Phi3ForCausalLM")
@@ -532,6 +546,7 @@ class Mistral3(Architecture):
     """Mistral Small 3.x: a Mistral text model beside a Pixtral vision tower; the text part."""
 
     arch = gguf.MODEL_ARCH.MISTRAL3
+    multimodal = True
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
@@ -539,10 +554,6 @@ class Mistral3(Architecture):
         if kind not in ("mistral", "mistral3"):
             raise CheckpointError(f"a Mistral 3 checkpoint whose text model is {brief(kind)}; edgellm converts "
                                   "those with a Mistral text model (Mistral Small 3.x)")
-
-    def gguf_name(self, hf_name: str) -> str | None:
-        text = text_part(hf_name)
-        return super().gguf_name(text) if text is not None else None
 
 
 @register("Llama4ForConditionalGeneration", "Llama4ForCausalLM")
@@ -554,21 +565,18 @@ class Llama4(Architecture):
 
     arch = gguf.MODEL_ARCH.LLAMA4
     permute_qk = False
+    multimodal = True  # Llama4ForConditionalGeneration nests the text model beside its vision model
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
         c = config
         self.step = self._int(("interleave_moe_layer_step",), 1, MAX_LAYERS, default=1)
-        dense = self._int(("intermediate_size_mlp",), 1, 1 << 22)
-        self.dense_ff = dense
+        self.dense_ff = self._int(("intermediate_size_mlp",), 1, 1 << 22)
         fixed = {"attention_chunk_size": 8192, "floor_scale": 8192, "attn_scale": 0.1}
         for key, value in fixed.items():
             if c.get(key) is not None and c[key] != value:
                 raise CheckpointError(f"config.json: {key} is {brief(c[key])}; llama.cpp's llama4 fixes it at {value}")
-        pattern = c.get("no_rope_layers")
-        if pattern is not None and list(pattern) != [int((i + 1) % 4 != 0) for i in range(self.n_layer)]:
-            raise CheckpointError("config.json: no_rope_layers is not every fourth layer, the only pattern llama.cpp's "
-                                  "llama4 runs")
+        self.check_nope_every_fourth()
         if self.n_expert and bool(c.get("use_qk_norm", True)) != (self.n_expert != 128):
             raise CheckpointError("config.json: use_qk_norm disagrees with llama.cpp's llama4, which norms Q and K in "
                                   "all but the 128-expert model")
@@ -596,12 +604,6 @@ class Llama4(Architecture):
                 else (T.FFN_GATE, T.FFN_UP, T.FFN_DOWN)
             out.update(gguf.TENSOR_NAMES[t].format(bid=bid) + ".weight" for t in attention + ffn)
         return out
-
-    def gguf_name(self, hf_name: str) -> str | None:
-        text = text_part(hf_name)
-        if text is None or text.startswith(("vision_model.", "model.vision_model.")):
-            return None
-        return super().gguf_name(text)
 
     def split(self, hf_name: str, shapes: dict[str, tuple[int, ...]]) -> list[Mapped] | None:
         text, shape = text_part(hf_name), shapes[hf_name]
@@ -636,8 +638,7 @@ class GptOss(Architecture):
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
-        if not self.n_expert:
-            raise CheckpointError("config.json: num_local_experts is missing or 0")
+        self.require_experts()
         self.window = self._int(("sliding_window",), 1, 1 << 30)
         kinds = config.get("layer_types")
         if kinds is not None and list(kinds) != [("sliding_attention", "full_attention")[i % 2]
@@ -699,10 +700,7 @@ class SmolLM3(Architecture):
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
-        pattern = config.get("no_rope_layers")
-        if pattern is not None and list(pattern) != [int((i + 1) % 4 != 0) for i in range(self.n_layer)]:
-            raise CheckpointError("config.json: no_rope_layers is not every fourth layer, the only pattern "
-                                  "llama.cpp's smollm3 runs")
+        self.check_nope_every_fourth()
 
 
 @register("Olmo2ForCausalLM")
@@ -751,8 +749,7 @@ class GraniteMoe(Granite):
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
-        if not self.n_expert:
-            raise CheckpointError("config.json: num_local_experts is missing or 0")
+        self.require_experts()
         self.n_ff_expert = self._int(("intermediate_size",), 1, 1 << 22)
         self.shared = self._int(("shared_intermediate_size",), 0, 1 << 22, default=0)
         if self.shared:
