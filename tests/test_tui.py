@@ -40,6 +40,17 @@ def _app(home: Path):
     return make_app(Settings.resolve())
 
 
+def _saved(home: Path, model: str, question: str, answer: str):
+    """A conversation saved as the chat saves one: (the conversations, its id)."""
+    from edgellm.runtime.templates import Message
+    from edgellm.tui.conversations import Conversations
+
+    saved = Conversations(home / "conversations.db")
+    cid = saved.new(model)
+    saved.save(cid, [Message("user", question), Message("assistant", answer)])
+    return saved, cid
+
+
 @pytest.fixture()
 def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """The Hugging Face Hub stand-in, where huggingface_hub (and so the app) looks for it."""
@@ -492,13 +503,9 @@ def test_quantize_with_an_importance_matrix_shows_the_sweeps_figures_and_asks_fo
 def test_reopen_a_saved_conversation(home: Path) -> None:
     from textual.widgets import DataTable, Markdown, Static
 
-    from edgellm.runtime.templates import Message
-    from edgellm.tui.conversations import Conversations
     from edgellm.tui.screens.chat import ChatScreen
 
-    saved = Conversations(home / "conversations.db")
-    cid = saved.new("smollm2-135m-instruct")
-    saved.save(cid, [Message("user", "Remember the word banana."), Message("assistant", "I will remember **banana**.")])
+    saved, cid = _saved(home, "smollm2-135m-instruct", "Remember the word banana.", "I will remember **banana**.")
 
     async def body() -> None:
         app = _app(home)
@@ -530,13 +537,9 @@ def test_reopen_a_saved_conversation(home: Path) -> None:
 def test_a_conversation_whose_model_was_deleted_can_still_be_read(home: Path) -> None:
     from textual.widgets import DataTable, Input, Static
 
-    from edgellm.runtime.templates import Message
-    from edgellm.tui.conversations import Conversations
     from edgellm.tui.screens.chat import ChatScreen
 
-    saved = Conversations(home / "conversations.db")
-    cid = saved.new("gone-model")
-    saved.save(cid, [Message("user", "What is 2 + 2?"), Message("assistant", "It is **4**.")])
+    _saved(home, "gone-model", "What is 2 + 2?", "It is **4**.")
 
     async def body() -> None:
         app = _app(home)
@@ -626,15 +629,10 @@ def test_every_key_is_reachable_at_80x24_through_help_and_the_palette(home: Path
 def test_conversations_can_be_searched_renamed_exported_and_deleted(home: Path) -> None:
     from textual.widgets import DataTable, Input
 
-    from edgellm.runtime.templates import Message
-    from edgellm.tui.conversations import Conversations
     from edgellm.tui.screens.dialogs import AskScreen
 
-    saved = Conversations(home / "conversations.db")
-    fruit = saved.new("smollm2-135m-instruct")
-    saved.save(fruit, [Message("user", "Remember the word banana."), Message("assistant", "I will remember **banana**.")])
-    other = saved.new("smollm2-135m-instruct")
-    saved.save(other, [Message("user", "What is 2 + 2?"), Message("assistant", "4")])
+    saved, fruit = _saved(home, "smollm2-135m-instruct", "Remember the word banana.", "I will remember **banana**.")
+    _, other = _saved(home, "smollm2-135m-instruct", "What is 2 + 2?", "4")
 
     async def body() -> None:
         app = _app(home)
@@ -771,14 +769,9 @@ def test_a_broken_presets_file_is_said_so_not_crashed_on(home: Path) -> None:
 
 
 def test_code_blocks_of_the_last_answer_are_copied_one_at_a_time(home: Path) -> None:
-    from edgellm.runtime.templates import Message
-    from edgellm.tui.conversations import Conversations
-
     answer = ("Two ways:\n\n```python\ndef add(a, b):\n    return a + b\n```\n\nor in a shell:\n\n"
               "```sh\necho $((1 + 2))\n```\n")
-    saved = Conversations(home / "conversations.db")
-    cid = saved.new("smollm2-135m-instruct")
-    saved.save(cid, [Message("user", "How do I add two numbers?"), Message("assistant", answer)])
+    _saved(home, "smollm2-135m-instruct", "How do I add two numbers?", answer)
 
     async def body() -> None:
         app = _app(home)
