@@ -63,7 +63,10 @@ class ImportanceMatrix:
 
     def save(self, path: Path) -> None:
         """Write llama-imatrix's GGUF format: keys, then ``<name>.in_sum2`` [n_in, n_mat] and
-        ``<name>.counts`` [1, n_mat] float32 tensors in name order; the file appears whole or not."""
+        ``<name>.counts`` [1, n_mat] float32 tensors in name order; the file appears whole or not.
+        Written here, not with gguf-py: importing gguf loads sentencepiece's C++ extension, after
+        which a model load in llama.cpp's CUDA build crashes, and a quantization follows this in
+        the same process."""
         import numpy as np
 
         tensors = []
@@ -168,7 +171,8 @@ def load_imatrix(path: str | Path) -> ImportanceMatrix:
 
 # -- reading activations from ggml's scheduler -----------------------------------------------------
 class _Tensor(ctypes.Structure):
-    """``struct ggml_tensor`` (ggml.h), read only; its size is checked against ggml at first use."""
+    """``struct ggml_tensor`` (ggml.h), read only; the layout is checked against ggml at first use
+    (ggml's element count of a node against the one read through these fields)."""
 
     _fields_ = [
         ("type", ctypes.c_int),

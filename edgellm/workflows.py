@@ -247,7 +247,7 @@ def make_imatrix(model_path: Path, text: str, output: Path, job: Job, *, dataset
     return matrix
 
 
-def calibrated_imatrix(store: Store, model_name: str, model_path: Path, job: Job, *, text: str | None = None,
+def calibrated_imatrix(store: Store, model_name: str, header: GGUFHeader, job: Job, *, text: str | None = None,
                        dataset: str = "", n_ctx: int = 512, chunks: int | None = None,
                        threads: int | None = None) -> Path:
     """An importance matrix of a model on a calibration text (edgellm's own unless ``text``), made
@@ -255,17 +255,16 @@ def calibrated_imatrix(store: Store, model_name: str, model_path: Path, job: Job
     (a sweep quantizes to several types from one matrix)."""
     import hashlib
 
-    from edgellm.gguf.header import read_header
     from edgellm.imatrix import calibration_text, gpu_layers_for
 
     if text is None:
         text, dataset = calibration_text(), "edgellm calibration text"
-    key = f"{model_name}\0{Path(model_path).stat().st_size}\0{n_ctx}\0{chunks}\0{text}"
+    key = f"{model_name}\0{header.file_size}\0{n_ctx}\0{chunks}\0{text}"
     path = store.root / ".imatrix" / f"{model_name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.gguf"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        layers = gpu_layers_for(read_header(model_path), n_ctx)
-        make_imatrix(model_path, text, path, job, dataset=dataset, n_ctx=n_ctx, chunks=chunks, threads=threads,
+        layers = gpu_layers_for(header, n_ctx)
+        make_imatrix(header.path, text, path, job, dataset=dataset, n_ctx=n_ctx, chunks=chunks, threads=threads,
                      n_gpu_layers=layers)
     return path
 

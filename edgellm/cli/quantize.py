@@ -133,7 +133,7 @@ def _imatrix_for(args: argparse.Namespace, settings, model) -> Path | None:
     text = _read_text(Path(args.calibration)) if args.calibration else None
     print(f"measuring {model.name}'s activations on {args.calibration or 'the calibration text'}", file=sys.stderr)
     return job_with_bar(lambda job: calibrated_imatrix(
-        store_for(settings), model.name, model.header.path, job, text=text, dataset=args.calibration,
+        store_for(settings), model.name, model.header, job, text=text, dataset=args.calibration,
         threads=args.threads))
 
 

@@ -171,7 +171,7 @@ class QuantizeScreen(ModalScreen[str | None]):
             pass
         try:
             refuse_requantize(self.header)  # before the calibration, not after it
-            matrix = calibrated_imatrix(store, self.model_name, self.header.path, job) if imatrix else None
+            matrix = calibrated_imatrix(store, self.model_name, self.header, job) if imatrix else None
             _, entry = quantize_into_store(store, self.model_name, self.header, quant_type(type_name), job,
                                            name=name, imatrix=matrix)
         except Exception as exc:
