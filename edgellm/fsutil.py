@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from edgellm.errors import StorageError
+
 TMP_PREFIX = ".edgellm-tmp-"
 STALE_AFTER = 600  # seconds: a temporary without its owner's pid (older edgellm) is stale after this
 
@@ -113,10 +115,15 @@ def _fsync_dir(path: Path) -> None:
 
 @contextmanager
 def atomic_path(dest: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``dest``; it replaces ``dest`` only if the block succeeds."""
+    """Yield a temporary path beside ``dest``; it replaces ``dest`` only if the block succeeds. A
+    destination that cannot be written (its folder is a file, or read-only) is a StorageError
+    before the block runs, not a traceback after it."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=tmp_prefix(), suffix=dest.suffix, dir=dest.parent)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=tmp_prefix(), suffix=dest.suffix, dir=dest.parent)
+    except OSError as exc:
+        raise StorageError(f"cannot write {dest}: {exc.strerror or exc}") from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -62,11 +62,15 @@ class ImportanceMatrix:
         return out
 
     def save(self, path: Path) -> None:
+        """Write the file at ``path``, which appears whole or not at all."""
+        with atomic_path(Path(path)) as tmp:
+            self.write(tmp)
+
+    def write(self, path: Path) -> None:
         """Write llama-imatrix's GGUF format: keys, then ``<name>.in_sum2`` [n_in, n_mat] and
-        ``<name>.counts`` [1, n_mat] float32 tensors in name order; the file appears whole or not.
-        Written here, not with gguf-py: importing gguf loads sentencepiece's C++ extension, after
-        which a model load in llama.cpp's CUDA build crashes, and a quantization follows this in
-        the same process."""
+        ``<name>.counts`` [1, n_mat] float32 tensors in name order. Written here, not with gguf-py:
+        importing gguf loads sentencepiece's C++ extension, after which a model load in llama.cpp's
+        CUDA build crashes, and a quantization follows this in the same process."""
         import numpy as np
 
         tensors = []
@@ -80,7 +84,7 @@ class ImportanceMatrix:
             ("imatrix.chunk_count", _UINT32, self.chunk_count),
             ("imatrix.chunk_size", _UINT32, self.chunk_size),
         ]
-        with atomic_path(Path(path)) as tmp, open(tmp, "wb") as out:
+        with open(path, "wb") as out:
             out.write(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(metadata)))
             for key, vtype, value in metadata:
                 out.write(_gguf_string(key) + struct.pack("<I", vtype))

@@ -240,10 +240,13 @@ def make_imatrix(model_path: Path, text: str, output: Path, job: Job, *, dataset
     def progress(done: int, total: int, rate: float) -> None:
         job.step("importance matrix", done * n_ctx, total * n_ctx, "tokens", f"{rate:.0f} tok/s")
 
-    matrix = compute_imatrix(model_path, text, n_ctx=n_ctx, chunks=chunks, threads=threads,
-                             n_gpu_layers=n_gpu_layers, dataset=dataset, process_output=process_output,
-                             on_progress=progress, cancel=job.cancel)
-    matrix.save(output)
+    from edgellm.fsutil import atomic_path
+
+    with atomic_path(Path(output)) as tmp:  # a destination that cannot be written is said before the work
+        matrix = compute_imatrix(model_path, text, n_ctx=n_ctx, chunks=chunks, threads=threads,
+                                 n_gpu_layers=n_gpu_layers, dataset=dataset, process_output=process_output,
+                                 on_progress=progress, cancel=job.cancel)
+        matrix.write(tmp)
     return matrix
 
 

@@ -267,3 +267,14 @@ def test_experts_each_get_the_tokens_routed_to_them(cli, smollm2_f16: Path, tmp_
     assert r.returncode == 0, r.stderr
     types = {t.name: t.type_name for t in read_header(out).tensors}
     assert types["blk.1.ffn_down_exps.weight"] == "IQ2_XS"
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_work(cli, smollm2_f16: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for args in (["imatrix", str(smollm2_f16), "-o", str(blocker / "x.gguf")],
+                 ["quantize", str(smollm2_f16), "Q8_0", "-o", str(blocker / "x.gguf")]):
+        r = cli(*args)
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.strip().splitlines()[-1] == f"error: cannot write {blocker / 'x.gguf'}: File exists"
+        assert "Traceback" not in r.stderr and "internal error" not in r.stderr
