@@ -25,6 +25,20 @@ def tmp_prefix(kind: str = "") -> str:
     return f"{TMP_PREFIX}{os.getpid()}-{kind}"
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it (os.umask both sets and
+    reads, which would race with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -130,6 +144,7 @@ def atomic_path(dest: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would have made it: mkstemp's is owner-only
         os.replace(tmp, dest)
         _fsync_dir(dest.parent)
     except BaseException:
@@ -157,6 +172,7 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
             if child.is_file():
                 with open(child, "rb+") as fh:
                     os.fsync(fh.fileno())
+        os.chmod(tmp, 0o777 & ~_umask())  # as mkdir would have made it: mkdtemp's is owner-only
         os.rename(tmp, dest)
         _fsync_dir(dest.parent)
     except BaseException:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import _thread
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -175,6 +176,9 @@ def test_quantize_to_a_file_with_tensor_type_overrides(smollm2_f16: Path, tmp_pa
         on_tensor=lambda i, n, name: seen.append((i, n)),
     )
     assert result.size_after == out.stat().st_size < result.size_before
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask  # readable as any new file is, not owner-only
     assert sorted(seen) == [(i, 272) for i in range(1, 273)]  # every tensor reported once
     types = {t.name: t.type_name for t in read_header(out).tensors}
     assert types["token_embd.weight"] == "Q8_0"

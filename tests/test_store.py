@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,9 @@ def test_import_list_show_rm_round_trip(cli, home: Path, smollm2: Path) -> None:
     assert r.stdout.strip() == "imported smol (93.8 MiB, Q4_1)"
     folder = home / "models" / "smol"
     assert (folder / smollm2.name).stat().st_size == smollm2.stat().st_size
+    mask = os.umask(0o022)
+    os.umask(mask)  # the model's folder and files are made as mkdir and open make them, not owner-only
+    assert (folder.stat().st_mode & 0o777, (folder / "manifest.json").stat().st_mode & 0o777) == (0o777 & ~mask, 0o666 & ~mask)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["architecture"] == "llama"
     assert manifest["parameters"] == 134_515_008
