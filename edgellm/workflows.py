@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from edgellm.imatrix import ImportanceMatrix
     from edgellm.models.hub import GGUFChoice, RepoListing
     from edgellm.models.store import ModelEntry, Store
+    from edgellm.options import LoadOptions
     from edgellm.plan.fit import Plan
     from edgellm.quantize import QuantizeResult
     from edgellm.system.hardware import Hardware
@@ -67,14 +68,34 @@ class Job:
 
 
 # -- planning before anything is fetched ---------------------------------------------------------
-def plan_remote_gguf(ref: str, store: Store, hardware: Hardware, revision: str | None = None
-                     ) -> tuple[GGUFChoice, Plan]:
+# Each plan takes the settings a model would load with (LoadOptions: context, K/V types, GPU layers);
+# None plans with the defaults.
+def plan_remote_gguf(ref: str, store: Store, hardware: Hardware, revision: str | None = None,
+                     load: LoadOptions | None = None) -> tuple[GGUFChoice, Plan]:
     """The quantization REPO[:QUANT] names and whether it fits, from its remote header alone."""
     from edgellm.models.hub import remote_header
-    from edgellm.plan.fit import fit
+    from edgellm.plan.fit import fit_load
 
     choice, header = remote_header(ref, store, revision)
-    return choice, fit(header, hardware)
+    return choice, fit_load(header, hardware, load)
+
+
+def plan_quants(repo: str, listing: RepoListing, store: Store, hardware: Hardware,
+                load: LoadOptions | None = None) -> dict[str, Plan]:
+    """Whether each GGUF quantization of a listed repo fits, before any is downloaded. One header
+    is read (the default pick's: a few MiB of range requests); every other file is planned as the
+    same model with that file's weights, each part in proportion (the KV cache and the compute
+    buffers depend on the model, not on how its weights are quantized)."""
+    from edgellm.models.hub import choose, listed_header
+    from edgellm.plan.fit import fit_load
+    from edgellm.plan.memory import ModelShape
+
+    read = choose(listing.gguf, None, repo)
+    header = listed_header(repo, listing, read, store)
+    shape = ModelShape.from_header(header)
+    metadata = header.file_size - shape.weight_bytes  # the same vocabulary and keys in every file
+    return {quant: fit_load(shape if choice is read else shape.resized(max(choice.size - metadata, 0)), hardware, load)
+            for quant, choice in listing.gguf.items()}
 
 
 def plan_checkpoint(repo: str, listing: RepoListing, store: Store, hardware: Hardware, target: str = "F16") -> Plan:
@@ -85,22 +106,26 @@ def plan_checkpoint(repo: str, listing: RepoListing, store: Store, hardware: Har
     return plan_conversion(*remote_checkpoint(repo, listing, store), hardware, target)
 
 
-def plan_conversion(config: dict, shapes: dict[str, tuple[int, ...]], hardware: Hardware, target: str = "F16") -> Plan:
+def plan_conversion(config: dict, shapes: dict[str, tuple[int, ...]], hardware: Hardware, target: str = "F16",
+                    load: LoadOptions | None = None) -> Plan:
     """Whether a checkpoint (its config and tensor shapes, already in hand) converted to ``target``
     fits this machine."""
     from edgellm.convert.core import planned_header
-    from edgellm.plan.fit import fit
+    from edgellm.plan.fit import fit_load
 
-    return fit(planned_header(config, shapes, target), hardware)
+    return fit_load(planned_header(config, shapes, target), hardware, load)
 
 
-def conversion_sizes(config: dict, shapes: dict[str, tuple[int, ...]], targets: Sequence[str]) -> dict[str, int]:
-    """The size of the GGUF each target (F16, Q4_K_M, ...) would make of a checkpoint, from the
-    header conversion would write: its real parameter count, whatever the checkpoint's dtype
-    (an F32 checkpoint is not twice the size of its F16 conversion), 1-D tensors at f32."""
+def plan_conversions(config: dict, shapes: dict[str, tuple[int, ...]], targets: Sequence[str], hardware: Hardware,
+                     load: LoadOptions | None = None) -> dict[str, tuple[int, Plan]]:
+    """The size of the GGUF each target (F16, Q4_K_M, ...) would make of a checkpoint, and whether
+    it fits, from the header conversion would write: its real parameter count, whatever the
+    checkpoint's dtype (an F32 checkpoint is not twice the size of its F16 conversion)."""
     from edgellm.convert.core import planned_header
+    from edgellm.plan.fit import fit_load
 
-    return {target: planned_header(config, shapes, target).file_size for target in targets}
+    headers = {target: planned_header(config, shapes, target) for target in targets}
+    return {target: (header.file_size, fit_load(header, hardware, load)) for target, header in headers.items()}
 
 
 # -- download --------------------------------------------------------------------------------------

@@ -66,6 +66,21 @@ def test_estimates_within_5_percent_of_llama_cpp(which: str, request: pytest.Fix
                 assert ours == pytest.approx(theirs, rel=0.05), (which, ctx, k, v, fa, ub, swa_full, name)
 
 
+def test_another_quantization_is_planned_from_one_header(smollm2: Path, smollm2_f16: Path) -> None:
+    """A Hub repo's quantizations are planned from one header: the F16's shape with the Q4_1's
+    weights needs what the Q4_1's own header says, within 2% (KV and compute are the model's)."""
+    from edgellm.plan.fit import fit
+    from edgellm.system.hardware import probe
+
+    q4 = ModelShape.from_header(read_header(smollm2))
+    f16 = ModelShape.from_header(read_header(smollm2_f16))
+    assert f16.weight_bytes > 2.5 * q4.weight_bytes
+    hw = probe()
+    own, planned = fit(q4, hw, n_ctx=4096), fit(f16.resized(q4.weight_bytes), hw, n_ctx=4096)
+    assert planned.memory.cpu == pytest.approx(own.memory.cpu, rel=0.02)
+    assert planned.memory.kv == own.memory.kv
+
+
 def test_kv_cache_shrinks_as_the_types_say(smollm2: Path) -> None:
     kv = {}
     with NativeModel(smollm2) as model:

@@ -366,6 +366,44 @@ def test_get_a_model_from_the_hub_stand_in(home: Path, hub, smollm2: Path) -> No
     run(body())
 
 
+def test_search_the_hub_then_see_which_quantizations_fit(home: Path, hub, smollm2: Path, smollm2_f16: Path,
+                                                         monkeypatch) -> None:
+    """#20: a word, not an exact repo id, searches the Hub; Enter on a hit lists its files, each
+    with whether it fits this machine at the current settings, before anything is downloaded (one
+    header read by range requests: the other file is planned from its size)."""
+    from textual.widgets import DataTable, Input
+
+    hub.add("test/fits-GGUF", {"m-Q4_1.gguf": smollm2, "m-F16.gguf": smollm2_f16})
+    hub.add("other/unrelated-GGUF", {"x-Q4_1.gguf": smollm2})
+    monkeypatch.setenv("EDGELLM_RAM", "600M")  # 344 MiB to use: Q4_1 needs ~280 at the default context, F16 ~445
+
+    async def body() -> None:
+        app = _app(home)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await _library(pilot)
+            await pilot.press("g")
+            source = app.screen.query_one("#source", Input)
+            source.value = "nothing-matches-this"
+            await pilot.press("enter")
+            status = app.screen.query_one("#status")
+            await _wait(pilot, lambda: "no GGUF repo on the Hub matches" in str(status.render()))
+            source.value = "fits"
+            await pilot.press("enter")
+            files = app.screen.query_one("#files", DataTable)
+            await _wait(pilot, lambda: files.row_count == 1 and files.get_row_at(0)[0] == "test/fits-GGUF")
+            assert [str(c.label) for c in files.columns.values()] == ["REPO", "DOWNLOADS", "LIKES"]
+            await pilot.press("enter")
+            await _wait(pilot, lambda: files.row_count == 2 and "…" not in [files.get_row_at(i)[2] for i in range(2)])
+            assert [str(c.label) for c in files.columns.values()] == ["QUANT", "SIZE", "FITS", "DETAIL"]
+            fits = {files.get_row_at(i)[0]: files.get_row_at(i)[2] for i in range(2)}
+            assert fits["Q4_1"].startswith("yes ") and fits["F16"].startswith("no "), fits
+        assert sorted(p.name for p in (home / "models").iterdir()) == ["smollm2-135m-instruct"]  # nothing pulled
+        read = {r.split()[1] for r in hub.requests if "/resolve/" in r}
+        assert len(read) == 1, read  # one file's header, the other planned from its size
+
+    run(body())
+
+
 def test_a_download_that_will_not_fit_says_so_first(home: Path, hub, smollm2: Path, monkeypatch) -> None:
     """With less RAM than the model needs, the app warns, from the remote header alone, before the
     download lands (#20's bug 8): it still downloads, for a machine it may fit."""

@@ -373,15 +373,21 @@ def remote_header(ref: str, store: Store, revision: str | None = None, probe_byt
     """The GGUF header of a remote model, read with range requests (a few MiB, never the weights)."""
     repo, quant = parse_ref(ref)
     listing = list_repo(repo, revision, store)
-    commit, choice = listing.commit, choose(listing.gguf, quant, repo)
+    choice = choose(listing.gguf, quant, repo)
+    return choice, listed_header(repo, listing, choice, store, revision, probe_bytes)
+
+
+def listed_header(repo: str, listing: RepoListing, choice: GGUFChoice, store: Store, revision: str | None = None,
+                  probe_bytes: int = 4 << 20) -> GGUFHeader:
+    """The header of one quantization of a repo already listed, read with range requests."""
     first = choice.files[0]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(first.name).name
         wanted = probe_bytes
         while True:
-            path.write_bytes(_range(repo, first.name, commit or revision, 0, wanted - 1, store))
+            path.write_bytes(_range(repo, first.name, listing.commit or revision, 0, wanted - 1, store))
             try:
-                return choice, read_header(path, full_size=first.size)
+                return read_header(path, full_size=first.size)
             except TruncatedGGUFError:
                 if wanted >= first.size:
                     raise

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from edgellm.gguf.header import GGUFHeader, format_params
-from edgellm.options import DEFAULT_CTX, default_context, is_quantized_kv, uses_flash_attn
+from edgellm.gguf.header import GGUFHeader, format_params, human_bytes
+from edgellm.options import DEFAULT_CTX, LoadOptions, default_context, is_quantized_kv, uses_flash_attn
 from edgellm.plan.memory import CTX_PAD, MemoryEstimate, ModelShape, estimate, pad
 from edgellm.system.hardware import Hardware
 
@@ -48,6 +48,12 @@ class Plan:
             f"ctx {self.n_ctx} · kv {self.type_k}/{self.type_v} · {where} · "
             f"RAM {_mib(self.memory.cpu)} · VRAM {_mib(self.memory.gpu)}{self.experts_note()}"
         )
+
+    def verdict(self) -> str:
+        """``yes 812.0 MiB+1.2 GiB``: whether it fits, and what it needs in the memory it goes to
+        (RAM, then VRAM when layers are offloaded): the library's and the Hub listing's FITS column."""
+        need = self.memory
+        return f"{'yes' if self.fits else 'no'} {human_bytes(need.cpu)}" + (f"+{human_bytes(need.gpu)}" if need.gpu else "")
 
     def experts_note(self) -> str:
         """`` · 3.3B of 30.5B parameters active per token`` for a mixture of experts, else ``""``."""
@@ -156,6 +162,13 @@ def fit(
     shape = header if isinstance(header, ModelShape) else ModelShape.from_header(header)
     plan = _fit(shape, hw, n_ctx, type_k, type_v, n_gpu_layers, flash_attn, n_ubatch, n_seq, swa_full)
     return replace(plan, parameters=shape.n_params, active_parameters=shape.n_params_active)
+
+
+def fit_load(header: GGUFHeader | ModelShape, hw: Hardware, load: LoadOptions | None = None) -> Plan:
+    """The plan for the settings a model would load with (the defaults for None)."""
+    load = load or LoadOptions()
+    return fit(header, hw, n_ctx=load.n_ctx, type_k=load.type_k, type_v=load.type_v, n_gpu_layers=load.n_gpu_layers,
+               flash_attn=load.flash_attn)
 
 
 def _fit(shape: ModelShape, hw: Hardware, n_ctx: int | None, type_k: str, type_v: str, n_gpu_layers: int | None,

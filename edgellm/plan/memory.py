@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from edgellm.gguf.header import ArrayValue, GGUFHeader
@@ -68,6 +68,21 @@ class ModelShape:
     #: every parameter, and those one token passes through (fewer in a mixture of experts)
     n_params: int = field(default=0, compare=False)
     n_params_active: int = field(default=0, compare=False)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.layer_bytes) + self.input_bytes + self.output_bytes + self.other_bytes
+
+    def resized(self, weight_bytes: int) -> ModelShape:
+        """This model with weights of ``weight_bytes`` in all, every part in proportion: another
+        quantization of it, planned before its own header is read (a Hub repo's other files)."""
+        ratio = weight_bytes / (self.weight_bytes or 1)
+        return replace(
+            self, layer_bytes=[round(b * ratio) for b in self.layer_bytes],
+            repack_bytes=[round(b * ratio) for b in self.repack_bytes], input_bytes=round(self.input_bytes * ratio),
+            output_bytes=round(self.output_bytes * ratio), other_bytes=round(self.other_bytes * ratio),
+            tied_output_bytes=round(self.tied_output_bytes * ratio), spans=(),
+        )
 
     @classmethod
     def from_header(cls, header: GGUFHeader) -> ModelShape:

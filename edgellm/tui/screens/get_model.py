@@ -1,5 +1,6 @@
-"""Get a model: a Hub repo (its GGUF files, or its safetensors converted), a local checkpoint
-folder (converted, optionally with a LoRA adapter merged), or a local .gguf file."""
+"""Get a model: Hub repos found by a search, a Hub repo (its GGUF files, each with whether it fits
+this machine, or its safetensors converted), a local checkpoint folder (converted, optionally with
+a LoRA adapter merged), or a local .gguf file."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ from edgellm.workflows import Job
 
 #: what a checkpoint may be converted to here: as converted (f16/bf16), or quantized after
 CONVERT_TARGETS = ("AS IS", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
+#: the table's columns: Hub search hits, or a repo's (or a checkpoint's) quantizations
+SEARCH_COLUMNS = ("REPO", "DOWNLOADS", "LIKES")
+QUANT_COLUMNS = ("QUANT", "SIZE", "FITS", "DETAIL")
 
 
 class GetModelScreen(Screen):
@@ -27,6 +31,7 @@ class GetModelScreen(Screen):
     def __init__(self) -> None:
         super().__init__()
         self.repo: str | None = None
+        self.searched = False  # the table holds search hits (Enter lists a repo), not files
         self.listing = None  # the Hub listing of a repo being converted
         self.checkpoint: tuple[dict, dict] | None = None  # its config and tensor shapes, read with the listing
         self.folder: Path | None = None  # a local checkpoint being converted
@@ -36,7 +41,8 @@ class GetModelScreen(Screen):
 
     def compose(self) -> ComposeResult:
         yield Static("edgellm · get a model", id="title")
-        yield Input(placeholder="Hub repo id (owner/name), a checkpoint folder or a .gguf file, then Enter", id="source")
+        yield Input(placeholder="search the Hub (e.g. qwen3), a repo id (owner/name), a checkpoint folder or a "
+                                ".gguf file, then Enter", id="source")
         yield Input(placeholder="optional: a LoRA adapter to merge (folder or Hub repo), for conversions", id="lora")
         yield DataTable(id="files", cursor_type="row")
         yield ProgressBar(id="progress", show_eta=True)
@@ -44,7 +50,7 @@ class GetModelScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one(DataTable).add_columns("QUANT", "SIZE", "DETAIL")
+        self._table(QUANT_COLUMNS)
         self.query_one("#progress", ProgressBar).display = False
         self.query_one("#source", Input).focus()
 
@@ -57,11 +63,55 @@ class GetModelScreen(Screen):
             self._inspect_folder(path)
         elif path.exists() or source.lower().endswith(".gguf"):
             self.app.import_file(source, self)
-        else:
+        elif "/" in source:
             self._list(source)
+        else:
+            self._status(f"searching the Hub for {source}…")
+            self._search(source)
 
     def _status(self, text: str) -> None:
         self.query_one("#status", Static).update(text)
+
+    def _table(self, columns: tuple[str, ...]) -> DataTable:
+        """The table, emptied, with these columns (search hits and quantizations differ)."""
+        table = self.query_one(DataTable)
+        table.clear(columns=True)
+        for label in columns:
+            table.add_column(label, key=label.lower())
+        return table
+
+    @work(thread=True, exclusive=True, group="get")
+    def _search(self, text: str) -> None:
+        from edgellm.models.hub import search
+
+        try:
+            hits = search(text, self.app.store, limit=30)
+        except Exception as exc:
+            self.post_message(Done("search", error=exc))
+        else:
+            self.post_message(Done("search", (text, hits)))
+
+    def _show_hits(self, text: str, hits: list) -> None:
+        self.repo, self.listing, self.folder, self.searched = None, None, None, True
+        table = self._table(SEARCH_COLUMNS)
+        for hit in hits:
+            table.add_row(hit.repo, f"{hit.downloads:,}", f"{hit.likes:,}", key=hit.repo)
+        self._status(f"{len(hits)} GGUF repos on the Hub match {text!r}, most downloaded first; pick one and press "
+                     "Enter" if hits else f"no GGUF repo on the Hub matches {text!r}")
+        if hits:
+            table.focus()
+
+    @work(thread=True, exclusive=True, group="fits")
+    def _fill_fits(self, repo: str, listing) -> None:
+        """Each quantization's verdict at the app's settings, from one remote header (plan_quants)."""
+        from edgellm.workflows import plan_quants
+
+        try:
+            plans = plan_quants(repo, listing, self.app.store, self.app.hardware, self.app.settings.load)
+            verdicts = {quant: plan.verdict() for quant, plan in plans.items()}
+        except Exception:
+            verdicts = dict.fromkeys(listing.gguf, "?")  # the listing stands; only the verdicts are unknown
+        self.post_message(Done("fits", (repo, verdicts)))
 
     @work(thread=True, exclusive=True, group="get")
     def _inspect_folder(self, path: Path) -> None:
@@ -78,14 +128,15 @@ class GetModelScreen(Screen):
         else:
             self.post_message(Done("inspect", (None, None, path, *found)))
 
-    @staticmethod
-    def _sized(config: dict, shapes: dict) -> tuple[int, dict[str, int]]:
-        """(parameters, size per target) of a checkpoint's conversions."""
-        from edgellm.workflows import conversion_sizes
+    def _sized(self, config: dict, shapes: dict) -> tuple[int, dict[str, tuple[int, str]]]:
+        """(parameters, (size, fit verdict) per target) of a checkpoint's conversions."""
+        from edgellm.workflows import plan_conversions
 
         targets = {t: "F16" if t == "AS IS" else t for t in CONVERT_TARGETS}
-        sizes = conversion_sizes(config, shapes, sorted(set(targets.values())))
-        return sum(math.prod(shape) for shape in shapes.values()), {t: sizes[q] for t, q in targets.items()}
+        planned = plan_conversions(config, shapes, sorted(set(targets.values())), self.app.hardware,
+                                   self.app.settings.load)
+        return sum(math.prod(shape) for shape in shapes.values()), {
+            t: (planned[q][0], planned[q][1].verdict()) for t, q in targets.items()}
 
     @work(thread=True, exclusive=True, group="get")
     def _list(self, ref: str) -> None:
@@ -112,11 +163,21 @@ class GetModelScreen(Screen):
             if not plan.fits:
                 self.app.notify(f"this will not fit this machine: {plan.reason}; downloading anyway (Esc stops)",
                                 severity="warning", timeout=10)
-        elif message.what in ("inspect", "list"):
+        elif message.what == "fits":
+            repo, verdicts = message.result
+            table = self.query_one(DataTable)
+            if repo == self.repo and self.listing is None and "fits" in table.columns:
+                for quant, verdict in verdicts.items():
+                    if quant in table.rows:
+                        table.update_cell(quant, "fits", verdict, update_width=True)
+        elif message.what in ("inspect", "list", "search"):
             if message.error is not None:
                 self.app.report(message.error)
+                self._status(str(message.error))
             elif message.what == "inspect":
                 self._show_conversion(*message.result)
+            elif message.what == "search":
+                self._show_hits(*message.result)
             else:
                 self._listed(*message.result)
         else:
@@ -129,31 +190,33 @@ class GetModelScreen(Screen):
             self._show_conversion(repo, listing, None, *found)
         else:
             self._show(repo, listing.gguf, list(listing.refused))
+            if listing.gguf:
+                self._fill_fits(repo, listing)
 
     def _show(self, repo: str, choices: dict, refused: list[str]) -> None:
-        self.repo, self.listing, self.folder = repo, None, None
-        table = self.query_one(DataTable)
-        table.clear()
+        self.repo, self.listing, self.folder, self.searched = repo, None, None, False
+        table = self._table(QUANT_COLUMNS)
         for quant, choice in sorted(choices.items()):
-            table.add_row(quant, human_bytes(choice.size), f"{len(choice.files)} file(s)", key=quant)
+            table.add_row(quant, human_bytes(choice.size), "…", f"{len(choice.files)} file(s)", key=quant)
         note = f" ({len(refused)} unsafe file names ignored)" if refused else ""
-        self._status(f"{repo}: {len(choices)} GGUF quantizations{note}; pick one and press Enter" if choices
-                     else f"{repo} has no GGUF files{note}")
+        self._status(f"{repo}: {len(choices)} GGUF quantizations{note}; FITS at the current settings; pick one and "
+                     "press Enter" if choices else f"{repo} has no GGUF files{note}")
         table.focus()
 
     def _show_conversion(self, repo: str | None, listing, folder: Path | None, n_params: int,
-                         sizes: dict[str, int]) -> None:
-        """A checkpoint to convert: each target with its bits per weight and the size conversion
-        would write (a K-quant's share of fallback tensors is known only once converted: ~)."""
+                         sized: dict[str, tuple[int, str]]) -> None:
+        """A checkpoint to convert: each target with its bits per weight, the size conversion would
+        write and whether that fits (a K-quant's share of fallback tensors is known only once
+        converted: ~)."""
         from edgellm.gguf.quant_types import QUANT_TYPES
 
-        self.repo, self.listing, self.folder = repo, listing, folder
-        table = self.query_one(DataTable)
-        table.clear()
+        self.repo, self.listing, self.folder, self.searched = repo, listing, folder, False
+        table = self._table(QUANT_COLUMNS)
         for target in CONVERT_TARGETS:
             bpw = 16.0 if target == "AS IS" else QUANT_TYPES[target].bpw
             detail = "f16/bf16, as converted" if target == "AS IS" else f"{bpw:.2f} bits/weight"
-            table.add_row(target, "~" + human_bytes(sizes[target]), detail, key=target)
+            size, verdict = sized[target]
+            table.add_row(target, "~" + human_bytes(size), "~" + verdict, detail, key=target)
         what = repo or str(folder)
         self._status(f"{what}: a safetensors checkpoint (~{n_params / 1e6:.0f}M parameters); pick what to convert it "
                      "to and press Enter")
@@ -164,7 +227,11 @@ class GetModelScreen(Screen):
         if self.busy:
             return
         choice = str(event.row_key.value)
-        if self.listing is not None or self.folder is not None:
+        if self.searched:
+            self.query_one("#source", Input).value = choice
+            self._status(f"listing {choice}…")
+            self._list(choice)
+        elif self.listing is not None or self.folder is not None:
             self._convert(None if choice == "AS IS" else choice, self.query_one("#lora", Input).value.strip())
         elif self.repo:
             self._pull(f"{self.repo}:{choice}")

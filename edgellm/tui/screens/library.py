@@ -67,17 +67,12 @@ class LibraryScreen(Screen):
     def _fill_fits(self) -> None:
         """The planner's verdict per model at the current settings (off the UI thread: it probes)."""
         from edgellm.gguf.header import read_header
-        from edgellm.plan.fit import fit
+        from edgellm.plan.fit import fit_load
 
         for entry in self.app.store.list():
-            try:
-                load = self.app.settings_for(entry.name).load  # the model's preset, if it has one
-                plan = fit(read_header(entry.gguf_path), self.app.hardware, n_ctx=load.n_ctx, type_k=load.type_k,
-                           type_v=load.type_v, n_gpu_layers=load.n_gpu_layers, flash_attn=load.flash_attn)
-                # what it needs, in the memory it goes to: RAM, or RAM+VRAM when layers are offloaded
-                need = plan.memory
-                amount = human_bytes(need.cpu) + (f"+{human_bytes(need.gpu)}" if need.gpu else "")
-                verdict = f"{'yes' if plan.fits else 'no'} {amount}"
+            try:  # at the model's preset, if it has one
+                verdict = fit_load(read_header(entry.gguf_path), self.app.hardware, self.app.settings_for(entry.name).load
+                                   ).verdict()
             except Exception:
                 verdict = "?"
             self.post_message(Done("fit", (entry.name, verdict)))
