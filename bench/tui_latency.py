@@ -18,10 +18,11 @@ async def main() -> None:
 
     os.environ.setdefault("EDGELLM_HOME", tempfile.mkdtemp(prefix="edgellm-tui-"))
     start = time.perf_counter()
-    from textual.widgets import DataTable, Input
+    from textual.widgets import DataTable
 
     from edgellm.config import Settings
     from edgellm.tui import make_app
+    from edgellm.tui.widgets import PromptArea
 
     app = make_app(Settings.resolve({"temperature": 1, "max_tokens": 400, "stop": ["NEVER"]}))
     async with app.run_test(size=(120, 40)) as pilot:
@@ -30,7 +31,7 @@ async def main() -> None:
             await pilot.pause(0.005)
         launch = time.perf_counter() - start
         await pilot.press("enter")
-        prompt = app.screen.query_one("#prompt", Input)
+        prompt = app.screen.query_one("#prompt", PromptArea)
         while prompt.disabled:
             await pilot.pause(0.02)
         prompt.value = "Write a long story about a dragon."

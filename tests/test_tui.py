@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from edgellm.config import Settings
+from edgellm.tui.widgets import PromptArea
 
 
 def run(coro):
@@ -69,7 +70,7 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 def test_library_chat_stream_and_stop(home: Path) -> None:
-    from textual.widgets import Input, Markdown, Static
+    from textual.widgets import Markdown, Static
 
     from edgellm.tui.screens.chat import ChatScreen
 
@@ -85,7 +86,7 @@ def test_library_chat_stream_and_stop(home: Path) -> None:
             assert str(table.get_row_at(0)[1]).endswith(" MiB") and "+" not in str(table.get_row_at(0)[1])
             await pilot.press("enter")
             assert isinstance(app.screen, ChatScreen)
-            prompt = app.screen.query_one("#prompt", Input)
+            prompt = app.screen.query_one("#prompt", PromptArea)
             await _wait(pilot, lambda: not prompt.disabled)
             assert str(app.screen.query_one("#status", Static).render()).endswith("template: GGUF")
             app.settings = Settings.resolve({"temperature": 0, "max_tokens": 24})
@@ -129,12 +130,63 @@ def test_library_chat_stream_and_stop(home: Path) -> None:
     run(body())
 
 
+def test_a_multi_line_question_and_editing_a_past_one(home: Path) -> None:
+    """#20: Ctrl+J starts a new line, pasted text keeps its lines, Enter sends; F2 takes a past
+    question back into the box (each press the one before), Enter answers it again in its place
+    and what followed it goes, from the screen and the saved conversation; Esc leaves all as it
+    was. A question is shown as typed, brackets included."""
+    from textual import events
+    from textual.widgets import Markdown
+
+    async def body() -> None:
+        app = _app(home)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await _library(pilot)
+            await pilot.press("enter")
+            prompt = app.screen.query_one("#prompt", PromptArea)
+            await _wait(pilot, lambda: not prompt.disabled)
+            app.settings = Settings.resolve({"temperature": 0, "max_tokens": 8})
+            prompt.value = "Say hi"
+            await pilot.press("ctrl+j")
+            prompt.insert("[/b] twice")
+            assert prompt.value == "Say hi\n[/b] twice"
+            await pilot.press("enter")
+            await _wait(pilot, lambda: len(app.screen.history) == 2)
+            questions = lambda: [str(w.render()) for w in app.screen.query(".user")]  # noqa: E731
+            assert questions() == ["Say hi\n[/b] twice"] and app.screen.history[0].content == "Say hi\n[/b] twice"
+            app.post_message(events.Paste("Name a color.\nOne word."))  # as the terminal sends it, to the focused box
+            await _wait(pilot, lambda: prompt.value == "Name a color.\nOne word.")
+            await pilot.press("enter")
+            await _wait(pilot, lambda: len(app.screen.history) == 4)
+
+            await pilot.press("f2")
+            assert prompt.value == "Name a color.\nOne word." and app.screen.query(".editing").first() is app.screen.query(".user").last()
+            await pilot.press("f2")
+            assert prompt.value == "Say hi\n[/b] twice" and app.screen.query(".editing").first() is app.screen.query(".user").first()
+            await pilot.press("escape")  # leaves it: nothing changed, still in the chat
+            assert prompt.value == "" and not app.screen.query(".editing") and len(app.screen.history) == 4
+            assert app.screen.query_one("#prompt") is prompt
+
+            await pilot.press("f2", "f2")
+            prompt.value = "What is the capital of Germany?"
+            app.settings = Settings.resolve({"temperature": 0, "max_tokens": 24})
+            await pilot.press("enter")
+            await _wait(pilot, lambda: not app.screen.generating and len(app.screen.history) == 2)
+            assert questions() == ["What is the capital of Germany?"] and len(app.screen.query(Markdown)) == 1
+            assert "Berlin" in app.screen.history[1].content
+        db = sqlite3.connect(home / "conversations.db")
+        saved = [(r, c) for r, c in db.execute("SELECT role, content FROM messages ORDER BY conversation, position")]
+        assert [r for r, _ in saved] == ["user", "assistant"] and saved[0][1] == "What is the capital of Germany?"
+
+    run(body())
+
+
 def test_a_reasoning_models_thinking_is_shown_apart_and_folded(home: Path) -> None:
     """The model is made to think by a grammar (no reasoning model ships on PyPI): the app shows
     the thinking dimmed in a "thinking" fold, folded once the answer comes, and not in the answer."""
     from dataclasses import replace
 
-    from textual.widgets import Collapsible, Input, Markdown, Static
+    from textual.widgets import Collapsible, Markdown, Static
 
     from tests.test_reasoning import GRAMMAR, THOUGHT
 
@@ -143,7 +195,7 @@ def test_a_reasoning_models_thinking_is_shown_apart_and_folded(home: Path) -> No
         async with app.run_test(size=(120, 40)) as pilot:
             await _library(pilot)
             await pilot.press("enter")
-            prompt = app.screen.query_one("#prompt", Input)
+            prompt = app.screen.query_one("#prompt", PromptArea)
             await _wait(pilot, lambda: not prompt.disabled)
             settings = Settings.resolve({"temperature": 0, "max_tokens": 64})
             app.settings = replace(settings, sampling=replace(settings.sampling, grammar=GRAMMAR))
@@ -254,7 +306,7 @@ def test_delete_with_confirmation_and_bad_import(home: Path, tmp_path: Path) -> 
 
 
 def test_a_failed_load_says_why_and_the_way_back(home: Path) -> None:
-    from textual.widgets import Input, Static
+    from textual.widgets import Static
 
     from edgellm.tui.screens.library import LibraryScreen
 
@@ -267,7 +319,7 @@ def test_a_failed_load_says_why_and_the_way_back(home: Path) -> None:
             status = app.screen.query_one("#status", Static)
             await _wait(pilot, lambda: "could not load" in str(status.render()))
             assert "longer than the 8192 tokens" in str(status.render())
-            prompt = app.screen.query_one("#prompt", Input)
+            prompt = app.screen.query_one("#prompt", PromptArea)
             assert prompt.disabled and "Ctrl-B" in prompt.placeholder and "loading" not in prompt.placeholder
             await pilot.press("ctrl+b")
             await _wait(pilot, lambda: isinstance(app.screen, LibraryScreen))
@@ -573,7 +625,7 @@ def test_reopen_a_saved_conversation(home: Path) -> None:
 
 
 def test_a_conversation_whose_model_was_deleted_can_still_be_read(home: Path) -> None:
-    from textual.widgets import DataTable, Input, Static
+    from textual.widgets import DataTable, Static
 
     from edgellm.tui.screens.chat import ChatScreen
 
@@ -590,7 +642,7 @@ def test_a_conversation_whose_model_was_deleted_can_still_be_read(home: Path) ->
             assert isinstance(app.screen, ChatScreen)
             assert str(app.screen.query(Static).filter(".user").first().render()) == "What is 2 + 2?"
             assert "no longer in the library" in str(app.screen.query_one("#status", Static).render())
-            prompt = app.screen.query_one("#prompt", Input)
+            prompt = app.screen.query_one("#prompt", PromptArea)
             await pilot.pause(0.3)
             assert prompt.disabled and "read only" in prompt.placeholder
             assert not app._notifications  # nothing failed: nothing was loaded
@@ -709,7 +761,7 @@ def test_conversations_can_be_searched_renamed_exported_and_deleted(home: Path) 
 
 
 def test_a_model_without_a_chat_template_is_said_so(home: Path, gemma3: Path) -> None:
-    from textual.widgets import DataTable, Input, Static
+    from textual.widgets import DataTable, Static
 
     from edgellm.models import store_for
 
@@ -722,7 +774,7 @@ def test_a_model_without_a_chat_template_is_said_so(home: Path, gemma3: Path) ->
             await _wait(pilot, lambda: "gemma3-base" in [str(k.value) for k in table.rows])
             table.move_cursor(row=table.get_row_index("gemma3-base"))
             await pilot.press("enter")
-            prompt = app.screen.query_one("#prompt", Input)
+            prompt = app.screen.query_one("#prompt", PromptArea)
             await _wait(pilot, lambda: not prompt.disabled, timeout=120)
             assert str(app.screen.query_one("#status", Static).render()).endswith("template: fallback")
             assert any("gemma3-base has no chat template" in n.message and n.severity == "warning"
@@ -774,7 +826,7 @@ def test_a_models_preset_is_kept_across_restarts_and_is_its_own(home: Path, smol
             await pilot.press("escape")
             await pilot.press("enter")
             assert isinstance(app.screen, ChatScreen)
-            prompt = app.screen.query_one("#prompt", Input)
+            prompt = app.screen.query_one("#prompt", PromptArea)
             await _wait(pilot, lambda: not prompt.disabled)
             assert "ctx 2048" in str(app.screen.query_one("#status", Static).render())
             prompt.value = "What is the capital of France?"
@@ -787,7 +839,6 @@ def test_a_models_preset_is_kept_across_restarts_and_is_its_own(home: Path, smol
 
 
 def test_a_broken_presets_file_is_said_so_not_crashed_on(home: Path) -> None:
-    from textual.widgets import Input
 
     home.mkdir(parents=True, exist_ok=True)
     (home / "presets.toml").write_text('["smollm2-135m-instruct"]\nctx = "lots"\n')
@@ -798,7 +849,7 @@ def test_a_broken_presets_file_is_said_so_not_crashed_on(home: Path) -> None:
             table = await _library(pilot)
             await _wait(pilot, lambda: str(table.get_row_at(0)[1]) == "?")  # no verdict, no crash
             await pilot.press("enter")
-            prompt = app.screen.query_one("#prompt", Input)
+            prompt = app.screen.query_one("#prompt", PromptArea)
             await _wait(pilot, lambda: "could not be loaded" in prompt.placeholder)
             assert any("presets.toml [smollm2-135m-instruct]: invalid value 'lots' for ctx" in n.message
                        for n in app._notifications)

@@ -1,4 +1,5 @@
-"""Chat with one model: streamed Markdown answers, a stop key, history saved in the store."""
+"""Chat with one model: streamed Markdown answers, a stop key, a multi-line message box, past
+questions edited and answered again, history saved in the store."""
 
 from __future__ import annotations
 
@@ -9,15 +10,23 @@ import time
 from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Collapsible, Footer, Input, Markdown, Static
+from textual.widget import Widget
+from textual.widgets import Collapsible, Footer, Markdown, Static
 
 from edgellm.runtime.templates import Message
 from edgellm.tui.conversations import Conversations
 from edgellm.tui.messages import AnswerSoFar, Done
+from edgellm.tui.widgets import PromptArea
 
 UPDATE_EVERY = 0.05  # seconds between redraws of a streaming answer
+
+
+def _question(text: str) -> Static:
+    """A question in the transcript, shown as typed (brackets are text, not markup)."""
+    return Static(Text(text), classes="user")
 
 
 def code_blocks(markdown: str) -> list[str]:
@@ -29,7 +38,8 @@ class ChatScreen(Screen):
     BINDINGS = [
         ("escape", "stop", "Stop answer"),
         ("ctrl+n", "new_chat", "New chat"),
-        ("ctrl+y", "copy_last", "Copy answer"),
+        Binding("ctrl+y", "copy_last", "Copy answer", priority=True),  # over the message box's redo
+        ("f2", "edit", "Edit question"),
         ("ctrl+o", "copy_code", "Copy code"),  # not Ctrl+K: the prompt line deletes to its end with it
         ("ctrl+r", "regenerate", "Regenerate"),
         ("ctrl+b", "back", "Back"),
@@ -53,11 +63,13 @@ class ChatScreen(Screen):
         self.conversation = conversation
         self.read_only = read_only
         self._code_turn = 0  # Ctrl+O: how many of the last answer's code blocks, from the end, were copied
+        self._edit_turn = 0  # F2: how many questions back, from the last, the one being edited is
+        self._editing: int | None = None  # the history index of the question being edited
 
     def compose(self) -> ComposeResult:
         yield Static(f"edgellm · chat · {self.model_name}", id="title")
         yield VerticalScroll(id="transcript")
-        yield Input(placeholder="loading the model…", id="prompt", disabled=True)
+        yield PromptArea(placeholder="loading the model…", id="prompt", disabled=True)
         yield Static("", id="status")
         yield Footer()
 
@@ -67,12 +79,11 @@ class ChatScreen(Screen):
             self.history = self.conversations.load(self.conversation)
             transcript = self.query_one("#transcript", VerticalScroll)
             for m in self.history:
-                transcript.mount(Static(m.content, classes="user") if m.role == "user"
-                                 else Markdown(m.content, classes="assistant"))
+                transcript.mount(_question(m.content) if m.role == "user" else Markdown(m.content, classes="assistant"))
             transcript.scroll_end(animate=False)
         if self.read_only:
             self._status(f"{self.model_name} is no longer in the library: this conversation can be read, not continued")
-            self.query_one("#prompt", Input).placeholder = "read only · Ctrl-B goes back"
+            self.query_one("#prompt", PromptArea).placeholder = "read only · Ctrl-B goes back"
             return
         self._load()
 
@@ -106,7 +117,7 @@ class ChatScreen(Screen):
         """The chat cannot go on: say why and the way out, instead of a prompt still 'loading'."""
         self.app.report(exc)
         self._status(f"could not load {self.model_name}: {getattr(exc, 'message', exc)}")  # the reason; the hint is in the notification
-        self.query_one("#prompt", Input).placeholder = (
+        self.query_one("#prompt", PromptArea).placeholder = (
             f"{self.model_name} could not be loaded: Ctrl-B goes back to the library, where s changes its settings")
 
     def _loaded(self, model) -> None:
@@ -118,20 +129,24 @@ class ChatScreen(Screen):
         if template.is_fallback:  # said once, not discovered from odd answers
             self.app.notify(f"{self.model_name} has no chat template: messages go through a generic one, and a base "
                             "model may just continue the text", severity="warning", timeout=10)
-        prompt = self.query_one("#prompt", Input)
+        prompt = self.query_one("#prompt", PromptArea)
         prompt.disabled = False
-        prompt.placeholder = "Message (Enter to send, Esc stops an answer)"
+        prompt.placeholder = "Message (Enter sends, Ctrl+J a new line, Esc stops an answer, F2 edits a question)"
         prompt.focus()
 
     def _status(self, text: str) -> None:
         self.query_one("#status", Static).update(Text(text))  # may quote a model's or a path's brackets
 
-    def on_input_submitted(self, event: Input.Submitted) -> None:
+    def on_prompt_area_submitted(self, event: PromptArea.Submitted) -> None:
         text = event.value.strip()
         if not text or self.model is None or self.generating:
             return
-        event.input.value = ""
-        self.query_one("#transcript", VerticalScroll).mount(Static(text, classes="user"))
+        event.prompt.value = ""
+        if self._editing is not None:  # the edited question takes the old one's place; what followed goes
+            del self.history[self._editing:]
+            self._cut(self._questions()[-self._edit_turn], keep=False)
+            self._end_edit()
+        self.query_one("#transcript", VerticalScroll).mount(_question(text))
         self.history.append(Message("user", text))
         self._ask()
 
@@ -141,11 +156,50 @@ class ChatScreen(Screen):
         if self.model is None or self.generating or not self.history or self.history[-1].role != "assistant":
             return
         self.history.pop()
-        transcript = self.query_one("#transcript", VerticalScroll)
-        last_question = transcript.query(".user").last()
-        for widget in list(transcript.children)[list(transcript.children).index(last_question) + 1:]:
-            widget.remove()
+        self._end_edit()
+        self._cut(self._questions()[-1], keep=True)
         self._ask()
+
+    def action_edit(self) -> None:
+        """Edit a past question and go on from there: each press takes the one before, from the
+        last. Enter sends it in place of the old one, and what came after it goes, from the screen
+        and the saved conversation alike; Esc leaves everything as it was."""
+        asked = [i for i, m in enumerate(self.history) if m.role == "user"]
+        if self.model is None or self.generating or not asked:
+            return
+        questions = self._questions()
+        if self._editing is not None:
+            questions[-self._edit_turn].remove_class("editing")
+        self._edit_turn = self._edit_turn % len(asked) + 1
+        self._editing = asked[-self._edit_turn]
+        shown = questions[-self._edit_turn]
+        shown.add_class("editing")
+        shown.scroll_visible(animate=False)
+        prompt = self.query_one("#prompt", PromptArea)
+        prompt.value = self.history[self._editing].content
+        prompt.focus()
+        number = len(asked) - self._edit_turn + 1
+        self._status(f"editing question {number} of {len(asked)}: Enter answers it again and drops what followed it · "
+                     "F2 the one before · Esc leaves it")
+
+    def _end_edit(self, clear: bool = False) -> None:
+        if self._editing is not None:
+            for shown in self._questions():
+                shown.remove_class("editing")
+            if clear:
+                self.query_one("#prompt", PromptArea).value = ""
+                self._status("left as it was")
+        self._editing, self._edit_turn = None, 0
+
+    def _questions(self) -> list[Widget]:
+        """The questions in the transcript, in order: one per user message of the history."""
+        return list(self.query_one("#transcript", VerticalScroll).query(".user"))
+
+    def _cut(self, question: Widget, keep: bool) -> None:
+        """Remove what follows ``question`` in the transcript, and the question too unless ``keep``."""
+        children = list(self.query_one("#transcript", VerticalScroll).children)
+        for widget in children[children.index(question) + keep:]:
+            widget.remove()
 
     def _ask(self) -> None:
         """Generate an answer to the history as it stands, into a new answer widget."""
@@ -227,12 +281,15 @@ class ChatScreen(Screen):
     def action_stop(self) -> None:
         if self.generating:
             self.stop.set()
+        elif self._editing is not None:
+            self._end_edit(clear=True)
         else:
             self.action_back()
 
     def action_new_chat(self) -> None:
         if self.generating:
             return
+        self._end_edit(clear=True)
         self.history.clear()
         self.conversation = None
         self.query_one("#transcript", VerticalScroll).remove_children()
