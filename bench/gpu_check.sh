@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, for an NVIDIA machine with no network: bench/gpu_prepare.sh puts its inputs in dist/
 # first, and bench/gpu_prebuild.sh may add llama.cpp already built for the GPU's architecture (else it
-# is built here as `make chat GPU=cuda` builds it: that architecture, every flash-attention K/V kernel,
-# RPC; ~5 minutes on 16 cores). It then
+# is built here from the sdist as `make chat GPU=cuda` builds it: that architecture, every
+# flash-attention K/V kernel, RPC; minutes on 16 cores). It then
 #   - runs the GPU test suite (tests/test_gpu.py) on this GPU, with a SmolLM2-135M-shaped stand-in for
 #     the bundled model (random weights, made here by transformers: the real one is too large to carry);
 #   - makes a ~1B Llama checkpoint (random weights: speed and memory only), converts and quantizes it to
@@ -24,18 +24,16 @@ PY=${PYTHON:-python3}
 ARCH=${CUDA_ARCH:-$($PY -m edgellm.system.hardware cuda-arch)}
 [ -n "$ARCH" ] || { echo "no NVIDIA GPU visible" >&2; exit 2; }
 
-step "python: this machine's torch and transformers, the carried wheels, the sdist's llama_cpp"
-# a folder named in a .pth file rather than a venv: this machine's python3 may itself be a venv (a
-# venv made from it would not see its torch), and the tests' subprocesses set PYTHONPATH themselves
+step "python: this machine's torch and transformers, the carried wheels, llama_cpp"
+# a folder put first on every python3's path by a .pth file, rather than a venv: this machine's
+# python3 may itself be a venv (a venv made from it would not see its torch), and the tests'
+# subprocesses set PYTHONPATH themselves
 SITE="$W/site"
-mkdir -p "$SITE"
-$PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" dist/wheels/*.whl
-[ -d "$W/llama_cpp_python-$V" ] || tar xzf "dist/llama_cpp_python-$V.tar.gz" -C "$W"
-SRC="$W/llama_cpp_python-$V"
-rm -rf "$SITE/llama_cpp" && cp -r "$SRC/llama_cpp" "$SITE/llama_cpp" && mkdir -p "$SITE/llama_cpp/lib"
 mkdir -p "$SITE/llama_cpp_python-$V.dist-info"
+$PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" dist/wheels/*.whl
 printf 'Metadata-Version: 2.1\nName: llama_cpp_python\nVersion: %s\n' "$V" > "$SITE/llama_cpp_python-$V.dist-info/METADATA"
-echo "$SITE" > "$($PY -c 'import site; print(site.getsitepackages()[0])')/edgellm-gpu-check.pth"
+echo "import sys; sys.path.insert(0, '$SITE')" > "$($PY -c 'import site; print(site.getsitepackages()[0])')/edgellm-gpu-check.pth" ||
+  export PYTHONPATH="$SITE"  # a read-only python: the tests that set PYTHONPATH for their subprocesses fail
 cuda_libs=$(for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13; do  # where ld.so would not look
   ldconfig -p | grep -q "$lib " || find /usr/local/cuda*/ /opt /usr/lib -name "$lib" -printf '%h\n' 2>/dev/null | head -1
 done | sort -u | paste -sd:)
@@ -44,6 +42,7 @@ export EDGELLM_HOME="$W/home" PYTHONUNBUFFERED=1
 EDGELLM=($PY -m edgellm)
 
 step "checkpoints, random weights, SmolLM2's tokenizer (background): SmolLM2-135M's shape and a ~1B Llama"
+tar xJf dist/tokenizer.tar.xz -C "$W"
 $PY - "$W" > "$W/checkpoints.log" 2>&1 <<'PYEOF' &
 import shutil, sys, torch
 from pathlib import Path
@@ -63,22 +62,28 @@ for name, shape in shapes.items():
                          bos_token_id=1, eos_token_id=2, **shape)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(out)
-    for f in Path("dist/tokenizer").iterdir():
+    for f in Path(sys.argv[1], "tokenizer").iterdir():
         shutil.copy(f, out / f.name)
     print(name, sum(p.numel() for p in model.parameters()) / 1e9, "B parameters", flush=True)
 PYEOF
 CKPTS=$!
 
-BIN="$W/bin"
+BIN=""
 PREBUILT="dist/llama-cuda-sm$ARCH.tar.xz"
 if [ -f "$PREBUILT" ]; then
   step "llama.cpp prebuilt for sm_$ARCH ($PREBUILT, by bench/gpu_prebuild.sh)"
-  rm -rf "$BIN" && $PY -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$PREBUILT" "$BIN"
-  cp "$BIN"/lib*.so* "$SITE/llama_cpp/lib/"
-  "$BIN/llama-bench" --list-devices || { echo "!!! the prebuilt llama.cpp does not run here: building it"; rm -rf "$BIN"; }
+  rm -rf "$W/prebuilt"
+  $PY -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="tar")' "$PREBUILT" "$W/prebuilt"
+  rm -rf "$SITE/llama_cpp" && cp -r "$W/prebuilt/llama_cpp" "$SITE/llama_cpp" && mkdir -p "$SITE/llama_cpp/lib"
+  cp -L "$W"/prebuilt/bin/lib*.so* "$SITE/llama_cpp/lib/"
+  BIN="$W/prebuilt/bin"
+  "$BIN/llama-bench" --list-devices || { echo "!!! the prebuilt llama.cpp does not run here: building it"; BIN=""; }
 fi
-if [ ! -x "$BIN/llama-bench" ]; then
+if [ -z "$BIN" ]; then
   step "build llama.cpp for CUDA sm_$ARCH"
+  [ -d "$W/llama_cpp_python-$V" ] || tar xzf "dist/llama_cpp_python-$V.tar.gz" -C "$W"
+  SRC="$W/llama_cpp_python-$V"
+  rm -rf "$SITE/llama_cpp" && cp -r "$SRC/llama_cpp" "$SITE/llama_cpp" && mkdir -p "$SITE/llama_cpp/lib"
   NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
   cmake -S "$SRC/vendor/llama.cpp" -B "$W/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
     -DGGML_CUDA=ON -DGGML_CUDA_FA_ALL_QUANTS=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DGGML_RPC=ON \

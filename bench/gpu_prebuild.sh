@@ -12,6 +12,20 @@ V=0.3.36
 ARCH=${CUDA_ARCH:-90}
 W=${GPU_PREBUILD_DIR:-$HOME/.cache/edgellm/cuda-prebuild-sm$ARCH}
 OUT="dist/llama-cuda-sm$ARCH.tar.xz"
+
+# bin/ (the libraries, their links kept, with llama-bench and llama-server) and the binding's
+# llama_cpp/ package: what gpu_check.sh installs instead of building
+package() {
+  local stage
+  stage=$(mktemp -d)
+  mkdir -p "$stage/bin"
+  cp -a "$1"/build/bin/lib*.so* "$1/build/bin/llama-bench" "$1/build/bin/llama-server" "$stage/bin/"
+  cp -r "$1/llama_cpp_python-$V/llama_cpp" "$stage/llama_cpp" && rm -rf "$stage/llama_cpp/lib"
+  find "$stage/bin" -type f -exec strip --strip-unneeded {} +  # symbols: not needed to run, ~1 MB carried
+  XZ_OPT="-9 -T0" tar cJf "$OUT" -C "$stage" bin llama_cpp
+  rm -rf "$stage"
+  du -h "$OUT"
+}
 [ -f "dist/llama_cpp_python-$V.tar.gz" ] || bash bench/gpu_prepare.sh
 mkdir -p "$W/stub"
 [ -d "$W/llama_cpp_python-$V" ] || tar xzf "dist/llama_cpp_python-$V.tar.gz" -C "$W"
@@ -51,7 +65,7 @@ cmake --build "$W/build" -j"$(nproc)" --target ggml-cuda
 if [ "$driver" = "$W/stub/libcuda.so" ]; then
   nm -D --undefined-only "$W/build/bin/libggml-cuda.so" | awk '$2 ~ /^cu[A-Z]/ {print "int " $2 "(void) { return 999; }"}' |
     gcc -shared -fPIC -x c - -Wl,-soname,libcuda.so.1 -o "$W/stub/libcuda.so"
+  ln -sf libcuda.so "$W/stub/libcuda.so.1"  # the name the linker looks for, from libggml-cuda's NEEDED
 fi
 cmake --build "$W/build" -j"$(nproc)" --target llama llama-bench llama-server mtmd
-(cd "$W/build/bin" && tar cJf - lib*.so* llama-bench llama-server) > "$OUT"
-du -h "$OUT"
+package "$W"
