@@ -30,7 +30,7 @@ step "python: this machine's torch and transformers, the carried wheels, llama_c
 # subprocesses set PYTHONPATH themselves
 SITE="$W/site"
 mkdir -p "$SITE/llama_cpp_python-$V.dist-info"
-$PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" dist/wheels/*.whl
+$PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" dist/wheels/*.whl
 printf 'Metadata-Version: 2.1\nName: llama_cpp_python\nVersion: %s\n' "$V" > "$SITE/llama_cpp_python-$V.dist-info/METADATA"
 echo "import sys; sys.path.insert(0, '$SITE')" > "$($PY -c 'import site; print(site.getsitepackages()[0])')/edgellm-gpu-check.pth" ||
   export PYTHONPATH="$SITE"  # a read-only python: the tests that set PYTHONPATH for their subprocesses fail
@@ -38,7 +38,7 @@ cuda_libs=$(for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13; do  # 
   ldconfig -p | grep -q "$lib " || find /usr/local/cuda*/ /opt /usr/lib -name "$lib" -printf '%h\n' 2>/dev/null | head -1
 done | sort -u | paste -sd:)
 export LD_LIBRARY_PATH="$SITE/llama_cpp/lib${cuda_libs:+:$cuda_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-export EDGELLM_HOME="$W/home" PYTHONUNBUFFERED=1
+export EDGELLM_HOME="$W/home" PYTHONUNBUFFERED=1 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # bench/*.py import edgellm
 EDGELLM=($PY -m edgellm)
 
 step "checkpoints, random weights, SmolLM2's tokenizer (background): SmolLM2-135M's shape and a ~1B Llama"
