@@ -271,6 +271,22 @@ class BatchEngine:
         return chain
 
     def _step(self) -> None:
+        """Sample what the last decode computed, start the next decode, then turn the sampled
+        tokens into text. On a GPU llama_decode returns before the device has finished (llama.cpp
+        waits when the outputs are read), so the text, the callbacks and what the caller does with
+        each chunk overlap the device's work instead of adding to it."""
+        picked = [(slot, self._pick(slot)) for slot in self.slots if slot.request and slot.batch_index >= 0]
+        self._launch()
+        for slot, tokens in picked:
+            if slot.request:
+                self._emit(slot, tokens)
+        for slot in self.slots:
+            if slot.request and slot.request.cancelled.is_set():
+                self._finish(slot, "cancelled")
+
+    def _launch(self) -> None:
+        """One batch: each answering slot's next token (and the draft's guesses after it), then as
+        much of the waiting prompts as fits, decoded; its outputs are read at the next step."""
         batch, n = self._batch, 0
 
         def add(slot: _Slot, token: int, logits: bool) -> None:
@@ -287,18 +303,17 @@ class BatchEngine:
 
         for slot in self.slots:
             slot.batch_index = -1
-            if slot.request and slot.request.cancelled.is_set():
-                self._finish(slot, "cancelled")
-        for slot in self.slots:  # answering slots first: one token each, and the draft's guesses after it
-            if slot.request and slot.next_token is not None:
+        live = [slot for slot in self.slots if slot.request and not slot.request.cancelled.is_set()]
+        for slot in live:  # answering slots first: one token each, and the draft's guesses after it
+            if slot.next_token is not None:
                 slot.drafts = self._guesses(slot, n)
                 add(slot, slot.next_token, True)
                 for guess in slot.drafts:
                     add(slot, guess, True)
                 slot.batch_index -= len(slot.drafts)
                 slot.next_token = None
-        for slot in self.slots:  # then as much of the waiting prompts as fits
-            while slot.request and slot.pending and n < self.n_batch:
+        for slot in live:  # then as much of the waiting prompts as fits
+            while slot.pending and n < self.n_batch:
                 token = slot.pending.pop(0)
                 add(slot, token, not slot.pending)
         if n == 0:
@@ -307,9 +322,6 @@ class BatchEngine:
         status = self._lib.llama_decode(self.ctx.ptr, batch)
         if status != 0:
             raise EngineError(f"llama_decode failed with status {status} (the KV cache may be full)")
-        for slot in self.slots:
-            if slot.request and slot.batch_index >= 0:
-                self._sample(slot)
 
     def _guesses(self, slot: _Slot, n_in_batch: int) -> list[int]:
         """The draft's guesses after the token just sampled, as many as the batch, the sequence's
@@ -320,34 +332,42 @@ class BatchEngine:
                    slot.answer.limit - slot.answer.generated - 1)
         return self.drafter.propose(slot.seq_id, [*slot.tokens, slot.next_token], room)
 
-    def _sample(self, slot: _Slot) -> None:
+    def _pick(self, slot: _Slot) -> list[tuple[int, TokenLogprob | None]]:
         """Sample at the slot's evaluated token, then at each of the draft's guesses while they
-        equal what was sampled; the guesses not taken leave the cache."""
+        equal what was sampled (the guesses not taken leave the cache). The last token sampled is
+        the slot's next, unless it ends the answer whatever its text (end of generation, length)."""
         request, answer, drafts = slot.request, slot.answer, slot.drafts
         base = len(slot.tokens) - len(drafts) - 1  # the cache position of the token evaluated first
         answer.draft_tokens += len(drafts)
-        top, taken = request.sampling.logprobs, 0
+        top, picked, ends = request.sampling.logprobs, [], False
         for i in range(len(drafts) + 1):
             index = slot.batch_index + i
             token = self._sample_one(slot.sampler, index)
-            chunk, ended = answer.add(token, self._logprob(index, token, top) if top is not None else None)
-            if chunk:
-                request.emit(chunk)
+            picked.append((token, self._logprob(index, token, top) if top is not None else None))
             if slot.lazy is not None:
                 self._watch(slot, token)
-            taken += 1
             guessed = i < len(drafts) and token == drafts[i]
             answer.draft_accepted += guessed
-            if ended or not guessed:
+            ends = answer.ends(token, len(picked))
+            if ends or not guessed:
                 break
         slot.drafts = []
-        if base + taken < len(slot.tokens):
-            self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, base + taken, -1)
-            del slot.tokens[base + taken:]
-        if ended:
-            self._finish(slot, ended)
-        else:
-            slot.next_token = token
+        if base + len(picked) < len(slot.tokens):
+            self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, base + len(picked), -1)
+            del slot.tokens[base + len(picked):]
+        slot.next_token = None if ends else token
+        return picked
+
+    def _emit(self, slot: _Slot, picked: list[tuple[int, TokenLogprob | None]]) -> None:
+        """The picked tokens' text to the request, up to the one that ends the answer."""
+        request, answer = slot.request, slot.answer
+        for token, logprob in picked:
+            chunk, ended = answer.add(token, logprob)
+            if chunk:
+                request.emit(chunk)
+            if ended:
+                self._finish(slot, ended)
+                return
 
     def _watch(self, slot: _Slot, token: int) -> None:
         """A lazy grammar (tool calls with tool_choice auto): the text is free until one of the
@@ -371,17 +391,12 @@ class BatchEngine:
     def _sample_one(self, sampler: int | None, index: int) -> int:
         if sampler is not None:
             return self._lib.llama_sampler_sample(sampler, self.ctx.ptr, index)
-        import numpy as np
-
-        logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.ctx.ptr, index), shape=(self.n_vocab,))
-        return int(logits.argmax())  # the first of equal maxima, as llama.cpp's greedy sampler
+        return int(self.ctx.logits_at(index).argmax())  # the first of equal maxima, as llama.cpp's greedy sampler
 
     def _logprob(self, index: int, token: int, top: int) -> TokenLogprob:
         import numpy as np
 
-        n_vocab = self.model.n_vocab
-        ptr = self._lib.llama_get_logits_ith(self.ctx.ptr, index)
-        logits = np.ctypeslib.as_array(ptr, shape=(n_vocab,)).astype(np.float64)
+        logits = self.ctx.logits_at(index).astype(np.float64)
         logp = logits - logits.max()
         logp -= np.log(np.exp(logp).sum())
         best = np.argsort(-logp)[:top] if top else []
@@ -401,6 +416,7 @@ class BatchEngine:
         slot.answer = None
         slot.pending = []
         slot.next_token = None
+        slot.batch_index = -1  # a token still being decoded for it is not sampled for the next request
         slot.lazy = None
         self._free_sampler(slot)
 

@@ -11,14 +11,18 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from edgellm.errors import LoadError
+from edgellm.errors import EngineError, LoadError
 from edgellm.options import KV_TYPES
 from edgellm.runtime.text import PieceTable
 from edgellm.system import llamalog
 from edgellm.system.devices import cpu_threadpool
 
 FLASH_ATTN_TYPES = {"auto": -1, "off": 0, "on": 1}
+
+if TYPE_CHECKING:
+    import numpy as np
 
 #: ggml's scheduler callback, given the address of a ``ggml_tensor`` and whether it only asks
 EvalCallback = Callable[[int, bool], bool]
@@ -69,6 +73,7 @@ class NativeModel:
             raise LoadError(f"llama.cpp could not load {self.path.name}: {cause}")
         self.vocab = lib.llama_model_get_vocab(self.ptr)
         self.piece = PieceTable(self.vocab)
+        self._ends: dict[int, bool] = {}
         self.lora, self.lora_scale = None, lora_scale
         if lora is not None:
             position = llamalog.mark()
@@ -79,7 +84,11 @@ class NativeModel:
                 raise LoadError(f"llama.cpp could not apply LoRA {Path(lora).name}: {cause}")
 
     def is_end(self, token: int) -> bool:
-        return bool(self._lib.llama_vocab_is_eog(self.vocab, token))
+        """Whether a token ends generation (asked of llama.cpp once per token: it runs every step)."""
+        end = self._ends.get(token)
+        if end is None:
+            end = self._ends[token] = bool(self._lib.llama_vocab_is_eog(self.vocab, token))
+        return end
 
     @property
     def bos_text(self) -> str:
@@ -217,6 +226,13 @@ class NativeContext:
             raise LoadError(f"llama.cpp could not create a context for {model.path.name}: {cause}")
         self.n_batch = n_batch
         self._one = (lib.llama_token * 1)()
+        self._n_vocab = model.n_vocab
+        # llama_get_logits_ith returning the bare address (the binding's returns a ctypes pointer,
+        # whose numpy view costs more than the argmax it serves) and the views made so far, by address
+        self._logits_address = lib.llama_cpp._lib["llama_get_logits_ith"]
+        self._logits_address.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+        self._logits_address.restype = ctypes.c_void_p
+        self._logits_views: dict[int, Any] = {}
         self._free_pool = _attach_threadpool(self.ptr, n_threads)
         if model.lora:
             adapters = (lib.llama_adapter_lora_p_ctypes * 1)(model.lora)
@@ -224,6 +240,21 @@ class NativeContext:
             if lib.llama_set_adapters_lora(self.ptr, adapters, 1, scales) != 0:
                 self.close()
                 raise LoadError(f"llama.cpp could not apply the LoRA to a context of {model.path.name}")
+
+    def logits_at(self, index: int) -> np.ndarray:
+        """The logits of the last decode's output at batch ``index`` (-1: the last), as a float32
+        view of llama.cpp's own buffer, valid until the next decode. It runs for every token: a
+        view is made once per address."""
+        address = self._logits_address(self.ptr, index)
+        if not address:
+            raise EngineError(f"llama.cpp has no logits at batch index {index}")
+        view = self._logits_views.get(address)
+        if view is None:
+            import numpy as np
+
+            view = np.frombuffer((ctypes.c_float * self._n_vocab).from_address(address), dtype=np.float32)
+            self._logits_views[address] = view
+        return view
 
     def decode(self, tokens: Sequence[int]) -> None:
         """Evaluate tokens as the next positions of sequence 0."""

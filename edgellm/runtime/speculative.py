@@ -66,8 +66,7 @@ class Drafter:
         self._decode(seq_id, tokens[keep:])
         guesses: list[int] = []
         while True:
-            ptr = self._lib.llama_get_logits_ith(self.ctx.ptr, -1)
-            logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+            logits = self.ctx.logits_at(-1)
             best = int(logits.argmax())
             top = np.partition(logits, -TOP_K)[-TOP_K:]  # its probability among the likeliest, as llama.cpp's draft sampler sees it
             if 1.0 / float(np.exp(top - logits[best]).sum()) < self.p_min:

@@ -187,6 +187,11 @@ class Answer:
         self.draft_accepted = 0  # and those the model's own sampling confirmed
         self.started = self.first = self.last = time.perf_counter()
 
+    def ends(self, token: int, taken: int = 1) -> bool:
+        """Whether a token sampled, ``taken``-th of those not yet added, ends the answer whatever its
+        text: end of generation, or the answer's length (a stop string shows only in the text)."""
+        return (self._is_end(token) and not self._ignore_eos) or self.generated + taken >= self.limit
+
     def add(self, token: int, logprobs: TokenLogprob | None = None) -> tuple[Chunk | None, str | None]:
         """Take a sampled token: (a Chunk to pass on or None, the finish reason if the answer ends)."""
         self.last = time.perf_counter()
