@@ -8,6 +8,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -28,6 +29,7 @@ class HubStandIn:
     def __init__(self) -> None:
         self.repos: dict[str, Repo] = {}
         self.drop_after: dict[str, int] = {}  # file -> bytes to send before dropping the connection once
+        self.pace: dict[str, float] = {}  # file -> seconds to wait before each MiB sent (a slow download)
         self.requests: list[str] = []
         stand_in = self
 
@@ -137,12 +139,14 @@ class HubStandIn:
         if head:
             return
         drop = self.drop_after.pop(name, None)
+        pace = self.pace.get(name, 0.0)
         with open(local, "rb") as fh:
             fh.seek(start)
             remaining = end - start + 1
             sent = 0
             while remaining:
                 chunk = fh.read(min(1 << 20, remaining))
+                time.sleep(pace)
                 if drop is not None and sent + len(chunk) > drop:
                     h.wfile.write(chunk[: drop - sent])
                     h.wfile.flush()

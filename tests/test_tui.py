@@ -418,6 +418,39 @@ def test_get_a_model_from_the_hub_stand_in(home: Path, hub, smollm2: Path) -> No
     run(body())
 
 
+def test_downloads_picked_while_one_runs_wait_in_a_queue(home: Path, hub, smollm2: Path) -> None:
+    """#20: a quantization picked while another downloads is queued, said so, and fetched once the
+    first is in the store; the status line names what waits; browsing goes on meanwhile."""
+    from textual.widgets import DataTable, Input
+
+    hub.add("test/queue-GGUF", {"m-Q4_1.gguf": smollm2, "m-Q8_0.gguf": smollm2})
+    hub.pace["m-Q4_1.gguf"] = 0.03  # ~3 s for its 94 MiB
+
+    async def body() -> None:
+        app = _app(home)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await _library(pilot)
+            await pilot.press("g")
+            app.screen.query_one("#source", Input).value = "test/queue-GGUF"
+            await pilot.press("enter")
+            files = app.screen.query_one("#files", DataTable)
+            await _wait(pilot, lambda: files.row_count == 2)
+            files.focus()
+            await pilot.press("enter")  # Q4_1: the slow one
+            await _wait(pilot, lambda: app.screen.busy)
+            await pilot.press("down", "enter")  # Q8_0, while Q4_1 downloads
+            notes = lambda: [n.message for n in app._notifications]  # noqa: E731
+            assert "queued test/queue-GGUF:Q8_0 (1 waiting)" in notes()
+            status = app.screen.query_one("#status")
+            await _wait(pilot, lambda: "then test/queue-GGUF:Q8_0" in str(status.render()))
+            await _wait(pilot, lambda: "added queue-q8_0" in notes(), timeout=120)
+            added = [m for m in notes() if m.startswith("added ")]
+            assert added == ["added queue-q4_1", "added queue-q8_0"] and not app.screen.queue
+        assert {"queue-q4_1", "queue-q8_0"} <= {p.name for p in (home / "models").iterdir()}
+
+    run(body())
+
+
 def test_search_the_hub_then_see_which_quantizations_fit(home: Path, hub, smollm2: Path, smollm2_f16: Path,
                                                          monkeypatch) -> None:
     """#20: a word, not an exact repo id, searches the Hub; Enter on a hit lists its files, each

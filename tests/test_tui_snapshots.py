@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 from edgellm.config import Settings
+from tests import test_tui
 from tests.test_tui import _library, _wait
+
+hub = test_tui.hub  # the Hugging Face Hub stand-in, a fixture shared with the app's tests
 
 SIZE = (110, 30)
 
@@ -99,5 +102,46 @@ def test_conversations(snap_compare, app, home: Path, size) -> None:
     async def ready(pilot) -> None:
         await library_ready(pilot)
         await pilot.press("h")
+
+    assert snap_compare(app, terminal_size=size, run_before=ready)
+
+
+@pytest.mark.parametrize("size", [(80, 24), (140, 40)], ids=["80x24", "140x40"])
+def test_get_a_model_search_then_fits(snap_compare, app, hub, smollm2: Path, size) -> None:
+    """A Hub search's hits, then a repo's quantizations with whether each fits (#20)."""
+    from textual.widgets import DataTable, Input
+
+    hub.add("test/fits-GGUF", {"m-Q4_1.gguf": smollm2, "m-Q8_0.gguf": smollm2})
+
+    async def ready(pilot) -> None:
+        await library_ready(pilot)
+        await pilot.press("g")
+        pilot.app.screen.query_one("#source", Input).value = "fits"
+        await pilot.press("enter")
+        files = pilot.app.screen.query_one("#files", DataTable)
+        await _wait(pilot, lambda: files.row_count == 1 and "REPO" in str(next(iter(files.columns.values())).label))
+        await pilot.press("enter")
+        await _wait(pilot, lambda: files.row_count == 2 and "…" not in [files.get_row_at(i)[2] for i in range(2)])
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=size, run_before=ready)
+
+
+@pytest.mark.parametrize("size", [(80, 24), (140, 40)], ids=["80x24", "140x40"])
+def test_chat_editing_a_multi_line_question(snap_compare, app, home: Path, size) -> None:
+    """F2 in a reopened conversation: the question highlighted, back in the box on its two lines (#20)."""
+    from tests.test_tui import _saved
+
+    _saved(home, "smollm2-135m-instruct", "Name a color.\nOne word.", "Blue.")
+
+    async def ready(pilot) -> None:
+        await library_ready(pilot)
+        await pilot.press("h")
+        await pilot.pause()
+        await pilot.press("enter")
+        prompt = pilot.app.screen.query_one("#prompt")
+        await _wait(pilot, lambda: not prompt.disabled)
+        await pilot.press("f2")
+        await pilot.pause()
 
     assert snap_compare(app, terminal_size=size, run_before=ready)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 from textual import work
@@ -36,6 +38,7 @@ class GetModelScreen(Screen):
         self.checkpoint: tuple[dict, dict] | None = None  # its config and tensor shapes, read with the listing
         self.folder: Path | None = None  # a local checkpoint being converted
         self.busy = False
+        self.queue: deque[tuple[str, Callable[[], None]]] = deque()  # picked while busy: (what, start it)
         self.cancel = threading.Event()
         self.clock = StageClock()  # download, convert, quantize: each labelled, with its own amount and speed
 
@@ -56,7 +59,7 @@ class GetModelScreen(Screen):
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         source = self.query_one("#source", Input).value.strip()
-        if not source or self.busy:
+        if not source:  # browsing goes on while a download or a conversion runs
             return
         path = Path(source).expanduser()
         if path.is_dir():
@@ -80,7 +83,7 @@ class GetModelScreen(Screen):
             table.add_column(label, key=label.lower())
         return table
 
-    @work(thread=True, exclusive=True, group="get")
+    @work(thread=True, exclusive=True, group="browse")
     def _search(self, text: str) -> None:
         from edgellm.models.hub import search
 
@@ -113,7 +116,7 @@ class GetModelScreen(Screen):
             verdicts = dict.fromkeys(listing.gguf, "?")  # the listing stands; only the verdicts are unknown
         self.post_message(Done("fits", (repo, verdicts)))
 
-    @work(thread=True, exclusive=True, group="get")
+    @work(thread=True, exclusive=True, group="browse")
     def _inspect_folder(self, path: Path) -> None:
         from edgellm.convert.archs import architecture_for
         from edgellm.convert.checkpoint import Checkpoint
@@ -138,7 +141,7 @@ class GetModelScreen(Screen):
         return sum(math.prod(shape) for shape in shapes.values()), {
             t: (planned[q][0], planned[q][1].verdict()) for t, q in targets.items()}
 
-    @work(thread=True, exclusive=True, group="get")
+    @work(thread=True, exclusive=True, group="browse")
     def _list(self, ref: str) -> None:
         from edgellm.models.hub import list_repo, parse_ref, remote_checkpoint
 
@@ -224,17 +227,32 @@ class GetModelScreen(Screen):
         table.focus()
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
-        if self.busy:
-            return
         choice = str(event.row_key.value)
         if self.searched:
             self.query_one("#source", Input).value = choice
             self._status(f"listing {choice}…")
             self._list(choice)
-        elif self.listing is not None or self.folder is not None:
-            self._convert(None if choice == "AS IS" else choice, self.query_one("#lora", Input).value.strip())
-        elif self.repo:
-            self._pull(f"{self.repo}:{choice}")
+            return
+        job = self._job_for(choice)
+        if job is None:
+            return
+        if self.busy:  # a download queue: each starts when the one before has finished
+            self.queue.append(job)
+            self.app.notify(f"queued {job[0]} ({len(self.queue)} waiting)")
+        else:
+            job[1]()
+
+    def _job_for(self, choice: str) -> tuple[str, Callable[[], None]] | None:
+        """What picking this row does, bound to what the table shows now (the queue starts it later)."""
+        if self.listing is not None or self.folder is not None:
+            quant = None if choice == "AS IS" else choice
+            state = (self.repo, self.listing, self.checkpoint, self.folder, quant,
+                     self.query_one("#lora", Input).value.strip())
+            return f"{self.repo or self.folder} as {choice}", lambda: self._convert(*state)
+        if self.repo:
+            ref = f"{self.repo}:{choice}"
+            return ref, lambda: self._pull(ref)
+        return None
 
     def _begin(self, what: str) -> Job:
         """A job whose steps come back as messages; the bar shows from its first step."""
@@ -248,7 +266,8 @@ class GetModelScreen(Screen):
         bar = self.query_one("#progress", ProgressBar)
         bar.display = True
         bar.update(total=step.total or None, progress=step.done)
-        self._status(self.clock.describe(step))
+        waiting = f" · then {', '.join(what for what, _ in self.queue)}" if self.queue else ""
+        self._status(self.clock.describe(step) + waiting)
 
     def _finish(self, entry=None, exc: BaseException | None = None, what: str = "") -> None:
         self.busy = False
@@ -260,40 +279,42 @@ class GetModelScreen(Screen):
             bar.update(total=bar.total or 1, progress=bar.total or 1)  # done, even if no byte was reported
             self._status(f"added {entry.name}")
             self.app.notify(f"added {entry.name}")
+        if self.queue:
+            self.queue.popleft()[1]()
 
     def _pull(self, ref: str) -> None:
         from edgellm.workflows import plan_remote_gguf, pull_gguf
 
         job = self._begin(f"downloading {ref}")
-        store, hardware = self.app.store, self.app.hardware
+        store, hardware, load = self.app.store, self.app.hardware, self.app.settings.load
 
         def pull():
             # the verdict first, from the remote header alone, as `edgellm pull` gives it
-            self.post_message(Done("plan", plan_remote_gguf(ref, store, hardware)[1]))
+            self.post_message(Done("plan", plan_remote_gguf(ref, store, hardware, load=load)[1]))
             return pull_gguf(ref, store, job)
 
         self._run(ref, pull)
 
-    def _convert(self, quant: str | None, lora: str) -> None:
+    def _convert(self, repo: str | None, listing, checkpoint: tuple[dict, dict] | None, folder: Path | None,
+                 quant: str | None, lora: str) -> None:
         from edgellm.workflows import pull_and_convert
 
         job = self._begin(f"converting{' and quantizing to ' + quant if quant else ''}")
         store, keep, adapters = self.app.store, self.app.settings.checkpoints_dir, [lora] if lora else []
-        if self.folder is None:
+        if folder is None:
             from edgellm.workflows import plan_conversion
 
-            repo, listing, checkpoint, hardware = self.repo, self.listing, self.checkpoint, self.app.hardware
+            hardware, load = self.app.hardware, self.app.settings.load
 
             def pull():  # planned from the config and shapes the listing read: nothing fetched twice
-                self.post_message(Done("plan", plan_conversion(*checkpoint, hardware, quant or "F16")))
+                self.post_message(Done("plan", plan_conversion(*checkpoint, hardware, quant or "F16", load)))
                 return pull_and_convert(repo, listing, store, keep, job, quant=quant, lora=adapters)[1]
 
             self._run("conversion", pull)
         else:
-            folder = self.folder
             self._run("conversion", lambda: _convert_folder(folder, store, keep, job, quant, adapters))
 
-    @work(thread=True, exclusive=True, group="get")
+    @work(thread=True, group="job")
     def _run(self, what: str, call) -> None:
         try:
             entry = call()
@@ -303,7 +324,11 @@ class GetModelScreen(Screen):
             self.post_message(Done(what, entry))
 
     def action_cancel(self) -> None:
+        """Esc stops the work under way and drops what was queued after it; idle, it goes back."""
         if self.busy:
+            if self.queue:
+                self.app.notify(f"dropped from the queue: {', '.join(what for what, _ in self.queue)}")
+                self.queue.clear()
             self.cancel.set()
         else:
             self.app.pop_screen()
