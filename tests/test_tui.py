@@ -41,6 +41,19 @@ def _app(home: Path):
     return make_app(Settings.resolve())
 
 
+async def _hub_files(pilot, source: str, rows: int):
+    """Get a model (g) with ``source`` entered: its table of files, once it lists ``rows``, focused."""
+    from textual.widgets import DataTable, Input
+
+    await pilot.press("g")
+    pilot.app.screen.query_one("#source", Input).value = source
+    await pilot.press("enter")
+    files = pilot.app.screen.query_one("#files", DataTable)
+    await _wait(pilot, lambda: files.row_count == rows)
+    files.focus()
+    return files
+
+
 def _saved(home: Path, model: str, question: str, answer: str):
     """A conversation saved as the chat saves one: (the conversations, its id)."""
     from edgellm.runtime.templates import Message
@@ -421,7 +434,6 @@ def test_get_a_model_from_the_hub_stand_in(home: Path, hub, smollm2: Path) -> No
 def test_downloads_picked_while_one_runs_wait_in_a_queue(home: Path, hub, smollm2: Path) -> None:
     """#20: a quantization picked while another downloads is queued, said so, and fetched once the
     first is in the store; the status line names what waits; browsing goes on meanwhile."""
-    from textual.widgets import DataTable, Input
 
     hub.add("test/queue-GGUF", {"m-Q4_1.gguf": smollm2, "m-Q8_0.gguf": smollm2})
     hub.pace["m-Q4_1.gguf"] = 0.03  # ~3 s for its 94 MiB
@@ -430,12 +442,7 @@ def test_downloads_picked_while_one_runs_wait_in_a_queue(home: Path, hub, smollm
         app = _app(home)
         async with app.run_test(size=(120, 40)) as pilot:
             await _library(pilot)
-            await pilot.press("g")
-            app.screen.query_one("#source", Input).value = "test/queue-GGUF"
-            await pilot.press("enter")
-            files = app.screen.query_one("#files", DataTable)
-            await _wait(pilot, lambda: files.row_count == 2)
-            files.focus()
+            await _hub_files(pilot, "test/queue-GGUF", 2)
             await pilot.press("enter")  # Q4_1: the slow one
             await _wait(pilot, lambda: app.screen.busy)
             await pilot.press("down", "enter")  # Q8_0, while Q4_1 downloads
@@ -492,7 +499,6 @@ def test_search_the_hub_then_see_which_quantizations_fit(home: Path, hub, smollm
 def test_a_download_that_will_not_fit_says_so_first(home: Path, hub, smollm2: Path, monkeypatch) -> None:
     """With less RAM than the model needs, the app warns, from the remote header alone, before the
     download lands (#20's bug 8): it still downloads, for a machine it may fit."""
-    from textual.widgets import DataTable, Input
 
     hub.add("test/big-GGUF", {"m-Q4_1.gguf": smollm2})
     monkeypatch.setenv("EDGELLM_RAM", "300M")
@@ -501,12 +507,7 @@ def test_a_download_that_will_not_fit_says_so_first(home: Path, hub, smollm2: Pa
         app = _app(home)
         async with app.run_test(size=(120, 40)) as pilot:
             await _library(pilot)
-            await pilot.press("g")
-            app.screen.query_one("#source", Input).value = "test/big-GGUF"
-            await pilot.press("enter")
-            files = app.screen.query_one("#files", DataTable)
-            await _wait(pilot, lambda: files.row_count == 1)
-            files.focus()
+            await _hub_files(pilot, "test/big-GGUF", 1)
             await pilot.press("enter")
             await _wait(pilot, lambda: any("added big-q4_1" in n.message for n in app._notifications))
             messages = [n.message for n in app._notifications]

@@ -47,7 +47,6 @@ class Drafter:
         self._cached: list[list[int]] = [[] for _ in range(n_parallel)]
         self._rest = [0] * n_parallel  # steps a sequence's draft sits out after declining to guess
         self._backoff = [0] * n_parallel
-        self.n_vocab = model.n_vocab
 
     def propose(self, seq_id: int, tokens: Sequence[int], n_max: int) -> list[int]:
         """Up to ``n_max`` guesses for what follows ``tokens`` (the sequence so far, ending with
