@@ -9,7 +9,9 @@
 #     Q4_K_M with edgellm, and prints beside llama.cpp's own tools: doctor; the plan against every buffer
 #     llama.cpp logs at full, partial and auto offload and under --gpu-memory; decode with every K/V
 #     type; pp512 and tg128; chat/run decode; serve at 1/8/32 streams; VRAM after load.
-# A failed step is said (!!! FAILED) and the next ones still run.
+# Speculative decoding runs on the GPU too (the stand-in's F16 as the model, its Q8_0 as the draft).
+# A failed step is said (!!! FAILED) and the next ones still run. GPU_CHECK_QUICK=1 stops after
+# doctor, a run and speculative decoding (a short lease).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -110,6 +112,12 @@ try "${EDGELLM[@]}" doctor
 
 step "edgellm run, every layer on the GPU"
 try "${EDGELLM[@]}" run smollm2-135m-instruct "Hello" -n 16 --temperature 0 --gpu-layers all --verbose
+
+step "speculative decoding on the GPU: the stand-in's F16 with its Q8_0 as the draft (greedy answers must match)"
+F16=$(ls "$W"/standin/models/standin-f16/*.gguf)
+[ -f "$W/standin-q8_0.gguf" ] || EDGELLM_HOME="$W/standin" "${EDGELLM[@]}" quantize standin-f16 Q8_0 -o "$W/standin-q8_0.gguf"
+try $PY bench/speculative.py --target "$F16" --draft "$W/standin-q8_0.gguf" -n 64 -r 1 --draft-max 8 --p-min 0.75 -ngl 99
+[ -z "${GPU_CHECK_QUICK:-}" ] || { step "done (quick)"; exit 0; }
 
 step "the ~1B model: convert and quantize with edgellm (background)"
 { "${EDGELLM[@]}" list | grep -q gpu1b-q4_k_m || {

@@ -10,7 +10,7 @@ guesses rounds logits a little differently, which can flip a near-tie). A seeded
 draft (--draft-p-min 0.75) and a lower one.
 
 usage: python bench/speculative.py [-n 128] [-r 3] [--draft-max 4,8,16] [--p-min 0.75,0.5] [-t THREADS]
-       [--target F16.gguf --draft Q.gguf]
+       [--target F16.gguf --draft Q.gguf] [-ngl N]   (-ngl: the model's GPU layers; the draft's are planned)
 """
 
 from __future__ import annotations
@@ -67,12 +67,13 @@ def main() -> None:
     ap.add_argument("-t", "--threads", type=int, default=physical_cores())
     ap.add_argument("--target", type=Path)
     ap.add_argument("--draft", type=Path)
+    ap.add_argument("--gpu-layers", "-ngl", type=int, default=0)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         target, draft = (args.target, args.draft) if args.target and args.draft else default_pair(Path(tmp))
         greedy = SamplingOptions(temperature=0.0, max_tokens=args.n)
         seeded = SamplingOptions(temperature=0.8, max_tokens=args.n, seed=1234)
-        base = LoadOptions(n_ctx=2048, n_threads=args.threads, n_gpu_layers=0)
+        base = LoadOptions(n_ctx=2048, n_threads=args.threads, n_gpu_layers=args.gpu_layers)
         print(f"model {target.name}, draft {draft.name}, {args.n} tokens, {args.threads} threads, median of {args.r}")
         print(f"{'P-MIN':>5} {'MAX':>4} {'PROMPT':>6} {'ALONE T/S':>10} {'DRAFT T/S':>10} {'RATIO':>6} {'KEPT':>9} "
               f"{'GREEDY SAME':>11} {'SEEDED SAME':>11}")
