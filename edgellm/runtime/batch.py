@@ -158,6 +158,8 @@ class BatchEngine:
             self._cond.notify()
         if self._thread:
             self._thread.join(timeout=30)
+        if not (self._thread and self._thread.is_alive()):  # not parked for good in a dead RPC worker's decode
+            self._lib.llama_synchronize(self.ctx.ptr)  # the last step's decode may still run on the device
         for slot in self.slots:
             self._free_sampler(slot)
         self._lib.llama_batch_free(self._batch)
