@@ -418,7 +418,7 @@ def test_get_a_model_from_the_hub_stand_in(home: Path, hub, smollm2: Path) -> No
             await pilot.press("enter")
             files = app.screen.query_one("#files", DataTable)
             await _wait(pilot, lambda: files.row_count == 2)
-            assert [files.get_row_at(i)[0] for i in range(2)] == ["Q4_1", "Q8_0"]
+            assert [str(files.get_row_at(i)[0]) for i in range(2)] == ["Q4_1", "Q8_0"]
             files.focus()
             await pilot.press("enter")  # the first row: Q4_1
             await _wait(pilot, lambda: any("added two-quants-q4_1" in n.message for n in app._notifications))
@@ -427,6 +427,38 @@ def test_get_a_model_from_the_hub_stand_in(home: Path, hub, smollm2: Path) -> No
             table = app.screen.query_one(DataTable)
             await _wait(pilot, lambda: table.row_count == 2)
         assert (home / "models" / "two-quants-q4_1" / "manifest.json").exists()
+
+    run(body())
+
+
+def test_hub_names_and_conversation_titles_are_text_not_markup(home: Path, hub, smollm2: Path) -> None:
+    """A Hub (or a mirror HF_ENDPOINT names) may list a repo whose name is broken Rich markup, and a
+    conversation's title is its first question as typed: shown as text, the app running on."""
+    from textual.widgets import DataTable, Input
+
+    hub.add("evil/[b]x[/i]-GGUF", {"m-Q4_1.gguf": smollm2})
+    _saved(home, "smollm2-135m-instruct", "why does [/bold] break things?", "It does not.")
+
+    async def body() -> None:
+        app = _app(home)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await _library(pilot)
+            await pilot.press("h")
+            table = app.screen.query_one(DataTable)
+            await _wait(pilot, lambda: table.row_count == 1)
+            await pilot.pause(0.2)
+            assert str(table.get_row_at(0)[3]) == "why does [/bold] break things?" and app.is_running
+            await pilot.press("escape", "g")
+            app.screen.query_one("#source", Input).value = "evil"
+            await pilot.press("enter")
+            files = app.screen.query_one("#files", DataTable)
+            await _wait(pilot, lambda: files.row_count == 1)
+            await pilot.pause(0.2)
+            assert str(files.get_row_at(0)[0]) == "evil/[b]x[/i]-GGUF" and app.is_running
+            await pilot.press("enter")  # lists it: the name is in the status line too
+            status = app.screen.query_one("#status")
+            await _wait(pilot, lambda: "evil/[b]x[/i]-GGUF" in str(status.render()))
+            assert app.is_running
 
     run(body())
 
@@ -482,12 +514,12 @@ def test_search_the_hub_then_see_which_quantizations_fit(home: Path, hub, smollm
             source.value = "fits"
             await pilot.press("enter")
             files = app.screen.query_one("#files", DataTable)
-            await _wait(pilot, lambda: files.row_count == 1 and files.get_row_at(0)[0] == "test/fits-GGUF")
+            await _wait(pilot, lambda: files.row_count == 1 and str(files.get_row_at(0)[0]) == "test/fits-GGUF")
             assert [str(c.label) for c in files.columns.values()] == ["REPO", "DOWNLOADS", "LIKES"]
             await pilot.press("enter")
             await _wait(pilot, lambda: files.row_count == 2 and "…" not in [files.get_row_at(i)[2] for i in range(2)])
             assert [str(c.label) for c in files.columns.values()] == ["QUANT", "SIZE", "FITS", "DETAIL"]
-            fits = {files.get_row_at(i)[0]: files.get_row_at(i)[2] for i in range(2)}
+            fits = {str(files.get_row_at(i)[0]): files.get_row_at(i)[2] for i in range(2)}
             assert fits["Q4_1"].startswith("yes ") and fits["F16"].startswith("no "), fits
         assert sorted(p.name for p in (home / "models").iterdir()) == ["smollm2-135m-instruct"]  # nothing pulled
         read = {r.split()[1] for r in hub.requests if "/resolve/" in r}

@@ -10,6 +10,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.screen import Screen
@@ -73,7 +74,7 @@ class GetModelScreen(Screen):
             self._search(source)
 
     def _status(self, text: str) -> None:
-        self.query_one("#status", Static).update(text)
+        self.query_one("#status", Static).update(Text(text))  # quotes Hub names and paths: text, never markup
 
     def _table(self, columns: tuple[str, ...]) -> DataTable:
         """The table, emptied, with these columns (search hits and quantizations differ)."""
@@ -98,7 +99,7 @@ class GetModelScreen(Screen):
         self.repo, self.listing, self.folder, self.searched = None, None, None, True
         table = self._table(SEARCH_COLUMNS)
         for hit in hits:
-            table.add_row(hit.repo, f"{hit.downloads:,}", f"{hit.likes:,}", key=hit.repo)
+            table.add_row(Text(hit.repo), f"{hit.downloads:,}", f"{hit.likes:,}", key=hit.repo)  # the Hub's: text
         self._status(f"{len(hits)} GGUF repos on the Hub match {text!r}, most downloaded first; pick one and press "
                      "Enter" if hits else f"no GGUF repo on the Hub matches {text!r}")
         if hits:
@@ -200,7 +201,7 @@ class GetModelScreen(Screen):
         self.repo, self.listing, self.folder, self.searched = repo, None, None, False
         table = self._table(QUANT_COLUMNS)
         for quant, choice in sorted(choices.items()):
-            table.add_row(quant, human_bytes(choice.size), "…", f"{len(choice.files)} file(s)", key=quant)
+            table.add_row(Text(quant), human_bytes(choice.size), "…", f"{len(choice.files)} file(s)", key=quant)
         note = f" ({len(refused)} unsafe file names ignored)" if refused else ""
         self._status(f"{repo}: {len(choices)} GGUF quantizations{note}; FITS at the current settings; pick one and "
                      "press Enter" if choices else f"{repo} has no GGUF files{note}")

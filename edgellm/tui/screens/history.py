@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
@@ -45,7 +46,8 @@ class HistoryScreen(Screen):
         for cid, model, created, title, count in found:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(created))
             gone = "" if self.app.store.exists(model) else " (deleted)"
-            table.add_row(when, model + gone, str(count), title.replace("\n", " ")[:60], key=f"{cid}:{model}")
+            # the title is the first question, as typed: text, never markup
+            table.add_row(when, model + gone, str(count), Text(title.replace("\n", " ")[:60]), key=f"{cid}:{model}")
         if current is not None:
             for key in table.rows:
                 if str(key.value).startswith(f"{current}:"):
