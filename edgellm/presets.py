@@ -43,10 +43,6 @@ def load_presets(home: Path) -> dict[str, dict[str, Any]]:
     return data
 
 
-def preset_for(home: Path, model: str) -> dict[str, Any]:
-    return load_presets(home).get(model, {})
-
-
 def save_preset(home: Path, model: str, values: dict[str, Any]) -> None:
     """Replace ``model``'s preset with ``values`` (None and "" drop a setting); the others stay.
     Written whole to a temporary file and renamed, so a crash never leaves half a file."""

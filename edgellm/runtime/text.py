@@ -190,7 +190,11 @@ class Answer:
     def ends(self, token: int, taken: int = 1) -> bool:
         """Whether a token sampled, ``taken``-th of those not yet added, ends the answer whatever its
         text: end of generation, or the answer's length (a stop string shows only in the text)."""
-        return (self._is_end(token) and not self._ignore_eos) or self.generated + taken >= self.limit
+        return self._at_end(token) or self.generated + taken >= self.limit
+
+    def _at_end(self, token: int) -> bool:
+        """The end of generation, unless the answer was asked to ignore it (ends() and add() agree)."""
+        return self._is_end(token) and not self._ignore_eos
 
     def add(self, token: int, logprobs: TokenLogprob | None = None) -> tuple[Chunk | None, str | None]:
         """Take a sampled token: (a Chunk to pass on or None, the finish reason if the answer ends)."""
@@ -198,7 +202,7 @@ class Answer:
         if self.sampled == 0:
             self.first = self.last
         self.sampled += 1
-        if self._is_end(token) and not self._ignore_eos:
+        if self._at_end(token):
             return None, "stop"
         self.generated += 1
         text, stopped = self._scanner.feed(self._decoder.decode(self._piece(token)))

@@ -39,12 +39,14 @@ class EdgeApp(App):
             self._hardware = probe(self.settings.gpu_memory, self.settings.ram)
         return self._hardware
 
-    def settings_for(self, model: str) -> Settings:
+    def settings_for(self, model: str, presets: dict[str, dict] | None = None) -> Settings:
         """The app's settings with ``model``'s preset (presets.toml) on top: what its chat loads and
-        samples with, and what the library judges its fit by."""
-        from edgellm.presets import FILE, preset_for
+        samples with, and what the library judges its fit by. ``presets``: the file as already read
+        (the library asks for every model at once), else it is read now."""
+        from edgellm.presets import FILE, load_presets
 
-        return self.settings.with_values(preset_for(self.settings.home, model), f"{FILE} [{model}]")
+        table = (load_presets(self.settings.home) if presets is None else presets).get(model, {})
+        return self.settings.with_values(table, f"{FILE} [{model}]")
 
     def on_mount(self) -> None:
         from edgellm.tui.screens.library import LibraryScreen

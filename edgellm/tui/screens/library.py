@@ -9,6 +9,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
+from edgellm.errors import ConfigError
 from edgellm.gguf.header import format_params, human_bytes
 from edgellm.tui.messages import Done
 
@@ -68,13 +69,20 @@ class LibraryScreen(Screen):
         """The planner's verdict per model at the current settings (off the UI thread: it probes)."""
         from edgellm.gguf.header import read_header
         from edgellm.plan.fit import fit_load
+        from edgellm.presets import load_presets
 
+        try:
+            presets = load_presets(self.app.settings.home)  # once, for every model
+        except ConfigError:
+            presets = None  # a broken presets file: no verdicts (opening a chat says why)
         for entry in self.app.store.list():
-            try:  # at the model's preset, if it has one
-                verdict = fit_load(read_header(entry.gguf_path), self.app.hardware, self.app.settings_for(entry.name).load
-                                   ).verdict()
-            except Exception:
-                verdict = "?"
+            verdict = "?"
+            if presets is not None:
+                try:  # at the model's preset, if it has one
+                    verdict = fit_load(read_header(entry.gguf_path), self.app.hardware,
+                                       self.app.settings_for(entry.name, presets).load).verdict()
+                except Exception:
+                    pass  # a file the planner cannot read: no verdict, and the library goes on
             self.post_message(Done("fit", (entry.name, verdict)))
 
     def on_done(self, message: Done) -> None:
