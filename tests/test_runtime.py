@@ -56,6 +56,47 @@ def test_stop_string_cuts_the_answer(model) -> None:
     assert last.finish_reason == "stop"
 
 
+def test_text_cut_by_a_stop_string_found_tokens_later_leaves_the_cache_exact(smollm2: Path) -> None:
+    # a stop string is looked for when tokens become text, a few tokens after they were decoded:
+    # the tokens past it leave the cache, and the next turn answers as a fresh model does
+    with load_model(smollm2, LoadOptions(n_ctx=1024)) as m:
+        cut, _ = answer(m, sampling=replace(GREEDY, stop=("Berlin",)))
+        history = [*QUESTION, Message("assistant", cut + "Berlin."), Message("user", "And of France?")]
+        second, last = answer(m, history)
+        assert last.timings.cached_tokens > len(m.tokenize(m.render(QUESTION))) // 2
+    with load_model(smollm2, LoadOptions(n_ctx=1024)) as fresh:
+        assert answer(fresh, history)[0] == second and "Paris" in second
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> str:
+    """The longest end of the text that begins a stop string, found the slow way."""
+    return next((text[i:] for i in range(len(text)) if any(s.startswith(text[i:]) for s in stops)), "")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_stop_strings_are_found_across_pieces_and_false_starts_released(seed: int) -> None:
+    import random
+
+    from edgellm.runtime.text import StopScanner
+
+    rng = random.Random(seed)
+    for _ in range(500):
+        stops = tuple({"".join(rng.choice("ab<|") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 3))})
+        pieces = ["".join(rng.choice("ab<|\n") for _ in range(rng.randint(0, 4))) for _ in range(8)]
+        scanner, shown, text = StopScanner(stops), "", ""
+        for piece in pieces:
+            text += piece
+            out, stopped = scanner.feed(piece)
+            shown += out
+            first = min((i, s) for s in stops if (i := text.find(s)) >= 0) if any(s in text for s in stops) else None
+            if first is not None:
+                assert stopped and shown == text[: first[0]] and scanner.matched in stops
+                assert text[first[0]:].startswith(scanner.matched)
+                break
+            assert not stopped and shown + scanner.held == text
+            assert scanner.held == _held_back(text, stops)
+
+
 def test_end_of_generation_ends_with_stop(model) -> None:
     text, last = answer(model, sampling=replace(GREEDY, max_tokens=200))
     assert last.finish_reason == "stop"
@@ -138,3 +179,12 @@ def test_multibyte_text_streams_whole(model) -> None:
     messages = [Message("user", "Write the word café three times.")]
     chunks = list(model.chat(messages, replace(GREEDY, max_tokens=40)))
     assert all("\ufffd" not in c.text for c in chunks)
+
+
+def test_an_answer_fills_the_context_exactly_and_ends_with_length(smollm2: Path) -> None:
+    # tokens become text a few at a time, but the length is counted on every token sampled: one
+    # decoded past the context (llama.cpp makes it 256 cells) would fail the answer
+    with load_model(smollm2, LoadOptions(n_ctx=256)) as m:
+        prompt = len(m.tokenize(m.render(QUESTION)))
+        _, last = answer(m, sampling=SamplingOptions(temperature=0.0, max_tokens=-1, ignore_eos=True))
+        assert (last.finish_reason, last.timings.generated_tokens) == ("length", 256 - prompt)

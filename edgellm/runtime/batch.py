@@ -9,6 +9,10 @@ evaluated (the prompt cache).
 
 The engine runs in its own thread; results go back through each request's ``emit`` callback, which
 receives Chunks (the same streaming contract as the single-sequence runtime) or an exception.
+
+A slot's sampled tokens become text at most every ``TEXT_EVERY`` seconds (and at once for its first
+token and its last): on a CPU, the decode between two tokens evicts the Python objects that turn a
+token into text from every cache, and a few tokens turned into text together pay for that once.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import codecs
 import re
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -29,6 +34,9 @@ from edgellm.runtime.text import Answer, ThinkSplitter, common_prefix
 
 if TYPE_CHECKING:
     from edgellm.runtime.speculative import Drafter
+
+#: seconds a sampled token may wait to become text: below a 60 Hz screen's frame
+TEXT_EVERY = 0.015
 
 
 @dataclass(eq=False)
@@ -52,6 +60,8 @@ class _Slot:
     drafts: list[int] = field(default_factory=list)  # the draft's guesses, evaluated after next_token
     batch_index: int = -1
     answer: Answer | None = None
+    unsent: list[tuple[int, TokenLogprob | None]] = field(default_factory=list)  # sampled, not yet text
+    sent_at: float = 0.0  # when the last text went out
     lazy: _Watch | None = None  # a lazy grammar's watch for its triggers, until one matches
 
 
@@ -111,6 +121,9 @@ class BatchEngine:
         )
         self._mem = llama_cpp.llama_get_memory(self.ctx.ptr)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        # the batch's arrays, as ctypes makes a new pointer object at every field access
+        self._arrays = (self._batch.token, self._batch.pos, self._batch.n_seq_id, self._batch.seq_id,
+                        self._batch.logits)
         self.slots = [_Slot(i) for i in range(n_parallel)]
         self.drafter = drafter
         self.n_vocab = model.n_vocab
@@ -182,8 +195,9 @@ class BatchEngine:
 
     def step(self) -> None:
         """Admit waiting requests, then one decode and one sampled token per answering sequence."""
-        with self._cond:
-            self._admit()
+        if self._queue:  # read unlocked (it runs every token): a request appended meanwhile joins next step
+            with self._cond:
+                self._admit()
         try:
             with self.lock:
                 self._step()
@@ -277,27 +291,36 @@ class BatchEngine:
         tokens into text. On a GPU llama_decode returns before the device has finished (llama.cpp
         waits when the outputs are read), so the text, the callbacks and what the caller does with
         each chunk overlap the device's work instead of adding to it."""
-        picked = [(slot, self._pick(slot)) for slot in self.slots if slot.request and slot.batch_index >= 0]
+        picked = [slot for slot in self.slots if slot.request and slot.batch_index >= 0]
+        ending = []  # slots whose answer ends with a token just picked
+        for slot in picked:
+            slot.unsent += self._pick(slot)
+            if slot.next_token is None:
+                ending.append(slot)
         self._launch()
-        for slot, tokens in picked:
-            if slot.request:
-                self._emit(slot, tokens)
+        now = time.perf_counter()
+        for slot in picked:
+            # the answer's first token and its last go out at once; those between, every TEXT_EVERY
+            if slot.request and (slot in ending or not slot.answer.sampled or now - slot.sent_at >= TEXT_EVERY):
+                self._emit(slot)
+                slot.sent_at = now
         for slot in self.slots:
-            if slot.request and slot.request.cancelled.is_set():
+            if slot.request and slot.request.cancelled.is_set() and not self._emit(slot):
                 self._finish(slot, "cancelled")
 
     def _launch(self) -> None:
         """One batch: each answering slot's next token (and the draft's guesses after it), then as
         much of the waiting prompts as fits, decoded; its outputs are read at the next step."""
-        batch, n = self._batch, 0
+        n = 0
+        tokens, positions, n_seq_ids, seq_ids, outputs = self._arrays
 
         def add(slot: _Slot, token: int, logits: bool) -> None:
             nonlocal n
-            batch.token[n] = token
-            batch.pos[n] = len(slot.tokens)
-            batch.n_seq_id[n] = 1
-            batch.seq_id[n][0] = slot.seq_id
-            batch.logits[n] = logits
+            tokens[n] = token
+            positions[n] = len(slot.tokens)
+            n_seq_ids[n] = 1
+            seq_ids[n][0] = slot.seq_id
+            outputs[n] = logits
             slot.tokens.append(token)
             if logits:
                 slot.batch_index = n
@@ -320,8 +343,8 @@ class BatchEngine:
                 add(slot, token, not slot.pending)
         if n == 0:
             return
-        batch.n_tokens = n
-        status = self._lib.llama_decode(self.ctx.ptr, batch)
+        self._batch.n_tokens = n
+        status = self._lib.llama_decode(self.ctx.ptr, self._batch)
         if status != 0:
             raise EngineError(f"llama_decode failed with status {status} (the KV cache may be full)")
 
@@ -331,7 +354,7 @@ class BatchEngine:
         if self.drafter is None:
             return []
         room = min(self.drafter.draft_max, self.n_batch - n_in_batch - 1, self.n_ctx - len(slot.tokens) - 2,
-                   slot.answer.limit - slot.answer.generated - 1)
+                   slot.answer.limit - slot.answer.generated - len(slot.unsent) - 1)
         return self.drafter.propose(slot.seq_id, [*slot.tokens, slot.next_token], room)
 
     def _pick(self, slot: _Slot) -> list[tuple[int, TokenLogprob | None]]:
@@ -350,7 +373,7 @@ class BatchEngine:
                 self._watch(slot, token)
             guessed = i < len(drafts) and token == drafts[i]
             answer.draft_accepted += guessed
-            ends = answer.ends(token, len(picked))
+            ends = answer.ends(token, len(slot.unsent) + len(picked))  # those not yet text count too
             if ends or not guessed:
                 break
         slot.drafts = []
@@ -360,16 +383,19 @@ class BatchEngine:
         slot.next_token = None if ends else token
         return picked
 
-    def _emit(self, slot: _Slot, picked: list[tuple[int, TokenLogprob | None]]) -> None:
-        """The picked tokens' text to the request, up to the one that ends the answer."""
-        request, answer = slot.request, slot.answer
-        for token, logprob in picked:
+    def _emit(self, slot: _Slot) -> bool:
+        """The sampled tokens' text to the request, up to the one that ends the answer (a stop
+        string in the text ends it here): whether it ended."""
+        request, answer, unsent = slot.request, slot.answer, slot.unsent
+        slot.unsent = []
+        for token, logprob in unsent:
             chunk, ended = answer.add(token, logprob)
             if chunk:
                 request.emit(chunk)
             if ended:
                 self._finish(slot, ended)
-                return
+                return True
+        return False
 
     def _watch(self, slot: _Slot, token: int) -> None:
         """A lazy grammar (tool calls with tool_choice auto): the text is free until one of the
@@ -417,6 +443,7 @@ class BatchEngine:
         slot.request = None
         slot.answer = None
         slot.pending = []
+        slot.unsent = []
         slot.next_token = None
         slot.batch_index = -1  # a token still being decoded for it is not sampled for the next request
         slot.lazy = None

@@ -57,19 +57,29 @@ class StopScanner:
         buf = self.held + text
         if not self.stops:
             return buf, False
-        hits = [(i, s) for i, s in ((buf.find(s), s) for s in self.stops) if i >= 0]
-        if hits:
-            self.held = ""
-            at, self.matched = min(hits)
-            return buf[:at], True
-        keep = 0
+        at = -1
         for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(buf)), keep, -1):
-                if buf.endswith(stop[:k]):
-                    keep = k
-                    break
-        self.held = buf[len(buf) - keep :]
-        return buf[: len(buf) - keep], False
+            i = buf.find(stop)
+            if i >= 0 and (at < 0 or i < at):
+                at, self.matched = i, stop
+        if at >= 0:
+            self.held = ""
+            return buf[:at], True
+        cut = len(buf)  # where the held-back tail begins
+        for stop in self.stops:
+            cut = min(cut, self._partial(buf, stop))
+        self.held = buf[cut:]
+        return buf[:cut], False
+
+    @staticmethod
+    def _partial(buf: str, stop: str) -> int:
+        """Where the longest end of ``buf`` that begins ``stop`` starts (``len(buf)`` if none).
+        Found from the stop's first character, which is rarely in the text (``<`` of a special
+        token), in one C search in the common case: this runs for every token."""
+        i = buf.find(stop[0], max(len(buf) - len(stop) + 1, 0))
+        while i >= 0 and not stop.startswith(buf[i:]):
+            i = buf.find(stop[0], i + 1)
+        return len(buf) if i < 0 else i
 
     def flush(self) -> str:
         text, self.held = self.held, ""
@@ -174,7 +184,7 @@ class Answer:
         self._piece = piece
         self._is_end = is_end
         self._ignore_eos = sampling.ignore_eos
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._undecoded = b""  # the start of a UTF-8 character a token's piece split
         self._scanner = StopScanner(sampling.stop)
         self._reasoning = reasoning
         self._hit_stop = False
@@ -205,7 +215,10 @@ class Answer:
         if self._at_end(token):
             return None, "stop"
         self.generated += 1
-        text, stopped = self._scanner.feed(self._decoder.decode(self._piece(token)))
+        data = self._undecoded + self._piece(token)
+        text, used = codecs.utf_8_decode(data, "replace", False)
+        self._undecoded = data[used:]
+        text, stopped = self._scanner.feed(text)
         thought = ""
         if self._reasoning is not None:
             text, thought = self._reasoning.feed(text)
@@ -217,7 +230,7 @@ class Answer:
 
     def finish(self, reason: str) -> Chunk:
         # text held back as a possible stop string is real text unless a stop string matched
-        tail = "" if self._hit_stop else self._scanner.flush() + self._decoder.decode(b"", final=True)
+        tail = "" if self._hit_stop else self._scanner.flush() + self._undecoded.decode("utf-8", "replace")
         thought = ""
         if self._reasoning is not None:
             tail, thought = self._reasoning.feed(tail)
