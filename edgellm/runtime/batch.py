@@ -61,7 +61,6 @@ class _Slot:
     batch_index: int = -1
     answer: Answer | None = None
     unsent: list[tuple[int, TokenLogprob | None]] = field(default_factory=list)  # sampled, not yet text
-    sent_at: float = 0.0  # when the last text went out
     lazy: _Watch | None = None  # a lazy grammar's watch for its triggers, until one matches
 
 
@@ -125,6 +124,7 @@ class BatchEngine:
         self._arrays = (self._batch.token, self._batch.pos, self._batch.n_seq_id, self._batch.seq_id,
                         self._batch.logits)
         self.slots = [_Slot(i) for i in range(n_parallel)]
+        self._text_at = 0.0  # when the slots' sampled tokens last became text
         self.drafter = drafter
         self.n_vocab = model.n_vocab
         self.max_queue = max_queue
@@ -298,12 +298,15 @@ class BatchEngine:
             if slot.next_token is None:
                 ending.append(slot)
         self._launch()
+        # an answer's first token and its last go out at once; those between, every TEXT_EVERY, for
+        # every slot at the same step (a server then hands the event loop one burst, not one a step)
         now = time.perf_counter()
+        due = now - self._text_at >= TEXT_EVERY
         for slot in picked:
-            # the answer's first token and its last go out at once; those between, every TEXT_EVERY
-            if slot.request and (slot in ending or not slot.answer.sampled or now - slot.sent_at >= TEXT_EVERY):
+            if slot.request and (due or slot in ending or not slot.answer.sampled):
                 self._emit(slot)
-                slot.sent_at = now
+        if due:
+            self._text_at = now
         for slot in self.slots:
             if slot.request and slot.request.cancelled.is_set() and not self._emit(slot):
                 self._finish(slot, "cancelled")
