@@ -330,6 +330,33 @@ def test_client_killed_mid_stream_frees_its_slot(server: Server) -> None:
     assert time.monotonic() - start < 20
 
 
+def _http_chunks(sock: socket.socket) -> list[bytes]:
+    """The pieces of a chunked HTTP response as the server wrote them (one per write)."""
+    data = _read_until(sock, b"\r\n0\r\n\r\n")
+    body = data.split(b"\r\n\r\n", 1)[1]
+    pieces = []
+    while True:
+        size, body = body.split(b"\r\n", 1)
+        if int(size, 16) == 0:
+            return pieces
+        pieces.append(body[: int(size, 16)])
+        body = body[int(size, 16) + 2:]
+
+
+def test_events_made_together_are_written_together(server: Server) -> None:
+    # the answer's last token, its finish and [DONE] are made at once: one write, not three
+    body = json.dumps({"messages": QUESTION, "stream": True, "max_tokens": 30, "temperature": 0}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        pieces = _http_chunks(sock)
+    events = [e for piece in pieces for e in piece.split(b"\n\n") if e]
+    assert b'"finish_reason": "stop"' in pieces[-1] and pieces[-1].endswith(b"data: [DONE]\n\n")
+    text = "".join(json.loads(e[6:])["choices"][0]["delta"].get("content") or "" for e in events[:-1])
+    assert text == "The capital of Germany is Berlin."
+    assert len(pieces) < len(events)
+
+
 def test_auth_and_busy(tmp_path: Path, smollm2: Path) -> None:
     s = Server(tmp_path / "home", smollm2, "--api-key", "sekret", "--parallel", "1", "--max-queue", "1")
     try:

@@ -13,7 +13,6 @@ from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 from pydantic import Field, StrictBool, StrictInt, StrictStr
 
 from edgellm.errors import EdgeLLMError, UsageError, brief
@@ -22,6 +21,7 @@ from edgellm.runtime.templates import Message
 from edgellm.runtime.tools import MAX_TOOLS, Tool, ToolCall, ToolFormat, check_tools, tool_grammar
 from edgellm.server.generation import chunks, render_prompt, request_for
 from edgellm.server.schemas import MAX_MESSAGES, MAX_NAME, Body, text_of
+from edgellm.server.streaming import EventStream
 
 router = APIRouter()
 
@@ -135,7 +135,7 @@ async def messages(body: MessagesRequest, request: Request):
     if not body.stream:
         return reply.whole(await _gather(stream))
     first = await anext(stream)  # errors before the first token still become an HTTP error
-    return StreamingResponse(reply.events(first, stream), media_type="text/event-stream")
+    return EventStream(reply.events(first, stream), media_type="text/event-stream")
 
 
 async def _gather(stream: AsyncIterator[Chunk]) -> list[Chunk]:

@@ -14,12 +14,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi.responses import StreamingResponse
-
 from edgellm.errors import EdgeLLMError
 from edgellm.runtime.chunks import Chunk, TokenLogprob
 from edgellm.runtime.tools import ToolCall, ToolFormat
 from edgellm.server.bodies import error_payload
+from edgellm.server.streaming import EventStream
 
 
 class Encoder:
@@ -186,11 +185,11 @@ async def respond(encoder: Encoder, streams: list[AsyncIterator[Chunk]], stream:
             return body
         usage = [_sse({**encoder.envelope(encoder.chunk_object, []), "usage": body["usage"]})] if include_usage else []
         events = [*encoder.whole_events(body), *usage, b"data: [DONE]\n\n"]
-        return StreamingResponse(iter(events), media_type="text/event-stream")
+        return EventStream(iter(events), media_type="text/event-stream")
     if len(streams) > 1:
-        return StreamingResponse(_merged(encoder, streams, include_usage), media_type="text/event-stream")
+        return EventStream(_merged(encoder, streams, include_usage), media_type="text/event-stream")
     first = await anext(streams[0])  # errors before the first token still become an HTTP error
-    return StreamingResponse(_events(encoder, first, streams[0], include_usage), media_type="text/event-stream")
+    return EventStream(_events(encoder, first, streams[0], include_usage), media_type="text/event-stream")
 
 
 async def _merged(encoder: Encoder, streams: list[AsyncIterator[Chunk]], include_usage: bool) -> AsyncIterator[bytes]:

@@ -13,7 +13,6 @@ from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 from pydantic import Field, StrictBool, StrictInt, StrictStr
 
 from edgellm import __version__
@@ -25,6 +24,7 @@ from edgellm.runtime.templates import Message
 from edgellm.runtime.tools import MAX_TOOLS, Tool, ToolCall, check_tools, tool_grammar
 from edgellm.server.generation import chunks, render_prompt, request_for
 from edgellm.server.schemas import MAX_EMBED_INPUTS, MAX_MESSAGES, MAX_NAME, Body, ToolDef
+from edgellm.server.streaming import EventStream
 
 router = APIRouter(prefix="/api")
 
@@ -190,7 +190,7 @@ async def _answer(request: Request, served, prompt: list[int], body: _Generating
         got = [chunk async for chunk in stream]
         return reply.final("".join(c.text for c in got), got[-1], "".join(c.reasoning for c in got))
     first = await anext(stream)  # errors before the first token still become an HTTP error
-    return StreamingResponse(reply.lines(first, stream), media_type="application/x-ndjson")
+    return EventStream(reply.lines(first, stream), media_type="application/x-ndjson")
 
 
 class _Reply:

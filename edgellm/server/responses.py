@@ -15,7 +15,6 @@ from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 from pydantic import Field, StrictBool, StrictInt, StrictStr
 
 from edgellm.errors import EdgeLLMError, ModelNotFoundError, brief
@@ -25,6 +24,7 @@ from edgellm.runtime.templates import Message
 from edgellm.runtime.tools import MAX_TOOLS, Tool, ToolCall, check_tools, tool_grammar
 from edgellm.server.generation import chunks, render_prompt, request_for
 from edgellm.server.schemas import MAX_MESSAGES, MAX_NAME, Body, text_of
+from edgellm.server.streaming import EventStream
 
 router = APIRouter()
 
@@ -159,7 +159,7 @@ async def responses(body: ResponsesRequest, request: Request):
         got = [chunk async for chunk in stream]
         return reply.finish("".join(c.text for c in got), got[-1])
     first = await anext(stream)  # errors before the first token still become an HTTP error
-    return StreamingResponse(reply.events(first, stream), media_type="text/event-stream")
+    return EventStream(reply.events(first, stream), media_type="text/event-stream")
 
 
 class Reply:
