@@ -4,8 +4,12 @@ vendored in the installed llama-cpp-python's sdist, by ../shared/tools/llama-cpp
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
 from functools import cache
 from pathlib import Path
 
@@ -20,3 +24,27 @@ def reference_bin() -> Path:
         env.update(CFLAGS=NO_AMX, CXXFLAGS=NO_AMX)
     root = subprocess.run([str(REFERENCE_TOOL)], capture_output=True, text=True, check=True, env=env).stdout
     return Path(root.strip()) / "bin"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], url: str, env: dict, timeout: float = 120) -> subprocess.Popen:
+    """Start a server with its log in a file (a full pipe would stall a chatty one) and wait for it."""
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return proc
+        except OSError:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(log.read().decode(errors="replace")[-2000:] or "exited")
+            time.sleep(0.3)
+    proc.terminate()
+    raise RuntimeError(f"{url} did not come up")

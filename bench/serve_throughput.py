@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
 
-from _reference import reference_bin
+from _reference import free_port, reference_bin, start
 
 
 def vram_used() -> int:
@@ -31,30 +29,6 @@ def vram_used() -> int:
     out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                          capture_output=True, text=True, check=True).stdout
     return int(out.split()[0])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(cmd: list[str], url: str, env: dict, timeout: float = 120) -> subprocess.Popen:
-    """Start a server with its log in a file (a full pipe would stall a chatty one) and wait for it."""
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            return proc
-        except OSError:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(log.read().decode(errors="replace")[-2000:] or "exited")
-            time.sleep(0.3)
-    proc.terminate()
-    raise RuntimeError(f"{url} did not come up")
 
 
 def stream_once(base: str, body: dict) -> tuple[int, float, float]:
