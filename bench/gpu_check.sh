@@ -116,7 +116,8 @@ try "${EDGELLM[@]}" run smollm2-135m-instruct "Hello" -n 16 --temperature 0 --gp
 step "speculative decoding on the GPU: the stand-in's F16 with its Q8_0 as the draft (greedy answers must match)"
 F16=$(ls "$W"/standin/models/standin-f16/*.gguf)
 [ -f "$W/standin-q8_0.gguf" ] || EDGELLM_HOME="$W/standin" "${EDGELLM[@]}" quantize standin-f16 Q8_0 -o "$W/standin-q8_0.gguf"
-try $PY bench/speculative.py --target "$F16" --draft "$W/standin-q8_0.gguf" -n 64 -r 1 --draft-max 8 --p-min 0.75 -ngl 99
+try $PY bench/speculative.py --target "$F16" --draft "$W/standin-q8_0.gguf" -n 64 -r 1 --draft-max 8 --p-min 0.75 -ngl 99 \
+  --llama-server "$BIN/llama-server"
 [ -z "${GPU_CHECK_QUICK:-}" ] || { step "done (quick)"; exit 0; }
 
 step "the ~1B model: convert and quantize with edgellm (background)"
