@@ -5,8 +5,8 @@ edgellm answers a chat prompt of P tokens with exactly N tokens (end-of-generati
 decode tokens/s measured over the tokens after the first, in a context of P + N tokens; llama-bench
 runs tgN at depth P (``-d P``: the same P tokens in the KV cache first, and the same P + N context),
 so both decode the same N positions: a token attends to every one before it, and P positions more
-cost a small model a few percent. Runs alternate. llama-bench's plain tgN (depth 0) is printed
-beside it. Also times the real `edgellm run --json` command, and the second turn of a chat against
+cost a small model a few percent. And the same runtime generating after a one-token prompt (BOS)
+against llama-bench's plain tgN (depth 0). Runs alternate. Also times the real `edgellm run --json` command, and the second turn of a chat against
 the first (the KV cache reused by common prefix). Goal: edgellm / llama-bench >= 0.98.
 
 usage: python bench/decode.py [MODEL.gguf] [-n 128] [-r 5] [-t THREADS] [-ngl N] [--llama-bench PATH]
@@ -54,7 +54,7 @@ def main() -> None:
         second = list(model.chat([Message("system", "Fresh."), *messages, Message("assistant", answer),
                                   Message("user", "And then?")], SamplingOptions(temperature=0, max_tokens=4)))
 
-    ours_runs, theirs_runs, plain_runs = [], [], []
+    ours_runs, theirs_runs, bare_runs, plain_runs = [], [], [], []
     bench_cmd = [bench, "-m", path, "-p", "0", "-n", str(args.n), "-d", f"{depth},0", "-r", "1", "-t", str(args.threads),
                  "-fa", "1", "-ngl", str(args.gpu_layers), "-o", "json"]
     with load_model(path, options(depth + args.n)) as model:
@@ -64,22 +64,28 @@ def main() -> None:
             last = list(model.chat(messages, sampling))[-1]
             assert last.timings.generated_tokens == args.n and last.timings.prompt_tokens == depth, last
             ours_runs.append(last.timings.tokens_per_second)
+            start = [model.native.bos if model.native.bos is not None else model.tokenize(model.render(messages))[0]]
+            bare = list(model.generate(start, sampling))[-1]
+            assert bare.timings.generated_tokens == args.n, bare
+            bare_runs.append(bare.timings.tokens_per_second)
             ref = subprocess.run(bench_cmd, capture_output=True, text=True, check=True)
             at_depth, plain = json.loads(ref.stdout)
             theirs_runs.append(at_depth["avg_ts"])
             plain_runs.append(plain["avg_ts"])
     ours, theirs = statistics.median(ours_runs), statistics.median(theirs_runs)
 
-    def paired(reference: list[float]) -> float:
-        return statistics.median(o / t for o, t in zip(ours_runs, reference))
+    def paired(runs: list[float], reference: list[float]) -> float:
+        return statistics.median(o / t for o, t in zip(runs, reference))
 
     print(f"model {Path(path).name}, {args.threads} threads, tg{args.n} after a {depth}-token chat prompt, {args.r} runs "
           "each, alternating, flash attention on")
     print(f"llama-bench tg{args.n} -d {depth}     : {theirs:7.1f} tok/s  {[round(x, 1) for x in theirs_runs]}")
     print(f"edgellm chat/run runtime   : {ours:7.1f} tok/s  {[round(x, 1) for x in ours_runs]}")
-    print(f"ratio edgellm / llama-bench: {paired(theirs_runs):7.3f}   (median of paired runs; goal >= 0.98)")
+    print(f"ratio edgellm / llama-bench: {paired(ours_runs, theirs_runs):7.3f}   (median of paired runs; goal >= 0.98)")
     print(f"llama-bench tg{args.n} (depth 0)  : {statistics.median(plain_runs):7.1f} tok/s  "
-          f"(edgellm / it: {paired(plain_runs):.3f}; {depth} fewer positions to attend to)")
+          f"{[round(x, 1) for x in plain_runs]}")
+    print(f"edgellm after BOS alone    : {statistics.median(bare_runs):7.1f} tok/s  {[round(x, 1) for x in bare_runs]}")
+    print(f"ratio edgellm / llama-bench: {paired(bare_runs, plain_runs):7.3f}   (the same, at depth 0 and 1)")
     t1, t2 = first[-1].timings, second[-1].timings
     print(f"second turn: {t2.cached_tokens} of {t2.prompt_tokens} prompt tokens from the KV cache, "
           f"prompt {t2.prompt_ms:.0f} ms vs {t1.prompt_ms:.0f} ms for the first turn's {t1.prompt_tokens}")
