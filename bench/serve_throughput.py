@@ -100,6 +100,7 @@ def main() -> None:
 
     table: dict[str, dict[int, float]] = {}
     ratios: dict[int, float] = {}
+    spread: dict[int, list[float]] = {}  # each run's ratio, to show how far apart runs land
     for n in counts:
         running = {}
         try:
@@ -125,13 +126,15 @@ def main() -> None:
         for name, values in runs.items():
             table.setdefault(name, {})[n] = statistics.median(values)
         if "edgellm" in runs and "llama-server" in runs:
-            ratios[n] = statistics.median(a / b for a, b in zip(runs["edgellm"], runs["llama-server"]))
+            spread[n] = sorted(a / b for a, b in zip(runs["edgellm"], runs["llama-server"]))
+            ratios[n] = statistics.median(spread[n])
     print(f"aggregate generated tokens/s, {args.n} tokens per stream, {args.threads} threads, model "
           f"{os.path.basename(model)}, median of {args.r} alternating runs")
     print(f"{'streams':>8} " + " ".join(f"{name:>17}" for name in table) + f" {'edgellm/llama-server':>21}")
     for n in counts:
         row = " ".join(f"{table[name].get(n, float('nan')):17.1f}" for name in table)
-        print(f"{n:>8} {row} {ratios.get(n, float('nan')):21.3f}")
+        runs_seen = " ".join(f"{r:.2f}" for r in spread.get(n, []))
+        print(f"{n:>8} {row} {ratios.get(n, float('nan')):21.3f}   (runs: {runs_seen})")
 
     # time to first token of a second turn, with the first turn in the prompt cache and without
     system = "You are a careful assistant. " * 120
