@@ -6,8 +6,9 @@ decode tokens/s measured over the tokens after the first, in a context of P + N 
 runs tgN at depth P (``-d P``: the same P tokens in the KV cache first, and the same P + N context),
 so both decode the same N positions: a token attends to every one before it, and P positions more
 cost a small model a few percent. And the same runtime generating after a one-token prompt (BOS)
-against llama-bench's plain tgN (depth 0). Runs alternate. Also times the real `edgellm run --json` command, and the second turn of a chat against
-the first (the KV cache reused by common prefix). Goal: edgellm / llama-bench >= 0.98.
+against llama-bench's plain tgN (depth 0). Runs alternate. Also times the real `edgellm run --json`
+command, and the second turn of a chat against the first (the KV cache reused by common prefix).
+Goal: edgellm / llama-bench >= 0.98.
 
 usage: python bench/decode.py [MODEL.gguf] [-n 128] [-r 5] [-t THREADS] [-ngl N] [--llama-bench PATH]
 """
@@ -48,7 +49,8 @@ def main() -> None:
         return LoadOptions(n_ctx=n_ctx, n_threads=args.threads, flash_attn="on", n_gpu_layers=args.gpu_layers)
 
     with load_model(path, options(1024)) as model:
-        depth = len(model.tokenize(model.render(messages)))
+        prompt = model.tokenize(model.render(messages))
+        depth, start = len(prompt), [model.native.bos if model.native.bos is not None else prompt[0]]
         first = list(model.chat([Message("system", "Fresh."), *messages], SamplingOptions(temperature=0, max_tokens=32)))
         answer = "".join(c.text for c in first)
         second = list(model.chat([Message("system", "Fresh."), *messages, Message("assistant", answer),
@@ -64,7 +66,6 @@ def main() -> None:
             last = list(model.chat(messages, sampling))[-1]
             assert last.timings.generated_tokens == args.n and last.timings.prompt_tokens == depth, last
             ours_runs.append(last.timings.tokens_per_second)
-            start = [model.native.bos if model.native.bos is not None else model.tokenize(model.render(messages))[0]]
             bare = list(model.generate(start, sampling))[-1]
             assert bare.timings.generated_tokens == args.n, bare
             bare_runs.append(bare.timings.tokens_per_second)

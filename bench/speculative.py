@@ -6,8 +6,9 @@ generated with and without the draft on the same loaded model (runs alternate); 
 tokens/s of each, their ratio, the draft's guesses the model kept, and in how many runs the two
 greedy answers were identical token for token (every token is the model's own pick; a batch of
 guesses rounds logits a little differently, which can flip a near-tie). A seeded sampled answer
-(temperature 0.8) is compared the same way. Tried at llama.cpp's default confidence floor for the
-draft (--draft-p-min 0.75) and a lower one.
+(temperature 0.8) is compared the same way. Tried at edgellm's confidence floor for the draft
+(--draft-p-min 0.75, llama.cpp's default once) and at llama-server's today (0), and at draft-max 3
+(llama-server's default) to 16 (edgellm's).
 
 The reference, in the same run: llama.cpp's own speculative decoding, llama-server with the same
 draft (``-md --spec-type draft-simple``, the same draft-max and p-min) against llama-server alone,

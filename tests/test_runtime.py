@@ -81,17 +81,17 @@ def test_stop_strings_are_found_across_pieces_and_false_starts_released(seed: in
 
     rng = random.Random(seed)
     for _ in range(500):
-        stops = tuple({"".join(rng.choice("ab<|") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 3))})
+        stops = tuple({"".join(rng.choice("ab<|") for _ in range(rng.randint(1, 5)))
+                       for _ in range(rng.randint(1, 3))})
         pieces = ["".join(rng.choice("ab<|\n") for _ in range(rng.randint(0, 4))) for _ in range(8)]
         scanner, shown, text = StopScanner(stops), "", ""
         for piece in pieces:
             text += piece
             out, stopped = scanner.feed(piece)
             shown += out
-            first = min((i, s) for s in stops if (i := text.find(s)) >= 0) if any(s in text for s in stops) else None
-            if first is not None:
-                assert stopped and shown == text[: first[0]] and scanner.matched in stops
-                assert text[first[0]:].startswith(scanner.matched)
+            found = [i for s in stops if (i := text.find(s)) >= 0]
+            if found:  # the text is shown up to the first stop string, and the scanner says which
+                assert stopped and shown == text[: min(found)] and text[min(found):].startswith(scanner.matched)
                 break
             assert not stopped and shown + scanner.held == text
             assert scanner.held == _held_back(text, stops)
