@@ -110,10 +110,7 @@ def plan_conversion(config: dict, shapes: dict[str, tuple[int, ...]], hardware: 
                     load: LoadOptions | None = None) -> Plan:
     """Whether a checkpoint (its config and tensor shapes, already in hand) converted to ``target``
     fits this machine."""
-    from edgellm.convert.core import planned_header
-    from edgellm.plan.fit import fit_load
-
-    return fit_load(planned_header(config, shapes, target), hardware, load)
+    return plan_conversions(config, shapes, [target], hardware, load)[target][1]
 
 
 def plan_conversions(config: dict, shapes: dict[str, tuple[int, ...]], targets: Sequence[str], hardware: Hardware,

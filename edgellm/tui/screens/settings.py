@@ -95,7 +95,7 @@ class SettingsScreen(ModalScreen[bool]):
     def _estimate(self, _values: dict) -> None:
         from edgellm.errors import ConfigError, EdgeLLMError
         from edgellm.models import load_options, resolve
-        from edgellm.plan.fit import fit
+        from edgellm.plan.fit import fit_load
         from edgellm.runtime.engine import resolve_load
 
         try:
@@ -103,8 +103,7 @@ class SettingsScreen(ModalScreen[bool]):
             load = load_options(settings)  # a draft model named by its store name, as a file
             header = resolve(self.model_name, settings).header
             resolve_load(header, load, self.app.hardware)  # the checks loading makes: refused here first
-            plan = fit(header, self.app.hardware, n_ctx=load.n_ctx, type_k=load.type_k, type_v=load.type_v,
-                       n_gpu_layers=load.n_gpu_layers, flash_attn=load.flash_attn)
+            plan = fit_load(header, self.app.hardware, load)
             text = ("fits: " + plan.summary()) if plan.fits else "will not fit: " + plan.reason
             warn = not plan.fits
         except ConfigError as exc:  # a value the fields cannot hold
