@@ -41,12 +41,19 @@ def _app(home: Path):
     return make_app(Settings.resolve())
 
 
-async def _hub_files(pilot, source: str, rows: int):
-    """Get a model (g) with ``source`` entered: its table of files, once it lists ``rows``, focused."""
-    from textual.widgets import DataTable, Input
+async def _get_a_model(pilot):
+    """Get a model (g), opened from the library: its source field."""
+    from textual.widgets import Input
 
     await pilot.press("g")
-    pilot.app.screen.query_one("#source", Input).value = source
+    return pilot.app.screen.query_one("#source", Input)
+
+
+async def _hub_files(pilot, source: str, rows: int):
+    """Get a model (g) with ``source`` entered: its table of files, once it lists ``rows``, focused."""
+    from textual.widgets import DataTable
+
+    (await _get_a_model(pilot)).value = source
     await pilot.press("enter")
     files = pilot.app.screen.query_one("#files", DataTable)
     await _wait(pilot, lambda: files.row_count == rows)
@@ -401,7 +408,7 @@ def test_model_strings_are_shown_as_text_not_markup(home: Path, tmp_path: Path) 
 
 
 def test_get_a_model_from_the_hub_stand_in(home: Path, hub, smollm2: Path) -> None:
-    from textual.widgets import DataTable, Input
+    from textual.widgets import DataTable
 
     hub.add("test/two-quants-GGUF", {"m-Q4_1.gguf": smollm2, "m-Q8_0.gguf": smollm2})
 
@@ -409,8 +416,7 @@ def test_get_a_model_from_the_hub_stand_in(home: Path, hub, smollm2: Path) -> No
         app = _app(home)
         async with app.run_test(size=(120, 40)) as pilot:
             await _library(pilot)
-            await pilot.press("g")
-            source = app.screen.query_one("#source", Input)
+            source = await _get_a_model(pilot)
             source.value = "test/no-such-repo"
             await pilot.press("enter")
             await _wait(pilot, lambda: any("not found on the Hub" in n.message for n in app._notifications))
@@ -495,7 +501,7 @@ def test_search_the_hub_then_see_which_quantizations_fit(home: Path, hub, smollm
     """#20: a word, not an exact repo id, searches the Hub; Enter on a hit lists its files, each
     with whether it fits this machine at the current settings, before anything is downloaded (one
     header read by range requests: the other file is planned from its size)."""
-    from textual.widgets import DataTable, Input
+    from textual.widgets import DataTable
 
     hub.add("test/fits-GGUF", {"m-Q4_1.gguf": smollm2, "m-F16.gguf": smollm2_f16})
     hub.add("other/unrelated-GGUF", {"x-Q4_1.gguf": smollm2})
@@ -505,8 +511,7 @@ def test_search_the_hub_then_see_which_quantizations_fit(home: Path, hub, smollm
         app = _app(home)
         async with app.run_test(size=(120, 40)) as pilot:
             await _library(pilot)
-            await pilot.press("g")
-            source = app.screen.query_one("#source", Input)
+            source = await _get_a_model(pilot)
             source.value = "nothing-matches-this"
             await pilot.press("enter")
             status = app.screen.query_one("#status")
@@ -570,8 +575,7 @@ def test_convert_a_folder_with_a_lora_then_quantize_from_the_library(
             refused = next(n.message for n in app._notifications if "already quantized" in n.message)
             assert refused.endswith("(start from an F16 or BF16 model)") and "--" not in refused
             await pilot.press("escape")
-            await pilot.press("g")
-            app.screen.query_one("#source", Input).value = str(smollm2_hf)
+            (await _get_a_model(pilot)).value = str(smollm2_hf)
             app.screen.query_one("#lora", Input).value = str(smollm2_adapter)
             await pilot.press("enter")
             files = app.screen.query_one("#files", DataTable)
@@ -717,7 +721,6 @@ def test_a_conversation_whose_model_was_deleted_can_still_be_read(home: Path) ->
 
 
 def test_convert_a_safetensors_repo_from_the_hub_stand_in(home: Path, hub, smollm2_hf: Path) -> None:
-    from textual.widgets import DataTable, Input
 
     hub.add("test/SmolLM2-Progress", {p.name: p for p in smollm2_hf.iterdir()})
 
@@ -725,15 +728,10 @@ def test_convert_a_safetensors_repo_from_the_hub_stand_in(home: Path, hub, smoll
         app = _app(home)
         async with app.run_test(size=(120, 40)) as pilot:
             await _library(pilot)
-            await pilot.press("g")
-            app.screen.query_one("#source", Input).value = "test/SmolLM2-Progress"
-            await pilot.press("enter")
-            files = app.screen.query_one("#files", DataTable)
-            await _wait(pilot, lambda: files.row_count == 7)
+            await _hub_files(pilot, "test/SmolLM2-Progress", 7)
             assert "safetensors checkpoint (~" in str(app.screen.query_one("#status").render())
             said, show = [], app.screen._status  # every status line the screen shows along the way
             app.screen._status = lambda text: (said.append(text), show(text))
-            files.focus()
             await pilot.press("enter")  # the highlighted row: Q4_K_M
             await _wait(pilot, lambda: any("added smollm2-progress-q4_k_m" in n.message for n in app._notifications),
                         timeout=120)
