@@ -121,7 +121,13 @@ def test_get_a_model_search_then_fits(snap_compare, app, hub, smollm2: Path, siz
         files = pilot.app.screen.query_one("#files", DataTable)
         await _wait(pilot, lambda: files.row_count == 1 and "REPO" in str(next(iter(files.columns.values())).label))
         await pilot.press("enter")
-        await _wait(pilot, lambda: files.row_count == 2 and "…" not in [files.get_row_at(i)[2] for i in range(2)])
+
+        def verdicts() -> list[str]:
+            return [str(files.get_row_at(i)[2]) for i in range(files.row_count)]
+
+        await _wait(pilot, lambda: files.row_count == 2 and "…" not in verdicts())
+        # the column widens to its verdicts when the table is next idle: shown whole, not cut
+        await _wait(pilot, lambda: files.columns["fits"].content_width >= max(map(len, verdicts())))
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=size, run_before=ready)
