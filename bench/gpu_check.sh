@@ -8,7 +8,7 @@
 #   - makes a ~1B Llama checkpoint (random weights: speed and memory only), converts and quantizes it to
 #     Q4_K_M with edgellm, and prints beside llama.cpp's own tools: doctor; the plan against every buffer
 #     llama.cpp logs at full, partial and auto offload and under --gpu-memory; decode with every K/V
-#     type; pp512 and tg128; chat/run decode; serve at 1/8/32 streams; VRAM after load.
+#     type; pp512 and tg128; chat/run decode; serve at 1/2/4/8/32 streams; VRAM after load.
 # Speculative decoding runs on the GPU too (the stand-in's F16 as the model, its Q8_0 as the draft).
 # A failed step is said (!!! FAILED) and the next ones still run. GPU_CHECK_QUICK=1 stops after
 # doctor, a run and speculative decoding (a short lease).
@@ -142,8 +142,8 @@ try $PY bench/compare_llama_bench.py "$MODEL" -r 3 --llama-bench "$BIN/llama-ben
 step "chat/run decode against llama-bench tg128, and the second turn from the KV cache (bench/decode.py)"
 try $PY bench/decode.py "$MODEL" -n 128 -r 5 -ngl 99 --llama-bench "$BIN/llama-bench"
 
-step "serve at 1/8/32 streams against llama-server; VRAM after load"
-try $PY bench/serve_throughput.py "$MODEL" -n 128 --streams 1,8,32 -r 5 --gpu-layers 99 --llama-server "$BIN/llama-server" \
+step "serve at 1/2/4/8/32 streams against llama-server; VRAM after load"
+try $PY bench/serve_throughput.py "$MODEL" -n 128 --streams 1,2,4,8,32 -r 5 --gpu-layers 99 --llama-server "$BIN/llama-server" \
   --vram --no-binding-server
 
 step "done"
