@@ -34,6 +34,10 @@ def compare(title: str, planned: dict[str, int], logged: dict[str, int]) -> None
         print(f"  {part:12} {ours / MiB:12.2f} {theirs / MiB:14.2f} {ratio}")
 
 
+# the cache types llama-bench's -ctk/-ctv parse (its ggml_type_from_name): it has no f32 cache
+LLAMA_BENCH_KV = {"f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"}
+
+
 def main() -> None:
     from edgellm.gguf.header import read_header
     from edgellm.options import KV_TYPES
@@ -82,7 +86,7 @@ def main() -> None:
                               capture_output=True, text=True)
         mine = json.loads(ours.stdout)["results"][0]["avg_ts"] if ours.returncode == 0 else float("nan")
         theirs = float("nan")
-        if args.llama_bench:
+        if args.llama_bench and {k, v} <= LLAMA_BENCH_KV:
             ref = subprocess.run([args.llama_bench, "-m", args.model, *flags, "-ctk", k, "-ctv", v],
                                  capture_output=True, text=True)
             theirs = json.loads(ref.stdout)[0]["avg_ts"] if ref.returncode == 0 else float("nan")
