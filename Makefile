@@ -57,10 +57,14 @@ LLAMA_CMAKE_ARGS ?= $(BACKEND_ARGS) $(BASE_ARGS)
 WHEELS = $(HOME)/.cache/edgellm/wheels/$(FLAVOR)
 WHEEL_GLOB = $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 
-.PHONY: install install-test chat test wheel backend check-backend
+.PHONY: install install-test chat test wheel backend check-backend cmake-args
 
 check-backend:
 	@scripts/check-backend.sh $(BACKEND)
+
+# the flags above, shell-quoted: the GPU scripts in bench/ build llama.cpp's tools with them too
+cmake-args:
+	@echo "$(LLAMA_CMAKE_ARGS)"
 
 # llama-cpp-python compiles llama.cpp on install (a few minutes; CUDA and Vulkan longer); build that
 # wheel once, with our flags, into a cache outside the repo, so every later install reuses it.

@@ -86,11 +86,9 @@ if [ -z "$BIN" ]; then
   [ -d "$W/llama_cpp_python-$V" ] || tar xzf "dist/llama_cpp_python-$V.tar.gz" -C "$W"
   SRC="$W/llama_cpp_python-$V"
   rm -rf "$SITE/llama_cpp" && cp -r "$SRC/llama_cpp" "$SITE/llama_cpp" && mkdir -p "$SITE/llama_cpp/lib"
-  NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-  cmake -S "$SRC/vendor/llama.cpp" -B "$W/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
-    -DGGML_CUDA=ON -DGGML_CUDA_FA_ALL_QUANTS=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DGGML_RPC=ON \
-    -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX" -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
-    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON > "$W/cmake.log" 2>&1 &&
+  eval "flags=($(make -s cmake-args GPU=cuda CUDA_ARCH="$ARCH"))"  # the Makefile's, as `make chat GPU=cuda`
+  cmake -S "$SRC/vendor/llama.cpp" -B "$W/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON "${flags[@]}" \
+    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON > "$W/cmake.log" 2>&1 &&
   cmake --build "$W/build" -j"$(nproc)" --target llama llama-bench llama-server mtmd > "$W/build.log" 2>&1 ||
     { tail -30 "$W/cmake.log" "$W/build.log"; exit 1; }
   cp -L "$W"/build/bin/lib*.so* "$SITE/llama_cpp/lib/"

@@ -49,18 +49,17 @@ if ! ls "$root"/include/cublas_v2.h "$root"/targets/*/include/cublas_v2.h >/dev/
   for name in cublas cublasLt; do ln -sf "$(basename "$lib"/lib$name.so.*)" "$lib/lib$name.so"; done
   cublas=(-DCUDA_cublas_LIBRARY="$lib/libcublas.so" -DCUDA_cublasLt_LIBRARY="$lib/libcublasLt.so"
           -DCMAKE_CUDA_FLAGS="$include_flag")
+  export CPATH="${include_flag#-I}${CPATH:+:$CPATH}"  # the C++ compiler's, beside the Makefile's flags
 fi
 driver=$(find "$root" /usr/lib* -name 'libcuda.so*' 2>/dev/null | head -1 || true)
 if [ -z "$driver" ]; then  # a stub: first empty, then with every cu* symbol libggml-cuda needs
   [ -f "$W/stub/libcuda.so" ] || echo 'void edgellm_stub(void) {}' | gcc -shared -fPIC -x c - -Wl,-soname,libcuda.so.1 -o "$W/stub/libcuda.so"
   driver="$W/stub/libcuda.so"
 fi
-NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+eval "flags=($(make -s cmake-args GPU=cuda CUDA_ARCH="$ARCH"))"  # the Makefile's, as `make chat GPU=cuda`
 cmake -S "$W/llama_cpp_python-$V/vendor/llama.cpp" -B "$W/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
-  -DGGML_CUDA=ON -DGGML_CUDA_FA_ALL_QUANTS=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DGGML_RPC=ON \
-  -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX $include_flag" -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
-  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DCUDA_cuda_driver_LIBRARY="$driver" \
-  "${cublas[@]}" > "$W/cmake.log"
+  "${flags[@]}" -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
+  -DCUDA_cuda_driver_LIBRARY="$driver" "${cublas[@]}" > "$W/cmake.log"
 cmake --build "$W/build" -j"$(nproc)" --target ggml-cuda
 if [ "$driver" = "$W/stub/libcuda.so" ]; then
   nm -D --undefined-only "$W/build/bin/libggml-cuda.so" | awk '$2 ~ /^cu[A-Z]/ {print "int " $2 "(void) { return 999; }"}' |
