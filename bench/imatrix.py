@@ -24,9 +24,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from _reference import reference_bin
+
+if TYPE_CHECKING:
+    from edgellm.imatrix import ImportanceMatrix
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -47,7 +51,7 @@ def f16_model(name: str, work: Path) -> Path:
     return convert(checkpoint, work / f"{name}-f16.gguf", "f16").path
 
 
-def agreement(model: Path, text_path: Path, work: Path, args: argparse.Namespace) -> Path:
+def agreement(model: Path, text_path: Path, work: Path, args: argparse.Namespace) -> ImportanceMatrix:
     from edgellm.imatrix import compute_imatrix, load_imatrix
 
     ref_path, ours_path = work / f"{model.stem}.ref.imatrix.gguf", work / f"{model.stem}.imatrix.gguf"
@@ -73,23 +77,23 @@ def agreement(model: Path, text_path: Path, work: Path, args: argparse.Namespace
     print(f"  imatrix: {len(matrix.sums)} weights, counts equal: {counts_equal}, worst relative error {worst:.2e}")
     print(f"  imatrix speed: {statistics.median(ours_tps):.0f} tok/s, ratio to llama-imatrix (wall, load included) "
           f"{statistics.median(ratios):.3f} (runs: {', '.join(f'{r:.3f}' for r in ratios)})")
-    return ours_path
+    return matrix  # saved: its path is the file llama-quantize reads
 
 
-def identical_quantizations(model: Path, imatrix: Path, work: Path, args: argparse.Namespace) -> None:
+def identical_quantizations(model: Path, imatrix: ImportanceMatrix, work: Path, args: argparse.Namespace) -> None:
     from edgellm.gguf.header import read_header
     from edgellm.gguf.quant_types import quant_type
     from edgellm.quantize import quantize
 
     for name in ("IQ2_XS", "Q2_K"):
         theirs, ours = work / f"ref-{name}.gguf", work / f"ours-{name}.gguf"
-        subprocess.run([str(reference_bin() / "llama-quantize"), "--imatrix", str(imatrix), str(model), str(theirs),
+        subprocess.run([str(reference_bin() / "llama-quantize"), "--imatrix", str(imatrix.path), str(model), str(theirs),
                         name, str(args.threads)], check=True, capture_output=True)
         quantize(read_header(model), quant_type(name), ours, threads=args.threads, imatrix=imatrix)
         print(f"  llama-quantize --imatrix {name} vs edgellm: byte-identical {theirs.read_bytes() == ours.read_bytes()}")
 
 
-def ladder(model: Path, imatrix: Path, eval_text: str, work: Path, args: argparse.Namespace) -> None:
+def ladder(model: Path, imatrix: ImportanceMatrix, eval_text: str, work: Path, args: argparse.Namespace) -> None:
     from edgellm.eval import evaluate
     from edgellm.gguf.header import read_header
     from edgellm.gguf.quant_types import quant_type

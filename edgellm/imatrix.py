@@ -47,6 +47,7 @@ class ImportanceMatrix:
     datasets: list[str] = field(default_factory=list)
     chunk_count: int = 0
     chunk_size: int = 0
+    path: Path | None = None  # the file it was read from or saved to, as named (quantized models record it)
 
     def normalized(self) -> dict[str, object]:
         """What a quantizer weighs columns by: each row's mean squared activation, float32 (1 for
@@ -65,6 +66,7 @@ class ImportanceMatrix:
         """Write the file at ``path``, which appears whole or not at all."""
         with atomic_path(Path(path)) as tmp:
             self.write(tmp)
+        self.path = Path(path)
 
     def write(self, path: Path) -> None:
         """Write llama-imatrix's GGUF format: keys, then ``<name>.in_sum2`` [n_in, n_mat] and
@@ -135,7 +137,7 @@ def load_imatrix(path: str | Path) -> ImportanceMatrix:
     if md.get("general.type") != "imatrix":
         raise ImatrixError(f"{path.name} is a GGUF but not an importance matrix (general.type is "
                            f"{md.get('general.type')!r})", hint="make one with `edgellm imatrix MODEL`")
-    matrix = ImportanceMatrix()
+    matrix = ImportanceMatrix(path=path)
     datasets = md.get("imatrix.datasets")
     if isinstance(datasets, ArrayValue) and datasets.values:
         matrix.datasets = [str(v) for v in datasets.values]

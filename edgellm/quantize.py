@@ -14,12 +14,16 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgellm.errors import Cancelled, QuantizeError, StorageError, UsageError
 from edgellm.fsutil import atomic_path
 from edgellm.gguf.ggml_types import GGML_TYPES
 from edgellm.gguf.header import GGUFHeader, read_header
 from edgellm.gguf.quant_types import QuantType, is_quant_suffix
+
+if TYPE_CHECKING:
+    from edgellm.imatrix import ImportanceMatrix
 
 FULL_PRECISION = {"F32", "F16", "BF16"}
 
@@ -72,9 +76,9 @@ def quantized_name(model_name: str, qtype: QuantType, imatrix: bool = False) -> 
     return f"{base_name(model_name.lower())}-{qtype.name.lower()}" + ("-imat" if imatrix else "")
 
 
-def quantization_source(model_name: str, qtype: QuantType, imatrix: Path | None = None) -> str:
+def quantization_source(model_name: str, qtype: QuantType, imatrix: ImportanceMatrix | None = None) -> str:
     """What a store entry records as its origin: the model, the type, and the imatrix file if any."""
-    return f"quantize:{model_name}:{qtype.name}" + (f"+imatrix:{Path(imatrix).resolve()}" if imatrix else "")
+    return f"quantize:{model_name}:{qtype.name}" + (f"+imatrix:{Path(imatrix.path).resolve()}" if imatrix else "")
 
 
 def quantize_to_store(store, model_name: str, header: GGUFHeader, qtype: QuantType, name: str | None = None,
@@ -177,7 +181,7 @@ class _NativeParams:
 
     def __init__(self, qtype: QuantType, threads: int, allow_requantize: bool, leave_output_tensor: bool,
                  pure: bool, output_tensor_type: str | None, token_embedding_type: str | None,
-                 imatrix: Path | None, tensor_types: Sequence[tuple[str, str]]) -> None:
+                 imatrix: ImportanceMatrix | None, tensor_types: Sequence[tuple[str, str]]) -> None:
         import llama_cpp
 
         self.params = params = llama_cpp.llama_model_quantize_default_params()
@@ -200,12 +204,9 @@ class _NativeParams:
             self._alive.append(overrides)
             params.tt_overrides = overrides
 
-    def _set_imatrix(self, llama_cpp, path: Path) -> None:
+    def _set_imatrix(self, llama_cpp, matrix: ImportanceMatrix) -> None:
         """Each weight's mean squared activations, and the keys llama-quantize records with them
         (file, dataset, entries, chunks), so the output is byte for byte llama-quantize's."""
-        from edgellm.imatrix import load_imatrix
-
-        matrix = load_imatrix(path)
         rows = matrix.normalized()
         entries = (llama_cpp.llama_model_imatrix_data * (len(rows) + 1))()
         for slot, (name, values) in zip(entries, rows.items()):
@@ -214,7 +215,7 @@ class _NativeParams:
             slot.size = values.size
         self._alive += [entries, rows]
         self.params.imatrix = entries
-        keys = [("quantize.imatrix.file", str(path))]
+        keys = [("quantize.imatrix.file", str(matrix.path))] if matrix.path else []
         if matrix.datasets:
             keys.append(("quantize.imatrix.dataset", matrix.datasets[0]))
         keys.append(("quantize.imatrix.entries_count", len(rows)))
@@ -242,15 +243,15 @@ def quantize(
     pure: bool = False,
     output_tensor_type: str | None = None,
     token_embedding_type: str | None = None,
-    imatrix: Path | None = None,
+    imatrix: ImportanceMatrix | None = None,
     tensor_types: Sequence[tuple[str, str]] = (),
     on_tensor: Callable[[int, int, str], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> QuantizeResult:
     """Write ``header.path`` quantized to ``qtype`` at ``output`` with llama.cpp's own quantizer.
 
-    ``imatrix`` is an importance-matrix file (edgellm's or llama-imatrix's) the quantizer weighs
-    each weight's columns by; ``tensor_types`` are (pattern, type) pairs from parse_tensor_type.
+    ``imatrix`` is an importance matrix (load_imatrix reads edgellm's or llama-imatrix's files) the
+    quantizer weighs each weight's columns by; ``tensor_types`` are (pattern, type) pairs from parse_tensor_type.
     The file appears at ``output`` only when complete and valid. llama.cpp's quantizer cannot be
     interrupted, so it runs in a daemon thread: Ctrl-C in the caller's thread removes the
     temporary file at once, and the thread's remaining writes go to a file nobody can see.

@@ -269,29 +269,29 @@ def make_imatrix(model_path: Path, text: str, output: Path, job: Job, *, dataset
                                  n_gpu_layers=n_gpu_layers, dataset=dataset, process_output=process_output,
                                  on_progress=progress, cancel=job.cancel)
         matrix.write(tmp)
+    matrix.path = Path(output)
     return matrix
 
 
 def calibrated_imatrix(store: Store, model_name: str, header: GGUFHeader, job: Job, *, text: str | None = None,
                        dataset: str = "", n_ctx: int = 512, chunks: int | None = None,
-                       threads: int | None = None) -> Path:
+                       threads: int | None = None) -> ImportanceMatrix:
     """An importance matrix of a model on a calibration text (edgellm's own unless ``text``), made
     once and kept in the store's ``.imatrix`` folder for every later quantization of that model
     (a sweep quantizes to several types from one matrix)."""
     import hashlib
 
-    from edgellm.imatrix import calibration_text, gpu_layers_for
+    from edgellm.imatrix import calibration_text, gpu_layers_for, load_imatrix
 
     if text is None:
         text, dataset = calibration_text(), "edgellm calibration text"
     key = f"{model_name}\0{header.file_size}\0{n_ctx}\0{chunks}\0{text}"
     path = store.root / ".imatrix" / f"{model_name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.gguf"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        layers = gpu_layers_for(header, n_ctx)
-        make_imatrix(header.path, text, path, job, dataset=dataset, n_ctx=n_ctx, chunks=chunks, threads=threads,
-                     n_gpu_layers=layers)
-    return path
+    if path.is_file():
+        return load_imatrix(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return make_imatrix(header.path, text, path, job, dataset=dataset, n_ctx=n_ctx, chunks=chunks, threads=threads,
+                        n_gpu_layers=gpu_layers_for(header, n_ctx))
 
 
 # -- the quantization sweep --------------------------------------------------------------------------
@@ -316,7 +316,7 @@ class SweepRow:
 
 
 def sweep(store: Store, model_name: str, header: GGUFHeader, types: Sequence[QuantType], text: str, job: Job, *,
-          n_ctx: int = 512, threads: int | None = None, chunks: int | None = None, imatrix: Path | None = None,
+          n_ctx: int = 512, threads: int | None = None, chunks: int | None = None, imatrix: ImportanceMatrix | None = None,
           **options: Any) -> list[SweepRow]:
     """Quantize to each type (or reuse the store's model made the same way), then measure every
     model's size, perplexity and KL divergence against the base on ``text``, and its decode speed.

@@ -127,6 +127,23 @@ def test_iq_types_need_an_imatrix_and_take_it(cli, smollm2_f16: Path, imatrix_fi
     assert answer.returncode == 0 and answer.stdout.strip(), answer.stderr
 
 
+def test_a_matrix_read_once_serves_every_quantization(smollm2_f16: Path, imatrix_file: Path, tmp_path: Path) -> None:
+    """A sweep quantizes to several types from one matrix: it is read once (an MoE model's can be
+    gigabytes), so the file is not needed again, and each output still names it."""
+    from edgellm.gguf.quant_types import quant_type
+    from edgellm.quantize import quantize
+
+    copy = tmp_path / "kept.imatrix.gguf"
+    copy.write_bytes(imatrix_file.read_bytes())
+    matrix = load_imatrix(copy)
+    copy.unlink()
+    outputs = [tmp_path / f"{n}.gguf" for n in ("first", "second")]
+    for out in outputs:
+        quantize(read_header(smollm2_f16), quant_type("Q2_K"), out, imatrix=matrix)
+        assert read_header(out).metadata["quantize.imatrix.file"] == str(copy)
+    assert outputs[0].read_bytes() == outputs[1].read_bytes()
+
+
 def test_tensor_types_choose_per_tensor(cli, smollm2_f16: Path, tmp_path: Path) -> None:
     out = tmp_path / "mixed.gguf"
     r = cli("quantize", str(smollm2_f16), "Q4_0", "--tensor-type", "attn_v=q8_0", "--tensor-type",

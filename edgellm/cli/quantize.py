@@ -9,10 +9,14 @@ import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgellm.cli.common import job_with_bar, settings_from_args
 from edgellm.errors import UsageError
 from edgellm.gguf.header import human_bytes
+
+if TYPE_CHECKING:
+    from edgellm.imatrix import ImportanceMatrix
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -109,27 +113,29 @@ def _quantize_options(args: argparse.Namespace) -> dict:
             "tensor_types": [parse_tensor_type(t) for t in args.tensor_type]}
 
 
-def _check_imatrix_options(args: argparse.Namespace, types: list) -> None:
-    """Refusals decided before any conversion or calibration starts."""
+def _given_imatrix(args: argparse.Namespace, types: list) -> ImportanceMatrix | None:
+    """--imatrix FILE, read once (a file that is not one is refused before anything is converted),
+    after the refusals decided before any conversion or calibration starts."""
     from edgellm.quantize import require_imatrix
 
     if args.imatrix is not None and args.calibration is not None:
         raise UsageError("--imatrix and --calibration both give the importance matrix; pass one")
-    if args.imatrix is not None:
-        from edgellm.imatrix import load_imatrix
-
-        load_imatrix(args.imatrix)  # a file that is not one is refused before anything is converted
     for qtype in types:
         require_imatrix(qtype, args.imatrix is not None or args.calibration is not None)
+    if args.imatrix is None:
+        return None
+    from edgellm.imatrix import load_imatrix
+
+    return load_imatrix(args.imatrix)
 
 
-def _imatrix_for(args: argparse.Namespace, settings, model) -> Path | None:
-    """--imatrix FILE as given, or the matrix --calibration makes (kept in the store for reuse)."""
+def _imatrix_for(args: argparse.Namespace, settings, model, given: ImportanceMatrix | None) -> ImportanceMatrix | None:
+    """--imatrix FILE's matrix, or the one --calibration makes (kept in the store for reuse)."""
     from edgellm.models import store_for
     from edgellm.workflows import calibrated_imatrix
 
     if args.calibration is None:
-        return args.imatrix
+        return given
     text = _read_text(Path(args.calibration)) if args.calibration else None
     print(f"measuring {model.name}'s activations on {args.calibration or 'the calibration text'}", file=sys.stderr)
     return job_with_bar(lambda job: calibrated_imatrix(
@@ -137,14 +143,14 @@ def _imatrix_for(args: argparse.Namespace, settings, model) -> Path | None:
         threads=args.threads))
 
 
-def quantize_one(args: argparse.Namespace, settings, model, type_name: str):
+def quantize_one(args: argparse.Namespace, settings, model, type_name: str, imatrix: ImportanceMatrix | None):
     """Quantize MODEL to one type, into -o FILE or the store; return (result, store entry or None)."""
     from edgellm.gguf.quant_types import quant_type
     from edgellm.models import store_for
     from edgellm.workflows import quantize_file, quantize_into_store
 
     qtype = quant_type(type_name)
-    options = {**_quantize_options(args), "imatrix": _imatrix_for(args, settings, model)}
+    options = {**_quantize_options(args), "imatrix": _imatrix_for(args, settings, model, imatrix)}
 
     def run(job):
         if args.output:
@@ -168,14 +174,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from edgellm.gguf.quant_types import quant_type
 
     qtype = quant_type(args.type)
-    _check_imatrix_options(args, [qtype])
+    imatrix = _given_imatrix(args, [qtype])
     _quantize_options(args)  # a bad --tensor-type is refused before anything is converted
     with _resolve_model(args.model) as (settings, model):
         print(
             f"quantizing {model.name} ({model.header.quantization}, {human_bytes(model.header.file_size)}) to {qtype.name}",
             file=sys.stderr,
         )
-        result, entry = quantize_one(args, settings, model, args.type)
+        result, entry = quantize_one(args, settings, model, args.type, imatrix)
     where = entry.name if entry else str(result.output)
     bpw = result.size_after * 8 / model.header.parameter_count
     print(
@@ -197,11 +203,11 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.output:
         raise UsageError("--sweep writes one model per type into the store; -o does not apply")
     types = [quant_type(t) for t in args.sweep.split(",") if t.strip()]
-    _check_imatrix_options(args, types)
+    given = _given_imatrix(args, types)
     text = _read_text(args.text)
     options = {k: v for k, v in _quantize_options(args).items() if k != "threads"}
     with _resolve_model(args.model) as (settings, model):
-        imatrix = _imatrix_for(args, settings, model)
+        imatrix = _imatrix_for(args, settings, model, given)
         rows = job_with_bar(lambda job: sweep(store_for(settings), model.name, model.header, types, text, job,
                                               n_ctx=args.ctx, threads=args.threads, chunks=args.chunks,
                                               imatrix=imatrix, **options))
