@@ -31,6 +31,7 @@ class HubStandIn:
         self.drop_after: dict[str, int] = {}  # file -> bytes to send before dropping the connection once
         self.pace: dict[str, float] = {}  # file -> seconds to wait before each MiB sent (a slow download)
         self.requests: list[str] = []
+        self.ranges: list[str] = []  # the file paths read with a Range header (a GGUF header read remotely)
         stand_in = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -123,6 +124,7 @@ class HubStandIn:
         start, end = 0, data_size - 1
         rng = h.headers.get("Range")
         if rng:
+            self.ranges.append(path)
             m = re.match(r"bytes=(\d+)-(\d*)", rng)
             start, end = int(m.group(1)), int(m.group(2) or data_size - 1)
             end = min(end, data_size - 1)

@@ -533,6 +533,26 @@ def test_search_the_hub_then_see_which_quantizations_fit(home: Path, hub, smollm
     run(body())
 
 
+def test_the_verdict_before_a_download_reads_no_header_twice(home: Path, hub, smollm2: Path) -> None:
+    """The FITS column read the default pick's header; downloading that pick says whether it fits
+    from the same header, not from a second remote read of it."""
+    hub.add("test/once-GGUF", {"m-Q4_0.gguf": smollm2, "m-Q8_0.gguf": smollm2})
+
+    async def body() -> None:
+        app = _app(home)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await _library(pilot)
+            files = await _hub_files(pilot, "test/once-GGUF", 2)
+            await _wait(pilot, lambda: "…" not in [files.get_row_at(i)[2] for i in range(2)])
+            assert [p.rsplit("/", 1)[1] for p in hub.ranges] == ["m-Q4_0.gguf"]
+            files.move_cursor(row=files.get_row_index("Q4_0"))
+            await pilot.press("enter")
+            await _wait(pilot, lambda: any("added once-q4_0" in n.message for n in app._notifications))
+        assert [p.rsplit("/", 1)[1] for p in hub.ranges] == ["m-Q4_0.gguf"]
+
+    run(body())
+
+
 def test_a_download_that_will_not_fit_says_so_first(home: Path, hub, smollm2: Path, monkeypatch) -> None:
     """With less RAM than the model needs, the app warns, from the remote header alone, before the
     download lands (#20's bug 8): it still downloads, for a machine it may fit."""

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -377,18 +378,36 @@ def remote_header(ref: str, store: Store, revision: str | None = None, probe_byt
     return choice, listed_header(repo, listing, choice, store, revision, probe_bytes)
 
 
+#: headers read at a commit, which fixes a file's bytes: the app reads one to say which
+#: quantizations fit, and again for the verdict before downloading the one picked
+_HEADERS: dict[tuple, GGUFHeader] = {}
+_HEADERS_KEPT = 8
+_HEADERS_LOCK = threading.Lock()  # the app's workers read headers from two threads
+
+
 def listed_header(repo: str, listing: RepoListing, choice: GGUFChoice, store: Store, revision: str | None = None,
                   probe_bytes: int = 4 << 20) -> GGUFHeader:
-    """The header of one quantization of a repo already listed, read with range requests."""
+    """The header of one quantization of a repo already listed, read with range requests (once
+    per file and commit)."""
     first = choice.files[0]
+    key = (_endpoint(), repo, listing.commit, first.name, first.size, first.sha256)
+    if listing.commit and key in _HEADERS:
+        return _HEADERS[key]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(first.name).name
         wanted = probe_bytes
         while True:
             path.write_bytes(_range(repo, first.name, listing.commit or revision, 0, wanted - 1, store))
             try:
-                return read_header(path, full_size=first.size)
+                header = read_header(path, full_size=first.size)
+                break
             except TruncatedGGUFError:
                 if wanted >= first.size:
                     raise
                 wanted *= 4  # the header is longer than we fetched (a big vocabulary): fetch more
+    if listing.commit:
+        with _HEADERS_LOCK:
+            while len(_HEADERS) >= _HEADERS_KEPT:
+                _HEADERS.pop(next(iter(_HEADERS)))  # the oldest
+            _HEADERS[key] = header
+    return header
