@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import sqlite3
@@ -24,6 +25,14 @@ async def _wait(pilot, condition, timeout: float = 60) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         await pilot.pause(0.05)
+
+
+@contextlib.asynccontextmanager
+async def _at_library(home: Path, size: tuple[int, int] = (120, 40)):
+    """The app at a fresh home's library, once it lists the bundled model: (app, pilot, its table)."""
+    app = _app(home)
+    async with app.run_test(size=size) as pilot:
+        yield app, pilot, await _library(pilot)
 
 
 async def _library(pilot):
@@ -95,9 +104,7 @@ def test_library_chat_stream_and_stop(home: Path) -> None:
     from edgellm.tui.screens.chat import ChatScreen
 
     async def body() -> None:
-        app = _app(home)
-        async with app.run_test(size=(120, 40)) as pilot:
-            table = await _library(pilot)
+        async with _at_library(home) as (app, pilot, table):
             # cells a model provides are Text, never parsed as markup: compared as the text shown
             row = [str(cell) for cell in table.get_row_at(0)]
             assert row[0] == "smollm2-135m-instruct" and row[2:] == ["Q4_1", "93.8 MiB", "135M", "llama", "8192"]
@@ -159,9 +166,7 @@ def test_a_multi_line_question_and_editing_a_past_one(home: Path) -> None:
     from textual.widgets import Markdown
 
     async def body() -> None:
-        app = _app(home)
-        async with app.run_test(size=(120, 40)) as pilot:
-            await _library(pilot)
+        async with _at_library(home) as (app, pilot, _):
             await pilot.press("enter")
             prompt = app.screen.query_one("#prompt", PromptArea)
             await _wait(pilot, lambda: not prompt.disabled)
@@ -211,9 +216,7 @@ def test_a_reasoning_models_thinking_is_shown_apart_and_folded(home: Path) -> No
     from tests.test_reasoning import GRAMMAR, THOUGHT
 
     async def body() -> None:
-        app = _app(home)
-        async with app.run_test(size=(120, 40)) as pilot:
-            await _library(pilot)
+        async with _at_library(home) as (app, pilot, _):
             await pilot.press("enter")
             prompt = app.screen.query_one("#prompt", PromptArea)
             await _wait(pilot, lambda: not prompt.disabled)
@@ -237,9 +240,7 @@ def test_settings_estimate_changes_with_the_kv_type_and_runs_the_load_checks(hom
     from edgellm.tui.screens.settings import SettingsScreen
 
     async def body() -> None:
-        app = _app(home)
-        async with app.run_test(size=(120, 50)) as pilot:
-            await _library(pilot)
+        async with _at_library(home, (120, 50)) as (app, pilot, _):
             await pilot.press("s")
             assert isinstance(app.screen, SettingsScreen)
             estimate = app.screen.query_one("#estimate", Label)
@@ -278,9 +279,7 @@ def test_a_long_verdict_is_shown_whole_at_80x24(home: Path, monkeypatch) -> None
         return "".join(strip.text for strip in lines).replace(" ", "")
 
     async def body() -> None:
-        app = _app(home)
-        async with app.run_test(size=(80, 24)) as pilot:
-            await _library(pilot)
+        async with _at_library(home, (80, 24)) as (app, pilot, _):
             await pilot.press("s")
             estimate = app.screen.query_one("#estimate", Label)
             await _wait(pilot, lambda: "does not fit" in str(estimate.render()))
@@ -299,9 +298,7 @@ def test_delete_with_confirmation_and_bad_import(home: Path, tmp_path: Path) -> 
     from textual.widgets import Input
 
     async def body() -> None:
-        app = _app(home)
-        async with app.run_test(size=(120, 40)) as pilot:
-            table = await _library(pilot)
+        async with _at_library(home) as (app, pilot, table):
             await pilot.press("d")
             await pilot.click("#no")
             assert table.row_count == 1
@@ -331,9 +328,7 @@ def test_a_failed_load_says_why_and_the_way_back(home: Path) -> None:
     from edgellm.tui.screens.library import LibraryScreen
 
     async def body() -> None:
-        app = _app(home)
-        async with app.run_test(size=(120, 40)) as pilot:
-            await _library(pilot)
+        async with _at_library(home) as (app, pilot, _):
             app.settings = Settings.resolve({"ctx": 10_000_000})
             await pilot.press("enter")
             status = app.screen.query_one("#status", Static)
@@ -353,9 +348,7 @@ def test_delete_removes_the_model_chosen_and_no_is_the_default(home: Path, smoll
     from textual.widgets import Label
 
     async def body() -> None:
-        app = _app(home)
-        async with app.run_test(size=(120, 40)) as pilot:
-            table = await _library(pilot)
+        async with _at_library(home) as (app, pilot, table):
             for name in ("alpha", "beta"):
                 app.store.import_gguf(smollm2, name, link=True)
             await pilot.press("r")
@@ -413,9 +406,7 @@ def test_get_a_model_from_the_hub_stand_in(home: Path, hub, smollm2: Path) -> No
     hub.add("test/two-quants-GGUF", {"m-Q4_1.gguf": smollm2, "m-Q8_0.gguf": smollm2})
 
     async def body() -> None:
-        app = _app(home)
-        async with app.run_test(size=(120, 40)) as pilot:
-            await _library(pilot)
+        async with _at_library(home) as (app, pilot, _):
             source = await _get_a_model(pilot)
             source.value = "test/no-such-repo"
             await pilot.press("enter")
@@ -446,9 +437,7 @@ def test_hub_names_and_conversation_titles_are_text_not_markup(home: Path, hub, 
     _saved(home, "smollm2-135m-instruct", "why does [/bold] break things?", "It does not.")
 
     async def body() -> None:
-        app = _app(home)
-        async with app.run_test(size=(120, 40)) as pilot:
-            await _library(pilot)
+        async with _at_library(home) as (app, pilot, _):
             await pilot.press("h")
             table = app.screen.query_one(DataTable)
             await _wait(pilot, lambda: table.row_count == 1)
@@ -477,9 +466,7 @@ def test_downloads_picked_while_one_runs_wait_in_a_queue(home: Path, hub, smollm
     hub.pace["m-Q4_1.gguf"] = 0.03  # ~3 s for its 94 MiB
 
     async def body() -> None:
-        app = _app(home)
-        async with app.run_test(size=(120, 40)) as pilot:
-            await _library(pilot)
+        async with _at_library(home) as (app, pilot, _):
             await _hub_files(pilot, "test/queue-GGUF", 2)
             await pilot.press("enter")  # Q4_1: the slow one
             await _wait(pilot, lambda: app.screen.busy)
@@ -508,9 +495,7 @@ def test_search_the_hub_then_see_which_quantizations_fit(home: Path, hub, smollm
     monkeypatch.setenv("EDGELLM_RAM", "600M")  # 344 MiB to use: Q4_1 needs ~280 at the default context, F16 ~445
 
     async def body() -> None:
-        app = _app(home)
-        async with app.run_test(size=(120, 40)) as pilot:
-            await _library(pilot)
+        async with _at_library(home) as (app, pilot, _):
             source = await _get_a_model(pilot)
             source.value = "nothing-matches-this"
             await pilot.press("enter")
@@ -539,9 +524,7 @@ def test_the_verdict_before_a_download_reads_no_header_twice(home: Path, hub, sm
     hub.add("test/once-GGUF", {"m-Q4_0.gguf": smollm2, "m-Q8_0.gguf": smollm2})
 
     async def body() -> None:
-        app = _app(home)
-        async with app.run_test(size=(120, 40)) as pilot:
-            await _library(pilot)
+        async with _at_library(home) as (app, pilot, _):
             files = await _hub_files(pilot, "test/once-GGUF", 2)
             await _wait(pilot, lambda: "…" not in [files.get_row_at(i)[2] for i in range(2)])
             assert [p.rsplit("/", 1)[1] for p in hub.ranges] == ["m-Q4_0.gguf"]
@@ -561,9 +544,7 @@ def test_a_download_that_will_not_fit_says_so_first(home: Path, hub, smollm2: Pa
     monkeypatch.setenv("EDGELLM_RAM", "300M")
 
     async def body() -> None:
-        app = _app(home)
-        async with app.run_test(size=(120, 40)) as pilot:
-            await _library(pilot)
+        async with _at_library(home) as (app, pilot, _):
             await _hub_files(pilot, "test/big-GGUF", 1)
             await pilot.press("enter")
             await _wait(pilot, lambda: any("added big-q4_1" in n.message for n in app._notifications))
@@ -582,9 +563,7 @@ def test_convert_a_folder_with_a_lora_then_quantize_from_the_library(
     from edgellm.tui.screens.quantize import QuantizeScreen
 
     async def body() -> None:
-        app = _app(home)
-        async with app.run_test(size=(120, 40)) as pilot:
-            table = await _library(pilot)
+        async with _at_library(home) as (app, pilot, table):
             # the bundled Q4_1 cannot be quantized again: said in the app, which carries on
             await pilot.press("k")
             assert isinstance(app.screen, QuantizeScreen)
@@ -688,9 +667,7 @@ def test_reopen_a_saved_conversation(home: Path) -> None:
     saved, cid = _saved(home, "smollm2-135m-instruct", "Remember the word banana.", "I will remember **banana**.")
 
     async def body() -> None:
-        app = _app(home)
-        async with app.run_test(size=(120, 40)) as pilot:
-            await _library(pilot)
+        async with _at_library(home) as (app, pilot, _):
             await pilot.press("h")
             rows = app.screen.query_one("#conversations", DataTable)
             assert rows.row_count == 1 and [str(c) for c in rows.get_row_at(0)[1:]] == ["smollm2-135m-instruct", "2", "Remember the word banana."]
@@ -722,9 +699,7 @@ def test_a_conversation_whose_model_was_deleted_can_still_be_read(home: Path) ->
     _saved(home, "gone-model", "What is 2 + 2?", "It is **4**.")
 
     async def body() -> None:
-        app = _app(home)
-        async with app.run_test(size=(80, 24)) as pilot:
-            await _library(pilot)
+        async with _at_library(home, (80, 24)) as (app, pilot, _):
             await pilot.press("h")
             rows = app.screen.query_one("#conversations", DataTable)
             assert rows.get_row_at(0)[1] == "gone-model (deleted)"
@@ -745,9 +720,7 @@ def test_convert_a_safetensors_repo_from_the_hub_stand_in(home: Path, hub, smoll
     hub.add("test/SmolLM2-Progress", {p.name: p for p in smollm2_hf.iterdir()})
 
     async def body() -> None:
-        app = _app(home)
-        async with app.run_test(size=(120, 40)) as pilot:
-            await _library(pilot)
+        async with _at_library(home) as (app, pilot, _):
             await _hub_files(pilot, "test/SmolLM2-Progress", 7)
             assert "safetensors checkpoint (~" in str(app.screen.query_one("#status").render())
             said, show = [], app.screen._status  # every status line the screen shows along the way
@@ -774,9 +747,7 @@ def test_every_key_is_reachable_at_80x24_through_help_and_the_palette(home: Path
     from edgellm.tui.screens.library import LibraryScreen
 
     async def body() -> None:
-        app = _app(home)
-        async with app.run_test(size=(80, 24)) as pilot:
-            await _library(pilot)
+        async with _at_library(home, (80, 24)) as (app, pilot, _):
             library = app.screen
             for key in ("question_mark", "f1"):
                 await pilot.press(key)
@@ -809,9 +780,7 @@ def test_conversations_can_be_searched_renamed_exported_and_deleted(home: Path) 
     _, other = _saved(home, "smollm2-135m-instruct", "What is 2 + 2?", "4")
 
     async def body() -> None:
-        app = _app(home)
-        async with app.run_test(size=(80, 24)) as pilot:
-            await _library(pilot)
+        async with _at_library(home, (80, 24)) as (app, pilot, _):
             await pilot.press("h")
             rows = app.screen.query_one("#conversations", DataTable)
             assert rows.row_count == 2
@@ -928,9 +897,7 @@ def test_a_broken_presets_file_is_said_so_not_crashed_on(home: Path) -> None:
     (home / "presets.toml").write_text('["smollm2-135m-instruct"]\nctx = "lots"\n')
 
     async def body() -> None:
-        app = _app(home)
-        async with app.run_test(size=(80, 24)) as pilot:
-            table = await _library(pilot)
+        async with _at_library(home, (80, 24)) as (app, pilot, table):
             await _wait(pilot, lambda: str(table.get_row_at(0)[1]) == "?")  # no verdict, no crash
             await pilot.press("enter")
             prompt = app.screen.query_one("#prompt", PromptArea)
@@ -947,9 +914,7 @@ def test_code_blocks_of_the_last_answer_are_copied_one_at_a_time(home: Path) -> 
     _saved(home, "smollm2-135m-instruct", "How do I add two numbers?", answer)
 
     async def body() -> None:
-        app = _app(home)
-        async with app.run_test(size=(80, 24)) as pilot:
-            await _library(pilot)
+        async with _at_library(home, (80, 24)) as (app, pilot, _):
             await pilot.press("h", "enter")
             await pilot.press("ctrl+o")  # the last block first
             assert app.clipboard == "echo $((1 + 2))\n"
