@@ -138,10 +138,10 @@ step "pp512 / tg128 against llama-bench (all layers, flash attention)"
 try $PY bench/compare_llama_bench.py "$MODEL" -r 3 --llama-bench "$BIN/llama-bench" --extra="-ngl 99 -fa 1"
 
 step "chat/run decode against llama-bench tg128, and the second turn from the KV cache (bench/decode.py)"
-try $PY bench/decode.py "$MODEL" -n 128 -r 5 -ngl 99 --llama-bench "$BIN/llama-bench"
+try $PY bench/decode.py "$MODEL" -n 128 -r 9 -ngl 99 --llama-bench "$BIN/llama-bench"
 
 step "serve at 1/2/4/8/32 streams against llama-server; VRAM after load"
-try $PY bench/serve_throughput.py "$MODEL" -n 128 --streams 1,2,4,8,32 -r 5 --gpu-layers 99 --llama-server "$BIN/llama-server" \
+try $PY bench/serve_throughput.py "$MODEL" -n 128 --streams 1,2,4,8,32 -r 7 --gpu-layers 99 --llama-server "$BIN/llama-server" \
   --vram --no-binding-server
 
 step "done"
