@@ -86,7 +86,8 @@ if [ -z "$BIN" ]; then
   [ -d "$W/llama_cpp_python-$V" ] || tar xzf "dist/llama_cpp_python-$V.tar.gz" -C "$W"
   SRC="$W/llama_cpp_python-$V"
   rm -rf "$SITE/llama_cpp" && cp -r "$SRC/llama_cpp" "$SITE/llama_cpp" && mkdir -p "$SITE/llama_cpp/lib"
-  eval "flags=($(make -s cmake-args GPU=cuda CUDA_ARCH="$ARCH"))"  # the Makefile's, as `make chat GPU=cuda`
+  args=$(make -s cmake-args GPU=cuda CUDA_ARCH="$ARCH") || exit 1  # the Makefile's, as `make chat GPU=cuda`
+  eval "flags=($args)"
   cmake -S "$SRC/vendor/llama.cpp" -B "$W/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON "${flags[@]}" \
     -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON > "$W/cmake.log" 2>&1 &&
   cmake --build "$W/build" -j"$(nproc)" --target llama llama-bench llama-server mtmd > "$W/build.log" 2>&1 ||

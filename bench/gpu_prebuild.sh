@@ -56,7 +56,8 @@ if [ -z "$driver" ]; then  # a stub: first empty, then with every cu* symbol lib
   [ -f "$W/stub/libcuda.so" ] || echo 'void edgellm_stub(void) {}' | gcc -shared -fPIC -x c - -Wl,-soname,libcuda.so.1 -o "$W/stub/libcuda.so"
   driver="$W/stub/libcuda.so"
 fi
-eval "flags=($(make -s cmake-args GPU=cuda CUDA_ARCH="$ARCH"))"  # the Makefile's, as `make chat GPU=cuda`
+args=$(make -s cmake-args GPU=cuda CUDA_ARCH="$ARCH")  # the Makefile's, as `make chat GPU=cuda`
+eval "flags=($args)"
 cmake -S "$W/llama_cpp_python-$V/vendor/llama.cpp" -B "$W/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
   "${flags[@]}" -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
   -DCUDA_cuda_driver_LIBRARY="$driver" "${cublas[@]}" > "$W/cmake.log"
