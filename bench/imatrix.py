@@ -87,8 +87,8 @@ def identical_quantizations(model: Path, imatrix: ImportanceMatrix, work: Path, 
 
     for name in ("IQ2_XS", "Q2_K"):
         theirs, ours = work / f"ref-{name}.gguf", work / f"ours-{name}.gguf"
-        subprocess.run([str(reference_bin() / "llama-quantize"), "--imatrix", str(imatrix.path), str(model), str(theirs),
-                        name, str(args.threads)], check=True, capture_output=True)
+        subprocess.run([str(reference_bin() / "llama-quantize"), "--imatrix", str(imatrix.path), str(model),
+                        str(theirs), name, str(args.threads)], check=True, capture_output=True)
         quantize(read_header(model), quant_type(name), ours, threads=args.threads, imatrix=imatrix)
         print(f"  llama-quantize --imatrix {name} vs edgellm: byte-identical {theirs.read_bytes() == ours.read_bytes()}")
 

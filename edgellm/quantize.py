@@ -77,8 +77,12 @@ def quantized_name(model_name: str, qtype: QuantType, imatrix: bool = False) -> 
 
 
 def quantization_source(model_name: str, qtype: QuantType, imatrix: ImportanceMatrix | None = None) -> str:
-    """What a store entry records as its origin: the model, the type, and the imatrix file if any."""
-    return f"quantize:{model_name}:{qtype.name}" + (f"+imatrix:{Path(imatrix.path).resolve()}" if imatrix else "")
+    """What a store entry records as its origin: the model, the type, and the imatrix file if any
+    (a matrix never saved is recorded as such)."""
+    source = f"quantize:{model_name}:{qtype.name}"
+    if imatrix is None:
+        return source
+    return f"{source}+imatrix:{Path(imatrix.path).resolve() if imatrix.path else 'unsaved'}"
 
 
 def quantize_to_store(store, model_name: str, header: GGUFHeader, qtype: QuantType, name: str | None = None,
@@ -250,11 +254,11 @@ def quantize(
 ) -> QuantizeResult:
     """Write ``header.path`` quantized to ``qtype`` at ``output`` with llama.cpp's own quantizer.
 
-    ``imatrix`` is an importance matrix (load_imatrix reads edgellm's or llama-imatrix's files) the
-    quantizer weighs each weight's columns by; ``tensor_types`` are (pattern, type) pairs from parse_tensor_type.
-    The file appears at ``output`` only when complete and valid. llama.cpp's quantizer cannot be
-    interrupted, so it runs in a daemon thread: Ctrl-C in the caller's thread removes the
-    temporary file at once, and the thread's remaining writes go to a file nobody can see.
+    ``imatrix`` is an importance matrix (load_imatrix reads edgellm's or llama-imatrix's files)
+    the quantizer weighs each weight's columns by; ``tensor_types`` are (pattern, type) pairs from
+    parse_tensor_type. The file appears at ``output`` only when complete and valid. llama.cpp's
+    quantizer cannot be interrupted, so it runs in a daemon thread: Ctrl-C in the caller's thread
+    removes the temporary file at once, and the thread's remaining writes go to a file nobody can see.
     ``on_tensor(index, total, name)`` follows progress from llama.cpp's per-tensor log lines;
     setting ``cancel`` stops the same way Ctrl-C does.
     """

@@ -290,8 +290,8 @@ def calibrated_imatrix(store: Store, model_name: str, header: GGUFHeader, job: J
     if path.is_file():
         return load_imatrix(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return make_imatrix(header.path, text, path, job, dataset=dataset, n_ctx=n_ctx, chunks=chunks, threads=threads,
-                        n_gpu_layers=gpu_layers_for(header, n_ctx))
+    return make_imatrix(header.path, text, path, job, dataset=dataset, n_ctx=n_ctx, chunks=chunks,
+                        threads=threads, n_gpu_layers=gpu_layers_for(header, n_ctx))
 
 
 # -- the quantization sweep --------------------------------------------------------------------------
@@ -316,8 +316,8 @@ class SweepRow:
 
 
 def sweep(store: Store, model_name: str, header: GGUFHeader, types: Sequence[QuantType], text: str, job: Job, *,
-          n_ctx: int = 512, threads: int | None = None, chunks: int | None = None, imatrix: ImportanceMatrix | None = None,
-          **options: Any) -> list[SweepRow]:
+          n_ctx: int = 512, threads: int | None = None, chunks: int | None = None,
+          imatrix: ImportanceMatrix | None = None, **options: Any) -> list[SweepRow]:
     """Quantize to each type (or reuse the store's model made the same way), then measure every
     model's size, perplexity and KL divergence against the base on ``text``, and its decode speed.
     With ``imatrix`` each type is made twice, with and without it (once, with it, for the types

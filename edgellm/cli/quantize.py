@@ -129,7 +129,8 @@ def _given_imatrix(args: argparse.Namespace, types: list) -> ImportanceMatrix | 
     return load_imatrix(args.imatrix)
 
 
-def _imatrix_for(args: argparse.Namespace, settings, model, given: ImportanceMatrix | None) -> ImportanceMatrix | None:
+def _imatrix_for(args: argparse.Namespace, settings, model,
+                 given: ImportanceMatrix | None) -> ImportanceMatrix | None:
     """--imatrix FILE's matrix, or the one --calibration makes (kept in the store for reuse)."""
     from edgellm.models import store_for
     from edgellm.workflows import calibrated_imatrix
@@ -143,7 +144,8 @@ def _imatrix_for(args: argparse.Namespace, settings, model, given: ImportanceMat
         threads=args.threads))
 
 
-def quantize_one(args: argparse.Namespace, settings, model, type_name: str, imatrix: ImportanceMatrix | None):
+def quantize_one(args: argparse.Namespace, settings, model, type_name: str,
+                 imatrix: ImportanceMatrix | None):
     """Quantize MODEL to one type, into -o FILE or the store; return (result, store entry or None)."""
     from edgellm.gguf.quant_types import quant_type
     from edgellm.models import store_for
