@@ -28,6 +28,7 @@ CASES = [  # ctx, K, V, flash attention, micro-batch, swa_full
     (4096, "q4_0", "q4_0", "on", 512, True),
     (1000, "f16", "f16", "on", 128, False),
     (8192, "f16", "f16", "off", 512, True),
+    (2048, "f16", "f16", "off", 512, True),
 ]
 
 
@@ -43,7 +44,31 @@ def qwen3moe(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return convert(folder, root / "moe-f16.gguf", "f16").path
 
 
-@pytest.mark.parametrize("which", ["smollm2", "gemma3", "qwen3moe"])
+@pytest.fixture(scope="module")
+def gptoss(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """gpt-oss's shape where memory is concerned: more query heads than the embedding is wide (32
+    of 64 over 256, as the real one's 64 of 64 over 2880), sliding-window layers every other layer
+    and attention sinks; four experts. Made by transformers from its own config class, in F16."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from edgellm.convert import convert
+
+    root = tmp_path_factory.mktemp("gptoss")
+    config = AutoConfig.for_model(
+        "gpt_oss", vocab_size=49152, hidden_size=256, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=32, num_key_value_heads=2, head_dim=64, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=128, max_position_embeddings=16384, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(root / "ckpt")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_hf / f, root / "ckpt" / f)
+    return convert(root / "ckpt", root / "gptoss-f16.gguf", "f16").path
+
+
+@pytest.mark.parametrize("which", ["smollm2", "gemma3", "qwen3moe", "gptoss"])
 def test_estimates_within_5_percent_of_llama_cpp(which: str, request: pytest.FixtureRequest) -> None:
     path = request.getfixturevalue(which)
     shape = ModelShape.from_header(read_header(path))

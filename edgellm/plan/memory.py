@@ -287,16 +287,20 @@ def _compute(shape: ModelShape, n_ctx: int, flash_attn: bool, ngl: int, n_ubatch
     # the KQ masks: one over the whole cache, one over the sliding window where layers have one
     swa = [kv_cells(shape, il, n_ctx, ub, n_seq, swa_full) for il in range(shape.n_layer) if shape.swa_layers[il]]
     mask_cells = [pad(n_ctx)] + swa[:1]
-    if flash_attn:  # a layer's peak: the feed-forward activations beside the residual stream, and the masks
-        work = ub * f32 * (3 * shape.n_ff + 3 * shape.n_embd) + sum(mask_cells) * ub * 2
-    else:  # the attention scores of every head over the whole cache dominate
-        work = ub * f32 * (pad(n_ctx) * (max(shape.n_head) + 1) + 2 * shape.n_ff + shape.n_embd)
+    masks = sum(mask_cells) * ub * (2 if flash_attn else f32)  # f16 for flash attention's kernels
+    # a layer's peak: the feed-forward activations beside the residual stream, and the masks
+    work = ub * f32 * (3 * shape.n_ff + 3 * shape.n_embd) + masks
+    if not flash_attn:  # or the attention scores of every head over the whole cache, beside the
+        # queries and their weighted values (more than the rest where heads outnumber the embedding,
+        # as gpt-oss's 64 of 64 over 2880)
+        heads = max(shape.n_head)
+        scores = pad(n_ctx) * heads + 4 * shape.n_embd + heads * (shape.head_dim_k + shape.head_dim_v)
+        work = max(work, ub * f32 * scores + masks)
     if not gpu:  # everything on the CPU
         return Placement(cpu=max(logits, work))
     host_layers = shape.layer_bytes[: max(shape.n_layer + 1 - ngl, 0)]
     work += max(host_layers, default=0) * 2 // 3  # a host layer's feed-forward weights, copied over for a batch
-    inputs = 2 * shape.n_embd * ub * f32  # token embeddings and their scaled copy, then the masks
-    inputs += sum(mask_cells) * ub * (2 if flash_attn else f32)
+    inputs = 2 * shape.n_embd * ub * f32 + masks  # token embeddings and their scaled copy, and the masks
     if not flash_attn:
         inputs += 2 * ub * f32 * max(shape.n_head_kv) * shape.head_dim_k
     if not output_offload:  # the head and the logits stay on the host
