@@ -99,21 +99,26 @@ def tiny_llama(dest: Path, tokenizer_from: Path, layers: int = 2, **config_chang
     return dest
 
 
-def tiny_moe(dest: Path, tokenizer_from: Path, **changes) -> Path:
-    """A small Qwen3-MoE (four experts, two per token) made by transformers from its own config
-    class, random weights, with the real SmolLM2 tokenizer: no MoE checkpoint ships on PyPI."""
+def tiny_model(dest: Path, tokenizer_from: Path, model_type: str, **config) -> Path:
+    """A model made by transformers from its own config class, random weights (seeded), with the
+    real SmolLM2 tokenizer: for architectures no checkpoint on PyPI has."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model("qwen3_moe", **{**dict(
-        vocab_size=49152, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
-        norm_topk_prob=True, mlp_only_layers=[]), **changes})
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(dest)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config), dtype=torch.float32)
+    model.save_pretrained(dest)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_from / f, dest / f)
     return dest
+
+
+def tiny_moe(dest: Path, tokenizer_from: Path, **changes) -> Path:
+    """A small Qwen3-MoE (four experts, two per token): no MoE checkpoint ships on PyPI."""
+    return tiny_model(dest, tokenizer_from, "qwen3_moe", **{**dict(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=True, mlp_only_layers=[]), **changes})
 
 
 def peft_adapter(base: Path, dest: Path, r: int = 8, alpha: int = 16, **config) -> Path:

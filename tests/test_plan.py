@@ -48,24 +48,16 @@ def qwen3moe(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 def gptoss(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """gpt-oss's shape where memory is concerned: more query heads than the embedding is wide (32
     of 64 over 256, as the real one's 64 of 64 over 2880), sliding-window layers every other layer
-    and attention sinks; four experts. Made by transformers from its own config class, in F16."""
-    import shutil
-
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    and attention sinks; four experts. In F16."""
     from edgellm.convert import convert
+    from tests.hf_fixtures import tiny_model
 
     root = tmp_path_factory.mktemp("gptoss")
-    config = AutoConfig.for_model(
-        "gpt_oss", vocab_size=49152, hidden_size=256, intermediate_size=64, num_hidden_layers=4,
-        num_attention_heads=32, num_key_value_heads=2, head_dim=64, num_local_experts=4, num_experts_per_tok=2,
-        sliding_window=128, max_position_embeddings=16384, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(root / "ckpt")
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2_hf / f, root / "ckpt" / f)
-    return convert(root / "ckpt", root / "gptoss-f16.gguf", "f16").path
+    folder = tiny_model(root / "ckpt", smollm2_hf, "gpt_oss", vocab_size=49152, hidden_size=256, intermediate_size=64,
+                        num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=2, head_dim=64,
+                        num_local_experts=4, num_experts_per_tok=2, sliding_window=128,
+                        max_position_embeddings=16384, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return convert(folder, root / "gptoss-f16.gguf", "f16").path
 
 
 @pytest.mark.parametrize("which", ["smollm2", "gemma3", "qwen3moe", "gptoss"])
