@@ -391,8 +391,8 @@ def listed_header(repo: str, listing: RepoListing, choice: GGUFChoice, store: St
     per file and commit)."""
     first = choice.files[0]
     key = (_endpoint(), repo, listing.commit, first.name, first.size, first.sha256)
-    if listing.commit and key in _HEADERS:
-        return _HEADERS[key]
+    if listing.commit and (kept := _HEADERS.get(key)) is not None:  # one lookup: another thread may evict it
+        return kept
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(first.name).name
         wanted = probe_bytes
