@@ -30,3 +30,44 @@ def test_a_grammar_llama_cpp_refuses_fails_only_its_request(smollm2: Path) -> No
             assert chunks[-1].finish_reason == "length" and chunks[-1].timings.generated_tokens == 4
         finally:
             engine.close()
+
+
+class _DecodeSpy:
+    """llama_cpp as the engine sees it, with each llama_decode recording what the request's
+    consumer had been handed by then: chunks emitted, and chunks it was woken for."""
+
+    def __init__(self, lib, emitted: list, woken: list[int]) -> None:
+        self._lib, self.emitted, self.woken, self.seen = lib, emitted, woken, []
+
+    def __getattr__(self, name: str):
+        return getattr(self._lib, name)
+
+    def llama_decode(self, ctx, batch):
+        self.seen.append((len(self.emitted), self.woken[-1] if self.woken else 0))
+        return self._lib.llama_decode(ctx, batch)
+
+
+def test_on_the_cpu_a_token_is_handed_over_before_the_next_decode(smollm2: Path) -> None:
+    """On the CPU llama_decode returns when it is done: a sampled token's chunk is emitted before the
+    next decode, and the consumer (the server's event loop) is woken then, with every chunk emitted
+    so far, so its work runs while llama.cpp computes rather than between two decodes."""
+    with NativeModel(smollm2) as model:
+        engine = BatchEngine(model, 1, 256, 2, threaded=False)
+        try:
+            emitted: list = []
+            woken: list[int] = []
+            spy = engine._lib = _DecodeSpy(engine._lib, emitted, woken)
+            prompt = model.tokenize("The capital of France is", add_special=True)
+            engine.submit(GenerationRequest(prompt, SamplingOptions(temperature=0, max_tokens=6), emitted.append,
+                                            flush=lambda: woken.append(len(emitted))))
+            while not (emitted and emitted[-1].finish_reason):
+                engine.step()
+            assert "Paris" in "".join(c.text for c in emitted)
+            # the prompt's decode, then one per token after the first: the first token's chunk is out
+            # (and its consumer woken) before the decode that follows it, and so on
+            assert spy.seen[0] == (0, 0)
+            assert spy.seen[1][0] >= 1
+            assert all(n_emitted == n_woken for n_emitted, n_woken in spy.seen)
+            assert len(spy.seen) == 6  # the prompt, then tokens 1-5; the sixth ends the answer undecoded
+        finally:
+            engine.close()

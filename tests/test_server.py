@@ -399,3 +399,42 @@ def test_bounded_load_run(server: Server) -> None:
     assert len(reasons) == 200 and set(reasons) <= {"stop", "length"}
     after = server.rss()
     assert after < before * 1.05, (before, after)
+
+
+def test_the_event_loop_is_woken_for_a_burst_at_the_engine_s_flush() -> None:
+    """The engine thread's chunks wait in the mailbox until the engine flushes (as it starts a
+    decode), then arrive together in one turn of the loop; an answer's last chunk and an error
+    are delivered at once, with whatever waited before them."""
+    import asyncio
+
+    from edgellm.runtime.chunks import Chunk
+    from edgellm.server.generation import Mailbox
+
+    async def scenario() -> list[list]:
+        loop = asyncio.get_running_loop()
+        box, queue, seen = Mailbox(loop), asyncio.Queue(), []
+
+        async def settle() -> None:  # let a wake-up from the engine thread arrive, if one was sent
+            await asyncio.sleep(0.05)
+            seen.append([queue.get_nowait() for _ in range(queue.qsize())])
+
+        def engine(*steps) -> None:
+            thread = threading.Thread(target=lambda: [step() for step in steps])
+            thread.start()
+            thread.join()
+
+        engine(lambda: box.post(queue, Chunk("a")), lambda: box.post(queue, Chunk("b")))
+        await settle()
+        engine(box.flush)
+        await settle()
+        engine(box.flush)  # nothing waits: no wake-up, nothing delivered twice
+        await settle()
+        engine(lambda: box.post(queue, Chunk("c")), lambda: box.post(queue, Chunk("", finish_reason="stop")))
+        await settle()
+        engine(lambda: box.post(queue, ValueError("worker gone")))
+        await settle()
+        return seen
+
+    seen = asyncio.run(scenario())
+    texts = [[item.text if isinstance(item, Chunk) else str(item) for item in burst] for burst in seen]
+    assert texts == [[], ["a", "b"], [], ["c", ""], ["worker gone"]]

@@ -61,6 +61,7 @@ class NativeModel:
         ``tensor_split``: each GPU's (or RPC worker's) share of the offloaded layers."""
         lib = self._lib = _lib()
         self.path = Path(path)
+        self.n_gpu_layers = n_gpu_layers
         params = lib.llama_model_default_params()
         params.n_gpu_layers = 2**31 - 1 if n_gpu_layers < 0 else n_gpu_layers
         split = (ctypes.c_float * max(len(tensor_split), 1))(*tensor_split)  # alive until the load returns

@@ -125,23 +125,34 @@ def request_for(served: Served, prompt: list[int], sampling: SamplingOptions, re
 class Mailbox:
     """Hands the engine thread's Chunks to the event loop, waking the loop once for all that
     arrived since it last looked instead of once per token per stream: one step of the engine
-    emits a token for every stream, and each wake-up costs the loop a system call and a turn."""
+    emits a token for every stream, and each wake-up costs the loop a system call and a turn.
+
+    Chunks wait for the engine's ``flush``, which comes as it starts a decode: the loop's Python
+    then runs while llama.cpp computes, not between two decodes, where it would hold the GIL the
+    engine needs. An answer's last chunk (or its error) wakes the loop at once."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._lock = threading.Lock()
         self._pending: list[tuple[asyncio.Queue, Any]] = []
+        self._waking = False  # a wake-up is on its way
 
-    def post(self, queue: asyncio.Queue, item: Any) -> None:
+    def post(self, queue: asyncio.Queue, item: Chunk | BaseException) -> None:
         with self._lock:
             self._pending.append((queue, item))
-            if len(self._pending) > 1:
-                return  # a wake-up is already on its way
+        if isinstance(item, BaseException) or item.finish_reason:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._waking or not self._pending:
+                return
+            self._waking = True
         self._loop.call_soon_threadsafe(self._deliver)
 
     def _deliver(self) -> None:
         with self._lock:
-            pending, self._pending = self._pending, []
+            pending, self._pending, self._waking = self._pending, [], False
         for queue, item in pending:
             queue.put_nowait(item)
 
@@ -165,6 +176,7 @@ async def chunks(gen: GenerationRequest, served: Served) -> AsyncIterator[Chunk]
     mailbox = _mailboxes.get(loop) or _mailboxes.setdefault(loop, Mailbox(loop))
     queue: asyncio.Queue = asyncio.Queue()
     gen.emit = lambda item: mailbox.post(queue, item)
+    gen.flush = mailbox.flush
     served.engine.submit(gen)
     try:
         while True:
