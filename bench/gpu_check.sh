@@ -142,7 +142,7 @@ step "chat/run decode against llama-bench tg128, and the second turn from the KV
 try $PY bench/decode.py "$MODEL" -n 128 -r 9 -ngl 99 --llama-bench "$BIN/llama-bench"
 
 step "serve at 1/2/4/8/32 streams against llama-server; VRAM after load"
-try $PY bench/serve_throughput.py "$MODEL" -n 128 --streams 1,2,4,8,32 -r 7 --gpu-layers 99 --llama-server "$BIN/llama-server" \
+try $PY bench/serve_throughput.py "$MODEL" -n 128 --streams 1,2,4,8,32 -r 5 --windows 6 --window 1.5 --gpu-layers 99 --llama-server "$BIN/llama-server" \
   --vram --no-binding-server
 
 step "done"
