@@ -41,10 +41,10 @@ from edgellm.runtime.text import Answer, ThinkSplitter, common_prefix
 if TYPE_CHECKING:
     from edgellm.runtime.speculative import Drafter
 
-#: seconds a sampled token may wait to become text: text then moves about 33 times a second, as smooth
-#: to a reader as per token, and each turn of a server's loop and its clients' reads (each a wake-up of
-#: another thread, taking the cores the next decode runs on) serves twice the tokens it did at 15 ms:
-#: steps 0.9-1.2% shorter at 1, 2 and 4 streams on two cores
+#: seconds a sampled token may wait to become text: text moves about 33 times a second (film runs at
+#: 24), and each turn of a server's loop and its clients' reads (each a wake-up of another thread, on
+#: the cores the next decode runs on) serves twice the tokens it did at 15 ms: steps 0.9-1.6% shorter
+#: at 1, 2 and 4 streams on two cores
 TEXT_EVERY = 0.030
 
 
