@@ -26,6 +26,18 @@ def reference_bin() -> Path:
     return Path(root.strip()) / "bin"
 
 
+def edgellm_serve(model: str, port: int, streams: int, ctx: int, threads: int, ngl: int = 0) -> list[str]:
+    """`edgellm serve` with ``streams`` slots of ``ctx`` tokens, as every serving comparison runs it."""
+    return [sys.executable, "-m", "edgellm", "serve", model, "--port", str(port), "--parallel", str(streams),
+            "--ctx", str(ctx), "-t", str(threads), "--flash-attn", "on", "--gpu-layers", str(ngl)]
+
+
+def llama_server(binary: str, model: str, port: int, streams: int, ctx: int, threads: int, ngl: int = 0) -> list[str]:
+    """llama-server with the same slots, context per slot, threads, flash attention and offload."""
+    return [binary, "-m", model, "--port", str(port), "-np", str(streams), "-c", str(ctx * streams),
+            "-t", str(threads), "-fa", "on", "-ngl", str(ngl)]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -21,10 +21,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
-from _reference import free_port, reference_bin, start
+from _reference import edgellm_serve, free_port, llama_server, reference_bin, start
 from serve_throughput import steady_rate
 
 GROUP = "edgellm_bench"
@@ -41,7 +41,7 @@ def libllama(name: str) -> Path:
 
 
 def perf(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["perf", *args], capture_output=True, text=True)
+    return subprocess.run(["perf", *args], capture_output=True, text=True, check=False)
 
 
 def add_probes() -> None:
@@ -57,7 +57,7 @@ def add_probes() -> None:
 
 def steps(trace: str, pid: int) -> tuple[list[float], list[float]]:
     """(decode durations, gaps) in seconds of one process's traced calls."""
-    calls = [(float(t), kind) for p, t, kind in re.findall(r"^\s*(\d+)\s+([\d.]+):\s+\S+:\w+_(in|out)", trace, re.M)
+    calls = [(float(t), kind) for p, t, kind in re.findall(r"^\s*(\d+)\s+([\d.]+):\s+\S+:\w+_(in|out)", trace, re.MULTILINE)
              if int(p) == pid]
     decodes, gaps = [], []
     for (t0, k0), (t1, k1), (t2, k2) in zip(calls, calls[1:], calls[2:]):
@@ -88,16 +88,12 @@ def main() -> None:
         for n in [int(x) for x in args.streams.split(",")]:
             running = {}
             try:
-                port = free_port()
-                running["edgellm"] = (f"http://127.0.0.1:{port}", start(
-                    [sys.executable, "-m", "edgellm", "serve", model, "--port", str(port), "--parallel", str(n),
-                     "--ctx", str(ctx), "-t", str(args.threads), "--flash-attn", "on"], f"http://127.0.0.1:{port}/health",
-                    dict(os.environ)))
-                port = free_port()
-                running["llama-server"] = (f"http://127.0.0.1:{port}", start(
-                    [str(reference_bin() / "llama-server"), "-m", model, "--port", str(port), "-np", str(n),
-                     "-c", str(ctx * n), "-t", str(args.threads), "-fa", "on"], f"http://127.0.0.1:{port}/health",
-                    dict(os.environ)))
+                for name, command in (("edgellm", edgellm_serve), ("llama-server", partial(
+                        llama_server, str(reference_bin() / "llama-server")))):
+                    port = free_port()
+                    base = f"http://127.0.0.1:{port}"
+                    running[name] = (base, start(command(model, port, n, ctx, args.threads), base + "/health",
+                                                 dict(os.environ)))
                 for base, _ in running.values():
                     steady_rate(base, n, 1.0, ctx)  # warm-up
                 with tempfile.TemporaryDirectory() as tmp:

@@ -28,7 +28,7 @@ import threading
 import time
 import urllib.request
 
-from _reference import free_port, reference_bin, start
+from _reference import edgellm_serve, free_port, llama_server, reference_bin, start
 
 
 def vram_used() -> int:
@@ -131,7 +131,7 @@ def main() -> None:
     ap.add_argument("--vram", action="store_true", help="print each server's VRAM use after loading")
     ap.add_argument("--no-binding-server", action="store_true", help="leave llama-cpp-python's own server out")
     args = ap.parse_args()
-    llama_server = args.llama_server or str(reference_bin() / "llama-server")
+    binary = args.llama_server or str(reference_bin() / "llama-server")
     ngl = str(args.gpu_layers)
     model = args.model or str(bundled_gguf())
     counts = [int(x) for x in args.streams.split(",")]
@@ -140,11 +140,9 @@ def main() -> None:
 
     def servers(n: int):
         port = free_port()
-        yield "edgellm", port, [sys.executable, "-m", "edgellm", "serve", model, "--port", str(port), "--parallel", str(n),
-                                "--ctx", str(ctx), "-t", str(args.threads), "--flash-attn", "on", "--gpu-layers", ngl]
+        yield "edgellm", port, edgellm_serve(model, port, n, ctx, args.threads, args.gpu_layers)
         port = free_port()
-        yield "llama-server", port, [llama_server, "-m", model, "--port", str(port), "-np", str(n),
-                                     "-c", str(ctx * n), "-t", str(args.threads), "-fa", "on", "-ngl", ngl]
+        yield "llama-server", port, llama_server(binary, model, port, n, ctx, args.threads, args.gpu_layers)
         if args.no_binding_server:
             return
         port = free_port()
