@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -45,6 +46,8 @@ def perf(*args: str) -> subprocess.CompletedProcess:
 
 
 def add_probes() -> None:
+    if shutil.which("perf") is None:
+        sys.exit("serve_steps: Linux perf is not installed (apt install linux-perf)")
     perf("probe", "-d", f"{GROUP}:*")
     for name, function in ENTRY.items():
         tag = name.replace("-", "_")
