@@ -55,8 +55,8 @@ def main() -> None:
     if not hw.gpus:
         sys.exit("no GPU device in this llama.cpp build")
     threads = physical_cores()
-    # as the runtime loads it (the planner plans the sliding-window layers' whole cache: swa_full)
-    ctx_args = dict(n_ctx=args.ctx, n_batch=2048, n_ubatch=512, n_threads=threads, swa_full=True)
+    # as the runtime loads it for one conversation (the sliding-window layers' whole cache, one logits row)
+    ctx_args = dict(n_ctx=args.ctx, n_batch=2048, n_ubatch=512, n_threads=threads, swa_full=True, n_outputs=1)
     half = int(header.arch_value("block_count")) // 2
     for title, budget, layers in (("full offload", None, -1), ("partial offload", None, half),
                                   ("auto offload", None, None), ("--gpu-memory 400MiB (auto)", 400 * MiB, None)):

@@ -399,7 +399,7 @@ def gpu_layers_for(header: GGUFHeader, n_ctx: int = 512, requested: int | None =
 
     if requested is not None:
         return requested
-    plan = fit(header, probe(), n_ctx=max(N_BATCH, n_ctx), n_ubatch=512)
+    plan = fit(header, probe(), n_ctx=max(N_BATCH, n_ctx), n_ubatch=512, n_outputs=0)
     return plan.n_gpu_layers if plan.fits else 0
 
 

@@ -77,3 +77,27 @@ def test_a_token_is_handed_over_before_or_beside_the_next_decode(smollm2: Path, 
             assert len(spy.seen) == 6  # the prompt, then tokens 1-5; the sixth ends the answer undecoded
         finally:
             engine.close()
+
+
+def test_the_engine_keeps_a_logits_row_a_sequence_as_the_planner_plans(smollm2: Path) -> None:
+    """Like llama-server, the engine's context keeps room for the logits it reads (one row per
+    sequence), not for a whole batch's: a fifth of the compute buffer a default context takes for
+    SmolLM2's 49k vocabulary, and what the planner counts."""
+    from edgellm.gguf.header import read_header
+    from edgellm.plan.memory import ModelShape, engine_outputs, estimate
+    from edgellm.system import llamalog
+
+    def compute_mib(make) -> float:
+        position = llamalog.mark()
+        made = make()
+        made.close()
+        return sum(float(line.split("=")[1].split()[0]) for line in llamalog.since(position)
+                   if "compute buffer size" in line)
+
+    with NativeModel(smollm2) as model:
+        engine = compute_mib(lambda: BatchEngine(model, 4, 1024, 2, n_batch=512, flash_attn="on"))
+        whole = compute_mib(lambda: model.context(n_ctx=4096, n_batch=512, n_seq_max=4, flash_attn="on", swa_full=True))
+    planned = estimate(ModelShape.from_header(read_header(smollm2)), 4096, n_seq=4, n_outputs=engine_outputs(4))
+    assert whole == 98.25  # 512 rows of 49152 logits, and two embedding-wide rows each
+    assert engine < whole / 5
+    assert planned.compute.cpu / 2**20 == pytest.approx(engine, rel=0.1)

@@ -44,13 +44,19 @@ def test_planner_within_5_percent_of_every_buffer_on_the_device(which: str, requ
     head = output_offload(probe(), shape, 512)
     failures = []
     for ngl in (0, 1, shape.n_layer // 2, shape.n_layer + 1):  # none, the output only, half, all
-        for ctx in (1024, 4096):
-            logged = _loaded(path, ngl, n_ctx=ctx, n_batch=2048, n_ubatch=512, flash_attn="on", swa_full=True)
-            planned = estimate(shape, ctx, "f16", "f16", True, ngl, has_gpu=True, output_offload=head).parts()
+        # every token's logits (as perplexity reads them), and one row as the engine reads them
+        for ctx, n_outputs in ((1024, 0), (4096, 0), (4096, 1)):
+            logged = _loaded(path, ngl, n_ctx=ctx, n_batch=2048, n_ubatch=512, flash_attn="on", swa_full=True,
+                             n_outputs=n_outputs)
+            planned = estimate(shape, ctx, "f16", "f16", True, ngl, has_gpu=True, output_offload=head,
+                               n_outputs=n_outputs).parts()
             for part in sorted(set(logged) | {k for k, v in planned.items() if v}):
                 ours, theirs = planned.get(part, 0), logged.get(part, 0)
-                if abs(ours - theirs) > 0.05 * theirs + 0.02 * MiB:  # 5%, or 20 KiB for tiny buffers
-                    failures.append(f"ngl {ngl} ctx {ctx} {part}: planned {ours / MiB:.2f} MiB, "
+                # 5%, or 20 KiB for tiny buffers; a compute buffer may be over by two of a batch's
+                # embedding-wide tensors (tests/test_plan.py says why)
+                over = 2 * 512 * shape.n_embd * 4 if part.startswith("compute") else 0
+                if not -0.05 * theirs - 0.02 * MiB <= ours - theirs <= 0.05 * theirs + 0.02 * MiB + over:
+                    failures.append(f"ngl {ngl} ctx {ctx} outputs {n_outputs} {part}: planned {ours / MiB:.2f} MiB, "
                                     f"llama.cpp {theirs / MiB:.2f} MiB")
     assert not failures, "\n".join(failures)
 
@@ -62,7 +68,7 @@ def test_gpu_memory_is_never_exceeded(budget_mib: int, smollm2: Path) -> None:
     assert plan.fits
     logged = _loaded(smollm2, plan.n_gpu_layers, n_ctx=plan.n_ctx, n_batch=512, n_ubatch=512,
                      flash_attn="on" if plan.flash_attn else "off", type_k=plan.type_k, type_v=plan.type_v,
-                     op_offload=plan.op_offload)
+                     op_offload=plan.op_offload, n_outputs=1)  # as the engine loads it for one conversation
     on_device = sum(v for k, v in logged.items() if k.endswith(".gpu"))
     assert on_device <= budget - MARGIN, (plan.n_gpu_layers, on_device / MiB)
     assert on_device == pytest.approx(plan.memory.gpu, rel=0.05, abs=0.1 * MiB)

@@ -21,14 +21,20 @@ def _sizes(lines: list[str], what: str) -> float:
     return sum(float(m.group(1)) for line in lines if what in line for m in [re.search(r"= +([0-9.]+) MiB", line)] if m)
 
 
-CASES = [  # ctx, K, V, flash attention, micro-batch, swa_full
-    (512, "f16", "f16", "on", 512, False),
-    (4096, "f16", "f16", "on", 512, False),
-    (4096, "q8_0", "q8_0", "on", 512, False),
-    (4096, "q4_0", "q4_0", "on", 512, True),
-    (1000, "f16", "f16", "on", 128, False),
-    (8192, "f16", "f16", "off", 512, True),
-    (2048, "f16", "f16", "off", 512, True),
+CASES = [  # ctx, K, V, flash attention, micro-batch, swa_full, sequences, logits rows (0: the micro-batch)
+    (512, "f16", "f16", "on", 512, False, 1, 0),
+    (4096, "f16", "f16", "on", 512, False, 1, 0),
+    (4096, "q8_0", "q8_0", "on", 512, False, 1, 0),
+    (4096, "q4_0", "q4_0", "on", 512, True, 1, 0),
+    (1000, "f16", "f16", "on", 128, False, 1, 0),
+    (8192, "f16", "f16", "off", 512, True, 1, 0),
+    (2048, "f16", "f16", "off", 512, True, 1, 0),
+    # as the engine makes them: a logits row a sequence, the cache shared among the sequences
+    (4096, "f16", "f16", "on", 512, True, 1, 1),
+    (4096, "q8_0", "q8_0", "on", 512, True, 1, 1),
+    (8192, "f16", "f16", "on", 512, True, 4, 4),
+    (2048, "f16", "f16", "off", 512, True, 2, 2),
+    (4096, "q4_0", "q4_0", "on", 256, True, 8, 8),
 ]
 
 
@@ -62,25 +68,34 @@ def gptoss(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("which", ["smollm2", "gemma3", "qwen3moe", "gptoss"])
 def test_estimates_within_5_percent_of_llama_cpp(which: str, request: pytest.FixtureRequest) -> None:
+    """Each buffer within 5%; a compute buffer may be over by two of a batch's embedding-wide tensors:
+    what else is alive beside a layer's peak, and where llama.cpp's allocator fits it, varies with
+    the cache types and the micro-batch (the plan takes the most it saw)."""
     path = request.getfixturevalue(which)
     shape = ModelShape.from_header(read_header(path))
     position = llamalog.mark()
+    failures = []
     with NativeModel(path) as model:
         model_mib = _sizes(llamalog.since(position), "model buffer size")
-        for ctx, k, v, fa, ub, swa_full in CASES:
+        for case in CASES:
+            ctx, k, v, fa, ub, swa_full, n_seq, n_outputs = case
             position = llamalog.mark()
             with model.context(n_ctx=ctx, n_batch=2048, n_ubatch=ub, n_threads=2, type_k=k, type_v=v,
-                               flash_attn=fa, swa_full=swa_full):
+                               flash_attn=fa, swa_full=swa_full, n_seq_max=n_seq, n_outputs=n_outputs):
                 logged = llamalog.since(position)
-            est = estimate(shape, ctx, k, v, fa == "on", 0, n_ubatch=ub, swa_full=swa_full)
-            for name, ours, theirs in (
-                ("weights", est.weights.cpu / MiB, model_mib),
-                ("KV cache", est.kv.cpu / MiB, _sizes(logged, "KV buffer size")),
-                ("compute", est.compute.cpu / MiB, _sizes(logged, "compute buffer size")),
-                ("logits", est.output / MiB, _sizes(logged, "output buffer size")),
+            est = estimate(shape, ctx, k, v, fa == "on", 0, n_ubatch=ub, swa_full=swa_full, n_seq=n_seq,
+                           n_outputs=n_outputs)
+            embeddings = 2 * ub * shape.n_embd * 4 / MiB
+            for name, ours, theirs, over in (
+                ("weights", est.weights.cpu / MiB, model_mib, 0),
+                ("KV cache", est.kv.cpu / MiB, _sizes(logged, "KV buffer size"), 0),
+                ("compute", est.compute.cpu / MiB, _sizes(logged, "compute buffer size"), embeddings),
+                ("logits", est.output / MiB, _sizes(logged, "output buffer size"), 0),
             ):
                 assert theirs > 0
-                assert ours == pytest.approx(theirs, rel=0.05), (which, ctx, k, v, fa, ub, swa_full, name)
+                if not 0.95 * theirs <= ours <= 1.05 * theirs + over:
+                    failures.append(f"{case} {name}: planned {ours:.2f} MiB, llama.cpp {theirs:.2f} MiB")
+    assert not failures, "\n".join(failures)
 
 
 def test_another_quantization_is_planned_from_one_header(smollm2: Path, smollm2_f16: Path) -> None:
@@ -124,15 +139,18 @@ def test_auto_fit_offloads_the_layers_a_hand_calculation_gives(cli, smollm2: Pat
     assert all(sum(t.nbytes for t in header.tensors if t.name.startswith(f"blk.{i}.")) == layer for i in range(30))
     head = sum(t.nbytes for t in header.tensors if t.name in ("token_embd.weight", "output_norm.weight"))
     kv_layer = 4096 * 3 * 64 * 2 * 2  # cells x KV heads x head size x (K and V) x f16
-    logits = 512 * (49152 + 2 * 576) * 4  # the GPU's compute buffer: a batch of 512 tokens' logits
+    # the GPU's compute buffer for a batch of 512 tokens: a layer's feed-forward activations and three
+    # embedding-wide tensors, the f16 mask over the cache, and a host layer's feed-forward weights
+    # copied over (its logits are one row, as the engine reads them)
+    compute = 512 * 4 * (3 * 1536 + 3 * 576) + 4096 * 512 * 2 + layer * 2 // 3
     margin = 256 * MiB
     for want in (1, 2, 11, 30):
-        budget = margin + logits + head + (want - 1) * (layer + kv_layer) + (layer + kv_layer) // 2
+        budget = margin + compute + head + (want - 1) * (layer + kv_layer) + (layer + kv_layer) // 2
         plan = _plan(cli, str(smollm2), "--gpu-memory", str(budget))
         assert plan["fits"] and plan["n_gpu_layers"] == want, (want, plan["n_gpu_layers"])
         assert plan["vram"] <= budget - margin
     # too small even for the compute buffer llama.cpp would reserve there: the GPU is left out
-    none = _plan(cli, str(smollm2), "--gpu-memory", str(margin + 64 * MiB))
+    none = _plan(cli, str(smollm2), "--gpu-memory", str(margin + 16 * MiB))
     assert none["fits"] and none["n_gpu_layers"] == 0 and none["vram"] == 0 and none["op_offload"] is False
     everything = _plan(cli, str(smollm2), "--gpu-memory", "2GiB")
     assert everything["n_gpu_layers"] == 31  # every layer and the output
@@ -142,29 +160,30 @@ def test_auto_fit_offloads_the_layers_a_hand_calculation_gives(cli, smollm2: Pat
 def test_kv_auto_steps_down_only_when_the_context_needs_it(cli, smollm2: Path) -> None:
     roomy = _plan(cli, str(smollm2), "--kv-type", "auto", "--ram", "4GiB")
     assert (roomy["type_k"], roomy["type_v"]) == ("f16", "f16")
-    # 244 MiB after the margin: f16 (280.5 MiB) does not fit at 4096, f16/q8_0 (259.4) neither,
-    # q8_0/q8_0 (238.4) does
-    tight = _plan(cli, str(smollm2), "--kv-type", "auto", "--ram", "500MiB")
+    # 170 MiB after the margin: f16 (200.9 MiB) does not fit at 4096, f16/q8_0 (179.8) neither,
+    # q8_0/q8_0 (158.7) does
+    tight = _plan(cli, str(smollm2), "--kv-type", "auto", "--ram", "426MiB")
     assert tight["fits"] and (tight["type_k"], tight["type_v"]) == ("q8_0", "q8_0")
     assert tight["flash_attn"] is True
 
 
 def test_ctx_auto_takes_the_longest_context_that_fits(cli, smollm2: Path) -> None:
     assert _plan(cli, str(smollm2), "--ctx", "auto")["n_ctx"] == 8192  # the trained length
-    # 300 MiB after the margin: weights 92.1 + compute 98.25 + logits leave room for ~109 MiB of KV
-    limited = _plan(cli, str(smollm2), "--ctx", "auto", "--ram", "556MiB")
-    assert limited["fits"] and 4096 <= limited["n_ctx"] < 8192
-    assert limited["ram"] <= 300 * MiB
+    # 250 MiB after the margin: weights 92.1, compute 14.6 and a mask's 1 KiB a cell, logits 0.2
+    # leave room for ~6200 cells of 22.5 KiB
+    limited = _plan(cli, str(smollm2), "--ctx", "auto", "--ram", "506MiB")
+    assert limited["fits"] and limited["n_ctx"] == 6144
+    assert limited["ram"] <= 250 * MiB
 
 
 def test_plans_that_cannot_fit_say_so(cli, smollm2: Path) -> None:
-    plan = _plan(cli, str(smollm2), "--ram", "500MiB")
+    plan = _plan(cli, str(smollm2), "--ram", "426MiB")
     assert not plan["fits"]
     assert "nearest plan that fits: --ctx 4096 --kv-type q8_0,q8_0" in plan["reason"]
     r = cli("run", str(smollm2), "hi", "--ram", "300MiB")
     assert r.returncode == 1
     assert len(r.stderr.strip().splitlines()) == 1
-    assert "does not fit: needs 281 MiB of RAM" in r.stderr
+    assert "does not fit: needs 201 MiB of RAM" in r.stderr
     assert "even the smallest context does not fit" in r.stderr
 
 

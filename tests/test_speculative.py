@@ -132,3 +132,36 @@ def test_bench_measures_a_draft_beside_the_plain_generation(cli, target: Path, s
     table = cli("bench", str(target), "-p", "0", "-n", "16", "-r", "1", "--draft", str(smollm2))
     header, *rows = table.stdout.splitlines()
     assert header.split()[-1] == "accepted" and rows[-1].split()[-1].endswith("%")
+
+
+def test_every_guess_of_every_answer_in_one_step(target: Path, smollm2: Path) -> None:
+    """A draft that always guesses its most (p_min 0) makes two answers decoded side by side read
+    2 x (1 + draft_max) logits rows in one step: all the rows the engine's context keeps (llama.cpp
+    aborts past them). Greedy answers stay the model's own."""
+    from edgellm.options import SamplingOptions
+    from edgellm.runtime.batch import BatchEngine, GenerationRequest
+    from edgellm.runtime.native import NativeModel
+    from edgellm.runtime.speculative import load_drafter
+
+    sampling = SamplingOptions(temperature=0.0, max_tokens=24, ignore_eos=True)
+    answers = []
+    with NativeModel(target) as model:
+        prompts = [model.tokenize(text, add_special=True) for text in (PROMPT, "The capital of France is")]
+        for draft in (None, smollm2):
+            drafter = draft and load_drafter(draft, model, 2, 256, 512, 2, draft_max=4, p_min=0.0)
+            engine = BatchEngine(model, 2, 256, 2, n_batch=512, threaded=False, drafter=drafter)
+            try:
+                outs: list[list] = [[], []]
+                for prompt, out in zip(prompts, outs):
+                    engine.submit(GenerationRequest(prompt, sampling, out.append))
+                while not all(out and out[-1].finish_reason for out in outs):
+                    engine.step()
+                answers.append(["".join(c.text for c in out) for out in outs])
+                timings = [out[-1].timings for out in outs]
+            finally:
+                engine.close()
+    alone, drafted = answers
+    assert drafted == alone and all(text.strip() for text in alone)
+    assert all(t.generated_tokens == 24 for t in timings)
+    # 24 tokens in steps of up to five (the token sampled and four guesses taken): four full guesses at least
+    assert all(t.draft_tokens >= 16 for t in timings), timings

@@ -32,7 +32,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from edgellm.errors import UsageError
     from edgellm.models import resolve
     from edgellm.plan.fit import KV_LADDER, fit
-    from edgellm.plan.memory import ModelShape, estimate
+    from edgellm.plan.memory import ModelShape, engine_outputs, estimate
 
     if args.parallel < 1:
         raise UsageError(f"--parallel must be positive, got {args.parallel}")
@@ -53,7 +53,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     ladder = []  # the trade-off: each KV type at the planned context
     for k, v in KV_LADDER:
         est = estimate(shape, plan.n_ctx, k, v, True, plan.n_gpu_layers, n_seq=args.parallel,
-                       has_gpu=bool(hw.gpus and hw.gpu_offload), op_offload=plan.op_offload)
+                       has_gpu=bool(hw.gpus and hw.gpu_offload), op_offload=plan.op_offload,
+                       n_outputs=engine_outputs(args.parallel))
         ladder.append({"type_k": k, "type_v": v, "kv_bytes": est.kv.total, "ram": est.cpu, "vram": est.gpu})
     m = plan.memory
     data = {

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 from edgellm.gguf.header import GGUFHeader, format_params, human_bytes
 from edgellm.options import DEFAULT_CTX, LoadOptions, default_context, is_quantized_kv, uses_flash_attn
-from edgellm.plan.memory import CTX_PAD, MemoryEstimate, ModelShape, estimate, pad
+from edgellm.plan.memory import CTX_PAD, MemoryEstimate, ModelShape, engine_outputs, estimate, pad
 from edgellm.system.hardware import Hardware
 
 MARGIN = 256 << 20  # kept free on each device: drivers, fragmentation, the rest of the system
@@ -156,11 +156,15 @@ def fit(
     n_ubatch: int = 512,
     n_seq: int = 1,
     swa_full: bool = True,
+    n_outputs: int | None = None,
 ) -> Plan:
     """``None``/``"auto"`` values are chosen; the rest are kept (and checked). ``header`` may be a
-    ModelShape already read from it (or a header planned, not read: convert.core.planned_header)."""
+    ModelShape already read from it (or a header planned, not read: convert.core.planned_header).
+    ``n_outputs``: the most logits rows a batch reads (None: the engine's without a draft, one a
+    sequence; 0: every token, as an importance matrix reads them)."""
     shape = header if isinstance(header, ModelShape) else ModelShape.from_header(header)
-    plan = _fit(shape, hw, n_ctx, type_k, type_v, n_gpu_layers, flash_attn, n_ubatch, n_seq, swa_full)
+    n_outputs = engine_outputs(n_seq) if n_outputs is None else n_outputs
+    plan = _fit(shape, hw, n_ctx, type_k, type_v, n_gpu_layers, flash_attn, n_ubatch, n_seq, swa_full, n_outputs)
     return replace(plan, parameters=shape.n_params, active_parameters=shape.n_params_active)
 
 
@@ -168,16 +172,16 @@ def fit_load(header: GGUFHeader | ModelShape, hw: Hardware, load: LoadOptions | 
     """The plan for the settings a model would load with (the defaults for None)."""
     load = load or LoadOptions()
     return fit(header, hw, n_ctx=load.n_ctx, type_k=load.type_k, type_v=load.type_v, n_gpu_layers=load.n_gpu_layers,
-               flash_attn=load.flash_attn)
+               flash_attn=load.flash_attn, n_outputs=engine_outputs(1, load.draft_max if load.draft else 0))
 
 
 def _fit(shape: ModelShape, hw: Hardware, n_ctx: int | None, type_k: str, type_v: str, n_gpu_layers: int | None,
-         flash_attn: str, n_ubatch: int, n_seq: int, swa_full: bool) -> Plan:
+         flash_attn: str, n_ubatch: int, n_seq: int, swa_full: bool, n_outputs: int) -> Plan:
     ram, gpu = _budgets(hw)
     trained = shape.n_ctx_train or DEFAULT_CTX
     ladder = KV_LADDER if "auto" in (type_k, type_v) else ((type_k, type_v),)
     kw = dict(n_ubatch=n_ubatch, n_seq=n_seq, swa_full=swa_full, has_gpu=bool(hw.gpus and hw.gpu_offload),
-              output_offload=output_offload(hw, shape, n_ubatch))
+              output_offload=output_offload(hw, shape, n_ubatch), n_outputs=n_outputs)
     allowed = flash_attn_pairs(hw, shape) if gpu and n_gpu_layers != 0 else None
     if allowed is not None:
         usable = tuple(pair for pair in ladder if _on_device(allowed, *pair, flash_attn))
@@ -288,16 +292,19 @@ def draft_estimate(draft: GGUFHeader, hw: Hardware, n_ctx: int, n_seq: int = 1) 
     (it runs for every token, so it must be fast), an f16 cache as long as the model's."""
     shape = ModelShape.from_header(draft)
     on_gpu = bool(hw.gpus and hw.gpu_offload)
-    return estimate(shape, n_ctx, "f16", "f16", True, -1 if on_gpu else 0, n_seq=n_seq, has_gpu=on_gpu)
+    return estimate(shape, n_ctx, "f16", "f16", True, -1 if on_gpu else 0, n_seq=n_seq, has_gpu=on_gpu,
+                    n_outputs=engine_outputs(n_seq))
 
 
 def fit_with_draft(header: GGUFHeader | ModelShape, draft: GGUFHeader | None, hw: Hardware, n_ctx: int | None = None,
-                   n_seq: int = 1, **options) -> tuple[Plan, MemoryEstimate | None]:
+                   n_seq: int = 1, draft_max: int = 0, **options) -> tuple[Plan, MemoryEstimate | None]:
     """``fit()`` for a model that decodes with a draft model beside it: the model is planned in what
     the draft leaves. The draft's cache is as long as the model's, so an automatic context is
-    planned twice: the draft sized for the default length first, then for the length that found."""
+    planned twice: the draft sized for the default length first, then for the length that found.
+    The model's batches read ``draft_max`` more logits rows a sequence with a draft."""
     if draft is None:
         return fit(header, hw, n_ctx=n_ctx, n_seq=n_seq, **options), None
+    options["n_outputs"] = engine_outputs(n_seq, draft_max)
     shape = header if isinstance(header, ModelShape) else ModelShape.from_header(header)
     guess = n_ctx or default_context(shape.n_ctx_train)
     for _ in range(2):

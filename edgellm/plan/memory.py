@@ -3,8 +3,9 @@
 Every figure follows how llama.cpp itself allocates (checked against the buffer sizes it logs):
 weights by the layer they belong to; the KV cache per layer, honouring grouped-query attention,
 per-layer head counts, sliding-window layers and quantized block sizes, with the context padded
-to 256 cells as llama.cpp pads it; compute buffers from the batch's logits and, without flash
-attention, its attention scores.
+to 256 cells as llama.cpp pads it; compute buffers from the batch's logits (a row a sequence where
+the engine reads them, every token's for perplexity) or else a layer's attention or feed-forward
+activations (a mixture of experts' routed ones) and, without flash attention, its attention scores.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class ModelShape:
     output_bytes: int  # output norm and head: the first layer offloaded
     other_bytes: int
     tied_output_bytes: int = 0  # no output head: llama.cpp copies the token embeddings to where the output runs
+    #: a mixture of experts: experts per layer, those a token is routed to, an expert's feed-forward width
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0
     # Known exactly from a GGUF's layout only (a header planned before conversion lays its tensors
     # out in checkpoint order), so two shapes of the same model compare equal without them.
     #: the head's ggml type, rows, columns (0s: unknown)
@@ -97,6 +102,8 @@ class ModelShape:
         sizes = bytes_by_part(((t.name, t.nbytes, t.type_name in REPACKED_TYPES and len(t.shape) == 2)
                                for t in header.tensors), n_layer)
         head = next((t for name in ("output.weight", "token_embd.weight") for t in header.tensors if t.name == name), None)
+        n_expert, n_used = header.arch_value("expert_count"), header.arch_value("expert_used_count")
+        experts = isinstance(n_expert, int) and isinstance(n_used, int) and 0 < n_used <= n_expert
         spans = tuple((part_of(t.name, n_layer), t.offset, t.nbytes) for t in header.tensors)
         return cls(
             architecture=header.architecture,
@@ -115,6 +122,9 @@ class ModelShape:
             spans=spans,
             n_params=header.parameter_count,
             n_params_active=header.active_parameter_count,
+            n_expert=n_expert if experts else 0,
+            n_expert_used=n_used if experts else 0,
+            n_ff_exp=int(header.arch_value("expert_feed_forward_length") or n_ff) if experts else 0,
             **sizes,
         )
 
@@ -204,6 +214,16 @@ class MemoryEstimate:
                 "logits": self.output}
 
 
+#: the fewest rows an operation on host weights needs for llama.cpp to run it on a GPU (op_offload)
+GPU_MIN_BATCH = 32
+
+
+def engine_outputs(n_seq: int, draft_max: int = 0) -> int:
+    """The most logits rows the engine's batch reads at once: one a sequence (its next token, or
+    its prompt's last), and one after each of a draft model's guesses."""
+    return n_seq * (1 + draft_max)
+
+
 def kv_cells(shape: ModelShape, layer: int, n_ctx: int, n_ubatch: int, n_seq: int, swa_full: bool) -> int:
     """KV cells llama.cpp gives a layer: the context, or for a sliding-window layer its window."""
     n_ctx = pad(n_ctx)
@@ -226,6 +246,7 @@ def estimate(
     has_gpu: bool = False,
     output_offload: bool = True,
     op_offload: bool = True,
+    n_outputs: int = 0,
 ) -> MemoryEstimate:
     """Memory for one loaded model and context. ``n_gpu_layers`` counts as llama.cpp counts it: the
     output layer first, then repeating layers from the last one (-1: all of them).
@@ -236,6 +257,8 @@ def estimate(
     repacking. ``output_offload``: the GPU accepts the output matmul (Vulkan refuses a weight larger
     than its storage-buffer range; llama.cpp then keeps the head and the logits in host memory).
     ``op_offload`` off (llama.cpp's context parameter) keeps host layers' batches on the CPU.
+    ``n_outputs``: the most logits rows a batch reads (engine_outputs; 0: every token of a
+    micro-batch, as perplexity's contexts), which the compute buffer holds.
     """
     n_layer = shape.n_layer
     has_gpu = has_gpu or n_gpu_layers != 0
@@ -260,8 +283,9 @@ def estimate(
     head_on_gpu = ngl > 0 and output_offload
     head = shape.output_bytes + shape.tied_output_bytes  # the tied copy shares the host mapping when not moved
     weights += Placement(gpu=head) if head_on_gpu else Placement(cpu=shape.output_bytes)
-    on_gpu = has_gpu and (ngl > 0 or (op_offload and n_ubatch >= 32))  # a GPU takes batches of 32 tokens or more
-    compute = _compute(shape, n_ctx, flash_attn, ngl, n_ubatch, n_seq, swa_full, on_gpu, output_offload)
+    on_gpu = has_gpu and (ngl > 0 or (op_offload and n_ubatch >= GPU_MIN_BATCH))
+    rows = min(n_outputs, n_ubatch) if n_outputs else n_ubatch
+    compute = _compute(shape, n_ctx, flash_attn, ngl, n_ubatch, rows, n_seq, swa_full, on_gpu, output_offload)
     host_parts = {INPUT, OTHER, *range(first_gpu_layer)} | (set() if head_on_gpu else {OUTPUT})
     host_spans = [(offset, offset + nbytes) for part, offset, nbytes in shape.spans if part in host_parts]
     mapped = max(e for _, e in host_spans) - min(s for s, _ in host_spans) if host_spans else weights.cpu
@@ -271,30 +295,41 @@ def estimate(
         weights=weights,
         kv=kv,
         compute=compute,
-        output=shape.n_vocab * 4 * n_seq,
+        output=shape.n_vocab * 4 * max(n_seq, n_outputs),  # grown to the most rows a batch reads
         kv_per_layer=kv_per_layer,
         op_offload=op_offload,
         weights_mapped=mapped,
     )
 
 
-def _compute(shape: ModelShape, n_ctx: int, flash_attn: bool, ngl: int, n_ubatch: int, n_seq: int,
+def _compute(shape: ModelShape, n_ctx: int, flash_attn: bool, ngl: int, n_ubatch: int, n_rows: int, n_seq: int,
              swa_full: bool, gpu: bool, output_offload: bool) -> Placement:
-    """The compute buffers llama.cpp reserves for a worst-case batch of ``n_ubatch`` tokens (the
-    allocator's peak over the graph, per backend), as measured against its log on CPU and Vulkan."""
+    """The compute buffers llama.cpp reserves for a worst-case batch of ``n_ubatch`` tokens, ``n_rows``
+    of them read out (the allocator's peak over the graph, per backend), as measured against its log
+    on CPU and Vulkan."""
     ub, f32 = n_ubatch, 4
-    logits = ub * (shape.n_vocab + 2 * shape.n_embd) * f32
-    # the KQ masks: one over the whole cache, one over the sliding window where layers have one
+    logits = n_rows * (shape.n_vocab + 2 * shape.n_embd) * f32
+    # the KQ masks: one over the whole cache, one over the sliding window where layers have one; each
+    # sequence attends to its own share of the cache (llama.cpp's streams), so the masks and scores
+    # of a batch shared by n_seq sequences are 1/n_seq of one sequence's over all of it
     swa = [kv_cells(shape, il, n_ctx, ub, n_seq, swa_full) for il in range(shape.n_layer) if shape.swa_layers[il]]
-    mask_cells = [pad(n_ctx)] + swa[:1]
+    mask_cells = [pad(n_ctx) // n_seq] + [cells // n_seq for cells in swa[:1]]
     masks = sum(mask_cells) * ub * (2 if flash_attn else f32)  # f16 for flash attention's kernels
-    # a layer's peak: the feed-forward activations beside the residual stream, and the masks
-    work = ub * f32 * (3 * shape.n_ff + 3 * shape.n_embd) + masks
+    # a layer's peak, beside the masks, the residual stream and the token embeddings: its attention
+    # (queries, the new keys and values, the heads' output) or its feed-forward activations (those
+    # of each expert a token is routed to, and the router's scores, in a mixture of experts)
+    heads, kv_heads = max(shape.n_head, default=0), max(shape.n_head_kv, default=0)
+    attention = heads * (shape.head_dim_k + shape.head_dim_v) + kv_heads * (shape.head_dim_k + shape.head_dim_v)
+    if shape.n_expert:
+        ffn = 3 * shape.n_expert_used * shape.n_ff_exp + 2 * shape.n_expert
+    else:
+        ffn = 3 * shape.n_ff
+    # (the embedding-wide tensors alive beside it: five on the CPU, three on a GPU, as measured)
+    work = ub * f32 * (max(attention, ffn) + (3 if gpu else 5) * shape.n_embd) + masks
     if not flash_attn:  # or the attention scores of every head over the whole cache, beside the
         # queries and their weighted values (more than the rest where heads outnumber the embedding,
         # as gpt-oss's 64 of 64 over 2880)
-        heads = max(shape.n_head)
-        scores = pad(n_ctx) * heads + 4 * shape.n_embd + heads * (shape.head_dim_k + shape.head_dim_v)
+        scores = mask_cells[0] * heads + 4 * shape.n_embd + heads * (shape.head_dim_k + shape.head_dim_v)
         work = max(work, ub * f32 * scores + masks)
     if not gpu:  # everything on the CPU
         return Placement(cpu=max(logits, work))
@@ -303,8 +338,9 @@ def _compute(shape: ModelShape, n_ctx: int, flash_attn: bool, ngl: int, n_ubatch
     inputs = 2 * shape.n_embd * ub * f32 + masks  # token embeddings and their scaled copy, and the masks
     if not flash_attn:
         inputs += 2 * ub * f32 * max(shape.n_head_kv) * shape.head_dim_k
-    if not output_offload:  # the head and the logits stay on the host
-        return Placement(cpu=logits + 2 * shape.n_embd * ub * f32, gpu=work)
-    # with no layer offloaded the head stays in host memory, and a batch's output matmul copies it over
-    copied_head = (shape.tied_output_bytes or shape.output_bytes) if ngl == 0 else 0
+    if not output_offload:  # the head and the logits stay on the host, where the inputs were
+        return Placement(cpu=max(logits + 2 * shape.n_embd * n_rows * f32, inputs), gpu=work)
+    # with no layer offloaded the head stays in host memory, and an output matmul of enough rows for
+    # the GPU copies it over
+    copied_head = (shape.tied_output_bytes or shape.output_bytes) if ngl == 0 and n_rows >= GPU_MIN_BATCH else 0
     return Placement(cpu=inputs, gpu=max(logits, work) + copied_head)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from edgellm.errors import EdgeLLMError, EngineError, QueueFullError, UsageError
 from edgellm.options import DEFAULT_SEED, SamplingOptions
+from edgellm.plan.memory import engine_outputs
 from edgellm.runtime.chunks import Chunk, TokenLogprob
 from edgellm.runtime.native import NativeContext, NativeModel
 from edgellm.runtime.text import Answer, ThinkSplitter, common_prefix
@@ -129,6 +130,7 @@ class BatchEngine:
             n_ctx=n_ctx * n_parallel, n_batch=self.n_batch, n_ubatch=min(512, self.n_batch), n_threads=n_threads,
             type_k=type_k, type_v=type_v, flash_attn=flash_attn, n_seq_max=n_parallel, swa_full=True,
             op_offload=op_offload,
+            n_outputs=min(self.n_batch, engine_outputs(n_parallel, drafter.draft_max if drafter else 0)),
         )
         self._mem = llama_cpp.llama_get_memory(self.ctx.ptr)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)

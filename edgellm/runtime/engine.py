@@ -84,7 +84,7 @@ def resolve_load(header: GGUFHeader, options: LoadOptions, hardware: Hardware | 
 
         plan, taken = fit_with_draft(
             header, draft, hardware or probe(), n_ctx=n_ctx, type_k=type_k, type_v=type_v,
-            n_gpu_layers=n_gpu_layers, flash_attn=options.flash_attn, n_ubatch=n_batch,
+            n_gpu_layers=n_gpu_layers, flash_attn=options.flash_attn, n_ubatch=n_batch, draft_max=options.draft_max,
         )
         if not plan.fits:
             raise LoadError(f"{header.path.name} {plan.reason}" + (f" beside draft {draft.path.name}" if draft else ""))

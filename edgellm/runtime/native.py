@@ -156,15 +156,20 @@ class NativeModel:
         embeddings: bool = False,
         op_offload: bool = True,
         eval_callback: EvalCallback | None = None,
+        n_outputs: int = 0,
     ) -> NativeContext:
-        """A context; ``swa_full`` keeps sliding-window layers' whole cache (for prompt reuse);
+        """A context; ``n_outputs`` is the most logits rows one batch will ask for (0: ``n_batch``,
+        as perplexity needs): llama.cpp reserves that many rows of the vocabulary in the compute
+        buffer, 96 MiB for a 512-token batch of a 49k vocabulary where a server decoding for four
+        needs 0.8 (llama-server reserves a row per sequence); a batch asking for more aborts the
+        process. ``swa_full`` keeps sliding-window layers' whole cache (for prompt reuse);
         ``embeddings`` makes it pool each sequence's hidden states into one vector (mean);
         ``op_offload`` off keeps batches of host layers on the CPU (no GPU compute buffer);
         ``eval_callback(tensor, ask)`` is ggml's scheduler callback: asked about every graph node,
         it sees the data of those it says yes to (how an importance matrix reads activations)."""
         return NativeContext(
             self, n_ctx, n_batch, n_ubatch, n_threads, type_k, type_v, flash_attn, n_seq_max, swa_full, embeddings,
-            op_offload, eval_callback,
+            op_offload, eval_callback, n_outputs,
         )
 
     def close(self) -> None:
@@ -197,6 +202,7 @@ class NativeContext:
         embeddings: bool,
         op_offload: bool = True,
         eval_callback: EvalCallback | None = None,
+        n_outputs: int = 0,
     ) -> None:
         lib = self._lib = model._lib
         self.model = model
@@ -205,6 +211,7 @@ class NativeContext:
         params.n_batch = n_batch
         params.n_ubatch = min(n_ubatch, n_batch)
         params.n_seq_max = n_seq_max
+        params.n_outputs_max = max(n_outputs, n_seq_max) if n_outputs else 0  # llama.cpp keeps a row per sequence
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
         params.type_k = KV_TYPES[type_k][0]

@@ -41,7 +41,8 @@ class Drafter:
         self.p_min = p_min
         self.n_batch = n_batch
         self.ctx: NativeContext = model.context(n_ctx=n_ctx * n_parallel, n_batch=n_batch, n_ubatch=min(512, n_batch),
-                                                n_threads=n_threads, n_seq_max=n_parallel, swa_full=True)
+                                                n_threads=n_threads, n_seq_max=n_parallel, swa_full=True,
+                                                n_outputs=n_parallel)  # a decode reads its last token's logits only
         self._mem = llama_cpp.llama_get_memory(self.ctx.ptr)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._cached: list[list[int]] = [[] for _ in range(n_parallel)]

@@ -127,7 +127,7 @@ class ModelPool:
         plan, draft = fit_with_draft(
             model.header, read_header(load.draft) if load.draft else None, self.hardware,
             n_ctx=per_slot * self.parallel, type_k=load.type_k, type_v=load.type_v, n_gpu_layers=load.n_gpu_layers,
-            flash_attn=load.flash_attn, n_seq=self.parallel,
+            flash_attn=load.flash_attn, n_seq=self.parallel, draft_max=load.draft_max,
         )
         if not plan.fits:
             raise LoadError(f"{model.name} {plan.reason}")
