@@ -89,10 +89,8 @@ def test_the_engine_keeps_a_logits_row_a_sequence_as_the_planner_plans(smollm2: 
 
     def compute_mib(make) -> float:
         position = llamalog.mark()
-        made = make()
-        made.close()
-        return sum(float(line.split("=")[1].split()[0]) for line in llamalog.since(position)
-                   if "compute buffer size" in line)
+        make().close()
+        return llamalog.buffers_by_part(position)["compute.cpu"] / 2**20
 
     with NativeModel(smollm2) as model:
         engine = compute_mib(lambda: BatchEngine(model, 4, 1024, 2, n_batch=512, flash_attn="on"))
