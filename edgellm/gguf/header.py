@@ -129,13 +129,22 @@ class GGUFHeader:
         return sum(t.n_elements for t in self.tensors)
 
     @property
+    def experts(self) -> tuple[int, int] | None:
+        """A mixture of experts' (experts per layer, those a token is routed to); None for a dense
+        model (or counts that make no sense)."""
+        n_expert, n_used = self.arch_value("expert_count"), self.arch_value("expert_used_count")
+        if not isinstance(n_expert, int) or not isinstance(n_used, int) or not 0 < n_used <= n_expert:
+            return None
+        return n_expert, n_used
+
+    @property
     def active_parameter_count(self) -> int:
         """The parameters one token passes through: all of them, except that of each expert tensor
         (``*_exps``) only the share of experts a token is routed to (expert_used_count of
         expert_count) counts. What decoding speed follows; memory still holds every expert."""
-        n_expert, n_used = self.arch_value("expert_count"), self.arch_value("expert_used_count")
-        if not isinstance(n_expert, int) or not isinstance(n_used, int) or not 0 < n_used <= n_expert:
+        if self.experts is None:
             return self.parameter_count
+        n_expert, n_used = self.experts
         return sum(t.n_elements * n_used // n_expert if "_exps." in t.name else t.n_elements for t in self.tensors)
 
     @property

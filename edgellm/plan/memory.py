@@ -102,8 +102,7 @@ class ModelShape:
         sizes = bytes_by_part(((t.name, t.nbytes, t.type_name in REPACKED_TYPES and len(t.shape) == 2)
                                for t in header.tensors), n_layer)
         head = next((t for name in ("output.weight", "token_embd.weight") for t in header.tensors if t.name == name), None)
-        n_expert, n_used = header.arch_value("expert_count"), header.arch_value("expert_used_count")
-        experts = isinstance(n_expert, int) and isinstance(n_used, int) and 0 < n_used <= n_expert
+        n_expert, n_used = header.experts or (0, 0)
         spans = tuple((part_of(t.name, n_layer), t.offset, t.nbytes) for t in header.tensors)
         return cls(
             architecture=header.architecture,
@@ -122,9 +121,9 @@ class ModelShape:
             spans=spans,
             n_params=header.parameter_count,
             n_params_active=header.active_parameter_count,
-            n_expert=n_expert if experts else 0,
-            n_expert_used=n_used if experts else 0,
-            n_ff_exp=int(header.arch_value("expert_feed_forward_length") or n_ff) if experts else 0,
+            n_expert=n_expert,
+            n_expert_used=n_used,
+            n_ff_exp=int(header.arch_value("expert_feed_forward_length") or n_ff) if n_expert else 0,
             **sizes,
         )
 
