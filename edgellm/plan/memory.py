@@ -318,7 +318,7 @@ def _compute(shape: ModelShape, n_ctx: int, flash_attn: bool, ngl: int, n_ubatch
     # (queries, the new keys and values, the heads' output) or its feed-forward activations (those
     # of each expert a token is routed to, and the router's scores, in a mixture of experts)
     heads, kv_heads = max(shape.n_head, default=0), max(shape.n_head_kv, default=0)
-    attention = heads * (shape.head_dim_k + shape.head_dim_v) + kv_heads * (shape.head_dim_k + shape.head_dim_v)
+    attention = (heads + kv_heads) * (shape.head_dim_k + shape.head_dim_v)
     if shape.n_expert:
         ffn = 3 * shape.n_expert_used * shape.n_ff_exp + 2 * shape.n_expert
     else:
@@ -336,7 +336,7 @@ def _compute(shape: ModelShape, n_ctx: int, flash_attn: bool, ngl: int, n_ubatch
     work += max(host_layers, default=0) * 2 // 3  # a host layer's feed-forward weights, copied over for a batch
     inputs = 2 * shape.n_embd * ub * f32 + masks  # token embeddings and their scaled copy, and the masks
     if not flash_attn:
-        inputs += 2 * ub * f32 * max(shape.n_head_kv) * shape.head_dim_k
+        inputs += 2 * ub * f32 * kv_heads * shape.head_dim_k
     if not output_offload:  # the head and the logits stay on the host, where the inputs were
         return Placement(cpu=max(logits + 2 * shape.n_embd * n_rows * f32, inputs), gpu=work)
     # with no layer offloaded the head stays in host memory, and an output matmul of enough rows for
