@@ -92,6 +92,10 @@ class EngineError(EdgeLLMError):
     """Generation failed inside llama.cpp (a decode that failed, a model unloaded mid-answer)."""
 
 
+class ToolCallError(EngineError):
+    """The model was made to call a tool and wrote a call that the offered tools do not allow."""
+
+
 class QueueFullError(EdgeLLMError):
     """Every slot is busy and the queue is full: retry shortly."""
 
@@ -152,6 +156,7 @@ SHOWN: dict[type[EdgeLLMError], Shown] = {
     TemplateError: Shown(1, 500, "template_error"),
     LoadError: Shown(1, 500, "load_error"),
     EngineError: Shown(1, 500, "engine_error"),
+    ToolCallError: Shown(1, 502, "invalid_tool_call"),
     QueueFullError: Shown(1, 503, "server_busy"),
     WorkerError: Shown(1, 502, "rpc_worker_error"),
     WorkerUnreachableError: Shown(1, 502, "rpc_worker_unreachable"),

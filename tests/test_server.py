@@ -228,7 +228,7 @@ BAD = [
     ({"messages": QUESTION, "temperature": "hot"}, {}, 400, "temperature"),
     ({"messages": []}, {}, 400, "messages"),
     ({"messages": QUESTION, "model": "nosuch"}, {}, 404, "model_not_found"),
-    ({"messages": QUESTION, "max_tokens": 5000}, {}, 400, "exceeds the 1024-token context"),
+    ({"messages": [{"role": "user", "content": "word " * 1500}]}, {}, 400, "does not fit the 1024-token context"),
     ({"messages": QUESTION, "max_tokens": -1}, {}, 400, "max_tokens"),
     ({"messages": QUESTION, "n": 17}, {}, 400, "n:"),
     ({"messages": QUESTION, "top_k": -1}, {}, 400, "top_k"),

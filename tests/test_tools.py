@@ -138,7 +138,7 @@ def test_run_prints_the_calls(cli, smollm2: Path, tmp_path: Path) -> None:
     assert json.loads(as_json.stdout)["tool_calls"][0]["name"] in ("get_weather", "get_time")
     for args, needle in ((["--tool-choice", "required"], "--tool-choice needs --tools"),
                          (["--tools", "[]"], "a JSON list of tools"),
-                         (["--tools", str(tools), "--tool-choice", "nosuch"], "'nosuch' is not among the tools")):
+                         (["--tools", str(tools), "--tool-choice", "nosuch"], "'nosuch', which is not among the tools")):
         bad = cli("run", str(smollm2), *args, "hi")
         assert bad.returncode == 2 and needle in bad.stderr and len(bad.stderr.splitlines()) == 1
 

@@ -11,12 +11,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgellm.cli.common import (
     add_model_options,
     hardware_for,
     read_template,
     sampling_from_args,
+    spec_from_args,
     settings_from_args,
 )
 from edgellm.errors import EdgeLLMError, UsageError
@@ -143,21 +145,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.logprobs is not None and not args.json:
         raise UsageError("--logprobs shows in the --json output", hint="add --json")
     tools = _tools(args)
+    asked = spec_from_args(args, tools)  # refused before the model loads
     name, model, settings = _load(args)
-    sampling = _tool_sampling(args, tools, model, sampling_from_args(args, settings))
-    fmt = model.template.tool_format
+    sampling = sampling_from_args(args, settings)
     with model, _ctrl_c_cancels() as cancelled:
         if args.raw:
-            chunks = model.complete(prompt, sampling, cancelled)
+            spec = replace(asked, prompt=tuple(model.tokenize(prompt)), reasoning=False)
         else:
             messages = ([Message("system", args.system)] if args.system else []) + [Message("user", prompt)]
-            chunks = model.chat(messages, sampling, cancelled, tools)
+            spec = replace(asked, turns=tuple(messages))
+        ready = model.prepare(spec, sampling)
+        chunks = model.run(ready, cancelled)
         logprobs: list = []
         thoughts: list = []
         text, last = _stream_to(None if args.json or tools else sys.stdout, chunks, logprobs, thoughts)
         calls = []
-        if tools:
-            text, calls = fmt.parse(text)
+        if ready.calls is not None:
+            text, calls = ready.calls.split(text)
             if not args.json:
                 _print_calls(calls)
                 sys.stdout.write(text)
@@ -186,17 +190,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 130 if last.finish_reason == "cancelled" else 0
 
 
-def _tool_sampling(args: argparse.Namespace, tools: list, model, sampling):
-    """With ``--tool-choice required`` or a name, answers are calls, under a grammar; with auto, a
-    call the model begins is valid (the grammar waits for the format's marker)."""
-    if not tools:
-        return sampling
-    from edgellm.runtime.tools import tool_grammar
-
-    grammar, triggers = tool_grammar(model.template.tool_format, tools, args.tool_choice)
-    return replace(sampling, grammar=grammar, grammar_triggers=triggers)
-
-
 def _print_calls(calls: list) -> None:
     for call in calls:
         print(json.dumps({"name": call.name, "arguments": json.loads(call.arguments)}, ensure_ascii=False))
@@ -209,7 +202,7 @@ def _tools(args: argparse.Namespace) -> list:
             raise UsageError("--tool-choice needs --tools")
         return []
     from edgellm.cli.common import json_argument
-    from edgellm.runtime.tools import Tool, check_tools
+    from edgellm.runtime.tools import Tool
 
     given = json_argument(args.tools, "--tools")
     if not isinstance(given, list) or not given:
@@ -220,21 +213,25 @@ def _tools(args: argparse.Namespace) -> list:
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise UsageError("each tool needs a function with a name", hint='{"type": "function", "function": {...}}')
         tools.append(Tool(function["name"], str(function.get("description", "")), function.get("parameters")))
-    check_tools(tools)
-    if args.tool_choice not in ("auto", "required") and args.tool_choice not in {t.name for t in tools}:
-        raise UsageError(f"--tool-choice {args.tool_choice!r} is not among the tools")
     return tools
+
+
+if TYPE_CHECKING:
+    from edgellm.runtime.request import GenerationSpec
 
 
 class ChatSession:
     """The conversation: history, system prompt and the slash commands."""
 
-    def __init__(self, model, model_name: str, sampling, system: str | None, tools: list | None = None) -> None:
+    def __init__(self, model, model_name: str, sampling, system: str | None, spec: GenerationSpec | None = None) -> None:
+        from edgellm.runtime.request import GenerationSpec
+
         self.model = model
         self.model_name = model_name
         self.sampling = sampling
         self.system = system
-        self.tools = tools or []  # offered to the model each turn; its calls are printed as JSON lines
+        #: what every answer is asked: the tools offered (their calls are printed as JSON lines), a format
+        self.spec = spec or GenerationSpec()
         self.history: list = []
 
     def messages(self) -> list:
@@ -283,16 +280,16 @@ class ChatSession:
         from edgellm.runtime.templates import Message
 
         self.history.append(Message("user", text))
+        tools = bool(self.spec.tools) and self.spec.tool_choice != "none"
         try:
             with _ctrl_c_cancels() as cancelled:
-                answer = self.model.chat(self.messages(), self.sampling, cancelled, self.tools)
-                reply, last = _stream_to(None if self.tools else out, answer)
+                ready = self.model.prepare(replace(self.spec, turns=tuple(self.messages())), self.sampling)
+                reply, last = _stream_to(None if tools else out, self.model.run(ready, cancelled))
+                reply, calls = ready.calls.split(reply) if ready.calls else (reply, [])
         except EdgeLLMError:
             self.history.pop()
             raise
-        calls = ()
-        if self.tools:
-            reply, calls = self.model.template.tool_format.parse(reply)
+        if ready.calls is not None:
             _print_calls(calls)
             out.write(reply)
         out.write("\n")
@@ -305,7 +302,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     err = Console(stderr=True, highlight=False)
-    tools = _tools(args)
+    asked = spec_from_args(args, _tools(args))  # refused before the model loads
     name, model, settings = _load(args)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -321,8 +318,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         f"flash-attn {'on' if load.flash_attn else 'off'} · {where} · {load.n_threads} threads{memory} · "
         "/help for commands[/dim]"
     )
-    session = ChatSession(model, name, _tool_sampling(args, tools, model, sampling_from_args(args, settings)),
-                          args.system, tools)
+    session = ChatSession(model, name, sampling_from_args(args, settings), args.system, asked)
     with model:
         while True:
             try:

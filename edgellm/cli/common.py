@@ -13,6 +13,7 @@ from edgellm.errors import UsageError
 from edgellm.options import SamplingOptions
 
 if TYPE_CHECKING:
+    from edgellm.runtime.request import GenerationSpec
     from edgellm.workflows import Job, Step
 
 T = TypeVar("T")
@@ -85,16 +86,30 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def sampling_from_args(args: argparse.Namespace, settings: Settings) -> SamplingOptions:
-    """The settings' sampling with this command's own: ``--json-schema`` and ``--logprobs``."""
+    """The settings' sampling with this command's own ``--logprobs``."""
     from dataclasses import replace
 
-    grammar = None
-    if getattr(args, "json_schema", None) is not None:
-        from edgellm.runtime.grammar import json_grammar
+    return replace(settings.sampling, logprobs=getattr(args, "logprobs", None))
 
-        schema = json_argument(args.json_schema, "--json-schema")
-        grammar = json_grammar(schema or None)
-    return replace(settings.sampling, grammar=grammar, logprobs=getattr(args, "logprobs", None))
+
+def spec_from_args(args: argparse.Namespace, tools: list) -> GenerationSpec:
+    """What ``run`` and ``chat`` ask of every answer, as a server request would ask it: the tools
+    and ``--tool-choice``, ``--json-schema`` (its turns or prompt are added per answer)."""
+    from edgellm.runtime.request import GenerationSpec, check
+
+    schema = None
+    if getattr(args, "json_schema", None) is not None:
+        schema = json_argument(args.json_schema, "--json-schema") or None
+    choice = getattr(args, "tool_choice", "auto")
+    named = choice not in ("auto", "required", "none")
+    return check(GenerationSpec(
+        tools=tuple(tools), tool_choice="function" if named else choice, tool_name=choice if named else None,
+        json_answer=getattr(args, "json_schema", None) is not None, json_schema=schema, fields=_CLI_FIELDS))
+
+
+#: the options a refusal of a spec names
+_CLI_FIELDS = {"format": "--json-schema", "tools": "--tools", "tool_choice": "--tool-choice",
+               "messages": "prompt"}
 
 
 def json_argument(value: str, option: str) -> Any:

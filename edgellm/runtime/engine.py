@@ -25,9 +25,9 @@ from edgellm.options import (
 from edgellm.runtime.batch import BatchEngine, GenerationRequest
 from edgellm.runtime.chunks import Chunk
 from edgellm.runtime.native import NativeModel
+from edgellm.runtime.request import GenerationSpec, Prepared, prepare
 from edgellm.runtime.speculative import load_drafter
 from edgellm.runtime.templates import ChatTemplate, Message
-from edgellm.runtime.text import opens_thinking
 from edgellm.runtime.tools import Tool
 from edgellm.system import llamalog
 from edgellm.system.hardware import physical_cores
@@ -169,6 +169,9 @@ class Model:
         """Tokens for text, special tokens parsed; BOS added once, as the vocabulary wants."""
         return self.native.prompt_tokens(text) if add_special else self.native.tokenize(text, False, True)
 
+    def prompt_tokens(self, text: str) -> list[int]:
+        return self.native.prompt_tokens(text)
+
     def render(self, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> str:
         """The prompt text the chat template makes of a conversation, ready for an answer."""
         return self.template.render(messages, True, self.bos_text, self.eos_text, tools)
@@ -177,6 +180,15 @@ class Model:
         return self.native.is_end(token)
 
     # -- generation -----------------------------------------------------------------------
+    def prepare(self, spec: GenerationSpec, sampling: SamplingOptions) -> Prepared:
+        """What the engine runs for ``spec``, ``sampling`` filling what the spec leaves open: the
+        same meaning a server gives the same request (runtime/request.py)."""
+        return prepare(spec, self, sampling)
+
+    def run(self, ready: Prepared, cancel: Callable[[], bool] | None = None) -> Iterator[Chunk]:
+        """Answer a prepared request; ``cancel`` is checked after each token."""
+        return self._stream(ready.request(), cancel)
+
     def chat(
         self,
         messages: Sequence[Message],
@@ -185,11 +197,10 @@ class Model:
         tools: Sequence[Tool] = (),
     ) -> Iterator[Chunk]:
         """Answer the conversation as the assistant; earlier turns reuse the KV cache. ``tools``
-        are offered to the model (``template.tool_format.parse`` finds its calls in the answer)."""
-        prompt = self.render(messages, tools)
-        if self.template.stops:
-            sampling = replace(sampling, stop=sampling.stop + self.template.stops)
-        return self.generate(self.tokenize(prompt), sampling, cancel, reasoning=True)
+        are offered to the model (``prepare`` gives the rules its calls are read with)."""
+        spec = GenerationSpec(tuple(messages), tools=tuple(tools), grammar=sampling.grammar,
+                              grammar_triggers=sampling.grammar_triggers)
+        return self.run(self.prepare(spec, sampling), cancel)
 
     def complete(
         self, prompt: str, sampling: SamplingOptions, cancel: Callable[[], bool] | None = None
@@ -205,18 +216,9 @@ class Model:
         reasoning: bool = False,
     ) -> Iterator[Chunk]:
         """Answer a prompt of tokens; ``reasoning`` splits a ``<think>`` block into Chunk.reasoning."""
-        tokens = list(tokens)
-        n_ctx = self.n_ctx
-        if not tokens:
-            raise UsageError("the prompt is empty")
-        if len(tokens) >= n_ctx:
-            raise UsageError(
-                f"the prompt is {len(tokens)} tokens, which does not fit the {n_ctx}-token context",
-                hint="use a larger --ctx, or start a new conversation",
-            )
-        request = GenerationRequest(tokens, sampling, lambda _: None, reasoning=reasoning,
-                                    thinking=reasoning and opens_thinking(self.piece, tokens))
-        return self._stream(request, cancel)
+        spec = GenerationSpec(prompt=tuple(tokens), grammar=sampling.grammar, grammar_triggers=sampling.grammar_triggers,
+                              reasoning=reasoning)
+        return self.run(self.prepare(spec, sampling), cancel)
 
     def _stream(self, request: GenerationRequest, cancel: Callable[[], bool] | None) -> Iterator[Chunk]:
         """Advance the engine in this thread, a token a step, checking ``cancel`` after each."""

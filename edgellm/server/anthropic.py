@@ -9,7 +9,6 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
@@ -17,9 +16,10 @@ from pydantic import Field, StrictBool, StrictInt, StrictStr
 
 from edgellm.errors import EdgeLLMError, UsageError, brief
 from edgellm.runtime.chunks import Chunk
+from edgellm.runtime.request import CallRules, GenerationSpec, prompt_for
 from edgellm.runtime.templates import Message
-from edgellm.runtime.tools import MAX_TOOLS, Tool, ToolCall, ToolFormat, check_tools, tool_grammar
-from edgellm.server.generation import chunks, render_prompt, request_for
+from edgellm.runtime.tools import MAX_TOOLS, Tool, ToolCall
+from edgellm.server.generation import chunks, prepared
 from edgellm.server.schemas import MAX_MESSAGES, MAX_NAME, Body, text_of
 from edgellm.server.streaming import EventStream
 
@@ -50,6 +50,7 @@ class AnthropicTool(Body):
 class AnthropicToolChoice(Body):
     type: Literal["auto", "any", "tool", "none"]
     name: Annotated[StrictStr, Field(max_length=64)] | None = None
+    disable_parallel_tool_use: StrictBool = False
 
 
 class MessagesRequest(Body):
@@ -98,40 +99,41 @@ def _turns(body: MessagesRequest | CountTokensRequest) -> list[Message]:
     return turns
 
 
-def _tools(body: MessagesRequest | CountTokensRequest) -> list[Tool]:
-    tools = [Tool(t.name, t.description, t.input_schema) for t in body.tools or ()]
-    check_tools(tools)
-    return tools
+def _tools(body: MessagesRequest | CountTokensRequest) -> tuple[Tool, ...]:
+    return tuple(Tool(t.name, t.description, t.input_schema) for t in body.tools or ())
+
+
+#: Anthropic's tool_choice types in the spec's words
+_CHOICES = {"auto": "auto", "any": "required", "tool": "function", "none": "none"}
+_FIELDS = {"format": "format", "tools": "tools", "tool_choice": "tool_choice", "messages": "messages"}
+
+
+def messages_spec(body: MessagesRequest) -> GenerationSpec:
+    """A Messages request in no API's words."""
+    choice = body.tool_choice
+    given = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k}
+    return GenerationSpec(
+        tuple(_turns(body)), tools=_tools(body), tool_choice=_CHOICES[choice.type] if choice else "auto",
+        tool_name=choice.name if choice else None,
+        parallel_tool_calls=not (choice and choice.disable_parallel_tool_use), max_tokens=body.max_tokens,
+        stop=tuple(body.stop_sequences or ()), sampling={k: v for k, v in given.items() if v is not None},
+        fields=_FIELDS)
 
 
 @router.post("/messages/count_tokens")
 async def count_tokens(body: CountTokensRequest, request: Request) -> dict:
     served = await asyncio.to_thread(request.app.state.pool.get, body.model)
-    prompt = await asyncio.to_thread(render_prompt, served, _turns(body), _tools(body))
+    spec = GenerationSpec(tuple(_turns(body)), tools=_tools(body), fields=_FIELDS)
+    prompt = await asyncio.to_thread(prompt_for, spec, served)
     return {"input_tokens": len(prompt)}
 
 
 @router.post("/messages")
 async def messages(body: MessagesRequest, request: Request):
     served = await asyncio.to_thread(request.app.state.pool.get, body.model)
-    choice = body.tool_choice.type if body.tool_choice else "auto"
-    tools = [] if choice == "none" else _tools(body)
-    fmt = served.template.tool_format
-    grammar, triggers = None, ()
-    if tools:
-        grammar, triggers = tool_grammar(fmt, tools, {"any": "required", "tool": body.tool_choice.name if
-                                                      body.tool_choice else None}.get(choice, "auto"))
-    prompt = await asyncio.to_thread(render_prompt, served, _turns(body), tools)
-    defaults = request.app.state.config.defaults
-    sampling = replace(
-        defaults, max_tokens=body.max_tokens, stop=tuple(body.stop_sequences or ()), grammar=grammar,
-        grammar_triggers=triggers,
-        temperature=defaults.temperature if body.temperature is None else body.temperature,
-        top_p=body.top_p or defaults.top_p, top_k=defaults.top_k if body.top_k is None else body.top_k,
-    )
-    gen = request_for(served, prompt, sampling)
-    reply = Reply(served.name, len(prompt), fmt if tools else None)
-    stream = chunks(gen, served)
+    ready = await prepared(served, messages_spec(body), request.app.state.config.defaults)
+    reply = Reply(served.name, len(ready.prompt), ready.calls)
+    stream = chunks(ready.request(), served)
     if not body.stream:
         return reply.whole(await _gather(stream))
     first = await anext(stream)  # errors before the first token still become an HTTP error
@@ -148,17 +150,17 @@ _STOP_REASONS = {"length": "max_tokens", "cancelled": "end_turn"}
 class Reply:
     """One answer in Anthropic's shapes: a message object, or its stream of events."""
 
-    def __init__(self, model: str, n_prompt: int, tool_format: ToolFormat | None) -> None:
+    def __init__(self, model: str, n_prompt: int, calls: CallRules | None) -> None:
         self.id = "msg_" + uuid.uuid4().hex[:24]
-        self.model, self.n_prompt, self.tool_format = model, n_prompt, tool_format
+        self.model, self.n_prompt, self.calls = model, n_prompt, calls
 
     def message(self, text: str, last: Chunk, thought: str = "") -> dict:
         content: list[dict] = [{"type": "thinking", "thinking": thought, "signature": ""}] if thought else []
         stop_reason = "stop_sequence" if last.stop else _STOP_REASONS.get(last.finish_reason or "", "end_turn")
         stop_sequence = last.stop
         calls = []
-        if self.tool_format is not None:
-            text, calls = self.tool_format.parse(text)
+        if self.calls is not None:
+            text, calls = self.calls.split(text)
         if text:
             content.append({"type": "text", "text": text})
         for call in calls:
@@ -185,7 +187,7 @@ class Reply:
             got = [first]
             chunk = first
             while True:
-                if self.tool_format is None:
+                if self.calls is None:
                     if chunk.reasoning:
                         yield blocks.delta("thinking", {"type": "thinking_delta", "thinking": chunk.reasoning})
                     if chunk.text:
@@ -199,7 +201,7 @@ class Reply:
                     return
                 got.append(chunk)
             final = self.whole(got)
-            if self.tool_format is None:
+            if self.calls is None:
                 yield blocks.close()
             else:
                 for index, block in enumerate(final["content"]):

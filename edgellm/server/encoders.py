@@ -16,7 +16,8 @@ from typing import Any
 
 from edgellm.errors import EdgeLLMError
 from edgellm.runtime.chunks import Chunk, TokenLogprob
-from edgellm.runtime.tools import ToolCall, ToolFormat
+from edgellm.runtime.request import CallRules
+from edgellm.runtime.tools import ToolCall
 from edgellm.server.bodies import error_payload
 from edgellm.server.streaming import EventStream
 
@@ -28,8 +29,8 @@ class Encoder:
     object = ""
     chunk_object = ""
 
-    #: the answer is parsed into tool calls once whole (streamed as one piece then), or None
-    tool_format: ToolFormat | None = None
+    #: the answer is read for tool calls once whole (streamed as one piece then), or None
+    calls: CallRules | None = None
 
     def __init__(self, model: str, n_prompt: int, logprobs: bool) -> None:
         self.id = self.prefix + uuid.uuid4().hex[:24]
@@ -84,14 +85,14 @@ class Encoder:
 class ChatEncoder(Encoder):
     prefix, object, chunk_object = "chatcmpl-", "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, model: str, n_prompt: int, logprobs: bool, tool_format: ToolFormat | None = None) -> None:
+    def __init__(self, model: str, n_prompt: int, logprobs: bool, calls: CallRules | None = None) -> None:
         super().__init__(model, n_prompt, logprobs)
-        self.tool_format = tool_format
+        self.calls = calls
 
     def choice(self, index: int, answer: Gathered) -> dict:
         choice = super().choice(index, answer)
-        if self.tool_format is not None:
-            content, calls = self.tool_format.parse(answer.text)
+        if self.calls is not None:
+            content, calls = self.calls.split(answer.text)
             if calls:
                 choice["message"].update(content=content or None, tool_calls=[_call(c) for c in calls])
                 choice["finish_reason"] = "tool_calls"
@@ -175,7 +176,7 @@ async def gather(chunks: AsyncIterator[Chunk]) -> Gathered:
 async def respond(encoder: Encoder, streams: list[AsyncIterator[Chunk]], stream: bool, include_usage: bool = False):
     """The whole answers as one body, or a server-sent event stream of them (``streams``: one
     per choice, answered side by side by the engine)."""
-    if not stream or encoder.tool_format is not None:
+    if not stream or encoder.calls is not None:
         try:
             body = encoder.body(list(await asyncio.gather(*(gather(s) for s in streams))))
         finally:

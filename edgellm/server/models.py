@@ -40,6 +40,25 @@ class Served:
     def ram(self) -> int:
         return self.plan.memory.cpu + self.draft_ram
 
+    # what a request is prepared for (runtime.request.Target)
+    @property
+    def n_ctx(self) -> int:
+        return self.engine.n_ctx
+
+    @property
+    def bos_text(self) -> str:
+        return self.native.bos_text
+
+    @property
+    def eos_text(self) -> str:
+        return self.native.eos_text
+
+    def prompt_tokens(self, text: str) -> list[int]:
+        return self.native.prompt_tokens(text)
+
+    def piece(self, token: int) -> bytes:
+        return self.native.piece(token)
+
     def close(self) -> None:
         self.engine.close()
         self.native.close()

@@ -8,7 +8,6 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
@@ -19,10 +18,10 @@ from edgellm import __version__
 from edgellm.errors import EdgeLLMError, UsageError
 from edgellm.gguf.header import format_params
 from edgellm.runtime.chunks import Chunk
-from edgellm.runtime.grammar import json_grammar
+from edgellm.runtime.request import CallRules, GenerationSpec
 from edgellm.runtime.templates import Message
-from edgellm.runtime.tools import MAX_TOOLS, Tool, ToolCall, check_tools, tool_grammar
-from edgellm.server.generation import chunks, render_prompt, request_for
+from edgellm.runtime.tools import MAX_TOOLS, Tool, ToolCall
+from edgellm.server.generation import chunks, prepared
 from edgellm.server.schemas import MAX_EMBED_INPUTS, MAX_MESSAGES, MAX_NAME, Body, ToolDef
 from edgellm.server.streaming import EventStream
 
@@ -138,15 +137,12 @@ async def embed(body: EmbedRequest, request: Request) -> dict:
 @router.post("/chat")
 async def chat(body: ChatRequest, request: Request):
     served = await asyncio.to_thread(request.app.state.pool.get, body.model)
-    tools = [Tool(t.function.name, t.function.description, t.function.parameters) for t in body.tools or ()]
-    check_tools(tools)
-    turns = [_turn(m) for m in body.messages]
+    turns = tuple(_turn(m) for m in body.messages)
     if not turns:  # Ollama loads the model for an empty chat and says it is done
         return {"model": served.name, "created_at": _iso(time.time()), "message": {"role": "assistant", "content": ""},
                 "done": True, "done_reason": "load"}
-    prompt = await asyncio.to_thread(render_prompt, served, turns, tools)
-    return await _answer(request, served, prompt, body, "message", served.template.tool_format if tools else None,
-                         tools)
+    tools = tuple(Tool(t.function.name, t.function.description, t.function.parameters) for t in body.tools or ())
+    return await _answer(request, served, _spec(body, turns=turns, tools=tools), body, "message")
 
 
 @router.post("/generate")
@@ -156,10 +152,11 @@ async def generate(body: GenerateRequest, request: Request):
         raise UsageError("the served models read text only; this request has images")
     if body.raw:
         prompt = await asyncio.to_thread(served.native.tokenize, body.prompt, True)
+        spec = _spec(body, prompt=tuple(prompt), reasoning=False)
     else:
         turns = ([Message("system", body.system)] if body.system else []) + [Message("user", body.prompt)]
-        prompt = await asyncio.to_thread(render_prompt, served, turns)
-    return await _answer(request, served, prompt, body, "response", None)
+        spec = _spec(body, turns=tuple(turns))
+    return await _answer(request, served, spec, body, "response")
 
 
 def _turn(message: OllamaMessage) -> Message:
@@ -169,23 +166,23 @@ def _turn(message: OllamaMessage) -> Message:
     return Message(message.role, message.content, calls)
 
 
-async def _answer(request: Request, served, prompt: list[int], body: _Generating, field: str, tool_format,
-                  tools: list[Tool] = ()):
-    options, defaults = body.options, request.app.state.config.defaults
-    grammar, triggers = None, ()
-    if body.format is not None:
-        grammar = json_grammar(None if body.format == "json" else body.format)
-    elif tools:  # Ollama lets the model choose: a call it begins is valid
-        grammar, triggers = tool_grammar(tool_format, list(tools), "auto")
+def _spec(body: _Generating, **parts: Any) -> GenerationSpec:
+    """An Ollama request in no API's words: ``format`` shapes the answer, tools are the model's
+    to call (Ollama has no tool_choice)."""
+    options = body.options
     predict = options.num_predict if options.num_predict not in (None, -2) else -1
-    sampling = replace(
-        defaults, max_tokens=predict if predict > 0 else -1, grammar=grammar, grammar_triggers=triggers,
-        stop=tuple(options.stop or ()),
-        **{k: v for k, v in options.model_dump(exclude={"num_predict", "stop"}).items() if v is not None},
-    )
-    gen = request_for(served, prompt, sampling, reasoning=not getattr(body, "raw", False))
-    reply = _Reply(served.name, len(prompt), field, tool_format)
-    stream = chunks(gen, served)
+    fmt = body.format
+    return GenerationSpec(
+        **parts, json_answer=fmt is not None, json_schema=fmt if isinstance(fmt, dict) else None,
+        max_tokens=predict if predict > 0 else None, stop=tuple(options.stop or ()),
+        sampling={k: v for k, v in options.model_dump(exclude={"num_predict", "stop"}).items() if v is not None},
+        fields={"format": "format", "tools": "tools", "messages": "messages"})
+
+
+async def _answer(request: Request, served, spec: GenerationSpec, body: _Generating, field: str):
+    ready = await prepared(served, spec, request.app.state.config.defaults)
+    reply = _Reply(served.name, len(ready.prompt), field, ready.calls)
+    stream = chunks(ready.request(), served)
     if not body.stream:
         got = [chunk async for chunk in stream]
         return reply.final("".join(c.text for c in got), got[-1], "".join(c.reasoning for c in got))
@@ -196,8 +193,8 @@ async def _answer(request: Request, served, prompt: list[int], body: _Generating
 class _Reply:
     """One answer as Ollama writes it: a line per piece, then the last with counts and durations."""
 
-    def __init__(self, model: str, n_prompt: int, field: str, tool_format) -> None:
-        self.model, self.n_prompt, self.field, self.tool_format = model, n_prompt, field, tool_format
+    def __init__(self, model: str, n_prompt: int, field: str, calls: CallRules | None) -> None:
+        self.model, self.n_prompt, self.field, self.calls = model, n_prompt, field, calls
         self.started = time.perf_counter_ns()
 
     def _piece(self, text: str) -> dict:
@@ -215,8 +212,8 @@ class _Reply:
         piece = self._piece(text)
         if thinking and self.field == "message":
             piece = {**piece, "thinking": thinking}
-        if self.tool_format is not None and self.field == "message":
-            content, calls = self.tool_format.parse(text)
+        if self.calls is not None and self.field == "message":
+            content, calls = self.calls.split(text)
             if calls:
                 piece = {"role": "assistant", "content": content,
                          "tool_calls": [{"function": {"name": c.name, "arguments": json.loads(c.arguments)}}
@@ -234,12 +231,12 @@ class _Reply:
             while True:
                 pieces.append(chunk.text)
                 if chunk.finish_reason:
-                    text = "".join(pieces) if self.tool_format is not None else ""
-                    if self.tool_format is None and (chunk.text or chunk.reasoning):
+                    text = "".join(pieces) if self.calls is not None else ""
+                    if self.calls is None and (chunk.text or chunk.reasoning):
                         yield _ndjson(self.line(chunk.text, chunk.reasoning))
                     yield _ndjson(self.final(text, chunk))
                     return
-                if self.tool_format is None and (chunk.text or chunk.reasoning):
+                if self.calls is None and (chunk.text or chunk.reasoning):
                     yield _ndjson(self.line(chunk.text, chunk.reasoning))
                 try:
                     chunk = await anext(stream)

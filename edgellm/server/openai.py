@@ -6,14 +6,24 @@ from __future__ import annotations
 import asyncio
 import base64
 import struct
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
 
 from edgellm.errors import ModelNotFoundError, UsageError, brief
 from edgellm.server.encoders import ChatEncoder, TextEncoder, respond
-from edgellm.server.generation import chat_prompt, chunks, generation, grammar_for, text_prompts, tools_for
-from edgellm.server.schemas import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from edgellm.runtime.request import GenerationSpec
+from edgellm.runtime.templates import Message
+from edgellm.runtime.tools import Tool, ToolCall
+from edgellm.server.generation import chunks, openai_sampling, prepared, text_prompts
+from edgellm.server.schemas import (
+    MAX_CHOICES,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    NamedToolChoice,
+)
 
 #: mounted at /v1 and at the root, as OpenAI clients configured with either base URL call it
 router = APIRouter()
@@ -40,17 +50,40 @@ async def model(name: str, request: Request) -> dict:
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     served = await asyncio.to_thread(request.app.state.pool.get, body.model)
-    fmt = served.template.tool_format
-    tools, call_rules, triggers = tools_for(body, fmt)
-    prompt = await asyncio.to_thread(chat_prompt, served, body.messages, tools)
+    spec = chat_spec(body)
+    ready = await prepared(served, spec, request.app.state.config.defaults)
     top = (body.top_logprobs or 0) if body.logprobs else None
-    forced = None if triggers else call_rules
-    grammar = forced or body.grammar or grammar_for(body.response_format) or call_rules
-    gens = [generation(served, body, prompt, body.max_completion_tokens or body.max_tokens,
-                       request.app.state.config.defaults, grammar, top, reasoning=body.reasoning_format != "none",
-                       choice=i, triggers=triggers if grammar is call_rules else ()) for i in range(body.n)]
-    encoder = ChatEncoder(served.name, len(prompt), top is not None, fmt if tools else None)
+    gens = []
+    for i in range(body.n):
+        gen = ready.request()
+        gen.sampling = replace(gen.sampling, logprobs=top, **openai_sampling(body, i))
+        gens.append(gen)
+    encoder = ChatEncoder(served.name, len(ready.prompt), top is not None, ready.calls)
     return await respond(encoder, [chunks(gen, served) for gen in gens], body.stream, _include_usage(body))
+
+
+def chat_spec(body: ChatCompletionRequest) -> GenerationSpec:
+    """A chat completion in no API's words."""
+    turns = tuple(Message("system" if m.role == "developer" else m.role, m.text(),
+                          tuple(ToolCall(c.function.name, c.function.arguments, c.id) for c in m.tool_calls or ()),
+                          m.tool_call_id) for m in body.messages)
+    choice, name = body.tool_choice or "auto", None
+    if isinstance(choice, NamedToolChoice):
+        choice, name = "function", choice.function.name
+    fmt = body.response_format
+    shaped = fmt is not None and fmt.type != "text"
+    if shaped and fmt.type == "json_schema" and (fmt.json_schema is None or not fmt.json_schema.schema_):
+        raise UsageError("response_format json_schema needs a schema")
+    return GenerationSpec(
+        turns, tools=tuple(Tool(t.function.name, t.function.description, t.function.parameters)
+                           for t in body.tools or ()),
+        tool_choice=choice, tool_name=name, parallel_tool_calls=body.parallel_tool_calls, json_answer=shaped,
+        json_schema=fmt.json_schema.schema_ if shaped and fmt.type == "json_schema" else None, grammar=body.grammar,
+        max_tokens=body.max_completion_tokens or body.max_tokens, stop=body.stops(),
+        sampling=openai_sampling(body), reasoning=body.reasoning_format != "none",
+        fields={"format": "response_format.json_schema.schema", "tools": "tools", "grammar": "grammar",
+                "tool_choice": "tool_choice", "messages": "messages"},
+    )
 
 
 @router.post("/completions")
@@ -59,8 +92,13 @@ async def completions(body: CompletionRequest, request: Request):
     prompts = await asyncio.to_thread(text_prompts, served, body.prompt)
     if len(prompts) * body.n > MAX_CHOICES:
         raise UsageError(f"{len(prompts)} prompts times n={body.n} is more than {MAX_CHOICES} answers in one request")
-    gens = [generation(served, body, prompt, body.max_tokens, request.app.state.config.defaults, None, body.logprobs,
-                       choice=i) for prompt in prompts for i in range(body.n)]
+    defaults = request.app.state.config.defaults
+    gens = []
+    for prompt in prompts:
+        for i in range(body.n):
+            spec = GenerationSpec(prompt=tuple(prompt), max_tokens=body.max_tokens, stop=body.stops(),
+                                  sampling={**openai_sampling(body, i), "logprobs": body.logprobs}, reasoning=False)
+            gens.append((await prepared(served, spec, defaults)).request())
     encoder = TextEncoder(served.name, sum(map(len, prompts)), body.logprobs is not None)
     return await respond(encoder, [chunks(gen, served) for gen in gens], body.stream, _include_usage(body))
 

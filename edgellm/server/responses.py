@@ -11,7 +11,6 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
@@ -19,10 +18,10 @@ from pydantic import Field, StrictBool, StrictInt, StrictStr
 
 from edgellm.errors import EdgeLLMError, ModelNotFoundError, brief
 from edgellm.runtime.chunks import Chunk
-from edgellm.runtime.grammar import json_grammar
+from edgellm.runtime.request import CallRules, GenerationSpec
 from edgellm.runtime.templates import Message
-from edgellm.runtime.tools import MAX_TOOLS, Tool, ToolCall, check_tools, tool_grammar
-from edgellm.server.generation import chunks, render_prompt, request_for
+from edgellm.runtime.tools import MAX_TOOLS, Tool, ToolCall
+from edgellm.server.generation import chunks, prepared
 from edgellm.server.schemas import MAX_MESSAGES, MAX_NAME, Body, text_of
 from edgellm.server.streaming import EventStream
 
@@ -80,6 +79,7 @@ class ResponsesRequest(Body):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stream: StrictBool = False
+    parallel_tool_calls: StrictBool = True
     previous_response_id: Annotated[StrictStr, Field(max_length=MAX_NAME)] | None = None
     text: TextOptions | None = None
 
@@ -127,34 +127,30 @@ def _turns(body: ResponsesRequest) -> list[Message]:
     return turns
 
 
-def _grammar(body: ResponsesRequest, tools: list[Tool], fmt) -> tuple[str | None, tuple[str, ...]]:
-    """(grammar, lazy triggers): a forced call, else the text format, else a lazily valid call."""
-    choice = body.tool_choice
-    if tools and (choice == "required" or isinstance(choice, NamedTool)):
-        return tool_grammar(fmt, tools, choice.name if isinstance(choice, NamedTool) else "required")
-    text_format = body.text.format if body.text else None
-    if text_format is not None and text_format.type != "text":
-        return json_grammar(text_format.schema_ if text_format.type == "json_schema" else None), ()
-    return tool_grammar(fmt, tools, "auto") if tools else (None, ())
+def responses_spec(body: ResponsesRequest, turns: list[Message]) -> GenerationSpec:
+    """A Responses request in no API's words."""
+    choice, name = body.tool_choice or "auto", None
+    if isinstance(choice, NamedTool):
+        choice, name = "function", choice.name
+    fmt = body.text.format if body.text else None
+    shaped = fmt is not None and fmt.type != "text"
+    given = {"temperature": body.temperature, "top_p": body.top_p}
+    return GenerationSpec(
+        tuple(turns), tools=tuple(Tool(t.name, t.description or "", t.parameters) for t in body.tools or ()),
+        tool_choice=choice, tool_name=name, parallel_tool_calls=body.parallel_tool_calls, json_answer=shaped,
+        json_schema=fmt.schema_ if shaped and fmt.type == "json_schema" else None,
+        max_tokens=body.max_output_tokens, sampling={k: v for k, v in given.items() if v is not None},
+        fields={"format": "text.format.schema", "tools": "tools", "tool_choice": "tool_choice",
+                "messages": "input"})
 
 
 @router.post("/responses")
 async def responses(body: ResponsesRequest, request: Request):
     served = await asyncio.to_thread(request.app.state.pool.get, body.model)
-    tools = [] if body.tool_choice == "none" else [
-        Tool(t.name, t.description or "", t.parameters) for t in body.tools or ()]
-    check_tools(tools)
-    fmt = served.template.tool_format
     turns = _turns(body)
-    prompt = await asyncio.to_thread(render_prompt, served, turns, tools)
-    defaults = request.app.state.config.defaults
-    grammar, triggers = _grammar(body, tools, fmt)
-    sampling = replace(defaults, max_tokens=body.max_output_tokens or -1, grammar=grammar, grammar_triggers=triggers,
-                       temperature=defaults.temperature if body.temperature is None else body.temperature,
-                       top_p=body.top_p or defaults.top_p)
-    gen = request_for(served, prompt, sampling)
-    reply = Reply(served.name, body, len(prompt), turns, fmt if tools else None)
-    stream = chunks(gen, served)
+    ready = await prepared(served, responses_spec(body, turns), request.app.state.config.defaults)
+    reply = Reply(served.name, body, len(ready.prompt), turns, ready.calls)
+    stream = chunks(ready.request(), served)
     if not body.stream:
         got = [chunk async for chunk in stream]
         return reply.finish("".join(c.text for c in got), got[-1])
@@ -165,11 +161,12 @@ async def responses(body: ResponsesRequest, request: Request):
 class Reply:
     """One response: the object, and the events that stream it."""
 
-    def __init__(self, model: str, body: ResponsesRequest, n_prompt: int, turns: list[Message], tool_format) -> None:
+    def __init__(self, model: str, body: ResponsesRequest, n_prompt: int, turns: list[Message],
+                 calls: CallRules | None) -> None:
         self.id = "resp_" + uuid.uuid4().hex[:24]
         self.message_id = "msg_" + uuid.uuid4().hex[:24]
         self.created = int(time.time())
-        self.model, self.body, self.n_prompt, self.turns, self.tool_format = model, body, n_prompt, turns, tool_format
+        self.model, self.body, self.n_prompt, self.turns, self.calls = model, body, n_prompt, turns, calls
         self._sequence = 0
 
     def response(self, status: str, output: list[dict], usage: dict | None = None, reason: str | None = None) -> dict:
@@ -179,7 +176,7 @@ class Reply:
                 "output": output, "usage": usage, "error": None,
                 "incomplete_details": {"reason": reason} if reason else None, "instructions": body.instructions,
                 "tools": [t.model_dump(by_alias=True) for t in body.tools or ()], "tool_choice": choice,
-                "parallel_tool_calls": True, "temperature": body.temperature, "top_p": body.top_p,
+                "parallel_tool_calls": body.parallel_tool_calls, "temperature": body.temperature, "top_p": body.top_p,
                 "max_output_tokens": body.max_output_tokens, "previous_response_id": body.previous_response_id,
                 "text": {"format": {"type": body.text.format.type if body.text else "text"}}, "metadata": {}}
 
@@ -190,8 +187,8 @@ class Reply:
     def finish(self, text: str, last: Chunk) -> dict:
         """The completed response; its conversation is kept for a later ``previous_response_id``."""
         calls = []
-        if self.tool_format is not None:
-            text, calls = self.tool_format.parse(text)
+        if self.calls is not None:
+            text, calls = self.calls.split(text)
         output = [self.message_item(text, "completed")] if text or not calls else []
         output += [{"type": "function_call", "id": "fc_" + c.id.removeprefix("call_"), "call_id": c.id,
                     "name": c.name, "arguments": c.arguments, "status": "completed"} for c in calls]
@@ -217,14 +214,14 @@ class Reply:
         try:
             yield self._event("response.created", response=self.response("in_progress", []))
             yield self._event("response.in_progress", response=self.response("in_progress", []))
-            if self.tool_format is None:
+            if self.calls is None:
                 yield self._event("response.output_item.added", output_index=0,
                                   item=self.message_item("", "in_progress"))
                 yield self._event("response.content_part.added", item_id=self.message_id, output_index=0,
                                   content_index=0, part={"type": "output_text", "text": "", "annotations": []})
             while True:
                 pieces.append(chunk.text)
-                if self.tool_format is None and chunk.text:
+                if self.calls is None and chunk.text:
                     yield self._event("response.output_text.delta", **ids, delta=chunk.text, logprobs=[])
                 if chunk.finish_reason:
                     break
@@ -235,7 +232,7 @@ class Reply:
                     return
             final = self.finish("".join(pieces), chunk)
             for index, item in enumerate(final["output"]):
-                if item["type"] == "message" and self.tool_format is None:
+                if item["type"] == "message" and self.calls is None:
                     text = item["content"][0]["text"]
                     yield self._event("response.output_text.done", **ids, text=text, logprobs=[])
                     yield self._event("response.content_part.done", item_id=self.message_id, output_index=0,
