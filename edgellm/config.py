@@ -8,6 +8,7 @@ sources: ``--ctx 2048``, ``EDGELLM_CTX=2048``, ``ctx = 2048`` in ``$EDGELLM_HOME
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -18,6 +19,7 @@ from edgellm.errors import ConfigError, EdgeLLMError
 from edgellm.options import LoadOptions, SamplingOptions, parse_endpoints, parse_size
 
 ENV_PREFIX = "EDGELLM_"
+MAX_CONFIG = 1 << 20  # bytes: a config file is a few lines
 
 
 def _int(value: Any) -> int:
@@ -225,16 +227,33 @@ def _parsed(values: Mapping[str, tuple[Any, str]]) -> dict[str, dict[str, Any]]:
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
+    """The config file's settings. It is read only when it is a regular file (a FIFO or a device
+    would hang or never end) of at most MAX_CONFIG bytes; whatever else is wrong with it is one line
+    naming the file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         return {}
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     try:
-        data = tomllib.loads(text)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"config file {path} is not a regular file")
+        raw = os.read(fd, MAX_CONFIG + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_CONFIG:
+        raise ConfigError(f"config file {path} is over {MAX_CONFIG >> 10} KiB")
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} nests too deeply") from None
     unknown = sorted(set(data) - set(_SPEC))
     if unknown:
         raise ConfigError(

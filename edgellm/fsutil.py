@@ -131,8 +131,10 @@ def _fsync_dir(path: Path) -> None:
 def atomic_path(dest: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; it replaces ``dest`` only if the block succeeds. A
     destination that cannot be written (its folder is a file, or read-only) is a StorageError
-    before the block runs, not a traceback after it."""
+    before the block runs, not a traceback after it. What a killed writer left in that folder is
+    removed first: only the store is cleaned otherwise, and ``-o FILE`` writes anywhere."""
     dest = Path(dest)
+    clean_stale(dest.parent)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=tmp_prefix(), suffix=dest.suffix, dir=dest.parent)

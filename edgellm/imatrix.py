@@ -165,6 +165,8 @@ def load_imatrix(path: str | Path) -> ImportanceMatrix:
         counts = np.fromfile(path, dtype="<f4", count=n_mat, offset=counts_info.offset)
         if not (np.isfinite(sums).all() and np.isfinite(counts).all() and (counts >= 0).all()):
             raise ImatrixError(f"{path.name}: {weight} has values that are not finite, or negative counts")
+        if (sums < 0).any():  # sums of squares: llama.cpp's low-bit quantizers abort on what cannot be
+            raise ImatrixError(f"{path.name}: {weight} has negative sums of squared activations")
         matrix.sums[weight] = sums.astype(np.float64).reshape(n_mat, -1)
         matrix.counts[weight] = counts.astype(np.int64)
     for name in tensors:

@@ -150,12 +150,14 @@ def refuse_requantize(header: GGUFHeader, allow_requantize: bool = False) -> Non
 
 
 def check_request(header: GGUFHeader, qtype: QuantType, output: Path, allow_requantize: bool,
-                  has_imatrix: bool = False) -> None:
+                  imatrix: ImportanceMatrix | None = None) -> None:
     """Every refusal that can be decided before llama.cpp starts writing."""
     src = header.path
     if output.exists() and output.resolve() == src.resolve():
         raise UsageError(f"the output {output} is the input itself", hint="choose another -o path")
-    require_imatrix(qtype, has_imatrix)
+    require_imatrix(qtype, imatrix is not None)
+    if imatrix is not None:
+        check_coverage(header, imatrix)
     refuse_requantize(header, allow_requantize)
     needed = estimated_size(header, qtype)
     folder = output.parent if output.parent.exists() else Path.cwd()
@@ -164,6 +166,25 @@ def check_request(header: GGUFHeader, qtype: QuantType, output: Path, allow_requ
         raise StorageError(
             f"not enough disk space in {folder}: about {needed >> 20} MiB needed, {free >> 20} MiB free"
         )
+
+
+def check_coverage(header: GGUFHeader, imatrix: ImportanceMatrix) -> None:
+    """An importance matrix made for this model covers its layers' weight matrices, each as wide as
+    the weight's rows; one that covers fewer than half of them was made for another model (or is
+    damaged), and one with another width would be refused by llama.cpp halfway through."""
+    from edgellm.errors import ImatrixError
+
+    weights = {t.name: t for t in header.tensors if t.name.startswith("blk.") and t.name.endswith(".weight")
+               and len(t.shape) >= 2}
+    covered = [name for name in imatrix.sums if name in weights]
+    if len(covered) * 2 < len(weights):
+        raise ImatrixError(f"the importance matrix covers {len(covered)} of the {len(weights)} layer weights of "
+                           f"{header.path.name}: it was made for another model",
+                           hint="make one for this model with `edgellm imatrix MODEL`")
+    for name in covered:
+        if imatrix.sums[name].shape[1] != weights[name].shape[0]:
+            raise ImatrixError(f"the importance matrix has {imatrix.sums[name].shape[1]} columns for {name}, "
+                               f"which has rows of {weights[name].shape[0]}: it was made for another model")
 
 
 def parse_tensor_type(text: str) -> tuple[str, str]:
@@ -266,7 +287,7 @@ def quantize(
     from edgellm.system.hardware import physical_cores
 
     output = Path(output)
-    check_request(header, qtype, output, allow_requantize, has_imatrix=imatrix is not None)
+    check_request(header, qtype, output, allow_requantize, imatrix)
     import llama_cpp
 
     native = _NativeParams(qtype, threads or physical_cores(), allow_requantize, leave_output_tensor, pure,

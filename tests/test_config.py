@@ -71,3 +71,26 @@ def test_bad_config_file(home: Path) -> None:
     (home / "config.toml").write_text("contxt = 5\n")
     with pytest.raises(ConfigError, match="unknown setting 'contxt'"):
         Settings.resolve()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"ctx = 2048\n# \xff\xfe not text\n", "is not UTF-8 text (byte 13)"),
+    (b"ctx = " + b"[" * 5000 + b"]" * 5000 + b"\n", "nests too deeply"),
+    (b"# " + b"x" * (2 << 20) + b"\n", "is over 1024 KiB"),
+], ids=["not-utf8", "deep-arrays", "huge"])
+def test_a_config_file_edgellm_cannot_read_is_one_line(cli, home: Path, content: bytes, message: str) -> None:
+    """Every command reads the config file: whatever is in it, a one-line error naming it, exit 2."""
+    home.mkdir(parents=True)
+    (home / "config.toml").write_bytes(content)
+    done = cli("list")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert f"config file {home / 'config.toml'} {message}" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_config_file_that_is_not_a_file_is_not_waited_on(cli, home: Path) -> None:
+    import os
+
+    home.mkdir(parents=True)
+    os.mkfifo(home / "config.toml")  # opening a FIFO for reading waits for a writer: forever
+    done = cli("list", timeout=20)
+    assert done.returncode == 2 and "is not a regular file" in done.stderr and done.stderr.count("\n") == 1

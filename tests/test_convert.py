@@ -284,6 +284,10 @@ REFUSALS = {
     "shape": (_rewrite_weights(lambda w: w.update({"model.layers.0.self_attn.k_proj.weight": np.zeros((48, 64), np.float32)})),
               "tensor 'model.layers.0.self_attn.k_proj.weight' has shape [48, 64] but the config implies [32, 64]"),
     "truncated": (_truncate, "model.safetensors is truncated: tensor"),
+    "nan-weight": (_rewrite_weights(lambda w: w["model.layers.1.self_attn.q_proj.weight"].__setitem__((3, 5), np.nan)),
+                   "blk.1.attn_q.weight has 1 values that are not finite numbers"),
+    "inf-norm": (_rewrite_weights(lambda w: w["model.norm.weight"].__setitem__(0, np.inf)),
+                 "output_norm.weight has 1 values that are not finite numbers"),
     "vocab": (_edit_config(vocab_size=50000), "config.json says vocab_size 50000 but the embedding"),
     "tokenizer-too-big": (_small_embedding, "the tokenizer has token id 49151 but the model's embedding has only 1000 rows"),
 }
@@ -528,6 +532,20 @@ def test_mistral3s_text_model_converts_and_answers_like_transformers(smollm2_hf:
     for prompt, h, g in zip(PROMPTS, expected, gguf_logits(out.path, ids)):
         assert int(h.argmax()) == int(g.argmax()) or h[int(g.argmax())] > h.max() - TOLERANCE, prompt
         assert float(np.abs(h - g).max()) < TOLERANCE, prompt
+
+
+def test_mxfp4_scales_that_are_nan_are_refused() -> None:
+    """E8M0's 255 is NaN: a gpt-oss checkpoint with such scales converted with exit 0 and answered '...'."""
+    from edgellm.convert.archs import mxfp4_to_ggml, mxfp4_values
+    from edgellm.convert.writer import check_finite
+
+    blocks, scales = np.zeros((2, 4, 16), np.uint8), np.full((2, 4), 127, np.uint8)
+    assert mxfp4_to_ggml(blocks, scales).shape == (2, 68)
+    scales[1, 2] = 255
+    with pytest.raises(CheckpointError, match="scales of 255"):
+        mxfp4_to_ggml(blocks, scales)
+    with pytest.raises(CheckpointError, match="not finite"):  # the dequantizing path (--outtype f16/f32)
+        check_finite("blk.0.ffn_up_exps.weight", mxfp4_values(blocks + 0x11, scales))
 
 
 def test_gpt_oss_mxfp4_experts_are_kept_or_dequantized(smollm2_hf: Path, tmp_path: Path) -> None:

@@ -295,3 +295,45 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_work(cli, smollm
         assert r.returncode == 1, r.stderr
         assert r.stderr.strip().splitlines()[-1] == f"error: cannot write {blocker / 'x.gguf'}: File exists"
         assert "Traceback" not in r.stderr and "internal error" not in r.stderr
+
+
+def test_a_hostile_or_foreign_matrix_is_refused_before_quantizing(cli, smollm2_f16: Path, imatrix_file: Path,
+                                                                   tmp_path: Path) -> None:
+    """Sums of squares below zero (llama.cpp's IQ2_XS quantizer aborted the process on them; Q4_K_S
+    took them and the model answered 'ppoppoppo'), and a matrix that covers 1 of the model's 210
+    layer weights (used without a word before)."""
+    matrix = load_imatrix(imatrix_file)
+    negative = tmp_path / "negative.gguf"
+    for name in matrix.sums:
+        matrix.sums[name][:] = -1.0
+    matrix.save(negative)
+    one = load_imatrix(imatrix_file)
+    kept = "blk.0.attn_q.weight"
+    one.sums, one.counts = {kept: one.sums[kept]}, {kept: one.counts[kept]}
+    foreign = tmp_path / "one-tensor.gguf"
+    one.save(foreign)
+    for path, qtype, message in ((negative, "IQ2_XS", "has negative sums of squared activations"),
+                                 (negative, "Q4_K_S", "has negative sums of squared activations"),
+                                 (foreign, "Q4_K_S", "covers 1 of the 210 layer weights")):
+        out = tmp_path / f"{qtype}.gguf"
+        r = cli("quantize", str(smollm2_f16), qtype, "--imatrix", str(path), "-o", str(out))
+        assert r.returncode == 1 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert not out.exists()
+
+
+def test_a_killed_writers_leftovers_beside_the_output_are_removed(cli, smollm2_f16: Path, tmp_path: Path) -> None:
+    """`imatrix -o FILE` killed while writing left `.edgellm-tmp-*` beside FILE for good: the store's
+    sweep never looks there. The next write into that folder removes a dead writer's temporaries
+    (and leaves a live one's alone)."""
+    import os
+    import subprocess
+
+    child = subprocess.Popen(["true"])  # its pid, once it has exited, is a dead writer's
+    child.wait()
+    stale = tmp_path / f".edgellm-tmp-{child.pid}-abc.gguf"
+    stale.write_bytes(b"x" * 1000)
+    live = tmp_path / f".edgellm-tmp-{os.getpid()}-def.gguf"
+    live.write_bytes(b"y")
+    r = cli("imatrix", str(smollm2_f16), "--chunks", "1", "-c", str(N_CTX), "-o", str(tmp_path / "m.imatrix.gguf"))
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "m.imatrix.gguf"])

@@ -179,6 +179,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     imatrix = _given_imatrix(args, [qtype])
     _quantize_options(args)  # a bad --tensor-type is refused before anything is converted
     with _resolve_model(args.model) as (settings, model):
+        if imatrix is not None:
+            from edgellm.quantize import check_coverage
+
+            check_coverage(model.header, imatrix)  # before the line that says it starts
         print(
             f"quantizing {model.name} ({model.header.quantization}, {human_bytes(model.header.file_size)}) to {qtype.name}",
             file=sys.stderr,

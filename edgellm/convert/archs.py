@@ -71,7 +71,11 @@ def _fp4_codes(blocks: np.ndarray) -> np.ndarray:
 
 def mxfp4_to_ggml(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """Hugging Face's MXFP4 as ggml's ``block_mxfp4`` rows: per block of 32 its E8M0 scale byte,
-    then 16 bytes whose low nibbles hold codes 0-15 and high nibbles codes 16-31."""
+    then 16 bytes whose low nibbles hold codes 0-15 and high nibbles codes 16-31. A scale of 255 is
+    E8M0's NaN, which no real checkpoint holds: refused."""
+    if (scales == 255).any():
+        raise CheckpointError("an MXFP4 tensor has scales of 255 (NaN in E8M0): the checkpoint is damaged",
+                              hint="no file was written")
     codes = _fp4_codes(blocks)
     packed = codes[..., :16] | (codes[..., 16:] << 4)
     return np.concatenate([scales[..., None], packed], axis=-1).reshape(*blocks.shape[:-2], -1).astype(np.uint8)

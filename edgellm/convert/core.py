@@ -29,7 +29,7 @@ from edgellm.convert.archs import Architecture, Mapped, architecture_for
 from edgellm.convert.checkpoint import Checkpoint, TensorRef, reading
 from edgellm.convert.lora import Merge
 from edgellm.convert.vocab import read_vocab
-from edgellm.convert.writer import ConvertResult, Progress, write_streamed
+from edgellm.convert.writer import ConvertResult, Progress, check_finite, write_streamed
 from edgellm.errors import CheckpointError, UsageError
 from edgellm.gguf.header import ArrayValue, GGUFHeader, TensorInfo
 from edgellm.gguf.quant_types import main_ggml_type, quant_type
@@ -194,12 +194,12 @@ def convert(
 
         def make(t: PlannedTensor) -> np.ndarray:
             if t.make is not None:
-                return _encode(t.make(), t.qtype)
+                return _encode(t.name, t.make(), t.qtype)
             if t.raw:
                 return t.combine([ref.numpy() for ref in t.sources])
             parts = [merge(ref.name, ref.numpy()) for ref in t.sources]
             data = t.combine(parts) if t.combine else parts[0]
-            return _encode(arch.transform(t.name, data), t.qtype)
+            return _encode(t.name, arch.transform(t.name, data), t.qtype)
 
         write_streamed(writer, output, [(t.name, t.nbytes, partial(make, t)) for t in tensors], progress, cancel,
                        check=_llama_cpp_loads)
@@ -220,11 +220,12 @@ def _llama_cpp_loads(path: Path) -> None:
                               hint="no file was written; please report the checkpoint to edgellm") from None
 
 
-def _encode(data: np.ndarray, qtype: Q) -> np.ndarray:
+def _encode(name: str, data: np.ndarray, qtype: Q) -> np.ndarray:
     if qtype == Q.F32:
         return data.astype(np.float32, copy=False)
     if qtype == Q.F16:
         return data.astype(np.float16)
+    check_finite(name, data)  # a block type's bytes cannot be checked once written
     return gguf.quants.quantize(data.astype(np.float32, copy=False), qtype)
 
 

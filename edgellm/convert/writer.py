@@ -11,7 +11,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from edgellm.errors import Cancelled
+from edgellm.errors import Cancelled, CheckpointError
 from edgellm.fsutil import atomic_path
 
 #: (tensors done, tensors in all, bytes done, bytes in all, tensor name)
@@ -26,6 +26,15 @@ class ConvertResult:
     n_tensors: int
     size: int
     seconds: float
+
+
+def check_finite(name: str, data: np.ndarray) -> None:
+    """Refuse a tensor with NaN or infinite values (a damaged or hostile checkpoint, or one whose
+    values overflow the output type): llama.cpp would load it and answer nonsense."""
+    if not np.isfinite(data).all():
+        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        raise CheckpointError(f"{name} has {bad} values that are not finite numbers (NaN or infinite)",
+                              hint="no file was written; the checkpoint is damaged, or too large for the output type")
 
 
 def write_streamed(writer: gguf.GGUFWriter, output: Path,
@@ -44,7 +53,10 @@ def write_streamed(writer: gguf.GGUFWriter, output: Path,
             for i, (name, nbytes, make) in enumerate(tensors):
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("conversion cancelled; no file was written")
-                writer.write_tensor_data(make())
+                data = make()
+                if data.dtype.kind == "f":
+                    check_finite(name, data)
+                writer.write_tensor_data(data)
                 done += nbytes
                 if progress is not None:
                     progress(i + 1, len(tensors), done, total, name)

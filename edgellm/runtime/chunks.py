@@ -74,3 +74,15 @@ class Chunk:
     logprobs: TokenLogprob | None = None
     reasoning: str = ""  # a reasoning model's thinking, split from its answer (``<think>…</think>``)
     stop: str | None = None  # on the last chunk: the stop string that ended the answer, if one did
+    #: on the last chunk: the answer ended inside a ``<think>`` block it never closed, so this chunk's
+    #: text is all it wrote (already streamed as reasoning): the answer, where a client reads only text
+    unclosed_thought: bool = False
+
+
+def joined(chunks: list[Chunk]) -> tuple[str, str]:
+    """(text, reasoning) of a whole answer. An answer that never closed its thinking is text alone:
+    its last chunk carries all of it."""
+    text = "".join(c.text for c in chunks)
+    if chunks and chunks[-1].unclosed_thought:
+        return text, ""
+    return text, "".join(c.reasoning for c in chunks)

@@ -153,8 +153,8 @@ def shaping(spec: GenerationSpec, tool_format: ToolFormat) -> tuple[str | None, 
     check_tools(list(tools))
     forced = choice in ("required", "function")
     if forced and not tools:
-        raise UsageError(f"{spec.field('tool_choice')} {'names a function' if choice == 'function' else choice!r} "
-                         f"but the request offers no {spec.field('tools')}")
+        asked = "names a function" if choice == "function" else repr(choice)
+        raise UsageError(f"{spec.field('tool_choice')} {asked} but the request offers no {spec.field('tools')}")
     if choice == "function" and spec.tool_name not in {t.name for t in tools}:
         raise UsageError(f"{spec.field('tool_choice')} names {spec.tool_name!r}, which is not among the tools")
     shapers = [name for name, given in (("tool_choice", forced), ("format", spec.json_answer),

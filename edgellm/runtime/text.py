@@ -97,6 +97,7 @@ class ThinkSplitter:
     def __init__(self, thinking: bool = False) -> None:
         self.state = "inside" if thinking else "start"  # start: the answer may still open a block
         self.held = ""
+        self.thought = ""  # all the reasoning given out so far
         self._trim = thinking  # the newlines around a tag are the tag's, not the text's
 
     def feed(self, text: str) -> tuple[str, str]:
@@ -133,11 +134,20 @@ class ThinkSplitter:
                     self._trim = not buf
                 answer += buf
                 break
+        self.thought += reasoning
         return answer, reasoning
 
     def flush(self) -> tuple[str, str]:
         held, self.held = self.held, ""
-        return ("", held) if self.state == "inside" else (held, "")
+        if self.state == "inside":
+            self.thought += held
+            return "", held
+        return held, ""
+
+    @property
+    def unclosed(self) -> bool:
+        """The block is still open: the model never wrote its end."""
+        return self.state == "inside"
 
 
 def opens_thinking(piece: Callable[[int], bytes], prompt: Sequence[int]) -> bool:
@@ -231,11 +241,16 @@ class Answer:
     def finish(self, reason: str) -> Chunk:
         # text held back as a possible stop string is real text unless a stop string matched
         tail = "" if self._hit_stop else self._scanner.flush() + self._undecoded.decode("utf-8", "replace")
-        thought = ""
+        thought, unclosed = "", False
         if self._reasoning is not None:
             tail, thought = self._reasoning.feed(tail)
             rest, more = self._reasoning.flush()
             tail, thought = tail + rest, thought + more
+            # a model that ended its turn without closing its thinking wrote no answer apart from it:
+            # what it wrote is the answer (a cut answer's thinking stays thinking: it was cut)
+            unclosed = self._reasoning.unclosed and reason == "stop" and bool(self._reasoning.thought.strip())
+            if unclosed:
+                tail = self._reasoning.thought.strip()
         timings = Timings(
             prompt_tokens=self.prompt_tokens,
             cached_tokens=self.cached_tokens,
@@ -247,4 +262,5 @@ class Answer:
             draft_accepted=self.draft_accepted,
         )
         stop = self._scanner.matched if self._hit_stop else None
-        return Chunk(tail, finish_reason=reason, timings=timings, reasoning=thought, stop=stop)
+        return Chunk(tail, finish_reason=reason, timings=timings, reasoning=thought, stop=stop,
+                     unclosed_thought=unclosed)

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from pydantic import Field, StrictBool, StrictInt, StrictStr
 
 from edgellm.errors import EdgeLLMError, UsageError, brief
-from edgellm.runtime.chunks import Chunk
+from edgellm.runtime.chunks import Chunk, joined
 from edgellm.runtime.request import CallRules, GenerationSpec, prompt_for
 from edgellm.runtime.templates import Message
 from edgellm.runtime.tools import MAX_TOOLS, Tool, ToolCall
@@ -173,7 +173,8 @@ class Reply:
                 "usage": {"input_tokens": self.n_prompt, "output_tokens": last.timings.generated_tokens}}
 
     def whole(self, got: list[Chunk]) -> dict:
-        return self.message("".join(c.text for c in got), got[-1], "".join(c.reasoning for c in got))
+        text, thought = joined(got)
+        return self.message(text, got[-1], thought)
 
     async def events(self, first: Chunk, stream: AsyncIterator[Chunk]) -> AsyncIterator[bytes]:
         """message_start, then a thinking block and a text block streamed by deltas as they come

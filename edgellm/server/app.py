@@ -8,6 +8,7 @@ read (bodies.py) with a 4xx/5xx status, never a stack trace, while the server ke
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import sys
 import time
@@ -82,6 +83,7 @@ def create_app(pool: ModelPool, config: ServerConfig) -> FastAPI:
     app.state.config = config
     # plain ASGI wrappers, not BaseHTTPMiddleware: that one passes every streamed event through
     # extra tasks and memory streams, a cost paid for every token of every stream
+    app.add_middleware(Disconnect)
     app.add_middleware(Guard)
     app.add_middleware(AccessLog)
     # outermost, so that a browser's preflight is answered before the API key is asked for (it never
@@ -103,32 +105,46 @@ def create_app(pool: ModelPool, config: ServerConfig) -> FastAPI:
 
 
 class Guard:
-    """Who may ask: a Host that is a loopback name while serving on loopback (no DNS rebinding),
-    and the API key when one is set (/health answers without it)."""
+    """Who may ask: one Host header, a loopback name while serving on loopback (no DNS rebinding),
+    and the API key when one is set (/health answers without it), as OpenAI's clients send it
+    (``Authorization: Bearer KEY``) or Anthropic's (``x-api-key: KEY``)."""
 
     def __init__(self, app) -> None:
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
-            config: ServerConfig = scope["app"].state.config
-            headers = dict(scope.get("headers") or ())
-            host = headers.get(b"host", b"").decode("latin-1")
-            if config.loopback_only and _host_name(host) not in LOOPBACK_NAMES:
-                refusal = error_for(scope["path"], 403, "this server answers only requests addressed to a loopback name",
-                                    "host_not_allowed")
+            refusal = self._refusal(scope)
+            if refusal is not None:
                 return await refusal(scope, receive, send)
-            if config.api_key and scope["path"] not in HEALTH:
-                given = headers.get(b"authorization", b"")
-                if not hmac.compare_digest(given, f"Bearer {config.api_key}".encode()):
-                    refusal = error_for(scope["path"], 401, "missing or wrong API key (Authorization: Bearer KEY)",
-                                        "invalid_api_key")
-                    return await refusal(scope, receive, send)
         await self.app(scope, receive, send)
 
+    @staticmethod
+    def _refusal(scope) -> JSONResponse | None:
+        config: ServerConfig = scope["app"].state.config
+        headers = scope.get("headers") or ()
+        hosts = [value for name, value in headers if name == b"host"]
+        if len(hosts) > 1:  # which one a proxy or this server reads differs: a check of one means nothing
+            return error_for(scope["path"], 400, "a request must carry one Host header", "invalid_request")
+        host = hosts[0].decode("latin-1") if hosts else ""
+        if config.loopback_only and _host_name(host) not in LOOPBACK_NAMES:
+            return error_for(scope["path"], 403, "this server answers only requests addressed to a loopback name",
+                             "host_not_allowed")
+        if config.api_key and scope["path"] not in HEALTH:
+            wanted = {b"authorization": f"Bearer {config.api_key}".encode(), b"x-api-key": config.api_key.encode()}
+            if not any(hmac.compare_digest(value, wanted[name]) for name, value in headers if name in wanted):
+                return error_for(scope["path"], 401,
+                                 "missing or wrong API key (Authorization: Bearer KEY, or x-api-key: KEY)",
+                                 "invalid_api_key")
+        return None
 
-class AccessLog:
-    """One line per request on stderr: method, path, status, and the time until the answer ended."""
+
+class Disconnect:
+    """A request whose client is gone is cancelled at once, streamed or not: the engine frees its
+    sequence instead of generating to max_tokens for nobody. The server would otherwise notice
+    only when it next writes, and a whole answer is written once, at its end. After the body is
+    read, a watcher waits for the client to hang up and cancels the handler; the handler's own
+    reads of the request then wait for that same news."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -136,7 +152,57 @@ class AccessLog:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), [500]
+        read, gone, answered = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+        async def handler_receive():
+            if read.is_set():  # the body was read: only the news of a disconnect is left to tell
+                await gone.wait()
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                gone.set()
+            elif not message.get("more_body"):
+                read.set()
+            return message
+
+        async def watched_send(message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                answered.set()
+            await send(message)
+
+        handler = asyncio.ensure_future(self.app(scope, handler_receive, watched_send))
+
+        async def watch() -> None:
+            await read.wait()
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+            if not answered.is_set():
+                handler.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await handler
+        except asyncio.CancelledError:
+            if not gone.is_set():
+                raise  # the server's own cancellation, not a client gone
+        finally:
+            watcher.cancel()
+            if not handler.done():
+                handler.cancel()
+
+
+class AccessLog:
+    """One line per request on stderr: method, path, status (499: the client left first), and the
+    time until the answer ended."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [None]
 
         async def logged_send(message) -> None:
             if message["type"] == "http.response.start":
@@ -145,8 +211,9 @@ class AccessLog:
 
         try:
             await self.app(scope, receive, logged_send)
+            status[0] = status[0] or 499  # returned unanswered: the client went away (nginx's 499)
         finally:
-            print(f"{scope['method']} {scope['path']} {status[0]} {(time.perf_counter() - start) * 1000:.0f}ms",
+            print(f"{scope['method']} {scope['path']} {status[0] or 500} {(time.perf_counter() - start) * 1000:.0f}ms",
                   file=sys.stderr, flush=True)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgellm.errors import EdgeLLMError
-from edgellm.runtime.chunks import Chunk, TokenLogprob
+from edgellm.runtime.chunks import Chunk, TokenLogprob, joined
 from edgellm.runtime.request import CallRules
 from edgellm.runtime.tools import ToolCall
 from edgellm.server.bodies import error_payload
@@ -163,14 +163,9 @@ class Gathered:
 
 
 async def gather(chunks: AsyncIterator[Chunk]) -> Gathered:
-    pieces, thoughts, entries, last = [], [], [], None
-    async for chunk in chunks:
-        pieces.append(chunk.text)
-        thoughts.append(chunk.reasoning)
-        if chunk.logprobs:
-            entries.append(chunk.logprobs)
-        last = chunk
-    return Gathered("".join(pieces), entries, last, "".join(thoughts))
+    got = [chunk async for chunk in chunks]
+    text, reasoning = joined(got)
+    return Gathered(text, [c.logprobs for c in got if c.logprobs], got[-1], reasoning)
 
 
 async def respond(encoder: Encoder, streams: list[AsyncIterator[Chunk]], stream: bool, include_usage: bool = False):

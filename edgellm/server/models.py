@@ -103,8 +103,9 @@ class ModelPool:
             self.unload_idle()
 
     def describe(self, name: str | None) -> ResolvedModel:
-        """A served model's file and header, without loading it."""
-        return self.fixed or resolve(self._key(name), self.settings, store_only=True)
+        """A served model's file and header, without loading it (a name it does not serve: 404)."""
+        key = self._key(name)
+        return self.fixed or resolve(key, self.settings, store_only=True)
 
     def loaded(self) -> list[Served]:
         with self._lock:
@@ -141,6 +142,9 @@ class ModelPool:
 
     def _load(self, key: str) -> Served:
         model = self.fixed or resolve(key, self.settings, store_only=True)
+        if not model.path.is_file():  # removed (edgellm rm) while served
+            raise ModelNotFoundError(f"model {model.name} is gone: {model.path.name} was removed",
+                                     hint="import or pull it again, or restart the server with another model")
         load = load_options(self.settings)
         per_slot = load.n_ctx or default_context(model.header.context_length)
         plan, draft = fit_with_draft(

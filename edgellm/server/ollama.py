@@ -17,7 +17,7 @@ from pydantic import Field, StrictBool, StrictInt, StrictStr
 from edgellm import __version__
 from edgellm.errors import EdgeLLMError, UsageError
 from edgellm.gguf.header import format_params
-from edgellm.runtime.chunks import Chunk
+from edgellm.runtime.chunks import Chunk, joined
 from edgellm.runtime.request import CallRules, GenerationSpec
 from edgellm.runtime.templates import Message
 from edgellm.runtime.tools import MAX_TOOLS, Tool, ToolCall
@@ -185,7 +185,8 @@ async def _answer(request: Request, served, spec: GenerationSpec, body: _Generat
     stream = chunks(ready.request(), served)
     if not body.stream:
         got = [chunk async for chunk in stream]
-        return reply.final("".join(c.text for c in got), got[-1], "".join(c.reasoning for c in got))
+        text, thinking = joined(got)
+        return reply.final(text, got[-1], thinking)
     first = await anext(stream)  # errors before the first token still become an HTTP error
     return EventStream(reply.lines(first, stream), media_type="application/x-ndjson")
 
