@@ -100,8 +100,9 @@ THINKING = """{%- for m in messages %}<|im_start|>{{ m.role }}
 
 
 def test_thinking_blocks(tmp_path: Path, smollm2: Path) -> None:
-    """A template that opens a <think> block for the answer: what the model writes is its thinking
-    (SmolLM2 never closes the block), as a thinking block, whole and streamed."""
+    """A template that opens a <think> block for the answer: what the model writes is its thinking,
+    as a thinking block, whole and streamed, while the answer is cut inside it (an answer that ends
+    without closing the block is text: test_hostile_requests)."""
     import anthropic
 
     template = tmp_path / "thinking.jinja"
@@ -109,9 +110,10 @@ def test_thinking_blocks(tmp_path: Path, smollm2: Path) -> None:
     server = Server(tmp_path / "home", smollm2, "--template", str(template))
     try:
         client = anthropic.Anthropic(base_url=server.base, api_key="unused", max_retries=0)
-        reply = client.messages.create(model=server.name, max_tokens=16, messages=QUESTION, extra_body=GREEDY)
+        reply = client.messages.create(model=server.name, max_tokens=4, messages=QUESTION, extra_body=GREEDY)
         assert [b.type for b in reply.content] == ["thinking"] and reply.content[0].thinking.strip()
-        with client.messages.stream(model=server.name, max_tokens=16, messages=QUESTION, extra_body=GREEDY) as stream:
+        assert reply.stop_reason == "max_tokens"
+        with client.messages.stream(model=server.name, max_tokens=4, messages=QUESTION, extra_body=GREEDY) as stream:
             final = stream.get_final_message()
         assert [b.type for b in final.content] == ["thinking"]
         assert final.content[0].thinking == reply.content[0].thinking
