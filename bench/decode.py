@@ -28,7 +28,7 @@ from _reference import reference_bin
 def main() -> None:
     from edgellm.models.bundled import bundled_gguf
     from edgellm.options import LoadOptions, SamplingOptions
-    from edgellm.runtime.engine import load_model
+    from edgellm.runtime.loader import load_model
     from edgellm.runtime.templates import Message
     from edgellm.system.hardware import physical_cores
 

@@ -44,7 +44,7 @@ def start_worker(port: int) -> subprocess.Popen:
 def generate(path: Path, options, n: int, on_loaded=lambda: None):
     """(timings, layers per device) of one greedy answer; ``on_loaded`` runs between load and answer."""
     from edgellm.options import SamplingOptions
-    from edgellm.runtime.engine import load_model
+    from edgellm.runtime.loader import load_model
     from edgellm.runtime.templates import Message
 
     with load_model(path, options) as model:

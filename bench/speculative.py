@@ -96,7 +96,7 @@ def llama_server_speeds(server: str, target: Path, extra: list[str], n: int, run
 
 def main() -> None:
     from edgellm.options import LoadOptions, SamplingOptions
-    from edgellm.runtime.engine import load_model
+    from edgellm.runtime.loader import load_model
     from edgellm.system.hardware import physical_cores
 
     ap = argparse.ArgumentParser()

@@ -16,7 +16,7 @@ _LAZY = {
     "Store": "edgellm.models.store",
     "resolve": "edgellm.models",
     "read_header": "edgellm.gguf.header",
-    "load_model": "edgellm.runtime.engine",
+    "load_model": "edgellm.runtime.loader",
     "Model": "edgellm.runtime.engine",
     "LoadOptions": "edgellm.options",
     "SamplingOptions": "edgellm.options",

@@ -259,13 +259,15 @@ def _measure_drafted(model, case: BenchCase, repetitions: int) -> tuple[list[int
     """N tokens of greedy text through the engine with the draft: (ns per repetition, guesses, kept)."""
     from edgellm.options import SamplingOptions
     from edgellm.runtime.batch import BatchEngine, GenerationRequest
+    from edgellm.runtime.native import ContextParams
     from edgellm.runtime.speculative import load_drafter
 
     prompt = model.tokenize(DRAFT_PROMPT, add_special=True)
     n_ctx = len(prompt) + case.n_gen + 1
     drafter = load_drafter(case.draft, model, 1, n_ctx, case.n_batch, case.n_threads, case.draft_max)
-    engine = BatchEngine(model, 1, n_ctx, case.n_threads, n_batch=case.n_batch, type_k=case.type_k,
-                         type_v=case.type_v, flash_attn=case.flash_attn, threaded=False, drafter=drafter)
+    params = ContextParams(n_ctx=n_ctx, n_batch=case.n_batch, n_threads=case.n_threads, type_k=case.type_k,
+                           type_v=case.type_v, flash_attn=case.flash_attn)
+    engine = BatchEngine(model, 1, params, threaded=False, drafter=drafter)
     sampling = SamplingOptions(temperature=0.0, max_tokens=case.n_gen, ignore_eos=True)
     samples, guessed, kept = [], 0, 0
     try:
@@ -306,13 +308,12 @@ def machine_info() -> dict[str, Any]:
 def build_info() -> dict[str, Any]:
     import importlib.metadata
 
-    import llama_cpp
-
     from edgellm import __version__
+    from edgellm.system import ggml
 
     return {
         "edgellm": __version__,
         "llama_cpp_python": importlib.metadata.version("llama_cpp_python"),
-        "system_info": llama_cpp.llama_print_system_info().decode().strip(),
-        "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+        "system_info": ggml.system_info(),
+        "gpu_offload": ggml.supports_gpu_offload(),
     }

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from edgellm.errors import Cancelled, ImatrixError, InvalidGGUFError, UsageError
 from edgellm.fsutil import atomic_path
+from edgellm.system import ggml
 
 if TYPE_CHECKING:
     from edgellm.gguf.header import GGUFHeader
@@ -201,29 +202,16 @@ class _Tensor(ctypes.Structure):
 
 
 @cache
-def _ggml() -> tuple[ctypes.CDLL, int, int]:
-    """ggml's base library with the functions the collector calls, and the MUL_MAT and MUL_MAT_ID
-    op numbers (looked up by name, so a ggml with more ops still works)."""
-    from edgellm.system.devices import shipped_library
-
-    lib = shipped_library("libggml-base")
-    lib.ggml_op_name.argtypes = [ctypes.c_int]
-    lib.ggml_op_name.restype = ctypes.c_char_p
-    lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
-    lib.ggml_nbytes.restype = ctypes.c_size_t
-    lib.ggml_nelements.argtypes = [ctypes.c_void_p]
-    lib.ggml_nelements.restype = ctypes.c_int64
-    lib.ggml_backend_buffer_is_host.argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_buffer_is_host.restype = ctypes.c_bool
-    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
-    lib.ggml_backend_tensor_get.restype = None
+def _mul_mat_ops() -> tuple[int, int]:
+    """The MUL_MAT and MUL_MAT_ID op numbers, looked up by name (a ggml with more ops still works)."""
+    lib = ggml.base()
     ops = {}
     for op in range(256):
         name = lib.ggml_op_name(op)
         if name in (b"MUL_MAT", b"MUL_MAT_ID"):
             ops[name] = op
         if len(ops) == 2:
-            return lib, ops[b"MUL_MAT"], ops[b"MUL_MAT_ID"]
+            return ops[b"MUL_MAT"], ops[b"MUL_MAT_ID"]
     raise ImatrixError("this ggml has no MUL_MAT operation to read activations from")
 
 
@@ -240,7 +228,7 @@ class _Collector:
     """The scheduler callback: says yes to weight multiplications, then sums their inputs squared."""
 
     def __init__(self, process_output: bool) -> None:
-        self.lib, self.mul_mat, self.mul_mat_id = _ggml()
+        self.lib, (self.mul_mat, self.mul_mat_id) = ggml.base(), _mul_mat_ops()
         self.process_output = process_output
         self.sums: dict[str, object] = {}
         self.counts: dict[str, object] = {}

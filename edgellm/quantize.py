@@ -5,7 +5,6 @@ The types themselves (names, bits per weight, cost) are the table in ``gguf/quan
 
 from __future__ import annotations
 
-import ctypes
 import re
 import shutil
 import threading
@@ -24,6 +23,7 @@ from edgellm.gguf.quant_types import QuantType, is_quant_suffix
 
 if TYPE_CHECKING:
     from edgellm.imatrix import ImportanceMatrix
+    from edgellm.runtime.native import QuantizeParams
 
 FULL_PRECISION = {"F32", "F16", "BF16"}
 
@@ -106,18 +106,16 @@ def planned_size(header: GGUFHeader, qtype: QuantType, **options) -> int:
     (no weight read): every tensor's type as the real run picks it, fallbacks from rows the
     type's blocks do not divide included, plus the header as the output copies it. Within a few
     KiB of the real file; ``options`` as quantize() takes them."""
-    import llama_cpp
-
+    from edgellm.runtime.native import quantize_model
     from edgellm.system import llamalog
 
-    native = _NativeParams(qtype, 1, True, options.get("leave_output_tensor", False), options.get("pure", False),
-                           options.get("output_tensor_type"), options.get("token_embedding_type"), None,
-                           options.get("tensor_types", ()))
-    native.params.dry_run = True
+    params = _native_params(qtype, 1, True, options.get("leave_output_tensor", False), options.get("pure", False),
+                            options.get("output_tensor_type"), options.get("token_embedding_type"), None,
+                            options.get("tensor_types", ()))
     sizes: list[float] = []
     position = llamalog.mark()
     with llamalog.listen(lambda line: sizes.extend(float(m.group(1)) for m in [_QUANT_SIZE.search(line)] if m)):
-        status = llama_cpp.llama_model_quantize(str(header.path).encode(), b"", native.params)
+        status = quantize_model(header.path, None, params)
     if status != 0 or not sizes:
         cause = llamalog.last_error(position) or "see EDGELLM_LLAMA_LOG=1"
         raise QuantizeError(f"llama.cpp could not size {header.path.name} as {qtype.name}: {cause}")
@@ -201,60 +199,29 @@ def parse_tensor_type(text: str) -> tuple[str, str]:
     return pattern.lower(), type_name
 
 
-class _NativeParams:
-    """llama_model_quantize_params, with the arrays its pointers point into kept alive beside it."""
+def _native_params(qtype: QuantType, threads: int, allow_requantize: bool, leave_output_tensor: bool, pure: bool,
+                   output_tensor_type: str | None, token_embedding_type: str | None,
+                   imatrix: ImportanceMatrix | None, tensor_types: Sequence[tuple[str, str]]) -> QuantizeParams:
+    """llama.cpp's quantize parameters for these options. With an importance matrix, each weight's
+    mean squared activations and the keys llama-quantize records with them (file, dataset,
+    entries, chunks), so the output is byte for byte llama-quantize's."""
+    from edgellm.runtime.native import QuantizeParams
 
-    def __init__(self, qtype: QuantType, threads: int, allow_requantize: bool, leave_output_tensor: bool,
-                 pure: bool, output_tensor_type: str | None, token_embedding_type: str | None,
-                 imatrix: ImportanceMatrix | None, tensor_types: Sequence[tuple[str, str]]) -> None:
-        import llama_cpp
-
-        self.params = params = llama_cpp.llama_model_quantize_default_params()
-        params.nthread = threads
-        params.ftype = qtype.ftype
-        params.allow_requantize = allow_requantize
-        params.quantize_output_tensor = not leave_output_tensor
-        params.pure = pure
-        if output_tensor_type:
-            params.output_tensor_type = ggml_type_id(output_tensor_type)
-        if token_embedding_type:
-            params.token_embedding_type = ggml_type_id(token_embedding_type)
-        self._alive: list[object] = []
-        if imatrix is not None:
-            self._set_imatrix(llama_cpp, imatrix)
-        if tensor_types:
-            overrides = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()  # NULL-ended
-            for slot, (pattern, type_name) in zip(overrides, tensor_types):
-                slot.pattern, slot.type = pattern.encode(), ggml_type_id(type_name)
-            self._alive.append(overrides)
-            params.tt_overrides = overrides
-
-    def _set_imatrix(self, llama_cpp, matrix: ImportanceMatrix) -> None:
-        """Each weight's mean squared activations, and the keys llama-quantize records with them
-        (file, dataset, entries, chunks), so the output is byte for byte llama-quantize's."""
-        rows = matrix.normalized()
-        entries = (llama_cpp.llama_model_imatrix_data * (len(rows) + 1))()
-        for slot, (name, values) in zip(entries, rows.items()):
-            slot.name = name.encode()
-            slot.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            slot.size = values.size
-        self._alive += [entries, rows]
-        self.params.imatrix = entries
-        keys = [("quantize.imatrix.file", str(matrix.path))] if matrix.path else []
-        if matrix.datasets:
-            keys.append(("quantize.imatrix.dataset", matrix.datasets[0]))
+    rows, keys = None, []
+    if imatrix is not None:
+        rows = imatrix.normalized()
+        keys = [("quantize.imatrix.file", str(imatrix.path))] if imatrix.path else []
+        if imatrix.datasets:
+            keys.append(("quantize.imatrix.dataset", imatrix.datasets[0]))
         keys.append(("quantize.imatrix.entries_count", len(rows)))
-        if matrix.chunk_count > 0:
-            keys.append(("quantize.imatrix.chunks_count", matrix.chunk_count))
-        overrides = (llama_cpp.llama_model_kv_override * (len(keys) + 1))()
-        for slot, (key, value) in zip(overrides, keys):
-            slot.key = key.encode()
-            if isinstance(value, int):
-                slot.tag, slot.value.val_i64 = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, value
-            else:  # llama-quantize keeps the first 127 bytes
-                slot.tag, slot.value.val_str = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, value.encode()[:127]
-        self._alive.append(overrides)
-        self.params.kv_overrides = overrides
+        if imatrix.chunk_count > 0:
+            keys.append(("quantize.imatrix.chunks_count", imatrix.chunk_count))
+    return QuantizeParams(
+        qtype.ftype, threads, allow_requantize, not leave_output_tensor, pure,
+        ggml_type_id(output_tensor_type) if output_tensor_type else None,
+        ggml_type_id(token_embedding_type) if token_embedding_type else None,
+        rows, keys, [(pattern, ggml_type_id(type_name)) for pattern, type_name in tensor_types],
+    )
 
 
 def quantize(
@@ -288,11 +255,10 @@ def quantize(
 
     output = Path(output)
     check_request(header, qtype, output, allow_requantize, imatrix)
-    import llama_cpp
+    from edgellm.runtime.native import quantize_model
 
-    native = _NativeParams(qtype, threads or physical_cores(), allow_requantize, leave_output_tensor, pure,
-                           output_tensor_type, token_embedding_type, imatrix, tensor_types)
-    params = native.params
+    params = _native_params(qtype, threads or physical_cores(), allow_requantize, leave_output_tensor, pure,
+                            output_tensor_type, token_embedding_type, imatrix, tensor_types)
 
     fallbacks: list[tuple[str, str, str]] = []
 
@@ -311,7 +277,7 @@ def quantize(
 
         def work() -> None:
             try:
-                status.append(llama_cpp.llama_model_quantize(str(header.path).encode(), str(tmp).encode(), params))
+                status.append(quantize_model(header.path, tmp, params))
             finally:
                 finished.set()
 

@@ -119,7 +119,7 @@ def cli(home: Path, tmp_path: Path) -> CLI:
 def model(smollm2: Path):
     """One loaded SmolLM2 shared by the runtime tests (loading costs ~0.3 s each time)."""
     from edgellm.options import LoadOptions
-    from edgellm.runtime.engine import load_model
+    from edgellm.runtime.loader import load_model
 
     with load_model(smollm2, LoadOptions(n_ctx=2048)) as m:
         yield m

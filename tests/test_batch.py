@@ -10,12 +10,12 @@ import pytest
 from edgellm.errors import EdgeLLMError
 from edgellm.options import SamplingOptions
 from edgellm.runtime.batch import BatchEngine, GenerationRequest
-from edgellm.runtime.native import NativeModel
+from edgellm.runtime.native import ContextParams, NativeModel
 
 
 def test_a_grammar_llama_cpp_refuses_fails_only_its_request(smollm2: Path) -> None:
     with NativeModel(smollm2) as model:
-        engine = BatchEngine(model, 2, 256, 2)
+        engine = BatchEngine(model, 2, ContextParams(256, n_threads=2))
         try:
             prompt = model.tokenize("The capital of France is", add_special=True)
             bad: queue.Queue = queue.Queue()
@@ -35,18 +35,15 @@ def test_a_grammar_llama_cpp_refuses_fails_only_its_request(smollm2: Path) -> No
 
 
 class _DecodeSpy:
-    """llama_cpp as the engine sees it, with each llama_decode recording what the request's
-    consumer had been handed by then: chunks emitted, and chunks it was woken for."""
+    """The engine context's decode, recording at each call what the request's consumer had been
+    handed by then: chunks emitted, and chunks it was woken for."""
 
-    def __init__(self, lib, emitted: list, woken: list[int]) -> None:
-        self._lib, self.emitted, self.woken, self.seen = lib, emitted, woken, []
+    def __init__(self, decode, emitted: list, woken: list[int]) -> None:
+        self._decode, self.emitted, self.woken, self.seen = decode, emitted, woken, []
 
-    def __getattr__(self, name: str):
-        return getattr(self._lib, name)
-
-    def llama_decode(self, ctx, batch):
+    def __call__(self, batch, n_tokens: int) -> int:
         self.seen.append((len(self.emitted), self.woken[-1] if self.woken else 0))
-        return self._lib.llama_decode(ctx, batch)
+        return self._decode(batch, n_tokens)
 
 
 @pytest.mark.parametrize("text_first", [True, False], ids=["cpu", "gpu-order"])
@@ -57,12 +54,12 @@ def test_a_token_is_handed_over_before_or_beside_the_next_decode(smollm2: Path, 
     a GPU (llama_decode returns at once) the text is made after the decode starts, and the consumer
     woken as soon as it is; either way no chunk waits for a later step's wake-up."""
     with NativeModel(smollm2) as model:
-        engine = BatchEngine(model, 1, 256, 2, threaded=False)
+        engine = BatchEngine(model, 1, ContextParams(256, n_threads=2), threaded=False)
         engine._text_first = text_first  # the order a model with GPU layers gets, on this CPU
         try:
             emitted: list = []
             woken: list[int] = []
-            spy = engine._lib = _DecodeSpy(engine._lib, emitted, woken)
+            spy = engine.ctx.decode_batch = _DecodeSpy(engine.ctx.decode_batch, emitted, woken)
             prompt = model.tokenize("The capital of France is", add_special=True)
             engine.submit(GenerationRequest(prompt, SamplingOptions(temperature=0, max_tokens=6), emitted.append,
                                             flush=lambda: woken.append(len(emitted))))
@@ -93,7 +90,7 @@ def test_the_engine_keeps_a_logits_row_a_sequence_as_the_planner_plans(smollm2: 
         return llamalog.buffers_by_part(position)["compute.cpu"] / 2**20
 
     with NativeModel(smollm2) as model:
-        engine = compute_mib(lambda: BatchEngine(model, 4, 1024, 2, n_batch=512, flash_attn="on"))
+        engine = compute_mib(lambda: BatchEngine(model, 4, ContextParams(1024, n_batch=512, n_threads=2, flash_attn="on")))
         whole = compute_mib(lambda: model.context(n_ctx=4096, n_batch=512, n_seq_max=4, flash_attn="on", swa_full=True))
     planned = estimate(ModelShape.from_header(read_header(smollm2)), 4096, n_seq=4, n_outputs=engine_outputs(4))
     assert whole == 98.25  # 512 rows of 49152 logits, and two embedding-wide rows each

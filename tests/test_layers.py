@@ -137,3 +137,27 @@ def test_app_workers_post_messages() -> None:
     """The app's worker threads hand results to screens as messages, never by calling into widgets."""
     touching = [p.name for p in (PACKAGE / "tui").rglob("*.py") if "call_from_thread" in p.read_text()]
     assert not touching
+
+
+#: the llama.cpp boundary: the only modules that use llama-cpp-python's binding
+BOUNDARY = {"edgellm.runtime.native", "edgellm.system.ggml", "edgellm.system.llamalog"}
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+    return found
+
+
+def test_only_the_boundary_calls_llama_cpp() -> None:
+    """Samplers, batches, memory operations, the quantizer, the binding's grammar converter: all
+    reach llama.cpp through runtime/native.py; ggml's libraries through system/ggml.py alone."""
+    outside = {name: sorted(m for m in _imports(path) if m.split(".")[0] == "llama_cpp")
+               for name, path in MODULES.items() if name not in BOUNDARY}
+    assert {name: found for name, found in outside.items() if found} == {}
+    loaders = {name for name, path in MODULES.items() if "CDLL(" in path.read_text()}
+    assert loaders == {"edgellm.system.ggml"}

@@ -103,7 +103,7 @@ def test_ggml_type_tables_agree_with_llama_cpp() -> None:
     import ctypes
 
     from edgellm.gguf.ggml_types import FILE_TYPES, GGML_TYPES
-    from edgellm.system.devices import shipped_library
+    from edgellm.system.ggml import shipped_library
 
     ggml = shipped_library("libggml-base")
     ggml.ggml_type_size.restype = ctypes.c_size_t

@@ -10,7 +10,7 @@ import pytest
 from edgellm.errors import UsageError
 from edgellm.gguf.header import read_header
 from edgellm.options import LoadOptions, SamplingOptions
-from edgellm.runtime.engine import load_model, resolve_load
+from edgellm.runtime.loader import load_model, resolve_load
 from edgellm.runtime.templates import Message
 
 GREEDY = SamplingOptions(temperature=0.0, max_tokens=24)

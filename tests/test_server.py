@@ -98,7 +98,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, smollm2: Path):
 @pytest.fixture(scope="module")
 def tokenizer(smollm2: Path):
     from edgellm.options import LoadOptions
-    from edgellm.runtime.engine import load_model
+    from edgellm.runtime.loader import load_model
 
     with load_model(smollm2, LoadOptions(n_ctx=256)) as m:
         yield m

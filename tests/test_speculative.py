@@ -49,7 +49,7 @@ def test_sampled_tokens_with_a_draft_follow_the_models_distribution(target: Path
     import numpy as np
 
     from edgellm.options import LoadOptions, SamplingOptions
-    from edgellm.runtime.engine import load_model
+    from edgellm.runtime.loader import load_model
     from edgellm.runtime.native import NativeModel
     from edgellm.runtime.templates import Message
 
@@ -91,7 +91,7 @@ def test_the_planner_leaves_the_draft_its_memory(target: Path, smollm2: Path) ->
     from edgellm.gguf.header import read_header
     from edgellm.options import LoadOptions
     from edgellm.plan.fit import MARGIN, draft_estimate, fit
-    from edgellm.runtime.engine import resolve_load
+    from edgellm.runtime.loader import resolve_load
     from edgellm.system.hardware import probe
 
     header, draft = read_header(target), read_header(smollm2)
@@ -140,7 +140,7 @@ def test_every_guess_of_every_answer_in_one_step(target: Path, smollm2: Path) ->
     aborts past them). Greedy answers stay the model's own."""
     from edgellm.options import SamplingOptions
     from edgellm.runtime.batch import BatchEngine, GenerationRequest
-    from edgellm.runtime.native import NativeModel
+    from edgellm.runtime.native import ContextParams, NativeModel
     from edgellm.runtime.speculative import load_drafter
 
     sampling = SamplingOptions(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -149,7 +149,7 @@ def test_every_guess_of_every_answer_in_one_step(target: Path, smollm2: Path) ->
         prompts = [model.tokenize(text, add_special=True) for text in (PROMPT, "The capital of France is")]
         for draft in (None, smollm2):
             drafter = draft and load_drafter(draft, model, 2, 256, 512, 2, draft_max=4, p_min=0.0)
-            engine = BatchEngine(model, 2, 256, 2, n_batch=512, threaded=False, drafter=drafter)
+            engine = BatchEngine(model, 2, ContextParams(256, n_batch=512, n_threads=2), threaded=False, drafter=drafter)
             try:
                 outs: list[list] = [[], []]
                 for prompt, out in zip(prompts, outs):

@@ -63,7 +63,7 @@ def _add_tool_options(p: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace):
     from edgellm.models import load_options, resolve
-    from edgellm.runtime.engine import load_model
+    from edgellm.runtime.loader import load_model
 
     settings = settings_from_args(args)
     template = read_template(args)

@@ -5,7 +5,9 @@ other order a CUDA build of llama.cpp crashes in the next model load of the same
 the app converts a checkpoint and then chats with it.
 """
 
-import llama_cpp  # noqa: F401  (first, see above)
+from edgellm.system import ggml
+
+ggml.llama()  # first, see above
 
 from edgellm.convert.core import convert
 from edgellm.convert.writer import ConvertResult

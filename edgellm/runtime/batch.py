@@ -33,10 +33,18 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from edgellm.errors import EdgeLLMError, EngineError, QueueFullError, UsageError
-from edgellm.options import DEFAULT_SEED, SamplingOptions
+from edgellm.options import SamplingOptions
 from edgellm.plan.memory import engine_outputs
 from edgellm.runtime.chunks import Chunk, TokenLogprob
-from edgellm.runtime.native import NativeContext, NativeModel
+from edgellm.runtime.native import (
+    ContextParams,
+    NativeBatch,
+    NativeContext,
+    NativeModel,
+    Sampler,
+    grammar_parses,
+    sampler_for,
+)
 from edgellm.runtime.text import Answer, ThinkSplitter, common_prefix
 
 if TYPE_CHECKING:
@@ -68,7 +76,7 @@ class _Slot:
     tokens: list[int] = field(default_factory=list)  # what the KV cache holds for this sequence
     request: GenerationRequest | None = None
     pending: list[int] = field(default_factory=list)  # prompt tokens not yet evaluated
-    sampler: int | None = None
+    sampler: Sampler | None = None
     next_token: int | None = None  # sampled, to be evaluated in the next step
     drafts: list[int] = field(default_factory=list)  # the draft's guesses, evaluated after next_token
     batch_index: int = -1
@@ -103,40 +111,28 @@ class BatchEngine:
         self,
         model: NativeModel,
         n_parallel: int,
-        n_ctx: int,
-        n_threads: int,
-        n_batch: int = 512,
-        type_k: str = "f16",
-        type_v: str = "f16",
-        flash_attn: str = "auto",
+        params: ContextParams,
         max_queue: int = 64,
-        op_offload: bool = True,
         threaded: bool = True,
         drafter: Drafter | None = None,
     ) -> None:
-        """``threaded`` False: no engine thread; the caller advances the engine with ``step()``
-        (one conversation in the caller's own loop: chat, run, the app). ``drafter``: a draft
-        model that proposes tokens for the model to verify (speculative.py); the engine closes it."""
-        import llama_cpp
-
-        self._lib = llama_cpp
+        """``params.n_ctx`` is each slot's context. ``threaded`` False: no engine thread; the caller
+        advances the engine with ``step()`` (one conversation in the caller's own loop: chat, run,
+        the app). ``drafter``: a draft model that proposes tokens for the model to verify
+        (speculative.py); the engine closes it."""
         self.model = model
         self.n_parallel = n_parallel
-        self.n_ctx = n_ctx
-        self.n_batch = max(n_batch, n_parallel)
-        self.n_threads = n_threads
+        self.n_ctx = n_ctx = params.n_ctx
+        self.n_batch = max(params.n_batch, n_parallel)
+        self.n_threads = params.n_threads
         self._embed_ctx: NativeContext | None = None  # made on the first embeddings request
         self.ctx: NativeContext = model.context(
-            n_ctx=n_ctx * n_parallel, n_batch=self.n_batch, n_ubatch=min(512, self.n_batch), n_threads=n_threads,
-            type_k=type_k, type_v=type_v, flash_attn=flash_attn, n_seq_max=n_parallel, swa_full=True,
-            op_offload=op_offload,
+            n_ctx=n_ctx * n_parallel, n_batch=self.n_batch, n_ubatch=min(512, self.n_batch), n_threads=self.n_threads,
+            type_k=params.type_k, type_v=params.type_v, flash_attn=params.flash_attn, n_seq_max=n_parallel,
+            swa_full=True, op_offload=params.op_offload,
             n_outputs=min(self.n_batch, engine_outputs(n_parallel, drafter.draft_max if drafter else 0)),
         )
-        self._mem = llama_cpp.llama_get_memory(self.ctx.ptr)
-        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
-        # the batch's arrays, as ctypes makes a new pointer object at every field access
-        self._arrays = (self._batch.token, self._batch.pos, self._batch.n_seq_id, self._batch.seq_id,
-                        self._batch.logits)
+        self._batch = NativeBatch(self.n_batch)
         self.slots = [_Slot(i) for i in range(n_parallel)]
         self._text_at = 0.0  # when the slots' sampled tokens last became text
         # on the CPU llama_decode returns once the batch is computed, so a step's text goes out
@@ -190,10 +186,10 @@ class BatchEngine:
         if self._thread:
             self._thread.join(timeout=30)
         if not (self._thread and self._thread.is_alive()):  # not parked for good in a dead RPC worker's decode
-            self._lib.llama_synchronize(self.ctx.ptr)  # the last step's decode may still run on the device
+            self.ctx.synchronize()  # the last step's decode may still run on the device
         for slot in self.slots:
             self._free_sampler(slot)
-        self._lib.llama_batch_free(self._batch)
+        self._batch.close()
         if self.drafter is not None:
             self.drafter.close()
         if self._embed_ctx is not None:
@@ -240,13 +236,13 @@ class BatchEngine:
             if request.cancelled.is_set():
                 continue
             try:
-                sampler = self._make_sampler(request.sampling, check_lazy=True)
+                sampler = self._make_sampler(request.sampling)
             except EdgeLLMError as exc:  # this request's problem (a grammar llama.cpp refused), not the engine's
                 request.emit(exc)
                 continue
             slot = max(free, key=lambda s: common_prefix(s.tokens, request.prompt))
             keep = min(common_prefix(slot.tokens, request.prompt), len(request.prompt) - 1)
-            self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1)
+            self.ctx.forget(slot.seq_id, keep)
             slot.tokens = request.prompt[:keep]
             slot.pending = request.prompt[keep:]
             slot.request = request
@@ -261,48 +257,12 @@ class BatchEngine:
                                  min(max_tokens, room) if max_tokens > 0 else room,
                                  ThinkSplitter(request.thinking) if request.reasoning else None)
 
-    def _make_sampler(self, s: SamplingOptions, check_lazy: bool = False) -> int | None:
-        """llama.cpp's sampler chain for the options, or None for plain greedy decoding, which
-        takes the largest logit itself: the same token without copying the whole vocabulary into
-        llama.cpp's candidate array at every step. ``check_lazy``: a lazy grammar, which starts
+    def _make_sampler(self, s: SamplingOptions) -> Sampler | None:
+        """The sampler chain for an answer (None: plain greedy); a lazy grammar, which starts
         later, is checked now."""
-        lib = self._lib
-        if check_lazy and s.grammar and s.grammar_triggers:
-            probe = lib.llama_sampler_init_grammar(self.model.vocab, s.grammar.encode(), b"root")
-            if not probe:
-                raise UsageError("the response format could not be turned into a grammar")
-            lib.llama_sampler_free(probe)
-        if s.temperature <= 0 and (not s.grammar or s.grammar_triggers) and s.repeat_penalty == 1.0 \
-                and not s.presence_penalty and not s.frequency_penalty and not s.logit_bias:
-            return None
-        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-        if s.logit_bias:
-            if any(not 0 <= token < self.n_vocab for token, _ in s.logit_bias):
-                lib.llama_sampler_free(chain)
-                raise UsageError(f"a logit bias names a token outside the vocabulary of {self.n_vocab}")
-            biases = (lib.llama_logit_bias * len(s.logit_bias))(*(lib.llama_logit_bias(t, b) for t, b in s.logit_bias))
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_logit_bias(self.n_vocab, len(biases), biases))
-        if s.grammar and not s.grammar_triggers:  # a lazy grammar waits: _watch() starts it
-            grammar = lib.llama_sampler_init_grammar(self.model.vocab, s.grammar.encode(), b"root")
-            if not grammar:
-                lib.llama_sampler_free(chain)
-                raise UsageError("the response format could not be turned into a grammar")
-            lib.llama_sampler_chain_add(chain, grammar)
-        if s.repeat_penalty != 1.0 or s.presence_penalty or s.frequency_penalty:
-            lib.llama_sampler_chain_add(
-                chain, lib.llama_sampler_init_penalties(self.model.n_vocab, 64, s.repeat_penalty, s.frequency_penalty,
-                                                        s.presence_penalty))
-        if s.temperature <= 0:
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
-            return chain
-        if s.top_k > 0:
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(s.top_k))
-        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(s.top_p, 1))
-        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(s.min_p, 1))
-        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(s.temperature))
-        seed = DEFAULT_SEED if s.seed < 0 else s.seed & 0xFFFFFFFF
-        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
-        return chain
+        if s.grammar and s.grammar_triggers and not grammar_parses(self.model, s.grammar):
+            raise UsageError("the response format could not be turned into a grammar")
+        return sampler_for(self.model, s)
 
     def _step(self) -> None:
         """Sample what the last decode computed, then start the next decode and turn the sampled
@@ -348,7 +308,7 @@ class BatchEngine:
         """One batch: each answering slot's next token (and the draft's guesses after it), then as
         much of the waiting prompts as fits, decoded; its outputs are read at the next step."""
         n = 0
-        tokens, positions, n_seq_ids, seq_ids, outputs = self._arrays
+        tokens, positions, n_seq_ids, seq_ids, outputs = self._batch.arrays
 
         def add(slot: _Slot, token: int, logits: bool) -> None:
             nonlocal n
@@ -380,8 +340,7 @@ class BatchEngine:
         self._flush()
         if n == 0:
             return
-        self._batch.n_tokens = n
-        status = self._lib.llama_decode(self.ctx.ptr, self._batch)
+        status = self.ctx.decode_batch(self._batch, n)
         if status != 0:
             raise EngineError(f"llama_decode failed with status {status} (the KV cache may be full)")
 
@@ -415,7 +374,7 @@ class BatchEngine:
                 break
         slot.drafts = []
         if base + len(picked) < len(slot.tokens):
-            self._lib.llama_memory_seq_rm(self._mem, slot.seq_id, base + len(picked), -1)
+            self.ctx.forget(slot.seq_id, base + len(picked))
             del slot.tokens[base + len(picked):]
         slot.next_token = None if ends else token
         return picked
@@ -453,9 +412,9 @@ class BatchEngine:
         self._free_sampler(slot)
         slot.sampler = sampler
 
-    def _sample_one(self, sampler: int | None, index: int) -> int:
+    def _sample_one(self, sampler: Sampler | None, index: int) -> int:
         if sampler is not None:
-            return self._lib.llama_sampler_sample(sampler, self.ctx.ptr, index)
+            return self.ctx.sample(sampler, index)
         return int(self.ctx.logits_at(index).argmax())  # the first of equal maxima, as llama.cpp's greedy sampler
 
     def _logprob(self, index: int, token: int, top: int) -> TokenLogprob:
@@ -488,7 +447,7 @@ class BatchEngine:
 
     def _free_sampler(self, slot: _Slot) -> None:
         if slot.sampler:
-            self._lib.llama_sampler_free(slot.sampler)
+            slot.sampler.close()
             slot.sampler = None
 
     # -- embeddings ------------------------------------------------------------------------
@@ -498,7 +457,6 @@ class BatchEngine:
         generated advance between them instead of waiting for the whole request."""
         import numpy as np
 
-        lib = self._lib
         batches = []
         for i, text in enumerate(texts):
             tokens = self.model.tokenize(text, add_special=True)
@@ -507,7 +465,6 @@ class BatchEngine:
             if len(tokens) > self.n_ctx:
                 raise UsageError(f"input {i}: the text is {len(tokens)} tokens, over the {self.n_ctx}-token context")
             batches.append(tokens)
-        n_embd = lib.llama_model_n_embd(self.model.ptr)
         results = []
         for tokens in batches:
             with self.lock:
@@ -516,13 +473,7 @@ class BatchEngine:
                         n_ctx=self.n_ctx, n_batch=self.n_ctx, n_ubatch=self.n_ctx, n_threads=self.n_threads,
                         embeddings=True,
                     )
-                ctx = self._embed_ctx
-                ctx.clear()
-                array = (lib.llama_token * len(tokens))(*tokens)
-                if lib.llama_decode(ctx.ptr, lib.llama_batch_get_one(array, len(tokens))) != 0:
-                    raise EngineError("llama_decode failed while embedding")
-                ptr = lib.llama_get_embeddings_seq(ctx.ptr, 0)
-                vector = np.ctypeslib.as_array(ptr, shape=(n_embd,)).astype(np.float64)
+                vector = self._embed_ctx.embedding(tokens)
             norm = float(np.linalg.norm(vector)) or 1.0
             results.append(((vector / norm).tolist(), len(tokens)))
         return results

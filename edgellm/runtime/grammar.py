@@ -35,15 +35,15 @@ _QUANTIFIER = re.compile(r"\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
 def json_grammar(schema: dict[str, Any] | None = None, where: str = "the JSON schema") -> str:
     """A grammar for any JSON object (``schema`` None), or for JSON matching ``schema``; ``where``
     names the request field a refusal points at."""
-    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+    from edgellm.runtime.native import json_object_grammar, schema_grammar
 
     if schema is None:
-        return JSON_GBNF
+        return json_object_grammar()
     if not isinstance(schema, dict) or not schema:
         raise UsageError(f"{where} must be a non-empty JSON object")
     check_schema(schema, where)
     try:
-        grammar = json_schema_to_gbnf(json.dumps(schema))
+        grammar = schema_grammar(json.dumps(schema))
     except Exception as exc:  # the converter raises plain exceptions for schemas it cannot express
         raise UsageError(f"{where} is not supported: {exc}") from None
     return check_grammar(grammar, where)

@@ -1,22 +1,23 @@
-"""llama.cpp's own model and context objects, without llama-cpp-python's high-level ``Llama``.
+"""The llama.cpp boundary: its model, context, batch and sampler objects, without llama-cpp-python's
+high-level ``Llama``. Nothing else in edgellm calls the binding to run a model.
 
 The benchmark needs exactly what llama-bench does (one model reused across contexts, a context
-sized per test, raw ``llama_decode`` calls); the batched server needs several sequences in one
-context. Both go through these two small wrappers, which turn llama.cpp's NULL returns into
-LoadError with the cause llama.cpp logged.
+sized per test, raw ``llama_decode`` calls); the batched engine needs several sequences in one
+context, a batch it fills in place and a sampler chain per answer. All go through these small
+wrappers, which turn llama.cpp's NULL returns into LoadError with the cause llama.cpp logged.
 """
 
 from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgellm.errors import EngineError, LoadError
-from edgellm.options import KV_TYPES
-from edgellm.runtime.text import PieceTable
-from edgellm.system import llamalog
+from edgellm.errors import EngineError, LoadError, UsageError
+from edgellm.options import DEFAULT_SEED, KV_TYPES, SamplingOptions
+from edgellm.system import ggml, llamalog
 from edgellm.system.devices import cpu_threadpool
 
 FLASH_ATTN_TYPES = {"auto": -1, "off": 0, "on": 1}
@@ -28,12 +29,35 @@ if TYPE_CHECKING:
 EvalCallback = Callable[[int, bool], bool]
 
 
-def _lib():
-    import llama_cpp
+@dataclass(frozen=True)
+class ContextParams:
+    """What an engine's context is made with, decided once (runtime/loader.py) and passed whole."""
 
-    llamalog.install()
-    llama_cpp.llama_backend_init()
-    return llama_cpp
+    n_ctx: int  # each sequence's
+    n_batch: int = 512
+    n_threads: int = 1
+    type_k: str = "f16"
+    type_v: str = "f16"
+    flash_attn: str = "auto"  # auto | on | off
+    op_offload: bool = True  # off: batches of host layers stay on the CPU (no GPU compute buffer)
+
+
+def _lib():
+    return ggml.llama()
+
+
+def schema_grammar(schema_json: str) -> str:
+    """llama-cpp-python's port of llama.cpp's json-schema-to-grammar (remote references never fetched)."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    return json_schema_to_gbnf(schema_json)
+
+
+def json_object_grammar() -> str:
+    """GBNF for any JSON object: llama.cpp's own json.gbnf."""
+    from llama_cpp.llama_grammar import JSON_GBNF
+
+    return JSON_GBNF
 
 
 def check_loadable(path: str | Path) -> None:
@@ -50,6 +74,40 @@ def check_loadable(path: str | Path) -> None:
     if not model:
         raise LoadError(llamalog.last_error(position) or "unknown error")
     lib.llama_model_free(model)
+
+
+class PieceTable:
+    """The bytes each token stands for, looked up once per token (special tokens render as nothing).
+
+    llama-cpp-python's own detokenizer truncates pieces longer than 32 bytes; this one does not.
+    """
+
+    def __init__(self, vocab) -> None:
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self._vocab = vocab
+        self._pieces: dict[int, bytes] = {}
+        self._buf = ctypes.create_string_buffer(256)
+
+    def __call__(self, token: int) -> bytes:
+        cached = self._pieces.get(token)
+        if cached is not None:
+            return cached
+        lib, buf = self._lib, self._buf
+        n = lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        data = buf.raw[:n]
+        self._pieces[token] = data
+        return data
+
+    def text(self, token: int) -> str:
+        """The token's own text in the vocabulary (``<|im_start|>`` for special tokens)."""
+        if token < 0:
+            return ""
+        return self._lib.llama_vocab_get_text(self._vocab, token).decode("utf-8", errors="replace")
 
 
 class NativeModel:
@@ -128,6 +186,28 @@ class NativeModel:
             buf = (lib.llama_token * capacity)()
             n = lib.llama_tokenize(self.vocab, raw, len(raw), buf, capacity, add_special, parse_special)
         return list(buf[:n])
+
+    @property
+    def n_embd(self) -> int:
+        return self._lib.llama_model_n_embd(self.ptr)
+
+    def vocabulary_difference(self, other: NativeModel, check_from: int, max_size_difference: int) -> str | None:
+        """How ``other``'s tokens mean something else than this model's (None: they do not): the
+        kind of tokenizer, the tokens that begin and end texts, the size, each token's text from
+        ``check_from`` on (llama.cpp's own test for a draft model)."""
+        lib, mine, theirs = self._lib, self.vocab, other.vocab
+        if lib.llama_vocab_type(mine) != lib.llama_vocab_type(theirs):
+            return "has another kind of tokenizer than the model"
+        if not (lib.llama_vocab_get_add_bos(mine) == lib.llama_vocab_get_add_bos(theirs)
+                and lib.llama_vocab_bos(mine) == lib.llama_vocab_bos(theirs)
+                and lib.llama_vocab_eos(mine) == lib.llama_vocab_eos(theirs)):
+            return "begins or ends texts with other tokens than the model"
+        if abs(self.n_vocab - other.n_vocab) > max_size_difference:
+            return f"has {other.n_vocab} tokens, the model {self.n_vocab}: not the same vocabulary"
+        for token in range(check_from, min(self.n_vocab, other.n_vocab)):
+            if lib.llama_vocab_get_text(mine, token) != lib.llama_vocab_get_text(theirs, token):
+                return f"token {token} differs from the model's; not the same vocabulary"
+        return None
 
     def prompt_tokens(self, text: str) -> list[int]:
         """A rendered prompt's tokens: special tokens parsed, BOS added as the vocabulary wants, once
@@ -233,6 +313,7 @@ class NativeContext:
             cause = llamalog.last_error(position) or "unknown error"
             raise LoadError(f"llama.cpp could not create a context for {model.path.name}: {cause}")
         self.n_batch = n_batch
+        self._mem = lib.llama_get_memory(self.ptr)
         self._one = (lib.llama_token * 1)()
         self._n_vocab = model.n_vocab
         # llama_get_logits_ith returning the bare address (the binding's returns a ctypes pointer,
@@ -333,6 +414,32 @@ class NativeContext:
         finally:
             lib.llama_batch_free(batch)
 
+    def decode_batch(self, batch: NativeBatch, n_tokens: int) -> int:
+        """Decode the first ``n_tokens`` of a filled batch; llama.cpp's status (0: done)."""
+        batch.ptr.n_tokens = n_tokens
+        return self._lib.llama_decode(self.ptr, batch.ptr)
+
+    def forget(self, seq_id: int, start: int) -> None:
+        """Drop a sequence's cache from position ``start`` on (a prompt reused up to there, guesses
+        not taken)."""
+        self._lib.llama_memory_seq_rm(self._mem, seq_id, start, -1)
+
+    def sample(self, sampler: Sampler, index: int) -> int:
+        """The token ``sampler`` picks from the last decode's output at batch ``index``."""
+        return self._lib.llama_sampler_sample(sampler.ptr, self.ptr, index)
+
+    def embedding(self, tokens: Sequence[int]) -> np.ndarray:
+        """The pooled embedding of ``tokens`` as one sequence (a context made with ``embeddings``)."""
+        import numpy as np
+
+        lib = self._lib
+        self.clear()
+        array = (lib.llama_token * len(tokens))(*tokens)
+        if lib.llama_decode(self.ptr, lib.llama_batch_get_one(array, len(tokens))) != 0:
+            raise EngineError("llama_decode failed while embedding")
+        ptr = lib.llama_get_embeddings_seq(self.ptr, 0)
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_embd,)).astype(np.float64)
+
     def synchronize(self) -> None:
         self._lib.llama_synchronize(self.ptr)
 
@@ -352,6 +459,141 @@ class NativeContext:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class NativeBatch:
+    """A ``llama_batch`` of up to ``capacity`` tokens over several sequences. ``arrays`` are its
+    token, position, sequence count, sequence id and output arrays, filled in place before each
+    decode (taken once: ctypes makes a new pointer object at every field access)."""
+
+    def __init__(self, capacity: int) -> None:
+        self._lib = _lib()
+        self.ptr = self._lib.llama_batch_init(capacity, 0, 1)
+        self.arrays = (self.ptr.token, self.ptr.pos, self.ptr.n_seq_id, self.ptr.seq_id, self.ptr.logits)
+
+    def close(self) -> None:
+        if self.arrays:
+            self.arrays = ()
+            self._lib.llama_batch_free(self.ptr)
+
+
+class Sampler:
+    """A llama.cpp sampler chain: how one answer picks its tokens (sampler_for builds it)."""
+
+    def __init__(self, ptr: int) -> None:
+        self._lib = _lib()
+        self.ptr = ptr
+
+    def close(self) -> None:
+        if self.ptr:
+            self._lib.llama_sampler_free(self.ptr)
+            self.ptr = None
+
+
+def grammar_parses(model: NativeModel, grammar: str) -> bool:
+    """Whether llama.cpp parses ``grammar`` (whose size and nesting runtime/grammar.py bounded)."""
+    lib = model._lib
+    probe = lib.llama_sampler_init_grammar(model.vocab, grammar.encode(), b"root")
+    if not probe:
+        return False
+    lib.llama_sampler_free(probe)
+    return True
+
+
+def sampler_for(model: NativeModel, s: SamplingOptions) -> Sampler | None:
+    """llama.cpp's sampler chain for the options, or None for plain greedy decoding, which takes
+    the largest logit itself: the same token without copying the whole vocabulary into llama.cpp's
+    candidate array at every step. A lazy grammar (one with triggers) is not part of the chain: it
+    starts later, with a chain made without its triggers."""
+    lib = model._lib
+    if s.temperature <= 0 and (not s.grammar or s.grammar_triggers) and s.repeat_penalty == 1.0 \
+            and not s.presence_penalty and not s.frequency_penalty and not s.logit_bias:
+        return None
+    n_vocab = model.n_vocab
+    chain = Sampler(lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params()))
+    try:
+        if s.logit_bias:
+            if any(not 0 <= token < n_vocab for token, _ in s.logit_bias):
+                raise UsageError(f"a logit bias names a token outside the vocabulary of {n_vocab}")
+            biases = (lib.llama_logit_bias * len(s.logit_bias))(*(lib.llama_logit_bias(t, b) for t, b in s.logit_bias))
+            lib.llama_sampler_chain_add(chain.ptr, lib.llama_sampler_init_logit_bias(n_vocab, len(biases), biases))
+        if s.grammar and not s.grammar_triggers:
+            grammar = lib.llama_sampler_init_grammar(model.vocab, s.grammar.encode(), b"root")
+            if not grammar:
+                raise UsageError("the response format could not be turned into a grammar")
+            lib.llama_sampler_chain_add(chain.ptr, grammar)
+    except BaseException:
+        chain.close()
+        raise
+    if s.repeat_penalty != 1.0 or s.presence_penalty or s.frequency_penalty:
+        lib.llama_sampler_chain_add(chain.ptr, lib.llama_sampler_init_penalties(
+            n_vocab, 64, s.repeat_penalty, s.frequency_penalty, s.presence_penalty))
+    if s.temperature <= 0:
+        lib.llama_sampler_chain_add(chain.ptr, lib.llama_sampler_init_greedy())
+        return chain
+    if s.top_k > 0:
+        lib.llama_sampler_chain_add(chain.ptr, lib.llama_sampler_init_top_k(s.top_k))
+    lib.llama_sampler_chain_add(chain.ptr, lib.llama_sampler_init_top_p(s.top_p, 1))
+    lib.llama_sampler_chain_add(chain.ptr, lib.llama_sampler_init_min_p(s.min_p, 1))
+    lib.llama_sampler_chain_add(chain.ptr, lib.llama_sampler_init_temp(s.temperature))
+    seed = DEFAULT_SEED if s.seed < 0 else s.seed & 0xFFFFFFFF
+    lib.llama_sampler_chain_add(chain.ptr, lib.llama_sampler_init_dist(seed))
+    return chain
+
+
+class QuantizeParams:
+    """``llama_model_quantize_params``, with the arrays its pointers point into kept alive beside it.
+    ``imatrix``: each weight's importance row; ``kv``: keys written into the output (int or text);
+    ``tensor_types``: (name pattern, ggml type) overrides."""
+
+    def __init__(self, ftype: int, threads: int, allow_requantize: bool, quantize_output_tensor: bool, pure: bool,
+                 output_tensor_type: int | None, token_embedding_type: int | None,
+                 imatrix: dict[str, np.ndarray] | None, kv: Sequence[tuple[str, int | str]],
+                 tensor_types: Sequence[tuple[str, int]]) -> None:
+        lib = _lib()
+        self.params = params = lib.llama_model_quantize_default_params()
+        params.nthread = threads
+        params.ftype = ftype
+        params.allow_requantize = allow_requantize
+        params.quantize_output_tensor = quantize_output_tensor
+        params.pure = pure
+        if output_tensor_type is not None:
+            params.output_tensor_type = output_tensor_type
+        if token_embedding_type is not None:
+            params.token_embedding_type = token_embedding_type
+        self._alive: list[object] = []
+        if imatrix is not None:
+            entries = (lib.llama_model_imatrix_data * (len(imatrix) + 1))()  # NULL-ended
+            for slot, (name, values) in zip(entries, imatrix.items()):
+                slot.name = name.encode()
+                slot.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+                slot.size = values.size
+            self._alive += [entries, imatrix]
+            params.imatrix = entries
+        if kv:
+            overrides = (lib.llama_model_kv_override * (len(kv) + 1))()
+            for slot, (key, value) in zip(overrides, kv):
+                slot.key = key.encode()
+                if isinstance(value, int):
+                    slot.tag, slot.value.val_i64 = lib.LLAMA_KV_OVERRIDE_TYPE_INT, value
+                else:  # llama-quantize keeps the first 127 bytes
+                    slot.tag, slot.value.val_str = lib.LLAMA_KV_OVERRIDE_TYPE_STR, value.encode()[:127]
+            self._alive.append(overrides)
+            params.kv_overrides = overrides
+        if tensor_types:
+            types = (lib.llama_model_tensor_override * (len(tensor_types) + 1))()
+            for slot, (pattern, ggml_type) in zip(types, tensor_types):
+                slot.pattern, slot.type = pattern.encode(), ggml_type
+            self._alive.append(types)
+            params.tt_overrides = types
+
+
+def quantize_model(source: Path, output: Path | None, params: QuantizeParams) -> int:
+    """llama.cpp's quantizer, from ``source`` into ``output`` (None: a dry run that reads no weight
+    and logs each tensor's size); llama.cpp's status (0: done)."""
+    params.params.dry_run = output is None
+    target = b"" if output is None else str(output).encode()
+    return _lib().llama_model_quantize(str(source).encode(), target, params.params)
 
 
 def _attach_threadpool(ctx: int, n_threads: int) -> Callable[[], None] | None:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edgellm.errors import EngineError, UsageError
-from edgellm.runtime.native import NativeContext, NativeModel
+from edgellm.runtime.native import NativeBatch, NativeContext, NativeModel
 from edgellm.runtime.text import common_prefix
 
 #: the draft's top token's probability is taken among this many likeliest (llama.cpp's draft top-k)
@@ -33,9 +33,6 @@ class Drafter:
 
     def __init__(self, model: NativeModel, n_parallel: int, n_ctx: int, n_batch: int, n_threads: int,
                  draft_max: int, p_min: float) -> None:
-        import llama_cpp
-
-        self._lib = llama_cpp
         self.model = model
         self.draft_max = draft_max
         self.p_min = p_min
@@ -43,8 +40,7 @@ class Drafter:
         self.ctx: NativeContext = model.context(n_ctx=n_ctx * n_parallel, n_batch=n_batch, n_ubatch=min(512, n_batch),
                                                 n_threads=n_threads, n_seq_max=n_parallel, swa_full=True,
                                                 n_outputs=n_parallel)  # a decode reads its last token's logits only
-        self._mem = llama_cpp.llama_get_memory(self.ctx.ptr)
-        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._batch = NativeBatch(n_batch)
         self._cached: list[list[int]] = [[] for _ in range(n_parallel)]
         self._rest = [0] * n_parallel  # steps a sequence's draft sits out after declining to guess
         self._backoff = [0] * n_parallel
@@ -61,7 +57,7 @@ class Drafter:
             return []
         cached = self._cached[seq_id]
         keep = min(common_prefix(cached, tokens), len(tokens) - 1)  # the last token is evaluated for its logits
-        self._lib.llama_memory_seq_rm(self._mem, seq_id, keep, -1)
+        self.ctx.forget(seq_id, keep)
         del cached[keep:]
         self._decode(seq_id, tokens[keep:])
         guesses: list[int] = []
@@ -84,46 +80,32 @@ class Drafter:
 
     def _decode(self, seq_id: int, tokens: Sequence[int]) -> None:
         """Append tokens to the sequence's cache, in batches, with logits for the last one."""
-        lib, batch, cached = self._lib, self._batch, self._cached[seq_id]
+        cached = self._cached[seq_id]
+        token_at, pos, n_seq_ids, seq_ids, outputs = self._batch.arrays
         for start in range(0, len(tokens), self.n_batch):
             part = tokens[start : start + self.n_batch]
             for i, token in enumerate(part):
-                batch.token[i] = token
-                batch.pos[i] = len(cached) + i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = seq_id
-                batch.logits[i] = start + i == len(tokens) - 1
-            batch.n_tokens = len(part)
-            status = lib.llama_decode(self.ctx.ptr, batch)
+                token_at[i] = token
+                pos[i] = len(cached) + i
+                n_seq_ids[i] = 1
+                seq_ids[i][0] = seq_id
+                outputs[i] = start + i == len(tokens) - 1
+            status = self.ctx.decode_batch(self._batch, len(part))
             if status != 0:
                 raise EngineError(f"the draft model's llama_decode failed with status {status}")
             cached.extend(part)
 
     def close(self) -> None:
-        self._lib.llama_batch_free(self._batch)
+        self._batch.close()
         self.ctx.close()
         self.model.close()
 
 
 def check_compatible(target: NativeModel, draft: NativeModel) -> None:
     """Refuse a draft whose tokens mean something else than the target's (llama.cpp's own test)."""
-    import llama_cpp as lib
-
-    name = draft.path.name
-    tv, dv = target.vocab, draft.vocab
-    if lib.llama_vocab_type(tv) != lib.llama_vocab_type(dv):
-        raise UsageError(f"draft {name} has another kind of tokenizer than the model")
-    same_ends = (lib.llama_vocab_get_add_bos(tv) == lib.llama_vocab_get_add_bos(dv)
-                 and lib.llama_vocab_bos(tv) == lib.llama_vocab_bos(dv)
-                 and lib.llama_vocab_eos(tv) == lib.llama_vocab_eos(dv))
-    if not same_ends:
-        raise UsageError(f"draft {name} begins or ends texts with other tokens than the model")
-    n_target, n_draft = target.n_vocab, draft.n_vocab
-    if abs(n_target - n_draft) > MAX_VOCAB_DIFFERENCE:
-        raise UsageError(f"draft {name} has {n_draft} tokens, the model {n_target}: not the same vocabulary")
-    for token in range(CHECK_FROM_TOKEN, min(n_target, n_draft)):
-        if lib.llama_vocab_get_text(tv, token) != lib.llama_vocab_get_text(dv, token):
-            raise UsageError(f"draft {name}: token {token} differs from the model's; not the same vocabulary")
+    why = target.vocabulary_difference(draft, CHECK_FROM_TOKEN, MAX_VOCAB_DIFFERENCE)
+    if why is not None:
+        raise UsageError(f"draft {draft.path.name} {why}")
 
 
 def load_drafter(path: str | Path, target: NativeModel, n_parallel: int, n_ctx: int, n_batch: int, n_threads: int,

@@ -3,46 +3,11 @@
 from __future__ import annotations
 
 import codecs
-import ctypes
 import time
 from collections.abc import Callable, Sequence
 
 from edgellm.options import SamplingOptions
 from edgellm.runtime.chunks import Chunk, Timings, TokenLogprob
-
-
-class PieceTable:
-    """The bytes each token stands for, looked up once per token (special tokens render as nothing).
-
-    llama-cpp-python's own detokenizer truncates pieces longer than 32 bytes; this one does not.
-    """
-
-    def __init__(self, vocab) -> None:
-        import llama_cpp
-
-        self._lib = llama_cpp
-        self._vocab = vocab
-        self._pieces: dict[int, bytes] = {}
-        self._buf = ctypes.create_string_buffer(256)
-
-    def __call__(self, token: int) -> bytes:
-        cached = self._pieces.get(token)
-        if cached is not None:
-            return cached
-        lib, buf = self._lib, self._buf
-        n = lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-        data = buf.raw[:n]
-        self._pieces[token] = data
-        return data
-
-    def text(self, token: int) -> str:
-        """The token's own text in the vocabulary (``<|im_start|>`` for special tokens)."""
-        if token < 0:
-            return ""
-        return self._lib.llama_vocab_get_text(self._vocab, token).decode("utf-8", errors="replace")
 
 
 class StopScanner:

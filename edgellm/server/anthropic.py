@@ -124,7 +124,7 @@ def messages_spec(body: MessagesRequest) -> GenerationSpec:
 async def count_tokens(body: CountTokensRequest, request: Request) -> dict:
     served = await asyncio.to_thread(request.app.state.pool.get, body.model)
     spec = GenerationSpec(tuple(_turns(body)), tools=_tools(body), fields=_FIELDS)
-    prompt = await asyncio.to_thread(prompt_for, spec, served)
+    prompt = await asyncio.to_thread(prompt_for, spec, served.model)
     return {"input_tokens": len(prompt)}
 
 

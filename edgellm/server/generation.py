@@ -20,7 +20,7 @@ from edgellm.server.models import Served
 async def prepared(served: Served, spec: GenerationSpec, defaults: SamplingOptions) -> Prepared:
     """A dialect's spec made ready for the served model (in a worker thread: a long conversation
     takes a while to render and tokenize)."""
-    return await asyncio.to_thread(prepare, spec, served, defaults)
+    return await asyncio.to_thread(prepare, spec, served.model, defaults)
 
 
 def text_prompts(served: Served, prompt: str | list) -> list[list[int]]:

@@ -13,55 +13,34 @@ from dataclasses import dataclass
 
 from edgellm.config import Settings
 from edgellm.errors import EdgeLLMError, LoadError, ModelNotFoundError, brief
-from edgellm.gguf.header import GGUFHeader, check_lora, read_header
 from edgellm.models import BUNDLED_NAME, ResolvedModel, load_options, resolve, store_for
 from edgellm.models.store import NAME_RE
-from edgellm.options import default_context
-from edgellm.plan.fit import Plan, fit_with_draft
-from edgellm.runtime.batch import BatchEngine
-from edgellm.runtime.native import NativeModel
-from edgellm.runtime.speculative import load_drafter
+from edgellm.plan.fit import Plan
+from edgellm.runtime.engine import Model
+from edgellm.runtime.loader import load_model, resolve_load
 from edgellm.runtime.templates import ChatTemplate
-from edgellm.system.hardware import Hardware, physical_cores
+from edgellm.system.hardware import Hardware
 
 
 @dataclass(eq=False)
 class Served:
+    """A model the server answers for: a Model loaded as every front end loads one (requests are
+    prepared for it), with its store name and when it was last asked."""
+
     name: str
-    header: GGUFHeader
-    native: NativeModel
-    engine: BatchEngine
-    template: ChatTemplate
-    plan: Plan
+    model: Model
     last_used: float
-    draft_ram: int = 0  # host memory of its draft model, if it speculates
+
+    def __post_init__(self) -> None:
+        self.header, self.native, self.engine = self.model.header, self.model.native, self.model.engine
+        self.plan: Plan = self.model.load_options.plan
 
     @property
     def ram(self) -> int:
-        return self.plan.memory.cpu + self.draft_ram
-
-    # what a request is prepared for (runtime.request.Target)
-    @property
-    def n_ctx(self) -> int:
-        return self.engine.n_ctx
-
-    @property
-    def bos_text(self) -> str:
-        return self.native.bos_text
-
-    @property
-    def eos_text(self) -> str:
-        return self.native.eos_text
-
-    def prompt_tokens(self, text: str) -> list[int]:
-        return self.native.prompt_tokens(text)
-
-    def piece(self, token: int) -> bytes:
-        return self.native.piece(token)
+        return self.plan.memory.cpu + self.model.load_options.draft_ram
 
     def close(self) -> None:
-        self.engine.close()
-        self.native.close()
+        self.model.close()
 
 
 class ModelPool:
@@ -77,6 +56,8 @@ class ModelPool:
         self.parallel = parallel
         self.keep_alive = keep_alive
         self.hardware = hardware
+        if self.fixed:  # settings it could never load with are refused now, as `run` refuses them
+            resolve_load(self.fixed.header, load_options(settings), hardware, parallel, plan=True)
         self._loaded: dict[str, Served] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -145,40 +126,12 @@ class ModelPool:
         if not model.path.is_file():  # removed (edgellm rm) while served
             raise ModelNotFoundError(f"model {model.name} is gone: {model.path.name} was removed",
                                      hint="import or pull it again, or restart the server with another model")
-        load = load_options(self.settings)
-        per_slot = load.n_ctx or default_context(model.header.context_length)
-        plan, draft = fit_with_draft(
-            model.header, read_header(load.draft) if load.draft else None, self.hardware,
-            n_ctx=per_slot * self.parallel, type_k=load.type_k, type_v=load.type_v, n_gpu_layers=load.n_gpu_layers,
-            flash_attn=load.flash_attn, n_seq=self.parallel, draft_max=load.draft_max,
-        )
-        if not plan.fits:
-            raise LoadError(f"{model.name} {plan.reason}")
-        self._make_room(plan.memory.cpu + (draft.cpu if draft else 0), plan.ram_budget)
-        if load.rpc:  # llama.cpp would abort on a worker that died since the last load
-            from edgellm.system.rpc import check_alive
-
-            check_alive(load.rpc)
-        native = NativeModel(model.path, plan.n_gpu_layers, check_lora(load.lora, model.header), load.lora_scale,
-                             load.tensor_split)
-        threads, n_batch, drafter = load.n_threads or physical_cores(), max(load.n_batch, 512), None
-        try:
-            if draft is not None:
-                drafter = load_drafter(load.draft, native, self.parallel, per_slot, n_batch, threads, load.draft_max,
-                                       load.draft_p_min, draft.n_gpu_layers)
-            engine = BatchEngine(
-                native, self.parallel, per_slot, threads, n_batch=n_batch, type_k=plan.type_k, type_v=plan.type_v,
-                flash_attn="on" if plan.flash_attn else "off", max_queue=self.max_queue, op_offload=plan.op_offload,
-                drafter=drafter,
-            )
-        except BaseException:
-            if drafter is not None:
-                drafter.close()
-            native.close()
-            raise
-        template = self.template or ChatTemplate(model.header.chat_template)
-        return Served(model.name, model.header, native, engine, template, plan,
-                      time.monotonic(), draft.cpu if draft else 0)
+        options = load_options(self.settings)
+        load = resolve_load(model.header, options, self.hardware, self.parallel, plan=True)
+        self._make_room(load.plan.memory.cpu + load.draft_ram, load.plan.ram_budget)
+        loaded = load_model(model.path, options, self.template, model.header, self.hardware, n_seq=self.parallel,
+                            threaded=True, max_queue=self.max_queue)
+        return Served(model.name, loaded, time.monotonic())
 
     def _make_room(self, needed: int, budget: int) -> None:
         """Unload idle models, least recently used first, until ``needed`` more bytes of RAM fit."""

@@ -139,8 +139,7 @@ def build_of(backends: tuple[str, ...]) -> str:
 def probe(gpu_memory: int | None = None, ram: int | None = None, rpc: tuple[str, ...] = ()) -> Hardware:
     """Look at the machine (and the devices of any RPC workers, which count as GPUs); never raises
     on a machine without a GPU."""
-    import llama_cpp
-
+    from edgellm.system import ggml
     from edgellm.system.devices import devices
 
     if rpc:
@@ -150,7 +149,7 @@ def probe(gpu_memory: int | None = None, ram: int | None = None, rpc: tuple[str,
     found = devices()
     gpus = [GPU(d.description or d.name, d.backend, d.total, d.free, device=d.name)
             for d in found if d.kind in ("gpu", "igpu")]
-    offload = bool(llama_cpp.llama_supports_gpu_offload())
+    offload = ggml.supports_gpu_offload()
     notes = []
     wanted, built = build_backend(), build_of(tuple(d.backend for d in found))
     if wanted not in ("cpu", built):
@@ -174,7 +173,7 @@ def probe(gpu_memory: int | None = None, ram: int | None = None, rpc: tuple[str,
         gpus=tuple(gpus),
         gpu_offload=offload or gpu_memory is not None,
         backends=tuple(dict.fromkeys(d.backend for d in found)),
-        system_info=llama_cpp.llama_print_system_info().decode().strip(),
+        system_info=ggml.system_info(),
         notes=tuple(notes),
     )
 

@@ -33,6 +33,7 @@ from functools import cache
 from pathlib import Path
 
 from edgellm.errors import MissingDependencyError, WorkerError, WorkerUnreachableError
+from edgellm.system import ggml
 
 PROTO_MAJOR, PROTO_MINOR = 7, 0  # RPC_PROTO_MAJOR/MINOR_VERSION in ggml-rpc.h
 CMD_HELLO = 14  # RPC_CMD_HELLO, fixed across protocol versions
@@ -78,30 +79,9 @@ def _recv(sock: socket.socket, n: int) -> bytes:
     return data
 
 
-@cache
-def _lib() -> ctypes.CDLL:
-    from edgellm.system.devices import _ggml, shipped_library
-
-    _ggml()
-    try:
-        lib = shipped_library("libggml-rpc")
-    except (FileNotFoundError, OSError):
-        raise MissingDependencyError(
-            "this llama-cpp-python build has no RPC backend",
-            hint="rebuild it with CMAKE_ARGS=-DGGML_RPC=on (`make wheel` does; pip needs --no-cache-dir "
-                 "--force-reinstall to rebuild the same version)",
-        ) from None
-    lib.ggml_backend_rpc_start_server.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t,
-                                                  ctypes.POINTER(ctypes.c_void_p)]
-    lib.ggml_backend_rpc_start_server.restype = None
-    lib.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
-    lib.ggml_backend_rpc_add_server.restype = ctypes.c_void_p
-    return lib
-
-
 def available() -> bool:
     try:
-        _lib()
+        ggml.rpc()
         return True
     except MissingDependencyError:
         return False
@@ -117,15 +97,7 @@ def connect(endpoints: tuple[str, ...], timeout: float = 5.0) -> int:
     Returns the number of remote devices. Every worker is asked HELLO first: llama.cpp would abort
     the process on one that is down or of another protocol version.
     """
-    from edgellm.system.devices import _ggml
-
-    lib, ggml = _lib(), _ggml()
-    ggml.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
-    ggml.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
-    ggml.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    ggml.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
-    ggml.ggml_backend_device_register.argtypes = [ctypes.c_void_p]
-    ggml.ggml_backend_device_register.restype = None
+    lib, registry = ggml.rpc(), ggml.registry()
     _install_abort_hook()
     with _connect_lock:
         for endpoint in endpoints:
@@ -135,9 +107,9 @@ def connect(endpoints: tuple[str, ...], timeout: float = 5.0) -> int:
             reg = lib.ggml_backend_rpc_add_server(endpoint.encode())
             if not reg:
                 raise WorkerError(f"llama.cpp could not add worker {endpoint}")
-            n = ggml.ggml_backend_reg_dev_count(reg)
+            n = registry.ggml_backend_reg_dev_count(reg)
             for i in range(n):
-                ggml.ggml_backend_device_register(ggml.ggml_backend_reg_dev_get(reg, i))
+                registry.ggml_backend_device_register(registry.ggml_backend_reg_dev_get(reg, i))
             _connected[endpoint] = n
         return sum(_connected[e] for e in endpoints)
 
@@ -167,7 +139,6 @@ def _refuses(endpoint: str) -> bool:
         return False
 
 
-_ABORT_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
 _failure_handlers: list[Callable[[WorkerError], None]] = []
 
 
@@ -182,7 +153,6 @@ def on_worker_failure(handler: Callable[[WorkerError], None]) -> None:
 def _install_abort_hook() -> object:
     """When a worker dies mid-run, llama.cpp aborts the process from its RPC thread; this turns that
     into one line naming the worker (and a clean exit status, or a parked thread), not a core dump."""
-    from edgellm.system.devices import _ggml
 
     def on_abort(message: bytes | None) -> None:
         text = (message or b"").decode(errors="replace").strip().splitlines()
@@ -203,11 +173,8 @@ def _install_abort_hook() -> object:
         sys.stderr.flush()
         os._exit(1)
 
-    hook = _ABORT_CALLBACK(on_abort)
-    ggml = _ggml()
-    ggml.ggml_set_abort_callback.argtypes = [_ABORT_CALLBACK]
-    ggml.ggml_set_abort_callback.restype = ctypes.c_void_p
-    ggml.ggml_set_abort_callback(hook)
+    hook = ggml.ABORT_CALLBACK(on_abort)
+    ggml.registry().ggml_set_abort_callback(hook)
     return hook  # kept alive by the cache: ggml calls it from its own threads
 
 
@@ -217,18 +184,14 @@ def serve(host: str, port: int, threads: int, cache_dir: Path | None, stop: thre
     llama.cpp's server loop never returns, so it runs in a daemon thread; the caller's thread
     waits on ``stop`` and stays able to take Ctrl-C.
     """
-    from edgellm.system.devices import _ggml
-
-    lib, ggml = _lib(), _ggml()
+    lib, registry = ggml.rpc(), ggml.registry()
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
     except OSError as exc:
         raise WorkerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
-    ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
-    cpu = ggml.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+    cpu = registry.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
     devices = (ctypes.c_void_p * 1)(cpu)
     endpoint = f"{host}:{port}".encode()
     cache = str(cache_dir).encode() if cache_dir else None

@@ -90,7 +90,7 @@ class ChatScreen(Screen):
     @work(thread=True, exclusive=True, group="model")
     def _load(self) -> None:
         from edgellm.models import load_options, resolve
-        from edgellm.runtime.engine import load_model
+        from edgellm.runtime.loader import load_model
 
         try:
             settings = self.app.settings_for(self.model_name)

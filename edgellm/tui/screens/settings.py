@@ -96,7 +96,7 @@ class SettingsScreen(ModalScreen[bool]):
         from edgellm.errors import ConfigError, EdgeLLMError
         from edgellm.models import load_options, resolve
         from edgellm.plan.fit import fit_load
-        from edgellm.runtime.engine import resolve_load
+        from edgellm.runtime.loader import resolve_load
 
         try:
             settings = self._settings()
