@@ -671,8 +671,10 @@ def test_reopen_a_saved_conversation(home: Path) -> None:
             await pilot.press("h")
             rows = app.screen.query_one("#conversations", DataTable)
             assert rows.row_count == 1 and [str(c) for c in rows.get_row_at(0)[1:]] == ["smollm2-135m-instruct", "2", "Remember the word banana."]
+            history = app.screen
             await pilot.press("enter")
             assert isinstance(app.screen, ChatScreen)
+            assert app.screen.conversations is history.conversations is app.conversations  # one database
             assert [m.role for m in app.screen.history] == ["user", "assistant"]
             assert str(app.screen.query(Static).filter(".user").first().render()) == "Remember the word banana."
             assert "banana" in app.screen.query(Markdown).last()._markdown
@@ -687,6 +689,8 @@ def test_reopen_a_saved_conversation(home: Path) -> None:
             rows = app.screen.query_one("#conversations", DataTable)
             assert rows.get_row_at(0)[1:3] == ["smollm2-135m-instruct", "4"]
         assert len(saved.load(cid)) == 4  # the same conversation goes on
+        with pytest.raises(sqlite3.ProgrammingError, match="closed"):  # the app closed it as it ended
+            app.conversations.db.execute("SELECT 1")
 
     run(body())
 

@@ -15,8 +15,9 @@ from textual.screen import Screen
 from edgellm.config import Settings
 from edgellm.models import store_for
 from edgellm.models.store import Store
+from edgellm.tui.conversations import Conversations
 from edgellm.tui.errors import described
-from edgellm.tui.messages import Done
+from edgellm.tui.messages import Imported, ImportFailed
 
 
 class EdgeApp(App):
@@ -28,16 +29,16 @@ class EdgeApp(App):
         super().__init__()
         self.settings = settings
         self.store: Store = store_for(settings)
-        self._hardware = None
+        self.hardware = None  # probed as the app starts, before any worker asks
+        self._conversations: Conversations | None = None
 
     @property
-    def hardware(self):
-        """Probed once: the planner's view of this machine (budgets from settings applied)."""
-        if self._hardware is None:
-            from edgellm.system.hardware import probe
-
-            self._hardware = probe(self.settings.gpu_memory, self.settings.ram)
-        return self._hardware
+    def conversations(self) -> Conversations:
+        """The saved conversations, one database for every screen, opened on first use and closed
+        when the app ends."""
+        if self._conversations is None:
+            self._conversations = Conversations(self.settings.home / "conversations.db")
+        return self._conversations
 
     def settings_for(self, model: str, presets: dict[str, dict] | None = None) -> Settings:
         """The app's settings with ``model``'s preset (presets.toml) on top: what its chat loads and
@@ -49,9 +50,17 @@ class EdgeApp(App):
         return self.settings.with_values(table, f"{FILE} [{model}]")
 
     def on_mount(self) -> None:
+        from edgellm.system.hardware import probe
         from edgellm.tui.screens.library import LibraryScreen
 
+        # the planner's view of this machine (budgets from settings applied), once, here: workers
+        # that read it never probe it twice at once
+        self.hardware = probe(self.settings.gpu_memory, self.settings.ram)
         self.push_screen(LibraryScreen())
+
+    def on_unmount(self) -> None:
+        if self._conversations is not None:
+            self._conversations.close()
 
     def action_help(self) -> None:
         from edgellm.tui.screens.help import HelpScreen
@@ -75,20 +84,20 @@ class EdgeApp(App):
         message = described(exc)
         self.notify(message, severity="error", timeout=8)
 
-    def imported(self, message: Done) -> None:
-        """What an import's end shows, whichever screen asked for it."""
-        if message.error is not None:
-            self.report(message.error)
-        else:
-            self.notify(f"imported {message.result.name}")
-
     @work(thread=True, group="import")
     def import_file(self, path: str, reply_to: MessagePump) -> None:
         """Add a local .gguf to the store off the UI thread (validating and hashing take a while);
-        ``reply_to`` (the screen that asked) gets a Done("import") with the entry or the error."""
+        ``reply_to`` (the screen that asked) gets Imported or ImportFailed. The app says which."""
         try:
             entry = self.store.import_gguf(Path(path).expanduser())
         except Exception as exc:
-            reply_to.post_message(Done("import", error=exc))
+            reply_to.post_message(ImportFailed(exc))
         else:
-            reply_to.post_message(Done("import", entry))
+            reply_to.post_message(Imported(entry))
+
+    # an import's end bubbles up here from the screen that asked, after that screen's own handler
+    def on_imported(self, message: Imported) -> None:
+        self.notify(f"imported {message.entry.name}")
+
+    def on_import_failed(self, message: ImportFailed) -> None:
+        self.report(message.error)

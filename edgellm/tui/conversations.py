@@ -25,6 +25,9 @@ class Conversations:
             with self.db:
                 self.db.execute("ALTER TABLE conversations ADD COLUMN title TEXT")
 
+    def close(self) -> None:
+        self.db.close()
+
     def new(self, model: str) -> int:
         with self.db:
             return self.db.execute("INSERT INTO conversations (model, created) VALUES (?, ?)", (model, time.time())).lastrowid

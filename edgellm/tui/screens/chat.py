@@ -8,7 +8,7 @@ import threading
 import time
 
 from rich.text import Text
-from textual import work
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
@@ -18,7 +18,7 @@ from textual.widgets import Collapsible, Footer, Markdown, Static
 
 from edgellm.runtime.templates import Message
 from edgellm.tui.conversations import Conversations
-from edgellm.tui.messages import AnswerSoFar, Done
+from edgellm.tui.messages import Answered, AnswerFailed, AnswerSoFar, Loaded, LoadFailed
 from edgellm.tui.widgets import PromptArea
 
 UPDATE_EVERY = 0.05  # seconds between redraws of a streaming answer
@@ -59,7 +59,6 @@ class ChatScreen(Screen):
         self.idle = threading.Event()  # no answer being generated: the model may be closed
         self.idle.set()
         self.generating = False
-        self.conversations: Conversations | None = None
         self.conversation = conversation
         self.read_only = read_only
         self._code_turn = 0  # Ctrl+O: how many of the last answer's code blocks, from the end, were copied
@@ -74,7 +73,7 @@ class ChatScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.conversations = Conversations(self.app.settings.home / "conversations.db")
+        self.conversations: Conversations = self.app.conversations
         if self.conversation is not None:
             self.history = self.conversations.load(self.conversation)
             transcript = self.query_one("#transcript", VerticalScroll)
@@ -98,30 +97,22 @@ class ChatScreen(Screen):
             model = load_model(resolved.path, load_options(settings), None, resolved.header,
                                self.app.hardware)
         except Exception as exc:
-            self.post_message(Done("load", error=exc))
+            self.post_message(LoadFailed(exc))
         else:
-            self.post_message(Done("load", model))
+            self.post_message(Loaded(model))
 
-    def on_done(self, message: Done) -> None:
-        """A worker's end (the load, or an answer), on the app's thread."""
-        if message.what == "load" and message.error is not None:
-            self._failed(message.error)
-        elif message.what == "load":
-            self._loaded(message.result)
-        elif message.error is not None:
-            self._answer_failed(message.error)
-        else:
-            self._answered(*message.result)
-
-    def _failed(self, exc: BaseException) -> None:
+    @on(LoadFailed)
+    def _failed(self, message: LoadFailed) -> None:
         """The chat cannot go on: say why and the way out, instead of a prompt still 'loading'."""
+        exc = message.error
         self.app.report(exc)
         self._status(f"could not load {self.model_name}: {getattr(exc, 'message', exc)}")  # the reason; the hint is in the notification
         self.query_one("#prompt", PromptArea).placeholder = (
             f"{self.model_name} could not be loaded: Ctrl-B goes back to the library, where s changes its settings")
 
-    def _loaded(self, model) -> None:
-        self.model = model
+    @on(Loaded)
+    def _loaded(self, message: Loaded) -> None:
+        self.model = model = message.model
         load = model.load_options
         where = "CPU" if not load.n_gpu_layers else f"{load.n_gpu_layers} GPU layers"
         template = model.template
@@ -231,11 +222,11 @@ class ChatScreen(Screen):
                     last_draw = now
                     self.post_message(AnswerSoFar("".join(pieces), "".join(thoughts)))
         except Exception as exc:
-            self.post_message(Done("answer", error=exc))
+            self.post_message(AnswerFailed(exc))
             return
         finally:
             self.idle.set()
-        self.post_message(Done("answer", ("".join(pieces), final)))
+        self.post_message(Answered("".join(pieces), final))
 
     def on_answer_so_far(self, message: AnswerSoFar) -> None:
         if not self.is_attached or self._answer is None:
@@ -250,14 +241,18 @@ class ChatScreen(Screen):
         self._answer.update(message.text)
         self.query_one("#transcript", VerticalScroll).scroll_end(animate=False)
 
-    def _answer_failed(self, exc: BaseException) -> None:
+    @on(AnswerFailed)
+    def _answer_failed(self, message: AnswerFailed) -> None:
+        exc = message.error
         self.generating = False
         if not self.is_attached:
             return
         self.history.pop()
         self.app.report(exc)
 
-    def _answered(self, text: str, final) -> None:
+    @on(Answered)
+    def _answered(self, message: Answered) -> None:
+        text, final = message.text, message.last
         self.generating = False
         if not self.is_attached:
             return

@@ -11,13 +11,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rich.text import Text
-from textual import work
+from textual import on, work
 from textual.app import ComposeResult
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, ProgressBar, Static
 
 from edgellm.gguf.header import human_bytes
-from edgellm.tui.messages import Done, JobStep
+from edgellm.tui.messages import (
+    Added,
+    BrowseFailed,
+    Imported,
+    Inspected,
+    JobFailed,
+    JobStep,
+    Judged,
+    Listed,
+    Planned,
+    Searched,
+)
 from edgellm.tui.progress import StageClock
 from edgellm.workflows import Job
 
@@ -91,11 +102,13 @@ class GetModelScreen(Screen):
         try:
             hits = search(text, self.app.store, limit=30)
         except Exception as exc:
-            self.post_message(Done("search", error=exc))
+            self.post_message(BrowseFailed(exc))
         else:
-            self.post_message(Done("search", (text, hits)))
+            self.post_message(Searched(text, hits))
 
-    def _show_hits(self, text: str, hits: list) -> None:
+    @on(Searched)
+    def _show_hits(self, message: Searched) -> None:
+        text, hits = message.text, message.hits
         self.repo, self.listing, self.folder, self.searched = None, None, None, True
         table = self._table(SEARCH_COLUMNS)
         for hit in hits:
@@ -115,7 +128,7 @@ class GetModelScreen(Screen):
             verdicts = {quant: plan.verdict() for quant, plan in plans.items()}
         except Exception:
             verdicts = dict.fromkeys(listing.gguf, "?")  # the listing stands; only the verdicts are unknown
-        self.post_message(Done("fits", (repo, verdicts)))
+        self.post_message(Judged(verdicts, scope=repo))
 
     @work(thread=True, exclusive=True, group="browse")
     def _inspect_folder(self, path: Path) -> None:
@@ -128,9 +141,9 @@ class GetModelScreen(Screen):
                 config, shapes = ckpt.config, {name: ref.shape for name, ref in ckpt.tensors.items()}
             found = self._sized(config, shapes)
         except Exception as exc:
-            self.post_message(Done("inspect", error=exc))
+            self.post_message(BrowseFailed(exc))
         else:
-            self.post_message(Done("inspect", (None, None, path, *found)))
+            self.post_message(Inspected(path, *found))
 
     def _sized(self, config: dict, shapes: dict) -> tuple[int, dict[str, tuple[int, str]]]:
         """(parameters, (size, fit verdict) per target) of a checkpoint's conversions."""
@@ -152,43 +165,43 @@ class GetModelScreen(Screen):
             checkpoint = remote_checkpoint(repo, listing, self.app.store) if listing.is_checkpoint else None
             found = self._sized(*checkpoint) if checkpoint else None
         except Exception as exc:
-            self.post_message(Done("list", error=exc))
+            self.post_message(BrowseFailed(exc))
         else:
-            self.post_message(Done("list", (repo, listing, checkpoint, found)))
+            self.post_message(Listed(repo, listing, checkpoint, found))
 
-    def on_done(self, message: Done) -> None:
-        """Every worker's end, on the app's thread."""
-        if message.what == "import":
-            self.app.imported(message)
-            if message.error is None:
-                self._status(f"imported {message.result.name}")
-        elif message.what == "plan":  # before a download: whether it will fit this machine
-            plan = message.result
-            if not plan.fits:
-                self.app.notify(f"this will not fit this machine: {plan.reason}; downloading anyway (Esc stops)",
-                                severity="warning", timeout=10)
-        elif message.what == "fits":
-            repo, verdicts = message.result
-            table = self.query_one(DataTable)
-            if repo == self.repo and self.listing is None and "fits" in table.columns:
-                for quant, verdict in verdicts.items():
-                    if quant in table.rows:
-                        table.update_cell(quant, "fits", verdict, update_width=True)
-        elif message.what in ("inspect", "list", "search"):
-            if message.error is not None:
-                self.app.report(message.error)
-                self._status(str(message.error))
-            elif message.what == "inspect":
-                self._show_conversion(*message.result)
-            elif message.what == "search":
-                self._show_hits(*message.result)
-            else:
-                self._listed(*message.result)
-        else:
-            self._finish(message.result, message.error, message.what)
+    # each worker's end, on the app's thread
+    @on(Imported)
+    def _imported(self, message: Imported) -> None:
+        self._status(f"imported {message.entry.name}")  # the app notifies
 
-    def _listed(self, repo: str, listing, checkpoint: tuple[dict, dict] | None,
-                found: tuple[int, dict[str, int]] | None) -> None:
+    @on(Planned)
+    def _planned(self, message: Planned) -> None:
+        """Before a download: whether it will fit this machine."""
+        plan = message.plan
+        if not plan.fits:
+            self.app.notify(f"this will not fit this machine: {plan.reason}; downloading anyway (Esc stops)",
+                            severity="warning", timeout=10)
+
+    @on(Judged)
+    def _judged(self, message: Judged) -> None:
+        table = self.query_one(DataTable)
+        if message.scope == self.repo and self.listing is None and "fits" in table.columns:
+            for quant, verdict in message.verdicts.items():
+                if quant in table.rows:
+                    table.update_cell(quant, "fits", verdict, update_width=True)
+
+    @on(BrowseFailed)
+    def _browse_failed(self, message: BrowseFailed) -> None:
+        self.app.report(message.error)
+        self._status(str(message.error))
+
+    @on(Inspected)
+    def _inspected(self, message: Inspected) -> None:
+        self._show_conversion(None, None, message.folder, message.parameters, message.sized)
+
+    @on(Listed)
+    def _listed(self, message: Listed) -> None:
+        repo, listing, checkpoint, found = message.repo, message.listing, message.checkpoint, message.found
         self.checkpoint = checkpoint
         if found is not None:
             self._show_conversion(repo, listing, None, *found)
@@ -270,16 +283,23 @@ class GetModelScreen(Screen):
         waiting = f" · then {', '.join(what for what, _ in self.queue)}" if self.queue else ""
         self._status(self.clock.describe(step) + waiting)
 
-    def _finish(self, entry=None, exc: BaseException | None = None, what: str = "") -> None:
+    @on(JobFailed)
+    def _job_failed(self, message: JobFailed) -> None:
+        self.app.report(message.error)
+        self._status(f"{message.what}: {message.error}")
+        self._next()
+
+    @on(Added)
+    def _added(self, message: Added) -> None:
+        bar = self.query_one("#progress", ProgressBar)
+        bar.update(total=bar.total or 1, progress=bar.total or 1)  # done, even if no byte was reported
+        self._status(f"added {message.entry.name}")
+        self.app.notify(f"added {message.entry.name}")
+        self._next()
+
+    def _next(self) -> None:
+        """A job has ended: the next one queued starts."""
         self.busy = False
-        if exc is not None:
-            self.app.report(exc)
-            self._status(f"{what}: {exc}")
-        else:
-            bar = self.query_one("#progress", ProgressBar)
-            bar.update(total=bar.total or 1, progress=bar.total or 1)  # done, even if no byte was reported
-            self._status(f"added {entry.name}")
-            self.app.notify(f"added {entry.name}")
         if self.queue:
             self.queue.popleft()[1]()
 
@@ -291,7 +311,7 @@ class GetModelScreen(Screen):
 
         def pull():
             # the verdict first, from the remote header alone, as `edgellm pull` gives it
-            self.post_message(Done("plan", plan_remote_gguf(ref, store, hardware, load=load)[1]))
+            self.post_message(Planned(plan_remote_gguf(ref, store, hardware, load=load)[1]))
             return pull_gguf(ref, store, job)
 
         self._run(ref, pull)
@@ -308,7 +328,7 @@ class GetModelScreen(Screen):
             hardware, load = self.app.hardware, self.app.settings.load
 
             def pull():  # planned from the config and shapes the listing read: nothing fetched twice
-                self.post_message(Done("plan", plan_conversion(*checkpoint, hardware, quant or "F16", load)))
+                self.post_message(Planned(plan_conversion(*checkpoint, hardware, quant or "F16", load)))
                 return pull_and_convert(repo, listing, store, keep, job, quant=quant, lora=adapters)[1]
 
             self._run("conversion", pull)
@@ -320,9 +340,9 @@ class GetModelScreen(Screen):
         try:
             entry = call()
         except Exception as exc:
-            self.post_message(Done(what, error=exc))
+            self.post_message(JobFailed(exc, what))
         else:
-            self.post_message(Done(what, entry))
+            self.post_message(Added(entry))
 
     def action_cancel(self) -> None:
         """Esc stops the work under way and drops what was queued after it; idle, it goes back."""

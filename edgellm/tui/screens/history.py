@@ -30,7 +30,7 @@ class HistoryScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.conversations = Conversations(self.app.settings.home / "conversations.db")
+        self.conversations: Conversations = self.app.conversations
         table = self.query_one(DataTable)
         table.add_columns("WHEN", "MODEL", "MESSAGES", "TITLE")
         self.refresh_list()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rich.text import Text
-from textual import work
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
@@ -11,7 +11,7 @@ from textual.widgets import DataTable, Footer, Static
 
 from edgellm.errors import ConfigError
 from edgellm.gguf.header import format_params, human_bytes
-from edgellm.tui.messages import Done
+from edgellm.tui.messages import Imported, ImportFailed, Judged
 
 
 class LibraryScreen(Screen):
@@ -83,17 +83,19 @@ class LibraryScreen(Screen):
                                        self.app.settings_for(entry.name, presets).load).verdict()
                 except Exception:
                     pass  # a file the planner cannot read: no verdict, and the library goes on
-            self.post_message(Done("fit", (entry.name, verdict)))
+            self.post_message(Judged({entry.name: verdict}))
 
-    def on_done(self, message: Done) -> None:
-        if message.what == "import":
-            self.app.imported(message)
-            self.action_refresh()
-            return
-        name, verdict = message.result
+    @on(Imported)
+    @on(ImportFailed)
+    def _imported(self) -> None:
+        self.action_refresh()  # the app says how it went
+
+    @on(Judged)
+    def _judged(self, message: Judged) -> None:
         table = self.query_one(DataTable)
-        if name in table.rows:
-            table.update_cell(name, "fits", verdict, update_width=True)
+        for name, verdict in message.verdicts.items():
+            if name in table.rows:
+                table.update_cell(name, "fits", verdict, update_width=True)
 
     def selected(self) -> str | None:
         table = self.query_one(DataTable)

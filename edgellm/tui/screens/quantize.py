@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from textual import work
+from textual import on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
@@ -15,7 +15,7 @@ from textual.widgets import Checkbox, DataTable, Input, Label, ProgressBar
 
 from edgellm.gguf.header import human_bytes
 from edgellm.tui.errors import described
-from edgellm.tui.messages import Done, JobStep, Sized
+from edgellm.tui.messages import Added, JobFailed, JobStep, Sized, SizingDone
 from edgellm.tui.progress import StageClock
 
 
@@ -104,7 +104,7 @@ class QuantizeScreen(ModalScreen[str | None]):
                 except Exception:  # a type this model cannot take: its size stays blank
                     continue
             self.post_message(Sized(qtype.name, size))
-        self.post_message(Done("sizes"))
+        self.post_message(SizingDone())
 
     def on_sized(self, message: Sized) -> None:
         self.sizes[message.key] = message.size
@@ -175,9 +175,9 @@ class QuantizeScreen(ModalScreen[str | None]):
             _, entry = quantize_into_store(store, self.model_name, self.header, quant_type(type_name), job,
                                            name=name, imatrix=matrix)
         except Exception as exc:
-            self.post_message(Done("quantize", error=exc))
+            self.post_message(JobFailed(exc, "quantize"))
         else:
-            self.post_message(Done("quantize", entry))
+            self.post_message(Added(entry))
 
     def on_job_step(self, message: JobStep) -> None:
         step = message.step
@@ -186,17 +186,21 @@ class QuantizeScreen(ModalScreen[str | None]):
         bar.update(total=step.total, progress=step.done)
         self.query_one("#quant-status", Label).update(self.clock.describe(step))
 
-    def on_done(self, message: Done) -> None:
-        if message.what == "sizes":
-            self.measured = True
-            return
+    @on(SizingDone)
+    def _measured(self) -> None:
+        self.measured = True
+
+    @on(JobFailed)
+    def _failed(self, message: JobFailed) -> None:
         self.busy = False
-        if message.error is not None:
-            self.app.report(message.error)
-            self.query_one("#quant-status", Label).update(described(message.error))
-        else:
-            self.app.notify(f"quantized {message.result.name}")
-            self.dismiss(message.result.name)
+        self.app.report(message.error)
+        self.query_one("#quant-status", Label).update(described(message.error))
+
+    @on(Added)
+    def _added(self, message: Added) -> None:
+        self.busy = False
+        self.app.notify(f"quantized {message.entry.name}")
+        self.dismiss(message.entry.name)
 
     def action_cancel(self) -> None:
         if self.busy:

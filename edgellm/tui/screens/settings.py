@@ -9,7 +9,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select
 
 from edgellm.options import KV_TYPES
-from edgellm.tui.messages import Done
+from edgellm.tui.messages import Estimated
 
 KV_CHOICES = [(name, name) for name in ("auto", *KV_TYPES)]
 
@@ -112,13 +112,13 @@ class SettingsScreen(ModalScreen[bool]):
             text, warn = f"will not load: {exc.in_app()}", True
         except Exception as exc:
             text, warn = f"invalid: {exc}", True
-        self.post_message(Done("estimate", (text, warn)))
+        self.post_message(Estimated(text, warn))
 
-    def on_done(self, message: Done) -> None:
-        text, warn = message.result
+    @on(Estimated)
+    def _estimated(self, message: Estimated) -> None:
         label = self.query_one("#estimate", Label)
-        label.update(text)
-        label.set_class(warn, "warning")
+        label.update(message.text)
+        label.set_class(message.warn, "warning")
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id != "apply":
