@@ -19,11 +19,14 @@ from edgellm.runtime.chunks import Chunk, joined
 from edgellm.runtime.request import CallRules, GenerationSpec, prompt_for
 from edgellm.runtime.templates import Message
 from edgellm.runtime.tools import MAX_TOOLS, Tool, ToolCall
-from edgellm.server.generation import chunks, prepared
+from edgellm.server.bodies import anthropic_error
+from edgellm.server.generation import chunks, prepared, served_model
 from edgellm.server.schemas import MAX_MESSAGES, MAX_NAME, Body, text_of
 from edgellm.server.streaming import EventStream
 
 router = APIRouter()
+#: the error bodies this API's clients read
+ERRORS = anthropic_error
 
 
 class Block(Body):
@@ -122,7 +125,7 @@ def messages_spec(body: MessagesRequest) -> GenerationSpec:
 
 @router.post("/messages/count_tokens")
 async def count_tokens(body: CountTokensRequest, request: Request) -> dict:
-    served = await asyncio.to_thread(request.app.state.pool.get, body.model)
+    served = await served_model(request, body.model)
     spec = GenerationSpec(tuple(_turns(body)), tools=_tools(body), fields=_FIELDS)
     prompt = await asyncio.to_thread(prompt_for, spec, served.model)
     return {"input_tokens": len(prompt)}
@@ -130,7 +133,7 @@ async def count_tokens(body: CountTokensRequest, request: Request) -> dict:
 
 @router.post("/messages")
 async def messages(body: MessagesRequest, request: Request):
-    served = await asyncio.to_thread(request.app.state.pool.get, body.model)
+    served = await served_model(request, body.model)
     ready = await prepared(served, messages_spec(body), request.app.state.config.defaults)
     reply = Reply(served.name, len(ready.prompt), ready.calls)
     stream = chunks(ready.request(), served)

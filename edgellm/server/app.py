@@ -52,7 +52,7 @@ class BodyLimit:
         state = {"read": 0, "refused": False}
 
         def too_large() -> JSONResponse:
-            return error_for(scope["path"], 413, f"request body over {self.limit} bytes", "body_too_large")
+            return error_for(scope, 413, f"request body over {self.limit} bytes", "body_too_large")
 
         length = dict(scope.get("headers") or ()).get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.limit:
@@ -97,11 +97,20 @@ def create_app(pool: ModelPool, config: ServerConfig) -> FastAPI:
         app.add_exception_handler(kind, handler)
     for path in HEALTH:
         app.get(path)(health)
-    for router in (openai.router, responses.router, anthropic.router):
-        app.include_router(router, prefix="/v1")
-        app.include_router(router)
-    app.include_router(ollama.router)
+    app.state.error_shapes = []  # (route, the shape of its errors): bodies.error_for reads it
+    for dialect, prefixes in DIALECTS:
+        app.state.error_shapes += [(route, dialect.ERRORS) for route in dialect.router.routes]  # as routed
+        for prefix in prefixes:
+            before = len(app.router.routes)
+            app.include_router(dialect.router, prefix=prefix)
+            app.state.error_shapes += [(route, dialect.ERRORS) for route in app.router.routes[before:]]  # as mounted
+    app.state.responses = responses.Kept()
     return app
+
+
+#: each API dialect, and the prefixes its routes are served under (OpenAI clients are configured
+#: with either base URL; Ollama's routes are its own)
+DIALECTS = ((openai, ("/v1", "")), (responses, ("/v1", "")), (anthropic, ("/v1", "")), (ollama, ("",)))
 
 
 class Guard:
@@ -125,15 +134,15 @@ class Guard:
         headers = scope.get("headers") or ()
         hosts = [value for name, value in headers if name == b"host"]
         if len(hosts) > 1:  # which one a proxy or this server reads differs: a check of one means nothing
-            return error_for(scope["path"], 400, "a request must carry one Host header", "invalid_request")
+            return error_for(scope, 400, "a request must carry one Host header", "invalid_request")
         host = hosts[0].decode("latin-1") if hosts else ""
         if config.loopback_only and _host_name(host) not in LOOPBACK_NAMES:
-            return error_for(scope["path"], 403, "this server answers only requests addressed to a loopback name",
+            return error_for(scope, 403, "this server answers only requests addressed to a loopback name",
                              "host_not_allowed")
         if config.api_key and scope["path"] not in HEALTH:
             wanted = {b"authorization": f"Bearer {config.api_key}".encode(), b"x-api-key": config.api_key.encode()}
             if not any(hmac.compare_digest(value, wanted[name]) for name, value in headers if name in wanted):
-                return error_for(scope["path"], 401,
+                return error_for(scope, 401,
                                  "missing or wrong API key (Authorization: Bearer KEY, or x-api-key: KEY)",
                                  "invalid_api_key")
         return None
@@ -225,7 +234,7 @@ async def health(request: Request) -> dict:
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Unknown routes, wrong methods, unreadable bodies: error bodies too."""
     codes = {404: "not_found", 405: "method_not_allowed"}
-    return error_for(request.url.path, exc.status_code, str(exc.detail), codes.get(exc.status_code, "invalid_request"),
+    return error_for(request.scope, exc.status_code, str(exc.detail), codes.get(exc.status_code, "invalid_request"),
                      headers=getattr(exc, "headers", None))
 
 
@@ -233,16 +242,16 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
     message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
-    return error_for(request.url.path, 400, message, "invalid_request")
+    return error_for(request.scope, 400, message, "invalid_request")
 
 
 async def _known(request: Request, exc: EdgeLLMError) -> JSONResponse:
     headers = {"Retry-After": "2"} if isinstance(exc, QueueFullError) else None
-    return error_for(request.url.path, exc.http_status, str(exc), exc.code, headers=headers)
+    return error_for(request.scope, exc.http_status, str(exc), exc.code, headers=headers)
 
 
 async def _unknown(request: Request, exc: Exception) -> JSONResponse:
-    return error_for(request.url.path, 500, f"internal error: {type(exc).__name__}", "internal_error")
+    return error_for(request.scope, 500, f"internal error: {type(exc).__name__}", "internal_error")
 
 
 #: every failure becomes an OpenAI error body; the error table (errors.SHOWN) gives ours their status

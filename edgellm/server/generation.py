@@ -9,12 +9,20 @@ import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
+from fastapi import Request
+
 from edgellm.errors import UsageError, brief
 from edgellm.options import SamplingOptions
 from edgellm.runtime.batch import GenerationRequest
 from edgellm.runtime.chunks import Chunk
 from edgellm.runtime.request import GenerationSpec, Prepared, prepare
 from edgellm.server.models import Served
+
+
+async def served_model(request: Request, name: str | None) -> Served:
+    """The served model a request names, loaded if it is not (in a worker thread: a load takes a
+    while, and the event loop goes on answering others)."""
+    return await asyncio.to_thread(request.app.state.pool.get, name)
 
 
 async def prepared(served: Served, spec: GenerationSpec, defaults: SamplingOptions) -> Prepared:

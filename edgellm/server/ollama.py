@@ -21,11 +21,14 @@ from edgellm.runtime.chunks import Chunk, joined
 from edgellm.runtime.request import CallRules, GenerationSpec
 from edgellm.runtime.templates import Message
 from edgellm.runtime.tools import MAX_TOOLS, Tool, ToolCall
-from edgellm.server.generation import chunks, prepared
+from edgellm.server.bodies import ollama_error
+from edgellm.server.generation import chunks, prepared, served_model
 from edgellm.server.schemas import MAX_EMBED_INPUTS, MAX_MESSAGES, MAX_NAME, Body, ToolDef
 from edgellm.server.streaming import EventStream
 
 router = APIRouter(prefix="/api")
+#: the error bodies this API's clients read
+ERRORS = ollama_error
 
 #: the Ollama API version these routes follow (apps check it before using newer fields)
 OLLAMA_VERSION = "0.9.0"
@@ -127,7 +130,7 @@ async def ps(request: Request) -> dict:
 @router.post("/embed")
 async def embed(body: EmbedRequest, request: Request) -> dict:
     started = time.perf_counter_ns()
-    served = await asyncio.to_thread(request.app.state.pool.get, body.model)
+    served = await served_model(request, body.model)
     texts = [body.input] if isinstance(body.input, str) else body.input
     vectors = await asyncio.to_thread(served.engine.embed, texts)
     return {"model": served.name, "embeddings": [v for v, _ in vectors], "total_duration": time.perf_counter_ns() - started,
@@ -136,7 +139,7 @@ async def embed(body: EmbedRequest, request: Request) -> dict:
 
 @router.post("/chat")
 async def chat(body: ChatRequest, request: Request):
-    served = await asyncio.to_thread(request.app.state.pool.get, body.model)
+    served = await served_model(request, body.model)
     turns = tuple(_turn(m) for m in body.messages)
     if not turns:  # Ollama loads the model for an empty chat and says it is done
         return {"model": served.name, "created_at": _iso(time.time()), "message": {"role": "assistant", "content": ""},
@@ -147,7 +150,7 @@ async def chat(body: ChatRequest, request: Request):
 
 @router.post("/generate")
 async def generate(body: GenerateRequest, request: Request):
-    served = await asyncio.to_thread(request.app.state.pool.get, body.model)
+    served = await served_model(request, body.model)
     if body.images:
         raise UsageError("the served models read text only; this request has images")
     if body.raw:

@@ -12,11 +12,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from edgellm.errors import ModelNotFoundError, UsageError, brief
-from edgellm.server.encoders import ChatEncoder, TextEncoder, respond
 from edgellm.runtime.request import GenerationSpec
 from edgellm.runtime.templates import Message
 from edgellm.runtime.tools import Tool, ToolCall
-from edgellm.server.generation import chunks, openai_sampling, prepared, text_prompts
+from edgellm.server.bodies import openai_error
+from edgellm.server.encoders import ChatEncoder, TextEncoder, respond
+from edgellm.server.generation import chunks, openai_sampling, prepared, served_model, text_prompts
 from edgellm.server.schemas import (
     MAX_CHOICES,
     ChatCompletionRequest,
@@ -27,6 +28,8 @@ from edgellm.server.schemas import (
 
 #: mounted at /v1 and at the root, as OpenAI clients configured with either base URL call it
 router = APIRouter()
+#: the error bodies this API's clients read
+ERRORS = openai_error
 
 
 def _model_object(name: str) -> dict:
@@ -49,7 +52,7 @@ async def model(name: str, request: Request) -> dict:
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    served = await asyncio.to_thread(request.app.state.pool.get, body.model)
+    served = await served_model(request, body.model)
     spec = chat_spec(body)
     ready = await prepared(served, spec, request.app.state.config.defaults)
     top = (body.top_logprobs or 0) if body.logprobs else None
@@ -88,7 +91,7 @@ def chat_spec(body: ChatCompletionRequest) -> GenerationSpec:
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request):
-    served = await asyncio.to_thread(request.app.state.pool.get, body.model)
+    served = await served_model(request, body.model)
     prompts = await asyncio.to_thread(text_prompts, served, body.prompt)
     if len(prompts) * body.n > MAX_CHOICES:
         raise UsageError(f"{len(prompts)} prompts times n={body.n} is more than {MAX_CHOICES} answers in one request")
@@ -105,7 +108,7 @@ async def completions(body: CompletionRequest, request: Request):
 
 @router.post("/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
-    served = await asyncio.to_thread(request.app.state.pool.get, body.model)
+    served = await served_model(request, body.model)
     texts = [body.input] if isinstance(body.input, str) else body.input
     vectors = await asyncio.to_thread(served.engine.embed, texts)
     data = []

@@ -1,10 +1,9 @@
 """OpenAI's Responses API (``POST /v1/responses``, streamed or not): text, instructions, function
 tools with their calls and outputs, JSON formats, and ``previous_response_id`` (a conversation kept
-in memory for the server's life, its oldest forgotten past ``MAX_KEPT``)."""
+in memory for the server's life on ``app.state.responses``, its oldest forgotten past ``MAX_KEPT``)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import time
@@ -21,11 +20,14 @@ from edgellm.runtime.chunks import Chunk
 from edgellm.runtime.request import CallRules, GenerationSpec
 from edgellm.runtime.templates import Message
 from edgellm.runtime.tools import MAX_TOOLS, Tool, ToolCall
-from edgellm.server.generation import chunks, prepared
+from edgellm.server.bodies import openai_error
+from edgellm.server.generation import chunks, prepared, served_model
 from edgellm.server.schemas import MAX_MESSAGES, MAX_NAME, Body, text_of
 from edgellm.server.streaming import EventStream
 
 router = APIRouter()
+#: the error bodies this API's clients read
+ERRORS = openai_error
 
 #: conversations kept for ``previous_response_id``
 MAX_KEPT = 1024
@@ -106,11 +108,8 @@ class Kept:
                 self._turns.popitem(last=False)
 
 
-KEPT = Kept()
-
-
-def _turns(body: ResponsesRequest) -> list[Message]:
-    turns = list(KEPT.get(body.previous_response_id)) if body.previous_response_id else []
+def _turns(body: ResponsesRequest, kept: Kept) -> list[Message]:
+    turns = list(kept.get(body.previous_response_id)) if body.previous_response_id else []
     if body.instructions:
         turns = [m for m in turns if m.role != "system"]
         turns.insert(0, Message("system", body.instructions))
@@ -146,10 +145,11 @@ def responses_spec(body: ResponsesRequest, turns: list[Message]) -> GenerationSp
 
 @router.post("/responses")
 async def responses(body: ResponsesRequest, request: Request):
-    served = await asyncio.to_thread(request.app.state.pool.get, body.model)
-    turns = _turns(body)
+    served = await served_model(request, body.model)
+    kept = request.app.state.responses
+    turns = _turns(body, kept)
     ready = await prepared(served, responses_spec(body, turns), request.app.state.config.defaults)
-    reply = Reply(served.name, body, len(ready.prompt), turns, ready.calls)
+    reply = Reply(served.name, body, len(ready.prompt), turns, ready.calls, kept)
     stream = chunks(ready.request(), served)
     if not body.stream:
         got = [chunk async for chunk in stream]
@@ -162,11 +162,12 @@ class Reply:
     """One response: the object, and the events that stream it."""
 
     def __init__(self, model: str, body: ResponsesRequest, n_prompt: int, turns: list[Message],
-                 calls: CallRules | None) -> None:
+                 calls: CallRules | None, kept: Kept) -> None:
         self.id = "resp_" + uuid.uuid4().hex[:24]
         self.message_id = "msg_" + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.model, self.body, self.n_prompt, self.turns, self.calls = model, body, n_prompt, turns, calls
+        self.kept = kept
         self._sequence = 0
 
     def response(self, status: str, output: list[dict], usage: dict | None = None, reason: str | None = None) -> dict:
@@ -196,7 +197,7 @@ class Reply:
         usage = {"input_tokens": self.n_prompt, "input_tokens_details": {"cached_tokens": last.timings.cached_tokens},
                  "output_tokens": done, "output_tokens_details": {"reasoning_tokens": 0},
                  "total_tokens": self.n_prompt + done}
-        KEPT.put(self.id, [*self.turns, Message("assistant", text, tuple(calls))])
+        self.kept.put(self.id, [*self.turns, Message("assistant", text, tuple(calls))])
         incomplete = last.finish_reason == "length"
         return self.response("incomplete" if incomplete else "completed", output, usage,
                              "max_output_tokens" if incomplete else None)
