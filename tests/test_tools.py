@@ -173,3 +173,16 @@ def test_auto_holds_a_begun_call_to_the_schema(model) -> None:
     text = "".join(c.text for c in model.complete(prompt, sampling))
     _, calls = hermes.parse(text)
     assert calls and json.loads(calls[0].arguments)["city"] in ("Rome", "Oslo")
+
+
+def test_a_property_with_no_type_takes_any_value(server: Server) -> None:
+    """Claude Code's tools describe some properties without a type; llama.cpp reads such a schema
+    as any JSON value, and so does edgellm (the binding's converter refused it: a 400)."""
+    tool = {"type": "function", "function": {"name": "run_command", "description": "Run a shell command.",
+                                             "parameters": {"type": "object", "required": ["command"], "properties": {
+                                                 "command": {"description": "The command to run"}}}}}
+    reply = server.client().chat.completions.create(
+        model=server.name, messages=[{"role": "user", "content": "List the files here."}], tools=[tool],
+        tool_choice="required", temperature=0, max_tokens=64)
+    (call,) = reply.choices[0].message.tool_calls
+    assert call.function.name == "run_command" and "command" in json.loads(call.function.arguments)

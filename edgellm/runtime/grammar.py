@@ -43,7 +43,7 @@ def json_grammar(schema: dict[str, Any] | None = None, where: str = "the JSON sc
         raise UsageError(f"{where} must be a non-empty JSON object")
     check_schema(schema, where)
     try:
-        grammar = schema_grammar(json.dumps(schema))
+        grammar = schema_grammar(json.dumps(any_where_untyped(schema)))
     except Exception as exc:  # the converter raises plain exceptions for schemas it cannot express
         raise UsageError(f"{where} is not supported: {exc}") from None
     return check_grammar(grammar, where)
@@ -75,6 +75,34 @@ def check_schema(schema: Any, where: str = "the JSON schema") -> None:
             _check_pattern(pattern, f"{path}.pattern")
         stack.extend((value, f"{path}.{key}", depth + 1) for key, value in node.items()
                      if isinstance(value, dict | list))
+
+
+#: keywords that say what a schema takes; a schema with none of them (only a description, say)
+#: takes any JSON value, as llama.cpp's own converter reads it (the binding's port refuses it)
+_SHAPING = {"type", "$ref", "enum", "const", "oneOf", "anyOf", "allOf", "not", "properties", "items", "prefixItems",
+            "additionalProperties", "pattern", "format", "minLength", "maxLength", "minItems", "maxItems",
+            "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "required"}
+_ANY = {"type": ["object", "array", "string", "number", "boolean", "null"]}
+
+
+def any_where_untyped(schema: Any) -> Any:
+    """``schema`` with every subschema that says nothing of its value's shape made "any JSON value"
+    (Claude Code's tools have properties with only a description)."""
+    if not isinstance(schema, dict):
+        return schema
+    if not _SHAPING & schema.keys():
+        return {**schema, **_ANY}
+    out = dict(schema)
+    for key in ("properties", "$defs", "definitions"):
+        if isinstance(schema.get(key), dict):
+            out[key] = {name: any_where_untyped(sub) for name, sub in schema[key].items()}
+    for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+        if isinstance(schema.get(key), list):
+            out[key] = [any_where_untyped(sub) for sub in schema[key]]
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            out[key] = any_where_untyped(schema[key])
+    return out
 
 
 def _check_pattern(pattern: str, where: str) -> None:
