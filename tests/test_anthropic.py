@@ -119,3 +119,15 @@ def test_thinking_blocks(tmp_path: Path, smollm2: Path) -> None:
         assert final.content[0].thinking == reply.content[0].thinking
     finally:
         server.stop()
+
+
+def test_system_messages_among_the_turns_join_the_system_prompt(server: Server) -> None:
+    """Claude Code sends a system message inside `messages` with every request (a 400 before)."""
+    rules = "Answer in one word."
+    inside = {"max_tokens": 16, "temperature": 0, "system": "You are a helpful assistant.",
+              "messages": [{"role": "system", "content": [{"type": "text", "text": rules}]}, *QUESTION]}
+    joined = {**inside, "system": "You are a helpful assistant.\n\n" + rules, "messages": QUESTION}
+    status, first, _ = server.raw("/v1/messages", inside)
+    assert status == 200, first
+    assert server.raw("/v1/messages", joined)[1]["content"] == first["content"]
+    assert server.raw("/v1/messages/count_tokens", inside)[1] == server.raw("/v1/messages/count_tokens", joined)[1]

@@ -120,3 +120,16 @@ def test_a_template_that_asks_for_gigabytes_is_stopped_and_the_process_lives(sou
     assert err.value.message.startswith("the GGUF chat template")
     assert _rss() - before < 64 << 20  # the memory went in the sandbox, not here
     assert ChatTemplate(None).render([Message("user", "hi")]) == "User: hi\nAssistant:"  # a fresh sandbox renders
+
+
+def test_a_template_files_final_newline_is_not_in_the_prompt(smollm2: Path, tmp_path: Path) -> None:
+    """Editors end files with a newline; Hugging Face and llama.cpp drop a template's last one (Jinja's
+    default). Kept, it made the generation prompt end in a blank line, and at temperature 0 SmolLM2
+    rambled to the output limit where it answers in one line."""
+    from edgellm.gguf.header import read_header
+    from edgellm.runtime.templates import ChatTemplate, Message
+
+    source = read_header(smollm2).chat_template
+    turns = [Message("user", "Hi")]
+    assert ChatTemplate(source + "\n", origin="--template").render(turns) == ChatTemplate(source).render(turns)
+    assert ChatTemplate(source).render(turns).endswith("<|im_start|>assistant\n")

@@ -52,7 +52,8 @@ class CompiledTemplate:
                     f"the {origin} chat template was refused: it reaches for Python internals ({found.group(0)})",
                     hint="use a trusted template with --template FILE",
                 )
-        self._env = Environment(fuel=FUEL, keep_trailing_newline=True)
+        # a template file's own final newline is not part of the prompt, as Hugging Face and llama.cpp render it
+        self._env = Environment(fuel=FUEL, keep_trailing_newline=False)
         self._env.add_function("raise_exception", _raise_exception)
         self._env.add_function("strftime_now", _strftime_now)
         try:

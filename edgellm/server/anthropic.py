@@ -40,7 +40,7 @@ class Block(Body):
 
 
 class AnthropicMessage(Body):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]  # system: Claude Code sends some in the conversation
     content: StrictStr | Annotated[list[Block], Field(max_length=MAX_MESSAGES)]
 
 
@@ -79,9 +79,14 @@ class CountTokensRequest(Body):
 
 def _turns(body: MessagesRequest | CountTokensRequest) -> list[Message]:
     """Anthropic's conversation as the runtime's messages: tool_use blocks become the assistant's
-    calls, tool_result blocks the tool turns that answer them."""
-    turns = [Message("system", text_of(body.system, ("text",), "the system prompt"))] if body.system else []
+    calls, tool_result blocks the tool turns that answer them, and system messages among the turns
+    join the system prompt, in order (templates take one, first)."""
+    system = [text_of(body.system, ("text",), "the system prompt")] if body.system else []
+    system += [text_of(m.content, ("text",), "a system message") for m in body.messages if m.role == "system"]
+    turns = [Message("system", "\n\n".join(system))] if system else []
     for message in body.messages:
+        if message.role == "system":
+            continue
         if isinstance(message.content, str):
             turns.append(Message(message.role, message.content))
             continue
