@@ -68,3 +68,22 @@ def test_json_schema_format(server: Server) -> None:
         model=server.name, input="What is the capital of Germany? Answer in JSON.", temperature=0, max_output_tokens=32,
         text={"format": {"type": "json_schema", "name": "capital", "schema": schema}})
     assert json.loads(reply.output_text) == {"capital": "Berlin"}
+
+
+def test_a_stored_response_can_be_read_back_and_deleted(server: Server) -> None:
+    """responses.retrieve, input_items.list and delete answered 404 for an id just returned."""
+    import openai
+
+    client = server.client()
+    made = client.responses.create(model=server.name, temperature=0, max_output_tokens=8,
+                                   input=[{"role": "user", "content": "What is the capital of Germany?"}])
+    again = client.responses.retrieve(made.id)
+    assert again.id == made.id and again.output_text == made.output_text and again.usage == made.usage
+    items = client.responses.input_items.list(made.id).data
+    assert [(i.type, i.role, i.content[0].text) for i in items] == [
+        ("message", "user", "What is the capital of Germany?")]
+    client.responses.delete(made.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(made.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model=server.name, input="And of France?", previous_response_id=made.id)

@@ -1,6 +1,7 @@
 """OpenAI's Responses API (``POST /v1/responses``, streamed or not): text, instructions, function
-tools with their calls and outputs, JSON formats, and ``previous_response_id`` (a conversation kept
-in memory for the server's life on ``app.state.responses``, its oldest forgotten past ``MAX_KEPT``)."""
+tools with their calls and outputs, JSON formats, ``previous_response_id``, and reading a response
+back (``GET``, ``DELETE``, its ``input_items``). Responses are kept in memory for the server's life
+on ``app.state.responses``: the newest ``MAX_KEPT``, at most ``MAX_KEPT_BYTES`` in all."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
@@ -29,8 +31,9 @@ router = APIRouter()
 #: the error bodies this API's clients read
 ERRORS = openai_error
 
-#: conversations kept for ``previous_response_id``
+#: responses kept for ``previous_response_id`` and reading back, and the most bytes they may take
 MAX_KEPT = 1024
+MAX_KEPT_BYTES = 64 << 20
 
 
 class Part(Body):
@@ -86,26 +89,82 @@ class ResponsesRequest(Body):
     text: TextOptions | None = None
 
 
+@dataclass(frozen=True)
+class Stored:
+    """A response as it is kept: the conversation it ended, the object, the input items it was given."""
+
+    turns: list[Message]
+    response: dict
+    items: list[dict]
+    size: int  # bytes, as JSON, of the object and the items
+
+
 class Kept:
-    """The conversations earlier responses ended, by response id."""
+    """The responses this server made, by id, for ``previous_response_id`` and for reading back: the
+    newest MAX_KEPT of them, and no more than MAX_KEPT_BYTES in all."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._turns: OrderedDict[str, list[Message]] = OrderedDict()
+        self._kept: OrderedDict[str, Stored] = OrderedDict()
+        self._bytes = 0
+
+    def stored(self, response_id: str) -> Stored:
+        with self._lock:
+            found = self._kept.get(response_id)
+        if found is None:
+            raise ModelNotFoundError(f"response {brief(response_id)} is not known here",
+                                     hint="responses are kept in memory while the server runs")
+        return found
 
     def get(self, response_id: str) -> list[Message]:
-        with self._lock:
-            turns = self._turns.get(response_id)
-        if turns is None:
-            raise ModelNotFoundError(f"previous_response_id {brief(response_id)} is not known here",
-                                     hint="responses are kept in memory while the server runs")
-        return turns
+        return self.stored(response_id).turns
 
-    def put(self, response_id: str, turns: list[Message]) -> None:
+    def put(self, response_id: str, turns: list[Message], response: dict, items: list[dict]) -> None:
+        size = len(json.dumps(response)) + len(json.dumps(items)) + sum(len(m.content) for m in turns)
         with self._lock:
-            self._turns[response_id] = turns
-            while len(self._turns) > MAX_KEPT:
-                self._turns.popitem(last=False)
+            self._kept[response_id] = Stored(turns, response, items, size)
+            self._bytes += size
+            while len(self._kept) > MAX_KEPT or (self._bytes > MAX_KEPT_BYTES and len(self._kept) > 1):
+                self._bytes -= self._kept.popitem(last=False)[1].size
+
+    def delete(self, response_id: str) -> None:
+        with self._lock:
+            found = self._kept.pop(response_id, None)
+            if found is not None:
+                self._bytes -= found.size
+        if found is None:
+            raise ModelNotFoundError(f"response {brief(response_id)} is not known here")
+
+
+def input_items(body: ResponsesRequest) -> list[dict]:
+    """The request's input as the items ``input_items`` lists (a text is one user message)."""
+    given = [Item(role="user", content=body.input)] if isinstance(body.input, str) else body.input
+    items = []
+    for item in given:
+        data = item.model_dump(exclude_none=True)
+        if item.type == "message":
+            content = item.content if isinstance(item.content, list) else [Part(type="input_text", text=item.content or "")]
+            data["content"] = [part.model_dump(exclude_none=True) for part in content]
+        items.append({"id": "msg_" + uuid.uuid4().hex[:24], **data})
+    return items
+
+
+@router.get("/responses/{response_id}")
+async def retrieve(response_id: str, request: Request) -> dict:
+    return request.app.state.responses.stored(response_id).response
+
+
+@router.delete("/responses/{response_id}")
+async def delete(response_id: str, request: Request) -> dict:
+    request.app.state.responses.delete(response_id)
+    return {"id": response_id, "object": "response", "deleted": True}
+
+
+@router.get("/responses/{response_id}/input_items")
+async def list_input_items(response_id: str, request: Request) -> dict:
+    items = request.app.state.responses.stored(response_id).items
+    return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
+            "last_id": items[-1]["id"] if items else None, "has_more": False}
 
 
 def _turns(body: ResponsesRequest, kept: Kept) -> list[Message]:
@@ -197,10 +256,12 @@ class Reply:
         usage = {"input_tokens": self.n_prompt, "input_tokens_details": {"cached_tokens": last.timings.cached_tokens},
                  "output_tokens": done, "output_tokens_details": {"reasoning_tokens": 0},
                  "total_tokens": self.n_prompt + done}
-        self.kept.put(self.id, [*self.turns, Message("assistant", text, tuple(calls))])
         incomplete = last.finish_reason == "length"
-        return self.response("incomplete" if incomplete else "completed", output, usage,
-                             "max_output_tokens" if incomplete else None)
+        response = self.response("incomplete" if incomplete else "completed", output, usage,
+                                 "max_output_tokens" if incomplete else None)
+        self.kept.put(self.id, [*self.turns, Message("assistant", text, tuple(calls))], response,
+                      input_items(self.body))
+        return response
 
     def _event(self, kind: str, **data: Any) -> bytes:
         self._sequence += 1
