@@ -81,3 +81,25 @@ def test_errors_are_ollama_bodies(server: Server) -> None:
     assert status == 400 and "read text only" in body["error"]
     status, body, _ = server.raw("/api/nosuch")
     assert status == 404 and set(body) == {"error"}
+
+
+def test_the_api_as_ollamas_clients_use_it(client, server: Server) -> None:
+    """The root answers as Ollama's does (apps' "is it up" checks), NAME:latest is NAME, the older
+    embeddings route answers, /api/show says what a model can do, and an empty prompt loads the
+    model (keep_alive 0 unloads it)."""
+    import urllib.request
+
+    with urllib.request.urlopen(server.base + "/") as reply:
+        assert reply.status == 200 and reply.read() == b"Ollama is running"
+    with urllib.request.urlopen(urllib.request.Request(server.base + "/", method="HEAD")) as reply:
+        assert reply.status == 200
+    shown = client.show(f"{NAME}:latest")
+    assert {"completion", "tools"} <= set(shown.capabilities) and "<|im_start|>" in shown.template
+    vector = client.embeddings(model=f"{NAME}:latest", prompt="a few words").embedding
+    assert len(vector) == 576 and abs(sum(v * v for v in vector) - 1) < 1e-3
+    assert client.generate(model=NAME, prompt="").done_reason == "load"
+    assert [m.model for m in client.ps().models] == [NAME]
+    assert client.generate(model=NAME, prompt="", keep_alive=0).done_reason == "unload"
+    assert client.ps().models == []
+    assert client.chat(model=NAME, messages=[]).done_reason == "load"
+    assert [m.model for m in client.ps().models] == [NAME]

@@ -104,6 +104,8 @@ def create_app(pool: ModelPool, config: ServerConfig) -> FastAPI:
             before = len(app.router.routes)
             app.include_router(dialect.router, prefix=prefix)
             app.state.error_shapes += [(route, dialect.ERRORS) for route in app.router.routes[before:]]  # as mounted
+    app.include_router(ollama.root)
+    app.state.error_shapes += [(route, ollama.ERRORS) for route in ollama.root.routes]
     app.state.responses = responses.Kept()
     return app
 

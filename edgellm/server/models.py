@@ -108,8 +108,19 @@ class ModelPool:
             served.last_used = time.monotonic()
             return served
 
+    def unload(self, name: str | None) -> None:
+        """Unload a model now if it is loaded and idle (Ollama's ``keep_alive: 0``)."""
+        with self._lock:
+            key = self._key(name)
+            served = self._loaded.get(key)
+            if served is not None and not served.engine.busy:
+                self._loaded.pop(key).close()
+
     def _key(self, name: str | None) -> str:
-        """A request names a model of the store, never a file: the name is only ever looked up there."""
+        """A request names a model of the store, never a file: the name is only ever looked up there.
+        ``NAME:latest`` is ``NAME``, as Ollama's clients write a name without a tag."""
+        if name and name.endswith(":latest"):
+            name = name.removesuffix(":latest")
         if self.fixed:
             if name and name not in (self.fixed.name, str(self.fixed.path)):
                 raise ModelNotFoundError(f"model {brief(name)} is not served here", hint=f"this server serves {self.fixed.name}")

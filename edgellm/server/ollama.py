@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse
 from pydantic import Field, StrictBool, StrictInt, StrictStr
 
 from edgellm import __version__
@@ -71,7 +72,7 @@ class _Generating(Body):
     stream: StrictBool = True
     format: Literal["json"] | dict[str, Any] | None = None
     options: Options = Field(default_factory=Options)
-    keep_alive: StrictStr | StrictInt | None = None
+    keep_alive: StrictStr | StrictInt | float | None = None  # a duration ("5m") or seconds
 
 
 class ChatRequest(_Generating):
@@ -96,6 +97,24 @@ class NamedRequest(Body):
     name: Annotated[StrictStr, Field(max_length=MAX_NAME)] | None = None
 
 
+#: what Ollama answers at its root, which apps ask to see whether it is up
+RUNNING = "Ollama is running"
+
+
+async def running() -> PlainTextResponse:
+    return PlainTextResponse(RUNNING)
+
+
+#: the root's routes, outside /api (app.py mounts them)
+root = APIRouter()
+root.add_api_route("/", running, methods=["GET", "HEAD"])
+
+
+class LegacyEmbedRequest(Body):
+    model: Annotated[StrictStr, Field(max_length=MAX_NAME)]
+    prompt: StrictStr
+
+
 @router.get("/version")
 async def version() -> dict:
     return {"version": OLLAMA_VERSION, "edgellm": __version__}
@@ -113,10 +132,18 @@ async def show(body: NamedRequest, request: Request) -> dict:
     pool = request.app.state.pool
     model = await asyncio.to_thread(pool.describe, body.model or body.name)
     header = model.header
+    template = pool.template.source if pool.template else header.chat_template or ""
     info = {"general.architecture": header.architecture, "general.parameter_count": header.parameter_count,
             f"{header.architecture}.context_length": header.context_length}
-    return {"modelfile": "", "parameters": "", "template": header.chat_template or "", "details": _details(header),
-            "model_info": info, "capabilities": ["completion"], "modified_at": _modified(model)}
+    return {"modelfile": "", "parameters": "", "template": template, "details": _details(header),
+            "model_info": info, "capabilities": _capabilities(template), "modified_at": _modified(model)}
+
+
+def _capabilities(template: str) -> list[str]:
+    """What a model served here can do, as Ollama names it: every model completes, calls tools (in
+    its template's format, or the generic one) and embeds; a template that opens a ``<think>``
+    block thinks."""
+    return ["completion", "tools", "embedding", *(["thinking"] if "<think>" in template else [])]
 
 
 @router.get("/ps")
@@ -137,19 +164,28 @@ async def embed(body: EmbedRequest, request: Request) -> dict:
             "load_duration": 0, "prompt_eval_count": sum(n for _, n in vectors)}
 
 
+@router.post("/embeddings")
+async def embeddings(body: LegacyEmbedRequest, request: Request) -> dict:
+    """Ollama's older embeddings route: one prompt, one vector."""
+    served = await served_model(request, body.model)
+    ((vector, _),) = await asyncio.to_thread(served.engine.embed, [body.prompt])
+    return {"embedding": vector}
+
+
 @router.post("/chat")
 async def chat(body: ChatRequest, request: Request):
-    served = await served_model(request, body.model)
     turns = tuple(_turn(m) for m in body.messages)
-    if not turns:  # Ollama loads the model for an empty chat and says it is done
-        return {"model": served.name, "created_at": _iso(time.time()), "message": {"role": "assistant", "content": ""},
-                "done": True, "done_reason": "load"}
+    if not turns:  # Ollama loads (or with keep_alive 0 unloads) the model for an empty chat, and is done
+        return await _load_only(request, body, "message", {"role": "assistant", "content": ""})
+    served = await served_model(request, body.model)
     tools = tuple(Tool(t.function.name, t.function.description, t.function.parameters) for t in body.tools or ())
     return await _answer(request, served, _spec(body, turns=turns, tools=tools), body, "message")
 
 
 @router.post("/generate")
 async def generate(body: GenerateRequest, request: Request):
+    if not body.prompt and not body.raw:  # likewise for an empty prompt
+        return await _load_only(request, body, "response", "")
     served = await served_model(request, body.model)
     if body.images:
         raise UsageError("the served models read text only; this request has images")
@@ -160,6 +196,17 @@ async def generate(body: GenerateRequest, request: Request):
         turns = ([Message("system", body.system)] if body.system else []) + [Message("user", body.prompt)]
         spec = _spec(body, turns=tuple(turns))
     return await _answer(request, served, spec, body, "response")
+
+
+async def _load_only(request: Request, body: _Generating, field: str, empty: Any) -> dict:
+    """Ollama's answer to a request with nothing to answer: the model loaded, or unloaded when
+    ``keep_alive`` is 0."""
+    if body.keep_alive in (0, "0", "0s", "0m"):
+        await asyncio.to_thread(request.app.state.pool.unload, body.model)
+        reason, name = "unload", request.app.state.pool.describe(body.model).name
+    else:
+        reason, name = "load", (await served_model(request, body.model)).name
+    return {"model": name, "created_at": _iso(time.time()), field: empty, "done": True, "done_reason": reason}
 
 
 def _turn(message: OllamaMessage) -> Message:
