@@ -212,3 +212,22 @@ def test_after_every_case_the_server_answers_and_kept_its_memory(store_server: S
     assert store_server.raw("/health")[1] == {"status": "ok"} and time.monotonic() - start < 1
     assert store_server.rss() < store_server.rss_start * 1.1
     assert store_server.raw("/v1/chat/completions", _chat("smol"))[0] == 200
+
+
+def test_a_page_elsewhere_is_refused_by_its_origin_not_its_content_type(store_server: Server) -> None:
+    """litellm's Ollama providers send JSON with no Content-Type, `curl -d` with a form type: both
+    were a 400. A browser always sends Origin on a cross-site POST, so that is what is checked."""
+    body = json.dumps(_chat("smol")).encode()
+    for kind in (b"", b"Content-Type: application/x-www-form-urlencoded\r\n", b"Content-Type: text/plain\r\n"):
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n" + kind
+                + b"Content-Length: %d\r\n\r\n" % len(body))
+        status, answer = _raw_http(store_server, head + body)
+        assert status == 200 and answer["choices"][0]["message"]["content"] is not None, (kind, answer)
+    for origin in ("https://evil.example", "null", "http://localhost.evil.example"):
+        status, answer, _ = store_server.raw("/v1/chat/completions", _chat("smol"),
+                                             {"Content-Type": "text/plain", "Origin": origin})
+        _is_openai_error(status, answer, 403)
+        assert "are not allowed" in answer["error"]["message"]
+    status, answer, _ = store_server.raw("/api/chat", {"model": "smol", "messages": [], "stream": False},
+                                         {"Origin": "http://localhost:3000"})  # a page on this machine
+    assert status == 200 and answer["done_reason"] == "load"

@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edgellm.errors import EdgeLLMError, QueueFullError
+from edgellm.errors import EdgeLLMError, QueueFullError, brief
 from edgellm.options import SamplingOptions
 from edgellm.server import anthropic, ollama, openai, responses
 from edgellm.server.bodies import error_for
@@ -117,8 +117,14 @@ DIALECTS = ((openai, ("/v1", "")), (responses, ("/v1", "")), (anthropic, ("/v1",
 
 class Guard:
     """Who may ask: one Host header, a loopback name while serving on loopback (no DNS rebinding),
-    and the API key when one is set (/health answers without it), as OpenAI's clients send it
-    (``Authorization: Bearer KEY``) or Anthropic's (``x-api-key: KEY``)."""
+    a browser page only from an allowed origin, and the API key when one is set (/health answers
+    without it), as OpenAI's clients send it (``Authorization: Bearer KEY``) or Anthropic's
+    (``x-api-key: KEY``).
+
+    A browser sends ``Origin`` with every cross-site POST, so a page from elsewhere is refused by
+    its origin (loopback pages and ``--cors-origin`` ones are allowed), as Ollama does, not by its
+    Content-Type: a body from a client that sends no Origin is read as JSON whatever its
+    Content-Type says (litellm's Ollama providers send none, ``curl -d`` a form type)."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -128,6 +134,10 @@ class Guard:
             refusal = self._refusal(scope)
             if refusal is not None:
                 return await refusal(scope, receive, send)
+            headers = scope.get("headers") or ()
+            if not any(name == b"origin" for name, _ in headers) and not _is_json(headers):
+                scope = {**scope, "headers": [*(h for h in headers if h[0] != b"content-type"),
+                                              (b"content-type", b"application/json")]}
         await self.app(scope, receive, send)
 
     @staticmethod
@@ -141,6 +151,10 @@ class Guard:
         if config.loopback_only and _host_name(host) not in LOOPBACK_NAMES:
             return error_for(scope, 403, "this server answers only requests addressed to a loopback name",
                              "host_not_allowed")
+        origins = [value.decode("latin-1") for name, value in headers if name == b"origin"]
+        if any(not _origin_allowed(origin, config.cors_origins) for origin in origins):
+            return error_for(scope, 403, f"requests from pages at {brief(origins[0])} are not allowed",
+                             "origin_not_allowed")
         if config.api_key and scope["path"] not in HEALTH:
             wanted = {b"authorization": f"Bearer {config.api_key}".encode(), b"x-api-key": config.api_key.encode()}
             if not any(hmac.compare_digest(value, wanted[name]) for name, value in headers if name in wanted):
@@ -148,6 +162,20 @@ class Guard:
                                  "missing or wrong API key (Authorization: Bearer KEY, or x-api-key: KEY)",
                                  "invalid_api_key")
         return None
+
+
+def _origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
+    """A page's origin may ask: one named by --cors-origin, or a page served from this machine."""
+    if origin in allowed or "*" in allowed:
+        return True
+    scheme, _, rest = origin.partition("://")
+    return scheme in ("http", "https") and "/" not in rest and _host_name(rest) in LOOPBACK_NAMES
+
+
+def _is_json(headers) -> bool:
+    kind = next((value for name, value in headers if name == b"content-type"), b"")
+    media = kind.split(b";")[0].strip().lower()
+    return media == b"application/json" or media.endswith(b"+json")
 
 
 class Disconnect:
