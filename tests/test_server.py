@@ -438,3 +438,28 @@ def test_the_event_loop_is_woken_for_a_burst_at_the_engine_s_flush() -> None:
     seen = asyncio.run(scenario())
     texts = [[item.text if isinstance(item, Chunk) else str(item) for item in burst] for burst in seen]
     assert texts == [[], ["a", "b"], [], ["c", ""], ["worker gone"]]
+
+
+def test_aliases_answer_for_the_served_model(tmp_path: Path, smollm2: Path) -> None:
+    """Claude Code's background calls ask for its small model by name: --alias NAME=MODEL answers
+    them, and *=MODEL answers any name not served; aliases are listed with the models."""
+    name = smollm2.stem
+    server = Server(tmp_path / "home", smollm2, "--alias", f"claude-haiku={name}", "--alias", f"*={name}")
+    try:
+        listed = [m.id for m in server.client().models.list()]
+        assert listed == [name, "claude-haiku"]
+        for asked in ("claude-haiku", "gpt-4o", name):
+            status, body, _ = server.raw("/v1/chat/completions", {"model": asked, "messages": QUESTION, "max_tokens": 2})
+            assert status == 200 and body["model"] == name, (asked, body)
+    finally:
+        server.stop()
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "edgellm", "serve", str(smollm2), "--port", "1", "--alias", "x=nosuch"],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "EDGELLM_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 1 and "'nosuch' is not served here" in done.stderr and done.stderr.count("\n") == 1
+    bad = subprocess.run([sys.executable, "-m", "edgellm", "serve", "--alias", "x"], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "EDGELLM_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)})
+    assert bad.returncode == 2 and "--alias 'x' is not NAME=MODEL" in bad.stderr

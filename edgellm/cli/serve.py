@@ -21,8 +21,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN", help="allow browser calls from ORIGIN")
     p.add_argument("--max-queue", type=int, default=64, metavar="N", help="requests waiting for a slot before 503")
     p.add_argument("--keep-alive", type=float, default=300, metavar="SECONDS", help="unload idle models after (-1: never)")
+    p.add_argument("--alias", action="append", default=[], metavar="NAME=MODEL",
+                   help="answer requests for NAME with MODEL (repeatable; *=MODEL for any name not served)")
     add_model_options(p)
     p.set_defaults(func=cmd_serve)
+
+
+def _aliases(given: list[str]) -> dict[str, str]:
+    aliases = {}
+    for item in given:
+        name, sep, model = item.partition("=")
+        if not sep or not name.strip() or not model.strip():
+            raise UsageError(f"--alias {item!r} is not NAME=MODEL", hint="for example --alias claude-haiku=qwen3-0.6b")
+        aliases[name.strip()] = model.strip()
+    return aliases
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -41,7 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"warning: serving on {args.host}: anyone who can reach it can use your models"
               + ("" if (args.api_key or os.environ.get("EDGELLM_API_KEY")) else "; consider --api-key"), file=sys.stderr)
     pool = ModelPool(settings, args.model, args.parallel, args.keep_alive, hardware_for(settings), args.max_queue,
-                     read_template(args))
+                     read_template(args), _aliases(args.alias))
     config = ServerConfig(
         api_key=args.api_key or os.environ.get("EDGELLM_API_KEY") or None,
         cors_origins=tuple(args.cors_origin),

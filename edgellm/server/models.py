@@ -46,13 +46,18 @@ class Served:
 class ModelPool:
     def __init__(
         self, settings: Settings, model: str | None, parallel: int, keep_alive: float, hardware: Hardware,
-        max_queue: int = 64, template: str | None = None,
+        max_queue: int = 64, template: str | None = None, aliases: dict[str, str] | None = None,
     ) -> None:
-        """``template``: a chat template every served model uses instead of its own (--template)."""
+        """``template``: a chat template every served model uses instead of its own (--template);
+        ``aliases``: other names a request may use for a served model (--alias), ``*`` for any
+        name not served (clients that ask for models by their own names: Claude Code's small one)."""
         self.template = ChatTemplate(template, origin="--template") if template is not None else None
         self.settings = settings
         self.max_queue = max_queue
         self.fixed = resolve(model, settings) if model else None  # validates the file at start-up
+        self.aliases = dict(aliases or {})
+        for target in self.aliases.values():  # each must name a served model now, not at a request
+            self._key_of(target)
         self.parallel = parallel
         self.keep_alive = keep_alive
         self.hardware = hardware
@@ -93,9 +98,9 @@ class ModelPool:
             return list(self._loaded.values())
 
     def names(self) -> list[str]:
-        if self.fixed:
-            return [self.fixed.name]
-        return [e.name for e in store_for(self.settings).list()]
+        """The served models' names, their aliases after them."""
+        served = [self.fixed.name] if self.fixed else [e.name for e in store_for(self.settings).list()]
+        return served + [alias for alias in self.aliases if alias != "*"]
 
     def get(self, name: str | None) -> Served:
         """The served model for a request's ``model`` field, loading it if needed (blocking)."""
@@ -121,6 +126,13 @@ class ModelPool:
         ``NAME:latest`` is ``NAME``, as Ollama's clients write a name without a tag."""
         if name and name.endswith(":latest"):
             name = name.removesuffix(":latest")
+        if name in self.aliases:
+            name = self.aliases[name]
+        elif "*" in self.aliases and not self._serves(name):
+            name = self.aliases["*"]
+        return self._key_of(name)
+
+    def _key_of(self, name: str | None) -> str:
         if self.fixed:
             if name and name not in (self.fixed.name, str(self.fixed.path)):
                 raise ModelNotFoundError(f"model {brief(name)} is not served here", hint=f"this server serves {self.fixed.name}")
@@ -131,6 +143,13 @@ class ModelPool:
         if key != BUNDLED_NAME and (not NAME_RE.match(key) or ".." in key or not store_for(self.settings).exists(key)):
             raise ModelNotFoundError(f"model {brief(name)} is not in the store", hint="GET /v1/models lists them")
         return key
+
+    def _serves(self, name: str | None) -> bool:
+        try:
+            self._key_of(name)
+        except ModelNotFoundError:
+            return False
+        return True
 
     def _load(self, key: str) -> Served:
         model = self.fixed or resolve(key, self.settings, store_only=True)
