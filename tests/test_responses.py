@@ -87,3 +87,22 @@ def test_a_stored_response_can_be_read_back_and_deleted(server: Server) -> None:
         client.responses.retrieve(made.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model=server.name, input="And of France?", previous_response_id=made.id)
+
+
+def test_codexs_tools_namespaces_and_hosted_ones(server: Server) -> None:
+    """Codex sends its functions grouped in a namespace and a web_search tool with every request
+    (a 400 before): the namespace's functions are offered, the hosted tool is not, and forcing it
+    is refused."""
+    tools = [{"type": "namespace", "name": "shell", "tools": [TOOL]}, {"type": "web_search"}]
+    status, answer, _ = server.raw("/v1/responses", {"model": server.name, "input": "What is the weather in Rome?",
+                                                     "tools": tools, "tool_choice": "required", "temperature": 0,
+                                                     "max_output_tokens": 48})
+    assert status == 200, answer
+    (call,) = [item for item in answer["output"] if item["type"] == "function_call"]
+    assert call["name"] == "get_weather"
+    status, answer, _ = server.raw("/v1/responses", {"model": server.name, "input": "Search the web.", "tools": tools,
+                                                     "tool_choice": {"type": "web_search"}})
+    assert status == 400 and "hosted tool 'web_search'" in answer["error"]["message"]
+    status, answer, _ = server.raw("/v1/responses", {"model": server.name, "input": "Hi",
+                                                     "tools": [{"type": "function"}]})
+    assert status == 400 and "tools" in answer["error"]["message"]

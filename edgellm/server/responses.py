@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import Field, StrictBool, StrictInt, StrictStr
+from pydantic import Field, StrictBool, StrictInt, StrictStr, field_validator
 
-from edgellm.errors import EdgeLLMError, ModelNotFoundError, brief
+from edgellm.errors import EdgeLLMError, ModelNotFoundError, UsageError, brief
 from edgellm.runtime.chunks import Chunk
 from edgellm.runtime.request import CallRules, GenerationSpec
 from edgellm.runtime.templates import Message
@@ -60,9 +60,35 @@ class FunctionTool(Body):
     parameters: dict[str, Any] | None = None
 
 
+class NamespaceTool(Body):
+    """A group of functions (Codex sends its tools so): offered as the functions it holds."""
+
+    type: Literal["namespace"]
+    name: Annotated[StrictStr, Field(max_length=64)] | None = None
+    tools: Annotated[list[FunctionTool], Field(max_length=MAX_TOOLS)] = Field(default_factory=list)
+
+
+class HostedTool(Body):
+    """A tool OpenAI runs itself (web search, file search, a code interpreter, ...): nothing here can
+    run it, so it is not offered; a request that forces it is refused."""
+
+    type: Annotated[StrictStr, Field(max_length=MAX_NAME)]
+
+    @field_validator("type")
+    @classmethod
+    def _hosted(cls, kind: str) -> str:
+        if kind in ("function", "namespace"):  # a malformed one of these is an error, not a hosted tool
+            raise ValueError(f"a {kind} tool needs its fields")
+        return kind
+
+
 class NamedTool(Body):
     type: Literal["function"]
     name: Annotated[StrictStr, Field(max_length=64)]
+
+
+class HostedChoice(HostedTool):
+    pass
 
 
 class TextFormat(Body):
@@ -78,8 +104,8 @@ class ResponsesRequest(Body):
     model: Annotated[StrictStr, Field(max_length=MAX_NAME)] | None = None
     input: StrictStr | Annotated[list[Item], Field(max_length=MAX_MESSAGES)]
     instructions: StrictStr | None = None
-    tools: Annotated[list[FunctionTool], Field(max_length=MAX_TOOLS)] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedTool | None = None
+    tools: Annotated[list[FunctionTool | NamespaceTool | HostedTool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedTool | HostedChoice | None = None
     max_output_tokens: StrictInt | None = Field(None, ge=1, le=1 << 20)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -185,16 +211,30 @@ def _turns(body: ResponsesRequest, kept: Kept) -> list[Message]:
     return turns
 
 
+def functions(body: ResponsesRequest) -> list[FunctionTool]:
+    """The function tools a request offers: its own, and those its namespaces hold (hosted tools
+    are left out)."""
+    found = []
+    for tool in body.tools or ():
+        if isinstance(tool, FunctionTool):
+            found.append(tool)
+        elif isinstance(tool, NamespaceTool):
+            found += tool.tools
+    return found
+
+
 def responses_spec(body: ResponsesRequest, turns: list[Message]) -> GenerationSpec:
     """A Responses request in no API's words."""
     choice, name = body.tool_choice or "auto", None
+    if isinstance(choice, HostedChoice):
+        raise UsageError(f"tool_choice forces the hosted tool {brief(choice.type)}, which this server cannot run")
     if isinstance(choice, NamedTool):
         choice, name = "function", choice.name
     fmt = body.text.format if body.text else None
     shaped = fmt is not None and fmt.type != "text"
     given = {"temperature": body.temperature, "top_p": body.top_p}
     return GenerationSpec(
-        tuple(turns), tools=tuple(Tool(t.name, t.description or "", t.parameters) for t in body.tools or ()),
+        tuple(turns), tools=tuple(Tool(t.name, t.description or "", t.parameters) for t in functions(body)),
         tool_choice=choice, tool_name=name, parallel_tool_calls=body.parallel_tool_calls, json_answer=shaped,
         json_schema=fmt.schema_ if shaped and fmt.type == "json_schema" else None,
         max_tokens=body.max_output_tokens, sampling={k: v for k, v in given.items() if v is not None},
