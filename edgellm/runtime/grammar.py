@@ -68,7 +68,8 @@ def check_schema(schema: Any, where: str = "the JSON schema") -> None:
             continue
         for key in _COUNTS:
             value = node.get(key)
-            if isinstance(value, int | float) and not isinstance(value, bool) and not 0 <= value <= MAX_REPEAT:
+            counted = isinstance(value, int | float) and not isinstance(value, bool)
+            if counted and not 0 <= value <= MAX_REPEAT:
                 raise UsageError(f"{path}.{key} is {_shown(value)}; at most {MAX_REPEAT} can be enforced")
         pattern = node.get("pattern")
         if isinstance(pattern, str):
@@ -79,9 +80,9 @@ def check_schema(schema: Any, where: str = "the JSON schema") -> None:
 
 #: keywords that say what a schema takes; a schema with none of them (only a description, say)
 #: takes any JSON value, as llama.cpp's own converter reads it (the binding's port refuses it)
-_SHAPING = {"type", "$ref", "enum", "const", "oneOf", "anyOf", "allOf", "not", "properties", "items", "prefixItems",
-            "additionalProperties", "pattern", "format", "minLength", "maxLength", "minItems", "maxItems",
-            "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "required"}
+_SHAPING = {"type", "$ref", "enum", "const", "oneOf", "anyOf", "allOf", "not", "properties", "items",
+            "prefixItems", "additionalProperties", "pattern", "format", "minLength", "maxLength", "minItems",
+            "maxItems", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "required"}
 _ANY = {"type": ["object", "array", "string", "number", "boolean", "null"]}
 
 
@@ -148,7 +149,8 @@ def check_grammar(grammar: str, where: str = "grammar") -> str:
             if match:
                 for number in match.groups():
                     if number and int(number) > MAX_REPEAT:
-                        raise UsageError(f"{where} repeats {int(number)} times; at most {MAX_REPEAT} can be enforced")
+                        raise UsageError(
+                            f"{where} repeats {int(number)} times; at most {MAX_REPEAT} can be enforced")
         elif char == ":" and grammar.startswith("::=", i):
             rules += 1
             depth = 0  # a rule's groups close before the next rule (llama.cpp refuses the grammar otherwise)

@@ -57,7 +57,8 @@ _TYPES = {
     "array": lambda v: isinstance(v, list),
     "string": lambda v: isinstance(v, str),
     "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer()),
+    "integer": lambda v: ((isinstance(v, int) and not isinstance(v, bool))
+                          or (isinstance(v, float) and v.is_integer())),
     "boolean": lambda v: isinstance(v, bool),
     "null": lambda v: v is None,
 }
@@ -127,7 +128,8 @@ def _object(value: dict, schema: dict, root: Any, where: str, depth: int) -> str
             found = problem(item, extra, root, path, depth + 1) if isinstance(extra, dict) else None
         if found:
             return found
-    return _bounded(len(value), schema, "minProperties", "maxProperties", f"{where or 'the object'} has {len(value)} properties")
+    return _bounded(len(value), schema, "minProperties", "maxProperties",
+                    f"{where or 'the object'} has {len(value)} properties")
 
 
 def _array(value: list, schema: dict, root: Any, where: str, depth: int) -> str | None:
@@ -138,7 +140,8 @@ def _array(value: list, schema: dict, root: Any, where: str, depth: int) -> str 
         found = problem(item, sub, root, f"{where}[{i}]", depth + 1) if isinstance(sub, dict | bool) else None
         if found:
             return found
-    return _bounded(len(value), schema, "minItems", "maxItems", f"{where or 'the array'} has {len(value)} items")
+    return _bounded(len(value), schema, "minItems", "maxItems",
+                    f"{where or 'the array'} has {len(value)} items")
 
 
 def _number(value: float, schema: dict, here: str) -> str | None:

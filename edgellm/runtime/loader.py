@@ -63,7 +63,8 @@ def resolve_load(header: GGUFHeader, options: LoadOptions, hardware: Hardware | 
             draft_max=options.draft_max,
         )
         if not planned.fits:
-            raise LoadError(f"{header.path.name} {planned.reason}" + (f" beside draft {draft.path.name}" if draft else ""))
+            beside = f" beside draft {draft.path.name}" if draft else ""
+            raise LoadError(f"{header.path.name} {planned.reason}{beside}")
         n_ctx = n_ctx or planned.n_ctx // n_seq
         type_k, type_v, n_gpu_layers = planned.type_k, planned.type_v, planned.n_gpu_layers
         flash_attn = planned.flash_attn
@@ -119,7 +120,8 @@ def rpc_split(header: GGUFHeader, n_gpu_layers: int, hardware: Hardware,
         raise UsageError(f"--tensor-split has {len(tensor_split)} shares for {len(gpus)} devices "
                          f"({', '.join(g.device for g in gpus)})")
     n_layer = int(header.arch_value("block_count") or 0)
-    named = [(f"{g.device}@{g.name}" if g.backend.startswith("RPC") else g.device or g.name, g.free) for g in gpus]
+    named = [(f"{g.device}@{g.name}" if g.backend.startswith("RPC") else g.device or g.name, g.free)
+             for g in gpus]
     return tuple(layer_split(n_layer, n_gpu_layers, named, tensor_split))
 
 
@@ -154,9 +156,10 @@ def load_model(
     drafter = None
     try:
         if load.draft:
-            drafter = load_drafter(load.draft, native, n_seq, load.n_ctx, load.n_batch, load.n_threads, load.draft_max,
-                                   load.draft_p_min, load.draft_gpu_layers)
-        engine = BatchEngine(native, n_seq, load.context(), max_queue=max_queue, threaded=threaded, drafter=drafter)
+            drafter = load_drafter(load.draft, native, n_seq, load.n_ctx, load.n_batch, load.n_threads,
+                                   load.draft_max, load.draft_p_min, load.draft_gpu_layers)
+        engine = BatchEngine(native, n_seq, load.context(), max_queue=max_queue, threaded=threaded,
+                             drafter=drafter)
     except BaseException:
         if drafter is not None:
             drafter.close()

@@ -142,7 +142,8 @@ class Prepared:
                                  thinking=self.thinking)
 
 
-def shaping(spec: GenerationSpec, tool_format: ToolFormat) -> tuple[str | None, tuple[str, ...], CallRules | None]:
+def shaping(spec: GenerationSpec, tool_format: ToolFormat
+            ) -> tuple[str | None, tuple[str, ...], CallRules | None]:
     """(grammar, lazy triggers, call rules) of a spec, by the module's rule."""
     for tool in spec.tools:
         _check_parameters(tool, f"{spec.field('tools')} {tool.name!r}")
@@ -154,16 +155,20 @@ def shaping(spec: GenerationSpec, tool_format: ToolFormat) -> tuple[str | None, 
     forced = choice in ("required", "function")
     if forced and not tools:
         asked = "names a function" if choice == "function" else repr(choice)
-        raise UsageError(f"{spec.field('tool_choice')} {asked} but the request offers no {spec.field('tools')}")
+        raise UsageError(
+            f"{spec.field('tool_choice')} {asked} but the request offers no {spec.field('tools')}")
     if choice == "function" and spec.tool_name not in {t.name for t in tools}:
-        raise UsageError(f"{spec.field('tool_choice')} names {spec.tool_name!r}, which is not among the tools")
+        raise UsageError(
+            f"{spec.field('tool_choice')} names {spec.tool_name!r}, which is not among the tools")
     shapers = [name for name, given in (("tool_choice", forced), ("format", spec.json_answer),
                                         ("grammar", spec.grammar is not None)) if given]
     if len(shapers) > 1:
-        raise UsageError(f"{' and '.join(spec.field(s) for s in shapers)} cannot both shape the answer; send one")
+        both = " and ".join(spec.field(s) for s in shapers)
+        raise UsageError(f"{both} cannot both shape the answer; send one")
     rules = CallRules(tool_format, tuple(tools), spec.parallel_tool_calls, forced) if tools else None
     if forced:
-        return call_grammar(tool_format, list(tools), spec.tool_name if choice == "function" else None), (), rules
+        named = spec.tool_name if choice == "function" else None
+        return call_grammar(tool_format, list(tools), named), (), rules
     if spec.json_answer:
         return json_grammar(spec.json_schema, spec.field("format")), (), rules
     if spec.grammar is not None:

@@ -26,7 +26,8 @@ def openai_error(status: int, message: str, code: str) -> dict:
 
 #: Anthropic's error type for each status
 _ANTHROPIC = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-              404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+              404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+              503: "overloaded_error"}
 
 
 def anthropic_error(status: int, message: str, code: str) -> dict:

@@ -125,7 +125,8 @@ def rpc() -> ctypes.CDLL:
                  "--force-reinstall to rebuild the same version)",
         ) from None
     return _typed(lib, {
-        "ggml_backend_rpc_start_server": ([ctypes.c_char_p, ctypes.c_char_p, _S, _S, ctypes.POINTER(_P)], None),
+        "ggml_backend_rpc_start_server": ([ctypes.c_char_p, ctypes.c_char_p, _S, _S, ctypes.POINTER(_P)],
+                                          None),
         "ggml_backend_rpc_add_server": ([ctypes.c_char_p], _P),
     })
 

@@ -86,7 +86,8 @@ class Searched(Message):
 class Listed(Message):
     """A Hub repo's files: its quantizations, or the checkpoint it holds with its conversions."""
 
-    def __init__(self, repo: str, listing: Any, checkpoint: tuple[dict, dict] | None, found: tuple | None) -> None:
+    def __init__(self, repo: str, listing: Any, checkpoint: tuple[dict, dict] | None,
+                 found: tuple | None) -> None:
         super().__init__()
         self.repo, self.listing, self.checkpoint, self.found = repo, listing, checkpoint, found
 
