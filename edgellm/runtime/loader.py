@@ -134,10 +134,12 @@ def load_model(
     n_seq: int = 1,
     threaded: bool = False,
     max_queue: int = 64,
+    load: ResolvedLoad | None = None,
 ) -> Model:
     """Validate, plan, then load a GGUF. ``template`` overrides the file's own chat template;
     ``hardware`` is what the planner plans for (default: probe this machine). ``n_seq`` > 1 or
-    ``threaded``: a server's engine, planned in full, answering on its own thread."""
+    ``threaded``: a server's engine, planned in full, answering on its own thread. ``load``: what
+    ``resolve_load`` already decided for these options (a server plans before making room)."""
     options = options or LoadOptions()
     header = header or read_header(path)
     if options.rpc:
@@ -146,7 +148,7 @@ def load_model(
 
         check_alive(options.rpc)  # llama.cpp aborts on a worker that died since it was last asked
         hardware = hardware or probe(rpc=options.rpc)
-    load = resolve_load(header, options, hardware, n_seq, plan=threaded)
+    load = load or resolve_load(header, options, hardware, n_seq, plan=threaded)
     if options.rpc:
         load = replace(load, split=rpc_split(header, load.n_gpu_layers, hardware, options.tensor_split))
     lora = check_lora(options.lora, header)

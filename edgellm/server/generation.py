@@ -7,6 +7,7 @@ import asyncio
 import threading
 import weakref
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import Request
@@ -46,15 +47,23 @@ def text_prompts(served: Served, prompt: str | list) -> list[list[int]]:
     return [served.native.tokenize(text, add_special=True) for text in prompt]
 
 
-def openai_sampling(body: Any, choice: int = 0) -> dict[str, Any]:
-    """The sampling fields an OpenAI body sets (chat and text completions share them); ``choice``:
-    which of ``n`` answers (a given seed moves on by one for each)."""
+def openai_sampling(body: Any) -> dict[str, Any]:
+    """The sampling fields an OpenAI body sets (chat and text completions share them)."""
     given = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "min_p": body.min_p,
              "repeat_penalty": body.repeat_penalty, "presence_penalty": body.presence_penalty,
              "frequency_penalty": body.frequency_penalty, "ignore_eos": body.ignore_eos or None,
-             "seed": None if body.seed is None else body.seed + choice,
-             "logit_bias": _logit_bias(body.logit_bias) or None}
+             "seed": body.seed, "logit_bias": _logit_bias(body.logit_bias) or None}
     return {name: value for name, value in given.items() if value is not None}
+
+
+def choices(ready: Prepared, n: int, seed: int | None) -> list[GenerationRequest]:
+    """``n`` answers to one prepared request (OpenAI's ``n``), decoded side by side; a ``seed`` the
+    request gave moves on by one for each answer."""
+    gens = [ready.request() for _ in range(n)]
+    if seed is not None:
+        for i, gen in enumerate(gens[1:], 1):
+            gen.sampling = replace(gen.sampling, seed=seed + i)
+    return gens
 
 
 class Mailbox:

@@ -160,7 +160,7 @@ class ModelPool:
         load = resolve_load(model.header, options, self.hardware, self.parallel, plan=True)
         self._make_room(load.plan.memory.cpu + load.draft_ram, load.plan.ram_budget)
         loaded = load_model(model.path, options, self.template, model.header, self.hardware, n_seq=self.parallel,
-                            threaded=True, max_queue=self.max_queue)
+                            threaded=True, max_queue=self.max_queue, load=load)
         return Served(model.name, loaded, time.monotonic())
 
     def _make_room(self, needed: int, budget: int) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import struct
-from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -17,7 +16,7 @@ from edgellm.runtime.templates import Message
 from edgellm.runtime.tools import Tool, ToolCall
 from edgellm.server.bodies import openai_error
 from edgellm.server.encoders import ChatEncoder, TextEncoder, respond
-from edgellm.server.generation import chunks, openai_sampling, prepared, served_model, text_prompts
+from edgellm.server.generation import choices, chunks, openai_sampling, prepared, served_model, text_prompts
 from edgellm.server.schemas import (
     MAX_CHOICES,
     ChatCompletionRequest,
@@ -53,15 +52,9 @@ async def model(name: str, request: Request) -> dict:
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     served = await served_model(request, body.model)
-    spec = chat_spec(body)
-    ready = await prepared(served, spec, request.app.state.config.defaults)
-    top = (body.top_logprobs or 0) if body.logprobs else None
-    gens = []
-    for i in range(body.n):
-        gen = ready.request()
-        gen.sampling = replace(gen.sampling, logprobs=top, **openai_sampling(body, i))
-        gens.append(gen)
-    encoder = ChatEncoder(served.name, len(ready.prompt), top is not None, ready.calls)
+    ready = await prepared(served, chat_spec(body), request.app.state.config.defaults)
+    gens = choices(ready, body.n, body.seed)
+    encoder = ChatEncoder(served.name, len(ready.prompt), body.logprobs, ready.calls)
     return await respond(encoder, [chunks(gen, served) for gen in gens], body.stream, _include_usage(body))
 
 
@@ -83,7 +76,8 @@ def chat_spec(body: ChatCompletionRequest) -> GenerationSpec:
         tool_choice=choice, tool_name=name, parallel_tool_calls=body.parallel_tool_calls, json_answer=shaped,
         json_schema=fmt.json_schema.schema_ if shaped and fmt.type == "json_schema" else None, grammar=body.grammar,
         max_tokens=body.max_completion_tokens or body.max_tokens, stop=body.stops(),
-        sampling=openai_sampling(body), reasoning=body.reasoning_format != "none",
+        sampling={**openai_sampling(body), "logprobs": (body.top_logprobs or 0) if body.logprobs else None},
+        reasoning=body.reasoning_format != "none",
         fields={"format": "response_format.json_schema.schema", "tools": "tools", "grammar": "grammar",
                 "tool_choice": "tool_choice", "messages": "messages"},
     )
@@ -98,10 +92,9 @@ async def completions(body: CompletionRequest, request: Request):
     defaults = request.app.state.config.defaults
     gens = []
     for prompt in prompts:
-        for i in range(body.n):
-            spec = GenerationSpec(prompt=tuple(prompt), max_tokens=body.max_tokens, stop=body.stops(),
-                                  sampling={**openai_sampling(body, i), "logprobs": body.logprobs}, reasoning=False)
-            gens.append((await prepared(served, spec, defaults)).request())
+        spec = GenerationSpec(prompt=tuple(prompt), max_tokens=body.max_tokens, stop=body.stops(),
+                              sampling={**openai_sampling(body), "logprobs": body.logprobs}, reasoning=False)
+        gens += choices(await prepared(served, spec, defaults), body.n, body.seed)
     encoder = TextEncoder(served.name, sum(map(len, prompts)), body.logprobs is not None)
     return await respond(encoder, [chunks(gen, served) for gen in gens], body.stream, _include_usage(body))
 
