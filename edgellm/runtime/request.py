@@ -22,7 +22,7 @@ calls fail is text. With a forced call, a failing call is an error (``ToolCallEr
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -74,11 +74,7 @@ class Target(Protocol):
 
     def prompt_tokens(self, text: str) -> list[int]: ...
 
-    @property
-    def bos_text(self) -> str: ...
-
-    @property
-    def eos_text(self) -> str: ...
+    def render(self, messages: Sequence[Message], tools: Sequence[Tool] = ()) -> str: ...
 
     def piece(self, token: int) -> bytes: ...
 
@@ -224,8 +220,7 @@ def prompt_for(spec: GenerationSpec, target: Target) -> list[int]:
         prompt = list(spec.prompt)
     elif spec.turns:
         tools = () if spec.tool_choice == "none" else spec.tools
-        text = target.template.render(spec.turns, True, target.bos_text, target.eos_text, tools)
-        prompt = target.prompt_tokens(text)
+        prompt = target.prompt_tokens(target.render(spec.turns, tools))
     else:
         raise UsageError(f"the request has no {spec.field('messages')}")
     if not prompt:
