@@ -161,6 +161,11 @@ class Settings:
         return self.home / "checkpoints"
 
     @property
+    def runs_dir(self) -> Path:
+        """Fine-tuning runs: each a folder with its checkpoints and, when done, its adapter."""
+        return self.home / "runs"
+
+    @property
     def config_file(self) -> Path:
         return self.home / "config.toml"
 

@@ -128,6 +128,14 @@ class Cancelled(EdgeLLMError):
     """The user stopped long work (a download, conversion, quantization); nothing half-done is kept."""
 
 
+class DataError(UsageError):
+    """A training data file (or one of its lines) the trainer cannot take; the message names the line."""
+
+
+class TrainingError(EdgeLLMError):
+    """Training failed on the way (the loss became NaN, a checkpoint cannot be resumed)."""
+
+
 class MissingDependencyError(EdgeLLMError):
     """A part this build or machine lacks (an optional package, llama.cpp's RPC backend)."""
 
@@ -165,6 +173,8 @@ SHOWN: dict[type[EdgeLLMError], Shown] = {
     QuantizeError: Shown(1, 500, "quantize_error"),
     ImatrixError: Shown(1, 400, "invalid_imatrix"),
     Cancelled: Shown(130, 499, "cancelled"),
+    DataError: Shown(2, 400, "invalid_data"),
+    TrainingError: Shown(1, 500, "training_error"),
     MissingDependencyError: Shown(1, 500, "missing_dependency"),
 }
 

@@ -92,6 +92,15 @@ class ToolFormat:
         """(the text that is not a call, the calls) of an answer."""
         raise NotImplementedError
 
+    def write(self, calls: list[ToolCall]) -> str:
+        """The text a model of this family writes for ``calls`` (what parse() reads back): how a
+        fine-tuning example teaches calls to a model whose template does not render them."""
+        return "\n".join(f"<tool_call>\n{json.dumps(self._object(c), ensure_ascii=False)}\n</tool_call>"
+                         for c in calls)
+
+    def _object(self, call: ToolCall) -> dict[str, Any]:
+        return {"name": call.name, self.arguments_key: call.as_template()["function"]["arguments"]}
+
     def _calls(self, objects: list[Any]) -> list[ToolCall]:
         calls = []
         for obj in objects:
@@ -149,6 +158,9 @@ class Mistral(ToolFormat):
         calls = self._calls(found if isinstance(found, list) else [found])
         return (head.strip() if calls else text), calls
 
+    def write(self, calls: list[ToolCall]) -> str:
+        return "[TOOL_CALLS]" + json.dumps([self._object(c) for c in calls], ensure_ascii=False)
+
 
 @register
 class Llama3(ToolFormat):
@@ -165,6 +177,9 @@ class Llama3(ToolFormat):
         body = text.strip().removeprefix("<|python_tag|>")
         calls = self._calls([_loads(body)]) if body.startswith("{") else []
         return ("" if calls else text), calls
+
+    def write(self, calls: list[ToolCall]) -> str:
+        return "<|python_tag|>" + json.dumps(self._object(calls[0]), ensure_ascii=False) if calls else ""
 
 
 class Generic(ToolFormat):
@@ -190,6 +205,9 @@ class Generic(ToolFormat):
         calls = self._calls(found["tool_calls"]) if isinstance(found, dict) and isinstance(
             found.get("tool_calls"), list) else []
         return ("" if calls else text), calls
+
+    def write(self, calls: list[ToolCall]) -> str:
+        return json.dumps({"tool_calls": [self._object(c) for c in calls]}, ensure_ascii=False)
 
 
 GENERIC = Generic()

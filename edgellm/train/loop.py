@@ -1,0 +1,381 @@
+"""The training loop: rows of tokens through the adapted model, AdamW on the adapter, checkpoints
+that a killed or stopped run resumes from with the same data order and loss curve.
+
+Two things make it faster and leaner than a generic trainer on the same model, batch and length:
+rows are packed with several examples each (every example keeps its own positions, and
+transformers' attention mask keeps it from attending to its neighbours), so little is padding;
+and the output head runs only on the tokens the loss is taken on, not on every position (the
+logits over a vocabulary are a large part of a small model's work and memory).
+
+A run lives in one folder: ``run.json`` (what was asked), ``checkpoints/step-NNNNNN/`` (adapter,
+optimizer and loop state, each written whole or not at all; the last two are kept) and, at the
+end, ``adapter/`` (a PEFT folder with ``edgellm-run.json``, its record).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgellm.errors import Cancelled, StorageError, TrainingError, UsageError
+from edgellm.fsutil import atomic_dir, atomic_write_text
+from edgellm.train.data import Example, Examples, packed_rows
+
+#: checkpoints kept in a run's folder (older ones are removed once a newer one is whole)
+KEEP_CHECKPOINTS = 2
+RECORD = "edgellm-run.json"
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """How the loop runs (what memory depends on is the planner's TrainSettings)."""
+
+    lr: float = 2e-4
+    batch: int = 4
+    max_len: int = 1024
+    epochs: float | None = None
+    steps: int | None = None
+    warmup: float = 0.03  # share of the steps the learning rate ramps up over
+    weight_decay: float = 0.0
+    pack: bool = True
+    seed: int = 0
+    save_every: int = 50
+    eval_every: int = 0  # 0: at the end only (and at each save)
+    max_grad_norm: float = 1.0
+
+    def total_steps(self, n_rows: int) -> int:
+        per_epoch = math.ceil(n_rows / self.batch)
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil(per_epoch * (self.epochs if self.epochs is not None else 1.0)))
+
+
+# -- what the loop reports ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Progress:
+    """One optimizer step done."""
+
+    step: int
+    total: int
+    loss: float
+    lr: float
+    tokens: int  # tokens seen so far (padding excluded)
+    tokens_per_second: float
+    memory: int  # bytes: peak resident memory (CPU) or peak allocated (GPU)
+    eta_seconds: float
+    epoch: float
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    step: int
+    eval_loss: float
+
+
+@dataclass(frozen=True)
+class Saved:
+    step: int
+    path: Path
+
+
+Event = Progress | Evaluated | Saved
+
+
+@dataclass
+class History:
+    """The loss curve so far: what a resumed run continues, and what the record keeps."""
+
+    losses: list[float] = field(default_factory=list)  # one per step
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    adapter: Path
+    steps: int
+    history: History
+    peak_memory: int
+    tokens_per_second: float
+
+
+# -- rows and batches --------------------------------------------------------------------------------
+def rows_of(examples: Sequence[Example], max_len: int, pack: bool) -> list[list[int]]:
+    """Example indices per row: packed several to a row, or one each."""
+    if pack:
+        return packed_rows([len(e) for e in examples], max_len)
+    return [[i] for i in range(len(examples))]
+
+
+def order(n_rows: int, epoch: int, seed: int) -> list[int]:
+    """The rows' order in an epoch: a function of the seed and epoch alone, so a resumed run sees
+    the same batches it would have."""
+    import numpy as np
+
+    return [int(i) for i in np.random.default_rng([seed, epoch]).permutation(n_rows)]
+
+
+def collate(rows: Sequence[Sequence[Example]], pad_id: int) -> tuple[Any, Any, Any, int]:
+    """(input ids, position ids, targets, real tokens) for a batch of rows. Positions restart at
+    each example, which is what keeps packed examples from attending to each other; a target is
+    the next token of the same example where that token is learned, else -100."""
+    import torch
+
+    width = max(sum(len(e) for e in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    targets = torch.full((len(rows), width), -100, dtype=torch.long)
+    real = 0
+    for r, row in enumerate(rows):
+        at = 0
+        for e in row:
+            n = len(e)
+            ids[r, at:at + n] = torch.tensor(e.ids)
+            positions[r, at:at + n] = torch.arange(n)
+            nxt = torch.tensor(e.ids[1:])
+            keep = torch.tensor(e.trained[1:], dtype=torch.bool)
+            targets[r, at:at + n - 1] = torch.where(keep, nxt, torch.full_like(nxt, -100))
+            at += n
+        positions[r, at:] = torch.arange(width - at)  # padding: a sequence of its own, never learned
+        real += at
+    return ids, positions, targets, real
+
+
+def loss_of(model: Any, ids: Any, positions: Any, targets: Any) -> Any:
+    """Mean cross-entropy over the learned tokens, the output head run on those tokens only."""
+    import torch.nn.functional as F
+
+    base = model.get_base_model()
+    hidden = base.get_decoder()(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+    keep = targets != -100
+    logits = base.get_output_embeddings()(hidden[keep]).float()
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    if cap:
+        logits = (logits / cap).tanh() * cap
+    return F.cross_entropy(logits, targets[keep])
+
+
+# -- memory --------------------------------------------------------------------------------------------
+def peak_memory(dev: str) -> int:
+    if dev == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+def checkpoints(run: Path) -> list[Path]:
+    """A run's whole checkpoints, oldest first."""
+    folder = run / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()
+             and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def save_checkpoint(run: Path, step: int, model: Any, optimizer: Any, history: History, identity: dict) -> Path:
+    import torch
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    dest = run / "checkpoints" / f"step-{step:06d}"
+    if dest.exists():
+        return dest
+    try:
+        with atomic_dir(dest) as tmp:
+            state = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(model).items()}
+            save_file(state, str(tmp / "adapter.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "identity": identity,
+                                                        "history": asdict(history)}), encoding="utf-8")
+    except OSError as exc:
+        raise StorageError(f"cannot write a checkpoint in {run}: {exc.strerror or exc}",
+                           hint="free some disk space, then resume with --resume") from None
+    for old in checkpoints(run)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def load_checkpoint(path: Path, model: Any, optimizer: Any, identity: dict) -> tuple[int, History]:
+    """A checkpoint's step and history, its adapter and optimizer state put back; refused when it
+    was made with other data or settings (the order and curve would not continue)."""
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        saved = state["identity"]
+        step = int(state["step"])
+        history = History(**{k: v for k, v in state["history"].items() if k in History.__dataclass_fields__})
+        history.eval_losses = [(int(s), float(v)) for s, v in history.eval_losses]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TrainingError(f"cannot resume from {path}: {exc}") from None
+    changed = sorted(k for k in identity if saved.get(k) != identity[k])
+    if changed:
+        raise UsageError(f"cannot resume {path.parent.parent.name}: {', '.join(changed)} changed since it started",
+                         hint="resume with the same data and settings, or start a new run with --name")
+    try:
+        set_peft_model_state_dict(model, load_file(str(path / "adapter.safetensors")))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    except Exception as exc:  # a damaged checkpoint: torch and safetensors raise many kinds
+        raise TrainingError(f"cannot resume from {path}: {type(exc).__name__}: {exc}") from None
+    return step, history
+
+
+# -- the loop ---------------------------------------------------------------------------------------------
+def learning_rate(step: int, total: int, settings: LoopSettings) -> float:
+    """Linear warm-up, then linear decay to zero (transformers' default schedule)."""
+    warm = max(1, round(total * settings.warmup)) if settings.warmup > 0 else 0
+    if step < warm:
+        return settings.lr * (step + 1) / warm
+    return settings.lr * max(0.0, (total - step) / max(total - warm, 1))
+
+
+def evaluate(model: Any, examples: Examples, settings: LoopSettings, pad_id: int, dev: str) -> float:
+    import torch
+
+    rows = rows_of(examples.examples, settings.max_len, settings.pack)
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(rows), settings.batch):
+            batch = [[examples.examples[k] for k in row] for row in rows[i:i + settings.batch]]
+            ids, positions, targets, _ = (t.to(dev) if hasattr(t, "to") else t for t in collate(batch, pad_id))
+            n = int((targets != -100).sum())
+            total += loss_of(model, ids, positions, targets).item() * n
+            count += n
+    model.train()
+    return total / max(count, 1)
+
+
+def train(model: Any, data: Examples, run: Path, settings: LoopSettings, *, dev: str, pad_id: int,
+          identity: dict, record: dict, eval_data: Examples | None = None, resume: bool = False,
+          on_event: Callable[[Event], None] | None = None, cancel: threading.Event | None = None) -> Outcome:
+    """Train ``model``'s adapter on ``data``; the adapter is written to ``run/adapter``.
+
+    ``identity`` (the data's hash, the base, the settings the order and curve depend on) is what a
+    resumed run must match; ``record`` is written beside the adapter with the final figures."""
+    import torch
+
+    cancel = cancel or threading.Event()
+    emit = on_event or (lambda _e: None)
+    rows = rows_of(data.examples, settings.max_len, settings.pack)
+    total = settings.total_steps(len(rows))
+    per_epoch = math.ceil(len(rows) / settings.batch)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    step, history = 0, History()
+    if resume:
+        found = checkpoints(run)
+        if not found:
+            raise UsageError(f"run {run.name} has no checkpoint to resume from", hint="start it without --resume")
+        step, history = load_checkpoint(found[-1], model, optimizer, identity)
+    if step >= total:
+        raise UsageError(f"run {run.name} already did its {total} steps", hint="export it, or raise --steps")
+    if eval_data is not None and step == 0:  # where the curve starts, so a fall shows
+        history.eval_losses.append((0, evaluate(model, eval_data, settings, pad_id, dev)))
+        emit(Evaluated(0, history.eval_losses[-1][1]))
+    model.train()
+    started, session_tokens, last_saved, session_from = time.monotonic(), 0, step, step
+
+    def stop_here(reason: str) -> None:
+        if step > last_saved:
+            emit(Saved(step, save_checkpoint(run, step, model, optimizer, history, identity)))
+        raise reason_error(reason)
+
+    def reason_error(reason: str) -> Exception:
+        if reason == "cancel":
+            return Cancelled(f"training stopped at step {step} of {total}; the checkpoint is kept",
+                             hint=f"continue with the same command and --resume (run {run.name})")
+        return TrainingError(f"the loss became {reason} at step {step}", hint="lower --lr, then start again")
+
+    while step < total:
+        if cancel.is_set():
+            stop_here("cancel")
+        epoch, index = divmod(step, per_epoch)
+        chosen = order(len(rows), epoch, settings.seed)[index * settings.batch:(index + 1) * settings.batch]
+        batch = [[data.examples[k] for k in rows[r]] for r in chosen]
+        ids, positions, targets, real = collate(batch, pad_id)
+        ids, positions, targets = ids.to(dev), positions.to(dev), targets.to(dev)
+        lr = learning_rate(step, total, settings)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = loss_of(model, ids, positions, targets)
+        value = loss.detach().item()
+        if not math.isfinite(value):
+            stop_here("NaN" if math.isnan(value) else "infinite")
+        loss.backward()
+        if settings.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        session_tokens += real
+        history.losses.append(value)
+        history.tokens += real
+        elapsed = time.monotonic() - started
+        rate = session_tokens / max(elapsed, 1e-9)
+        eta = elapsed / max(step - session_from, 1) * (total - step)
+        emit(Progress(step, total, value, lr, history.tokens, rate, peak_memory(dev), eta, step / per_epoch))
+        due_eval = eval_data is not None and settings.eval_every and step % settings.eval_every == 0
+        if due_eval or (eval_data is not None and step == total):
+            history.eval_losses.append((step, evaluate(model, eval_data, settings, pad_id, dev)))
+            emit(Evaluated(step, history.eval_losses[-1][1]))
+        if step % settings.save_every == 0 and step < total:
+            history.seconds += time.monotonic() - started
+            started, session_tokens, session_from = time.monotonic(), 0, step
+            emit(Saved(step, save_checkpoint(run, step, model, optimizer, history, identity)))
+            last_saved = step
+    history.seconds += time.monotonic() - started
+    adapter = write_adapter(model, run, {**record, "steps": step, "final_loss": history.losses[-1],
+                                         "eval_losses": history.eval_losses, "tokens": history.tokens,
+                                         "seconds": round(history.seconds, 2), "peak_memory": peak_memory(dev)})
+    return Outcome(adapter, step, history, peak_memory(dev), history.tokens / max(history.seconds, 1e-9))
+
+
+def write_adapter(model: Any, run: Path, record: dict) -> Path:
+    """The adapter as a PEFT folder (loadable by PEFT as it is) with the run's record inside."""
+    dest = run / "adapter"
+    if dest.exists():
+        shutil.rmtree(dest)  # a resumed run's adapter replaces the one a finished run left
+    try:
+        with atomic_dir(dest) as tmp:
+            model.save_pretrained(tmp)
+            (tmp / RECORD).write_text(json.dumps(record, indent=1, default=str), encoding="utf-8")
+    except OSError as exc:
+        raise StorageError(f"cannot write the adapter in {run}: {exc.strerror or exc}") from None
+    return dest
+
+
+def write_run(run: Path, settings: dict) -> None:
+    """What a run was asked to do, before it starts (the app and --resume read it)."""
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run / "run.json", json.dumps(settings, indent=1, default=str))
+    except OSError as exc:
+        raise StorageError(f"cannot write run {run}: {exc.strerror or exc}") from None
+
+
+def read_record(adapter: Path) -> dict:
+    try:
+        record = json.loads((Path(adapter) / RECORD).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read {Path(adapter) / RECORD}: {exc}") from None
+    return record if isinstance(record, dict) else {}
+

@@ -1,0 +1,162 @@
+"""The base model a run trains an adapter on: loaded 16-bit (fp32 on a CPU), or 4-bit NF4 for
+QLoRA tensor by tensor, with a PEFT LoRA on the chosen linear layers.
+
+transformers' own 4-bit path loads every 16-bit weight before quantizing, so its peak is the
+16-bit model's; here the model is built empty and each linear weight is read, quantized and
+dropped in turn, so QLoRA's peak is the 4-bit model plus one tensor, as the planner promises.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from edgellm.errors import CheckpointError, MissingDependencyError
+
+#: what ``--targets all-linear`` means: every linear layer but the output head (PEFT's rule)
+ALL_LINEAR = "all-linear"
+
+
+def require_training() -> None:
+    """torch and PEFT are an extra: say how to get them rather than fail on an import. The
+    libraries' own chatter (progress bars, bitsandbytes' note that it could not fetch a kernel
+    from the Hub) is silenced: a run reports its own progress."""
+    import importlib.util
+    import logging
+
+    missing = [m for m in ("torch", "peft") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingDependencyError(f"fine-tuning needs {' and '.join(missing)}",
+                                     hint="pip install 'edgellm[train]'")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dtype(dev: str) -> Any:
+    import torch
+
+    # a CPU without bf16 matmul units is several times slower in 16-bit: train in fp32 there
+    return torch.float32 if dev == "cpu" else torch.bfloat16
+
+
+def load_base(folder: Path, *, qlora: bool, dev: str, double_quant: bool = True) -> Any:
+    """The base model, frozen, on ``dev``."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        if qlora:
+            model = _load_4bit(Path(folder), dev, double_quant)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=_dtype(dev), device_map=dev)
+    except (CheckpointError, MissingDependencyError):
+        raise
+    except Exception as exc:  # transformers raises many kinds for a model it cannot build
+        raise CheckpointError(f"cannot load {folder} for training: {type(exc).__name__}: {exc}") from None
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"cannot read {index}: {exc}") from None
+        files = [folder / n for n in names]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    for f in files:
+        if not f.resolve().is_relative_to(folder.resolve()) or not f.is_file():
+            raise CheckpointError(f"{folder}: weight file {f.name} is missing or leads outside the folder")
+    if not files:
+        raise CheckpointError(f"{folder} has no safetensors weights")
+    return files
+
+
+def _load_4bit(folder: Path, dev: str, double_quant: bool) -> Any:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise MissingDependencyError("QLoRA needs bitsandbytes", hint="pip install 'edgellm[train]'") from None
+    import torch
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = _dtype(dev)
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights():  # parameters on "meta", buffers (rotary tables) real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    head = model.get_output_embeddings()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, bnb.nn.Linear4bit(
+                module.in_features, module.out_features, bias=module.bias is not None, compute_dtype=dtype,
+                compress_statistics=double_quant, quant_type="nf4", device="meta"))
+    modules = dict(model.named_modules())
+    for path in _weight_files(folder):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                owner, _, leaf = key.rpartition(".")
+                module = modules.get(owner)
+                if module is None or leaf not in dict(module.named_parameters(recurse=False)):
+                    continue
+                tensor = f.get_tensor(key)
+                if isinstance(module, bnb.nn.Linear4bit) and leaf == "weight":
+                    module.weight = bnb.nn.Params4bit(tensor.to(dtype), requires_grad=False, quant_type="nf4",
+                                                      compress_statistics=double_quant, module=module).to(dev)
+                else:
+                    set_module_tensor_to_device(model, key, dev, value=tensor.to(dtype))
+                del tensor
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if empty:
+        raise CheckpointError(f"{folder} lacks {len(empty)} of the model's weights (e.g. {empty[0]})")
+    return model
+
+
+def adapt(model: Any, *, rank: int, alpha: float, targets: str | list[str], dropout: float = 0.0,
+          gradient_checkpointing: bool = False, qlora: bool = False) -> Any:
+    """The model with a fresh LoRA on ``targets`` (module names, or all-linear)."""
+    from peft import LoraConfig, get_peft_model
+
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
+                        target_modules=targets if targets == ALL_LINEAR else list(targets))
+    try:
+        peft = get_peft_model(model, config)
+    except ValueError as exc:  # PEFT's word for targets that match nothing, or a layer type it cannot wrap
+        raise CheckpointError(f"PEFT cannot put a LoRA on this model's {targets}: {exc}",
+                              hint="name the linear layers with --targets (e.g. q_proj,v_proj)") from None
+    for p in peft.parameters():  # the adapter trains in fp32 even on a 16-bit base
+        if p.requires_grad:
+            p.data = p.data.float()
+    return peft
+
+
+def target_names(model: Any) -> list[str]:
+    """The linear layer names an adapter could target (for messages and the app)."""
+    import torch
+
+    head = model.get_output_embeddings()
+    names = {n.rpartition(".")[2] for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and m is not head and n}
+    return sorted(names)
