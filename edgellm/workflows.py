@@ -143,6 +143,8 @@ def fetch_checkpoint(source: str | Path, store: Store, keep_in: Path, job: Job,
     folder = Path(source).expanduser()
     if folder.is_dir():
         return folder
+    if "/" not in str(source) and (keep_in / str(source) / "config.json").is_file():
+        return keep_in / str(source)  # one pulled before, by its name
     repo, _ = parse_ref(str(source))
     listing = listing or list_repo(repo, None, store)
     if not listing.is_checkpoint:
@@ -380,3 +382,218 @@ def sweep_figures(store: Store, model_name: str) -> dict[tuple[str, bool], dict[
         if isinstance(row, dict) and isinstance(row.get("type"), str) and isinstance(row.get("imatrix"), bool):
             figures[(row["type"], row["imatrix"])] = row
     return figures
+
+
+# -- fine-tuning -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Finetune:
+    """What ``edgellm finetune`` asks for; None means "choose" (batch, packing, checkpointing)."""
+
+    base: str  # a checkpoint folder or a Hub repo
+    data: Path
+    name: str | None = None
+    qlora: bool = False
+    rank: int = 16
+    alpha: float | None = None  # None: twice the rank
+    targets: str | tuple[str, ...] = "all-linear"
+    epochs: float | None = None
+    steps: int | None = None
+    lr: float = 2e-4
+    max_len: int = 1024
+    batch: int | None = None
+    eval_file: Path | None = None
+    eval_split: float = 0.0
+    pack: bool | None = None
+    gradient_checkpointing: bool | None = None
+    seed: int = 0
+    save_every: int = 50
+    resume: bool = False
+
+
+    def check(self) -> Finetune:
+        """Settings that make no sense are refused before anything is read."""
+        if not 1 <= self.rank <= 1024:
+            raise UsageError(f"--rank must be 1..1024, got {self.rank}")
+        if self.steps is not None and self.steps < 1:
+            raise UsageError("--steps must be positive")
+        if self.epochs is not None and not 0 < self.epochs <= 1000:
+            raise UsageError("--epochs must be above 0 (at most 1000)")
+        if not 0 < self.lr <= 1:
+            raise UsageError(f"--lr must be in (0, 1], got {self.lr}")
+        if self.batch is not None and self.batch < 1:
+            raise UsageError("--batch must be positive")
+        return self
+
+
+def base_config(ref: str, keep_in: Path, settings: Any) -> dict:
+    """A base checkpoint's config.json: a folder, one pulled before (by name), or a Hub repo's
+    (one small download), for the planner before anything big moves."""
+    from edgellm.convert.checkpoint import read_config
+
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return read_config(path)
+    if "/" not in ref:
+        if (keep_in / ref).is_dir():
+            return read_config(keep_in / ref)
+        raise UsageError(f"no checkpoint folder {ref}")
+    from edgellm.models import store_for
+    from edgellm.models.hub import list_repo, parse_ref, remote_checkpoint
+
+    store = store_for(settings)
+    repo, _ = parse_ref(ref)
+    config, _ = remote_checkpoint(repo, list_repo(repo, None, store), store)
+    return config
+
+
+@dataclass(frozen=True)
+class FinetunePlan:
+    """A run made ready: the data as tokens, the memory verdict, and the settings chosen."""
+
+    base: Path
+    run: Path
+    name: str
+    data: Any  # train.data.Examples
+    eval_data: Any | None
+    memory: Any  # plan.training.TrainPlan
+    loop: Any  # train.loop.LoopSettings
+    padding: tuple[float, float]  # padding share padded, packed
+    identity: dict[str, Any]  # what a resumed run must match
+    pad_id: int
+    notes: tuple[str, ...] = ()
+
+
+def plan_finetune(request: Finetune, store: Store, runs: Path, keep_in: Path, hardware: Hardware, job: Job
+                  ) -> FinetunePlan:
+    """Everything decided before a model is loaded: the data read and checked (a bad line stops it
+    here), the memory planned (a run that cannot fit is refused with the nearest setting that
+    fits), the run's folder and disk space checked."""
+    import dataclasses
+    import shutil
+
+    from edgellm.convert.checkpoint import read_config
+    from edgellm.errors import DataError, ModelExistsError, StorageError
+    from edgellm.gguf.header import human_bytes
+    from edgellm.models.store import check_name
+    from edgellm.plan.training import TrainSettings, TrainShape, auto_batch, nearest_fit, plan_training
+    from edgellm.train.data import Examples, Tokens, file_hash, padding_share, prepare
+    from edgellm.train.loop import LoopSettings, checkpoints
+    from edgellm.train.model import device, require_training
+
+    require_training()
+    base = fetch_checkpoint(request.base, store, keep_in, job)
+    config = read_config(base)
+    shape = TrainShape.from_config(config)
+    context = int((config.get("text_config") or config).get("max_position_embeddings") or 0)
+    if request.max_len < 16 or (context and request.max_len > context):
+        raise UsageError(f"--max-len {request.max_len} is outside 16..{context or '?'}, the model's context")
+    name = check_name(request.name or f"{base.name}-{Path(request.data).stem}".lower())
+    run = runs / name
+    if ((run / "adapter").is_dir() or checkpoints(run)) and not request.resume:
+        done = (run / "adapter").is_dir()
+        raise ModelExistsError(f"run {name} {'exists' if done else 'was stopped and has a checkpoint'}",
+                               hint=(f"export it (edgellm export {name} Q4_K_M) or name a new run with --name" if done
+                                     else "continue it with --resume, or name a new run with --name"))
+    if request.resume and not checkpoints(run):
+        raise UsageError(f"run {name} has no checkpoint to resume from", hint="start it without --resume")
+    tokens = Tokens.for_checkpoint(base)
+    data = prepare(request.data, tokens, request.max_len, lambda n: job.step("read data", n, None, "lines"))
+    data_hash = file_hash(request.data)
+    eval_data = None
+    if request.eval_file is not None:
+        eval_data = prepare(request.eval_file, tokens, request.max_len)
+    elif request.eval_split:
+        if not 0 < request.eval_split < 0.5:
+            raise UsageError("--eval-split takes a share between 0 and 0.5")
+        held = max(1, round(len(data.examples) * request.eval_split))
+        if held >= len(data.examples):
+            raise DataError(f"{request.data}: too few examples to hold {held} out for evaluation")
+        eval_data = Examples(data.path, data.format, data.examples[-held:])
+        data = dataclasses.replace(data, examples=data.examples[:-held])
+    dev = device()
+    learned = data.trained_tokens / max(data.tokens, 1)
+    targets = None if request.targets == "all-linear" else tuple(request.targets)
+    settings = TrainSettings(method="qlora" if request.qlora else "lora", rank=request.rank, targets=targets,
+                             max_len=request.max_len, batch=request.batch or 1,
+                             gradient_checkpointing=bool(request.gradient_checkpointing), trained_share=learned,
+                             device=dev)
+    available = hardware.ram_available if dev == "cpu" else hardware.gpu_free
+    notes = []
+    if request.gradient_checkpointing is None and not plan_training(shape, settings, available).fits:
+        settings = dataclasses.replace(settings, gradient_checkpointing=True)
+        notes.append("gradient checkpointing on: the run does not fit without it")
+    if request.batch is None:
+        settings = dataclasses.replace(settings, batch=min(max(auto_batch(shape, settings, available), 1),
+                                                           len(data.examples)))
+    memory = plan_training(shape, settings, available)
+    if not memory.fits:
+        near = nearest_fit(shape, settings, available)
+        hint = ("nothing fits this machine" if near is None else
+                f"try --batch {near.batch} --max-len {near.max_len}" + (" --qlora" if near.method == "qlora" else "")
+                + (" --gradient-checkpointing" if near.gradient_checkpointing else ""))
+        raise UsageError(f"this run needs {human_bytes(memory.total)} of {memory.where} and "
+                         f"{human_bytes(available)} is free", hint=hint)
+    lengths = [len(e) for e in data.examples]
+    padding = padding_share(lengths, settings.batch, request.max_len)
+    pack = request.pack if request.pack is not None else padding[1] < padding[0] - 0.05
+    loop = LoopSettings(lr=request.lr, batch=settings.batch, max_len=request.max_len, epochs=request.epochs,
+                        steps=request.steps, pack=pack, seed=request.seed, save_every=request.save_every)
+    adapter_bytes = shape.lora_params(request.rank, targets) * 4
+    need = adapter_bytes * 3 * (2 + 1) + (16 << 20)  # two checkpoints (adapter + AdamW's two moments) and the adapter
+    try:
+        run.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(run.parent).free
+    except OSError as exc:
+        raise StorageError(f"cannot write runs in {run.parent}: {exc.strerror or exc}") from None
+    if free < need:
+        raise StorageError(f"{run.parent} has {human_bytes(free)} free; the run's checkpoints need "
+                           f"{human_bytes(need)}", hint="free some disk space or set EDGELLM_HOME elsewhere")
+    identity = {"base": str(base.resolve()), "data": data_hash, "rank": request.rank, "targets": str(request.targets),
+                "max_len": request.max_len, "batch": settings.batch, "pack": pack, "seed": request.seed,
+                "method": settings.method}
+    pad_id = tokens.tokenizer.pad_token_id
+    pad_id = tokens.tokenizer.eos_token_id if pad_id is None else pad_id
+    return FinetunePlan(base, run, name, data, eval_data, memory, loop, padding, identity, int(pad_id or 0),
+                        tuple(notes))
+
+
+def finetune(plan: FinetunePlan, request: Finetune, job: Job, on_event: Callable[[Any], None] | None = None) -> Any:
+    """Train the planned run; returns the loop's Outcome (the adapter folder and the curve)."""
+    import datetime
+
+    from edgellm.train.loop import train, write_run
+    from edgellm.train.model import adapt, device, load_base
+
+    identity = plan.identity
+    dev = device()
+    record = {"base": str(plan.base.resolve()), "data": str(Path(request.data).resolve()), "data_sha256":
+              identity["data"], "format": plan.data.format, "method": plan.memory.settings.method,
+              "rank": request.rank, "alpha": request.alpha or 2 * request.rank, "targets": request.targets,
+              "lr": request.lr, "max_len": request.max_len, "batch": plan.loop.batch, "pack": plan.loop.pack,
+              "trained_tokens": plan.data.trained_tokens, "masked_tokens": plan.data.masked_tokens,
+              "planned_memory": plan.memory.total, "created": datetime.datetime.now(datetime.UTC).isoformat()}
+    job.step("load base", 0, None, "tensors", plan.base.name)
+    model = load_base(plan.base, qlora=request.qlora, dev=dev)
+    model = adapt(model, rank=request.rank, alpha=request.alpha or 2 * request.rank,
+                  targets=request.targets if isinstance(request.targets, str) else list(request.targets),
+                  gradient_checkpointing=plan.memory.settings.gradient_checkpointing, qlora=request.qlora)
+    if not request.resume:
+        write_run(plan.run, {**record, "identity": identity})
+    return train(model, plan.data, plan.run, plan.loop, dev=dev, pad_id=plan.pad_id, identity=identity, record=record,
+                 eval_data=plan.eval_data, resume=request.resume, on_event=on_event, cancel=job.cancel)
+
+
+def export_run(store: Store, adapter: Path, quant: str | None, job: Job, *, name: str | None = None,
+               base_16bit: Path | None = None) -> tuple[ConvertResult, ModelEntry]:
+    """A trained adapter merged into its 16-bit base (a QLoRA run's too: the 4-bit weights were
+    made from it), converted, quantized to ``quant`` and registered in the store."""
+    from edgellm.errors import CheckpointError
+    from edgellm.train.loop import read_record
+
+    record = read_record(adapter)
+    base = Path(base_16bit or record.get("base") or "")
+    if not (base / "config.json").is_file():
+        raise CheckpointError(f"the 16-bit base of {adapter} is not at {base or '?'}",
+                              hint="name it with --base-16bit FOLDER")
+    return convert_checkpoint(store, base, job, quant=quant, lora=[Path(adapter)], name=name,
+                              source_repo=f"finetune:{Path(adapter).parent.name}")

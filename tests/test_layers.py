@@ -33,6 +33,7 @@ LAYERS = {
     "edgellm.models": 4,
     "edgellm.convert": 4,
     "edgellm.quantize": 4,
+    "edgellm.train": 4,
     "edgellm.workflows": 5,
     "edgellm.cli": 6,
     "edgellm.tui": 6,

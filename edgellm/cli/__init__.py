@@ -31,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edgellm.cli import bench, chat, convert, plan, pull, quantize, serve, store, worker
+    from edgellm.cli import bench, chat, convert, finetune, plan, pull, quantize, serve, store, worker
 
     parser = _Parser(
         prog="edgellm",
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull.register(sub)
     convert.register(sub)
     quantize.register(sub)
+    finetune.register(sub)
     plan.register(sub)
     serve.register(sub)
     bench.register(sub)

@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict
 
 from edgellm.cli.common import hardware_for, settings_from_args
+from edgellm.cli.finetune import add_train_options
 from edgellm.gguf.header import human_bytes
 
 
@@ -21,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-memory", metavar="SIZE", help="free VRAM to plan for instead of probing")
     p.add_argument("--ram", metavar="SIZE", help="free RAM to plan for instead of probing")
     p.add_argument("--json", action="store_true")
+    train = p.add_argument_group("fine-tuning (with --finetune; MODEL is then a checkpoint folder or Hub repo)")
+    train.add_argument("--finetune", action="store_true", help="plan a LoRA/QLoRA training run instead")
+    add_train_options(train)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("doctor", help="what this machine and this llama.cpp build can do")
@@ -29,6 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    if args.finetune:
+        from edgellm.cli.finetune import cmd_plan_finetune
+
+        args.base = args.model
+        return cmd_plan_finetune(args)
     from edgellm.errors import UsageError
     from edgellm.models import resolve
     from edgellm.plan.fit import KV_LADDER, fit
