@@ -156,3 +156,35 @@ class Sized(Message):
 
 class SizingDone(Message):
     """Every quantization type's size is measured (or could not be)."""
+
+
+class FinetunePlanned(Message):
+    """A fine-tuning run is ready to start: its data read and its memory planned (``plan``)."""
+
+    def __init__(self, plan: Any) -> None:
+        super().__init__()
+        self.plan = plan
+
+
+class FinetunePlanFailed(Failed):
+    pass
+
+
+class TrainEvent(Message):
+    """A step, an eval or a checkpoint of a running fine-tune (train.loop's events)."""
+
+    def __init__(self, event: Any) -> None:
+        super().__init__()
+        self.event = event
+
+
+class Trained(Message):
+    """A fine-tune finished: ``outcome`` has the adapter and the loss curve."""
+
+    def __init__(self, outcome: Any) -> None:
+        super().__init__()
+        self.outcome = outcome
+
+
+class TrainFailed(Failed):
+    pass

@@ -23,6 +23,7 @@ class LibraryScreen(Screen):
         Binding("g", "get_model", "Get a model"),
         Binding("d", "delete", "Delete"),
         Binding("h", "history", "Conversations", show=False),
+        Binding("f", "finetune", "Fine-tune", show=False),
         Binding("i", "import_model", "Import a .gguf", show=False),
         Binding("r", "refresh", "Refresh", show=False),
         Binding("question_mark,f1", "app.help", "Help", key_display="?"),
@@ -144,6 +145,11 @@ class LibraryScreen(Screen):
             from edgellm.tui.screens.quantize import QuantizeScreen
 
             self.app.push_screen(QuantizeScreen(name), lambda _made: self.action_refresh())
+
+    def action_finetune(self) -> None:
+        from edgellm.tui.screens.finetune import FinetuneScreen
+
+        self.app.push_screen(FinetuneScreen(), lambda _done: self.action_refresh())
 
     def action_history(self) -> None:
         from edgellm.tui.screens.history import HistoryScreen
