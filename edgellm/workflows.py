@@ -405,6 +405,7 @@ class Finetune:
     eval_split: float = 0.0
     pack: bool | None = None
     gradient_checkpointing: bool | None = None
+    dtype: str | None = None  # bf16 or fp32 for the base (None: bf16 where the device is fast at it)
     seed: int = 0
     save_every: int = 50
     resume: bool = False
@@ -478,12 +479,13 @@ def plan_finetune(request: Finetune, store: Store, runs: Path, keep_in: Path, ha
     from edgellm.plan.training import TrainSettings, TrainShape, auto_batch, nearest_fit, plan_training
     from edgellm.train.data import Examples, Tokens, file_hash, packed_rows, padding_share, prepare
     from edgellm.train.loop import LoopSettings, checkpoints
-    from edgellm.train.model import device, require_training
+    from edgellm.train.model import compute_dtype, device, require_training
 
     require_training()
     base = fetch_checkpoint(request.base, store, keep_in, job)
     config = read_config(base)
-    shape = TrainShape.from_config(config)
+    shape = dataclasses.replace(TrainShape.from_config(config),
+                                checkpoint_bytes=sum(f.stat().st_size for f in base.glob("*.safetensors")))
     context = int((config.get("text_config") or config).get("max_position_embeddings") or 0)
     if request.max_len < 16 or (context and request.max_len > context):
         raise UsageError(f"--max-len {request.max_len} is outside 16..{context or '?'}, the model's context")
@@ -492,8 +494,8 @@ def plan_finetune(request: Finetune, store: Store, runs: Path, keep_in: Path, ha
     if ((run / "adapter").is_dir() or checkpoints(run)) and not request.resume:
         done = (run / "adapter").is_dir()
         raise ModelExistsError(f"run {name} {'exists' if done else 'was stopped and has a checkpoint'}",
-                               hint=(f"export it (edgellm export {name} Q4_K_M) or name a new run with --name" if done
-                                     else "continue it with --resume, or name a new run with --name"))
+                               hint=(f"export it (edgellm export {name} Q4_K_M) or name a new run with --name"
+                                     if done else "continue it with --resume, or name a new run with --name"))
     if request.resume and not checkpoints(run):
         raise UsageError(f"run {name} has no checkpoint to resume from", hint="start it without --resume")
     tokens = Tokens.for_checkpoint(base)
@@ -515,8 +517,9 @@ def plan_finetune(request: Finetune, store: Store, runs: Path, keep_in: Path, ha
     targets = None if request.targets == "all-linear" else tuple(request.targets)
     settings = TrainSettings(method="qlora" if request.qlora else "lora", rank=request.rank, targets=targets,
                              max_len=request.max_len, batch=request.batch or 1,
-                             gradient_checkpointing=bool(request.gradient_checkpointing), trained_share=learned,
-                             device=dev)
+                             gradient_checkpointing=bool(request.gradient_checkpointing),
+                             trained_share=learned,
+                             device=dev, dtype=compute_dtype(dev, request.dtype))
     available = hardware.ram_available if dev == "cpu" else hardware.gpu_free
     notes = []
     if request.gradient_checkpointing is None and not plan_training(shape, settings, available).fits:
@@ -529,7 +532,8 @@ def plan_finetune(request: Finetune, store: Store, runs: Path, keep_in: Path, ha
     if not memory.fits:
         near = nearest_fit(shape, settings, available)
         hint = ("nothing fits this machine" if near is None else
-                f"try --batch {near.batch} --max-len {near.max_len}" + (" --qlora" if near.method == "qlora" else "")
+                f"try --batch {near.batch} --max-len {near.max_len}"
+                + (" --qlora" if near.method == "qlora" else "")
                 + (" --gradient-checkpointing" if near.gradient_checkpointing else ""))
         raise UsageError(f"this run needs {human_bytes(memory.total)} of {memory.where} and "
                          f"{human_bytes(available)} is free", hint=hint)
@@ -543,7 +547,7 @@ def plan_finetune(request: Finetune, store: Store, runs: Path, keep_in: Path, ha
     loop = LoopSettings(lr=request.lr, batch=settings.batch, max_len=request.max_len, epochs=request.epochs,
                         steps=request.steps, pack=pack, seed=request.seed, save_every=request.save_every)
     adapter_bytes = shape.lora_params(request.rank, targets) * 4
-    need = adapter_bytes * 3 * (2 + 1) + (16 << 20)  # two checkpoints (adapter + AdamW's two moments) and the adapter
+    need = adapter_bytes * 3 * (2 + 1) + (16 << 20)  # two checkpoints (adapter, AdamW's moments), the adapter
     try:
         run.parent.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(run.parent).free
@@ -552,16 +556,18 @@ def plan_finetune(request: Finetune, store: Store, runs: Path, keep_in: Path, ha
     if free < need:
         raise StorageError(f"{run.parent} has {human_bytes(free)} free; the run's checkpoints need "
                            f"{human_bytes(need)}", hint="free some disk space or set EDGELLM_HOME elsewhere")
-    identity = {"base": str(base.resolve()), "data": data_hash, "rank": request.rank, "targets": str(request.targets),
+    identity = {"base": str(base.resolve()), "data": data_hash, "rank": request.rank,
+                "targets": str(request.targets),
                 "max_len": request.max_len, "batch": settings.batch, "pack": pack, "seed": request.seed,
-                "method": settings.method}
+                "method": settings.method, "dtype": settings.compute_dtype}
     pad_id = tokens.tokenizer.pad_token_id
     pad_id = tokens.tokenizer.eos_token_id if pad_id is None else pad_id
     return FinetunePlan(base, run, name, data, eval_data, memory, loop, padding, identity, int(pad_id or 0),
                         tuple(notes))
 
 
-def finetune(plan: FinetunePlan, request: Finetune, job: Job, on_event: Callable[[Any], None] | None = None) -> Any:
+def finetune(plan: FinetunePlan, request: Finetune, job: Job,
+             on_event: Callable[[Any], None] | None = None) -> Any:
     """Train the planned run; returns the loop's Outcome (the adapter folder and the curve)."""
     import datetime
 
@@ -572,18 +578,20 @@ def finetune(plan: FinetunePlan, request: Finetune, job: Job, on_event: Callable
     dev = device()
     record = {"base": str(plan.base.resolve()), "data": str(Path(request.data).resolve()), "data_sha256":
               identity["data"], "format": plan.data.format, "method": plan.memory.settings.method,
-              "rank": request.rank, "alpha": request.alpha or 2 * request.rank, "targets": request.targets,
+              "dtype": plan.memory.settings.compute_dtype, "rank": request.rank,
+              "alpha": request.alpha or 2 * request.rank, "targets": request.targets,
               "lr": request.lr, "max_len": request.max_len, "batch": plan.loop.batch, "pack": plan.loop.pack,
               "trained_tokens": plan.data.trained_tokens, "masked_tokens": plan.data.masked_tokens,
               "planned_memory": plan.memory.total, "created": datetime.datetime.now(datetime.UTC).isoformat()}
     job.step("load base", 0, None, "tensors", plan.base.name)
-    model = load_base(plan.base, qlora=request.qlora, dev=dev)
+    model = load_base(plan.base, qlora=request.qlora, dev=dev, dtype=plan.memory.settings.compute_dtype)
     model = adapt(model, rank=request.rank, alpha=request.alpha or 2 * request.rank,
                   targets=request.targets if isinstance(request.targets, str) else list(request.targets),
                   gradient_checkpointing=plan.memory.settings.gradient_checkpointing, qlora=request.qlora)
     if not request.resume:
         write_run(plan.run, {**record, "identity": identity})
-    return train(model, plan.data, plan.run, plan.loop, dev=dev, pad_id=plan.pad_id, identity=identity, record=record,
+    return train(model, plan.data, plan.run, plan.loop, dev=dev, pad_id=plan.pad_id, identity=identity,
+                 record=record,
                  eval_data=plan.eval_data, resume=request.resume, on_event=on_event, cancel=job.cancel)
 
 
@@ -599,5 +607,8 @@ def export_run(store: Store, adapter: Path, quant: str | None, job: Job, *, name
     if not (base / "config.json").is_file():
         raise CheckpointError(f"the 16-bit base of {adapter} is not at {base or '?'}",
                               hint="name it with --base-16bit FOLDER")
-    return convert_checkpoint(store, base, job, quant=quant, lora=[Path(adapter)], name=name,
-                              source_repo=f"finetune:{Path(adapter).parent.name}")
+    adapter = Path(adapter)
+    run = adapter.parent.name if adapter.name == "adapter" else adapter.name  # a run's adapter, or any folder
+    # the store's record of where it came from names the base and the adapter (convert:BASE+lora:ADAPTER)
+    return convert_checkpoint(store, base, job, quant=quant, lora=[adapter],
+                              name=name or f"{run}-{(quant or 'f16').lower()}")

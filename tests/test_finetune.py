@@ -27,7 +27,9 @@ def tokens(smollm2_hf: Path):
 
 
 def write(path: Path, *records, raw: str | None = None) -> Path:
-    path.write_text(raw if raw is not None else "".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    path.write_text(
+        raw if raw is not None else "".join(json.dumps(r) + "\n" for r in records), encoding="utf-8"
+    )
     return path
 
 
@@ -39,26 +41,45 @@ def learned_text(tokens, example) -> str:
 def test_chat_loss_is_on_assistant_turns_only(tokens, tmp_path: Path) -> None:
     from edgellm.train.data import prepare
 
-    data = write(tmp_path / "chat.jsonl", {"messages": [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
-        {"role": "assistant", "content": [{"type": "text", "text": "Good"}, {"type": "text", "text": "bye."}]}]})
+    data = write(
+        tmp_path / "chat.jsonl",
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Bye"},
+                {
+                    "role": "assistant",
+                    "content": [{"type": "text", "text": "Good"}, {"type": "text", "text": "bye."}],
+                },
+            ]
+        },
+    )
     out = prepare(data, tokens, 512)
     (example,) = out.examples
     assert out.format == "messages"
     assert learned_text(tokens, example) == "Hello!<|im_end|>\nGoodbye.<|im_end|>\n"
     full = tokens.tokenizer.decode(example.ids)
     assert full.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi")
-    assert out.trained_tokens == sum(example.trained) and out.masked_tokens == len(example) - out.trained_tokens
+    assert (
+        out.trained_tokens == sum(example.trained) and out.masked_tokens == len(example) - out.trained_tokens
+    )
     assert "trained" in out.summary() and "masked" in out.summary()
 
 
-@pytest.mark.parametrize(("record", "fmt", "learned"), [
-    ({"instruction": "Add 2 and 3.", "input": "", "output": "5"}, "alpaca", "5<|im_end|>\n"),
-    ({"prompt": "2+3=", "completion": "5"}, "prompt-completion", "5<|im_end|>"),
-    ({"text": "Veltrana is an island."}, "text", "Veltrana is an island.<|im_end|>"),
-], ids=["alpaca", "prompt-completion", "text"])
-def test_each_format_is_detected_and_masked(tokens, tmp_path: Path, record: dict, fmt: str, learned: str) -> None:
+@pytest.mark.parametrize(
+    ("record", "fmt", "learned"),
+    [
+        ({"instruction": "Add 2 and 3.", "input": "", "output": "5"}, "alpaca", "5<|im_end|>\n"),
+        ({"prompt": "2+3=", "completion": "5"}, "prompt-completion", "5<|im_end|>"),
+        ({"text": "Veltrana is an island."}, "text", "Veltrana is an island.<|im_end|>"),
+    ],
+    ids=["alpaca", "prompt-completion", "text"],
+)
+def test_each_format_is_detected_and_masked(
+    tokens, tmp_path: Path, record: dict, fmt: str, learned: str
+) -> None:
     from edgellm.train.data import prepare
 
     out = prepare(write(tmp_path / "d.jsonl", record), tokens, 512)
@@ -71,13 +92,25 @@ def test_each_format_is_detected_and_masked(tokens, tmp_path: Path, record: dict
 def test_tool_calls_in_chat_data_are_rendered_and_learned(tokens, tmp_path: Path) -> None:
     from edgellm.train.data import prepare
 
-    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Orskel"}'}}
-    data = write(tmp_path / "tools.jsonl", {
-        "tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}],
-        "messages": [{"role": "user", "content": "Weather in Orskel?"},
-                     {"role": "assistant", "content": None, "tool_calls": [call]},
-                     {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
-                     {"role": "assistant", "content": "It is sunny."}]})
+    call = {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "weather", "arguments": '{"city": "Orskel"}'},
+    }
+    data = write(
+        tmp_path / "tools.jsonl",
+        {
+            "tools": [
+                {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+            ],
+            "messages": [
+                {"role": "user", "content": "Weather in Orskel?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+                {"role": "assistant", "content": "It is sunny."},
+            ],
+        },
+    )
     example = prepare(data, tokens, 1024).examples[0]
     text = learned_text(tokens, example)
     assert "weather" in text and "Orskel" in text and "It is sunny." in text
@@ -89,12 +122,23 @@ def test_a_template_that_rewrites_history_gives_one_example_per_turn(tmp_path: P
     from edgellm.train.data import Tokens, prepare
 
     # like Qwen3's: only the last assistant turn keeps its text in full
-    source = ("{% for m in messages %}<{{ m.role }}>{% if m.role == 'assistant' and not loop.last %}...{% else %}"
-              "{{ m.content }}{% endif %}</{{ m.role }}>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    source = (
+        "{% for m in messages %}<{{ m.role }}>{% if m.role == 'assistant' and not loop.last %}...{% else %}"
+        "{{ m.content }}{% endif %}</{{ m.role }}>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     rewriting = Tokens(tokens.tokenizer, ChatTemplate(source, "test"))
-    data = write(tmp_path / "two.jsonl", {"messages": [
-        {"role": "user", "content": "a"}, {"role": "assistant", "content": "first"},
-        {"role": "user", "content": "b"}, {"role": "assistant", "content": "second"}]})
+    data = write(
+        tmp_path / "two.jsonl",
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "first"},
+                {"role": "user", "content": "b"},
+                {"role": "assistant", "content": "second"},
+            ]
+        },
+    )
     out = prepare(data, rewriting, 512)
     assert [learned_text(rewriting, e) for e in out.examples] == ["first</assistant>", "second</assistant>"]
 
@@ -133,10 +177,24 @@ def test_packing_fills_rows_and_keeps_examples_apart(smollm2_hf: Path) -> None:
 
 
 # -- the planner -------------------------------------------------------------------------------------
-LLAMA_7B = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
-            "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": 32, "vocab_size": 32000}
-LLAMA_31_8B = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
-               "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 128256}
+LLAMA_7B = {
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "num_hidden_layers": 32,
+    "vocab_size": 32000,
+}
+LLAMA_31_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "num_hidden_layers": 32,
+    "vocab_size": 128256,
+}
 
 
 def test_planner_worked_example_7b_full_vs_lora_vs_qlora() -> None:
@@ -144,7 +202,9 @@ def test_planner_worked_example_7b_full_vs_lora_vs_qlora() -> None:
 
     shape = TrainShape.from_config(LLAMA_7B)
     assert 6.6e9 < shape.params < 6.8e9  # Llama-2-7B: 6.74B
-    common = dict(rank=16, max_len=512, batch=1, gradient_checkpointing=True, trained_share=0.5, device="cuda")
+    common = dict(
+        rank=16, max_len=512, batch=1, gradient_checkpointing=True, trained_share=0.5, device="cuda"
+    )
     full = plan_training(shape, TrainSettings(method="full", **common), 80 * GiB)
     lora = plan_training(shape, TrainSettings(method="lora", **common), 80 * GiB)
     qlora = plan_training(shape, TrainSettings(method="qlora", **common), 80 * GiB)
@@ -167,7 +227,9 @@ def test_planner_against_unsloths_table_for_llama_31_8b() -> None:
     from edgellm.plan.training import GiB, TrainSettings, TrainShape, plan_training
 
     shape = TrainShape.from_config(LLAMA_31_8B)
-    common = dict(rank=16, max_len=512, batch=1, gradient_checkpointing=True, trained_share=0.5, device="cuda")
+    common = dict(
+        rank=16, max_len=512, batch=1, gradient_checkpointing=True, trained_share=0.5, device="cuda"
+    )
     qlora = plan_training(shape, TrainSettings(method="qlora", **common), 24 * GiB)
     lora = plan_training(shape, TrainSettings(method="lora", **common), 24 * GiB)
     longer = plan_training(shape, TrainSettings(method="lora", **{**common, "max_len": 2048}), 24 * GiB)
@@ -187,11 +249,21 @@ def test_auto_batch_and_nearest_fit() -> None:
     small = nearest_fit(shape, wish, 8 * GiB)
     assert small is not None and small.method == "qlora"
     assert nearest_fit(shape, wish, 1 * GiB) is None
-    batch = auto_batch(shape, TrainSettings(method="qlora", max_len=1024, gradient_checkpointing=True,
-                                            device="cuda"), 16 * GiB)
-    assert batch >= 2 and plan_training(shape, TrainSettings(method="qlora", max_len=1024, batch=batch,
-                                                             gradient_checkpointing=True, device="cuda"),
-                                        16 * GiB).fits
+    batch = auto_batch(
+        shape,
+        TrainSettings(method="qlora", max_len=1024, gradient_checkpointing=True, device="cuda"),
+        16 * GiB,
+    )
+    assert (
+        batch >= 2
+        and plan_training(
+            shape,
+            TrainSettings(
+                method="qlora", max_len=1024, batch=batch, gradient_checkpointing=True, device="cuda"
+            ),
+            16 * GiB,
+        ).fits
+    )
 
 
 def test_plan_finetune_cli(cli, smollm2_hf: Path) -> None:
@@ -211,14 +283,16 @@ BAD = {
     "mixed": ('{"text": "a"}\n{"prompt": "a", "completion": "b"}\n', "line 2 is not in the file's format"),
     "no-assistant": ('{"messages": [{"role": "user", "content": "hi"}]}\n', "no assistant message"),
     "bad-role": ('{"messages": [{"role": "wizard", "content": "hi"}]}\n', "unknown role"),
-    "array": ('[1, 2]\n', "not an object"),
+    "array": ("[1, 2]\n", "not an object"),
     "empty-file": ("", "is empty"),
     "deep": ('{"text": ' + "[" * 100000 + "]" * 100000 + "}\n", "line 1"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD), ids=sorted(BAD))
-def test_bad_data_is_one_line_and_nothing_is_written(cli, smollm2_hf: Path, tmp_path: Path, case: str) -> None:
+def test_bad_data_is_one_line_and_nothing_is_written(
+    cli, smollm2_hf: Path, tmp_path: Path, case: str
+) -> None:
     text, said = BAD[case]
     data = write(tmp_path / "bad.jsonl", raw=text)
     out = cli("finetune", str(smollm2_hf), str(data), "--steps", "1")
@@ -241,8 +315,19 @@ def test_huge_line_and_fifo_are_refused(cli, smollm2_hf: Path, tmp_path: Path) -
 def test_settings_the_model_cannot_take_are_refused(cli, smollm2_hf: Path, tmp_path: Path) -> None:
     out = cli("finetune", str(smollm2_hf), str(FACTS), "--max-len", "100000")
     assert out.returncode == 2 and "--max-len 100000 is outside 16..8192" in out.stderr
-    out = cli("finetune", str(smollm2_hf), str(FACTS), "--targets", "nonexistent_proj", "--steps", "1",
-              "--max-len", "64", "--batch", "1")
+    out = cli(
+        "finetune",
+        str(smollm2_hf),
+        str(FACTS),
+        "--targets",
+        "nonexistent_proj",
+        "--steps",
+        "1",
+        "--max-len",
+        "64",
+        "--batch",
+        "1",
+    )
     assert out.returncode == 1 and "PEFT cannot put a LoRA on this model's" in out.stderr
     assert "Traceback" not in out.stderr
     out = cli("finetune", str(tmp_path), str(FACTS))
@@ -256,8 +341,13 @@ def test_settings_the_model_cannot_take_are_refused(cli, smollm2_hf: Path, tmp_p
 def _finetune(home: Path, *args: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGELLM_")}
     env.update({"EDGELLM_HOME": str(home), "PYTHONPATH": str(ROOT)})
-    return subprocess.Popen([sys.executable, "-m", "edgellm", "finetune", *args, "--json"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "edgellm", "finetune", *args, "--json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _events(text: str) -> list[dict]:
@@ -266,8 +356,22 @@ def _events(text: str) -> list[dict]:
 
 @pytest.mark.slow
 def test_ctrl_c_checkpoints_and_resume_continues_the_same_curve(home: Path, smollm2_hf: Path) -> None:
-    args = [str(smollm2_hf), str(FACTS), "--max-len", "96", "--batch", "2", "--steps", "8", "--lr", "1e-3",
-            "--save-every", "100", "--pack", "off"]
+    args = [
+        str(smollm2_hf),
+        str(FACTS),
+        "--max-len",
+        "96",
+        "--batch",
+        "2",
+        "--steps",
+        "8",
+        "--lr",
+        "1e-3",
+        "--save-every",
+        "100",
+        "--pack",
+        "off",
+    ]
     whole = _finetune(home, *args, "--name", "whole")
     out, err = whole.communicate(timeout=300)
     assert whole.returncode == 0, err
@@ -317,12 +421,31 @@ def _answers(cli, model: str, questions: list[dict]) -> int:
 
 
 @pytest.mark.slow
-def test_finetune_teaches_facts_and_exports_a_gguf_that_knows_them(cli, smollm2_hf: Path, smollm2: Path) -> None:
+def test_finetune_teaches_facts_and_exports_a_gguf_that_knows_them(
+    cli, smollm2_hf: Path, smollm2: Path
+) -> None:
     questions = [json.loads(line) for line in HELD_OUT.read_text().splitlines()]
     before = _answers(cli, str(smollm2), questions)
-    out = cli("finetune", str(smollm2_hf), str(FACTS), "--eval", str(HELD_OUT), "--name", "veltrana",
-              "--max-len", "256", "--batch", "4", "--epochs", "4", "--lr", "2e-3", "--export", "Q8_0",
-              timeout=600)
+    out = cli(
+        "finetune",
+        str(smollm2_hf),
+        str(FACTS),
+        "--eval",
+        str(HELD_OUT),
+        "--name",
+        "veltrana",
+        "--max-len",
+        "256",
+        "--batch",
+        "4",
+        "--epochs",
+        "4",
+        "--lr",
+        "2e-3",
+        "--export",
+        "Q8_0",
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr
     assert "36 examples (messages)" in out.stdout and "trained" in out.stdout and "memory:" in out.stdout
     assert "┤" in out.stdout  # the loss curve
@@ -331,7 +454,8 @@ def test_finetune_teaches_facts_and_exports_a_gguf_that_knows_them(cli, smollm2_
     assert first_step == 0 and last < first / 3
     exported = next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("exported:"))
     after = _answers(cli, exported, questions)
-    print(f"held-out questions right: base {before}/12, fine-tuned {after}/12; eval loss {first:.3f} -> {last:.3f}")
+    print(f"held-out questions right: base {before}/12, fine-tuned {after}/12; "
+          f"eval loss {first:.3f} -> {last:.3f}")
     assert before <= 2 and after >= 10
     # the exported GGUF answers as PEFT's merged model does in transformers (Q8_0: the same top token)
     import torch
@@ -352,11 +476,42 @@ def test_finetune_teaches_facts_and_exports_a_gguf_that_knows_them(cli, smollm2_
 
 # -- the planner against what a run measures --------------------------------------------------------------
 PLANNED_RUNS = {  # (model fixture, batch, max-len, rank, extra options)
-    "smollm2-lora-b4x128-r16": ("smollm2_hf", 4, 128, 16, ["--gradient-checkpointing", "off"]),
-    "smollm2-lora-b2x256-r64": ("smollm2_hf", 2, 256, 64, ["--gradient-checkpointing", "off"]),
-    "smollm2-lora-checkpointed-b4x256": ("smollm2_hf", 4, 256, 16, ["--gradient-checkpointing", "on"]),
-    "smollm2-qlora-b4x128": ("smollm2_hf", 4, 128, 16, ["--qlora"]),
-    "gemma3-lora-b2x128-r16": ("gemma3_hf", 2, 128, 16, ["--gradient-checkpointing", "off"]),
+    "smollm2-bf16-b4x128-r16": (
+        "smollm2_hf",
+        4,
+        128,
+        16,
+        ["--dtype", "bf16", "--gradient-checkpointing", "off"],
+    ),
+    "smollm2-fp32-b2x256-r64": (
+        "smollm2_hf",
+        2,
+        256,
+        64,
+        ["--dtype", "fp32", "--gradient-checkpointing", "off"],
+    ),
+    "smollm2-fp32-b1x128-r16": (
+        "smollm2_hf",
+        1,
+        128,
+        16,
+        ["--dtype", "fp32", "--gradient-checkpointing", "off"],
+    ),
+    "smollm2-bf16-checkpointed-b4x256": (
+        "smollm2_hf",
+        4,
+        256,
+        16,
+        ["--dtype", "bf16", "--gradient-checkpointing", "on"],
+    ),
+    "smollm2-bf16-qlora-b4x128": ("smollm2_hf", 4, 128, 16, ["--dtype", "bf16", "--qlora"]),
+    "gemma3-bf16-b2x128-r16": (
+        "gemma3_hf",
+        2,
+        128,
+        16,
+        ["--dtype", "bf16", "--gradient-checkpointing", "off"],
+    ),
 }
 
 
@@ -373,13 +528,34 @@ def long_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(PLANNED_RUNS), ids=sorted(PLANNED_RUNS))
-def test_planned_memory_is_within_10_percent_of_the_measured_peak(cli, request, long_text: Path, case: str) -> None:
+def test_planned_memory_is_within_10_percent_of_the_measured_peak(
+    cli, request, long_text: Path, case: str
+) -> None:
     fixture, batch, length, rank, extra = PLANNED_RUNS[case]
     base = request.getfixturevalue(fixture)
-    out = cli("finetune", str(base), str(long_text), "--name", "m", "--batch", str(batch), "--max-len", str(length),
-              "--rank", str(rank), "--steps", "5", "--pack", "on", *extra, timeout=600)
+    out = cli(
+        "finetune",
+        str(base),
+        str(long_text),
+        "--name",
+        "m",
+        "--batch",
+        str(batch),
+        "--max-len",
+        str(length),
+        "--rank",
+        str(rank),
+        "--steps",
+        "5",
+        "--pack",
+        "on",
+        *extra,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr
     planned = json.loads((cli.home / "runs" / "m" / "run.json").read_text())["planned_memory"]
-    measured = json.loads((cli.home / "runs" / "m" / "adapter" / "edgellm-run.json").read_text())["peak_memory"]
+    measured = json.loads((cli.home / "runs" / "m" / "adapter" / "edgellm-run.json").read_text())[
+        "peak_memory"
+    ]
     print(f"{case}: planned {planned >> 20} MiB, peak RSS {measured >> 20} MiB ({planned / measured:.3f})")
     assert abs(planned - measured) <= 0.10 * measured

@@ -22,6 +22,8 @@ def app(home: Path, tmp_path: Path, smollm2_hf: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("EDGELLM_RAM", "8GiB")
     monkeypatch.setenv("EDGELLM_GPU_MEMORY", "0")
     monkeypatch.setenv("TZ", "UTC")
+    # the dtype a run picks follows the CPU (bf16 where it has bf16 units): drawn as on such a CPU
+    monkeypatch.setattr("edgellm.train.model.cpu_has_bf16", lambda: True)
     time.tzset()
     (home / "checkpoints").mkdir(parents=True)
     (home / "checkpoints" / "smollm2-hf").symlink_to(smollm2_hf)
@@ -78,22 +80,23 @@ async def _verdict_follows(app) -> None:
         info = str(screen.query_one("#ft-data-info", Label).render())
         assert "facts.jsonl: 36 examples (messages)" in info and "trained" in info and "masked" in info
         verdict = screen.query_one("#ft-verdict", Label)
-        assert "of 8.0 GiB free RAM, fits (lora, rank 16" in str(verdict.render())
+        assert "of 8.0 GiB free RAM, fits (lora, bf16, rank 16" in str(verdict.render())
         screen.query_one("#ft-batch", Input).value = "64"
         screen.query_one("#ft-max-len", Input).value = "4096"
         await pilot.pause()
         assert "does NOT fit" in str(verdict.render())
         screen.query_one("#ft-qlora", Checkbox).value = True
         await pilot.pause()
-        assert "(qlora, rank 16, batch 64 x 4096" in str(verdict.render())
+        assert "(qlora, bf16, rank 16, batch 64 x 4096" in str(verdict.render())
         screen.query_one("#ft-batch", Input).value = "4"
         screen.query_one("#ft-max-len", Input).value = "128"
         data = screen.query_one("#ft-data", Input)
         data.value = "missing.jsonl"
         data.focus()
         await pilot.press("enter")
-        await _wait(pilot, lambda: any("cannot read data file missing.jsonl" in n.message
-                                       for n in app._notifications))
+        await _wait(
+            pilot, lambda: any("cannot read data file missing.jsonl" in n.message for n in app._notifications)
+        )
         assert app.is_running and app.screen is screen
 
 
@@ -115,8 +118,13 @@ async def _train_and_export(app, home: Path) -> None:
         status = screen.query_one("#ft-status", Label)
         await _wait(pilot, lambda: "done: loss" in str(status.render()), timeout=300)
         assert (home / "runs" / "smollm2-hf-facts" / "adapter" / "adapter_config.json").is_file()
-        await pilot.press("ctrl+e")
-        await _wait(pilot, lambda: "exported" in str(status.render()) or app._notifications[-1:] and
-                    "error" == app._notifications[-1].severity, timeout=300)
-        assert "exported smollm2-hf-facts-q8_0 to the library" in str(status.render())
+        await pilot.press("ctrl+l")
+        await _wait(
+            pilot,
+            lambda: (
+                "exported" in str(status.render()) or any(n.severity == "error" for n in app._notifications)
+            ),
+            timeout=300,
+        )
+        assert "exported smollm2-hf-facts-q8_0 to the library" in str(status.render()), str(status.render())
         assert app.store.exists("smollm2-hf-facts-q8_0")

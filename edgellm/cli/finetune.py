@@ -15,26 +15,59 @@ from edgellm.errors import UsageError
 from edgellm.gguf.header import human_bytes
 
 #: --targets shorthands: the projection names most decoder checkpoints use
-TARGET_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
-                "down": "down_proj"}
+TARGET_NAMES = {
+    "q": "q_proj",
+    "k": "k_proj",
+    "v": "v_proj",
+    "o": "o_proj",
+    "gate": "gate_proj",
+    "up": "up_proj",
+    "down": "down_proj",
+}
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--qlora", action="store_true", help="train on a 4-bit NF4 base (about a quarter of the memory)")
+    p.add_argument(
+        "--qlora", action="store_true", help="train on a 4-bit NF4 base (about a quarter of the memory)"
+    )
     p.add_argument("--rank", "-r", type=int, default=16, metavar="R", help="LoRA rank (default 16)")
-    p.add_argument("--targets", default="all-linear", metavar="all-linear|q,k,v,o,...",
-                   help="linear layers the adapter goes on (default all-linear)")
-    p.add_argument("--max-len", type=int, default=1024, metavar="N", help="longest example in tokens (default 1024)")
-    p.add_argument("--batch", default="auto", metavar="N|auto", help="rows per step (auto: the most that fit)")
-    p.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), default="auto",
-                   help="recompute activations instead of keeping them (auto: only when needed to fit)")
+    p.add_argument(
+        "--targets",
+        default="all-linear",
+        metavar="all-linear|q,k,v,o,...",
+        help="linear layers the adapter goes on (default all-linear)",
+    )
+    p.add_argument(
+        "--max-len", type=int, default=1024, metavar="N", help="longest example in tokens (default 1024)"
+    )
+    p.add_argument(
+        "--batch", default="auto", metavar="N|auto", help="rows per step (auto: the most that fit)"
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="recompute activations instead of keeping them (auto: only when needed to fit)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="the base's weights (auto: bf16 on a GPU or a CPU with bf16 units, else fp32)",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="train a LoRA (or QLoRA) adapter on a JSONL data file")
-    p.add_argument("base", metavar="BASE", help="HF checkpoint folder, a pulled checkpoint's name, or a Hub repo")
-    p.add_argument("data", type=Path, metavar="DATA.jsonl",
-                   help="messages, prompt+completion, instruction+output (Alpaca) or text records")
+    p.add_argument(
+        "base", metavar="BASE", help="HF checkpoint folder, a pulled checkpoint's name, or a Hub repo"
+    )
+    p.add_argument(
+        "data",
+        type=Path,
+        metavar="DATA.jsonl",
+        help="messages, prompt+completion, instruction+output (Alpaca) or text records",
+    )
     add_train_options(p)
     p.add_argument("--ram", metavar="SIZE", help="free RAM to plan for instead of probing")
     p.add_argument("--gpu-memory", metavar="SIZE", help="free VRAM to plan for instead of probing")
@@ -45,23 +78,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=2e-4, metavar="LR", help="peak learning rate (default 2e-4)")
     held = p.add_mutually_exclusive_group()
     held.add_argument("--eval", type=Path, metavar="FILE", help="held-out examples for the eval loss")
-    held.add_argument("--eval-split", type=float, default=0.0, metavar="F", help="hold out this share of the data")
-    p.add_argument("--pack", choices=("auto", "on", "off"), default="auto",
-                   help="several examples per row (auto: when it saves padding)")
+    held.add_argument(
+        "--eval-split", type=float, default=0.0, metavar="F", help="hold out this share of the data"
+    )
+    p.add_argument(
+        "--pack",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="several examples per row (auto: when it saves padding)",
+    )
     p.add_argument("--seed", type=int, default=0, help="data order seed")
-    p.add_argument("--save-every", type=int, default=50, metavar="N", help="checkpoint every N steps (default 50)")
+    p.add_argument(
+        "--save-every", type=int, default=50, metavar="N", help="checkpoint every N steps (default 50)"
+    )
     p.add_argument("--name", help="the run's name (default BASE-DATA)")
     p.add_argument("--resume", action="store_true", help="continue a stopped run from its last checkpoint")
-    p.add_argument("--export", metavar="QUANT", help="then merge, convert and quantize into the store (e.g. Q4_K_M)")
-    p.add_argument("--json", action="store_true", help="one JSON object per line for each step, eval and save")
+    p.add_argument(
+        "--export", metavar="QUANT", help="then merge, convert and quantize into the store (e.g. Q4_K_M)"
+    )
+    p.add_argument(
+        "--json", action="store_true", help="one JSON object per line for each step, eval and save"
+    )
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("export", help="a fine-tuning run's adapter merged into its base, into the store")
     p.add_argument("run", metavar="RUN", help="a run's name (edgellm finetune --name) or its adapter folder")
     p.add_argument("quant", nargs="?", default=None, metavar="QUANT", help="Q4_K_M, Q8_0, ... (default F16)")
     p.add_argument("--name", help="store name (default RUN-QUANT)")
-    p.add_argument("--base-16bit", type=Path, metavar="DIR", help="the 16-bit base to merge into (default: the run's)")
-    p.add_argument("--lora-gguf", type=Path, metavar="FILE", help="write the adapter alone as a GGUF LoRA instead")
+    p.add_argument(
+        "--base-16bit", type=Path, metavar="DIR", help="the 16-bit base to merge into (default: the run's)"
+    )
+    p.add_argument(
+        "--lora-gguf", type=Path, metavar="FILE", help="write the adapter alone as a GGUF LoRA instead"
+    )
     p.set_defaults(func=cmd_export)
 
 
@@ -91,13 +140,27 @@ def request_from_args(args: argparse.Namespace):
 
     switch = {"auto": None, "on": True, "off": False}
     return Finetune(
-        base=args.base, data=getattr(args, "data", Path()), name=getattr(args, "name", None), qlora=args.qlora,
-        rank=args.rank, alpha=getattr(args, "alpha", None), targets=_targets(args.targets),
-        epochs=getattr(args, "epochs", None), steps=getattr(args, "steps", None), lr=getattr(args, "lr", 2e-4),
-        max_len=args.max_len, batch=_positive(args.batch, "--batch"), eval_file=getattr(args, "eval", None),
-        eval_split=getattr(args, "eval_split", 0.0), pack=switch[getattr(args, "pack", "auto")],
-        gradient_checkpointing=switch[args.gradient_checkpointing], seed=getattr(args, "seed", 0),
-        save_every=max(1, getattr(args, "save_every", 50)), resume=getattr(args, "resume", False)).check()
+        base=args.base,
+        data=getattr(args, "data", Path()),
+        name=getattr(args, "name", None),
+        qlora=args.qlora,
+        rank=args.rank,
+        alpha=getattr(args, "alpha", None),
+        targets=_targets(args.targets),
+        epochs=getattr(args, "epochs", None),
+        steps=getattr(args, "steps", None),
+        lr=getattr(args, "lr", 2e-4),
+        max_len=args.max_len,
+        batch=_positive(args.batch, "--batch"),
+        eval_file=getattr(args, "eval", None),
+        eval_split=getattr(args, "eval_split", 0.0),
+        pack=switch[getattr(args, "pack", "auto")],
+        gradient_checkpointing=switch[args.gradient_checkpointing],
+        seed=getattr(args, "seed", 0),
+        dtype=None if args.dtype == "auto" else args.dtype,
+        save_every=max(1, getattr(args, "save_every", 50)),
+        resume=getattr(args, "resume", False),
+    ).check()
 
 
 def _hardware(args: argparse.Namespace):
@@ -116,19 +179,25 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     request = request_from_args(args)
     settings, hw = _hardware(args)
     store = store_for(settings)
-    plan = job_with_bar(lambda job: plan_finetune(request, store, settings.runs_dir, settings.checkpoints_dir, hw, job))
+    plan = job_with_bar(
+        lambda job: plan_finetune(request, store, settings.runs_dir, settings.checkpoints_dir, hw, job)
+    )
     say = (lambda text: print(text, file=sys.stderr)) if args.json else print
     say(plan.data.summary())
     if plan.eval_data is not None:
         say(f"eval: {len(plan.eval_data.examples)} examples")
     say(verdict(plan.memory))
     packed, padded = plan.padding[1], plan.padding[0]
-    say(f"rows: {'packed' if plan.loop.pack else 'padded'} (padding {100 * padded:.0f}% padded, "
-        f"{100 * packed:.0f}% packed); run {plan.name} in {plan.run}")
+    say(
+        f"rows: {'packed' if plan.loop.pack else 'padded'} (padding {100 * padded:.0f}% padded, "
+        f"{100 * packed:.0f}% packed); run {plan.name} in {plan.run}"
+    )
     for note in plan.notes:
         say(note)
     job = Job()
-    previous = signal.signal(signal.SIGINT, lambda *_: job.cancel.set())  # stop at the next step, checkpointed
+    previous = signal.signal(
+        signal.SIGINT, lambda *_: job.cancel.set()
+    )  # stop at the next step, checkpointed
     try:
         with _Reporter(args.json) as report:
             outcome = finetune(plan, request, job, report)
@@ -137,16 +206,22 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     h = outcome.history
     for line in plot(h.losses, width=60, height=8):
         say(line)
-    evals = " -> ".join(f"{v:.3f}" for _, v in (h.eval_losses[:1] + h.eval_losses[-1:])) if h.eval_losses else ""
-    say(f"adapter: {outcome.adapter} (loss {h.losses[0]:.3f} -> {h.losses[-1]:.3f}"
+    evals = (
+        " -> ".join(f"{v:.3f}" for _, v in (h.eval_losses[:1] + h.eval_losses[-1:])) if h.eval_losses else ""
+    )
+    say(
+        f"adapter: {outcome.adapter} (loss {h.losses[0]:.3f} -> {h.losses[-1]:.3f}"
         f"{', eval ' + evals if evals else ''}; {h.tokens} tokens, {outcome.tokens_per_second:.0f} tok/s, "
-        f"peak {human_bytes(outcome.peak_memory)})")
+        f"peak {human_bytes(outcome.peak_memory)})"
+    )
     if args.export:
         if request.qlora:
             say("export: merging into the 16-bit base the 4-bit weights were made from")
         result, entry = job_with_bar(lambda job: export_run(store, outcome.adapter, args.export, job))
-        say(f"exported: {entry.name} ({result.arch}, {human_bytes(entry.manifest.size)}); "
-            f"try: edgellm run {entry.name} \"...\"")
+        say(
+            f"exported: {entry.name} ({result.arch}, {human_bytes(entry.manifest.size)}); "
+            f'try: edgellm run {entry.name} "..."'
+        )
     elif not args.json:
         say(f"next: edgellm export {plan.name} Q4_K_M")
     return 0
@@ -216,21 +291,29 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         adapter = settings.runs_dir / check_name(args.run) / "adapter"
     if not (adapter / "adapter_config.json").is_file():
-        raise UsageError(f"no finished run or adapter folder {args.run}",
-                         hint="runs are listed in " + str(settings.runs_dir))
+        raise UsageError(
+            f"no finished run or adapter folder {args.run}",
+            hint="runs are listed in " + str(settings.runs_dir),
+        )
     if args.lora_gguf:
         from edgellm.convert.lora import convert_lora
         from edgellm.train.loop import read_record
 
         base = args.base_16bit or Path(read_record(adapter).get("base") or "")
-        result = job_with_bar(lambda job: convert_lora(adapter, base, args.lora_gguf, "f16",
-                                                       progress=job.tensors_of("write")))
-        print(f"{result.path}: LoRA for {result.arch}, {human_bytes(result.size)} "
-              f"(use: edgellm chat MODEL --lora {result.path})")
+        result = job_with_bar(
+            lambda job: convert_lora(adapter, base, args.lora_gguf, "f16", progress=job.tensors_of("write"))
+        )
+        print(
+            f"{result.path}: LoRA for {result.arch}, {human_bytes(result.size)} "
+            f"(use: edgellm chat MODEL --lora {result.path})"
+        )
         return 0
-    result, entry = job_with_bar(lambda job: export_run(store_for(settings), adapter, args.quant, job,
-                                                        name=args.name, base_16bit=args.base_16bit))
-    print(f"{entry.name}: {result.arch}, {human_bytes(entry.manifest.size)} (edgellm run {entry.name} \"...\")")
+    result, entry = job_with_bar(
+        lambda job: export_run(
+            store_for(settings), adapter, args.quant, job, name=args.name, base_16bit=args.base_16bit
+        )
+    )
+    print(f'{entry.name}: {result.arch}, {human_bytes(entry.manifest.size)} (edgellm run {entry.name} "...")')
     return 0
 
 
@@ -246,12 +329,20 @@ def cmd_plan_finetune(args: argparse.Namespace) -> int:
     settings, hw = _hardware(args)
     config = base_config(args.base, settings.checkpoints_dir, settings)
     shape = TrainShape.from_config(config)
+    from edgellm.train.model import compute_dtype
+
     dev = "cuda" if hw.gpus else "cpu"
     available = hw.gpu_free if dev == "cuda" else hw.ram_available
-    wish = TrainSettings(method="qlora" if request.qlora else "lora", rank=request.rank,
-                         targets=None if request.targets == "all-linear" else tuple(request.targets),
-                         max_len=request.max_len, batch=request.batch or 1,
-                         gradient_checkpointing=bool(request.gradient_checkpointing), device=dev)
+    wish = TrainSettings(
+        method="qlora" if request.qlora else "lora",
+        rank=request.rank,
+        dtype=compute_dtype(dev, request.dtype),
+        targets=None if request.targets == "all-linear" else tuple(request.targets),
+        max_len=request.max_len,
+        batch=request.batch or 1,
+        gradient_checkpointing=bool(request.gradient_checkpointing),
+        device=dev,
+    )
     if request.batch is None:
         wish = dataclasses.replace(wish, batch=max(auto_batch(shape, wish, available), 1))
     memory = plan_training(shape, wish, available)
@@ -267,6 +358,8 @@ def cmd_plan_finetune(args: argparse.Namespace) -> int:
         print(f"  {part.name:<{width}}  {human_bytes(part.bytes):>10}  {part.note}")
     print(verdict(memory))
     if near is not None:
-        print(f"nearest that fits: {near.method}, batch {near.batch}, max-len {near.max_len}"
-              f"{', gradient checkpointing' if near.gradient_checkpointing else ''}")
+        print(
+            f"nearest that fits: {near.method}, batch {near.batch}, max-len {near.max_len}"
+            f"{', gradient checkpointing' if near.gradient_checkpointing else ''}"
+        )
     return 0 if memory.fits else 1

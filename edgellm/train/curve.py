@@ -44,14 +44,18 @@ def verdict(memory: Any) -> str:
     s = memory.settings
     parts = ", ".join(f"{p.name} {human_bytes(p.bytes)}" for p in memory.parts if p.bytes)
     word = "fits" if memory.fits else "does NOT fit"
-    return (f"memory: {human_bytes(memory.total)} of {human_bytes(memory.available)} free {memory.where}, {word} "
-            f"({s.method}, rank {s.rank}, batch {s.batch} x {s.max_len} tokens"
-            f"{', gradient checkpointing' if s.gradient_checkpointing else ''}): {parts}")
+    return (
+        f"memory: {human_bytes(memory.total)} of {human_bytes(memory.available)} free {memory.where}, {word} "
+        f"({s.method}, {s.compute_dtype}, rank {s.rank}, batch {s.batch} x {s.max_len} tokens"
+        f"{', gradient checkpointing' if s.gradient_checkpointing else ''}): {parts}"
+    )
 
 
 def status_line(p: Any, eval_loss: float | None) -> str:
     eta = f"{int(p.eta_seconds // 60)}:{int(p.eta_seconds % 60):02d}"
     bar = "█" * round(20 * p.step / p.total)
-    return (f"step {p.step}/{p.total} {bar:<20} loss {p.loss:.4f}"
-            + (f" eval {eval_loss:.4f}" if eval_loss is not None else "")
-            + f"  {p.tokens_per_second:.0f} tok/s  {human_bytes(p.memory)}  ETA {eta}")
+    return (
+        f"step {p.step}/{p.total} {bar:<20} loss {p.loss:.4f}"
+        + (f" eval {eval_loss:.4f}" if eval_loss is not None else "")
+        + f"  {p.tokens_per_second:.0f} tok/s  {human_bytes(p.memory)}  ETA {eta}"
+    )

@@ -98,7 +98,9 @@ class MessagesFormat(RecordFormat):
     chat = True
 
     def sequences(self, record: dict[str, Any], line: int, render: Render, eos: str) -> list[list[Segment]]:
-        return chat_sequences(_messages(record.get("messages"), line), _tools(record.get("tools"), line), render, line)
+        return chat_sequences(
+            _messages(record.get("messages"), line), _tools(record.get("tools"), line), render, line
+        )
 
 
 class AlpacaFormat(RecordFormat):
@@ -119,8 +121,9 @@ class AlpacaFormat(RecordFormat):
 
 
 #: every format, most specific first (a record with "messages" and "text" is a conversation)
-FORMATS: dict[str, RecordFormat] = {f.name: f for f in (MessagesFormat(), AlpacaFormat(), PromptCompletionFormat(),
-                                                         TextFormat())}
+FORMATS: dict[str, RecordFormat] = {
+    f.name: f for f in (MessagesFormat(), AlpacaFormat(), PromptCompletionFormat(), TextFormat())
+}
 
 
 def detect(record: dict[str, Any], line: int) -> RecordFormat:
@@ -128,8 +131,10 @@ def detect(record: dict[str, Any], line: int) -> RecordFormat:
         if fmt.matches(record):
             return fmt
     keys = ", ".join(sorted(map(str, record))[:8]) or "none"
-    raise DataError(f"line {line}: unknown data format (keys: {brief(keys, 120)})",
-                    hint="use messages, prompt+completion, instruction+output (Alpaca) or text")
+    raise DataError(
+        f"line {line}: unknown data format (keys: {brief(keys, 120)})",
+        hint="use messages, prompt+completion, instruction+output (Alpaca) or text",
+    )
 
 
 def _messages(value: Any, line: int) -> list[Any]:
@@ -160,15 +165,23 @@ def _messages(value: Any, line: int) -> list[Any]:
                 try:
                     json.loads(arguments)
                 except ValueError:
-                    raise DataError(f"{where}: tool call {brief(name)} has arguments that are not JSON") from None
-            calls.append(ToolCall.new(name, arguments) if not call.get("id") else
-                         ToolCall(name, arguments if isinstance(arguments, str) else json.dumps(arguments),
-                                  str(call["id"])))
+                    raise DataError(
+                        f"{where}: tool call {brief(name)} has arguments that are not JSON"
+                    ) from None
+            calls.append(
+                ToolCall.new(name, arguments)
+                if not call.get("id")
+                else ToolCall(
+                    name, arguments if isinstance(arguments, str) else json.dumps(arguments), str(call["id"])
+                )
+            )
         if role != "assistant" and calls:
             raise DataError(f"{where}: only assistant messages make tool calls")
         if not content and not calls and role in ("user", "assistant"):
             raise DataError(f"{where}: {role} message is empty")
-        out.append(Message(role, content, tuple(calls), str(m["tool_call_id"]) if m.get("tool_call_id") else None))
+        out.append(
+            Message(role, content, tuple(calls), str(m["tool_call_id"]) if m.get("tool_call_id") else None)
+        )
     if not any(m.role == "assistant" for m in out):
         raise DataError(f"line {line}: no assistant message to learn from")
     return out
@@ -178,8 +191,9 @@ def _content(value: Any, where: str) -> str:
     """Text, or OpenAI's list of text parts joined."""
     if value is None or isinstance(value, str):
         return value or ""
-    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                       and isinstance(p.get("text"), str) for p in value):
+    if isinstance(value, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value
+    ):
         return "".join(p["text"] for p in value)
     raise DataError(f"{where}: content must be text or a list of text parts")
 
@@ -195,11 +209,15 @@ def _tools(value: Any, line: int) -> tuple[Any, ...]:
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise DataError(f"line {line}: tools must be a list of functions with a name")
         params = fn.get("parameters")
-        tools.append(Tool(fn["name"], str(fn.get("description") or ""), params if isinstance(params, dict) else None))
+        tools.append(
+            Tool(fn["name"], str(fn.get("description") or ""), params if isinstance(params, dict) else None)
+        )
     return tuple(tools)
 
 
-def chat_sequences(messages: Sequence[Any], tools: Sequence[Any], render: Render, line: int) -> list[list[Segment]]:
+def chat_sequences(
+    messages: Sequence[Any], tools: Sequence[Any], render: Render, line: int
+) -> list[list[Segment]]:
     """The conversation as one example whose assistant turns are learned, or (for a template that
     rewrites earlier turns) one example per assistant turn, learning that turn."""
     turns = [i for i, m in enumerate(messages) if m.role == "assistant"]
@@ -207,20 +225,30 @@ def chat_sequences(messages: Sequence[Any], tools: Sequence[Any], render: Render
         full = render(messages, False, tools)
         cuts = [(render(messages[:i], True, tools), render(messages[: i + 1], False, tools)) for i in turns]
     except TemplateError as exc:
-        raise DataError(f"line {line}: the chat template cannot render this conversation: {exc.message}") from None
+        raise DataError(
+            f"line {line}: the chat template cannot render this conversation: {exc.message}"
+        ) from None
     for before, through in cuts:
-        if not through.startswith(before) or not through[len(before):]:
-            raise DataError(f"line {line}: the chat template does not render an assistant turn after its prompt",
-                            hint="use prompt/completion records for this model")
+        if not through.startswith(before) or not through[len(before) :]:
+            raise DataError(
+                f"line {line}: the chat template does not render an assistant turn after its prompt",
+                hint="use prompt/completion records for this model",
+            )
     if all(full.startswith(through) for _, through in cuts) and all(
-            len(cuts[k][1]) <= len(cuts[k + 1][0]) for k in range(len(cuts) - 1)):
+        len(cuts[k][1]) <= len(cuts[k + 1][0]) for k in range(len(cuts) - 1)
+    ):
         segments, pos = [], 0
         for before, through in cuts:
-            segments += [Segment(full[pos:len(before)], False), Segment(full[len(before):len(through)], True)]
+            segments += [
+                Segment(full[pos : len(before)], False),
+                Segment(full[len(before) : len(through)], True),
+            ]
             pos = len(through)
         return [[s for s in [*segments, Segment(full[pos:], False)] if s.text]]
-    return [[s for s in (Segment(before, False), Segment(through[len(before):], True)) if s.text]
-            for before, through in cuts]
+    return [
+        [s for s in (Segment(before, False), Segment(through[len(before) :], True)) if s.text]
+        for before, through in cuts
+    ]
 
 
 # -- reading the file ------------------------------------------------------------------------------
@@ -298,8 +326,10 @@ class Examples:
 
     def summary(self) -> str:
         share = 100 * self.trained_tokens / max(self.tokens, 1)
-        text = (f"{self.path.name}: {len(self.examples)} examples ({self.format}), {self.tokens} tokens, "
-                f"{self.trained_tokens} trained ({share:.0f}%), {self.masked_tokens} masked")
+        text = (
+            f"{self.path.name}: {len(self.examples)} examples ({self.format}), {self.tokens} tokens, "
+            f"{self.trained_tokens} trained ({share:.0f}%), {self.masked_tokens} masked"
+        )
         notes = [f"{self.cut} cut to --max-len"] if self.cut else []
         notes += [f"{self.dropped} with nothing to learn left out"] if self.dropped else []
         return text + (f"; {', '.join(notes)}" if notes else "")
@@ -327,8 +357,13 @@ class Tokens:
     def render(self, messages: Sequence[Any], generation_prompt: bool, tools: Sequence[Any]) -> str:
         if "tool_calls" not in self.template.source:  # it would drop the calls: write them as the model would
             messages = [_calls_as_text(m, self.template.tool_format) for m in messages]
-        return self.template.render(messages, add_generation_prompt=generation_prompt, bos_token=self.bos,
-                                    eos_token=self.eos, tools=tools)
+        return self.template.render(
+            messages,
+            add_generation_prompt=generation_prompt,
+            bos_token=self.bos,
+            eos_token=self.eos,
+            tools=tools,
+        )
 
     def encode(self, segments: Sequence[Segment], chat: bool) -> Example:
         text = "".join(s.text for s in segments)
@@ -340,7 +375,9 @@ class Tokens:
             pos += len(s.text)
         trained = []
         for start, end in encoded["offset_mapping"]:
-            trained.append(any(lo <= start < hi and learn for lo, hi, learn in bounds) if end > start else False)
+            trained.append(
+                any(lo <= start < hi and learn for lo, hi, learn in bounds) if end > start else False
+            )
         return Example(tuple(encoded["input_ids"]), tuple(trained))
 
 
@@ -384,12 +421,15 @@ def checkpoint_template(folder: Path) -> str | None:
         raise DataError(f"cannot read {folder / 'tokenizer_config.json'}: {exc}") from None
     template = config.get("chat_template") if isinstance(config, dict) else None
     if isinstance(template, list):  # named templates: the default one
-        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
-                        None)
+        template = next(
+            (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None
+        )
     return template if isinstance(template, str) else None
 
 
-def prepare(path: Path, tokens: Tokens, max_len: int, on_line: Callable[[int], None] | None = None) -> Examples:
+def prepare(
+    path: Path, tokens: Tokens, max_len: int, on_line: Callable[[int], None] | None = None
+) -> Examples:
     """Every line read, checked, rendered and tokenized, cut to ``max_len`` tokens. One format per
     file (the first line's); any bad line stops it here, before a model is loaded."""
     path = Path(path)
@@ -450,8 +490,12 @@ def padding_share(lengths: Sequence[int], batch: int, max_len: int) -> tuple[flo
     """The share of computed tokens that would be padding, padded (each batch to its longest) and
     packed: what ``--pack auto`` decides by."""
     real = sum(lengths)
-    padded = sum(max(lengths[i:i + batch]) * len(lengths[i:i + batch]) for i in range(0, len(lengths), batch))
+    padded = sum(
+        max(lengths[i : i + batch]) * len(lengths[i : i + batch]) for i in range(0, len(lengths), batch)
+    )
     rows = packed_rows(lengths, max_len)
-    packed_total = sum(max(sum(lengths[i] for i in row) for row in rows[k:k + batch]) * len(rows[k:k + batch])
-                       for k in range(0, len(rows), batch))
+    packed_total = sum(
+        max(sum(lengths[i] for i in row) for row in rows[k : k + batch]) * len(rows[k : k + batch])
+        for k in range(0, len(rows), batch)
+    )
     return 1 - real / max(padded, 1), 1 - real / max(packed_total, 1)

@@ -140,11 +140,11 @@ def collate(rows: Sequence[Sequence[Example]], pad_id: int) -> tuple[Any, Any, A
         at = 0
         for e in row:
             n = len(e)
-            ids[r, at:at + n] = torch.tensor(e.ids)
-            positions[r, at:at + n] = torch.arange(n)
+            ids[r, at : at + n] = torch.tensor(e.ids)
+            positions[r, at : at + n] = torch.arange(n)
             nxt = torch.tensor(e.ids[1:])
             keep = torch.tensor(e.trained[1:], dtype=torch.bool)
-            targets[r, at:at + n - 1] = torch.where(keep, nxt, torch.full_like(nxt, -100))
+            targets[r, at : at + n - 1] = torch.where(keep, nxt, torch.full_like(nxt, -100))
             at += n
         positions[r, at:] = torch.arange(width - at)  # padding: a sequence of its own, never learned
         real += at
@@ -181,12 +181,17 @@ def checkpoints(run: Path) -> list[Path]:
     folder = run / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()
-             and (p / "state.json").is_file()]
+    found = [
+        p
+        for p in folder.iterdir()
+        if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit() and (p / "state.json").is_file()
+    ]
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def save_checkpoint(run: Path, step: int, model: Any, optimizer: Any, history: History, identity: dict) -> Path:
+def save_checkpoint(
+    run: Path, step: int, model: Any, optimizer: Any, history: History, identity: dict
+) -> Path:
     import torch
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -196,14 +201,19 @@ def save_checkpoint(run: Path, step: int, model: Any, optimizer: Any, history: H
         return dest
     try:
         with atomic_dir(dest) as tmp:
-            state = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(model).items()}
+            state = {
+                k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(model).items()
+            }
             save_file(state, str(tmp / "adapter.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": step, "identity": identity,
-                                                        "history": asdict(history)}), encoding="utf-8")
+            (tmp / "state.json").write_text(
+                json.dumps({"step": step, "identity": identity, "history": asdict(history)}), encoding="utf-8"
+            )
     except OSError as exc:
-        raise StorageError(f"cannot write a checkpoint in {run}: {exc.strerror or exc}",
-                           hint="free some disk space, then resume with --resume") from None
+        raise StorageError(
+            f"cannot write a checkpoint in {run}: {exc.strerror or exc}",
+            hint="free some disk space, then resume with --resume",
+        ) from None
     for old in checkpoints(run)[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return dest
@@ -226,8 +236,10 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, identity: dict) -> t
         raise TrainingError(f"cannot resume from {path}: {exc}") from None
     changed = sorted(k for k in identity if saved.get(k) != identity[k])
     if changed:
-        raise UsageError(f"cannot resume {path.parent.parent.name}: {', '.join(changed)} changed since it started",
-                         hint="resume with the same data and settings, or start a new run with --name")
+        raise UsageError(
+            f"cannot resume {path.parent.parent.name}: {', '.join(changed)} changed since it started",
+            hint="resume with the same data and settings, or start a new run with --name",
+        )
     try:
         set_peft_model_state_dict(model, load_file(str(path / "adapter.safetensors")))
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
@@ -253,8 +265,10 @@ def evaluate(model: Any, examples: Examples, settings: LoopSettings, pad_id: int
     model.eval()
     with torch.no_grad():
         for i in range(0, len(rows), settings.batch):
-            batch = [[examples.examples[k] for k in row] for row in rows[i:i + settings.batch]]
-            ids, positions, targets, _ = (t.to(dev) if hasattr(t, "to") else t for t in collate(batch, pad_id))
+            batch = [[examples.examples[k] for k in row] for row in rows[i : i + settings.batch]]
+            ids, positions, targets, _ = (
+                t.to(dev) if hasattr(t, "to") else t for t in collate(batch, pad_id)
+            )
             n = int((targets != -100).sum())
             total += loss_of(model, ids, positions, targets).item() * n
             count += n
@@ -262,9 +276,21 @@ def evaluate(model: Any, examples: Examples, settings: LoopSettings, pad_id: int
     return total / max(count, 1)
 
 
-def train(model: Any, data: Examples, run: Path, settings: LoopSettings, *, dev: str, pad_id: int,
-          identity: dict, record: dict, eval_data: Examples | None = None, resume: bool = False,
-          on_event: Callable[[Event], None] | None = None, cancel: threading.Event | None = None) -> Outcome:
+def train(
+    model: Any,
+    data: Examples,
+    run: Path,
+    settings: LoopSettings,
+    *,
+    dev: str,
+    pad_id: int,
+    identity: dict,
+    record: dict,
+    eval_data: Examples | None = None,
+    resume: bool = False,
+    on_event: Callable[[Event], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> Outcome:
     """Train ``model``'s adapter on ``data``; the adapter is written to ``run/adapter``.
 
     ``identity`` (the data's hash, the base, the settings the order and curve depend on) is what a
@@ -282,7 +308,9 @@ def train(model: Any, data: Examples, run: Path, settings: LoopSettings, *, dev:
     if resume:
         found = checkpoints(run)
         if not found:
-            raise UsageError(f"run {run.name} has no checkpoint to resume from", hint="start it without --resume")
+            raise UsageError(
+                f"run {run.name} has no checkpoint to resume from", hint="start it without --resume"
+            )
         step, history = load_checkpoint(found[-1], model, optimizer, identity)
     if step >= total:
         raise UsageError(f"run {run.name} already did its {total} steps", hint="export it, or raise --steps")
@@ -299,15 +327,17 @@ def train(model: Any, data: Examples, run: Path, settings: LoopSettings, *, dev:
 
     def reason_error(reason: str) -> Exception:
         if reason == "cancel":
-            return Cancelled(f"training stopped at step {step} of {total}; the checkpoint is kept",
-                             hint=f"continue with the same command and --resume (run {run.name})")
+            return Cancelled(
+                f"training stopped at step {step} of {total}; the checkpoint is kept",
+                hint=f"continue with the same command and --resume (run {run.name})",
+            )
         return TrainingError(f"the loss became {reason} at step {step}", hint="lower --lr, then start again")
 
     while step < total:
         if cancel.is_set():
             stop_here("cancel")
         epoch, index = divmod(step, per_epoch)
-        chosen = order(len(rows), epoch, settings.seed)[index * settings.batch:(index + 1) * settings.batch]
+        chosen = order(len(rows), epoch, settings.seed)[index * settings.batch : (index + 1) * settings.batch]
         batch = [[data.examples[k] for k in rows[r]] for r in chosen]
         ids, positions, targets, real = collate(batch, pad_id)
         ids, positions, targets = ids.to(dev), positions.to(dev), targets.to(dev)
@@ -341,9 +371,19 @@ def train(model: Any, data: Examples, run: Path, settings: LoopSettings, *, dev:
             emit(Saved(step, save_checkpoint(run, step, model, optimizer, history, identity)))
             last_saved = step
     history.seconds += time.monotonic() - started
-    adapter = write_adapter(model, run, {**record, "steps": step, "final_loss": history.losses[-1],
-                                         "eval_losses": history.eval_losses, "tokens": history.tokens,
-                                         "seconds": round(history.seconds, 2), "peak_memory": peak_memory(dev)})
+    adapter = write_adapter(
+        model,
+        run,
+        {
+            **record,
+            "steps": step,
+            "final_loss": history.losses[-1],
+            "eval_losses": history.eval_losses,
+            "tokens": history.tokens,
+            "seconds": round(history.seconds, 2),
+            "peak_memory": peak_memory(dev),
+        },
+    )
     return Outcome(adapter, step, history, peak_memory(dev), history.tokens / max(history.seconds, 1e-9))
 
 
@@ -378,4 +418,3 @@ def read_record(adapter: Path) -> dict:
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read {Path(adapter) / RECORD}: {exc}") from None
     return record if isinstance(record, dict) else {}
-

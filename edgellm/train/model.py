@@ -27,8 +27,9 @@ def require_training() -> None:
 
     missing = [m for m in ("torch", "peft") if importlib.util.find_spec(m) is None]
     if missing:
-        raise MissingDependencyError(f"fine-tuning needs {' and '.join(missing)}",
-                                     hint="pip install 'edgellm[train]'")
+        raise MissingDependencyError(
+            f"fine-tuning needs {' and '.join(missing)}", hint="pip install 'edgellm[train]'"
+        )
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
@@ -42,22 +43,39 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _dtype(dev: str) -> Any:
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16, AMX, Arm's BF16): there a bf16
+    base trains faster than fp32 and in less memory; elsewhere bf16 is emulated and slower."""
+    try:
+        text = open("/proc/cpuinfo", encoding="ascii", errors="replace").read()
+    except OSError:
+        return False
+    flags = set(text.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def compute_dtype(dev: str, requested: str | None = None) -> str:
+    """The base's dtype for a run: what was asked, else bf16 where the device is fast at it."""
+    if requested in ("bf16", "fp32"):
+        return requested
+    return "bf16" if dev != "cpu" or cpu_has_bf16() else "fp32"
+
+
+def _torch_dtype(name: str) -> Any:
     import torch
 
-    # a CPU without bf16 matmul units is several times slower in 16-bit: train in fp32 there
-    return torch.float32 if dev == "cpu" else torch.bfloat16
+    return torch.bfloat16 if name == "bf16" else torch.float32
 
 
-def load_base(folder: Path, *, qlora: bool, dev: str, double_quant: bool = True) -> Any:
-    """The base model, frozen, on ``dev``."""
+def load_base(folder: Path, *, qlora: bool, dev: str, dtype: str = "fp32", double_quant: bool = True) -> Any:
+    """The base model, frozen, on ``dev``, its unquantized weights in ``dtype`` (bf16 or fp32)."""
     from transformers import AutoModelForCausalLM
 
     try:
         if qlora:
-            model = _load_4bit(Path(folder), dev, double_quant)
+            model = _load_4bit(Path(folder), dev, _torch_dtype(dtype), double_quant)
         else:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=_dtype(dev), device_map=dev)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=_torch_dtype(dtype), device_map=dev)
     except (CheckpointError, MissingDependencyError):
         raise
     except Exception as exc:  # transformers raises many kinds for a model it cannot build
@@ -86,18 +104,19 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def _load_4bit(folder: Path, dev: str, double_quant: bool) -> Any:
+def _load_4bit(folder: Path, dev: str, dtype: Any, double_quant: bool) -> Any:
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise MissingDependencyError("QLoRA needs bitsandbytes", hint="pip install 'edgellm[train]'") from None
+        raise MissingDependencyError(
+            "QLoRA needs bitsandbytes", hint="pip install 'edgellm[train]'"
+        ) from None
     import torch
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = _dtype(dev)
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights():  # parameters on "meta", buffers (rotary tables) real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -105,9 +124,19 @@ def _load_4bit(folder: Path, dev: str, double_quant: bool) -> Any:
     for name, module in list(model.named_modules()):
         if isinstance(module, torch.nn.Linear) and module is not head:
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, bnb.nn.Linear4bit(
-                module.in_features, module.out_features, bias=module.bias is not None, compute_dtype=dtype,
-                compress_statistics=double_quant, quant_type="nf4", device="meta"))
+            setattr(
+                model.get_submodule(parent) if parent else model,
+                child,
+                bnb.nn.Linear4bit(
+                    module.in_features,
+                    module.out_features,
+                    bias=module.bias is not None,
+                    compute_dtype=dtype,
+                    compress_statistics=double_quant,
+                    quant_type="nf4",
+                    device="meta",
+                ),
+            )
     modules = dict(model.named_modules())
     for path in _weight_files(folder):
         with safe_open(str(path), framework="pt") as f:
@@ -118,8 +147,13 @@ def _load_4bit(folder: Path, dev: str, double_quant: bool) -> Any:
                     continue
                 tensor = f.get_tensor(key)
                 if isinstance(module, bnb.nn.Linear4bit) and leaf == "weight":
-                    module.weight = bnb.nn.Params4bit(tensor.to(dtype), requires_grad=False, quant_type="nf4",
-                                                      compress_statistics=double_quant, module=module).to(dev)
+                    module.weight = bnb.nn.Params4bit(
+                        tensor.to(dtype),
+                        requires_grad=False,
+                        quant_type="nf4",
+                        compress_statistics=double_quant,
+                        module=module,
+                    ).to(dev)
                 else:
                     set_module_tensor_to_device(model, key, dev, value=tensor.to(dtype))
                 del tensor
@@ -131,21 +165,37 @@ def _load_4bit(folder: Path, dev: str, double_quant: bool) -> Any:
     return model
 
 
-def adapt(model: Any, *, rank: int, alpha: float, targets: str | list[str], dropout: float = 0.0,
-          gradient_checkpointing: bool = False, qlora: bool = False) -> Any:
+def adapt(
+    model: Any,
+    *,
+    rank: int,
+    alpha: float,
+    targets: str | list[str],
+    dropout: float = 0.0,
+    gradient_checkpointing: bool = False,
+    qlora: bool = False,
+) -> Any:
     """The model with a fresh LoRA on ``targets`` (module names, or all-linear)."""
     from peft import LoraConfig, get_peft_model
 
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
-                        target_modules=targets if targets == ALL_LINEAR else list(targets))
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        bias="none",
+        task_type="CAUSAL_LM",
+        target_modules=targets if targets == ALL_LINEAR else list(targets),
+    )
     try:
         peft = get_peft_model(model, config)
     except ValueError as exc:  # PEFT's word for targets that match nothing, or a layer type it cannot wrap
-        raise CheckpointError(f"PEFT cannot put a LoRA on this model's {targets}: {exc}",
-                              hint="name the linear layers with --targets (e.g. q_proj,v_proj)") from None
+        raise CheckpointError(
+            f"PEFT cannot put a LoRA on this model's {targets}: {exc}",
+            hint="name the linear layers with --targets (e.g. q_proj,v_proj)",
+        ) from None
     for p in peft.parameters():  # the adapter trains in fp32 even on a 16-bit base
         if p.requires_grad:
             p.data = p.data.float()
@@ -157,6 +207,9 @@ def target_names(model: Any) -> list[str]:
     import torch
 
     head = model.get_output_embeddings()
-    names = {n.rpartition(".")[2] for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and m is not head and n}
+    names = {
+        n.rpartition(".")[2]
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and m is not head and n
+    }
     return sorted(names)

@@ -29,14 +29,19 @@ from edgellm.tui.messages import (
 )
 
 #: the numeric settings: (field id, label, default)
-NUMBERS = (("rank", "rank", "16"), ("max-len", "max-len", "512"), ("batch", "batch", "auto"),
-           ("epochs", "epochs", "1"), ("lr", "lr", "2e-4"))
+NUMBERS = (
+    ("rank", "rank", "16"),
+    ("max-len", "max-len", "512"),
+    ("batch", "batch", "auto"),
+    ("epochs", "epochs", "1"),
+    ("lr", "lr", "2e-4"),
+)
 
 
 class FinetuneScreen(Screen):
     BINDINGS = [
         Binding("ctrl+t", "start", "Train"),
-        Binding("ctrl+e", "export", "Export"),
+        Binding("ctrl+l", "export", "Export to library"),
         Binding("escape", "back", "Back / stop"),
     ]
 
@@ -53,8 +58,10 @@ class FinetuneScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Static("edgellm · fine-tune", id="title")
         with Vertical(id="ft-form"):
-            for key, label, hint in (("base", "base", "checkpoint folder, pulled checkpoint or Hub repo"),
-                                     ("data", "data", "a JSONL file (Enter reads it)")):
+            for key, label, hint in (
+                ("base", "base", "checkpoint folder, pulled checkpoint or Hub repo"),
+                ("data", "data", "a JSONL file (Enter reads it)"),
+            ):
                 with Horizontal(classes="field"):
                     yield Label(label, classes="field-label")
                     yield Input(id=f"ft-{key}", placeholder=hint, compact=True)
@@ -73,7 +80,9 @@ class FinetuneScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        kept = sorted(p.name for p in self.app.settings.checkpoints_dir.glob("*") if (p / "config.json").is_file())
+        kept = sorted(
+            p.name for p in self.app.settings.checkpoints_dir.glob("*") if (p / "config.json").is_file()
+        )
         if kept:
             self.query_one("#ft-base", Input).value = kept[0]
         self.query_one("#ft-base", Input).focus()
@@ -97,10 +106,16 @@ class FinetuneScreen(Screen):
                 values[key] = cast(text)
             except ValueError:
                 raise UsageError(f"{key} takes a number, got {text!r}") from None
-        return Finetune(base=self._value("base"), data=Path(self._value("data")).expanduser(),
-                        qlora=self.query_one("#ft-qlora", Checkbox).value, rank=values["rank"],
-                        max_len=values["max-len"], epochs=values["epochs"], lr=values["lr"],
-                        batch=values["batch"]).check()
+        return Finetune(
+            base=self._value("base"),
+            data=Path(self._value("data")).expanduser(),
+            qlora=self.query_one("#ft-qlora", Checkbox).value,
+            rank=values["rank"],
+            max_len=values["max-len"],
+            epochs=values["epochs"],
+            lr=values["lr"],
+            batch=values["batch"],
+        ).check()
 
     @on(Input.Changed)
     @on(Checkbox.Changed)
@@ -113,6 +128,7 @@ class FinetuneScreen(Screen):
         from edgellm.errors import EdgeLLMError
         from edgellm.plan.training import TrainSettings, TrainShape, auto_batch, plan_training
         from edgellm.train.curve import verdict
+        from edgellm.train.model import compute_dtype
         from edgellm.workflows import base_config
 
         label = self.query_one("#ft-verdict", Label)
@@ -120,7 +136,9 @@ class FinetuneScreen(Screen):
             request = self.request()
             if self.shape is None:
                 settings = self.app.settings
-                self.shape = TrainShape.from_config(base_config(request.base, settings.checkpoints_dir, settings))
+                self.shape = TrainShape.from_config(
+                    base_config(request.base, settings.checkpoints_dir, settings)
+                )
         except EdgeLLMError as exc:
             label.update(described(exc) if self._value("base") else "")
             return
@@ -128,8 +146,15 @@ class FinetuneScreen(Screen):
         dev = "cuda" if hw.gpus else "cpu"
         available = hw.gpu_free if dev == "cuda" else hw.ram_available
         share = self.plan.data.trained_tokens / max(self.plan.data.tokens, 1) if self.plan else 1.0
-        wish = TrainSettings(method="qlora" if request.qlora else "lora", rank=request.rank, max_len=request.max_len,
-                             batch=request.batch or 1, trained_share=share, device=dev)
+        wish = TrainSettings(
+            method="qlora" if request.qlora else "lora",
+            rank=request.rank,
+            max_len=request.max_len,
+            batch=request.batch or 1,
+            trained_share=share,
+            device=dev,
+            dtype=compute_dtype(dev, request.dtype),
+        )
         if request.batch is None:
             wish = replace(wish, batch=max(auto_batch(self.shape, wish, available), 1))
         label.update(verdict(plan_training(self.shape, wish, available)))
@@ -150,8 +175,14 @@ class FinetuneScreen(Screen):
         job = Job(cancel=self.cancel)
         try:
             request = self.request()
-            plan = plan_finetune(request, store_for(settings), settings.runs_dir, settings.checkpoints_dir,
-                                 self.app.hardware, job)
+            plan = plan_finetune(
+                request,
+                store_for(settings),
+                settings.runs_dir,
+                settings.checkpoints_dir,
+                self.app.hardware,
+                job,
+            )
         except Exception as exc:
             self.post_message(FinetunePlanFailed(exc))
             return
@@ -176,7 +207,8 @@ class FinetuneScreen(Screen):
         self.query_one("#ft-data-info", Label).update(info)
         self.query_one("#ft-verdict", Label).update(verdict(self.plan.memory))
         self.query_one("#ft-status", Label).update(
-            f"run {self.plan.name}: training…" if self.busy else "ready: Ctrl+T trains")
+            f"run {self.plan.name}: training…" if self.busy else "ready: Ctrl+T trains"
+        )
 
     @on(FinetunePlanFailed)
     @on(TrainFailed)
@@ -220,7 +252,8 @@ class FinetuneScreen(Screen):
         evals = f", eval {h.eval_losses[0][1]:.3f} → {h.eval_losses[-1][1]:.3f}" if h.eval_losses else ""
         self.query_one("#ft-status", Label).update(
             f"done: loss {h.losses[0]:.3f} → {h.losses[-1]:.3f}{evals}; {out.tokens_per_second:.0f} tok/s, "
-            f"peak {human_bytes(out.peak_memory)}. Ctrl+E exports it to the library")
+            f"peak {human_bytes(out.peak_memory)}. Ctrl+L exports it to the library"
+        )
         self.app.notify(f"fine-tuned {out.adapter.parent.name}")
 
     # -- export ----------------------------------------------------------------------------------------
