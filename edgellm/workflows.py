@@ -479,7 +479,7 @@ def plan_finetune(request: Finetune, store: Store, runs: Path, keep_in: Path, ha
     from edgellm.plan.training import TrainSettings, TrainShape, auto_batch, nearest_fit, plan_training
     from edgellm.train.data import Examples, Tokens, file_hash, packed_rows, padding_share, prepare
     from edgellm.train.loop import LoopSettings, checkpoints
-    from edgellm.train.model import compute_dtype, device, require_training
+    from edgellm.train.model import compute_dtype, device, require_training, world_size
 
     require_training()
     base = fetch_checkpoint(request.base, store, keep_in, job)
@@ -519,8 +519,11 @@ def plan_finetune(request: Finetune, store: Store, runs: Path, keep_in: Path, ha
                              max_len=request.max_len, batch=request.batch or 1,
                              gradient_checkpointing=bool(request.gradient_checkpointing),
                              trained_share=learned,
-                             device=dev, dtype=compute_dtype(dev, request.dtype))
-    available = hardware.ram_available if dev == "cpu" else hardware.gpu_free
+                             device="cpu" if dev == "cpu" else "cuda",
+                             dtype=compute_dtype(dev, request.dtype))
+    # each process holds its own copy: several on one machine's RAM share it, GPUs each have their own
+    available = hardware.ram_available // world_size() if dev == "cpu" else (
+        min(g.free for g in hardware.gpus) if hardware.gpus else 0)
     notes = []
     if request.gradient_checkpointing is None and not plan_training(shape, settings, available).fits:
         settings = dataclasses.replace(settings, gradient_checkpointing=True)
@@ -572,7 +575,7 @@ def finetune(plan: FinetunePlan, request: Finetune, job: Job,
     import datetime
 
     from edgellm.train.loop import train, write_run
-    from edgellm.train.model import adapt, device, load_base
+    from edgellm.train.model import adapt, device, load_base, world_size
 
     identity = plan.identity
     dev = device()
@@ -588,8 +591,8 @@ def finetune(plan: FinetunePlan, request: Finetune, job: Job,
     model = adapt(model, rank=request.rank, alpha=request.alpha or 2 * request.rank,
                   targets=request.targets if isinstance(request.targets, str) else list(request.targets),
                   gradient_checkpointing=plan.memory.settings.gradient_checkpointing, qlora=request.qlora)
-    if not request.resume:
-        write_run(plan.run, {**record, "identity": identity})
+    if not request.resume and os.environ.get("RANK", "0") == "0":  # of several processes, the first writes
+        write_run(plan.run, {**record, "identity": identity, "devices": world_size()})
     return train(model, plan.data, plan.run, plan.loop, dev=dev, pad_id=plan.pad_id, identity=identity,
                  record=record,
                  eval_data=plan.eval_data, resume=request.resume, on_event=on_event, cancel=job.cancel)

@@ -454,8 +454,10 @@ def test_finetune_teaches_facts_and_exports_a_gguf_that_knows_them(
     assert first_step == 0 and last < first / 3
     exported = next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("exported:"))
     after = _answers(cli, exported, questions)
-    print(f"held-out questions right: base {before}/12, fine-tuned {after}/12; "
-          f"eval loss {first:.3f} -> {last:.3f}")
+    print(
+        f"held-out questions right: base {before}/12, fine-tuned {after}/12; "
+        f"eval loss {first:.3f} -> {last:.3f}"
+    )
     assert before <= 2 and after >= 10
     # the exported GGUF answers as PEFT's merged model does in transformers (Q8_0: the same top token)
     import torch
@@ -559,3 +561,39 @@ def test_planned_memory_is_within_10_percent_of_the_measured_peak(
     ]
     print(f"{case}: planned {planned >> 20} MiB, peak RSS {measured >> 20} MiB ({planned / measured:.3f})")
     assert abs(planned - measured) <= 0.10 * measured
+
+
+@pytest.mark.slow
+def test_two_processes_over_gloo_train_as_one(home: Path, smollm2_hf: Path) -> None:
+    """--devices 2: accelerate's launcher starts two processes on this CPU (gloo); each takes half of
+    every step's rows, and the run follows the one-process run with the same rows per step."""
+    curves = {}
+    for devices, batch in ((1, 4), (2, 2)):
+        run = _finetune(
+            home,
+            str(smollm2_hf),
+            str(FACTS),
+            "--name",
+            f"d{devices}",
+            "--devices",
+            str(devices),
+            "--batch",
+            str(batch),
+            "--steps",
+            "3",
+            "--max-len",
+            "96",
+            "--pack",
+            "off",
+            "--lr",
+            "1e-3",
+        )
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err
+        progress = [e for e in _events(out) if e["event"] == "progress"]
+        assert [e["step"] for e in progress] == [1, 2, 3]  # reported once, by the first process
+        curves[devices] = [(e["loss"], e["tokens"]) for e in progress]
+    assert [t for _, t in curves[2]] == [t for _, t in curves[1]]  # the same rows each step
+    assert [v for v, _ in curves[2]] == pytest.approx([v for v, _ in curves[1]], rel=2e-2)
+    record = json.loads((home / "runs" / "d2" / "adapter" / "edgellm-run.json").read_text())
+    assert record["devices"] == 2 and record["steps"] == 3

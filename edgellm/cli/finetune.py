@@ -94,6 +94,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="the run's name (default BASE-DATA)")
     p.add_argument("--resume", action="store_true", help="continue a stopped run from its last checkpoint")
     p.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train data-parallel in N processes through accelerate's launcher (a GPU each)",
+    )
+    p.add_argument(
         "--export", metavar="QUANT", help="then merge, convert and quantize into the store (e.g. Q4_K_M)"
     )
     p.add_argument(
@@ -171,18 +178,56 @@ def _hardware(args: argparse.Namespace):
     return settings, hardware_for(settings)
 
 
+def launch(devices: int, argv: list[str]) -> int:
+    """The same command in ``devices`` processes through accelerate's launcher (data parallel:
+    a GPU each, or on a CPU processes that share it over gloo); each sees WORLD_SIZE and trains
+    its share of every step. Ctrl-C reaches them all; the run keeps its last checkpoint."""
+    import subprocess
+
+    if devices < 1:
+        raise UsageError("--devices must be positive")
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(devices),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "edgellm",
+        *argv,
+    ]
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 130
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
+    import os
+
     from edgellm.models import store_for
     from edgellm.train.curve import plot, verdict
     from edgellm.workflows import Job, export_run, finetune, plan_finetune
 
+    if args.devices > 1 and "WORLD_SIZE" not in os.environ:
+        return launch(args.devices, sys.argv[1:])
     request = request_from_args(args)
     settings, hw = _hardware(args)
     store = store_for(settings)
     plan = job_with_bar(
         lambda job: plan_finetune(request, store, settings.runs_dir, settings.checkpoints_dir, hw, job)
     )
+    main = os.environ.get("RANK", "0") == "0"  # of several processes, the first one speaks
     say = (lambda text: print(text, file=sys.stderr)) if args.json else print
+    if not main:
+        say = lambda text: None  # noqa: E731
     say(plan.data.summary())
     if plan.eval_data is not None:
         say(f"eval: {len(plan.eval_data.examples)} examples")
@@ -199,7 +244,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         signal.SIGINT, lambda *_: job.cancel.set()
     )  # stop at the next step, checkpointed
     try:
-        with _Reporter(args.json) as report:
+        with _Reporter(args.json, quiet=not main) as report:
             outcome = finetune(plan, request, job, report)
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -214,7 +259,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         f"{', eval ' + evals if evals else ''}; {h.tokens} tokens, {outcome.tokens_per_second:.0f} tok/s, "
         f"peak {human_bytes(outcome.peak_memory)})"
     )
-    if args.export:
+    if args.export and main:
         if request.qlora:
             say("export: merging into the 16-bit base the 4-bit weights were made from")
         result, entry = job_with_bar(lambda job: export_run(store, outcome.adapter, args.export, job))
@@ -231,14 +276,15 @@ class _Reporter:
     """Each event as a live status line (a terminal), a line per tenth of the run (a pipe), or a
     JSON object per line (--json)."""
 
-    def __init__(self, as_json: bool) -> None:
+    def __init__(self, as_json: bool, quiet: bool = False) -> None:
         self.as_json = as_json
+        self.quiet = quiet
         self.live: Any = None
         self.last_eval: float | None = None
         self.shown = 0
 
     def __enter__(self) -> _Reporter:
-        if not self.as_json and sys.stderr.isatty():
+        if not self.as_json and not self.quiet and sys.stderr.isatty():
             from rich.console import Console
             from rich.live import Live
 
@@ -254,6 +300,8 @@ class _Reporter:
         from edgellm.train.curve import status_line
         from edgellm.train.loop import Evaluated, Progress, Saved
 
+        if self.quiet:
+            return
         if self.as_json:
             fields = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(event).items()}
             print(json.dumps({"event": type(event).__name__.lower(), **fields}), flush=True)

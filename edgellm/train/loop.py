@@ -52,8 +52,8 @@ class LoopSettings:
     eval_every: int = 0  # 0: at the end only (and at each save)
     max_grad_norm: float = 1.0
 
-    def total_steps(self, n_rows: int) -> int:
-        per_epoch = math.ceil(n_rows / self.batch)
+    def total_steps(self, per_epoch: int) -> int:
+        """The run's steps: --steps, or the epochs' worth of ``per_epoch`` steps."""
         if self.steps is not None:
             return self.steps
         return max(1, math.ceil(per_epoch * (self.epochs if self.epochs is not None else 1.0)))
@@ -151,23 +151,78 @@ def collate(rows: Sequence[Sequence[Example]], pad_id: int) -> tuple[Any, Any, A
     return ids, positions, targets, real
 
 
-def loss_of(model: Any, ids: Any, positions: Any, targets: Any) -> Any:
-    """Mean cross-entropy over the learned tokens, the output head run on those tokens only."""
+def loss_of(model: Any, ids: Any, positions: Any, targets: Any) -> tuple[Any, int]:
+    """(summed cross-entropy over the learned tokens, their count), the output head run on those
+    tokens only. Summed, so batches split over processes weigh each token alike."""
     import torch.nn.functional as F
 
     base = model.get_base_model()
     hidden = base.get_decoder()(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
     keep = targets != -100
+    count = int(keep.sum())
+    if not count:  # a process given no learned token still takes part in the step
+        return hidden.sum() * 0.0, 0
     logits = base.get_output_embeddings()(hidden[keep]).float()
     cap = getattr(base.config, "final_logit_softcapping", None)
     if cap:
         logits = (logits / cap).tanh() * cap
-    return F.cross_entropy(logits, targets[keep])
+    return F.cross_entropy(logits, targets[keep], reduction="sum"), count
+
+
+def _loss_module(model: Any) -> Any:
+    """The loss as a module's forward: what data parallelism wraps (its gradient hooks are set up
+    by a forward through the wrapper)."""
+    import torch
+
+    class Loss(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids: Any, positions: Any, targets: Any) -> tuple[Any, int]:
+            return loss_of(self.model, ids, positions, targets)
+
+    return Loss()
+
+
+class Ranks:
+    """This process alone, or one of ``WORLD_SIZE`` that accelerate's launcher started (``finetune
+    --devices N``): each takes its share of a step's rows, accelerate averages the gradients (gloo
+    on CPUs, NCCL on GPUs), and the first process alone reports and writes."""
+
+    def __init__(self, dev: str) -> None:
+        import os
+
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.accel: Any = None
+        if self.world > 1:
+            from accelerate import Accelerator
+
+            self.accel = Accelerator(cpu=dev == "cpu")
+        self.rank = self.accel.process_index if self.accel else 0
+        self.main = self.rank == 0
+
+    def prepare(self, module: Any, optimizer: Any) -> tuple[Any, Any]:
+        return self.accel.prepare(module, optimizer) if self.accel else (module, optimizer)
+
+    def total(self, *values: float) -> list[float]:
+        """Each value summed over the processes."""
+        if not self.accel:
+            return list(values)
+        import torch
+
+        return self.accel.reduce(
+            torch.tensor(values, dtype=torch.float64, device=self.accel.device), "sum"
+        ).tolist()
+
+    def barrier(self) -> None:
+        if self.accel:
+            self.accel.wait_for_everyone()
 
 
 # -- memory --------------------------------------------------------------------------------------------
 def peak_memory(dev: str) -> int:
-    if dev == "cuda":
+    if dev.startswith("cuda"):
         import torch
 
         return int(torch.cuda.max_memory_allocated())
@@ -269,8 +324,8 @@ def evaluate(model: Any, examples: Examples, settings: LoopSettings, pad_id: int
             ids, positions, targets, _ = (
                 t.to(dev) if hasattr(t, "to") else t for t in collate(batch, pad_id)
             )
-            n = int((targets != -100).sum())
-            total += loss_of(model, ids, positions, targets).item() * n
+            summed, n = loss_of(model, ids, positions, targets)
+            total += summed.item()
             count += n
     model.train()
     return total / max(count, 1)
@@ -298,10 +353,12 @@ def train(
     import torch
 
     cancel = cancel or threading.Event()
-    emit = on_event or (lambda _e: None)
+    ranks = Ranks(dev)
+    emit = on_event if on_event is not None and ranks.main else (lambda _e: None)
     rows = rows_of(data.examples, settings.max_len, settings.pack)
-    total = settings.total_steps(len(rows))
-    per_epoch = math.ceil(len(rows) / settings.batch)
+    per_step = settings.batch * ranks.world  # rows a step takes over every process
+    per_epoch = math.ceil(len(rows) / per_step)
+    total = settings.total_steps(per_epoch)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     step, history = 0, History()
@@ -314,76 +371,94 @@ def train(
         step, history = load_checkpoint(found[-1], model, optimizer, identity)
     if step >= total:
         raise UsageError(f"run {run.name} already did its {total} steps", hint="export it, or raise --steps")
-    if eval_data is not None and step == 0:  # where the curve starts, so a fall shows
+    loss_module, optimizer = ranks.prepare(_loss_module(model), optimizer)
+    if eval_data is not None and step == 0 and ranks.main:  # where the curve starts, so a fall shows
         history.eval_losses.append((0, evaluate(model, eval_data, settings, pad_id, dev)))
         emit(Evaluated(0, history.eval_losses[-1][1]))
     model.train()
     started, session_tokens, last_saved, session_from = time.monotonic(), 0, step, step
 
-    def stop_here(reason: str) -> None:
-        if step > last_saved:
+    def save() -> None:
+        if ranks.main:
             emit(Saved(step, save_checkpoint(run, step, model, optimizer, history, identity)))
-        raise reason_error(reason)
+        ranks.barrier()
 
-    def reason_error(reason: str) -> Exception:
-        if reason == "cancel":
-            return Cancelled(
-                f"training stopped at step {step} of {total}; the checkpoint is kept",
-                hint=f"continue with the same command and --resume (run {run.name})",
-            )
-        return TrainingError(f"the loss became {reason} at step {step}", hint="lower --lr, then start again")
+    def stop(error: Exception) -> None:
+        if step > last_saved:
+            save()
+        raise error
 
     while step < total:
-        if cancel.is_set():
-            stop_here("cancel")
         epoch, index = divmod(step, per_epoch)
-        chosen = order(len(rows), epoch, settings.seed)[index * settings.batch : (index + 1) * settings.batch]
-        batch = [[data.examples[k] for k in rows[r]] for r in chosen]
+        chosen = order(len(rows), epoch, settings.seed)[index * per_step : (index + 1) * per_step]
+        mine = chosen[ranks.rank :: ranks.world] or chosen[:1]  # a short last step: a row, its loss unweighed
+        batch = [[data.examples[k] for k in rows[r]] for r in mine]
         ids, positions, targets, real = collate(batch, pad_id)
-        ids, positions, targets = ids.to(dev), positions.to(dev), targets.to(dev)
+        if not chosen[ranks.rank :: ranks.world]:
+            targets.fill_(-100)
+            real = 0
         lr = learning_rate(step, total, settings)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = loss_of(model, ids, positions, targets)
-        value = loss.detach().item()
+        summed, count = loss_module(ids.to(dev), positions.to(dev), targets.to(dev))
+        # one exchange a step: a stop asked for anywhere, and the step's learned tokens and loss
+        stopping, tokens, real_all, loss_all = ranks.total(float(cancel.is_set()), count, real, summed.item())
+        if stopping:
+            stop(
+                Cancelled(
+                    f"training stopped at step {step} of {total}; the checkpoint is kept",
+                    hint=f"continue with the same command and --resume (run {run.name})",
+                )
+            )
+        value = loss_all / max(tokens, 1)
         if not math.isfinite(value):
-            stop_here("NaN" if math.isnan(value) else "infinite")
-        loss.backward()
+            stop(
+                TrainingError(
+                    f"the loss became {'NaN' if math.isnan(value) else 'infinite'} at step {step}",
+                    hint="lower --lr, then start again",
+                )
+            )
+        # the gradient of the mean over every process's tokens (accelerate averages over processes)
+        loss = summed * (ranks.world / max(tokens, 1))
+        if ranks.accel:
+            ranks.accel.backward(loss)
+        else:
+            loss.backward()
         if settings.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        session_tokens += real
+        session_tokens += int(real_all)
         history.losses.append(value)
-        history.tokens += real
+        history.tokens += int(real_all)
         elapsed = time.monotonic() - started
         rate = session_tokens / max(elapsed, 1e-9)
         eta = elapsed / max(step - session_from, 1) * (total - step)
         emit(Progress(step, total, value, lr, history.tokens, rate, peak_memory(dev), eta, step / per_epoch))
         due_eval = eval_data is not None and settings.eval_every and step % settings.eval_every == 0
-        if due_eval or (eval_data is not None and step == total):
+        if (due_eval or (eval_data is not None and step == total)) and ranks.main:
             history.eval_losses.append((step, evaluate(model, eval_data, settings, pad_id, dev)))
             emit(Evaluated(step, history.eval_losses[-1][1]))
         if step % settings.save_every == 0 and step < total:
             history.seconds += time.monotonic() - started
             started, session_tokens, session_from = time.monotonic(), 0, step
-            emit(Saved(step, save_checkpoint(run, step, model, optimizer, history, identity)))
+            save()
             last_saved = step
     history.seconds += time.monotonic() - started
-    adapter = write_adapter(
-        model,
-        run,
-        {
-            **record,
-            "steps": step,
-            "final_loss": history.losses[-1],
-            "eval_losses": history.eval_losses,
-            "tokens": history.tokens,
-            "seconds": round(history.seconds, 2),
-            "peak_memory": peak_memory(dev),
-        },
-    )
+    figures = {
+        "steps": step,
+        "final_loss": history.losses[-1],
+        "eval_losses": history.eval_losses,
+        "tokens": history.tokens,
+        "seconds": round(history.seconds, 2),
+        "peak_memory": peak_memory(dev),
+        "devices": ranks.world,
+    }
+    adapter = run / "adapter"
+    if ranks.main:
+        adapter = write_adapter(model, run, {**record, **figures})
+    ranks.barrier()
     return Outcome(adapter, step, history, peak_memory(dev), history.tokens / max(history.seconds, 1e-9))
 
 

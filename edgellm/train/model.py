@@ -38,9 +38,21 @@ def require_training() -> None:
 
 
 def device() -> str:
+    """Where this process trains: its own GPU when accelerate's launcher started several."""
+    import os
+
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{os.environ['LOCAL_RANK']}" if "LOCAL_RANK" in os.environ else "cuda"
+
+
+def world_size() -> int:
+    """How many processes train together (``finetune --devices N``)."""
+    import os
+
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def cpu_has_bf16() -> bool:
