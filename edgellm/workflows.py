@@ -462,6 +462,7 @@ class FinetunePlan:
     identity: dict[str, Any]  # what a resumed run must match
     pad_id: int
     notes: tuple[str, ...] = ()
+    four_bit: bool = False  # the base ships bitsandbytes 4-bit weights
 
 
 def plan_finetune(request: Finetune, store: Store, runs: Path, keep_in: Path, hardware: Hardware, job: Job
@@ -479,11 +480,14 @@ def plan_finetune(request: Finetune, store: Store, runs: Path, keep_in: Path, ha
     from edgellm.plan.training import TrainSettings, TrainShape, auto_batch, nearest_fit, plan_training
     from edgellm.train.data import Examples, Tokens, file_hash, packed_rows, padding_share, prepare
     from edgellm.train.loop import LoopSettings, checkpoints
-    from edgellm.train.model import compute_dtype, device, require_training, world_size
+    from edgellm.train.model import compute_dtype, device, prequantized, require_training, world_size
 
     require_training()
     base = fetch_checkpoint(request.base, store, keep_in, job)
     config = read_config(base)
+    four_bit = prequantized(config)
+    if four_bit and not request.qlora:
+        request = dataclasses.replace(request, qlora=True)  # its 4-bit weights are what there is to train on
     shape = dataclasses.replace(TrainShape.from_config(config),
                                 checkpoint_bytes=sum(f.stat().st_size for f in base.glob("*.safetensors")))
     context = int((config.get("text_config") or config).get("max_position_embeddings") or 0)
@@ -524,7 +528,7 @@ def plan_finetune(request: Finetune, store: Store, runs: Path, keep_in: Path, ha
     # each process holds its own copy: several on one machine's RAM share it, GPUs each have their own
     available = hardware.ram_available // world_size() if dev == "cpu" else (
         min(g.free for g in hardware.gpus) if hardware.gpus else 0)
-    notes = []
+    notes = ["the base is bitsandbytes 4-bit: QLoRA on its own weights"] if four_bit else []
     if request.gradient_checkpointing is None and not plan_training(shape, settings, available).fits:
         settings = dataclasses.replace(settings, gradient_checkpointing=True)
         notes.append("gradient checkpointing on: the run does not fit without it")
@@ -566,7 +570,7 @@ def plan_finetune(request: Finetune, store: Store, runs: Path, keep_in: Path, ha
     pad_id = tokens.tokenizer.pad_token_id
     pad_id = tokens.tokenizer.eos_token_id if pad_id is None else pad_id
     return FinetunePlan(base, run, name, data, eval_data, memory, loop, padding, identity, int(pad_id or 0),
-                        tuple(notes))
+                        tuple(notes), four_bit)
 
 
 def finetune(plan: FinetunePlan, request: Finetune, job: Job,
@@ -581,16 +585,18 @@ def finetune(plan: FinetunePlan, request: Finetune, job: Job,
     dev = device()
     record = {"base": str(plan.base.resolve()), "data": str(Path(request.data).resolve()), "data_sha256":
               identity["data"], "format": plan.data.format, "method": plan.memory.settings.method,
-              "dtype": plan.memory.settings.compute_dtype, "rank": request.rank,
+              "dtype": plan.memory.settings.compute_dtype, "base_4bit": plan.four_bit, "rank": request.rank,
               "alpha": request.alpha or 2 * request.rank, "targets": request.targets,
               "lr": request.lr, "max_len": request.max_len, "batch": plan.loop.batch, "pack": plan.loop.pack,
               "trained_tokens": plan.data.trained_tokens, "masked_tokens": plan.data.masked_tokens,
               "planned_memory": plan.memory.total, "created": datetime.datetime.now(datetime.UTC).isoformat()}
     job.step("load base", 0, None, "tensors", plan.base.name)
-    model = load_base(plan.base, qlora=request.qlora, dev=dev, dtype=plan.memory.settings.compute_dtype)
+    qlora = plan.memory.settings.method == "qlora"
+    model = load_base(plan.base, qlora=qlora, dev=dev, dtype=plan.memory.settings.compute_dtype,
+                      four_bit=plan.four_bit)
     model = adapt(model, rank=request.rank, alpha=request.alpha or 2 * request.rank,
                   targets=request.targets if isinstance(request.targets, str) else list(request.targets),
-                  gradient_checkpointing=plan.memory.settings.gradient_checkpointing, qlora=request.qlora)
+                  gradient_checkpointing=plan.memory.settings.gradient_checkpointing, qlora=qlora)
     if not request.resume and os.environ.get("RANK", "0") == "0":  # of several processes, the first writes
         write_run(plan.run, {**record, "identity": identity, "devices": world_size()})
     return train(model, plan.data, plan.run, plan.loop, dev=dev, pad_id=plan.pad_id, identity=identity,
@@ -606,6 +612,9 @@ def export_run(store: Store, adapter: Path, quant: str | None, job: Job, *, name
     from edgellm.train.loop import read_record
 
     record = read_record(adapter)
+    if record.get("base_4bit") and base_16bit is None:
+        raise CheckpointError(f"{adapter} was trained on a 4-bit base: the merge needs the 16-bit checkpoint "
+                              "its weights were made from", hint="name it with --base-16bit FOLDER")
     base = Path(base_16bit or record.get("base") or "")
     if not (base / "config.json").is_file():
         raise CheckpointError(f"the 16-bit base of {adapter} is not at {base or '?'}",

@@ -597,3 +597,67 @@ def test_two_processes_over_gloo_train_as_one(home: Path, smollm2_hf: Path) -> N
     assert [v for v, _ in curves[2]] == pytest.approx([v for v, _ in curves[1]], rel=2e-2)
     record = json.loads((home / "runs" / "d2" / "adapter" / "edgellm-run.json").read_text())
     assert record["devices"] == 2 and record["steps"] == 3
+
+
+@pytest.fixture(scope="module")
+def smollm2_bnb4(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 as the *-bnb-4bit repos ship it: NF4 with double quantization, saved by transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    dest = tmp_path_factory.mktemp("bnb") / "smollm2-bnb-4bit"
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    AutoModelForCausalLM.from_pretrained(
+        smollm2_hf, quantization_config=config, device_map="cpu"
+    ).save_pretrained(dest)
+    AutoTokenizer.from_pretrained(smollm2_hf).save_pretrained(dest)
+    return dest
+
+
+@pytest.mark.slow
+def test_a_bnb_4bit_checkpoint_trains_on_its_own_weights(cli, smollm2_bnb4: Path, smollm2_hf: Path) -> None:
+    out = cli(
+        "finetune",
+        str(smollm2_bnb4),
+        str(FACTS),
+        "--name",
+        "q4",
+        "--steps",
+        "2",
+        "--max-len",
+        "96",
+        "--batch",
+        "2",
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert (
+        "the base is bitsandbytes 4-bit: QLoRA on its own weights" in out.stdout and "(qlora," in out.stdout
+    )
+    record = json.loads((cli.home / "runs" / "q4" / "adapter" / "edgellm-run.json").read_text())
+    assert record["base_4bit"] and record["method"] == "qlora"
+    refused = cli("export", "q4", "Q8_0")
+    assert refused.returncode == 1 and "--base-16bit" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (cli.home / "models" / "q4-q8_0").exists()
+    done = cli("export", "q4", "Q8_0", "--base-16bit", str(smollm2_hf), timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("q4-q8_0: llama")
+
+
+def test_other_quantized_checkpoints_are_refused_for_training(cli, smollm2_hf: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "gptq"
+    folder.mkdir()
+    for f in smollm2_hf.iterdir():
+        (folder / f.name).symlink_to(f)
+    config = json.loads((smollm2_hf / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (folder / "config.json").unlink()
+    (folder / "config.json").write_text(json.dumps(config))
+    out = cli("finetune", str(folder), str(FACTS), "--steps", "1")
+    assert out.returncode == 1 and "cannot train on a gptq quantized checkpoint" in out.stderr
+    assert tree(cli.home / "runs") == {}

@@ -103,6 +103,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--export", metavar="QUANT", help="then merge, convert and quantize into the store (e.g. Q4_K_M)"
     )
+    p.add_argument("--base-16bit", type=Path, metavar="DIR",
+                   help="for --export of a run on a 4-bit (bnb) checkpoint: the 16-bit one to merge into")
     p.add_argument(
         "--json", action="store_true", help="one JSON object per line for each step, eval and save"
     )
@@ -260,9 +262,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         f"peak {human_bytes(outcome.peak_memory)})"
     )
     if args.export and main:
-        if request.qlora:
+        if plan.memory.settings.method == "qlora":
             say("export: merging into the 16-bit base the 4-bit weights were made from")
-        result, entry = job_with_bar(lambda job: export_run(store, outcome.adapter, args.export, job))
+        result, entry = job_with_bar(
+            lambda job: export_run(store, outcome.adapter, args.export, job, base_16bit=args.base_16bit)
+        )
         say(
             f"exported: {entry.name} ({result.arch}, {human_bytes(entry.manifest.size)}); "
             f'try: edgellm run {entry.name} "..."'

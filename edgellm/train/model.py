@@ -79,12 +79,29 @@ def _torch_dtype(name: str) -> Any:
     return torch.bfloat16 if name == "bf16" else torch.float32
 
 
-def load_base(folder: Path, *, qlora: bool, dev: str, dtype: str = "fp32", double_quant: bool = True) -> Any:
-    """The base model, frozen, on ``dev``, its unquantized weights in ``dtype`` (bf16 or fp32)."""
+def prequantized(config: dict) -> bool:
+    """Whether a checkpoint ships bitsandbytes 4-bit weights (``*-bnb-4bit`` repos): QLoRA then
+    trains on them as they are. Other pre-quantized kinds are refused here (#35 converts them)."""
+    quant = config.get("quantization_config")
+    if not isinstance(quant, dict):
+        return False
+    if quant.get("quant_method") == "bitsandbytes" and quant.get("load_in_4bit"):
+        return True
+    raise CheckpointError(f"cannot train on a {quant.get('quant_method', '?')} "
+                          f"{'8-bit ' if quant.get('load_in_8bit') else ''}quantized checkpoint",
+                          hint="fine-tune its 16-bit checkpoint (with --qlora for 4-bit training)")
+
+
+def load_base(folder: Path, *, qlora: bool, dev: str, dtype: str = "fp32", double_quant: bool = True,
+              four_bit: bool = False) -> Any:
+    """The base model, frozen, on ``dev``, its unquantized weights in ``dtype`` (bf16 or fp32);
+    ``four_bit``: the checkpoint's own bitsandbytes 4-bit weights, loaded as they are."""
     from transformers import AutoModelForCausalLM
 
     try:
-        if qlora:
+        if four_bit:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=_torch_dtype(dtype), device_map=dev)
+        elif qlora:
             model = _load_4bit(Path(folder), dev, _torch_dtype(dtype), double_quant)
         else:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=_torch_dtype(dtype), device_map=dev)
