@@ -661,3 +661,99 @@ def test_other_quantized_checkpoints_are_refused_for_training(cli, smollm2_hf: P
     out = cli("finetune", str(folder), str(FACTS), "--steps", "1")
     assert out.returncode == 1 and "cannot train on a gptq quantized checkpoint" in out.stderr
     assert tree(cli.home / "runs") == {}
+
+
+def _linked_copy(src: Path, dest: Path) -> Path:
+    dest.mkdir()
+    for f in src.iterdir():
+        (dest / f.name).symlink_to(f)
+    return dest
+
+
+def test_a_template_that_cannot_render_the_data_is_one_line(cli, smollm2_hf: Path, tmp_path: Path) -> None:
+    folder = _linked_copy(smollm2_hf, tmp_path / "strict")
+    (folder / "chat_template.jinja").unlink()
+    (folder / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m.role == 'user' %}{{ raise_exception('users are not allowed') }}"
+        "{% endif %}{{ m.content }}{% endfor %}"
+    )
+    out = cli("finetune", str(folder), str(FACTS), "--steps", "1")
+    assert out.returncode == 2, out.stderr
+    assert "line 1: the chat template cannot render this conversation" in out.stderr
+    assert "users are not allowed" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert tree(cli.home / "runs") == {}
+
+
+def test_no_disk_for_checkpoints_and_the_eval_split(home: Path, smollm2_hf: Path, monkeypatch) -> None:
+    """A full disk cannot be made here: shutil.disk_usage is replaced (a stand-in, named so) to say
+    1 MiB is free. The run is refused before anything is loaded or written."""
+    import shutil
+    from collections import namedtuple
+
+    from edgellm.config import Settings
+    from edgellm.errors import StorageError
+    from edgellm.models import store_for
+    from edgellm.system.hardware import probe
+    from edgellm.workflows import Finetune, Job, plan_finetune
+
+    settings = Settings.resolve()
+    store, hw = store_for(settings), probe()
+    split = plan_finetune(
+        Finetune(base=str(smollm2_hf), data=FACTS, eval_split=0.25, max_len=128),
+        store,
+        settings.runs_dir,
+        settings.checkpoints_dir,
+        hw,
+        Job(),
+    )
+    assert len(split.data.examples) == 27 and len(split.eval_data.examples) == 9
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(1 << 30, (1 << 30) - (1 << 20), 1 << 20))
+    with pytest.raises(StorageError, match="1.0 MiB free; the run's checkpoints need"):
+        plan_finetune(
+            Finetune(base=str(smollm2_hf), data=FACTS, max_len=128),
+            store,
+            settings.runs_dir,
+            settings.checkpoints_dir,
+            hw,
+            Job(),
+        )
+    assert tree(settings.runs_dir) == {}
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_from_its_last_checkpoint(home: Path, smollm2_hf: Path) -> None:
+    args = [
+        str(smollm2_hf),
+        str(FACTS),
+        "--name",
+        "killed",
+        "--max-len",
+        "96",
+        "--batch",
+        "2",
+        "--steps",
+        "6",
+        "--save-every",
+        "2",
+        "--pack",
+        "off",
+    ]
+    run = _finetune(home, *args)
+    for line in run.stdout:
+        if json.loads(line)["event"] == "saved":
+            run.kill()  # SIGKILL: no handler runs, no checkpoint is written on the way out
+            break
+    run.wait(timeout=60)
+    run.stdout.close()
+    run.stderr.close()
+    folder = home / "runs" / "killed"
+    assert not (folder / "adapter").exists()
+    assert [p.name for p in (folder / "checkpoints").iterdir() if p.name.startswith("step-")] == [
+        "step-000002"
+    ]
+    resumed = _finetune(home, *args, "--resume")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert [e["step"] for e in _events(out) if e["event"] == "progress"] == [3, 4, 5, 6]
+    assert json.loads((folder / "adapter" / "edgellm-run.json").read_text())["steps"] == 6
