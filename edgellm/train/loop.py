@@ -1,11 +1,12 @@
 """The training loop: rows of tokens through the adapted model, AdamW on the adapter, checkpoints
 that a killed or stopped run resumes from with the same data order and loss curve.
 
-Two things make it faster and leaner than a generic trainer on the same model, batch and length:
-rows are packed with several examples each (every example keeps its own positions, and
-transformers' attention mask keeps it from attending to its neighbours), so little is padding;
-and the output head runs only on the tokens the loss is taken on, not on every position (the
-logits over a vocabulary are a large part of a small model's work and memory).
+What makes it faster and leaner than a generic trainer on the same model, batch and length: the
+output head runs only on the tokens the loss is taken on, not on every position (the logits over
+a vocabulary are a large part of a small model's work and memory); rows may be packed with several
+examples each (every example keeps its own positions, and transformers' attention mask keeps it
+from attending to its neighbours), so little is padding; and model.py keeps the base in bf16 where
+the CPU multiplies bf16 in hardware.
 
 A run lives in one folder: ``run.json`` (what was asked), ``checkpoints/step-NNNNNN/`` (adapter,
 optimizer and loop state, each written whole or not at all; the last two are kept) and, at the
@@ -49,7 +50,7 @@ class LoopSettings:
     pack: bool = True
     seed: int = 0
     save_every: int = 50
-    eval_every: int = 0  # 0: at the end only (and at each save)
+    eval_every: int = 0  # 0: before the first step and after the last only
     max_grad_norm: float = 1.0
 
     def total_steps(self, per_epoch: int) -> int:

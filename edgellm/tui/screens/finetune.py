@@ -134,6 +134,15 @@ class FinetuneScreen(Screen):
         label = self.query_one("#ft-verdict", Label)
         try:
             request = self.request()
+            local = (
+                Path(request.base).expanduser().is_dir()
+                or (self.app.settings.checkpoints_dir / request.base).is_dir()
+            )
+            if not local:  # a Hub repo: its config is fetched with the data (Enter), not at each key
+                label.update(
+                    "the memory verdict follows when the data is read (Enter)" if request.base else ""
+                )
+                return
             if self.shape is None:
                 settings = self.app.settings
                 self.shape = TrainShape.from_config(
