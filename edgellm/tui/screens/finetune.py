@@ -138,7 +138,7 @@ class FinetuneScreen(Screen):
                 Path(request.base).expanduser().is_dir()
                 or (self.app.settings.checkpoints_dir / request.base).is_dir()
             )
-            if not local:  # a Hub repo: its config is fetched with the data (Enter), not at each key
+            if not local and self.shape is None:  # a Hub repo: its config comes with the data (Enter)
                 label.update(
                     "the memory verdict follows when the data is read (Enter)" if request.base else ""
                 )
@@ -210,6 +210,7 @@ class FinetuneScreen(Screen):
         from edgellm.train.curve import verdict
 
         self.plan = message.plan
+        self.shape = self.plan.memory.shape
         info = self.plan.data.summary()
         if self.plan.eval_data is not None:
             info += f"; eval {len(self.plan.eval_data.examples)} examples"
