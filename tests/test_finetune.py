@@ -222,8 +222,8 @@ def test_planner_worked_example_7b_full_vs_lora_vs_qlora() -> None:
 def test_planner_against_unsloths_table_for_llama_31_8b() -> None:
     """Unsloth's minimum VRAM: Llama-3.1-8B QLoRA 6 GB, LoRA 22 GB (their docs' table, batch 1
     with their gradient checkpointing, which also moves activations to RAM). The planner's figures at
-    batch 1, checkpointed: QLoRA 7.5 GiB at 512 tokens (the 8B's 128k-word embeddings stay 16-bit),
-    LoRA 17-20 GiB at 512-2048 tokens."""
+    batch 1, checkpointed: QLoRA 7.2 GiB at 512 tokens (the 8B's 128k-word embeddings stay 16-bit),
+    LoRA 17-19 GiB at 512-2048 tokens."""
     from edgellm.plan.training import GiB, TrainSettings, TrainShape, plan_training
 
     shape = TrainShape.from_config(LLAMA_31_8B)
