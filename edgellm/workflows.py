@@ -406,6 +406,7 @@ class Finetune:
     pack: bool | None = None
     gradient_checkpointing: bool | None = None
     dtype: str | None = None  # bf16 or fp32 for the base (None: bf16 where the device is fast at it)
+    optimizer: str = "adamw"  # a key of train.loop.OPTIMIZERS
     seed: int = 0
     save_every: int = 50
     resume: bool = False
@@ -423,6 +424,10 @@ class Finetune:
             raise UsageError(f"--lr must be in (0, 1], got {self.lr}")
         if self.batch is not None and self.batch < 1:
             raise UsageError("--batch must be positive")
+        from edgellm.plan.training import OPTIMIZER_BYTES
+
+        if self.optimizer not in OPTIMIZER_BYTES:
+            raise UsageError(f"--optim {self.optimizer!r}: use " + ", ".join(OPTIMIZER_BYTES))
         return self
 
 
@@ -524,7 +529,7 @@ def plan_finetune(request: Finetune, store: Store, runs: Path, keep_in: Path, ha
                              gradient_checkpointing=bool(request.gradient_checkpointing),
                              trained_share=learned,
                              device="cpu" if dev == "cpu" else "cuda",
-                             dtype=compute_dtype(dev, request.dtype))
+                             dtype=compute_dtype(dev, request.dtype), optimizer=request.optimizer)
     # each process holds its own copy: several on one machine's RAM share it, GPUs each have their own
     available = hardware.ram_available // world_size() if dev == "cpu" else (
         min(g.free for g in hardware.gpus) if hardware.gpus else 0)
@@ -552,7 +557,8 @@ def plan_finetune(request: Finetune, store: Store, runs: Path, keep_in: Path, ha
         else max(lengths)
     memory = plan_training(shape, dataclasses.replace(settings, max_len=widest), available)
     loop = LoopSettings(lr=request.lr, batch=settings.batch, max_len=request.max_len, epochs=request.epochs,
-                        steps=request.steps, pack=pack, seed=request.seed, save_every=request.save_every)
+                        steps=request.steps, pack=pack, seed=request.seed, save_every=request.save_every,
+                        optimizer=request.optimizer)
     adapter_bytes = shape.lora_params(request.rank, targets) * 4
     need = adapter_bytes * 3 * (2 + 1) + (16 << 20)  # two checkpoints (adapter, AdamW's moments), the adapter
     try:
@@ -566,7 +572,7 @@ def plan_finetune(request: Finetune, store: Store, runs: Path, keep_in: Path, ha
     identity = {"base": str(base.resolve()), "data": data_hash, "rank": request.rank,
                 "targets": str(request.targets),
                 "max_len": request.max_len, "batch": settings.batch, "pack": pack, "seed": request.seed,
-                "method": settings.method, "dtype": settings.compute_dtype}
+                "method": settings.method, "dtype": settings.compute_dtype, "optimizer": request.optimizer}
     pad_id = tokens.tokenizer.pad_token_id
     pad_id = tokens.tokenizer.eos_token_id if pad_id is None else pad_id
     return FinetunePlan(base, run, name, data, eval_data, memory, loop, padding, identity, int(pad_id or 0),
@@ -585,7 +591,8 @@ def finetune(plan: FinetunePlan, request: Finetune, job: Job,
     dev = device()
     record = {"base": str(plan.base.resolve()), "data": str(Path(request.data).resolve()), "data_sha256":
               identity["data"], "format": plan.data.format, "method": plan.memory.settings.method,
-              "dtype": plan.memory.settings.compute_dtype, "base_4bit": plan.four_bit, "rank": request.rank,
+              "dtype": plan.memory.settings.compute_dtype, "base_4bit": plan.four_bit,
+              "optimizer": request.optimizer, "rank": request.rank,
               "alpha": request.alpha or 2 * request.rank, "targets": request.targets,
               "lr": request.lr, "max_len": request.max_len, "batch": plan.loop.batch, "pack": plan.loop.pack,
               "trained_tokens": plan.data.trained_tokens, "masked_tokens": plan.data.masked_tokens,

@@ -50,6 +50,12 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         help="recompute activations instead of keeping them (auto: only when needed to fit)",
     )
     p.add_argument(
+        "--optim",
+        default="adamw",
+        choices=("adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit"),
+        help="AdamW (default), or bitsandbytes' 8-bit (a quarter of the state) or paged ones",
+    )
+    p.add_argument(
         "--dtype",
         choices=("auto", "bf16", "fp32"),
         default="auto",
@@ -103,8 +109,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--export", metavar="QUANT", help="then merge, convert and quantize into the store (e.g. Q4_K_M)"
     )
-    p.add_argument("--base-16bit", type=Path, metavar="DIR",
-                   help="for --export of a run on a 4-bit (bnb) checkpoint: the 16-bit one to merge into")
+    p.add_argument(
+        "--base-16bit",
+        type=Path,
+        metavar="DIR",
+        help="for --export of a run on a 4-bit (bnb) checkpoint: the 16-bit one to merge into",
+    )
     p.add_argument(
         "--json", action="store_true", help="one JSON object per line for each step, eval and save"
     )
@@ -167,6 +177,7 @@ def request_from_args(args: argparse.Namespace):
         gradient_checkpointing=switch[args.gradient_checkpointing],
         seed=getattr(args, "seed", 0),
         dtype=None if args.dtype == "auto" else args.dtype,
+        optimizer=args.optim,
         save_every=max(1, getattr(args, "save_every", 50)),
         resume=getattr(args, "resume", False),
     ).check()
@@ -389,6 +400,7 @@ def cmd_plan_finetune(args: argparse.Namespace) -> int:
         method="qlora" if request.qlora else "lora",
         rank=request.rank,
         dtype=compute_dtype(dev, request.dtype),
+        optimizer=request.optimizer,
         targets=None if request.targets == "all-linear" else tuple(request.targets),
         max_len=request.max_len,
         batch=request.batch or 1,

@@ -52,12 +52,38 @@ class LoopSettings:
     save_every: int = 50
     eval_every: int = 0  # 0: before the first step and after the last only
     max_grad_norm: float = 1.0
+    optimizer: str = "adamw"  # a key of OPTIMIZERS
 
     def total_steps(self, per_epoch: int) -> int:
         """The run's steps: --steps, or the epochs' worth of ``per_epoch`` steps."""
         if self.steps is not None:
             return self.steps
         return max(1, math.ceil(per_epoch * (self.epochs if self.epochs is not None else 1.0)))
+
+
+def _bnb(name: str) -> Callable[[list, float, float], Any]:
+    def make(params: list, lr: float, weight_decay: float) -> Any:
+        import bitsandbytes as bnb
+
+        return getattr(bnb.optim, name)(params, lr=lr, weight_decay=weight_decay)
+
+    return make
+
+
+def _adamw(params: list, lr: float, weight_decay: float) -> Any:
+    import torch
+
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+#: the optimizers a run may use (the planner's OPTIMIZER_BYTES sizes each): torch's AdamW, and
+#: bitsandbytes' 8-bit one (a quarter of the state) and paged ones (state that a GPU can page out)
+OPTIMIZERS: dict[str, Callable[[list, float, float], Any]] = {
+    "adamw": _adamw,
+    "adamw-8bit": _bnb("AdamW8bit"),
+    "paged-adamw": _bnb("PagedAdamW"),
+    "paged-adamw-8bit": _bnb("PagedAdamW8bit"),
+}
 
 
 # -- what the loop reports ---------------------------------------------------------------------------
@@ -361,7 +387,7 @@ def train(
     per_epoch = math.ceil(len(rows) / per_step)
     total = settings.total_steps(per_epoch)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = OPTIMIZERS[settings.optimizer](params, settings.lr, settings.weight_decay)
     step, history = 0, History()
     if resume:
         found = checkpoints(run)
