@@ -355,6 +355,7 @@ def _events(text: str) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # several training runs; minutes on a busy 2-core machine
 def test_ctrl_c_checkpoints_and_resume_continues_the_same_curve(home: Path, smollm2_hf: Path) -> None:
     args = [
         str(smollm2_hf),
@@ -411,16 +412,28 @@ def test_ctrl_c_checkpoints_and_resume_continues_the_same_curve(home: Path, smol
 
 
 # -- the whole flow on a real model ------------------------------------------------------------------------
-def _answers(cli, model: str, questions: list[dict]) -> int:
+def _answers(cli, model: str, questions: list[dict], *options: str) -> int:
     right = 0
     for q in questions:
-        out = cli("run", model, q["messages"][0]["content"], "--temperature", "0", "-n", "24", "--ctx", "512")
+        out = cli(
+            "run",
+            model,
+            q["messages"][0]["content"],
+            "--temperature",
+            "0",
+            "-n",
+            "24",
+            "--ctx",
+            "512",
+            *options,
+        )
         assert out.returncode == 0, out.stderr
         right += q["expect"].lower() in out.stdout.lower()
     return right
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # several training runs; minutes on a busy 2-core machine
 def test_finetune_teaches_facts_and_exports_a_gguf_that_knows_them(
     cli, smollm2_hf: Path, smollm2: Path
 ) -> None:
@@ -459,6 +472,13 @@ def test_finetune_teaches_facts_and_exports_a_gguf_that_knows_them(
         f"eval loss {first:.3f} -> {last:.3f}"
     )
     assert before <= 2 and after >= 10
+    # the adapter alone as a GGUF LoRA, applied at load time to the bundled Q4_1 model it came from
+    lora = cli.cwd / "veltrana-lora.gguf"
+    made = cli("export", "veltrana", "--lora-gguf", str(lora))
+    assert made.returncode == 0 and lora.is_file(), made.stderr
+    with_lora = _answers(cli, str(smollm2), questions, "--lora", str(lora))
+    print(f"the bundled Q4_1 with the GGUF LoRA: {with_lora}/12")
+    assert with_lora >= 8
     # the exported GGUF answers as PEFT's merged model does in transformers (Q8_0: the same top token)
     import torch
     from peft import PeftModel
@@ -529,6 +549,7 @@ def long_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # several training runs; minutes on a busy 2-core machine
 @pytest.mark.parametrize("case", sorted(PLANNED_RUNS), ids=sorted(PLANNED_RUNS))
 def test_planned_memory_is_within_10_percent_of_the_measured_peak(
     cli, request, long_text: Path, case: str
@@ -564,6 +585,7 @@ def test_planned_memory_is_within_10_percent_of_the_measured_peak(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # several training runs; minutes on a busy 2-core machine
 def test_two_processes_over_gloo_train_as_one(home: Path, smollm2_hf: Path) -> None:
     """--devices 2: accelerate's launcher starts two processes on this CPU (gloo); each takes half of
     every step's rows, and the run follows the one-process run with the same rows per step."""
@@ -620,6 +642,7 @@ def smollm2_bnb4(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # several training runs; minutes on a busy 2-core machine
 def test_a_bnb_4bit_checkpoint_trains_on_its_own_weights(cli, smollm2_bnb4: Path, smollm2_hf: Path) -> None:
     out = cli(
         "finetune",
@@ -722,6 +745,7 @@ def test_no_disk_for_checkpoints_and_the_eval_split(home: Path, smollm2_hf: Path
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # several training runs; minutes on a busy 2-core machine
 def test_a_killed_run_resumes_from_its_last_checkpoint(home: Path, smollm2_hf: Path) -> None:
     # the 8-bit AdamW's state is checkpointed and resumed too
     options = "--name killed --max-len 96 --batch 2 --steps 6 --save-every 2 --pack off --optim adamw-8bit"
