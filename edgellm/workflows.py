@@ -482,8 +482,15 @@ def plan_finetune(request: Finetune, store: Store, runs: Path, keep_in: Path, ha
     from edgellm.errors import DataError, ModelExistsError, StorageError
     from edgellm.gguf.header import human_bytes
     from edgellm.models.store import check_name
-    from edgellm.plan.training import TrainSettings, TrainShape, auto_batch, nearest_fit, plan_training
-    from edgellm.train.data import Examples, Tokens, file_hash, packed_rows, padding_share, prepare
+    from edgellm.plan.training import (
+        MAX_AUTO_BATCH,
+        TrainSettings,
+        TrainShape,
+        auto_batch,
+        nearest_fit,
+        plan_training,
+    )
+    from edgellm.train.data import Tokens, file_hash, packed_rows, padding_share, prepare
     from edgellm.train.loop import LoopSettings, checkpoints
     from edgellm.train.model import compute_dtype, device, prequantized, require_training, world_size
 
@@ -519,13 +526,19 @@ def plan_finetune(request: Finetune, store: Store, runs: Path, keep_in: Path, ha
         held = max(1, round(len(data.examples) * request.eval_split))
         if held >= len(data.examples):
             raise DataError(f"{request.data}: too few examples to hold {held} out for evaluation")
-        eval_data = Examples(data.path, data.format, data.examples[-held:])
-        data = dataclasses.replace(data, examples=data.examples[:-held])
+        data, eval_data = data.split(held, request.seed)
     dev = device()
     learned = data.trained_tokens / max(data.tokens, 1)
     targets = None if request.targets == "all-linear" else tuple(request.targets)
+    # rows: packed when that saves padding (judged at the batch asked for, or the most auto takes); the
+    # plan is for the widest row a step can meet (a padded batch is as wide as its longest example)
+    lengths = [len(e) for e in data.examples]
+    padding = padding_share(lengths, request.batch or MAX_AUTO_BATCH, request.max_len)
+    pack = request.pack if request.pack is not None else padding[1] < padding[0] - 0.05
+    widest = max(sum(lengths[i] for i in row) for row in packed_rows(lengths, request.max_len)) if pack \
+        else max(lengths)
     settings = TrainSettings(method="qlora" if request.qlora else "lora", rank=request.rank, targets=targets,
-                             max_len=request.max_len, batch=request.batch or 1,
+                             max_len=widest, batch=request.batch or 1,
                              gradient_checkpointing=bool(request.gradient_checkpointing),
                              trained_share=learned,
                              device="cpu" if dev == "cpu" else "cuda",
@@ -544,18 +557,12 @@ def plan_finetune(request: Finetune, store: Store, runs: Path, keep_in: Path, ha
     if not memory.fits:
         near = nearest_fit(shape, settings, available)
         hint = ("nothing fits this machine" if near is None else
-                f"try --batch {near.batch} --max-len {near.max_len}"
+                f"try --batch {near.batch}" + (f" --max-len {near.max_len}" if near.max_len < widest else "")
                 + (" --qlora" if near.method == "qlora" else "")
-                + (" --gradient-checkpointing" if near.gradient_checkpointing else ""))
+                + (" --gradient-checkpointing on" if near.gradient_checkpointing else ""))
         raise UsageError(f"this run needs {human_bytes(memory.total)} of {memory.where} and "
                          f"{human_bytes(available)} is free", hint=hint)
-    lengths = [len(e) for e in data.examples]
     padding = padding_share(lengths, settings.batch, request.max_len)
-    pack = request.pack if request.pack is not None else padding[1] < padding[0] - 0.05
-    # the widest row a step can meet: a padded batch is as wide as its longest example
-    widest = max(sum(lengths[i] for i in row) for row in packed_rows(lengths, request.max_len)) if pack \
-        else max(lengths)
-    memory = plan_training(shape, dataclasses.replace(settings, max_len=widest), available)
     loop = LoopSettings(lr=request.lr, batch=settings.batch, max_len=request.max_len, epochs=request.epochs,
                         steps=request.steps, pack=pack, seed=request.seed, save_every=request.save_every,
                         optimizer=request.optimizer)

@@ -324,6 +324,23 @@ class Examples:
     def tokens(self) -> int:
         return self.trained_tokens + self.masked_tokens
 
+    def split(self, held: int, seed: int) -> tuple[Examples, Examples]:
+        """(the rest, ``held`` examples drawn at random by ``seed``): a held-out set for the eval loss
+        that a file sorted by topic does not skew."""
+        import random
+
+        chosen = set(random.Random(seed).sample(range(len(self.examples)), held))
+        parts = (
+            [e for i, e in enumerate(self.examples) if i not in chosen],
+            [e for i, e in enumerate(self.examples) if i in chosen],
+        )
+        return tuple(Examples.of(self.path, self.format, part, self.template) for part in parts)  # type: ignore[return-value]
+
+    @classmethod
+    def of(cls, path: Path, fmt: str, examples: list[Example], template: str = "") -> Examples:
+        learned = sum(sum(e.trained[1:]) for e in examples)
+        return cls(path, fmt, examples, learned, sum(len(e) for e in examples) - learned, template=template)
+
     def summary(self) -> str:
         share = 100 * self.trained_tokens / max(self.tokens, 1)
         text = (
