@@ -41,7 +41,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         "--max-len", type=int, default=1024, metavar="N", help="longest example in tokens (default 1024)"
     )
     p.add_argument(
-        "--batch", default="auto", metavar="N|auto", help="rows per step (auto: the most that fit)"
+        "--batch", metavar="N|auto", help="rows per step (default auto: the most that fit, up to 8)"
     )
     p.add_argument(
         "--gradient-checkpointing",
@@ -142,8 +142,8 @@ def _targets(text: str) -> str | tuple[str, ...]:
     return names
 
 
-def _positive(value: str, option: str) -> int | None:
-    if value == "auto":
+def _positive(value: str | None, option: str) -> int | None:
+    if value in (None, "auto"):
         return None
     try:
         number = int(value)

@@ -38,6 +38,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         args.base = args.model
         return cmd_plan_finetune(args)
+    if args.batch is not None or args.qlora or args.max_len != 1024:
+        from edgellm.errors import UsageError
+
+        raise UsageError("--batch, --qlora and --max-len plan a training run: add --finetune")
     from edgellm.errors import UsageError
     from edgellm.models import resolve
     from edgellm.plan.fit import KV_LADDER, fit
