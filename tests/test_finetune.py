@@ -273,6 +273,8 @@ def test_plan_finetune_cli(cli, smollm2_hf: Path) -> None:
     assert plan["fits"] and plan["batch"] == 4 and set(plan["parts"]) >= {"weights", "adapter", "activations"}
     tight = cli("plan", str(smollm2_hf), "--finetune", "--max-len", "1024", "--batch", "8", "--ram", "2GiB")
     assert tight.returncode == 1 and "does NOT fit" in tight.stdout and "nearest that fits" in tight.stdout
+    model = cli("plan", "smollm2-135m-instruct", "--qlora")  # a training option on a model's plan
+    assert model.returncode == 2 and "add --finetune" in model.stderr
 
 
 # -- bad input: one line, exit 2, nothing written -------------------------------------------------------
