@@ -199,23 +199,8 @@ def launch(devices: int, argv: list[str]) -> int:
 
     if devices < 1:
         raise UsageError("--devices must be positive")
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(devices),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "edgellm",
-        *argv,
-    ]
+    launcher = f"--multi_gpu --num_processes {devices} --num_machines 1 --mixed_precision no --dynamo_backend no"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher.split(), "-m", "edgellm", *argv]
     try:
         return subprocess.call(cmd)
     except KeyboardInterrupt:
@@ -238,9 +223,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         lambda job: plan_finetune(request, store, settings.runs_dir, settings.checkpoints_dir, hw, job)
     )
     main = os.environ.get("RANK", "0") == "0"  # of several processes, the first one speaks
-    say = (lambda text: print(text, file=sys.stderr)) if args.json else print
-    if not main:
-        say = lambda text: None  # noqa: E731
+
+    def say(text: str) -> None:
+        if main:
+            print(text, file=sys.stderr if args.json else sys.stdout)  # --json: stdout is the events'
+
     say(plan.data.summary())
     if plan.eval_data is not None:
         say(f"eval: {len(plan.eval_data.examples)} examples")
@@ -253,9 +240,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     for note in plan.notes:
         say(note)
     job = Job()
-    previous = signal.signal(
-        signal.SIGINT, lambda *_: job.cancel.set()
-    )  # stop at the next step, checkpointed
+    # Ctrl-C: the run stops at the next step and keeps a checkpoint
+    previous = signal.signal(signal.SIGINT, lambda *_: job.cancel.set())
     try:
         with _Reporter(args.json, quiet=not main) as report:
             outcome = finetune(plan, request, job, report)
