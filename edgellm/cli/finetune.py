@@ -199,8 +199,9 @@ def launch(devices: int, argv: list[str]) -> int:
 
     if devices < 1:
         raise UsageError("--devices must be positive")
-    launcher = f"--multi_gpu --num_processes {devices} --num_machines 1 --mixed_precision no --dynamo_backend no"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher.split(), "-m", "edgellm", *argv]
+    launcher = f"--multi_gpu --num_processes {devices} --num_machines 1 --mixed_precision no"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher.split(), "--dynamo_backend", "no",
+           "-m", "edgellm", *argv]
     try:
         return subprocess.call(cmd)
     except KeyboardInterrupt:
