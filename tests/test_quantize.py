@@ -149,7 +149,9 @@ def test_ctrl_c_leaves_no_partial_file(smollm2_f16: Path, tmp_path: Path) -> Non
     started = threading.Event()
 
     def interrupt_when_started() -> None:
-        started.wait(30)
+        # at the first tensor llama.cpp logs, or a second in (Q4_K_M on one thread takes several):
+        # mid-quantization either way, even where the log's lines come late
+        started.wait(1)
         _thread.interrupt_main()
 
     threading.Thread(target=interrupt_when_started, daemon=True).start()
