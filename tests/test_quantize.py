@@ -11,6 +11,7 @@ import _thread
 import json
 import os
 import shutil
+import signal
 import threading
 from pathlib import Path
 
@@ -149,11 +150,13 @@ def test_ctrl_c_leaves_no_partial_file(smollm2_f16: Path, tmp_path: Path) -> Non
     started = threading.Event()
 
     def interrupt_when_started() -> None:
-        # at the first tensor llama.cpp logs, or a second in (Q4_K_M on one thread takes several):
-        # mid-quantization either way, even where the log's lines come late
-        started.wait(1)
+        # at the first tensor llama.cpp logs, or 0.3 s in (Q4_K_M of this model takes 1-2 s on one
+        # thread): mid-quantization either way, even where the log's lines do not come
+        started.wait(0.3)
         _thread.interrupt_main()
 
+    # Ctrl-C as Python has it, whatever handler an earlier test's library left in this process
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Thread(target=interrupt_when_started, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
         quantize(
@@ -161,6 +164,7 @@ def test_ctrl_c_leaves_no_partial_file(smollm2_f16: Path, tmp_path: Path) -> Non
             on_tensor=lambda i, n, name: started.set(),
         )
     assert list(tmp_path.iterdir()) == []
+    signal.signal(signal.SIGINT, previous)
     # llama.cpp cannot be stopped mid-file: its thread finishes into the deleted file; let it end
     # so that its log lines do not reach later tests
     for thread in threading.enumerate():
