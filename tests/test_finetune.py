@@ -117,6 +117,24 @@ def test_tool_calls_in_chat_data_are_rendered_and_learned(tokens, tmp_path: Path
     assert "sunny<|im_end|>" not in text.replace("It is sunny.", "")  # the tool's answer is not learned
 
 
+def test_the_same_file_gives_the_same_tokens_when_calls_have_no_id(tmp_path: Path, tokens) -> None:
+    """A template that renders call ids (Mistral's do): a call without one gets an id from its place,
+    so the file reads the same every time (a resumed run must see the tokens it started with)."""
+    from edgellm.runtime.templates import ChatTemplate
+    from edgellm.train.data import Tokens, prepare
+
+    source = ("{% for m in messages %}{% for c in m.tool_calls or [] %}[{{ c.id }}]{% endfor %}"
+              "{{ m.content }}|{% endfor %}")
+    with_ids = Tokens(tokens.tokenizer, ChatTemplate(source, "test"))
+    call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Orskel"}}}
+    data = write(tmp_path / "calls.jsonl", {"messages": [
+        {"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]})
+    first, again = prepare(data, with_ids, 256), prepare(data, with_ids, 256)
+    assert first.examples == again.examples and first.sha256 == again.sha256
+    assert "[call_1_2_0]" in with_ids.tokenizer.decode(first.examples[0].ids)
+
+
 def test_a_template_that_rewrites_history_gives_one_example_per_turn(tmp_path: Path, tokens) -> None:
     from edgellm.runtime.templates import ChatTemplate
     from edgellm.train.data import Tokens, prepare

@@ -55,7 +55,6 @@ class RecordFormat:
 
     name = ""
     keys: frozenset[str] = frozenset()
-    optional: frozenset[str] = frozenset()
     chat = False  # rendered with the chat template
 
     def sequences(self, record: dict[str, Any], line: int, render: Render, eos: str) -> list[list[Segment]]:
@@ -94,7 +93,6 @@ class PromptCompletionFormat(RecordFormat):
 class MessagesFormat(RecordFormat):
     name = "messages"
     keys = frozenset({"messages"})
-    optional = frozenset({"tools"})
     chat = True
 
     def sequences(self, record: dict[str, Any], line: int, render: Render, eos: str) -> list[list[Segment]]:
@@ -106,7 +104,6 @@ class MessagesFormat(RecordFormat):
 class AlpacaFormat(RecordFormat):
     name = "alpaca"
     keys = frozenset({"instruction", "output"})
-    optional = frozenset({"input", "system"})
     chat = True
 
     def sequences(self, record: dict[str, Any], line: int, render: Render, eos: str) -> list[list[Segment]]:
@@ -168,13 +165,10 @@ def _messages(value: Any, line: int) -> list[Any]:
                     raise DataError(
                         f"{where}: tool call {brief(name)} has arguments that are not JSON"
                     ) from None
-            calls.append(
-                ToolCall.new(name, arguments)
-                if not call.get("id")
-                else ToolCall(
-                    name, arguments if isinstance(arguments, str) else json.dumps(arguments), str(call["id"])
-                )
-            )
+            # a call without an id gets one from its place: the same file renders the same tokens every
+            # time (a resumed run must see the data it started with)
+            text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+            calls.append(ToolCall(name, text, str(call.get("id") or f"call_{line}_{i}_{len(calls)}")))
         if role != "assistant" and calls:
             raise DataError(f"{where}: only assistant messages make tool calls")
         if not content and not calls and role in ("user", "assistant"):
@@ -252,8 +246,9 @@ def chat_sequences(
 
 
 # -- reading the file ------------------------------------------------------------------------------
-def records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, record) for every line of a JSONL file, each checked as it is read."""
+def records(path: Path, digest: Any = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) for every line of a JSONL file, each checked as it is read; ``digest``
+    (a hashlib object) takes in the bytes read, so the data is read once for its identity too."""
     try:
         fh = open_regular(Path(path))
     except OSError as exc:
@@ -262,6 +257,8 @@ def records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         number = 0
         while raw := fh.readline(MAX_LINE + 1):
             number += 1
+            if digest is not None:
+                digest.update(raw)
             if len(raw) > MAX_LINE:
                 raise DataError(f"{path}: line {number} is over {MAX_LINE >> 20} MiB")
             if number > MAX_EXAMPLES:
@@ -281,18 +278,6 @@ def records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield number, record
         if number == 0:
             raise DataError(f"data file {path} is empty")
-
-
-def file_hash(path: Path) -> str:
-    """The data's identity for a run's record and for resuming: a resumed run must see the same data."""
-    digest = hashlib.sha256()
-    try:
-        with open_regular(Path(path)) as fh:
-            while chunk := fh.read(1 << 20):
-                digest.update(chunk)
-    except OSError as exc:
-        raise DataError(f"cannot read data file {path}: {exc.strerror or exc}") from None
-    return digest.hexdigest()
 
 
 # -- tokens ----------------------------------------------------------------------------------------
@@ -319,6 +304,7 @@ class Examples:
     cut: int = 0  # examples shortened to the longest length
     dropped: int = 0  # examples with nothing to learn (after cutting)
     template: str = ""
+    sha256: str = ""  # the file's: a run's record, and what a resumed run must see again
 
     @property
     def tokens(self) -> int:
@@ -326,20 +312,18 @@ class Examples:
 
     def split(self, held: int, seed: int) -> tuple[Examples, Examples]:
         """(the rest, ``held`` examples drawn at random by ``seed``): a held-out set for the eval loss
-        that a file sorted by topic does not skew."""
+        that a file sorted by topic does not skew. Each has its own token counts."""
         import random
 
         chosen = set(random.Random(seed).sample(range(len(self.examples)), held))
-        parts = (
-            [e for i, e in enumerate(self.examples) if i not in chosen],
-            [e for i, e in enumerate(self.examples) if i in chosen],
-        )
-        return tuple(Examples.of(self.path, self.format, part, self.template) for part in parts)  # type: ignore[return-value]
+        rest = [e for i, e in enumerate(self.examples) if i not in chosen]
+        kept = [e for i, e in enumerate(self.examples) if i in chosen]
+        return self._with(rest), self._with(kept)
 
-    @classmethod
-    def of(cls, path: Path, fmt: str, examples: list[Example], template: str = "") -> Examples:
+    def _with(self, examples: list[Example]) -> Examples:
         learned = sum(sum(e.trained[1:]) for e in examples)
-        return cls(path, fmt, examples, learned, sum(len(e) for e in examples) - learned, template=template)
+        return Examples(self.path, self.format, examples, learned, sum(map(len, examples)) - learned,
+                        template=self.template, sha256=self.sha256)
 
     def summary(self) -> str:
         share = 100 * self.trained_tokens / max(self.tokens, 1)
@@ -452,7 +436,8 @@ def prepare(
     path = Path(path)
     out: Examples | None = None
     fmt: RecordFormat | None = None
-    for number, record in records(path):
+    digest = hashlib.sha256()
+    for number, record in records(path, digest):
         if fmt is None:
             fmt = detect(record, number)
             out = Examples(path, fmt.name, template=tokens.template.origin if fmt.chat else "")
@@ -479,6 +464,7 @@ def prepare(
         if on_line is not None:
             on_line(number)
     assert out is not None  # records() refuses an empty file
+    out.sha256 = digest.hexdigest()
     if not out.examples:
         raise DataError(f"{path}: no example has anything to learn within --max-len {max_len}")
     return out
