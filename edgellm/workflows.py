@@ -411,7 +411,6 @@ class Finetune:
     save_every: int = 50
     resume: bool = False
 
-
     def check(self) -> Finetune:
         """Settings that make no sense are refused before anything is read."""
         if not 1 <= self.rank <= 1024:
@@ -452,6 +451,39 @@ def base_config(ref: str, keep_in: Path, settings: Any) -> dict:
     return config
 
 
+def training_memory(request: Finetune, shape: Any, hardware: Hardware, dev: str, *,
+                    trained_share: float = 1.0, row_len: int | None = None,
+                    most_rows: int | None = None) -> tuple[Any, tuple[str, ...]]:
+    """The memory plan of a run (a plan.training.TrainPlan) and what was chosen for it: gradient
+    checkpointing when it is asked to be automatic and the run does not fit without it, the largest
+    batch that fits (at most ``most_rows``) when the batch is automatic. One rule for ``plan
+    --finetune``, the app's verdict and the run itself. ``row_len``: the widest row a step meets
+    (default --max-len); on a CPU several processes (--devices) share the RAM."""
+    import dataclasses
+
+    from edgellm.plan.training import TrainSettings, auto_batch, plan_training
+    from edgellm.train.model import compute_dtype, world_size
+
+    settings = TrainSettings(
+        method="qlora" if request.qlora else "lora", rank=request.rank,
+        targets=None if request.targets == "all-linear" else tuple(request.targets),
+        max_len=row_len or request.max_len, batch=request.batch or 1,
+        gradient_checkpointing=bool(request.gradient_checkpointing), trained_share=trained_share,
+        device="cpu" if dev == "cpu" else "cuda", dtype=compute_dtype(dev, request.dtype),
+        optimizer=request.optimizer)
+    # each process holds its own copy: several on one machine's RAM share it, GPUs each have their own
+    available = hardware.ram_available // world_size() if dev == "cpu" else (
+        min(g.free for g in hardware.gpus) if hardware.gpus else 0)
+    notes = []
+    if request.gradient_checkpointing is None and not plan_training(shape, settings, available).fits:
+        settings = dataclasses.replace(settings, gradient_checkpointing=True)
+        notes.append("gradient checkpointing on: the run does not fit without it")
+    if request.batch is None:
+        batch = max(auto_batch(shape, settings, available), 1)
+        settings = dataclasses.replace(settings, batch=min(batch, most_rows or batch))
+    return plan_training(shape, settings, available), tuple(notes)
+
+
 @dataclass(frozen=True)
 class FinetunePlan:
     """A run made ready: the data as tokens, the memory verdict, and the settings chosen."""
@@ -482,17 +514,10 @@ def plan_finetune(request: Finetune, store: Store, runs: Path, keep_in: Path, ha
     from edgellm.errors import DataError, ModelExistsError, StorageError
     from edgellm.gguf.header import human_bytes
     from edgellm.models.store import check_name
-    from edgellm.plan.training import (
-        MAX_AUTO_BATCH,
-        TrainSettings,
-        TrainShape,
-        auto_batch,
-        nearest_fit,
-        plan_training,
-    )
-    from edgellm.train.data import Tokens, file_hash, packed_rows, padding_share, prepare
+    from edgellm.plan.training import MAX_AUTO_BATCH, TrainShape, nearest_fit
+    from edgellm.train.data import Tokens, packed_rows, padding_share, prepare
     from edgellm.train.loop import LoopSettings, checkpoints
-    from edgellm.train.model import compute_dtype, device, prequantized, require_training, world_size
+    from edgellm.train.model import device, prequantized, require_training
 
     require_training()
     base = fetch_checkpoint(request.base, store, keep_in, job)
@@ -516,7 +541,6 @@ def plan_finetune(request: Finetune, store: Store, runs: Path, keep_in: Path, ha
         raise UsageError(f"run {name} has no checkpoint to resume from", hint="start it without --resume")
     tokens = Tokens.for_checkpoint(base)
     data = prepare(request.data, tokens, request.max_len, lambda n: job.step("read data", n, None, "lines"))
-    data_hash = file_hash(request.data)
     eval_data = None
     if request.eval_file is not None:
         eval_data = prepare(request.eval_file, tokens, request.max_len)
@@ -528,8 +552,6 @@ def plan_finetune(request: Finetune, store: Store, runs: Path, keep_in: Path, ha
             raise DataError(f"{request.data}: too few examples to hold {held} out for evaluation")
         data, eval_data = data.split(held, request.seed)
     dev = device()
-    learned = data.trained_tokens / max(data.tokens, 1)
-    targets = None if request.targets == "all-linear" else tuple(request.targets)
     # rows: packed when that saves padding (judged at the batch asked for, or the most auto takes); the
     # plan is for the widest row a step can meet (a padded batch is as wide as its longest example)
     lengths = [len(e) for e in data.examples]
@@ -537,36 +559,25 @@ def plan_finetune(request: Finetune, store: Store, runs: Path, keep_in: Path, ha
     pack = request.pack if request.pack is not None else padding[1] < padding[0] - 0.05
     widest = max(sum(lengths[i] for i in row) for row in packed_rows(lengths, request.max_len)) if pack \
         else max(lengths)
-    settings = TrainSettings(method="qlora" if request.qlora else "lora", rank=request.rank, targets=targets,
-                             max_len=widest, batch=request.batch or 1,
-                             gradient_checkpointing=bool(request.gradient_checkpointing),
-                             trained_share=learned,
-                             device="cpu" if dev == "cpu" else "cuda",
-                             dtype=compute_dtype(dev, request.dtype), optimizer=request.optimizer)
-    # each process holds its own copy: several on one machine's RAM share it, GPUs each have their own
-    available = hardware.ram_available // world_size() if dev == "cpu" else (
-        min(g.free for g in hardware.gpus) if hardware.gpus else 0)
+    memory, chosen = training_memory(request, shape, hardware, dev, row_len=widest,
+                                     most_rows=len(data.examples),
+                                     trained_share=data.trained_tokens / max(data.tokens, 1))
     notes = ["the base is bitsandbytes 4-bit: QLoRA on its own weights"] if four_bit else []
-    if request.gradient_checkpointing is None and not plan_training(shape, settings, available).fits:
-        settings = dataclasses.replace(settings, gradient_checkpointing=True)
-        notes.append("gradient checkpointing on: the run does not fit without it")
-    if request.batch is None:
-        settings = dataclasses.replace(settings, batch=min(max(auto_batch(shape, settings, available), 1),
-                                                           len(data.examples)))
-    memory = plan_training(shape, settings, available)
+    notes += chosen
+    settings = memory.settings
     if not memory.fits:
-        near = nearest_fit(shape, settings, available)
+        near = nearest_fit(shape, settings, memory.available)
         hint = ("nothing fits this machine" if near is None else
                 f"try --batch {near.batch}" + (f" --max-len {near.max_len}" if near.max_len < widest else "")
                 + (" --qlora" if near.method == "qlora" else "")
                 + (" --gradient-checkpointing on" if near.gradient_checkpointing else ""))
         raise UsageError(f"this run needs {human_bytes(memory.total)} of {memory.where} and "
-                         f"{human_bytes(available)} is free", hint=hint)
+                         f"{human_bytes(memory.available)} is free", hint=hint)
     padding = padding_share(lengths, settings.batch, request.max_len)
     loop = LoopSettings(lr=request.lr, batch=settings.batch, max_len=request.max_len, epochs=request.epochs,
                         steps=request.steps, pack=pack, seed=request.seed, save_every=request.save_every,
                         optimizer=request.optimizer)
-    adapter_bytes = shape.lora_params(request.rank, targets) * 4
+    adapter_bytes = shape.lora_params(request.rank, settings.targets) * 4
     need = adapter_bytes * 3 * (2 + 1) + (16 << 20)  # two checkpoints (adapter, AdamW's moments), the adapter
     try:
         run.parent.mkdir(parents=True, exist_ok=True)
@@ -576,7 +587,7 @@ def plan_finetune(request: Finetune, store: Store, runs: Path, keep_in: Path, ha
     if free < need:
         raise StorageError(f"{run.parent} has {human_bytes(free)} free; the run's checkpoints need "
                            f"{human_bytes(need)}", hint="free some disk space or set EDGELLM_HOME elsewhere")
-    identity = {"base": str(base.resolve()), "data": data_hash, "rank": request.rank,
+    identity = {"base": str(base.resolve()), "data": data.sha256, "rank": request.rank,
                 "targets": str(request.targets),
                 "max_len": request.max_len, "batch": settings.batch, "pack": pack, "seed": request.seed,
                 "method": settings.method, "dtype": settings.compute_dtype, "optimizer": request.optimizer}
@@ -592,30 +603,27 @@ def finetune(plan: FinetunePlan, request: Finetune, job: Job,
     import datetime
 
     from edgellm.train.loop import train, write_run
-    from edgellm.train.model import adapt, device, load_base, world_size
+    from edgellm.train.model import adapt, device, first_process, load_base, world_size
 
-    identity = plan.identity
-    dev = device()
+    identity, chosen, dev = plan.identity, plan.memory.settings, device()
     record = {"base": str(plan.base.resolve()), "data": str(Path(request.data).resolve()), "data_sha256":
-              identity["data"], "format": plan.data.format, "method": plan.memory.settings.method,
-              "dtype": plan.memory.settings.compute_dtype, "base_4bit": plan.four_bit,
+              identity["data"], "format": plan.data.format, "method": chosen.method,
+              "dtype": chosen.compute_dtype, "base_4bit": plan.four_bit,
               "optimizer": request.optimizer, "rank": request.rank,
               "alpha": request.alpha or 2 * request.rank, "targets": request.targets,
               "lr": request.lr, "max_len": request.max_len, "batch": plan.loop.batch, "pack": plan.loop.pack,
               "trained_tokens": plan.data.trained_tokens, "masked_tokens": plan.data.masked_tokens,
               "planned_memory": plan.memory.total, "created": datetime.datetime.now(datetime.UTC).isoformat()}
     job.step("load base", 0, None, "tensors", plan.base.name)
-    qlora = plan.memory.settings.method == "qlora"
-    model = load_base(plan.base, qlora=qlora, dev=dev, dtype=plan.memory.settings.compute_dtype,
+    model = load_base(plan.base, qlora=chosen.method == "qlora", dev=dev, dtype=chosen.compute_dtype,
                       four_bit=plan.four_bit)
-    model = adapt(model, rank=request.rank, alpha=request.alpha or 2 * request.rank,
-                  targets=request.targets if isinstance(request.targets, str) else list(request.targets),
-                  gradient_checkpointing=plan.memory.settings.gradient_checkpointing, qlora=qlora)
-    if not request.resume and os.environ.get("RANK", "0") == "0":  # of several processes, the first writes
+    model = adapt(model, rank=request.rank, alpha=record["alpha"], targets=request.targets,
+                  gradient_checkpointing=chosen.gradient_checkpointing)
+    if not request.resume and first_process():
         write_run(plan.run, {**record, "identity": identity, "devices": world_size()})
     return train(model, plan.data, plan.run, plan.loop, dev=dev, pad_id=plan.pad_id, identity=identity,
-                 record=record,
-                 eval_data=plan.eval_data, resume=request.resume, on_event=on_event, cancel=job.cancel)
+                 record=record, eval_data=plan.eval_data, resume=request.resume, on_event=on_event,
+                 cancel=job.cancel)
 
 
 def export_run(store: Store, adapter: Path, quant: str | None, job: Job, *, name: str | None = None,

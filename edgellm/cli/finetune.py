@@ -13,6 +13,7 @@ from typing import Any
 from edgellm.cli.common import job_with_bar
 from edgellm.errors import UsageError
 from edgellm.gguf.header import human_bytes
+from edgellm.plan.training import OPTIMIZER_BYTES
 
 #: --targets shorthands: the projection names most decoder checkpoints use
 TARGET_NAMES = {
@@ -52,7 +53,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--optim",
         default="adamw",
-        choices=("adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit"),
+        choices=tuple(OPTIMIZER_BYTES),
         help="AdamW (default), or bitsandbytes' 8-bit (a quarter of the state) or paged ones",
     )
     p.add_argument(
@@ -209,13 +210,12 @@ def launch(devices: int, argv: list[str]) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    import os
-
     from edgellm.models import store_for
     from edgellm.train.curve import plot, verdict
+    from edgellm.train.model import first_process, world_size
     from edgellm.workflows import Job, export_run, finetune, plan_finetune
 
-    if args.devices > 1 and "WORLD_SIZE" not in os.environ:
+    if args.devices > 1 and world_size() == 1:  # not yet one of the launched processes
         return launch(args.devices, sys.argv[1:])
     request = request_from_args(args)
     settings, hw = _hardware(args)
@@ -223,7 +223,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     plan = job_with_bar(
         lambda job: plan_finetune(request, store, settings.runs_dir, settings.checkpoints_dir, hw, job)
     )
-    main = os.environ.get("RANK", "0") == "0"  # of several processes, the first one speaks
+    main = first_process()  # of several processes (--devices), the first one speaks
 
     def say(text: str) -> None:
         if main:
@@ -368,36 +368,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_plan_finetune(args: argparse.Namespace) -> int:
-    """``edgellm plan --finetune BASE``: the training-memory plan, from config.json alone."""
+    """``edgellm plan --finetune BASE``: the training-memory plan, from config.json alone, chosen by
+    the same rule a run uses (without its data: every token learned, rows of --max-len)."""
     import dataclasses
 
-    from edgellm.plan.training import TrainSettings, TrainShape, auto_batch, nearest_fit, plan_training
+    from edgellm.plan.training import TrainShape, nearest_fit
     from edgellm.train.curve import verdict
-    from edgellm.workflows import base_config
+    from edgellm.workflows import base_config, training_memory
 
     request = request_from_args(args)
     settings, hw = _hardware(args)
-    config = base_config(args.base, settings.checkpoints_dir, settings)
-    shape = TrainShape.from_config(config)
-    from edgellm.train.model import compute_dtype
-
-    dev = "cuda" if hw.gpus else "cpu"
-    available = hw.gpu_free if dev == "cuda" else hw.ram_available
-    wish = TrainSettings(
-        method="qlora" if request.qlora else "lora",
-        rank=request.rank,
-        dtype=compute_dtype(dev, request.dtype),
-        optimizer=request.optimizer,
-        targets=None if request.targets == "all-linear" else tuple(request.targets),
-        max_len=request.max_len,
-        batch=request.batch or 1,
-        gradient_checkpointing=bool(request.gradient_checkpointing),
-        device=dev,
-    )
-    if request.batch is None:
-        wish = dataclasses.replace(wish, batch=max(auto_batch(shape, wish, available), 1))
-    memory = plan_training(shape, wish, available)
-    near = None if memory.fits else nearest_fit(shape, wish, available)
+    shape = TrainShape.from_config(base_config(args.base, settings.checkpoints_dir, settings))
+    memory, notes = training_memory(request, shape, hw, "cuda" if hw.gpus else "cpu")
+    near = None if memory.fits else nearest_fit(shape, memory.settings, memory.available)
     if args.json:
         out = memory.as_dict()
         out["nearest_fit"] = dataclasses.asdict(near) if near else None
@@ -408,6 +391,8 @@ def cmd_plan_finetune(args: argparse.Namespace) -> int:
     for part in memory.parts:
         print(f"  {part.name:<{width}}  {human_bytes(part.bytes):>10}  {part.note}")
     print(verdict(memory))
+    for note in notes:
+        print(note)
     if near is not None:
         print(
             f"nearest that fits: {near.method}, batch {near.batch}, max-len {near.max_len}"

@@ -183,7 +183,8 @@ def check_links(folder: Path) -> None:
             )
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def weight_files(folder: Path) -> list[Path]:
+    """A checkpoint's safetensors files (its index's shards, each inside the folder); pickles refused."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -232,7 +233,7 @@ class Checkpoint:
         if not folder.is_dir():
             raise UsageError(f"{folder} is not a folder holding a Hugging Face checkpoint")
         check_links(folder)
-        return cls(folder, read_config(folder), [SafetensorsFile(p) for p in _weight_files(folder)])
+        return cls(folder, read_config(folder), [SafetensorsFile(p) for p in weight_files(folder)])
 
     def close(self) -> None:
         for f in self.files:

@@ -218,9 +218,9 @@ class Ranks:
     on CPUs, NCCL on GPUs), and the first process alone reports and writes."""
 
     def __init__(self, dev: str) -> None:
-        import os
+        from edgellm.train.model import world_size
 
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.world = world_size()
         self.accel: Any = None
         if self.world > 1:
             from accelerate import Accelerator
@@ -348,10 +348,8 @@ def evaluate(model: Any, examples: Examples, settings: LoopSettings, pad_id: int
     with torch.no_grad():
         for i in range(0, len(rows), settings.batch):
             batch = [[examples.examples[k] for k in row] for row in rows[i : i + settings.batch]]
-            ids, positions, targets, _ = (
-                t.to(dev) if hasattr(t, "to") else t for t in collate(batch, pad_id)
-            )
-            summed, n = loss_of(model, ids, positions, targets)
+            ids, positions, targets, _ = collate(batch, pad_id)
+            summed, n = loss_of(model, ids.to(dev), positions.to(dev), targets.to(dev))
             total += summed.item()
             count += n
     model.train()

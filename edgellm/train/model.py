@@ -8,7 +8,6 @@ dropped in turn, so QLoRA's peak is the 4-bit model plus one tensor, as the plan
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +48,17 @@ def device() -> str:
 
 
 def world_size() -> int:
-    """How many processes train together (``finetune --devices N``)."""
+    """How many processes train together (``finetune --devices N``: accelerate's launcher says)."""
     import os
 
     return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def first_process() -> bool:
+    """Whether this process is the one that reports and writes (the only one, or rank 0 of several)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def cpu_has_bf16() -> bool:
@@ -99,11 +105,9 @@ def load_base(folder: Path, *, qlora: bool, dev: str, dtype: str = "fp32", doubl
     from transformers import AutoModelForCausalLM
 
     try:
-        if four_bit:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=_torch_dtype(dtype), device_map=dev)
-        elif qlora:
+        if qlora and not four_bit:
             model = _load_4bit(Path(folder), dev, _torch_dtype(dtype), double_quant)
-        else:
+        else:  # transformers loads 16-bit weights, and a bnb checkpoint's 4-bit ones as they are
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=_torch_dtype(dtype), device_map=dev)
     except (CheckpointError, MissingDependencyError):
         raise
@@ -113,24 +117,6 @@ def load_base(folder: Path, *, qlora: bool, dev: str, dtype: str = "fp32", doubl
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"cannot read {index}: {exc}") from None
-        files = [folder / n for n in names]
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-    for f in files:
-        if not f.resolve().is_relative_to(folder.resolve()) or not f.is_file():
-            raise CheckpointError(f"{folder}: weight file {f.name} is missing or leads outside the folder")
-    if not files:
-        raise CheckpointError(f"{folder} has no safetensors weights")
-    return files
 
 
 def _load_4bit(folder: Path, dev: str, dtype: Any, double_quant: bool) -> Any:
@@ -145,6 +131,8 @@ def _load_4bit(folder: Path, dev: str, dtype: Any, double_quant: bool) -> Any:
     from accelerate.utils import set_module_tensor_to_device
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from edgellm.convert.checkpoint import weight_files
 
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights():  # parameters on "meta", buffers (rotary tables) real
@@ -167,7 +155,7 @@ def _load_4bit(folder: Path, dev: str, dtype: Any, double_quant: bool) -> Any:
                 ),
             )
     modules = dict(model.named_modules())
-    for path in _weight_files(folder):
+    for path in weight_files(folder):
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 owner, _, leaf = key.rpartition(".")
@@ -202,7 +190,6 @@ def adapt(
     targets: str | list[str],
     dropout: float = 0.0,
     gradient_checkpointing: bool = False,
-    qlora: bool = False,
 ) -> Any:
     """The model with a fresh LoRA on ``targets`` (module names, or all-linear)."""
     from peft import LoraConfig, get_peft_model
@@ -229,16 +216,3 @@ def adapt(
         if p.requires_grad:
             p.data = p.data.float()
     return peft
-
-
-def target_names(model: Any) -> list[str]:
-    """The linear layer names an adapter could target (for messages and the app)."""
-    import torch
-
-    head = model.get_output_embeddings()
-    names = {
-        n.rpartition(".")[2]
-        for n, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and m is not head and n
-    }
-    return sorted(names)

@@ -5,7 +5,6 @@ into the library when it is done."""
 from __future__ import annotations
 
 import threading
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -126,10 +125,9 @@ class FinetuneScreen(Screen):
 
     def _verdict(self) -> None:
         from edgellm.errors import EdgeLLMError
-        from edgellm.plan.training import TrainSettings, TrainShape, auto_batch, plan_training
+        from edgellm.plan.training import TrainShape
         from edgellm.train.curve import verdict
-        from edgellm.train.model import compute_dtype
-        from edgellm.workflows import base_config
+        from edgellm.workflows import base_config, training_memory
 
         label = self.query_one("#ft-verdict", Label)
         try:
@@ -152,21 +150,10 @@ class FinetuneScreen(Screen):
             label.update(described(exc) if self._value("base") else "")
             return
         hw = self.app.hardware
-        dev = "cuda" if hw.gpus else "cpu"
-        available = hw.gpu_free if dev == "cuda" else hw.ram_available
         share = self.plan.data.trained_tokens / max(self.plan.data.tokens, 1) if self.plan else 1.0
-        wish = TrainSettings(
-            method="qlora" if request.qlora else "lora",
-            rank=request.rank,
-            max_len=request.max_len,
-            batch=request.batch or 1,
-            trained_share=share,
-            device=dev,
-            dtype=compute_dtype(dev, request.dtype),
-        )
-        if request.batch is None:
-            wish = replace(wish, batch=max(auto_batch(self.shape, wish, available), 1))
-        label.update(verdict(plan_training(self.shape, wish, available)))
+        dev = "cuda" if hw.gpus else "cpu"
+        memory, _ = training_memory(request, self.shape, hw, dev, trained_share=share)
+        label.update(verdict(memory))
 
     # -- reading the data ----------------------------------------------------------------------------
     @on(Input.Submitted, "#ft-data, #ft-base")
