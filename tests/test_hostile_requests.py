@@ -45,7 +45,7 @@ def _alive(server: Server) -> None:
 
 # -- grammars whose size a request controls --------------------------------------------------------
 REPEATS = {"type": "string", "pattern": "^a{0,100000}$"}
-LONG = {"type": "string", "maxLength": 1_000_000}
+LONG = {"type": "string", "minLength": 1_000_000}
 
 
 def _with_property(schema: dict) -> dict:
@@ -70,12 +70,22 @@ def _bombs(schema: dict, model: str) -> list[tuple[str, dict]]:
     ]
 
 
-@pytest.mark.parametrize("schema, needle", [(REPEATS, "repeats 100000 times"), (LONG, "maxLength is 1000000")])
+@pytest.mark.parametrize("schema, needle", [(REPEATS, "repeats 100000 times"), (LONG, "minLength is 1000000")])
 def test_a_schema_that_would_blow_the_grammar_parser_is_a_400(server: Server, schema: dict, needle: str) -> None:
     for path, body in _bombs(schema, server.name):
         status, answer, _ = _post(server, path, {"max_tokens": 8, **body})
         assert status == 400, (path, status, answer)
         assert needle in json.dumps(answer) and "at most 1000 can be enforced" in json.dumps(answer), (path, answer)
+    _alive(server)
+
+
+def test_a_maximum_past_the_bound_is_held_after_generation_not_refused(server: Server) -> None:
+    """Claude Code's tools allow strings of 512k characters: the grammar leaves such a maximum out
+    and the call's check holds it, so every place a schema goes answers."""
+    huge = {"type": "string", "maxLength": 1_000_000, "pattern": "^(yes|no)$"}  # the pattern ends it
+    for path, body in _bombs(huge, server.name):
+        status, answer, _ = _post(server, path, {**body, "max_tokens": 48, "temperature": 0})
+        assert status == 200, (path, status, answer)
     _alive(server)
 
 

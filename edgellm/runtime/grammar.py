@@ -5,7 +5,10 @@ passes ``check_grammar`` before llama.cpp parses it, and every schema ``check_sc
 converted: llama.cpp's GBNF parser recurses once per nested group, and the converter writes a
 bounded repetition (``maxLength``, ``{0,n}`` in a pattern, ``maxItems``) as that many nested
 optional groups, so a request that controlled either could make the parser overflow its thread's
-stack, which kills the whole server. The bounds are far above what real schemas use.
+stack, which kills the whole server. The bounds are far above what real schemas use; a maximum
+above them (Claude Code's tools allow strings of 512k characters) is left out of the grammar and
+held by the check every answer passes after it is generated (jsoncheck.py), while a minimum above
+them, which no grammar could make a model write, is refused.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ MAX_GRAMMAR = 512 << 10
 #: most rules one grammar may define (llama.cpp follows references recursively to find left recursion)
 MAX_RULES = 8192
 
-_COUNTS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties", "minContains",
-           "maxContains")
+_MINIMA = ("minLength", "minItems", "minProperties", "minContains")
+_MAXIMA = ("maxLength", "maxItems", "maxProperties", "maxContains")
 _QUANTIFIER = re.compile(r"\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
 
 
@@ -43,15 +46,16 @@ def json_grammar(schema: dict[str, Any] | None = None, where: str = "the JSON sc
         raise UsageError(f"{where} must be a non-empty JSON object")
     check_schema(schema, where)
     try:
-        grammar = schema_grammar(json.dumps(any_where_untyped(schema)))
+        grammar = schema_grammar(json.dumps(for_grammar(schema)))
     except Exception as exc:  # the converter raises plain exceptions for schemas it cannot express
         raise UsageError(f"{where} is not supported: {exc}") from None
     return check_grammar(grammar, where)
 
 
 def check_schema(schema: Any, where: str = "the JSON schema") -> None:
-    """Refuse a schema whose grammar would be too deep or too large, naming the field: counts over
-    MAX_REPEAT, patterns that repeat more, nesting past MAX_SCHEMA_DEPTH, too many nodes."""
+    """Refuse a schema whose grammar would be too deep or too large, naming the field: minimum counts
+    over MAX_REPEAT (and negative counts), patterns that repeat more, nesting past MAX_SCHEMA_DEPTH,
+    too many nodes."""
     seen = 0
     stack: list[tuple[Any, str, int]] = [(schema, where, 0)]
     while stack:
@@ -66,10 +70,10 @@ def check_schema(schema: Any, where: str = "the JSON schema") -> None:
             continue
         if not isinstance(node, dict):
             continue
-        for key in _COUNTS:
+        for key in (*_MINIMA, *_MAXIMA):
             value = node.get(key)
             counted = isinstance(value, int | float) and not isinstance(value, bool)
-            if counted and not 0 <= value <= MAX_REPEAT:
+            if counted and not 0 <= value <= (MAX_REPEAT if key in _MINIMA else float("inf")):
                 raise UsageError(f"{path}.{key} is {_shown(value)}; at most {MAX_REPEAT} can be enforced")
         pattern = node.get("pattern")
         if isinstance(pattern, str):
@@ -86,23 +90,25 @@ _SHAPING = {"type", "$ref", "enum", "const", "oneOf", "anyOf", "allOf", "not", "
 _ANY = {"type": ["object", "array", "string", "number", "boolean", "null"]}
 
 
-def any_where_untyped(schema: Any) -> Any:
-    """``schema`` with every subschema that says nothing of its value's shape made "any JSON value"
-    (Claude Code's tools have properties with only a description)."""
+def for_grammar(schema: Any) -> Any:
+    """``schema`` as the grammar holds it: every subschema that says nothing of its value's shape
+    made "any JSON value" (Claude Code's tools have properties with only a description), and
+    maxima over MAX_REPEAT left out (the answer's check holds them)."""
     if not isinstance(schema, dict):
         return schema
     if not _SHAPING & schema.keys():
         return {**schema, **_ANY}
-    out = dict(schema)
+    out = {key: value for key, value in schema.items()
+           if not (key in _MAXIMA and isinstance(value, int | float) and value > MAX_REPEAT)}
     for key in ("properties", "$defs", "definitions"):
         if isinstance(schema.get(key), dict):
-            out[key] = {name: any_where_untyped(sub) for name, sub in schema[key].items()}
+            out[key] = {name: for_grammar(sub) for name, sub in schema[key].items()}
     for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
         if isinstance(schema.get(key), list):
-            out[key] = [any_where_untyped(sub) for sub in schema[key]]
+            out[key] = [for_grammar(sub) for sub in schema[key]]
     for key in ("items", "additionalProperties"):
         if isinstance(schema.get(key), dict):
-            out[key] = any_where_untyped(schema[key])
+            out[key] = for_grammar(schema[key])
     return out
 
 
