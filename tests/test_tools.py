@@ -158,7 +158,7 @@ def test_auto_holds_a_begun_call_to_the_schema(model) -> None:
     there the call follows the schema. The model copies an example call for Paris; the schema
     allows only Rome or Oslo, and the call it writes names one of them."""
     from edgellm.options import SamplingOptions
-    from edgellm.runtime.tools import FORMATS, Tool, tool_grammar
+    from edgellm.runtime.tools import FORMATS, Tool, call_grammar
 
     hermes = next(f for f in FORMATS if f.name == "hermes")
     tool = Tool("get_weather", "", {"type": "object", "properties": {"city": {"enum": ["Rome", "Oslo"]}},
@@ -168,8 +168,9 @@ def test_auto_holds_a_begun_call_to_the_schema(model) -> None:
     free = "".join(c.text for c in model.complete(prompt, SamplingOptions(temperature=0, max_tokens=40)))
     _, free_calls = hermes.parse(free)
     assert json.loads(free_calls[0].arguments)["city"] not in ("Rome", "Oslo")
-    grammar, triggers = tool_grammar(hermes, [tool], "auto")
-    sampling = SamplingOptions(temperature=0, max_tokens=40, grammar=grammar, grammar_triggers=triggers)
+    grammar = call_grammar(hermes, [tool], after_trigger=True)
+    sampling = SamplingOptions(temperature=0, max_tokens=40, grammar=grammar,
+                               grammar_triggers=hermes.triggers)
     text = "".join(c.text for c in model.complete(prompt, sampling))
     _, calls = hermes.parse(text)
     assert calls and json.loads(calls[0].arguments)["city"] in ("Rome", "Oslo")
@@ -186,3 +187,89 @@ def test_a_property_with_no_type_takes_any_value(server: Server) -> None:
         tool_choice="required", temperature=0, max_tokens=64)
     (call,) = reply.choices[0].message.tool_calls
     assert call.function.name == "run_command" and "command" in json.loads(call.function.arguments)
+
+
+@pytest.mark.parametrize("fmt_name", ["hermes", "mistral", "generic"])
+def test_parallel_calls_are_as_many_as_the_model_writes(model, fmt_name: str) -> None:
+    """A required call's grammar takes every call the model writes in its format (the examples show
+    two); with parallel calls off it ends after the first."""
+    from edgellm.options import SamplingOptions
+    from edgellm.runtime.tools import FORMATS, GENERIC, Tool, ToolCall, call_grammar
+
+    fmt = next((f for f in FORMATS if f.name == fmt_name), GENERIC)
+    tool = Tool("get_weather", "", {"type": "object", "properties": {"city": {"type": "string"}},
+                                    "required": ["city"]})
+    example = fmt.write([ToolCall("get_weather", '{"city": "Paris"}'),
+                         ToolCall("get_weather", '{"city": "Rome"}')])
+    prompt = f"Example 1:\n{example}\nExample 2:\n{example}\nExample 3:\n"
+    for parallel in (True, False):
+        grammar = call_grammar(fmt, [tool], parallel=parallel)
+        got = list(model.complete(prompt, SamplingOptions(temperature=0, max_tokens=120, grammar=grammar)))
+        text = "".join(c.text for c in got)
+        _, calls = fmt.parse(text)
+        if parallel:
+            assert len(calls) >= 2, text
+        else:  # the grammar ended the answer after one call, well before max_tokens
+            assert len(calls) == 1 and got[-1].finish_reason == "stop", text
+
+
+def _streamed(fmt_name: str, text: str, size: int, parallel: bool = True
+              ) -> tuple[str, list[list[str]], list]:
+    """(content, [[name, arguments]] per call, events) of ``text`` fed ``size`` characters at a time."""
+    from edgellm.runtime.request import CallRules
+    from edgellm.runtime.tools import FORMATS, GENERIC, Tool
+    from edgellm.runtime.toolstream import CallArguments, CallBegun, CallStream, Content
+
+    fmt = next((f for f in FORMATS if f.name == fmt_name), GENERIC)
+    tools = (Tool("get_weather", "", {"type": "object"}), Tool("get_time", "", {"type": "object"}))
+    stream = CallStream(CallRules(fmt, tools, parallel))
+    events = []
+    for i in range(0, len(text), size):
+        events += stream.feed(text[i:i + size])
+    events += stream.close()
+    content, calls = "", []
+    for event in events:
+        if isinstance(event, Content):
+            content += event.text
+        elif isinstance(event, CallBegun):
+            assert event.index == len(calls)
+            calls.append([event.name, ""])
+        elif isinstance(event, CallArguments):
+            calls[event.index][1] += event.text
+    return content, calls, events
+
+
+@pytest.mark.parametrize("fmt_name", ["hermes", "mistral", "generic"])
+@pytest.mark.parametrize("size", [1, 3, 1000])
+def test_calls_stream_as_they_are_written(fmt_name: str, size: int) -> None:
+    """Whatever the pieces, the content before the marker, each call's name and its arguments'
+    JSON come out as written; the arguments arrive in as many pieces as were fed."""
+    from edgellm.runtime.tools import FORMATS, GENERIC, ToolCall
+
+    fmt = next((f for f in FORMATS if f.name == fmt_name), GENERIC)
+    tricky = {"city": "Pa\"ris {[", "days": [1, {"a": None}], "note": "</tool_call> \\u00e9"}
+    written = fmt.write([ToolCall("get_weather", json.dumps(tricky)),
+                         ToolCall("get_time", '{"zone": "UTC"}')])
+    content, calls, events = _streamed(fmt_name, "Let me check. " + written, size)
+    assert content.strip() == "Let me check."
+    assert [(name, json.loads(arguments)) for name, arguments in calls] == [
+        ("get_weather", tricky), ("get_time", {"zone": "UTC"})]
+    pieces = sum(type(e).__name__ == "CallArguments" for e in events)
+    assert pieces > 20 if size == 1 else pieces >= 2
+    # parallel calls off: the first call only, as the non-streamed answer has
+    _, first, _ = _streamed(fmt_name, written, size, parallel=False)
+    assert [name for name, _ in first] == ["get_weather"]
+
+
+def test_text_like_a_marker_is_held_until_it_is_not_one() -> None:
+    content, calls, events = _streamed("hermes", "a <tool_cal b <to", 1)
+    assert content == "a <tool_cal b <to" and calls == []
+    assert "".join(e.text for e in events[:-1]).endswith("b ")  # "<to" was held until the answer ended
+
+
+def test_a_call_to_a_tool_not_offered_never_streams() -> None:
+    """The grammar makes a call name an offered tool; text that escaped it (a marker begun
+    mid-token) is not sent as a call at all, so a client never sees a call the checks refuse."""
+    answer = 'Sure. <tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>'
+    content, calls, _ = _streamed("hermes", answer, 1)
+    assert calls == [] and content == "Sure. "

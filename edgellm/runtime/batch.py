@@ -68,6 +68,8 @@ class GenerationRequest:
     reasoning: bool = False  # split <think>…</think> into Chunk.reasoning (chat answers)
     thinking: bool = False  # and the prompt already opened the block
     cancelled: threading.Event = field(default_factory=threading.Event)
+    #: how many of the prompt's tokens are in the cache or being read (a long prompt's progress)
+    read: int = 0
 
 
 @dataclass(eq=False)
@@ -245,6 +247,7 @@ class BatchEngine:
             self.ctx.forget(slot.seq_id, keep)
             slot.tokens = request.prompt[:keep]
             slot.pending = request.prompt[keep:]
+            request.read = keep
             slot.request = request
             slot.sampler = sampler
             slot.next_token = None
@@ -334,9 +337,11 @@ class BatchEngine:
                 slot.batch_index -= len(slot.drafts)
                 slot.next_token = None
         for slot in live:  # then as much of the waiting prompts as fits
-            while slot.pending and n < self.n_batch:
-                token = slot.pending.pop(0)
-                add(slot, token, not slot.pending)
+            if slot.pending and n < self.n_batch:
+                taken, slot.pending = slot.pending[:self.n_batch - n], slot.pending[self.n_batch - n:]
+                for i, token in enumerate(taken, 1):
+                    add(slot, token, i == len(taken) and not slot.pending)
+                slot.request.read = len(slot.request.prompt) - len(slot.pending)
         self._flush()
         if n == 0:
             return

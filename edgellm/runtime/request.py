@@ -15,8 +15,10 @@ What shapes the answer, one rule for every dialect:
    still read from the answer.
 
 Whatever shaped it, a call leaves only if it names an offered tool and its arguments are a JSON
-object that follows that tool's schema (at most one call without parallel calls); an answer whose
-calls fail is text. With a forced call, a failing call is an error (``ToolCallError``).
+object that follows that tool's schema; an answer may hold several calls where the format can
+write them, unless parallel calls are off (its grammar then ends after one, and a parsed answer
+keeps its first); an answer whose calls fail is text. With a forced call, a failing call is an
+error (``ToolCallError``).
 """
 
 from __future__ import annotations
@@ -88,6 +90,9 @@ class CallRules:
     tools: tuple[Tool, ...]
     parallel: bool = True
     forced: bool = False
+    #: the calls are written under the tools' grammar (forced, or from the format's marker on), so
+    #: they can be sent as they are written (toolstream.py); not when another grammar shapes the answer
+    held: bool = False
 
     def split(self, text: str) -> tuple[str, list[ToolCall]]:
         """(content, calls) of a whole answer. Calls that fail the rules leave the answer as
@@ -162,15 +167,17 @@ def shaping(spec: GenerationSpec, tool_format: ToolFormat
         both = " and ".join(spec.field(s) for s in shapers)
         raise UsageError(f"{both} cannot both shape the answer; send one")
     rules = CallRules(tool_format, tuple(tools), spec.parallel_tool_calls, forced) if tools else None
+    parallel = spec.parallel_tool_calls
     if forced:
         named = spec.tool_name if choice == "function" else None
-        return call_grammar(tool_format, list(tools), named), (), rules
+        return call_grammar(tool_format, list(tools), named, parallel=parallel), (), replace(rules, held=True)
     if spec.json_answer:
         return json_grammar(spec.json_schema, spec.field("format")), (), rules
     if spec.grammar is not None:
         return check_grammar(spec.grammar, spec.field("grammar")), spec.grammar_triggers, rules
     if tools and tool_format.triggers:
-        return call_grammar(tool_format, list(tools), after_trigger=True), tool_format.triggers, rules
+        grammar = call_grammar(tool_format, list(tools), after_trigger=True, parallel=parallel)
+        return grammar, tool_format.triggers, replace(rules, held=True)
     return None, (), rules
 
 

@@ -68,6 +68,11 @@ class ToolFormat:
     arguments_key = "arguments"
     #: regexes whose first match starts a call; what follows is rest()'s (none: no lazy grammar)
     triggers: tuple[str, ...] = ()
+    #: the first trigger as written without spaces (none: calls cannot be told apart as they stream),
+    #: the JSON depth after it, and the depth at which an object is a call (toolstream.py)
+    marker = ""
+    opened_depth = 0
+    call_depth = 0
 
     def detect(self, template: str) -> bool:
         raise NotImplementedError
@@ -76,17 +81,25 @@ class ToolFormat:
         """Text describing the tools, for templates that do not render them themselves."""
         return None
 
-    #: GBNF for the marker that starts a call, and for what follows it around the rule ``call``
+    #: GBNF for the marker that starts the calls, for what follows it around the rule ``calls``,
+    #: and for what stands between two calls (None: the format holds one call only)
     head = ""
-    body = "tc-ws call"
+    body = "tc-ws calls"
+    between: str | None = None
 
-    def wrap(self) -> str:
-        """The grammar's root: one call, marker and all."""
-        return "root ::= " + " ".join(part for part in (self.head, self.body) if part)
+    def wrap(self, parallel: bool = False) -> str:
+        """The grammar's root and its ``calls``: the marker and one call, or as many as the model
+        writes with ``parallel``."""
+        head = " ".join(part for part in (self.head, self.body) if part)
+        return f"root ::= {head}\n{self._calls_rule(parallel)}"
 
-    def rest(self) -> str:
-        """The root for what follows the marker (a trigger), up to the end of the call."""
-        return "root ::= " + self.body
+    def rest(self, parallel: bool = False) -> str:
+        """The same for what follows the marker (a trigger), up to the end of the calls."""
+        return "root ::= " + self.body + "\n" + self._calls_rule(parallel)
+
+    def _calls_rule(self, parallel: bool) -> str:
+        more = f" (tc-ws {self.between} tc-ws call)*" if parallel and self.between else ""
+        return "calls ::= call" + more
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """(the text that is not a call, the calls) of an answer."""
@@ -123,13 +136,15 @@ class Hermes(ToolFormat):
 
     name = "hermes"
     triggers = ("<tool_call>",)
+    marker = "<tool_call>"
     _CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
     def detect(self, template: str) -> bool:
         return "<tool_call>" in template
 
     head = '"<tool_call>"'
-    body = 'tc-ws call tc-ws "</tool_call>"'
+    body = 'tc-ws calls tc-ws "</tool_call>"'
+    between = '"</tool_call>" tc-ws "<tool_call>"'
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         bodies = self._CALL.findall(text)
@@ -143,19 +158,21 @@ class Mistral(ToolFormat):
 
     name = "mistral"
     triggers = (r"\[TOOL_CALLS\]",)
+    marker = "[TOOL_CALLS]"
+    call_depth = 1  # in its list
 
     def detect(self, template: str) -> bool:
         return "[TOOL_CALLS]" in template
 
     head = '"[TOOL_CALLS]"'
-    body = 'tc-ws "[" tc-ws call tc-ws "]"'
+    body = 'tc-ws "[" tc-ws calls tc-ws "]"'
+    between = '","'
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         head, marker, rest = text.partition("[TOOL_CALLS]")
         if not marker:
             return text, []
-        found = _loads(rest.strip())
-        calls = self._calls(found if isinstance(found, list) else [found])
+        calls = self._calls(_listed(rest))
         return (head.strip() if calls else text), calls
 
     def write(self, calls: list[ToolCall]) -> str:
@@ -188,6 +205,8 @@ class Generic(ToolFormat):
 
     name = "generic"
     triggers = (r'\{\s*"tool_calls"\s*:',)
+    marker = '{"tool_calls":'
+    opened_depth, call_depth = 1, 2  # in the object's list
 
     def detect(self, template: str) -> bool:
         return True
@@ -198,13 +217,14 @@ class Generic(ToolFormat):
                 '{"tool_calls": [{"name": "<function name>", "arguments": {<its arguments>}}]}')
 
     head = '"{" tc-ws "\\"tool_calls\\"" tc-ws ":"'
-    body = 'tc-ws "[" tc-ws call tc-ws "]" tc-ws "}"'
+    body = 'tc-ws "[" tc-ws calls tc-ws "]" tc-ws "}"'
+    between = '","'
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
-        found = _loads(text.strip()) if text.strip().startswith("{") else None
-        calls = self._calls(found["tool_calls"]) if isinstance(found, dict) and isinstance(
-            found.get("tool_calls"), list) else []
-        return ("" if calls else text), calls
+        """Text before the object is the answer's content (its lazy grammar starts at the marker)."""
+        match = re.search(self.triggers[0], text)
+        calls = self._calls(_listed(text[match.end():])) if match else []
+        return (text[:match.start()].strip() if calls else text), calls
 
     def write(self, calls: list[ToolCall]) -> str:
         return json.dumps({"tool_calls": [self._object(c) for c in calls]}, ensure_ascii=False)
@@ -218,19 +238,11 @@ def format_for(template: str) -> ToolFormat:
     return next((f for f in FORMATS if f.detect(template)), GENERIC)
 
 
-def tool_grammar(fmt: ToolFormat, tools: list[Tool], choice: str | None) -> tuple[str | None, tuple[str, ...]]:
-    """(grammar, lazy triggers) for a ``tool_choice``: "required" or a function's name force a
-    call from the first token; "auto" (or None) waits for the format's marker, where it has one."""
-    if choice not in (None, "auto"):
-        return call_grammar(fmt, tools, None if choice == "required" else choice), ()
-    if not fmt.triggers:
-        return None, ()
-    return call_grammar(fmt, tools, after_trigger=True), fmt.triggers
-
-
-def call_grammar(fmt: ToolFormat, tools: list[Tool], name: str | None = None, after_trigger: bool = False) -> str:
-    """GBNF for exactly one call in ``fmt``, of the function ``name`` or any of ``tools``, its
-    arguments following the function's JSON schema; ``after_trigger``: from after the marker."""
+def call_grammar(fmt: ToolFormat, tools: list[Tool], name: str | None = None, after_trigger: bool = False,
+                 parallel: bool = False) -> str:
+    """GBNF for one call in ``fmt`` (as many as the model writes with ``parallel``, where the format
+    holds several), each of the function ``name`` or any of ``tools``, its arguments following the
+    function's JSON schema; ``after_trigger``: from after the marker."""
     from edgellm.runtime.grammar import json_grammar
 
     chosen = [t for t in tools if name is None or t.name == name]
@@ -242,7 +254,7 @@ def call_grammar(fmt: ToolFormat, tools: list[Tool], name: str | None = None, af
     rules = json_grammar(schema).replace("root ::=", "call ::=", 1)
     # the markers around a call take any whitespace: a lazy grammar replays the text of the token
     # that completed the marker, which a model may end with a newline
-    return (fmt.rest() if after_trigger else fmt.wrap()) + '\ntc-ws ::= [ \\t\\n]*\n' + rules
+    return (fmt.rest(parallel) if after_trigger else fmt.wrap(parallel)) + '\ntc-ws ::= [ \\t\\n]*\n' + rules
 
 
 def check_tools(tools: list[Tool]) -> None:
@@ -254,6 +266,27 @@ def check_tools(tools: list[Tool]) -> None:
     for tool in tools:
         if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", tool.name):
             raise UsageError(f"tool name {brief(tool.name)} must be 1-64 letters, digits, _ . : or -")
+
+
+def _listed(text: str) -> list[Any]:
+    """The objects of the JSON list ``text`` begins with, up to the first that is not whole (an
+    answer cut by its length keeps the calls it completed)."""
+    decoder = json.JSONDecoder()
+    rest = text.lstrip()
+    if not rest.startswith("["):
+        return [found] if isinstance(found := _loads(rest), dict) else []
+    found, at = [], 1
+    while True:
+        at = len(rest) - len(rest[at:].lstrip())
+        try:
+            item, at = decoder.raw_decode(rest, at)
+        except (json.JSONDecodeError, RecursionError):
+            return found
+        found.append(item)
+        at = len(rest) - len(rest[at:].lstrip())
+        if rest[at:at + 1] != ",":
+            return found
+        at += 1
 
 
 def _loads(text: str) -> Any:

@@ -19,8 +19,9 @@ from edgellm.runtime.chunks import Chunk, joined
 from edgellm.runtime.request import CallRules, GenerationSpec, prompt_for
 from edgellm.runtime.templates import Message
 from edgellm.runtime.tools import MAX_TOOLS, Tool, ToolCall
+from edgellm.runtime.toolstream import CallArguments, CallBegun, Content
 from edgellm.server.bodies import anthropic_error
-from edgellm.server.generation import chunks, prepared, served_model
+from edgellm.server.generation import Paced, Reading, Thought, answer_items, prepared, served_model
 from edgellm.server.schemas import MAX_MESSAGES, MAX_NAME, Body, text_of
 from edgellm.server.streaming import EventStream
 
@@ -141,15 +142,14 @@ async def messages(body: MessagesRequest, request: Request):
     served = await served_model(request, body.model)
     ready = await prepared(served, messages_spec(body), request.app.state.config.defaults)
     reply = Reply(served.name, len(ready.prompt), ready.calls)
-    stream = chunks(ready.request(), served)
+    paced = Paced(ready.request(), served)
     if not body.stream:
-        return reply.whole(await _gather(stream))
-    first = await anext(stream)  # errors before the first token still become an HTTP error
-    return EventStream(reply.events(first, stream), media_type="text/event-stream")
-
-
-async def _gather(stream: AsyncIterator[Chunk]) -> list[Chunk]:
-    return [chunk async for chunk in stream]
+        try:
+            return reply.whole(await paced.gathered())
+        finally:
+            await paced.aclose()
+    first = await paced.first()  # errors before the first token still become an HTTP error
+    return EventStream(reply.events(first, paced), media_type="text/event-stream")
 
 
 _STOP_REASONS = {"length": "max_tokens", "cancelled": "end_turn"}
@@ -162,17 +162,17 @@ class Reply:
         self.id = "msg_" + uuid.uuid4().hex[:24]
         self.model, self.n_prompt, self.calls = model, n_prompt, calls
 
-    def message(self, text: str, last: Chunk, thought: str = "") -> dict:
+    def message(self, text: str, last: Chunk, thought: str = "", calls: list[ToolCall] | None = None) -> dict:
+        """The message object; ``calls`` None: read from ``text`` with the request's rules."""
         content: list[dict] = [{"type": "thinking", "thinking": thought, "signature": ""}] if thought else []
         stop_reason = "stop_sequence" if last.stop else _STOP_REASONS.get(last.finish_reason or "", "end_turn")
         stop_sequence = last.stop
-        calls = []
-        if self.calls is not None:
-            text, calls = self.calls.split(text)
+        if calls is None:
+            text, calls = self.calls.split(text) if self.calls is not None else (text, [])
         if text:
             content.append({"type": "text", "text": text})
         for call in calls:
-            content.append({"type": "tool_use", "id": "toolu_" + call.id.removeprefix("call_"), "name": call.name,
+            content.append({"type": "tool_use", "id": _tool_use_id(call.id), "name": call.name,
                             "input": json.loads(call.arguments)})
         if calls:
             stop_reason, stop_sequence = "tool_use", None
@@ -184,62 +184,67 @@ class Reply:
         text, thought = joined(got)
         return self.message(text, got[-1], thought)
 
-    async def events(self, first: Chunk, stream: AsyncIterator[Chunk]) -> AsyncIterator[bytes]:
-        """message_start, then a thinking block and a text block streamed by deltas as they come
-        (for a tool-calling request, the whole answer's blocks once it is complete), message_delta
-        and message_stop."""
+    async def events(self, first: Chunk | Reading, paced: Paced) -> AsyncIterator[bytes]:
+        """message_start, then pings while the prompt is read, then each content block as it comes:
+        thinking and text by deltas, a tool_use block opened once its name is known and its input
+        streamed as it is written; message_delta and message_stop."""
         start = {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
                  "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": self.n_prompt, "output_tokens": 0}}
         blocks = _Blocks()
+        thought: list[str] = []
         try:
             yield _event("message_start", {"type": "message_start", "message": start})
-            got = [first]
-            chunk = first
-            while True:
-                if self.calls is None:
-                    if chunk.reasoning:
-                        yield blocks.delta("thinking", {"type": "thinking_delta", "thinking": chunk.reasoning})
-                    if chunk.text:
-                        yield blocks.delta("text", {"type": "text_delta", "text": chunk.text})
-                if chunk.finish_reason:
-                    break
-                try:
-                    chunk = await anext(stream)
-                except EdgeLLMError as exc:  # too late for an HTTP status: an error event, as Anthropic sends
-                    yield _event("error", {"type": "error", "error": {"type": "api_error", "message": str(exc)}})
-                    return
-                got.append(chunk)
-            final = self.whole(got)
-            if self.calls is None:
-                yield blocks.close()
-            else:
-                for index, block in enumerate(final["content"]):
-                    yield from_block(index, block)
+            async for item in answer_items(first, paced, self.calls):
+                if isinstance(item, Reading):
+                    yield _event("ping", {"type": "ping"})
+                elif isinstance(item, Thought):
+                    thought.append(item.text)
+                    yield blocks.delta("thinking", {"type": "thinking_delta", "thinking": item.text})
+                elif isinstance(item, Content):
+                    yield blocks.delta("text", {"type": "text_delta", "text": item.text})
+                elif isinstance(item, CallBegun):
+                    yield blocks.open(f"call {item.index}", {"type": "tool_use", "id": _tool_use_id(item.id),
+                                                             "name": item.name, "input": {}})
+                elif isinstance(item, CallArguments):
+                    delta = {"type": "input_json_delta", "partial_json": item.text}
+                    yield blocks.delta(f"call {item.index}", delta)
+                else:
+                    final = self.message(item.content, item.last, "".join(thought), item.calls)
+                    if item.unfinished:  # the last tool_use streamed was cut short
+                        final["stop_reason"] = "max_tokens"
+            yield blocks.close()
             yield _event("message_delta", {"type": "message_delta",
                                            "delta": {"stop_reason": final["stop_reason"],
                                                      "stop_sequence": final["stop_sequence"]},
                                            "usage": {"output_tokens": final["usage"]["output_tokens"]}})
             yield _event("message_stop", {"type": "message_stop"})
+        except EdgeLLMError as exc:  # too late for an HTTP status: an error event, as Anthropic sends
+            yield _event("error", {"type": "error", "error": {"type": "api_error", "message": str(exc)}})
         finally:
-            await stream.aclose()
+            await paced.aclose()
+
+
+def _tool_use_id(call_id: str) -> str:
+    return "toolu_" + call_id.removeprefix("call_")
 
 
 class _Blocks:
-    """The content blocks of a stream: a block opens when its first delta comes, the one before
-    it closing then."""
+    """The content blocks of a stream: a block opens when its first delta comes (a tool_use block
+    when its name is known), the one before it closing then."""
 
     _OPEN = {"text": {"type": "text", "text": ""}, "thinking": {"type": "thinking", "thinking": "", "signature": ""}}
 
     def __init__(self) -> None:
         self.index, self.kind = -1, None
 
+    def open(self, kind: str, block: dict) -> bytes:
+        out = self.close()
+        self.index, self.kind = self.index + 1, kind
+        return out + _event("content_block_start", {"type": "content_block_start", "index": self.index,
+                                                    "content_block": block})
+
     def delta(self, kind: str, delta: dict) -> bytes:
-        out = b""
-        if kind != self.kind:
-            out = self.close()
-            self.index, self.kind = self.index + 1, kind
-            out += _event("content_block_start", {"type": "content_block_start", "index": self.index,
-                                                  "content_block": self._OPEN[kind]})
+        out = self.open(kind, self._OPEN[kind]) if kind != self.kind else b""
         return out + _event("content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta})
 
     def close(self) -> bytes:
@@ -247,20 +252,6 @@ class _Blocks:
             return b""
         self.kind = None
         return _event("content_block_stop", {"type": "content_block_stop", "index": self.index})
-
-
-def from_block(index: int, block: dict) -> bytes:
-    """A finished content block as start, one delta and stop events."""
-    if block["type"] == "tool_use":
-        opened = {**block, "input": {}}
-        delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)}
-    else:
-        kind = block["type"]
-        opened = _Blocks._OPEN[kind]
-        delta = {"type": f"{kind}_delta", kind: block[kind]}
-    return (_event("content_block_start", {"type": "content_block_start", "index": index, "content_block": opened})
-            + _event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
-            + _event("content_block_stop", {"type": "content_block_stop", "index": index}))
 
 
 def _event(kind: str, data: dict) -> bytes:

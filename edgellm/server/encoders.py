@@ -1,7 +1,8 @@
 """Chunks to OpenAI's two answer shapes: chat completions and text completions, whole or streamed.
 
 One ``respond()`` gathers or streams the Chunks; an encoder says what each shape's body, stream
-event and log-probabilities look like.
+event and log-probabilities look like. A streamed answer whose prompt takes a while to read starts
+at once with SSE comments saying how far the reading has got, which every client skips.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from edgellm.errors import EdgeLLMError
 from edgellm.runtime.chunks import Chunk, TokenLogprob, joined
 from edgellm.runtime.request import CallRules
 from edgellm.runtime.tools import ToolCall
+from edgellm.runtime.toolstream import CallArguments, CallBegun, Content
 from edgellm.server.bodies import error_payload
+from edgellm.server.generation import Ended, Paced, Reading, Thought, answer_items
 from edgellm.server.streaming import EventStream
 
 
@@ -29,7 +32,7 @@ class Encoder:
     object = ""
     chunk_object = ""
 
-    #: the answer is read for tool calls once whole (streamed as one piece then), or None
+    #: the rules an answer's tool calls are read with, or None
     calls: CallRules | None = None
 
     def __init__(self, model: str, n_prompt: int, logprobs: bool) -> None:
@@ -114,6 +117,42 @@ class ChatEncoder(Encoder):
             events += [_sse(self.envelope(self.chunk_object, [first])), _sse(self.envelope(self.chunk_object, [last]))]
         return events
 
+    async def item_events(self, first: Chunk | Reading, paced: Paced, include_usage: bool
+                          ) -> AsyncIterator[bytes]:
+        """A tool-calling answer's stream: text as it comes, each call's name once known and its
+        arguments as they are written (clients join a call's deltas by its index)."""
+        started = False
+        try:
+            async for item in answer_items(first, paced, self.calls):
+                if isinstance(item, Reading):
+                    yield beat(item)
+                    continue
+                if isinstance(item, Ended):
+                    finish = "tool_calls" if item.calls and not item.unfinished else item.last.finish_reason
+                    last = {"index": 0, "finish_reason": finish, "delta": {}, "logprobs": None}
+                    yield _sse(self.envelope(self.chunk_object, [last]))
+                    if include_usage:
+                        yield _sse({**self.envelope(self.chunk_object, []), "usage": self.usage(item.last)})
+                    break
+                delta: dict[str, Any] = {} if started else {"role": "assistant"}
+                started = True
+                if isinstance(item, Thought):
+                    delta["reasoning_content"] = item.text
+                elif isinstance(item, Content):
+                    delta["content"] = item.text
+                elif isinstance(item, CallBegun):
+                    delta["tool_calls"] = [{"index": item.index, "id": item.id, "type": "function",
+                                            "function": {"name": item.name, "arguments": ""}}]
+                elif isinstance(item, CallArguments):
+                    delta["tool_calls"] = [{"index": item.index, "function": {"arguments": item.text}}]
+                choice = {"index": 0, "finish_reason": None, "delta": delta, "logprobs": None}
+                yield _sse(self.envelope(self.chunk_object, [choice]))
+            yield b"data: [DONE]\n\n"
+        except EdgeLLMError as exc:  # too late for an HTTP status: an error event, as OpenAI sends
+            yield _sse(error_payload(str(exc), exc.code, "server_error"))
+        finally:
+            await paced.aclose()
+
     def whole(self, text: str, reasoning: str) -> dict:
         message = {"role": "assistant", "content": text}
         if reasoning:
@@ -162,51 +201,67 @@ class Gathered:
     reasoning: str
 
 
-async def gather(chunks: AsyncIterator[Chunk]) -> Gathered:
-    got = [chunk async for chunk in chunks]
+async def gather(paced: Paced) -> Gathered:
+    got = await paced.gathered()
     text, reasoning = joined(got)
     return Gathered(text, [c.logprobs for c in got if c.logprobs], got[-1], reasoning)
 
 
-async def respond(encoder: Encoder, streams: list[AsyncIterator[Chunk]], stream: bool, include_usage: bool = False):
-    """The whole answers as one body, or a server-sent event stream of them (``streams``: one
-    per choice, answered side by side by the engine)."""
-    if not stream or encoder.calls is not None:
+async def respond(encoder: Encoder, answers: list[Paced], stream: bool, include_usage: bool = False):
+    """The whole answers as one body, or a server-sent event stream of them (``answers``: one per
+    choice, answered side by side by the engine)."""
+    if not stream or (encoder.calls is not None and (len(answers) > 1 or encoder.logprobs)):
         try:
-            body = encoder.body(list(await asyncio.gather(*(gather(s) for s in streams))))
+            body = encoder.body(list(await asyncio.gather(*(gather(a) for a in answers))))
         finally:
-            for s in streams:
-                await s.aclose()
+            for a in answers:
+                await a.aclose()
         if not stream:
             return body
         usage = [_sse({**encoder.envelope(encoder.chunk_object, []), "usage": body["usage"]})] if include_usage else []
         events = [*encoder.whole_events(body), *usage, b"data: [DONE]\n\n"]
         return EventStream(iter(events), media_type="text/event-stream")
-    if len(streams) > 1:
-        return EventStream(_merged(encoder, streams, include_usage), media_type="text/event-stream")
-    first = await anext(streams[0])  # errors before the first token still become an HTTP error
-    return EventStream(_events(encoder, first, streams[0], include_usage), media_type="text/event-stream")
+    if len(answers) > 1:
+        return EventStream(_merged(encoder, answers, include_usage), media_type="text/event-stream")
+    first = await answers[0].first()  # errors before the first token still become an HTTP error
+    if encoder.calls is not None:
+        events = encoder.item_events(first, answers[0], include_usage)
+    else:
+        events = _events(encoder, first, answers[0], include_usage)
+    return EventStream(events, media_type="text/event-stream")
 
 
-async def _merged(encoder: Encoder, streams: list[AsyncIterator[Chunk]], include_usage: bool) -> AsyncIterator[bytes]:
+def beat(reading: Reading) -> bytes:
+    """An SSE comment while the prompt is read: it keeps the response alive and says how far."""
+    return f": {reading}\n\n".encode()
+
+
+async def _merged(encoder: Encoder, answers: list[Paced], include_usage: bool) -> AsyncIterator[bytes]:
     """Several answers' events interleaved as their tokens come, each choice by its index."""
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(index: int, chunks: AsyncIterator[Chunk]) -> None:
+    async def pump(index: int, paced: Paced) -> None:
         try:
-            async for chunk in chunks:
-                await queue.put((index, chunk))
+            while True:
+                item = await paced.next()
+                await queue.put((index, item))
+                if isinstance(item, Chunk) and item.finish_reason:
+                    return
         except EdgeLLMError as exc:
             await queue.put((index, exc))
 
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    tasks = [asyncio.create_task(pump(i, a)) for i, a in enumerate(answers)]
     started, lasts = set(), {}
     try:
-        while len(lasts) < len(streams):
+        while len(lasts) < len(answers):
             index, item = await queue.get()
             if isinstance(item, EdgeLLMError):  # too late for an HTTP status: an error event
                 yield _sse(error_payload(str(item), item.code, "server_error"))
                 return
+            if isinstance(item, Reading):
+                if index == 0:
+                    yield beat(item)
+                continue
             yield encoder.sse(item, index not in started, index)
             started.add(index)
             if item.finish_reason:
@@ -217,33 +272,37 @@ async def _merged(encoder: Encoder, streams: list[AsyncIterator[Chunk]], include
     finally:
         for task in tasks:
             task.cancel()
-        for s in streams:
-            await s.aclose()
+        for a in answers:
+            await a.aclose()
 
 
 def _sse(data: dict) -> bytes:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
-async def _events(encoder: Encoder, chunk: Chunk, chunks: AsyncIterator[Chunk], include_usage: bool
+async def _events(encoder: Encoder, item: Chunk | Reading, paced: Paced, include_usage: bool
                   ) -> AsyncIterator[bytes]:
     first = True
-    try:  # a client that goes away cancels this generator; closing `chunks` frees its slot
+    try:  # a client that goes away cancels this generator; closing `paced` frees its slot
         while True:
-            yield encoder.sse(chunk, first)
-            first = False
-            if chunk.finish_reason:
-                if include_usage:
-                    yield _sse({**encoder.envelope(encoder.chunk_object, []), "usage": encoder.usage(chunk)})
-                yield b"data: [DONE]\n\n"
-                return
+            if isinstance(item, Reading):
+                yield beat(item)
+            else:
+                yield encoder.sse(item, first)
+                first = False
+                if item.finish_reason:
+                    if include_usage:
+                        usage = encoder.usage(item)
+                        yield _sse({**encoder.envelope(encoder.chunk_object, []), "usage": usage})
+                    yield b"data: [DONE]\n\n"
+                    return
             try:
-                chunk = await anext(chunks)
+                item = await paced.next()
             except EdgeLLMError as exc:  # too late for an HTTP status: an error event, as OpenAI sends
                 yield _sse(error_payload(str(exc), exc.code, "server_error"))
                 return
     finally:
-        await chunks.aclose()
+        await paced.aclose()
 
 
 def _call(call: ToolCall) -> dict:

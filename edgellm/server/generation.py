@@ -1,5 +1,7 @@
 """From a dialect's GenerationSpec to the engine and back: the spec prepared for the served model
-(runtime/request.py decides what it means), its Chunks handed to the event loop."""
+(runtime/request.py decides what it means), its Chunks handed to the event loop, and a streamed
+answer as the items every dialect writes in its own events (``answer_items``): thoughts, text,
+tool calls as they are written, keep-alive beats while a long prompt is read, and the end."""
 
 from __future__ import annotations
 
@@ -7,17 +9,26 @@ import asyncio
 import threading
 import weakref
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import Request
 
-from edgellm.errors import UsageError, brief
+from edgellm.errors import ToolCallError, UsageError, brief
 from edgellm.options import SamplingOptions
 from edgellm.runtime.batch import GenerationRequest
 from edgellm.runtime.chunks import Chunk
-from edgellm.runtime.request import GenerationSpec, Prepared, prepare
+from edgellm.runtime.request import CallRules, GenerationSpec, Prepared, prepare
+from edgellm.runtime.tools import ToolCall
+from edgellm.runtime.toolstream import CallArguments, CallBegun, CallStream, Content, streams
 from edgellm.server.models import Served
+
+#: how long a streamed answer waits for its first token before its response starts anyway, and
+#: how often a beat goes out after that while the prompt is still read: a 20k-token prompt takes
+#: minutes on a small CPU, and clients give up on a response whose headers or bytes do not come
+#: (Node's fetch after 300 s without headers, which Claude Code and Codex use)
+FIRST_WAIT = 2.0
+BEAT_EVERY = 5.0
 
 
 async def served_model(request: Request, name: str | None) -> Served:
@@ -132,3 +143,127 @@ async def chunks(gen: GenerationRequest, served: Served) -> AsyncIterator[Chunk]
                 return
     finally:
         gen.cancelled.set()
+
+
+@dataclass(frozen=True)
+class Reading:
+    """No token yet: the prompt is being read (``read`` of its ``total`` tokens so far)."""
+
+    read: int
+    total: int
+
+    def __str__(self) -> str:
+        return f"reading the prompt: {self.read}/{self.total} tokens"
+
+
+class Paced:
+    """An answer's Chunks, and a ``Reading`` whenever none has come for a while, so a stream can
+    start before its first token and stay alive while a long prompt is read."""
+
+    def __init__(self, gen: GenerationRequest, served: Served) -> None:
+        self.gen = gen
+        self._chunks = chunks(gen, served)
+        self._next: asyncio.Future | None = None
+
+    async def next(self, wait: float = BEAT_EVERY) -> Chunk | Reading:
+        """The next Chunk, or a Reading after ``wait`` seconds without one (errors are raised)."""
+        if self._next is None:
+            self._next = asyncio.ensure_future(anext(self._chunks))
+        done, _ = await asyncio.wait({self._next}, timeout=wait)
+        if not done:
+            return Reading(self.gen.read, len(self.gen.prompt))
+        task, self._next = self._next, None
+        return task.result()
+
+    async def first(self) -> Chunk | Reading:
+        """The first Chunk if it comes within FIRST_WAIT (its errors are still an HTTP status)."""
+        return await self.next(FIRST_WAIT)
+
+    async def gathered(self) -> list[Chunk]:
+        """The whole answer (a request that is not streamed)."""
+        got = []
+        while not (got and got[-1].finish_reason):
+            item = await self.next(3600)
+            if isinstance(item, Chunk):
+                got.append(item)
+        return got
+
+    async def aclose(self) -> None:
+        """Stop reading: the engine frees the answer's slot."""
+        if self._next is not None:
+            self._next.cancel()
+            try:
+                await self._next
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._next = None
+        await self._chunks.aclose()
+
+
+@dataclass(frozen=True)
+class Thought:
+    """A reasoning model's thinking, split from its answer."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Ended:
+    """The answer is complete: its last Chunk, its content and its calls (the ids as streamed)."""
+
+    last: Chunk
+    content: str
+    calls: list[ToolCall]
+    unfinished: bool = False  # a call was streamed that the length cut short (not among ``calls``)
+
+
+Item = Reading | Thought | Content | CallBegun | CallArguments | Ended
+
+
+async def answer_items(first: Chunk | Reading, paced: Paced, rules: CallRules | None) -> AsyncIterator[Item]:
+    """A streamed answer as every dialect writes it: beats while the prompt is read, thoughts and
+    text as they come, tool calls as they are written where the format allows (else whole at the
+    end, with the text held until then), and ``Ended``. Errors are raised: a dialect makes them an
+    error event. The calls streamed are those the whole answer's checks pass, or a ToolCallError is
+    raised (unless the answer was cut by its length, as OpenAI's are)."""
+    reader = CallStream(rules) if rules is not None and streams(rules) else None
+    pieces: list[str] = []
+    item = first
+    while True:
+        if isinstance(item, Reading):
+            yield item
+        else:
+            if item.reasoning:
+                yield Thought(item.reasoning)
+            if item.text:
+                pieces.append(item.text)
+                if rules is None:
+                    yield Content(item.text)
+                elif reader is not None:
+                    for event in reader.feed(item.text):
+                        yield event
+            if item.finish_reason:
+                break
+        item = await paced.next()
+    last, text = item, "".join(pieces)
+    if rules is None:
+        yield Ended(last, text, [])
+        return
+    if reader is None:
+        content, calls = rules.split(text)
+        if content:
+            yield Content(content)
+        for i, call in enumerate(calls):
+            yield CallBegun(i, call.id, call.name)
+            yield CallArguments(i, call.arguments)
+        yield Ended(last, content, calls)
+        return
+    for event in reader.close():
+        yield event
+    content, calls, agreed = reader.settle(cut=last.finish_reason == "length")
+    if not agreed:
+        raise ToolCallError("the tool calls the model wrote did not pass the checks once it had finished")
+    rest = reader.unsent_content(content)
+    if rest:
+        yield Content(rest)
+    yield Ended(last, content, calls, len(reader.calls) > len(calls))

@@ -22,8 +22,17 @@ from edgellm.runtime.chunks import Chunk, joined
 from edgellm.runtime.request import CallRules, GenerationSpec
 from edgellm.runtime.templates import Message
 from edgellm.runtime.tools import MAX_TOOLS, Tool, ToolCall
+from edgellm.runtime.toolstream import Content
 from edgellm.server.bodies import ollama_error
-from edgellm.server.generation import chunks, prepared, served_model
+from edgellm.server.generation import (
+    Ended,
+    Paced,
+    Reading,
+    Thought,
+    answer_items,
+    prepared,
+    served_model,
+)
 from edgellm.server.schemas import MAX_EMBED_INPUTS, MAX_MESSAGES, MAX_NAME, Body, ToolDef
 from edgellm.server.streaming import EventStream
 
@@ -232,13 +241,16 @@ def _spec(body: _Generating, **parts: Any) -> GenerationSpec:
 async def _answer(request: Request, served, spec: GenerationSpec, body: _Generating, field: str):
     ready = await prepared(served, spec, request.app.state.config.defaults)
     reply = _Reply(served.name, len(ready.prompt), field, ready.calls)
-    stream = chunks(ready.request(), served)
+    paced = Paced(ready.request(), served)
     if not body.stream:
-        got = [chunk async for chunk in stream]
+        try:
+            got = await paced.gathered()
+        finally:
+            await paced.aclose()
         text, thinking = joined(got)
         return reply.final(text, got[-1], thinking)
-    first = await anext(stream)  # errors before the first token still become an HTTP error
-    return EventStream(reply.lines(first, stream), media_type="application/x-ndjson")
+    first = await paced.first()  # errors before the first token still become an HTTP error
+    return EventStream(reply.lines(first, paced), media_type="application/x-ndjson")
 
 
 class _Reply:
@@ -258,44 +270,40 @@ class _Reply:
         line = {"model": self.model, "created_at": _iso(time.time()), self.field: piece, "done": False}
         return {**line, "thinking": thinking} if thinking and self.field == "response" else line
 
-    def final(self, text: str, last: Chunk, thinking: str = "") -> dict:
+    def final(self, text: str, last: Chunk, thinking: str = "", calls: list[ToolCall] | None = None) -> dict:
+        """The last line (whole: ``text`` is the answer, its calls read from it; streamed: ``text``
+        is what is left to send, and ``calls`` the answer's calls)."""
         t = last.timings
         piece = self._piece(text)
         if thinking and self.field == "message":
             piece = {**piece, "thinking": thinking}
-        if self.calls is not None and self.field == "message":
-            content, calls = self.calls.split(text)
-            if calls:
-                piece = {"role": "assistant", "content": content,
-                         "tool_calls": [{"function": {"name": c.name, "arguments": json.loads(c.arguments)}}
-                                        for c in calls]}
+        if calls is None and self.calls is not None and self.field == "message":
+            text, calls = self.calls.split(text)
+            piece = self._piece(text)
+        if calls:
+            piece = {"role": "assistant", "content": text, "tool_calls": [
+                {"function": {"index": i, "name": c.name, "arguments": json.loads(c.arguments)}}
+                for i, c in enumerate(calls)]}
         return {"model": self.model, "created_at": _iso(time.time()), self.field: piece, "done": True,
                 "done_reason": "length" if last.finish_reason == "length" else "stop",
                 "total_duration": time.perf_counter_ns() - self.started, "load_duration": 0,
                 "prompt_eval_count": t.prompt_tokens - t.cached_tokens, "prompt_eval_duration": int(t.prompt_ms * 1e6),
                 "eval_count": t.generated_tokens, "eval_duration": int(t.generate_ms * 1e6)}
 
-    async def lines(self, first: Chunk, stream: AsyncIterator[Chunk]) -> AsyncIterator[bytes]:
-        """Each piece as it comes; a tool-calling answer is held back and sent whole in the last line."""
-        pieces, chunk = [], first
+    async def lines(self, first: Chunk | Reading, paced: Paced) -> AsyncIterator[bytes]:
+        """Each piece as it comes, the calls of a tool-calling answer in the last line."""
         try:
-            while True:
-                pieces.append(chunk.text)
-                if chunk.finish_reason:
-                    text = "".join(pieces) if self.calls is not None else ""
-                    if self.calls is None and (chunk.text or chunk.reasoning):
-                        yield _ndjson(self.line(chunk.text, chunk.reasoning))
-                    yield _ndjson(self.final(text, chunk))
-                    return
-                if self.calls is None and (chunk.text or chunk.reasoning):
-                    yield _ndjson(self.line(chunk.text, chunk.reasoning))
-                try:
-                    chunk = await anext(stream)
-                except EdgeLLMError as exc:  # too late for an HTTP status: an error line, as Ollama sends
-                    yield _ndjson({"error": str(exc)})
-                    return
+            async for item in answer_items(first, paced, self.calls if self.field == "message" else None):
+                if isinstance(item, Thought):
+                    yield _ndjson(self.line("", item.text))
+                elif isinstance(item, Content):
+                    yield _ndjson(self.line(item.text))
+                elif isinstance(item, Ended):
+                    yield _ndjson(self.final("", item.last, calls=item.calls))
+        except EdgeLLMError as exc:  # too late for an HTTP status: an error line, as Ollama sends
+            yield _ndjson({"error": str(exc)})
         finally:
-            await stream.aclose()
+            await paced.aclose()
 
 
 def _ndjson(data: dict) -> bytes:

@@ -16,7 +16,7 @@ from edgellm.runtime.templates import Message
 from edgellm.runtime.tools import Tool, ToolCall
 from edgellm.server.bodies import openai_error
 from edgellm.server.encoders import ChatEncoder, TextEncoder, respond
-from edgellm.server.generation import choices, chunks, openai_sampling, prepared, served_model, text_prompts
+from edgellm.server.generation import Paced, choices, openai_sampling, prepared, served_model, text_prompts
 from edgellm.server.schemas import (
     MAX_CHOICES,
     ChatCompletionRequest,
@@ -55,7 +55,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     ready = await prepared(served, chat_spec(body), request.app.state.config.defaults)
     gens = choices(ready, body.n, body.seed)
     encoder = ChatEncoder(served.name, len(ready.prompt), body.logprobs, ready.calls)
-    return await respond(encoder, [chunks(gen, served) for gen in gens], body.stream, _include_usage(body))
+    return await respond(encoder, [Paced(gen, served) for gen in gens], body.stream, _include_usage(body))
 
 
 def chat_spec(body: ChatCompletionRequest) -> GenerationSpec:
@@ -96,7 +96,7 @@ async def completions(body: CompletionRequest, request: Request):
                               sampling={**openai_sampling(body), "logprobs": body.logprobs}, reasoning=False)
         gens += choices(await prepared(served, spec, defaults), body.n, body.seed)
     encoder = TextEncoder(served.name, sum(map(len, prompts)), body.logprobs is not None)
-    return await respond(encoder, [chunks(gen, served) for gen in gens], body.stream, _include_usage(body))
+    return await respond(encoder, [Paced(gen, served) for gen in gens], body.stream, _include_usage(body))
 
 
 @router.post("/embeddings")

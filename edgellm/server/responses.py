@@ -22,8 +22,9 @@ from edgellm.runtime.chunks import Chunk
 from edgellm.runtime.request import CallRules, GenerationSpec
 from edgellm.runtime.templates import Message
 from edgellm.runtime.tools import MAX_TOOLS, Tool, ToolCall
+from edgellm.runtime.toolstream import CallArguments, CallBegun, Content
 from edgellm.server.bodies import openai_error
-from edgellm.server.generation import chunks, prepared, served_model
+from edgellm.server.generation import Ended, Paced, Reading, answer_items, prepared, served_model
 from edgellm.server.schemas import MAX_MESSAGES, MAX_NAME, Body, text_of
 from edgellm.server.streaming import EventStream
 
@@ -249,12 +250,15 @@ async def responses(body: ResponsesRequest, request: Request):
     turns = _turns(body, kept)
     ready = await prepared(served, responses_spec(body, turns), request.app.state.config.defaults)
     reply = Reply(served.name, body, len(ready.prompt), turns, ready.calls, kept)
-    stream = chunks(ready.request(), served)
+    paced = Paced(ready.request(), served)
     if not body.stream:
-        got = [chunk async for chunk in stream]
+        try:
+            got = await paced.gathered()
+        finally:
+            await paced.aclose()
         return reply.finish("".join(c.text for c in got), got[-1])
-    first = await anext(stream)  # errors before the first token still become an HTTP error
-    return EventStream(reply.events(first, stream), media_type="text/event-stream")
+    first = await paced.first()  # errors before the first token still become an HTTP error
+    return EventStream(reply.events(first, paced), media_type="text/event-stream")
 
 
 class Reply:
@@ -284,14 +288,13 @@ class Reply:
         content = [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" or text else []
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": content}
 
-    def finish(self, text: str, last: Chunk) -> dict:
-        """The completed response; its conversation is kept for a later ``previous_response_id``."""
-        calls = []
-        if self.calls is not None:
-            text, calls = self.calls.split(text)
+    def finish(self, text: str, last: Chunk, calls: list[ToolCall] | None = None) -> dict:
+        """The completed response (``calls`` None: read from ``text`` with the request's rules); its
+        conversation is kept for a later ``previous_response_id``."""
+        if calls is None:
+            text, calls = self.calls.split(text) if self.calls is not None else (text, [])
         output = [self.message_item(text, "completed")] if text or not calls else []
-        output += [{"type": "function_call", "id": "fc_" + c.id.removeprefix("call_"), "call_id": c.id,
-                    "name": c.name, "arguments": c.arguments, "status": "completed"} for c in calls]
+        output += [_call_item(c, "completed") for c in calls]
         done = last.timings.generated_tokens
         usage = {"input_tokens": self.n_prompt, "input_tokens_details": {"cached_tokens": last.timings.cached_tokens},
                  "output_tokens": done, "output_tokens_details": {"reasoning_tokens": 0},
@@ -308,40 +311,73 @@ class Reply:
         payload = {"type": kind, "sequence_number": self._sequence, **data}
         return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
 
-    async def events(self, first: Chunk, stream: AsyncIterator[Chunk]) -> AsyncIterator[bytes]:
-        """created, the message item with its text deltas (a tool-calling answer: its items once it
-        is whole), then completed."""
-        ids = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
-        pieces, chunk = [], first
+    async def events(self, first: Chunk | Reading, paced: Paced) -> AsyncIterator[bytes]:
+        """created, then each output item as it comes: the message with its text deltas, each
+        function call once its name is known with its arguments as they are written; completed.
+        SSE comments keep the stream alive while the prompt is read."""
+        texts: list[str] = []  # the message item's text, once it is open
+        items: list[dict] = []  # the items opened, in output order
+        calls: dict[int, dict] = {}  # the function call items by the call's index
         try:
             yield self._event("response.created", response=self.response("in_progress", []))
             yield self._event("response.in_progress", response=self.response("in_progress", []))
-            if self.calls is None:
-                yield self._event("response.output_item.added", output_index=0,
-                                  item=self.message_item("", "in_progress"))
-                yield self._event("response.content_part.added", item_id=self.message_id, output_index=0,
-                                  content_index=0, part={"type": "output_text", "text": "", "annotations": []})
-            while True:
-                pieces.append(chunk.text)
-                if self.calls is None and chunk.text:
-                    yield self._event("response.output_text.delta", **ids, delta=chunk.text, logprobs=[])
-                if chunk.finish_reason:
-                    break
-                try:
-                    chunk = await anext(stream)
-                except EdgeLLMError as exc:  # too late for an HTTP status: an error event
-                    yield self._event("error", code=exc.code, message=str(exc), param=None)
-                    return
-            final = self.finish("".join(pieces), chunk)
-            for index, item in enumerate(final["output"]):
-                if item["type"] == "message" and self.calls is None:
-                    text = item["content"][0]["text"]
-                    yield self._event("response.output_text.done", **ids, text=text, logprobs=[])
-                    yield self._event("response.content_part.done", item_id=self.message_id, output_index=0,
-                                      content_index=0, part=item["content"][0])
+            async for item in answer_items(first, paced, self.calls):
+                if isinstance(item, Reading):
+                    yield f": {item}\n\n".encode()
+                elif isinstance(item, Content):
+                    if not any(i["type"] == "message" for i in items):
+                        items.append(self.message_item("", "in_progress"))
+                        yield self._event("response.output_item.added", output_index=len(items) - 1,
+                                          item=items[-1])
+                        yield self._event("response.content_part.added", item_id=self.message_id,
+                                          output_index=len(items) - 1, content_index=0,
+                                          part={"type": "output_text", "text": "", "annotations": []})
+                    texts.append(item.text)
+                    yield self._event("response.output_text.delta", **self._at(items, self.message_id),
+                                      delta=item.text, logprobs=[])
+                elif isinstance(item, CallBegun):
+                    items.append(_call_item(ToolCall(item.name, "", item.id), "in_progress"))
+                    calls[item.index] = items[-1]
+                    yield self._event("response.output_item.added", output_index=len(items) - 1,
+                                      item=items[-1])
+                elif isinstance(item, CallArguments):
+                    opened = calls[item.index]
+                    opened["arguments"] += item.text
+                    yield self._event("response.function_call_arguments.delta", item_id=opened["id"],
+                                      output_index=items.index(opened), delta=item.text)
+                elif isinstance(item, Ended):
+                    final = self.finish(item.content, item.last, item.calls)
+            for index, opened in enumerate(items):
+                done = next((o for o in final["output"] if o["id"] == opened["id"]), None) or {
+                    **opened, "status": "incomplete"}  # a call the length cut short
+                if opened["type"] == "message":
+                    text = "".join(texts)
+                    part = {"type": "output_text", "text": text, "annotations": []}
+                    yield self._event("response.output_text.done", **self._at(items, self.message_id),
+                                      text=text, logprobs=[])
+                    yield self._event("response.content_part.done", item_id=self.message_id,
+                                      output_index=index, content_index=0, part=part)
+                    done = {**done, "content": [part]}
                 else:
-                    yield self._event("response.output_item.added", output_index=index, item=item)
-                yield self._event("response.output_item.done", output_index=index, item=item)
+                    yield self._event("response.function_call_arguments.done", item_id=opened["id"],
+                                      output_index=index, arguments=done["arguments"])
+                yield self._event("response.output_item.done", output_index=index, item=done)
+            if not items:  # an empty answer still has its (empty) message
+                for index, done in enumerate(final["output"]):
+                    yield self._event("response.output_item.added", output_index=index, item=done)
+                    yield self._event("response.output_item.done", output_index=index, item=done)
             yield self._event("response.completed", response=final)
+        except EdgeLLMError as exc:  # too late for an HTTP status: an error event
+            yield self._event("error", code=exc.code, message=str(exc), param=None)
         finally:
-            await stream.aclose()
+            await paced.aclose()
+
+    @staticmethod
+    def _at(items: list[dict], item_id: str) -> dict:
+        index = next(i for i, item in enumerate(items) if item["id"] == item_id)
+        return {"item_id": item_id, "output_index": index, "content_index": 0}
+
+
+def _call_item(call: ToolCall, status: str) -> dict:
+    return {"type": "function_call", "id": "fc_" + call.id.removeprefix("call_"), "call_id": call.id,
+            "name": call.name, "arguments": call.arguments, "status": status}
