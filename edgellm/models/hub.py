@@ -308,6 +308,31 @@ def pull(
                             expected_size=choice.size)
 
 
+_HUB_NAME = re.compile(r"^(?:hf\.co|huggingface\.co)/([^/:]+/[^/:]+)(?::([^/:]+))?$", re.IGNORECASE)
+
+
+def hub_name(name: str) -> tuple[str, str | None] | None:
+    """(repo, quant or None) of a model named as Ollama names Hub models, ``hf.co/OWNER/REPO[:QUANT]``
+    (``:latest`` is the default quant); None for any other name."""
+    match = _HUB_NAME.match(name or "")
+    if match is None:
+        return None
+    quant = match.group(2)
+    repo, _ = parse_ref(match.group(1))
+    return repo, (None if quant is None or quant.lower() == "latest" else quant.upper())
+
+
+def pulled_name(store: Store, repo: str, quant: str | None = None) -> str | None:
+    """The store name of the model pulled from ``repo`` (its ``quant``, or any quant), found by
+    the source its manifest records; None if none was."""
+    for entry in store.list():
+        source = entry.manifest.source.lower()
+        same_quant = quant is None or source.endswith(f":{quant.lower()}")
+        if source.startswith(f"hf:{repo.lower()}@") and same_quant:
+            return entry.name
+    return None
+
+
 def cached_copies(entry: ModelEntry) -> list[Path]:
     """The Hub cache's own copies of a pulled model's files: the blobs that are the same files (a
     pull hard-links them into the store) and the snapshot links to those blobs. Removing the model

@@ -229,6 +229,23 @@ class Store:
             raise StorageError(f"cannot write {filename} into the store: {exc.strerror or exc}") from None
         return ModelEntry(manifest, folder)
 
+    def copy(self, name: str, new_name: str) -> ModelEntry:
+        """The model ``name`` under another name too: its files hard-linked where the disk allows
+        (no bytes copied; removing either name leaves the other whole), else copied."""
+        entry = self.get(name)
+
+        def place(dest: Path) -> None:
+            for part in sorted(entry.folder.iterdir()):
+                if part.name == MANIFEST:
+                    continue
+                target = dest if part.name == entry.manifest.file else dest.parent / part.name
+                try:
+                    os.link(part, target)
+                except OSError:
+                    shutil.copyfile(part, target)
+
+        return self.create(new_name, entry.manifest.file, f"copy:{entry.name}", place)
+
     def _check_space(self, needed: int) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.root).free

@@ -1,5 +1,6 @@
 """The HTTP server: an ASGI app over a ModelPool, with its state on the app; each API's routes
-live in their own module and read that state (openai.py, responses.py, anthropic.py, ollama.py).
+live in their own module and read that state (openai.py, responses.py, anthropic.py, ollama.py,
+ollama_models.py).
 
 Here is what every request passes: the loopback Host check, the API key, the body size limit,
 CORS, and the error handlers that make every failure an error body in the shape its API's clients
@@ -21,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgellm.errors import EdgeLLMError, QueueFullError, brief
 from edgellm.options import SamplingOptions
-from edgellm.server import anthropic, ollama, openai, responses
+from edgellm.server import anthropic, ollama, ollama_models, openai, responses
 from edgellm.server.bodies import error_for
 from edgellm.server.models import ModelPool
 
@@ -112,7 +113,8 @@ def create_app(pool: ModelPool, config: ServerConfig) -> FastAPI:
 
 #: each API dialect, and the prefixes its routes are served under (OpenAI clients are configured
 #: with either base URL; Ollama's routes are its own)
-DIALECTS = ((openai, ("/v1", "")), (responses, ("/v1", "")), (anthropic, ("/v1", "")), (ollama, ("",)))
+DIALECTS = ((openai, ("/v1", "")), (responses, ("/v1", "")), (anthropic, ("/v1", "")), (ollama, ("",)),
+            (ollama_models, ("",)))
 
 
 class Guard:

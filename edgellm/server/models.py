@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from edgellm.config import Settings
 from edgellm.errors import EdgeLLMError, LoadError, ModelNotFoundError, brief
 from edgellm.models import BUNDLED_NAME, ResolvedModel, load_options, resolve, store_for
+from edgellm.models.hub import hub_name, pulled_name
 from edgellm.models.store import NAME_RE
 from edgellm.plan.fit import Plan
 from edgellm.runtime.engine import Model
@@ -123,14 +124,23 @@ class ModelPool:
 
     def _key(self, name: str | None) -> str:
         """A request names a model of the store, never a file: the name is only ever looked up there.
-        ``NAME:latest`` is ``NAME``, as Ollama's clients write a name without a tag."""
-        if name and name.endswith(":latest"):
-            name = name.removesuffix(":latest")
+        ``NAME:latest`` is ``NAME``, as Ollama's clients write a name without a tag, and a model
+        pulled as Ollama names Hub models (``hf.co/OWNER/REPO:QUANT``) is found by that name."""
+        name = self.store_name(name)
         if name in self.aliases:
             name = self.aliases[name]
         elif "*" in self.aliases and not self._serves(name):
             name = self.aliases["*"]
         return self._key_of(name)
+
+    def store_name(self, name: str | None) -> str | None:
+        """The store's name for a name as a request gives it (Ollama's forms included)."""
+        if name and name.endswith(":latest") and not name.lower().startswith(("hf.co/", "huggingface.co/")):
+            return name.removesuffix(":latest")
+        hub = hub_name(name) if name else None
+        if hub is not None:
+            return pulled_name(store_for(self.settings), *hub) or name
+        return name
 
     def _key_of(self, name: str | None) -> str:
         if self.fixed:
