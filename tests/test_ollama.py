@@ -103,3 +103,42 @@ def test_the_api_as_ollamas_clients_use_it(client, server: Server) -> None:
     assert client.ps().models == []
     assert client.chat(model=NAME, messages=[]).done_reason == "load"
     assert [m.model for m in client.ps().models] == [NAME]
+
+
+@pytest.mark.parametrize("provider", ["ollama", "ollama_chat"])
+def test_litellms_ollama_providers(server: Server, provider: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """litellm's two Ollama providers (which send JSON with no Content-Type): chat, stream, tools,
+    embeddings."""
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch of its price list
+    import litellm
+
+    model, base = f"{provider}/{NAME}", server.base
+    reply = litellm.completion(model=model, api_base=base, messages=QUESTION, temperature=0, max_tokens=24)
+    assert "Berlin" in reply.choices[0].message.content
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in litellm.completion(
+        model=model, api_base=base, messages=QUESTION, temperature=0, max_tokens=24, stream=True))
+    assert streamed == reply.choices[0].message.content
+    if provider == "ollama_chat":  # tools as Ollama's chat takes them; a JSON schema shapes a call
+        call = {"type": "object", "properties": {"name": {"const": "get_weather"},
+                                                 "arguments": WEATHER["function"]["parameters"]},
+                "required": ["name", "arguments"]}
+        shape = {"type": "object", "properties": {"tool_calls": {"type": "array", "items": call, "minItems": 1,
+                                                                 "maxItems": 1}}, "required": ["tool_calls"]}
+        called = litellm.completion(model=model, api_base=base, temperature=0, max_tokens=64, tools=[WEATHER],
+                                    messages=[{"role": "user", "content": "What is the weather in Berlin?"}],
+                                    response_format={"type": "json_schema",
+                                                     "json_schema": {"name": "calls", "schema": shape}})
+        calls = called.choices[0].message.tool_calls
+        assert calls and calls[0].function.name == "get_weather", called
+        assert json.loads(calls[0].function.arguments)["city"] in ("Paris", "Berlin", "Rome")
+    else:  # the generate provider calls tools by a prompt in JSON mode (past a 135M model): a round trip
+        history = [{"role": "user", "content": "What is the weather in Berlin?"},
+                   {"role": "assistant", "content": None, "tool_calls": [
+                       {"id": "call_1", "type": "function", "function": {
+                           "name": "get_weather", "arguments": '{"city": "Berlin", "unit": "celsius"}'}}]},
+                   {"role": "tool", "tool_call_id": "call_1", "content": "21 C and sunny"}]
+        answer = litellm.completion(model=model, api_base=base, temperature=0, max_tokens=32, tools=[WEATHER],
+                                    messages=history)
+        assert answer.choices[0].message.content or answer.choices[0].message.tool_calls, answer
+    vectors = litellm.embedding(model=f"ollama/{NAME}", api_base=base, input=["a cat", "a dog"])
+    assert len(vectors.data) == 2 and len(vectors.data[0]["embedding"]) > 100
