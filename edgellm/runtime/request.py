@@ -215,9 +215,17 @@ def prepare(spec: GenerationSpec, target: Target, defaults: SamplingOptions) -> 
     templated = target.template.stops if spec.prompt is None else ()
     stops = dict.fromkeys((*defaults.stop, *spec.stop, *templated))
     sampling = replace(defaults, **dict(spec.sampling), grammar=grammar, grammar_triggers=triggers,
-                       max_tokens=spec.max_tokens or defaults.max_tokens, stop=tuple(stops))
+                       max_tokens=answer_limit(spec.max_tokens, defaults.max_tokens), stop=tuple(stops))
     thinking = spec.reasoning and opens_thinking(target.piece, prompt)
     return Prepared(prompt, sampling, rules, spec.reasoning, thinking)
+
+
+def answer_limit(asked: int | None, limit: int) -> int:
+    """An answer's length limit: what the request asks, capped by the settings' own (``serve -n``
+    caps every request, as llama-server's does: agents ask for 32000 tokens a turn)."""
+    if asked and asked > 0 and limit > 0:
+        return min(asked, limit)
+    return asked or limit
 
 
 def prompt_for(spec: GenerationSpec, target: Target) -> list[int]:
