@@ -33,8 +33,12 @@ def apps() -> Path:
     bin_dir = NPM_CACHE / "node_modules" / ".bin"
     if not all((bin_dir / name).exists() for name in ("claude", "codex")):
         NPM_CACHE.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(["npm", "install", "--prefix", str(NPM_CACHE), "--no-audit", "--no-fund", *PACKAGES],
-                              capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            ["npm", "install", "--prefix", str(NPM_CACHE), "--no-audit", "--no-fund", *PACKAGES],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
     return bin_dir
 
@@ -44,8 +48,17 @@ def server(tmp_path_factory: pytest.TempPathFactory, smollm2: Path):
     """32k tokens of context, as the apps' prompts need, any model name answered by SmolLM2, and
     answers ended at a blank line (a 135M model can ramble on for the context's 12k tokens left,
     which takes this CPU an hour)."""
-    s = Server(tmp_path_factory.mktemp("home"), smollm2, "--ctx", "32768", "--allow-long-context",
-               "--stop", "\n\n", "--alias", f"*={MODEL_NAME}")
+    s = Server(
+        tmp_path_factory.mktemp("home"),
+        smollm2,
+        "--ctx",
+        "32768",
+        "--allow-long-context",
+        "--stop",
+        "\n\n",
+        "--alias",
+        f"*={MODEL_NAME}",
+    )
     yield s
     s.stop()
 
@@ -55,12 +68,20 @@ def test_serve_n_caps_what_every_request_asks(tmp_path: Path, smollm2: Path) -> 
     capped = Server(tmp_path, smollm2, "-n", "8")
     try:
         reply = capped.client().chat.completions.create(
-            model=capped.name, messages=[{"role": "user", "content": "Write a long story."}], max_tokens=32000,
-            temperature=0, extra_body={"ignore_eos": True})
+            model=capped.name,
+            messages=[{"role": "user", "content": "Write a long story."}],
+            max_tokens=32000,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
         assert reply.usage.completion_tokens == 8 and reply.choices[0].finish_reason == "length"
         fewer = capped.client().chat.completions.create(
-            model=capped.name, messages=[{"role": "user", "content": "Write a long story."}], max_tokens=3,
-            temperature=0, extra_body={"ignore_eos": True})
+            model=capped.name,
+            messages=[{"role": "user", "content": "Write a long story."}],
+            max_tokens=3,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
         assert fewer.usage.completion_tokens == 3
     finally:
         capped.stop()
@@ -68,16 +89,29 @@ def test_serve_n_caps_what_every_request_asks(tmp_path: Path, smollm2: Path) -> 
 
 def _quiet_env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "OPENAI_", "CODEX_"))}
-    env.update(HOME=str(home), DISABLE_TELEMETRY="1", DISABLE_ERROR_REPORTING="1", DISABLE_AUTOUPDATER="1",
-               CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", NO_PROXY="127.0.0.1")
+    env.update(
+        HOME=str(home),
+        DISABLE_TELEMETRY="1",
+        DISABLE_ERROR_REPORTING="1",
+        DISABLE_AUTOUPDATER="1",
+        CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
+        NO_PROXY="127.0.0.1",
+    )
     return env
 
 
 @pytest.mark.timeout(1800)
 def test_claude_code_gets_a_200_for_every_request(apps: Path, server: Server, tmp_path: Path) -> None:
     env = {**_quiet_env(tmp_path), "ANTHROPIC_BASE_URL": server.base, "ANTHROPIC_API_KEY": "sk-local"}
-    done = subprocess.run([str(apps / "claude"), "-p", "--max-turns", "2", "Say hello"], cwd=tmp_path, env=env,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=1500)
+    done = subprocess.run(
+        [str(apps / "claude"), "-p", "--max-turns", "2", "Say hello"],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert "API Error" not in done.stdout + done.stderr, done.stdout + done.stderr
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -88,9 +122,17 @@ def test_codex_gets_a_200_for_every_request(apps: Path, server: Server, tmp_path
     codex_home.mkdir()
     (codex_home / "config.toml").write_text(
         f'model = "{MODEL_NAME}"\nmodel_provider = "edgellm"\n\n[model_providers.edgellm]\nname = "edgellm"\n'
-        f'base_url = "{server.base}/v1"\nwire_api = "responses"\n')
+        f'base_url = "{server.base}/v1"\nwire_api = "responses"\n'
+    )
     env = {**_quiet_env(tmp_path), "CODEX_HOME": str(codex_home)}
-    done = subprocess.run([str(apps / "codex"), "exec", "--skip-git-repo-check", "Say hello"], cwd=tmp_path,
-                          env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=1500)
+    done = subprocess.run(
+        [str(apps / "codex"), "exec", "--skip-git-repo-check", "Say hello"],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ERROR" not in done.stdout + done.stderr, done.stdout + done.stderr
