@@ -67,53 +67,36 @@ def test_serve_n_caps_what_every_request_asks(tmp_path: Path, smollm2: Path) -> 
     """Agents ask 32000 tokens a turn; `serve -n 8` answers with at most 8, as llama-server's -n."""
     capped = Server(tmp_path, smollm2, "-n", "8")
     try:
-        reply = capped.client().chat.completions.create(
-            model=capped.name,
-            messages=[{"role": "user", "content": "Write a long story."}],
-            max_tokens=32000,
-            temperature=0,
-            extra_body={"ignore_eos": True},
-        )
-        assert reply.usage.completion_tokens == 8 and reply.choices[0].finish_reason == "length"
-        fewer = capped.client().chat.completions.create(
-            model=capped.name,
-            messages=[{"role": "user", "content": "Write a long story."}],
-            max_tokens=3,
-            temperature=0,
-            extra_body={"ignore_eos": True},
-        )
-        assert fewer.usage.completion_tokens == 3
+        for asked, answered in ((32000, 8), (3, 3)):
+            reply = capped.client().chat.completions.create(
+                model=capped.name,
+                messages=[{"role": "user", "content": "Write a long story."}],
+                max_tokens=asked,
+                temperature=0,
+                extra_body={"ignore_eos": True},
+            )
+            assert reply.usage.completion_tokens == answered and reply.choices[0].finish_reason == "length"
     finally:
         capped.stop()
 
 
-def _quiet_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "OPENAI_", "CODEX_"))}
-    env.update(
-        HOME=str(home),
-        DISABLE_TELEMETRY="1",
-        DISABLE_ERROR_REPORTING="1",
-        DISABLE_AUTOUPDATER="1",
-        CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
-        NO_PROXY="127.0.0.1",
-    )
-    return env
+def _run_app(command: list[str], home: Path, env: dict[str, str]) -> str:
+    """Run an app in ``home`` with its network to this machine only and telemetry off; its output."""
+    quiet = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "OPENAI_", "CODEX_"))}
+    quiet.update(HOME=str(home), DISABLE_TELEMETRY="1", DISABLE_ERROR_REPORTING="1", DISABLE_AUTOUPDATER="1",
+                 CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", NO_PROXY="127.0.0.1", **env)
+    done = subprocess.run(command, cwd=home, env=quiet, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=1500)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    return output
 
 
 @pytest.mark.timeout(1800)
 def test_claude_code_gets_a_200_for_every_request(apps: Path, server: Server, tmp_path: Path) -> None:
-    env = {**_quiet_env(tmp_path), "ANTHROPIC_BASE_URL": server.base, "ANTHROPIC_API_KEY": "sk-local"}
-    done = subprocess.run(
-        [str(apps / "claude"), "-p", "--max-turns", "2", "Say hello"],
-        cwd=tmp_path,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
-    assert "API Error" not in done.stdout + done.stderr, done.stdout + done.stderr
-    assert done.returncode == 0, done.stdout + done.stderr
+    output = _run_app([str(apps / "claude"), "-p", "--max-turns", "2", "Say hello"], tmp_path,
+                      {"ANTHROPIC_BASE_URL": server.base, "ANTHROPIC_API_KEY": "sk-local"})
+    assert "API Error" not in output, output
 
 
 @pytest.mark.timeout(1800)
@@ -124,15 +107,6 @@ def test_codex_gets_a_200_for_every_request(apps: Path, server: Server, tmp_path
         f'model = "{MODEL_NAME}"\nmodel_provider = "edgellm"\n\n[model_providers.edgellm]\nname = "edgellm"\n'
         f'base_url = "{server.base}/v1"\nwire_api = "responses"\n'
     )
-    env = {**_quiet_env(tmp_path), "CODEX_HOME": str(codex_home)}
-    done = subprocess.run(
-        [str(apps / "codex"), "exec", "--skip-git-repo-check", "Say hello"],
-        cwd=tmp_path,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "ERROR" not in done.stdout + done.stderr, done.stdout + done.stderr
+    output = _run_app([str(apps / "codex"), "exec", "--skip-git-repo-check", "Say hello"], tmp_path,
+                      {"CODEX_HOME": str(codex_home)})
+    assert "ERROR" not in output, output

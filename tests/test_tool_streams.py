@@ -47,6 +47,12 @@ def server(tmp_path_factory: pytest.TempPathFactory, smollm2: Path):
     s.stop()
 
 
+def _required(server: Server) -> dict:
+    """A chat completion that must call get_weather, after the two-call example."""
+    return {"model": server.name, "messages": [*FIRST, ASK], "tools": [WEATHER], "tool_choice": "required",
+            "temperature": 0, "max_tokens": 200}
+
+
 def _cities(arguments: list) -> list[str]:
     found = [(json.loads(a) if isinstance(a, str) else a)["city"] for a in arguments]
     assert set(found) <= CITIES, found
@@ -58,25 +64,10 @@ def test_two_needed_calls_come_back_as_two_calls_in_every_dialect(server: Server
     import ollama
 
     openai = server.client()
-    reply = openai.chat.completions.create(
-        model=server.name,
-        messages=[*FIRST, ASK],
-        tools=[WEATHER],
-        tool_choice="required",
-        temperature=0,
-        max_tokens=200,
-    )
+    reply = openai.chat.completions.create(**_required(server))
     assert reply.choices[0].finish_reason == "tool_calls"
     assert len(_cities([c.function.arguments for c in reply.choices[0].message.tool_calls])) >= 2
-    one = openai.chat.completions.create(
-        model=server.name,
-        messages=[*FIRST, ASK],
-        tools=[WEATHER],
-        tool_choice="required",
-        parallel_tool_calls=False,
-        temperature=0,
-        max_tokens=200,
-    )
+    one = openai.chat.completions.create(**_required(server), parallel_tool_calls=False)
     assert len(one.choices[0].message.tool_calls) == 1
 
     responses = openai.responses.create(
@@ -196,15 +187,7 @@ def test_call_arguments_stream_as_they_are_written(server: Server) -> None:
     openai = server.client()
     pieces: dict[int, list[str]] = {}
     names = {}
-    for chunk in openai.chat.completions.create(
-        model=server.name,
-        messages=[*FIRST, ASK],
-        tools=[WEATHER],
-        tool_choice="required",
-        temperature=0,
-        max_tokens=200,
-        stream=True,
-    ):
+    for chunk in openai.chat.completions.create(**_required(server), stream=True):
         for delta in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
             if delta.function.name:
                 assert delta.index not in names and delta.index not in pieces  # the name before any argument
