@@ -274,16 +274,15 @@ class _Reply:
         """The last line (whole: ``text`` is the answer, its calls read from it; streamed: ``text``
         is what is left to send, and ``calls`` the answer's calls)."""
         t = last.timings
-        piece = self._piece(text)
-        if thinking and self.field == "message":
-            piece = {**piece, "thinking": thinking}
         if calls is None and self.calls is not None and self.field == "message":
             text, calls = self.calls.split(text)
-            piece = self._piece(text)
+        piece = self._piece(text)
         if calls:
-            piece = {"role": "assistant", "content": text, "tool_calls": [
+            piece = {**piece, "tool_calls": [
                 {"function": {"index": i, "name": c.name, "arguments": json.loads(c.arguments)}}
                 for i, c in enumerate(calls)]}
+        if thinking and self.field == "message":
+            piece = {**piece, "thinking": thinking}
         return {"model": self.model, "created_at": _iso(time.time()), self.field: piece, "done": True,
                 "done_reason": "length" if last.finish_reason == "length" else "stop",
                 "total_duration": time.perf_counter_ns() - self.started, "load_duration": 0,
