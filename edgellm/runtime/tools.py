@@ -17,6 +17,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
+from json.decoder import WHITESPACE
 from typing import Any
 
 from edgellm.errors import UsageError, brief
@@ -90,16 +91,15 @@ class ToolFormat:
     def wrap(self, parallel: bool = False) -> str:
         """The grammar's root and its ``calls``: the marker and one call, or as many as the model
         writes with ``parallel``."""
-        head = " ".join(part for part in (self.head, self.body) if part)
-        return f"root ::= {head}\n{self._calls_rule(parallel)}"
+        return self._rules(" ".join(part for part in (self.head, self.body) if part), parallel)
 
     def rest(self, parallel: bool = False) -> str:
         """The same for what follows the marker (a trigger), up to the end of the calls."""
-        return "root ::= " + self.body + "\n" + self._calls_rule(parallel)
+        return self._rules(self.body, parallel)
 
-    def _calls_rule(self, parallel: bool) -> str:
+    def _rules(self, root: str, parallel: bool) -> str:
         more = f" (tc-ws {self.between} tc-ws call)*" if parallel and self.between else ""
-        return "calls ::= call" + more
+        return f"root ::= {root}\ncalls ::= call{more}"
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """(the text that is not a call, the calls) of an answer."""
@@ -277,13 +277,12 @@ def _listed(text: str) -> list[Any]:
         return [found] if isinstance(found := _loads(rest), dict) else []
     found, at = [], 1
     while True:
-        at = len(rest) - len(rest[at:].lstrip())
         try:
-            item, at = decoder.raw_decode(rest, at)
+            item, at = decoder.raw_decode(rest, WHITESPACE.match(rest, at).end())
         except (json.JSONDecodeError, RecursionError):
             return found
         found.append(item)
-        at = len(rest) - len(rest[at:].lstrip())
+        at = WHITESPACE.match(rest, at).end()
         if rest[at:at + 1] != ",":
             return found
         at += 1

@@ -73,7 +73,7 @@ class CallStream:
         self._depth = fmt.opened_depth
         self.text = ""  # everything fed
         self._sent = 0  # how much of the text before the marker went out as content
-        self._scan_from: int | None = None  # where the calls begin, once the marker is seen
+        self._marked = False  # the marker was seen: the rest is calls
         self.calls: list[list[str]] = []  # [id, name, arguments sent] of each call begun
         self._call: _Call | None = None  # the call object being read
         self._offered = {tool.name for tool in rules.tools}
@@ -85,11 +85,11 @@ class CallStream:
         start = len(self.text)
         self.text += piece
         events: list[Event] = []
-        if self._scan_from is None:
+        if not self._marked:
             match = self._marker.search(self.text, max(self._sent - len(self._compact_marker) - 64, 0))
             if match is None:
                 return self._content(self._held_from())
-            self._scan_from = start = match.end()
+            self._marked, start = True, match.end()
             events = self._content(match.start())
         for i in range(start, len(self.text)):
             self._step(i, self.text[i], events)
@@ -99,7 +99,7 @@ class CallStream:
 
     def close(self) -> list[Event]:
         """The held tail, once the answer ends without a marker there."""
-        return self._content(len(self.text)) if self._scan_from is None else []
+        return [] if self._marked else self._content(len(self.text))
 
     def _held_from(self) -> int:
         """Where the tail that could still be the start of the marker begins."""

@@ -144,10 +144,7 @@ async def messages(body: MessagesRequest, request: Request):
     reply = Reply(served.name, len(ready.prompt), ready.calls)
     paced = Paced(ready.request(), served)
     if not body.stream:
-        try:
-            return reply.whole(await paced.gathered())
-        finally:
-            await paced.aclose()
+        return reply.whole(await paced.gathered())
     first = await paced.first()  # errors before the first token still become an HTTP error
     return EventStream(reply.events(first, paced), media_type="text/event-stream")
 

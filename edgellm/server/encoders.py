@@ -125,7 +125,7 @@ class ChatEncoder(Encoder):
         try:
             async for item in answer_items(first, paced, self.calls):
                 if isinstance(item, Reading):
-                    yield beat(item)
+                    yield item.comment()
                     continue
                 if isinstance(item, Ended):
                     finish = "tool_calls" if item.calls and not item.unfinished else item.last.finish_reason
@@ -231,11 +231,6 @@ async def respond(encoder: Encoder, answers: list[Paced], stream: bool, include_
     return EventStream(events, media_type="text/event-stream")
 
 
-def beat(reading: Reading) -> bytes:
-    """An SSE comment while the prompt is read: it keeps the response alive and says how far."""
-    return f": {reading}\n\n".encode()
-
-
 async def _merged(encoder: Encoder, answers: list[Paced], include_usage: bool) -> AsyncIterator[bytes]:
     """Several answers' events interleaved as their tokens come, each choice by its index."""
     queue: asyncio.Queue = asyncio.Queue()
@@ -260,7 +255,7 @@ async def _merged(encoder: Encoder, answers: list[Paced], include_usage: bool) -
                 return
             if isinstance(item, Reading):
                 if index == 0:
-                    yield beat(item)
+                    yield item.comment()
                 continue
             yield encoder.sse(item, index not in started, index)
             started.add(index)
@@ -286,7 +281,7 @@ async def _events(encoder: Encoder, item: Chunk | Reading, paced: Paced, include
     try:  # a client that goes away cancels this generator; closing `paced` frees its slot
         while True:
             if isinstance(item, Reading):
-                yield beat(item)
+                yield item.comment()
             else:
                 yield encoder.sse(item, first)
                 first = False

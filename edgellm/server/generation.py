@@ -155,6 +155,10 @@ class Reading:
     def __str__(self) -> str:
         return f"reading the prompt: {self.read}/{self.total} tokens"
 
+    def comment(self) -> bytes:
+        """As an SSE comment, which every client skips: it keeps the response alive and says how far."""
+        return f": {self}\n\n".encode()
+
 
 class Paced:
     """An answer's Chunks, and a ``Reading`` whenever none has come for a while, so a stream can
@@ -180,13 +184,11 @@ class Paced:
         return await self.next(FIRST_WAIT)
 
     async def gathered(self) -> list[Chunk]:
-        """The whole answer (a request that is not streamed)."""
-        got = []
-        while not (got and got[-1].finish_reason):
-            item = await self.next(3600)
-            if isinstance(item, Chunk):
-                got.append(item)
-        return got
+        """The whole answer (a request that is not streamed); its slot is freed however this ends."""
+        try:
+            return [chunk async for chunk in self._chunks]
+        finally:
+            await self.aclose()
 
     async def aclose(self) -> None:
         """Stop reading: the engine frees the answer's slot."""

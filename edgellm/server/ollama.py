@@ -243,10 +243,7 @@ async def _answer(request: Request, served, spec: GenerationSpec, body: _Generat
     reply = _Reply(served.name, len(ready.prompt), field, ready.calls)
     paced = Paced(ready.request(), served)
     if not body.stream:
-        try:
-            got = await paced.gathered()
-        finally:
-            await paced.aclose()
+        got = await paced.gathered()
         text, thinking = joined(got)
         return reply.final(text, got[-1], thinking)
     first = await paced.first()  # errors before the first token still become an HTTP error

@@ -85,8 +85,8 @@ async def pull(body: PullRequest, request: Request):
         pull_gguf(ref, store_for(settings), job, on_choice=lambda choice, _: chosen.update(choice=choice))
 
     def line(step: Step) -> dict:
-        files = chosen["choice"].files if "choice" in chosen else ()
-        digest = "sha256:" + (files[0].sha256 or "") if files and files[0].sha256 else ""
+        sha = chosen["choice"].files[0].sha256 if "choice" in chosen else None
+        digest = f"sha256:{sha}" if sha else ""
         return {"status": f"pulling {digest[7:19] or repo}", "digest": digest, "total": step.total or 0,
                 "completed": step.done}
 

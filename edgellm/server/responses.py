@@ -252,10 +252,7 @@ async def responses(body: ResponsesRequest, request: Request):
     reply = Reply(served.name, body, len(ready.prompt), turns, ready.calls, kept)
     paced = Paced(ready.request(), served)
     if not body.stream:
-        try:
-            got = await paced.gathered()
-        finally:
-            await paced.aclose()
+        got = await paced.gathered()
         return reply.finish("".join(c.text for c in got), got[-1])
     first = await paced.first()  # errors before the first token still become an HTTP error
     return EventStream(reply.events(first, paced), media_type="text/event-stream")
@@ -323,7 +320,7 @@ class Reply:
             yield self._event("response.in_progress", response=self.response("in_progress", []))
             async for item in answer_items(first, paced, self.calls):
                 if isinstance(item, Reading):
-                    yield f": {item}\n\n".encode()
+                    yield item.comment()
                 elif isinstance(item, Content):
                     if not any(i["type"] == "message" for i in items):
                         items.append(self.message_item("", "in_progress"))
