@@ -147,6 +147,19 @@ def refuse_requantize(header: GGUFHeader, allow_requantize: bool = False) -> Non
         )
 
 
+def source_note(header: GGUFHeader, qtype: QuantType) -> str | None:
+    """Advice for a model converted from a checkpoint stored quantized (GPTQ, AWQ, bitsandbytes,
+    FP8): a type of more bits than the source kept costs size and gains nothing, since the
+    weights were already rounded to the source's grid."""
+    from edgellm.convert.quantized import SOURCE_BITS, SOURCE_QUANTIZATION
+
+    label, bits = header.metadata.get(SOURCE_QUANTIZATION), header.metadata.get(SOURCE_BITS)
+    if not isinstance(label, str) or not isinstance(bits, (int, float)) or qtype.bpw <= bits + 0.5:
+        return None
+    return (f"note: {header.path.name} was dequantized from {label} (about {bits:.1f} bits per weight); "
+            f"{qtype.name}'s {qtype.bpw:.1f} bits gain nothing over it, only size")
+
+
 def check_request(header: GGUFHeader, qtype: QuantType, output: Path, allow_requantize: bool,
                   imatrix: ImportanceMatrix | None = None) -> None:
     """Every refusal that can be decided before llama.cpp starts writing."""

@@ -68,6 +68,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     result, where = job_with_bar(run)
     print(f"{where}: {result.arch}, {result.n_tensors} tensors, {result.outtype}, "
           f"{human_bytes(result.size)} in {result.seconds:.1f} s")
+    if result.source:
+        print(f"dequantized from {result.source}: its quality is the ceiling of this file and of any "
+              "quantization made from it")
     return 0
 
 

@@ -183,6 +183,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             from edgellm.quantize import check_coverage
 
             check_coverage(model.header, imatrix)  # before the line that says it starts
+        from edgellm.quantize import source_note
+
+        if note := source_note(model.header, qtype):
+            print(note, file=sys.stderr)
         print(
             f"quantizing {model.name} ({model.header.quantization}, {human_bytes(model.header.file_size)}) to {qtype.name}",
             file=sys.stderr,

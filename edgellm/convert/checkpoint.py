@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from edgellm.convert.quantized import dequantized_view
 from edgellm.errors import CheckpointError, UsageError, brief
 
 #: safetensors dtype -> (numpy dtype of the stored bytes, bytes per element)
@@ -36,6 +37,8 @@ DTYPES: dict[str, tuple[str, int]] = {
     "I8": ("i1", 1),
     "U8": ("u1", 1),
     "BOOL": ("u1", 1),
+    "F8_E4M3": ("u1", 1),  # FP8 codes, read as bytes and decoded by the quantized checkpoint's scheme
+    "F8_E5M2": ("u1", 1),
 }
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 MAX_HEADER = 100 << 20
@@ -214,7 +217,9 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 class Checkpoint:
-    """A Hugging Face model folder: its config and every tensor of its safetensors shards."""
+    """A Hugging Face model folder: its config and every tensor of its safetensors shards. A
+    checkpoint stored quantized (``quantization``: what it was) lists the weights its packed
+    layers stand for, dequantized when read (quantized.py)."""
 
     def __init__(self, folder: Path, config: dict[str, Any], files: list[SafetensorsFile]) -> None:
         self.folder = folder
@@ -226,6 +231,8 @@ class Checkpoint:
                 if name in self.tensors:
                     raise CheckpointError(f"tensor {name!r} is in both {self.tensors[name].file.path.name} and {f.path.name}")
                 self.tensors[name] = ref
+        with reading(folder.name):
+            self.tensors, self.quantization = dequantized_view(config, self.tensors)
 
     @classmethod
     def open(cls, folder: Path) -> Checkpoint:

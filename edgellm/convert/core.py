@@ -28,6 +28,7 @@ import numpy as np
 from edgellm.convert.archs import Architecture, Mapped, architecture_for
 from edgellm.convert.checkpoint import Checkpoint, TensorRef, reading
 from edgellm.convert.lora import Merge
+from edgellm.convert.quantized import SOURCE_BITS, SOURCE_QUANTIZATION, logical_shapes
 from edgellm.convert.vocab import read_vocab
 from edgellm.convert.writer import ConvertResult, Progress, check_finite, write_streamed
 from edgellm.errors import CheckpointError, UsageError
@@ -188,6 +189,9 @@ def convert(
         if qtype == Q.Q8_0:
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         vocab.add_to(writer, ckpt.folder)
+        if ckpt.quantization is not None:
+            writer.add_string(SOURCE_QUANTIZATION, ckpt.quantization.label)
+            writer.add_float32(SOURCE_BITS, ckpt.quantization.bits)
         for t in tensors:
             writer.add_tensor_info(t.name, *t.writer_info(), t.nbytes, raw_dtype=t.qtype)
 
@@ -205,7 +209,7 @@ def convert(
                        check=_llama_cpp_loads)
         size = output.stat().st_size
     return ConvertResult(output, gguf.MODEL_ARCH_NAMES[arch.arch], qtype.name, len(tensors), size,
-                         time.perf_counter() - start)
+                         time.perf_counter() - start, ckpt.quantization.label if ckpt.quantization else None)
 
 
 def _llama_cpp_loads(path: Path) -> None:
@@ -256,6 +260,7 @@ def planned_header(config: dict, tensors: dict[str, tuple[int, ...]], target: st
     stay f32), laid out in checkpoint order, so offsets are approximate. What ``pull --plan``
     plans with, exactly as with a GGUF already on disk."""
     with reading("the checkpoint"):
+        tensors = logical_shapes(config, tensors)
         arch = architecture_for(config)
         qtype = quant_type(target)
         writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[arch.arch])

@@ -26,6 +26,7 @@ class ConvertResult:
     n_tensors: int
     size: int
     seconds: float
+    source: str | None = None  # the quantization a checkpoint was stored in, dequantized on the way
 
 
 def check_finite(name: str, data: np.ndarray) -> None:
