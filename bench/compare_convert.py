@@ -11,10 +11,17 @@ from its own config class with random weights and SmolLM2's tokenizer: 8 layers,
 the mixtures of experts (mixtral, qwen2_moe, qwen3_moe, granitemoe, llama4_text, gpt_oss; gpt_oss_mxfp4 with its experts in MXFP4 as released) with 8 experts, about 200M
 parameters, one matrix per expert as the Hub's MoE checkpoints are, or fused as Granite's are).
 
+`--quant KIND` converts SmolLM2 stored quantized as the Hub publishes it (tests/quant_fixtures.py):
+gptq4, fp8 (64x64 blocks) and ct-w4a16 (compressed-tensors, symmetric groups of 32), which
+convert_hf_to_gguf.py dequantizes too; nf4 (bitsandbytes), which it refuses, so the reference is
+the path a user has today: transformers loads the checkpoint, dequantizes it and saves 16-bit
+weights, then convert_hf_to_gguf.py (both steps timed, the larger peak RSS kept). AWQ has no
+reference here: no AWQ loader runs on a CPU without its CUDA kernels.
+
 (gpt_oss_mxfp4 with --outtype auto: both keep the experts in MXFP4; an explicit type makes edgellm
 dequantize them, as its --outtype says, where convert_hf_to_gguf.py keeps MXFP4 whatever it is asked.)
 
-usage: python bench/compare_convert.py [CHECKPOINT] [--gemma | --arch TYPE] [--outtype f16] [--repeat 2]
+usage: python bench/compare_convert.py [CHECKPOINT] [--gemma | --arch TYPE | --quant KIND] [--outtype f16] [--repeat 2]
 """
 
 from __future__ import annotations
@@ -142,17 +149,72 @@ def make_checkpoint(model_type: str, folder: Path) -> None:
         shutil.copy(tokenizer_from / f, folder / f)
 
 
+QUANTS = ("gptq4", "fp8", "ct-w4a16", "nf4")
+
+
+def quant_checkpoint(kind: str) -> Path:
+    """Made in a child process, as arch_checkpoint is."""
+    folder = Path(tempfile.mkdtemp(prefix=f"edgellm-{kind}-")) / kind
+    subprocess.run([sys.executable, __file__, "--make-quant", kind, str(folder)], check=True,
+                   env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    return folder
+
+
+def make_quant_checkpoint(kind: str, folder: Path) -> None:
+    from tests import quant_fixtures as qf
+
+    src = default_checkpoint(False)
+    makers = {"gptq4": lambda: qf.gptq_checkpoint(src, folder, 4, group=128, desc_act=True),
+              "fp8": lambda: qf.fp8_checkpoint(src, folder, (64, 64)),
+              "ct-w4a16": lambda: qf.compressed_tensors_checkpoint(src, folder, "w4a16"),
+              "nf4": lambda: qf.bnb_checkpoint(src, folder, "nf4")}
+    makers[kind]()
+
+
+def dequantize_with_transformers(source: Path, dest: Path) -> None:
+    """What a user does today with a checkpoint llama.cpp refuses: load it, dequantize, save."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, device_map="cpu")
+    model = model.dequantize().to(torch.float16)
+    model.save_pretrained(dest)
+    for f in source.iterdir():
+        if f.name.startswith("tokenizer") or f.suffix == ".jinja":
+            shutil.copy(f, dest / f.name)
+
+
+def reference_runs(ckpt: Path, out: Path, outtype: str, script: Path, via_transformers: bool) -> tuple[float, int]:
+    if not via_transformers:
+        return measure([sys.executable, str(script), str(ckpt), "--outfile", str(out), "--outtype", outtype])
+    import shutil
+
+    middle = out.parent / "dequantized"
+    shutil.rmtree(middle, ignore_errors=True)
+    load = measure([sys.executable, __file__, "--dequantize", str(ckpt), str(middle)])
+    conv = measure([sys.executable, str(script), str(middle), "--outfile", str(out), "--outtype", outtype])
+    return load[0] + conv[0], max(load[1], conv[1])
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--make"]:
         return make_checkpoint(sys.argv[2], Path(sys.argv[3]))
+    if sys.argv[1:2] == ["--make-quant"]:
+        return make_quant_checkpoint(sys.argv[2], Path(sys.argv[3]))
+    if sys.argv[1:2] == ["--dequantize"]:
+        return dequantize_with_transformers(Path(sys.argv[2]), Path(sys.argv[3]))
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint", nargs="?", type=Path)
     ap.add_argument("--gemma", action="store_true")
     ap.add_argument("--arch", choices=sorted(ARCHS))
+    ap.add_argument("--quant", choices=QUANTS)
     ap.add_argument("--outtype", default="f16")
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
-    ckpt = args.checkpoint or (arch_checkpoint(args.arch) if args.arch else default_checkpoint(args.gemma))
+    ckpt = args.checkpoint or (arch_checkpoint(args.arch) if args.arch else quant_checkpoint(args.quant)
+                               if args.quant else default_checkpoint(args.gemma))
     script = reference_bin().parent / "src" / "convert_hf_to_gguf.py"
     work = Path(tempfile.mkdtemp(prefix="edgellm-convert-bench-"))
     ours_out, ref_out = work / "ours.gguf", work / "reference.gguf"
@@ -162,8 +224,7 @@ def main() -> None:
             path.unlink(missing_ok=True)
         runs["edgellm"].append(measure([sys.executable, "-m", "edgellm", "convert", str(ckpt), "-o", str(ours_out),
                                         "--outtype", args.outtype]))
-        runs["reference"].append(measure([sys.executable, str(script), str(ckpt), "--outfile", str(ref_out),
-                                          "--outtype", args.outtype]))
+        runs["reference"].append(reference_runs(ckpt, ref_out, args.outtype, script, args.quant == "nf4"))
     print(f"checkpoint: {ckpt}  outtype: {args.outtype}  rounds: {args.repeat}")
     med = {k: (statistics.median(t for t, _ in v), max(r for _, r in v)) for k, v in runs.items()}
     for name, (secs, rss) in med.items():

@@ -695,6 +695,15 @@ class Source:
     layers: int
 
 
+#: methods whose tensors an architecture maps itself (gpt-oss keeps its MXFP4 experts as llama.cpp's)
+KEPT_BY_ARCHITECTURE = {"mxfp4"}
+
+
+def _method(config: dict[str, Any]) -> str:
+    qc = config.get("quantization_config")
+    return str(qc.get("quant_method", "")).lower() if isinstance(qc, dict) else ""
+
+
 def schemes_for(config: dict[str, Any]) -> list[Scheme]:
     """The schemes ``config.json``'s quantization_config names (none for a 16/32-bit checkpoint)."""
     qc = config.get("quantization_config")
@@ -703,10 +712,12 @@ def schemes_for(config: dict[str, Any]) -> list[Scheme]:
     if not isinstance(qc, dict):
         raise CheckpointError("config.json: quantization_config is not an object")
     method = str(qc.get("quant_method", "")).lower()
+    if method in KEPT_BY_ARCHITECTURE:
+        return []
     if method not in METHODS:
         raise CheckpointError(
             f"config.json: quant_method {qc.get('quant_method')!r} is not read by edgellm",
-            hint="methods read: " + ", ".join(METHODS),
+            hint="methods read: " + ", ".join([*METHODS, *KEPT_BY_ARCHITECTURE]),
         )
     made = METHODS[method](qc)
     return made if isinstance(made, list) else [made]
@@ -720,6 +731,8 @@ def dequantized_view(
     tensor stored as integers or FP8 that no scheme claims is refused: written as it is, it
     would be garbage."""
     schemes = schemes_for(config)
+    if _method(config) in KEPT_BY_ARCHITECTURE:
+        return dict(tensors), None
     view: dict[str, Any] = dict(tensors)
     found: list[Scheme] = []
     n_layers = 0
