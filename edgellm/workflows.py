@@ -628,18 +628,18 @@ def finetune(plan: FinetunePlan, request: Finetune, job: Job,
 
 def export_run(store: Store, adapter: Path, quant: str | None, job: Job, *, name: str | None = None,
                base_16bit: Path | None = None) -> tuple[ConvertResult, ModelEntry]:
-    """A trained adapter merged into its 16-bit base (a QLoRA run's too: the 4-bit weights were
-    made from it), converted, quantized to ``quant`` and registered in the store."""
+    """A trained adapter merged into its base, converted, quantized to ``quant`` and registered in
+    the store. A run on a bitsandbytes 4-bit checkpoint merges into those 4-bit weights,
+    dequantized: the weights it was trained against, which lands far nearer the trained model
+    than its 16-bit base does (bench/qlora_merge.py); ``base_16bit`` merges into that instead. A
+    QLoRA run on a 16-bit base merges into it, as Unsloth does."""
     from edgellm.errors import CheckpointError
     from edgellm.train.loop import read_record
 
     record = read_record(adapter)
-    if record.get("base_4bit") and base_16bit is None:
-        raise CheckpointError(f"{adapter} was trained on a 4-bit base: the merge needs the 16-bit checkpoint "
-                              "its weights were made from", hint="name it with --base-16bit FOLDER")
     base = Path(base_16bit or record.get("base") or "")
     if not (base / "config.json").is_file():
-        raise CheckpointError(f"the 16-bit base of {adapter} is not at {base or '?'}",
+        raise CheckpointError(f"the base of {adapter} is not at {base or '?'}",
                               hint="name it with --base-16bit FOLDER")
     adapter = Path(adapter)
     run = adapter.parent.name if adapter.name == "adapter" else adapter.name  # a run's adapter, or any folder

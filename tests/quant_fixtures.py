@@ -42,10 +42,7 @@ def bnb_checkpoint(src: Path, dest: Path, kind: str) -> Path:
         )
     model = AutoModelForCausalLM.from_pretrained(src, quantization_config=config, device_map="cpu")
     model.save_pretrained(dest)
-    _copy_side_files(src, dest)
-    for f in src.iterdir():
-        if f.name.startswith("tokenizer") or f.suffix == ".jinja":
-            shutil.copy(f, dest / f.name)
+    _copy_side_files(src, dest)  # the tokenizer and chat template
     return dest
 
 

@@ -317,3 +317,48 @@ def test_integer_weights_without_a_quantization_config_are_refused(cli, written,
     del config["quantization_config"]
     (folder / "config.json").write_text(json.dumps(config))
     _refused(cli, folder, "no quantization_config")
+
+
+# -- the 16-bit base instead ----------------------------------------------------------------------
+def test_from_base_converts_the_16bit_checkpoint_instead(cli, written, smollm2_hf: Path) -> None:
+    folder, _ = written("gptq-4bit")
+    out = cli.cwd / "from-base.gguf"
+    done = cli("convert", str(folder), "--from-base", str(smollm2_hf), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert f"converting {smollm2_hf}, the 16-bit base of gptq-4bit" in done.stdout
+    assert "dequantized from" not in done.stdout
+    plain = cli.cwd / "plain.gguf"
+    assert cli("convert", str(smollm2_hf), "-o", str(plain)).returncode == 0
+    ours, theirs = read_header(out), read_header(plain)
+    assert [(t.name, t.shape, t.type_name) for t in ours.tensors] == [(t.name, t.shape, t.type_name)
+                                                                     for t in theirs.tensors]
+    assert out.read_bytes()[ours.data_offset:] == plain.read_bytes()[theirs.data_offset:]
+
+
+def test_from_base_is_refused_where_it_cannot_apply(cli, written, smollm2_hf: Path) -> None:
+    folder, _ = written("gptq-4bit")
+    unnamed = cli("convert", str(folder), "--from-base", "-o", str(cli.cwd / "x.gguf"))
+    assert unnamed.returncode != 0 and "does not name the 16-bit checkpoint" in unnamed.stderr
+    plain = cli("convert", str(smollm2_hf), "--from-base", "-o", str(cli.cwd / "x.gguf"))
+    assert plain.returncode != 0 and "is not stored quantized" in plain.stderr
+    assert not (cli.cwd / "x.gguf").exists()
+
+
+@pytest.mark.parametrize(
+    ("card", "name", "base"),
+    [
+        ("---\nlicense: apache-2.0\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n---\n", None,
+         "HuggingFaceTB/SmolLM2-135M-Instruct"),
+        ("---\nbase_model:\n- meta-llama/Llama-3.2-1B-Instruct\ntags: [unsloth]\n---\n", None,
+         "meta-llama/Llama-3.2-1B-Instruct"),
+        ("", "unsloth/Qwen3-0.6B-unsloth-bnb-4bit", "unsloth/Qwen3-0.6B"),
+        ("", "unsloth/Llama-3.2-1B-bnb-4bit", "unsloth/Llama-3.2-1B"),
+        ("no front matter\nbase_model: a/b\n", "someone/model", None),
+    ],
+)
+def test_the_16bit_base_is_read_from_the_card_or_the_name(tmp_path: Path, card: str, name, base) -> None:
+    from edgellm.convert.quantized import sixteen_bit_base
+
+    (tmp_path / "README.md").write_text(card)
+    (tmp_path / "config.json").write_text(json.dumps({"_name_or_path": name} if name else {}))
+    assert sixteen_bit_base(tmp_path) == base

@@ -19,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", type=Path, metavar="FILE", help="write this file instead of adding to the store")
     p.add_argument("--lora", action="append", type=Path, default=[], metavar="ADAPTER_DIR",
                    help="merge this PEFT LoRA adapter while converting (repeatable)")
+    p.add_argument("--from-base", nargs="?", const="auto", metavar="REPO_OR_DIR",
+                   help="for a 4-bit checkpoint: convert the 16-bit one it was made from instead (default: the "
+                        "one its model card names)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("merge", help="merge a PEFT LoRA adapter into a HF checkpoint, as a new HF checkpoint")
@@ -56,8 +59,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     settings = Settings.resolve()
     source = checkpoint_folder(args.source, settings)
+    base = _base_instead(source, args.from_base) if args.from_base else None
 
     def run(job):
+        nonlocal source
+        if base is not None:
+            from edgellm.workflows import fetch_checkpoint
+
+            source = fetch_checkpoint(base, store_for(settings), settings.checkpoints_dir, job)
         if args.output:
             return convert(source, args.output, args.outtype, progress=job.tensors_of("convert"), lora=args.lora,
                            name=args.name, cancel=job.cancel), str(args.output)
@@ -72,6 +81,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"dequantized from {result.source}: its quality is the ceiling of this file and of any "
               "quantization made from it")
     return 0
+
+
+def _base_instead(source: Path, asked: str) -> str:
+    """The 16-bit checkpoint to convert in place of a quantized one (``--from-base``): dequantized
+    4-bit weights have lost what the 16-bit base still holds."""
+    from edgellm.convert.checkpoint import read_config
+    from edgellm.convert.quantized import schemes_for, sixteen_bit_base
+
+    if not schemes_for(read_config(source)):
+        raise UsageError(f"{source} is not stored quantized; --from-base is for 4-bit and other quantized checkpoints")
+    base = sixteen_bit_base(source) if asked == "auto" else asked
+    if base is None:
+        raise UsageError(f"{source} does not name the 16-bit checkpoint it was made from",
+                         hint="give it: --from-base REPO_OR_FOLDER")
+    print(f"converting {base}, the 16-bit base of {source.name}, instead of dequantizing it")
+    return base
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

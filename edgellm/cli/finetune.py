@@ -114,7 +114,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--base-16bit",
         type=Path,
         metavar="DIR",
-        help="for --export of a run on a 4-bit (bnb) checkpoint: the 16-bit one to merge into",
+        help="for --export of a run on a 4-bit (bnb) checkpoint: merge into this 16-bit one instead of "
+        "the 4-bit weights it trained against",
     )
     p.add_argument(
         "--json", action="store_true", help="one JSON object per line for each step, eval and save"
@@ -126,7 +127,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("quant", nargs="?", default=None, metavar="QUANT", help="Q4_K_M, Q8_0, ... (default F16)")
     p.add_argument("--name", help="store name (default RUN-QUANT)")
     p.add_argument(
-        "--base-16bit", type=Path, metavar="DIR", help="the 16-bit base to merge into (default: the run's)"
+        "--base-16bit", type=Path, metavar="DIR",
+        help="merge into this 16-bit base (default: the run's own, 4-bit ones dequantized)"
     )
     p.add_argument(
         "--lora-gguf", type=Path, metavar="FILE", help="write the adapter alone as a GGUF LoRA instead"

@@ -12,10 +12,12 @@ imported, and nothing runs on a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -802,3 +804,29 @@ def logical_shapes(
     dequantizes to."""
     view, _ = dequantized_view(config, {n: _Planned(n, None, tuple(s)) for n, s in shapes.items()})
     return {name: tuple(t.shape) for name, t in view.items()}
+
+
+#: the suffixes Unsloth and others give a 4-bit repo made from a 16-bit one
+FOUR_BIT_SUFFIXES = ("-unsloth-bnb-4bit", "-bnb-4bit", "-bnb-nf4", "-4bit")
+
+
+def sixteen_bit_base(folder: Path) -> str | None:
+    """The 16-bit checkpoint a bitsandbytes 4-bit one was made from, where it says: its model
+    card's ``base_model`` (a Hub repo), else its repo name without Unsloth's ``-bnb-4bit``."""
+    import re
+
+    card = folder / "README.md"
+    try:
+        text = card.read_text(encoding="utf-8")[:65536] if card.is_file() else ""
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    front = re.match(r"---\s*\n(.*?)\n---", text, re.S)
+    if front:
+        found = re.search(r"^base_model:\s*(?:\n\s*-\s*)?['\"]?([\w.-]+/[\w.-]+)['\"]?\s*$", front.group(1), re.M)
+        if found:
+            return found.group(1)
+    with contextlib.suppress(OSError, ValueError):
+        named = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("_name_or_path")
+        if isinstance(named, str) and named.endswith(FOUR_BIT_SUFFIXES) and re.fullmatch(r"[\w.-]+/[\w.-]+", named):
+            return next(named[: -len(s)] for s in FOUR_BIT_SUFFIXES if named.endswith(s))
+    return None
