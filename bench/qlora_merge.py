@@ -28,6 +28,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+DATA = ROOT / "tests" / "data" / "veltrana.jsonl"
 
 
 def text_ids(folder: Path, n: int) -> list[int]:
@@ -35,7 +36,7 @@ def text_ids(folder: Path, n: int) -> list[int]:
 
     from edgellm.data import __path__ as data_path
 
-    lines = [json.loads(line) for line in (ROOT / "tests" / "data" / "veltrana.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in DATA.read_text().splitlines()]
     qa = "\n".join(m["content"] for r in lines for m in r["messages"])
     text = qa + "\n" + (Path(data_path[0]) / "calibration.txt").read_text(encoding="utf-8")
     return AutoTokenizer.from_pretrained(folder)(text)["input_ids"][:n]
@@ -88,7 +89,7 @@ def main() -> None:
     base16 = hf_checkpoint(bundled_gguf(), "smollm2-135m-instruct")
     nf4 = bnb_checkpoint(base16, work / "nf4", "nf4")
     home = work / "home"
-    subprocess.run([sys.executable, "-m", "edgellm", "finetune", str(nf4), str(ROOT / "tests/data/veltrana.jsonl"),
+    subprocess.run([sys.executable, "-m", "edgellm", "finetune", str(nf4), str(DATA),
                     "--qlora", "--steps", str(args.steps), "--name", "veltrana"], check=True,
                    env=dict(os.environ, EDGELLM_HOME=str(home), PYTHONPATH=str(ROOT)))
     adapter = next(home.rglob("adapter_config.json")).parent

@@ -46,11 +46,14 @@ def bnb_checkpoint(src: Path, dest: Path, kind: str) -> Path:
     return dest
 
 
-def _linears(src: Path) -> tuple[dict, dict[str, np.ndarray]]:
+def _linears(src: Path) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(config, the tensors kept as they are, the linear layers' weights to quantize)."""
     from safetensors.numpy import load_file
 
     config = json.loads((src / "config.json").read_text())
-    return config, load_file(src / "model.safetensors")
+    tensors = load_file(src / "model.safetensors")
+    linears = {name: w for name, w in tensors.items() if _is_linear(name)}
+    return config, {k: v for k, v in tensors.items() if k not in linears}, linears
 
 
 def _is_linear(name: str) -> bool:
@@ -117,13 +120,10 @@ def gptq_checkpoint(
     sym: bool = True,
     v2: bool = False,
 ) -> tuple[Path, dict[str, np.ndarray]]:
-    config, tensors = _linears(src)
+    config, out, linears = _linears(src)
     rng = np.random.default_rng(bits)
-    out, expected = {}, {}
-    for name, w in tensors.items():
-        if not _is_linear(name):
-            out[name] = w
-            continue
+    expected = {}
+    for name, w in linears.items():
         prefix, n_in = name[: -len(".weight")], w.shape[1]
         order = rng.permutation(n_in) if desc_act else np.arange(n_in)
         g_idx = np.empty(n_in, np.int32)
@@ -163,12 +163,9 @@ def _awq_pack(values: np.ndarray, order: tuple[int, ...]) -> np.ndarray:
 def awq_checkpoint(
     src: Path, dest: Path, version: str = "gemm", group: int = 64
 ) -> tuple[Path, dict[str, np.ndarray]]:
-    config, tensors = _linears(src)
-    out, expected = {}, {}
-    for name, w in tensors.items():
-        if not _is_linear(name):
-            out[name] = w
-            continue
+    config, out, linears = _linears(src)
+    expected = {}
+    for name, w in linears.items():
         prefix, (n_out, n_in) = name[: -len(".weight")], w.shape
         g_idx = np.arange(n_in) // group
         q, scales, zeros = _grouped(w, 4, group, False, g_idx)
@@ -204,12 +201,9 @@ def fp8_checkpoint(
     tensor when ``block`` is None)."""
     import torch
 
-    config, tensors = _linears(src)
-    out, expected = {}, {}
-    for name, w in tensors.items():
-        if not _is_linear(name):
-            out[name] = w
-            continue
+    config, out, linears = _linears(src)
+    expected = {}
+    for name, w in linears.items():
         t = torch.from_numpy(w)
         if block:
             rows, cols = -(-w.shape[0] // block[0]), -(-w.shape[1] // block[1])
@@ -241,14 +235,11 @@ def compressed_tensors_checkpoint(src: Path, dest: Path, scheme: str) -> tuple[P
     (with packed zero points), ``w8a8`` (int8 per channel), ``fp8`` (float-quantized per channel)."""
     import torch
 
-    config, tensors = _linears(src)
-    out, expected = {}, {}
+    config, out, linears = _linears(src)
+    expected = {}
     bits, group = (4, 32) if scheme.startswith("w4") else (8, None)
     sym = scheme != "w4a16-asym"
-    for name, w in tensors.items():
-        if not _is_linear(name):
-            out[name] = w
-            continue
+    for name, w in linears.items():
         prefix = name[: -len(".weight")]
         if scheme == "fp8":
             t = torch.from_numpy(w)

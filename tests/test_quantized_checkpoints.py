@@ -330,9 +330,10 @@ def test_from_base_converts_the_16bit_checkpoint_instead(cli, written, smollm2_h
     plain = cli.cwd / "plain.gguf"
     assert cli("convert", str(smollm2_hf), "-o", str(plain)).returncode == 0
     ours, theirs = read_header(out), read_header(plain)
-    assert [(t.name, t.shape, t.type_name) for t in ours.tensors] == [(t.name, t.shape, t.type_name)
-                                                                     for t in theirs.tensors]
-    assert out.read_bytes()[ours.data_offset:] == plain.read_bytes()[theirs.data_offset:]
+    assert [(t.name, t.shape, t.type_name) for t in ours.tensors] == [
+        (t.name, t.shape, t.type_name) for t in theirs.tensors
+    ]
+    assert out.read_bytes()[ours.data_offset :] == plain.read_bytes()[theirs.data_offset :]
 
 
 def test_from_base_is_refused_where_it_cannot_apply(cli, written, smollm2_hf: Path) -> None:
@@ -347,10 +348,16 @@ def test_from_base_is_refused_where_it_cannot_apply(cli, written, smollm2_hf: Pa
 @pytest.mark.parametrize(
     ("card", "name", "base"),
     [
-        ("---\nlicense: apache-2.0\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n---\n", None,
-         "HuggingFaceTB/SmolLM2-135M-Instruct"),
-        ("---\nbase_model:\n- meta-llama/Llama-3.2-1B-Instruct\ntags: [unsloth]\n---\n", None,
-         "meta-llama/Llama-3.2-1B-Instruct"),
+        (
+            "---\nlicense: apache-2.0\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n---\n",
+            None,
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+        ),
+        (
+            "---\nbase_model:\n- meta-llama/Llama-3.2-1B-Instruct\ntags: [unsloth]\n---\n",
+            None,
+            "meta-llama/Llama-3.2-1B-Instruct",
+        ),
         ("", "unsloth/Qwen3-0.6B-unsloth-bnb-4bit", "unsloth/Qwen3-0.6B"),
         ("", "unsloth/Llama-3.2-1B-bnb-4bit", "unsloth/Llama-3.2-1B"),
         ("no front matter\nbase_model: a/b\n", "someone/model", None),
@@ -362,3 +369,24 @@ def test_the_16bit_base_is_read_from_the_card_or_the_name(tmp_path: Path, card: 
     (tmp_path / "README.md").write_text(card)
     (tmp_path / "config.json").write_text(json.dumps({"_name_or_path": name} if name else {}))
     assert sixteen_bit_base(tmp_path) == base
+
+
+def test_an_adapter_merges_into_dequantized_weights_but_not_into_packed_ones(
+    cli, written, smollm2_adapter: Path
+) -> None:
+    folder, _ = written("awq-gemm")
+    plain, merged = cli.cwd / "plain.gguf", cli.cwd / "merged.gguf"
+    assert cli("convert", str(folder), "-o", str(plain)).returncode == 0
+    done = cli("convert", str(folder), "--lora", str(smollm2_adapter), "-o", str(merged))
+    assert done.returncode == 0, done.stderr
+    a, b = read_header(plain), read_header(merged)
+    x, y = np.memmap(plain, np.uint8, mode="r"), np.memmap(merged, np.uint8, mode="r")
+    changed = [
+        t.name
+        for t, u in zip(a.tensors, b.tensors)
+        if not np.array_equal(x[t.offset : t.offset + t.nbytes], y[u.offset : u.offset + u.nbytes])
+    ]
+    assert changed and all(".attn_" in n or ".ffn_" in n for n in changed)
+    refused = cli("merge", str(folder), str(smollm2_adapter), "-o", str(cli.cwd / "merged-folder"))
+    assert refused.returncode != 0 and "stored as AWQ 4-bit (GEMM)" in refused.stderr
+    assert not (cli.cwd / "merged-folder").exists()

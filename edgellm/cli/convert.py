@@ -89,7 +89,7 @@ def _base_instead(source: Path, asked: str) -> str:
     from edgellm.convert.checkpoint import read_config
     from edgellm.convert.quantized import schemes_for, sixteen_bit_base
 
-    if not schemes_for(read_config(source)):
+    if not schemes_for(read_config(source)):  # none, or gpt-oss's MXFP4 (no 16-bit base)
         raise UsageError(f"{source} is not stored quantized; --from-base is for 4-bit and other quantized checkpoints")
     base = sixteen_bit_base(source) if asked == "auto" else asked
     if base is None:

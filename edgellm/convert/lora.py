@@ -221,6 +221,12 @@ def merge_checkpoint(base: Path, adapters: Sequence[Path], output: Path, *, prog
     merge = Merge(adapters)
     try:
         with Checkpoint.open(Path(base)) as ckpt:
+            if ckpt.quantization is not None:
+                raise UsageError(
+                    f"{ckpt.folder.name} is stored as {ckpt.quantization.label}: merge writes the base's own "
+                    "tensors, and packed ones cannot take an adapter",
+                    hint="`edgellm convert BASE --lora ADAPTER` merges into its dequantized weights",
+                )
             arch = architecture_for(ckpt.config)
             merge.check(ckpt)
             total = sum(ref.nbytes for ref in ckpt.tensors.values())

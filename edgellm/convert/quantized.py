@@ -701,13 +701,9 @@ class Source:
 KEPT_BY_ARCHITECTURE = {"mxfp4"}
 
 
-def _method(config: dict[str, Any]) -> str:
-    qc = config.get("quantization_config")
-    return str(qc.get("quant_method", "")).lower() if isinstance(qc, dict) else ""
-
-
-def schemes_for(config: dict[str, Any]) -> list[Scheme]:
-    """The schemes ``config.json``'s quantization_config names (none for a 16/32-bit checkpoint)."""
+def schemes_for(config: dict[str, Any]) -> list[Scheme] | None:
+    """The schemes ``config.json``'s quantization_config names: [] for a 16/32-bit checkpoint,
+    None for a method the architecture maps itself."""
     qc = config.get("quantization_config")
     if qc is None:
         return []
@@ -715,7 +711,7 @@ def schemes_for(config: dict[str, Any]) -> list[Scheme]:
         raise CheckpointError("config.json: quantization_config is not an object")
     method = str(qc.get("quant_method", "")).lower()
     if method in KEPT_BY_ARCHITECTURE:
-        return []
+        return None
     if method not in METHODS:
         raise CheckpointError(
             f"config.json: quant_method {qc.get('quant_method')!r} is not read by edgellm",
@@ -723,6 +719,16 @@ def schemes_for(config: dict[str, Any]) -> list[Scheme]:
         )
     made = METHODS[method](qc)
     return made if isinstance(made, list) else [made]
+
+
+def _stands_for(config: dict[str, Any]) -> str:
+    """The dtype a dequantized weight is taken as: bf16 where the checkpoint computes in it."""
+    said = (
+        config.get("torch_dtype"),
+        config.get("dtype"),
+        config["quantization_config"].get("bnb_4bit_compute_dtype"),
+    )
+    return "BF16" if "bfloat16" in map(str, said) else "F16"
 
 
 def dequantized_view(
@@ -733,21 +739,11 @@ def dequantized_view(
     tensor stored as integers or FP8 that no scheme claims is refused: written as it is, it
     would be garbage."""
     schemes = schemes_for(config)
-    if _method(config) in KEPT_BY_ARCHITECTURE:
+    if schemes is None:
         return dict(tensors), None
     view: dict[str, Any] = dict(tensors)
     found: list[Scheme] = []
     n_layers = 0
-    dtype = (
-        "BF16"
-        if "bfloat16"
-        in (
-            str(config.get("torch_dtype")),
-            str(config.get("dtype")),
-            str((config.get("quantization_config") or {}).get("bnb_4bit_compute_dtype")),
-        )
-        else "F16"
-    )
     for scheme in schemes:
         layers = scheme.layers(tensors)
         for layer in layers:
@@ -757,14 +753,14 @@ def dequantized_view(
             name = layer.prefix + ".weight"
             if hasattr(layer.parts["anchor"], "numpy"):
                 view[name] = Dequantized(
-                    name, shape, dtype, {r: p for r, p in layer.parts.items()}, scheme.decode(layer, shape)
+                    name, shape, _stands_for(config), layer.parts, scheme.decode(layer, shape)
                 )
             else:
-                view[name] = _Planned(name, dtype, shape)
+                view[name] = _Planned(name, None, shape)
         if layers:
             found.append(scheme)
             n_layers += len(layers)
-        for name in [n for n in view if n.endswith(scheme.dropped)] if scheme.dropped else []:
+        for name in [n for n in view if scheme.dropped and n.endswith(scheme.dropped)]:
             view.pop(name)
     if schemes and not found:
         raise CheckpointError(
@@ -772,19 +768,14 @@ def dequantized_view(
             "quantized layer is in the checkpoint"
         )
     for name, ref in view.items():
-        if (
-            ref.dtype in (*FP8, "I32", "I8", "U8")
-            and len(ref.shape) > 1
-            and not isinstance(ref, (Dequantized, _Planned))
-        ):
+        if ref.dtype in (*FP8, "I32", "I8", "U8") and len(ref.shape) > 1:
             raise CheckpointError(
                 f"tensor {name!r} is stored as {ref.dtype}, and no quantization_config in "
                 "config.json says how to read it"
             )
     if not found:
         return view, None
-    label = " + ".join(s.label for s in found)
-    return view, Source(label, min(s.bits for s in found), n_layers)
+    return view, Source(" + ".join(s.label for s in found), min(s.bits for s in found), n_layers)
 
 
 @dataclass(frozen=True)
@@ -822,11 +813,17 @@ def sixteen_bit_base(folder: Path) -> str | None:
         text = ""
     front = re.match(r"---\s*\n(.*?)\n---", text, re.S)
     if front:
-        found = re.search(r"^base_model:\s*(?:\n\s*-\s*)?['\"]?([\w.-]+/[\w.-]+)['\"]?\s*$", front.group(1), re.M)
+        found = re.search(
+            r"^base_model:\s*(?:\n\s*-\s*)?['\"]?([\w.-]+/[\w.-]+)['\"]?\s*$", front.group(1), re.M
+        )
         if found:
             return found.group(1)
     with contextlib.suppress(OSError, ValueError):
         named = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("_name_or_path")
-        if isinstance(named, str) and named.endswith(FOUR_BIT_SUFFIXES) and re.fullmatch(r"[\w.-]+/[\w.-]+", named):
+        if (
+            isinstance(named, str)
+            and named.endswith(FOUR_BIT_SUFFIXES)
+            and re.fullmatch(r"[\w.-]+/[\w.-]+", named)
+        ):
             return next(named[: -len(s)] for s in FOUR_BIT_SUFFIXES if named.endswith(s))
     return None
