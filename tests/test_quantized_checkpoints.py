@@ -390,3 +390,42 @@ def test_an_adapter_merges_into_dequantized_weights_but_not_into_packed_ones(
     refused = cli("merge", str(folder), str(smollm2_adapter), "-o", str(cli.cwd / "merged-folder"))
     assert refused.returncode != 0 and "stored as AWQ 4-bit (GEMM)" in refused.stderr
     assert not (cli.cwd / "merged-folder").exists()
+
+
+# -- from the Hub ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_quantized_repo_is_planned_pulled_and_traded_for_its_base(
+    cli, written, smollm2_hf: Path, tmp_path: Path
+) -> None:
+    from tests.hubstandin import HubStandIn
+
+    folder, _ = written("gptq-4bit")
+    card = tmp_path / "README.md"
+    card.write_text("---\nbase_model: test/SmolLM2-135M-Instruct\nlibrary_name: transformers\n---\n# GPTQ\n")
+    hub = HubStandIn()
+    try:
+        hub.add("test/SmolLM2-GPTQ", {**{p.name: p for p in folder.iterdir()}, "README.md": card})
+        hub.add("test/SmolLM2-135M-Instruct", {p.name: p for p in smollm2_hf.iterdir()})
+        env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+        plans = [
+            cli("pull", "--plan", repo, "--quant", "Q4_K_M", env=env)
+            for repo in ("test/SmolLM2-GPTQ", "test/SmolLM2-135M-Instruct")
+        ]
+        assert all(p.returncode == 0 for p in plans), plans[0].stderr
+        # the packed checkpoint converts to what the 16-bit one does: the same planned size
+        said = [next(line for line in p.stderr.splitlines() if "converts to Q4_K_M" in line) for p in plans]
+        assert said[0].split("converts to")[1] == said[1].split("converts to")[1], said
+
+        pulled = cli("pull", "test/SmolLM2-GPTQ", "--quant", "Q4_K_M", env=env, timeout=300)
+        assert pulled.returncode == 0, pulled.stderr
+        name = pulled.stdout.split()[1]
+        answer = cli("run", name, "--temp", "0", "-n", "8", "What is the capital of Germany?", env=env)
+        assert answer.returncode == 0 and answer.stdout.strip()
+
+        base = cli("convert", "smollm2-gptq", "--from-base", "--name", "from-base", env=env, timeout=300)
+        assert base.returncode == 0, base.stderr
+        assert "converting test/SmolLM2-135M-Instruct, the 16-bit base of smollm2-gptq" in base.stdout
+        assert "dequantized from" not in base.stdout
+    finally:
+        hub.close()
