@@ -77,10 +77,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
     result, where = job_with_bar(run)
     print(f"{where}: {result.arch}, {result.n_tensors} tensors, {result.outtype}, "
           f"{human_bytes(result.size)} in {result.seconds:.1f} s")
-    if result.source:
-        print(f"dequantized from {result.source}: its quality is the ceiling of this file and of any "
-              "quantization made from it")
+    say_source(result, source)
     return 0
+
+
+def say_source(result, folder: Path) -> None:
+    """For a checkpoint stored quantized: what it was, and the 16-bit base it names, if any."""
+    if not result.source:
+        return
+    from edgellm.convert.quantized import sixteen_bit_base
+
+    print(f"dequantized from {result.source}: its quality is the ceiling of this file and of any "
+          "quantization made from it")
+    if named := sixteen_bit_base(folder):
+        print(f"its model card names the 16-bit base {named}: `edgellm convert --from-base` converts that instead")
 
 
 def _base_instead(source: Path, asked: str) -> str:

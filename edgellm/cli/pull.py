@@ -47,6 +47,9 @@ def _pull_checkpoint(args: argparse.Namespace, settings, store, repo: str, listi
         repo, listing, store, settings.checkpoints_dir, job, quant=quant, lora=args.lora, name=args.name))
     print(f"pulled {entry.name} ({human_bytes(entry.manifest.size)}, {entry.manifest.quantization}; "
           f"converted in {result.seconds:.1f} s; the checkpoint stays as `{folder.name}` for `edgellm convert`)")
+    from edgellm.cli.convert import say_source
+
+    say_source(result, folder)
     return 0
 
 
