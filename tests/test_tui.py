@@ -372,6 +372,28 @@ def test_delete_removes_the_model_chosen_and_no_is_the_default(home: Path, smoll
     run(body())
 
 
+def test_after_a_delete_the_cursor_is_on_the_next_model_not_the_first(home: Path, smollm2: Path) -> None:
+    """↓↓ d y, then d y again: the second delete takes the row that followed the first, never the
+    top of the list; deleting the last row leaves the cursor on the one above."""
+
+    async def body() -> None:
+        async with _at_library(home) as (app, pilot, table):
+            for name in ("alpha", "beta", "gamma"):
+                app.store.import_gguf(smollm2, name, link=True)
+            await pilot.press("r")
+            await _wait(pilot, lambda: table.row_count == 4)
+            names = [row.key.value for row in table.ordered_rows]
+            await pilot.press("up", "up", "up", "down", "down", "d", "y")  # the third row
+            await _wait(pilot, lambda: table.row_count == 3)
+            assert names[2] not in table.rows and app.screen.selected() == names[3]
+            await pilot.press("d", "y")
+            await _wait(pilot, lambda: table.row_count == 2)
+            assert [row.key.value for row in table.ordered_rows] == names[:2]
+            assert app.screen.selected() == names[1]
+
+    run(body())
+
+
 def test_model_strings_are_shown_as_text_not_markup(home: Path, tmp_path: Path) -> None:
     """A GGUF may name itself or its architecture with Rich markup; the app shows it, as text."""
     from textual.widgets import DataTable, Static

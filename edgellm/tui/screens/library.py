@@ -53,9 +53,10 @@ class LibraryScreen(Screen):
 
     def action_refresh(self) -> None:
         """List the store again, the cursor staying on the model it was on (a refresh after a dialog
-        must never move it: the next key may be a delete)."""
+        must never move it: the next key may be a delete), or, when that model is gone, on the row
+        that took its place (never back at the top, where a second delete would take another)."""
         table = self.query_one(DataTable)
-        current = self.selected()
+        current, row = self.selected(), table.cursor_row
         table.clear()
         for entry in self.app.store.list():
             m = entry.manifest  # the folder names the model; the rest is the manifest's (untrusted) data
@@ -63,6 +64,8 @@ class LibraryScreen(Screen):
                           Text(m.architecture), str(m.context_length or "-"), key=entry.name)
         if current in table.rows:
             table.move_cursor(row=table.get_row_index(current))
+        elif table.row_count:
+            table.move_cursor(row=min(row, table.row_count - 1))
         self._fill_fits()
 
     @work(thread=True, exclusive=True, group="fits")
