@@ -21,7 +21,8 @@ reference here: no AWQ loader runs on a CPU without its CUDA kernels.
 (gpt_oss_mxfp4 with --outtype auto: both keep the experts in MXFP4; an explicit type makes edgellm
 dequantize them, as its --outtype says, where convert_hf_to_gguf.py keeps MXFP4 whatever it is asked.)
 
-usage: python bench/compare_convert.py [CHECKPOINT] [--gemma | --arch TYPE | --quant KIND] [--outtype f16] [--repeat 2]
+usage: python bench/compare_convert.py [CHECKPOINT] [--gemma | --arch TYPE | --quant KIND]
+                                      [--outtype f16] [--repeat 2]
 """
 
 from __future__ import annotations
@@ -94,11 +95,12 @@ ARCHS = {
 }
 
 
-def arch_checkpoint(model_type: str) -> Path:
-    """Made in a child process: a child's peak RSS starts from its parent's, so the parent must
-    not have loaded torch and a model before the measured runs."""
-    folder = Path(tempfile.mkdtemp(prefix=f"edgellm-{model_type}-")) / model_type
-    subprocess.run([sys.executable, __file__, "--make", model_type, str(folder)], check=True,
+def made_in_child(how: str, kind: str) -> Path:
+    """A checkpoint made by this script run as ``--make``/``--make-quant KIND FOLDER`` in a child
+    process: a child's peak RSS starts from its parent's, so the parent must not have loaded torch
+    and a model before the measured runs."""
+    folder = Path(tempfile.mkdtemp(prefix=f"edgellm-{kind}-")) / kind
+    subprocess.run([sys.executable, __file__, how, kind, str(folder)], check=True,
                    env=dict(os.environ, PYTHONPATH=str(ROOT)))
     return folder
 
@@ -152,14 +154,6 @@ def make_checkpoint(model_type: str, folder: Path) -> None:
 QUANTS = ("gptq4", "fp8", "ct-w4a16", "nf4")
 
 
-def quant_checkpoint(kind: str) -> Path:
-    """Made in a child process, as arch_checkpoint is."""
-    folder = Path(tempfile.mkdtemp(prefix=f"edgellm-{kind}-")) / kind
-    subprocess.run([sys.executable, __file__, "--make-quant", kind, str(folder)], check=True,
-                   env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    return folder
-
-
 def make_quant_checkpoint(kind: str, folder: Path) -> None:
     from tests import quant_fixtures as qf
 
@@ -173,28 +167,32 @@ def make_quant_checkpoint(kind: str, folder: Path) -> None:
 
 def dequantize_with_transformers(source: Path, dest: Path) -> None:
     """What a user does today with a checkpoint llama.cpp refuses: load it, dequantize, save."""
-    import shutil
-
     import torch
     from transformers import AutoModelForCausalLM
 
+    from tests.quant_fixtures import copy_side_files
+
     model = AutoModelForCausalLM.from_pretrained(source, device_map="cpu")
-    model = model.dequantize().to(torch.float16)
-    model.save_pretrained(dest)
-    for f in source.iterdir():
-        if f.name.startswith("tokenizer") or f.suffix == ".jinja":
-            shutil.copy(f, dest / f.name)
+    model.dequantize().to(torch.float16).save_pretrained(dest)
+    copy_side_files(source, dest)
 
 
-def reference_runs(ckpt: Path, out: Path, outtype: str, script: Path, via_transformers: bool) -> tuple[float, int]:
+def reference_runs(ckpt: Path, out: Path, outtype: str, script: Path,
+                   via_transformers: bool) -> tuple[float, int]:
+    """(seconds, peak RSS) of convert_hf_to_gguf.py on ``ckpt``; ``via_transformers``: on what
+    transformers dequantized and saved of it first, both steps counted."""
+    def convert(source: Path) -> tuple[float, int]:
+        return measure([sys.executable, str(script), str(source), "--outfile", str(out),
+                        "--outtype", outtype])
+
     if not via_transformers:
-        return measure([sys.executable, str(script), str(ckpt), "--outfile", str(out), "--outtype", outtype])
+        return convert(ckpt)
     import shutil
 
     middle = out.parent / "dequantized"
     shutil.rmtree(middle, ignore_errors=True)
     load = measure([sys.executable, __file__, "--dequantize", str(ckpt), str(middle)])
-    conv = measure([sys.executable, str(script), str(middle), "--outfile", str(out), "--outtype", outtype])
+    conv = convert(middle)
     return load[0] + conv[0], max(load[1], conv[1])
 
 
@@ -213,8 +211,9 @@ def main() -> None:
     ap.add_argument("--outtype", default="f16")
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
-    ckpt = args.checkpoint or (arch_checkpoint(args.arch) if args.arch else quant_checkpoint(args.quant)
-                               if args.quant else default_checkpoint(args.gemma))
+    ckpt = args.checkpoint or (made_in_child("--make", args.arch) if args.arch else
+                               made_in_child("--make-quant", args.quant) if args.quant else
+                               default_checkpoint(args.gemma))
     script = reference_bin().parent / "src" / "convert_hf_to_gguf.py"
     work = Path(tempfile.mkdtemp(prefix="edgellm-convert-bench-"))
     ours_out, ref_out = work / "ours.gguf", work / "reference.gguf"

@@ -19,10 +19,11 @@ import numpy as np
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _copy_side_files(src: Path, dest: Path) -> None:
+def copy_side_files(src: Path, dest: Path) -> None:
+    """A checkpoint's files other than its config and weights (tokenizer, chat template) into ``dest``."""
     dest.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
-        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "config.json":
+        if f.is_file() and not f.name.startswith("model.safetensors") and f.name != "config.json":
             shutil.copy(f, dest / f.name)
 
 
@@ -42,7 +43,7 @@ def bnb_checkpoint(src: Path, dest: Path, kind: str) -> Path:
         )
     model = AutoModelForCausalLM.from_pretrained(src, quantization_config=config, device_map="cpu")
     model.save_pretrained(dest)
-    _copy_side_files(src, dest)  # the tokenizer and chat template
+    copy_side_files(src, dest)  # the tokenizer and chat template
     return dest
 
 
@@ -64,7 +65,7 @@ def _save(dest: Path, src: Path, config: dict, tensors: dict) -> None:
     import torch
     from safetensors.torch import save_file
 
-    _copy_side_files(src, dest)
+    copy_side_files(src, dest)
     (dest / "config.json").write_text(json.dumps(config, indent=2))
     save_file(
         {

@@ -106,7 +106,7 @@ def unpack_rows(words: np.ndarray, bits: int, count: int) -> np.ndarray:
     if n_words % bits:
         words = np.pad(words, ((0, 0), (0, bits - n_words % bits)))
     groups = words.reshape(rows, -1, bits)  # each group of `bits` words holds 32 values
-    out = np.empty((rows, groups.shape[1], 32), np.uint8 if bits <= 8 else np.uint32)
+    out = np.empty((rows, groups.shape[1], 32), np.uint8)  # bits <= 8 in every format read
     for i in range(32):
         start = i * bits
         word, offset = divmod(start, 32)
@@ -167,6 +167,16 @@ def _int(value: Any, what: str, choices: tuple[int, ...] | None = None, low: int
 
 def _groups(size: int, group: int) -> int:
     return 1 if group == -1 else math.ceil(size / group)
+
+
+def _group_of(size: int, group: int) -> np.ndarray:
+    """Each of ``size`` inputs' group, for groups of ``group`` in order (-1: one group)."""
+    return np.arange(size) // (size if group == -1 else group)
+
+
+def _group_size(value: Any) -> int:
+    """quantization_config's group_size: a positive size, or -1 for one group per row."""
+    return -1 if value == -1 else _int(value, "group_size")
 
 
 def _bits(bits: int, group: int) -> float:
@@ -300,7 +310,7 @@ BNB_INT8 = Scheme(
 @dataclass(frozen=True)
 class _Groups:
     """Integer weights in groups along the input dimension, each group with a scale and a zero
-    point per output row: what GPTQ, AWQ and compressed-tensors' packed format share."""
+    point per output row: what GPTQ and compressed-tensors' packed format share."""
 
     bits: int
     group_size: int  # -1: one group for the whole row
@@ -346,7 +356,7 @@ def _gptq_decode(q: _Groups, offset: int) -> Callable[[Layer, tuple[int, ...]], 
                         hint="no file was written; the checkpoint is damaged",
                     )
             else:
-                g_idx = np.arange(n_in) // (n_in if q.group_size == -1 else q.group_size)
+                g_idx = _group_of(n_in, q.group_size)
             weight = unpack_rows(p["anchor"].T, q.bits, n_in).T  # [in, out]
             zeros = unpack_rows(p["qzeros"], q.bits, n_out).astype(np.int32) + offset
             scales = _finite(layer.prefix + ".scales", p["scales"])
@@ -359,8 +369,7 @@ def _gptq_decode(q: _Groups, offset: int) -> Callable[[Layer, tuple[int, ...]], 
 
 def _gptq(config: dict[str, Any]) -> Scheme:
     bits = _int(config.get("bits"), "bits", (2, 3, 4, 8))
-    group = config.get("group_size", 128)
-    group = -1 if group == -1 else _int(group, "group_size")
+    group = _group_size(config.get("group_size", 128))
     fmt = config.get("checkpoint_format", "gptq")
     if fmt not in ("gptq", "gptq_v2"):
         raise CheckpointError(
@@ -385,8 +394,7 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the column each nibble of a GEMM word ho
 
 def _awq(config: dict[str, Any]) -> Scheme:
     bits = _int(config.get("bits", config.get("w_bit")), "bits", (4,))
-    group = config.get("group_size", config.get("q_group_size", 128))
-    group = -1 if group == -1 else _int(group, "group_size")
+    group = _group_size(config.get("group_size", config.get("q_group_size", 128)))
     version = str(config.get("version", "gemm")).lower()
     if version not in ("gemm", "gemv"):
         raise CheckpointError(f"config.json: AWQ version {version!r} is not one edgellm reads (gemm, gemv)")
@@ -418,19 +426,17 @@ def _awq(config: dict[str, Any]) -> Scheme:
 
     def build(layer: Layer, shape: tuple[int, ...]) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
         n_out, n_in = shape
-        size = n_in if group == -1 else group
+        groups = _group_of(n_in, group)
 
         def decode(p: dict[str, np.ndarray]) -> np.ndarray:
             scales = _finite(layer.prefix + ".scales", p["scales"])
             if gemm:  # [in, out]: groups down the rows
                 weight = unpack_nibbles(p["anchor"], AWQ_ORDER).astype(np.float32)
                 zeros = unpack_nibbles(p["qzeros"], AWQ_ORDER).astype(np.float32)
-                rows = np.arange(n_in) // size
-                return ((weight - zeros[rows]) * scales[rows]).T
+                return ((weight - zeros[groups]) * scales[groups]).T
             weight = unpack_nibbles(p["anchor"]).astype(np.float32)  # [out, in]: groups along the row
             zeros = unpack_nibbles(p["qzeros"]).astype(np.float32)
-            cols = np.arange(n_in) // size
-            return (weight - zeros[:, cols]) * scales[:, cols]
+            return (weight - zeros[:, groups]) * scales[:, groups]
 
         return decode
 
@@ -587,11 +593,10 @@ def _packed_shape(q: _Groups) -> Callable[[Layer], tuple[int, ...]]:
 def _packed_decode(q: _Groups) -> Callable[[Layer, tuple[int, ...]], Callable]:
     def build(layer: Layer, shape: tuple[int, ...]) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
         rows, cols = shape
-        size = cols if q.group_size == -1 else q.group_size
 
         def decode(p: dict[str, np.ndarray]) -> np.ndarray:
             weight = unpack_rows(p["anchor"], q.bits, cols).astype(np.float32)
-            groups = np.arange(cols) // size
+            groups = _group_of(cols, q.group_size)
             if "zero_point" in p:  # packed down the columns, like the weight's rows
                 zeros = unpack_rows(p["zero_point"].T, q.bits, rows).T.astype(np.float32)[:, groups]
             else:
@@ -619,9 +624,7 @@ def _compressed_tensors(config: dict[str, Any]) -> Scheme:
     w = weights[0]
     bits = _int(w.get("num_bits"), "num_bits", (2, 3, 4, 8) if fmt == "pack-quantized" else (8,))
     strategy = w.get("strategy")
-    group = w.get("group_size") if strategy == "group" else -1
-    if strategy == "group":
-        group = _int(group, "group_size")
+    group = _int(w.get("group_size"), "group_size") if strategy == "group" else -1
     if fmt == "pack-quantized":
         if w.get("type", "int") != "int" or strategy not in ("group", "channel"):
             raise CheckpointError(
@@ -726,7 +729,7 @@ def _stands_for(config: dict[str, Any]) -> str:
     said = (
         config.get("torch_dtype"),
         config.get("dtype"),
-        config["quantization_config"].get("bnb_4bit_compute_dtype"),
+        (config.get("quantization_config") or {}).get("bnb_4bit_compute_dtype"),
     )
     return "BF16" if "bfloat16" in map(str, said) else "F16"
 
@@ -744,6 +747,7 @@ def dequantized_view(
     view: dict[str, Any] = dict(tensors)
     found: list[Scheme] = []
     n_layers = 0
+    stands_for = _stands_for(config)
     for scheme in schemes:
         layers = scheme.layers(tensors)
         for layer in layers:
@@ -752,9 +756,7 @@ def dequantized_view(
                 view.pop(part.name, None)
             name = layer.prefix + ".weight"
             if hasattr(layer.parts["anchor"], "numpy"):
-                view[name] = Dequantized(
-                    name, shape, _stands_for(config), layer.parts, scheme.decode(layer, shape)
-                )
+                view[name] = Dequantized(name, shape, stands_for, layer.parts, scheme.decode(layer, shape))
             else:
                 view[name] = _Planned(name, None, shape)
         if layers:
